@@ -1,0 +1,221 @@
+"""Finite-difference gradient checks: is every hand-written backward right?
+
+A backward is checked against central differences in float64, the
+five-point stencil
+
+    df/dx_i ~ (-f(x + 2h e_i) + 8 f(x + h e_i) - 8 f(x - h e_i) + f(x - 2h e_i)) / 12h
+
+whose error is O(h^4). It allows a larger h (1e-3) than the two-point
+difference, so round-off (about 1e-16 |f| / h) stays near 1e-12 and even small
+gradient entries are checked to a relative 1e-6.
+
+where f is the op's output projected on a random upstream gradient dout,
+f(x) = sum(op(x) * dout), so the whole vector-Jacobian product is checked at
+once. Small tensors are checked coordinate by coordinate; large ones along a
+random direction u (one directional derivative, compared with <grad, u>) or on
+a random sample of coordinates.
+
+`minilora gradcheck` runs every check registered in CHECKS and fails if any
+relative error exceeds TOLERANCE.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+
+TOLERANCE = 1e-6
+FULL_CHECK_MAX_SIZE = 4096  # tensors up to this size are checked at every coordinate
+
+
+def rel_error(a, n):
+    """Max over entries of |a - n| / max(|a| + |n|, 1e-8)."""
+    a, n = np.asarray(a, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    return float(np.max(np.abs(a - n) / np.maximum(np.abs(a) + np.abs(n), 1e-8)))
+
+
+def _stencil(value_at, h):
+    """(8 (f(h) - f(-h)) - (f(2h) - f(-2h))) / 12h: differences first, so an
+    input that does not change f gives exactly 0."""
+    return (8.0 * (value_at(h) - value_at(-h)) - (value_at(2 * h) - value_at(-2 * h))) / (12.0 * h)
+
+
+def numerical_gradient_array(f, x, dout, h=1e-3):
+    """d/dx of sum(f() * dout) at every coordinate of x (CS231n's eval_numerical_gradient_array).
+
+    Inputs:
+    - f: a function of no arguments returning an array; it must read x
+    - x: the array to perturb (in place, restored afterwards)
+    - dout: array shaped like f()'s output
+
+    Returns an array shaped like x.
+    """
+    grad = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    while not it.finished:
+        i = it.multi_index
+        old = x[i]
+
+        def value_at(d):
+            x[i] = old + d
+            return np.sum(f() * dout)
+
+        grad[i] = _stencil(value_at, h)
+        x[i] = old
+        it.iternext()
+    return grad
+
+
+def numerical_directional_derivative(f, x, dout, u, h=1e-3):
+    """d/dt of sum(f() * dout) at x + t u, t = 0 (x perturbed in place and restored)."""
+    old = x.copy()
+
+    def value_at(d):
+        x[...] = old + d * u
+        return np.sum(f() * dout)
+
+    out = _stencil(value_at, h)
+    x[...] = old
+    return out
+
+
+def numerical_gradient_sampled(f, x, coords, h=1e-3):
+    """d f() / d x[c] for each flat index c in coords; f returns a scalar."""
+    flat = x.reshape(-1)  # a view: writes reach x
+    out = np.empty(len(coords))
+    for j, c in enumerate(coords):
+        old = flat[c]
+
+        def value_at(d):
+            flat[c] = old + d
+            return float(f())
+
+        out[j] = _stencil(value_at, h)
+        flat[c] = old
+    return out
+
+
+@dataclass
+class CheckResult:
+    """One checked derivative: d(op) / d(argument)."""
+
+    op: str
+    argument: str
+    shape: tuple
+    error: float
+    method: str  # "full", "projected" or "sampled"
+
+    @property
+    def passed(self):
+        return self.error <= TOLERANCE
+
+
+def check_op(op, forward, backward, args, wrt, rng, forward_kwargs=None, backward_kwargs=None):
+    """Check an op's backward against finite differences for the arguments named in wrt.
+
+    Inputs:
+    - op: a name for the report
+    - forward, backward: the op pair
+    - args: dict name -> float64 array, the forward's positional arguments in order
+    - wrt: {argument name: index of its gradient in backward's return value}
+    - rng: numpy Generator for dout and directions
+
+    Returns a list of CheckResult.
+    """
+    fkw, bkw = forward_kwargs or {}, backward_kwargs or {}
+    values = list(args.values())
+
+    def f():
+        return forward(*values, **fkw)[0]
+
+    out, cache = forward(*values, **fkw)
+    dout = rng.standard_normal(np.shape(out))
+    grads = backward(dout, cache, **bkw)
+    if not isinstance(grads, tuple):
+        grads = (grads,)
+    results = []
+    for name, gi in wrt.items():
+        x, analytic = args[name], np.asarray(grads[gi])
+        if x.size <= FULL_CHECK_MAX_SIZE:
+            num = numerical_gradient_array(f, x, dout)
+            results.append(CheckResult(op, name, x.shape, rel_error(analytic, num), "full"))
+        else:
+            u = rng.standard_normal(x.shape)
+            num = numerical_directional_derivative(f, x, dout, u)
+            results.append(CheckResult(op, name, x.shape, rel_error(np.sum(analytic * u), num), "projected"))
+    return results
+
+
+def _op_checks(rng):
+    """Every op, every input and every parameter, at random non-degenerate float64 points."""
+    n = rng.standard_normal
+    B, T, C, V, NH = 2, 5, 8, 11, 2
+    res = []
+    ids = rng.integers(0, V, size=(B, T))
+    res += check_op("embedding", lambda i, w: ops.embedding_forward(i, w), ops.embedding_backward,
+                    {"ids": ids, "wte": n((V, C))}, {"wte": 0}, rng)
+    res += check_op("linear", ops.linear_forward, ops.linear_backward,
+                    {"x": n((B, T, C)), "W": n((6, C)), "b": n(6)}, {"x": 0, "W": 1, "b": 2}, rng)
+    res += check_op("linear (frozen)", ops.linear_forward, ops.linear_backward,
+                    {"x": n((B, T, C)), "W": n((6, C)), "b": n(6)}, {"x": 0}, rng,
+                    backward_kwargs={"param_grads": False})
+    res += check_op("layer_norm", ops.layer_norm_forward, ops.layer_norm_backward,
+                    {"x": 2.0 * n((B, T, C)) + 0.5, "g": 1.0 + 0.3 * n(C), "b": n(C)},
+                    {"x": 0, "g": 1, "b": 2}, rng)
+    # GELU's slope is zero near x = -0.7518 and vanishes in the far negative tail, where
+    # 1 + tanh(u) also loses digits to cancellation: there every relative error is noise
+    x = rng.uniform(-3.0, 3.0, (B, T, C))
+    x[abs(x + 0.7518) < 0.1] += 0.3
+    res += check_op("gelu", ops.gelu_forward, ops.gelu_backward, {"x": x}, {"x": 0}, rng)
+    res += check_op("softmax", ops.softmax_forward, ops.softmax_backward, {"x": 2.0 * n((B, T, C))}, {"x": 0}, rng)
+    res += check_op("attention", lambda q, k, v: ops.attention_forward(q, k, v, NH), ops.attention_backward,
+                    {"q": n((B, T, C)), "k": n((B, T, C)), "v": n((B, T, C))}, {"q": 0, "k": 1, "v": 2}, rng)
+    keep = rng.random((B, T, C)) >= 0.3
+    res += check_op("dropout", lambda x: ops.dropout_forward(x, 0.3, mask=keep), ops.dropout_backward,
+                    {"x": n((B, T, C))}, {"x": 0}, rng)
+    targets = rng.integers(0, V, size=(B, T))
+    mask = (rng.random((B, T)) < 0.7).astype(np.float64)
+    mask[0, 0] = 1.0
+    res += check_op("cross_entropy", lambda z: ops.cross_entropy_forward(z, targets, mask),
+                    ops.cross_entropy_backward, {"logits": 2.0 * n((B, T, V))}, {"logits": 0}, rng)
+    r, out_f = 3, 6
+    lmask = rng.random((B, T, C)) >= 0.25
+    s = ops.lora_scale(r, 2.0 * r)
+    # B is random, not zero: at B = 0 dA is exactly zero and its check would pass trivially
+    res += check_op("lora_linear",
+                    lambda x, W, b, A, Bm: ops.lora_linear_forward(x, W, b, A, Bm, s, 0.25, dropout_mask=lmask),
+                    ops.lora_linear_backward,
+                    {"x": n((B, T, C)), "W": n((out_f, C)), "b": n(out_f), "A": n((r, C)), "B": n((out_f, r))},
+                    {"x": 0, "A": 1, "B": 2}, rng)
+    return res
+
+
+def _model_checks(rng):
+    from .model_check import model_gradient_checks  # the whole-model checks live beside the model
+
+    return model_gradient_checks(rng)
+
+
+CHECKS = {"ops": _op_checks}
+
+
+def run_checks(groups=None, seed=0):
+    """Run the registered checks; returns a list of CheckResult."""
+    names = list(CHECKS) if groups is None else groups
+    results = []
+    for name in names:
+        results += CHECKS[name](np.random.default_rng(seed))
+    return results
+
+
+def format_results(results):
+    """The table `minilora gradcheck` prints: one row per checked derivative."""
+    rows = [("op", "argument", "shape", "method", "max rel error", "result")]
+    for r in results:
+        rows.append((r.op, r.argument, "x".join(map(str, r.shape)), r.method, f"{r.error:.2e}",
+                     "pass" if r.passed else "FAIL"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

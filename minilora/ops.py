@@ -1,0 +1,427 @@
+"""The ops a GPT is made of, each a pair of pure functions.
+
+    out, cache = op_forward(inputs..., params...)
+    grads      = op_backward(dout, cache)   # in forward-argument order
+
+Dimension legend (as in llm.c):
+    B  batch size            T  time (sequence length)
+    C  channels (d_model)    V  vocabulary size
+    NH number of heads       hs head size, C // NH
+    N  any number of leading axes flattened together
+
+Weight layout: a linear layer stores W as (out, in) and computes
+y = x @ W.T + b, as the LoRA paper, PyTorch and llm.c do. Then the seed's
+W' = W + B A, with B (out, r) and A (r, in), is literally `W + B @ A`.
+
+No function here imports numpy: each takes its array module from its inputs,
+`xp = array_module(x)`, so the same lines run on NumPy or CuPy. Scalars are
+Python floats, so float32 inputs give float32 outputs and gradients.
+"""
+
+import math
+
+from .backend import array_module, scatter_add, to_device
+
+
+def _fail(name, expected, got):
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _check_float(name, a, like=None):
+    """a must be a floating array, of the same dtype as `like` when given."""
+    kind = getattr(getattr(a, "dtype", None), "kind", None)
+    if kind != "f":
+        _fail(name, "a floating-point array", getattr(a, "dtype", type(a).__name__))
+    if like is not None and a.dtype != like.dtype:
+        _fail(name, f"dtype {like.dtype} (the dtype of the input)", a.dtype)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+def embedding_forward(ids, wte):
+    """Look up one row of the table per token.
+
+    Inputs:
+    - ids: (B, T) integer token ids in [0, V)
+    - wte: (V, C) embedding table
+
+    Returns out (B, T, C) with out[b, t] = wte[ids[b, t]], and a cache.
+    """
+    _check_float("wte", wte)
+    if wte.ndim != 2:
+        _fail("wte", "a (V, C) table", f"shape {tuple(wte.shape)}")
+    if getattr(getattr(ids, "dtype", None), "kind", None) not in ("i", "u"):
+        _fail("ids", "an integer array of token ids", getattr(ids, "dtype", type(ids).__name__))
+    V = wte.shape[0]
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        _fail("ids", f"token ids in [0, {V}) (the vocabulary size)",
+              f"ids in [{int(ids.min())}, {int(ids.max())}]")
+    out = wte[ids]  # (B, T, C)
+    return out, (ids, wte.shape)
+
+
+def embedding_backward(dout, cache):
+    """Gradient of the lookup with respect to the table.
+
+    Inputs:
+    - dout: (B, T, C)
+    - cache: from embedding_forward
+
+    Returns dwte (V, C): row v is the sum of dout over every position whose
+    token is v. A flattened scatter-add, never a one-hot matmul.
+    """
+    ids, shape = cache
+    xp = array_module(dout)
+    dwte = xp.zeros(shape, dtype=dout.dtype)
+    # in the forward pass this was: out[b, t] = wte[ids[b, t]]
+    # so every position sends its gradient back to the row it read
+    scatter_add(dwte, ids.reshape(-1), dout.reshape(-1, shape[1]))
+    return dwte
+
+
+# ----------------------------------------------------------------------------- linear
+
+def linear_forward(x, W, b=None):
+    """y = x @ W.T + b.
+
+    Inputs:
+    - x: (N..., in)
+    - W: (out, in)
+    - b: (out,) or None
+
+    Returns y (N..., out) and a cache.
+    """
+    _check_float("x", x)
+    _check_float("W", W, like=x)
+    if W.ndim != 2 or W.shape[1] != x.shape[-1]:
+        _fail("W", f"shape (out, {x.shape[-1]}) to match x's last axis", f"shape {tuple(W.shape)}")
+    y = x @ W.T
+    if b is not None:
+        _check_float("b", b, like=x)
+        if b.shape != (W.shape[0],):
+            _fail("b", f"shape ({W.shape[0]},)", f"shape {tuple(b.shape)}")
+        y = y + b
+    return y, (x, W, b is not None)
+
+
+def linear_backward(dout, cache, param_grads=True):
+    """Backward of y = x @ W.T + b.
+
+    Inputs:
+    - dout: (N..., out)
+    - cache: from linear_forward
+    - param_grads: False for a frozen layer: then only dx is computed and no
+      (out, in) product is ever formed
+
+    Returns (dx, dW, db): dx (N..., in); dW (out, in) and db (out,) or None.
+        dx = dout @ W          dW = dout^T x (summed over N)     db = sum_N dout
+    """
+    x, W, has_bias = cache
+    dx = dout @ W
+    if not param_grads:
+        return dx, None, None
+    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out)
+    dW = dout2.T @ x.reshape(-1, x.shape[-1])  # (out, in)
+    db = dout2.sum(axis=0) if has_bias else None
+    return dx, dW, db
+
+
+# ----------------------------------------------------------------------------- layer norm
+
+def layer_norm_forward(x, g, b, eps=1e-5):
+    """Normalise the last axis to zero mean, unit variance, then scale and shift.
+
+    Inputs:
+    - x: (N..., C)
+    - g, b: (C,) gain and bias
+
+    Returns out (N..., C) = (x - mean) / sqrt(var + eps) * g + b, and a cache.
+    """
+    xp = array_module(x)
+    _check_float("x", x)
+    for name, p in (("g", g), ("b", b)):
+        _check_float(name, p, like=x)
+        if p.shape != (x.shape[-1],):
+            _fail(name, f"shape ({x.shape[-1]},)", f"shape {tuple(p.shape)}")
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    norm = xc * rstd  # (N..., C)
+    out = norm * g + b
+    return out, (norm, rstd, g)
+
+
+def layer_norm_backward(dout, cache, param_grads=True):
+    """Backward of layer norm, as a vector-Jacobian product (no (C, C) matrix).
+
+    Returns (dx, dg, db); dg, db are None when param_grads is False.
+        dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)),  dnorm = dout * g
+    """
+    norm, rstd, g = cache
+    # in the forward pass this was: out = norm * g + b
+    dnorm = dout * g
+    # and norm = (x - mean) * rstd, where mean and rstd depend on every x:
+    # the two means below are those two paths (llm.c doc/layernorm)
+    dx = rstd * (dnorm - dnorm.mean(axis=-1, keepdims=True)
+                 - norm * (dnorm * norm).mean(axis=-1, keepdims=True))
+    if not param_grads:
+        return dx, None, None
+    C = dout.shape[-1]
+    dg = (dout * norm).reshape(-1, C).sum(axis=0)
+    db = dout.reshape(-1, C).sum(axis=0)
+    return dx, dg, db
+
+
+# ----------------------------------------------------------------------------- GELU
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """GELU, tanh form (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    Inputs: x (N...). Returns out (N...) and a cache.
+    """
+    xp = array_module(x)
+    _check_float("x", x)
+    t = xp.tanh(_GELU_K * (x + 0.044715 * x * x * x))
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_backward(dout, cache):
+    """Returns dx = dout * [0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)]."""
+    x, t = cache
+    # in the forward pass this was: out = 0.5 * x * (1 + t),  t = tanh(u(x))
+    # so now we have: product rule, with dt/dx = (1 - t^2) * du/dx
+    du = _GELU_K * (1.0 + 3.0 * 0.044715 * x * x)
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+def softmax_forward(x):
+    """Softmax over the last axis; entries equal to -inf get probability 0.
+
+    Inputs: x (N..., K). Returns p (N..., K) and a cache.
+    """
+    xp = array_module(x)
+    _check_float("x", x)
+    # subtracting the row max changes nothing mathematically and keeps exp() finite
+    e = xp.exp(x - x.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    return p, p
+
+
+def softmax_backward(dout, cache):
+    """Returns dx = p * (dout - sum(dout * p)) over the last axis."""
+    p = cache
+    return p * (dout - (dout * p).sum(axis=-1, keepdims=True))
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention_forward(q, k, v, n_heads):
+    """Causal multi-head self-attention on already-projected q, k, v.
+
+    Inputs:
+    - q, k, v: (B, T, C), with C = NH * hs
+    - n_heads: NH
+
+    Returns out (B, T, C) and a cache. Per head:
+        S = q k^T / sqrt(hs)        (B, NH, T, T), S[t, u] = -inf for u > t
+        P = softmax(S)              each position attends to itself and the past
+        out = P v
+    """
+    xp = array_module(q)
+    _check_float("q", q)
+    for name, a in (("k", k), ("v", v)):
+        _check_float(name, a, like=q)
+        if a.shape != q.shape:
+            _fail(name, f"shape {tuple(q.shape)} (the shape of q)", f"shape {tuple(a.shape)}")
+    if q.ndim != 3:
+        _fail("q", "a (B, T, C) array", f"shape {tuple(q.shape)}")
+    B, T, C = q.shape
+    if not isinstance(n_heads, int) or n_heads < 1 or C % n_heads:
+        _fail("n_heads", f"a positive integer dividing C = {C}", n_heads)
+    hs = C // n_heads
+
+    def split(a):  # (B, T, C) -> (B, NH, T, hs)
+        return a.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)
+
+    qh, kh, vh = split(q), split(k), split(v)
+    scale = 1.0 / math.sqrt(hs)
+    S = (qh @ kh.transpose(0, 1, 3, 2)) * scale  # (B, NH, T, T)
+    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
+    S = xp.where(future, -xp.inf, S).astype(q.dtype, copy=False)
+    P, _ = softmax_forward(S)
+    outh = P @ vh  # (B, NH, T, hs)
+    out = outh.transpose(0, 2, 1, 3).reshape(B, T, C)
+    return out, (qh, kh, vh, P, scale)
+
+
+def attention_backward(dout, cache):
+    """Returns (dq, dk, dv), each (B, T, C)."""
+    qh, kh, vh, P, scale = cache
+    B, NH, T, hs = qh.shape
+    douth = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+    # in the forward pass this was: out = P @ v
+    dP = douth @ vh.transpose(0, 1, 3, 2)  # (B, NH, T, T)
+    dvh = P.transpose(0, 1, 3, 2) @ douth
+    # P = softmax(S); masked entries have P = 0, so their dS is 0 too
+    dS = softmax_backward(dP, P)
+    # S = q @ k^T * scale
+    dqh = (dS @ kh) * scale
+    dkh = (dS.transpose(0, 1, 3, 2) @ qh) * scale
+
+    def merge(a):  # (B, NH, T, hs) -> (B, T, C)
+        return a.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
+
+    return merge(dqh), merge(dkh), merge(dvh)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def dropout_forward(x, p, rng=None, mask=None):
+    """Inverted dropout: zero each entry with probability p, scale the rest by 1/(1-p).
+
+    Inputs:
+    - x: (N...)
+    - p: drop probability in [0, 1)
+    - rng: a numpy.random.Generator that draws the mask (when mask is None)
+    - mask: an injected keep-mask (N...) of 0/1, for tests and exact replays
+
+    Returns out (N...) and a cache. With p == 0 and no mask it is the identity.
+    """
+    xp = array_module(x)
+    if not 0.0 <= p < 1.0:
+        _fail("p", "a drop probability in [0, 1)", p)
+    if mask is None:
+        if p == 0.0:
+            return x, None
+        if rng is None:
+            _fail("rng", "a numpy.random.Generator when p > 0 and no mask is given", None)
+        mask = to_device(rng.random(x.shape) >= p, xp)
+    elif tuple(mask.shape) != tuple(x.shape):
+        _fail("mask", f"shape {tuple(x.shape)} (the shape of x)", f"shape {tuple(mask.shape)}")
+    keep = mask.astype(x.dtype) * (1.0 / (1.0 - p))
+    return x * keep, keep
+
+
+def dropout_backward(dout, cache):
+    """Returns dx = dout * keep / (1 - p)."""
+    keep = cache
+    return dout if keep is None else dout * keep
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+def cross_entropy_forward(logits, targets, mask=None):
+    """Mean softmax cross-entropy over the positions the mask counts.
+
+    Inputs:
+    - logits: (N..., V) unnormalised scores
+    - targets: (N...) integer class (token) ids in [0, V)
+    - mask: (N...) of 0/1, or None to count every position
+
+    Returns loss (0-d array, the logits' dtype), and a cache.
+        loss = -sum_i m_i log softmax(logits_i)[targets_i] / sum_i m_i
+    """
+    xp = array_module(logits)
+    _check_float("logits", logits)
+    V = logits.shape[-1]
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        _fail("targets", f"shape {tuple(logits.shape[:-1])} (logits without its last axis)",
+              f"shape {tuple(targets.shape)}")
+    if getattr(targets.dtype, "kind", None) not in ("i", "u"):
+        _fail("targets", "an integer array", targets.dtype)
+    if targets.size and (int(targets.min()) < 0 or int(targets.max()) >= V):
+        _fail("targets", f"ids in [0, {V})", f"ids in [{int(targets.min())}, {int(targets.max())}]")
+    z = logits.reshape(-1, V)
+    t = targets.reshape(-1)
+    if mask is None:
+        m = xp.ones(t.shape, dtype=logits.dtype)
+    else:
+        if tuple(mask.shape) != tuple(targets.shape):
+            _fail("mask", f"shape {tuple(targets.shape)} (the shape of targets)", f"shape {tuple(mask.shape)}")
+        m = mask.reshape(-1).astype(logits.dtype)
+    count = m.sum()
+    if float(count) <= 0:
+        _fail("mask", "at least one counted position", "a mask of all zeros")
+    zs = z - z.max(axis=-1, keepdims=True)  # stable log-softmax
+    lse = xp.log(xp.exp(zs).sum(axis=-1))  # (N,)
+    rows = xp.arange(t.shape[0])
+    nll = lse - zs[rows, t]  # -log p(target), (N,)
+    loss = (nll * m).sum() / count
+    return loss, (zs, lse, t, m, count, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache):
+    """Returns dlogits (N..., V) = dloss * m_i (softmax(logits_i) - onehot(t_i)) / sum(m)."""
+    zs, lse, t, m, count, shape = cache
+    xp = array_module(zs)
+    p = xp.exp(zs - lse[:, None])  # softmax, (N, V)
+    p[xp.arange(t.shape[0]), t] -= 1.0
+    dz = p * (m / count * dloss)[:, None]
+    return dz.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- LoRA linear
+
+def lora_scale(rank, alpha, rslora=False):
+    """The factor s in W' = W + s B A: alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        _fail("rank", "a positive integer", rank)
+    if not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
+        _fail("alpha", "a positive number", alpha)
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_mask=None):
+    """A frozen linear layer plus a trainable low-rank update, never merged.
+
+        y = x @ W.T + b + s * (drop(x) @ A.T) @ B.T
+
+    Inputs:
+    - x: (N..., in)
+    - W: (out, in) frozen; b: (out,) frozen, or None
+    - A: (r, in), B: (out, r) the adapter
+    - scale: s = alpha / r (see lora_scale)
+    - dropout_p, rng, dropout_mask: dropout on the adapter's input only
+
+    Returns y (N..., out) and a cache. B @ A (an (out, in) matrix) is never
+    formed: the update costs r * (in + out) per token instead of in * out.
+    """
+    base, base_cache = linear_forward(x, W, b)
+    _check_float("A", A, like=x)
+    _check_float("B", B, like=x)
+    if A.ndim != 2 or A.shape[1] != W.shape[1]:
+        _fail("A", f"shape (r, {W.shape[1]})", f"shape {tuple(A.shape)}")
+    if B.shape != (W.shape[0], A.shape[0]):
+        _fail("B", f"shape ({W.shape[0]}, {A.shape[0]}) = (out, r)", f"shape {tuple(B.shape)}")
+    xd, drop_cache = dropout_forward(x, dropout_p, rng, dropout_mask)
+    xa = xd @ A.T  # (N..., r)
+    y = base + (xa @ B.T) * scale
+    return y, (base_cache, drop_cache, xd, xa, A, B, float(scale))
+
+
+def lora_linear_backward(dout, cache):
+    """Returns (dx, dA, dB); there is no dW: W is frozen and its gradient is never computed.
+
+        dB = s * dout^T (x A^T)        (out, r)
+        dA = s * (dout B)^T x          (r, in)
+        dx = dout @ W + drop_backward(s * (dout B) A)
+    """
+    base_cache, drop_cache, xd, xa, A, B, s = cache
+    # base path, frozen: y = x @ W.T + b gives dx only
+    dx, _, _ = linear_backward(dout, base_cache, param_grads=False)
+    r = A.shape[0]
+    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out)
+    # in the forward pass this was: y += s * xa @ B.T
+    dB = (dout2.T @ xa.reshape(-1, r)) * s  # (out, r)
+    dxa = (dout @ B) * s  # (N..., r)
+    # and xa = xd @ A.T
+    dA = dxa.reshape(-1, r).T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
+    dxd = dxa @ A
+    dx = dx + dropout_backward(dxd, drop_cache)
+    return dx, dA, dB

@@ -1,0 +1,249 @@
+"""Every op's backward against finite differences, plus the properties the ops promise."""
+
+import ast
+import inspect
+
+import numpy as np
+import pytest
+
+from minilora import gradcheck, ops
+
+OP_RESULTS = [r for seed in (0, 1, 2) for r in gradcheck.run_checks(["ops"], seed=seed)]
+
+
+@pytest.mark.parametrize("result", OP_RESULTS, ids=lambda r: f"{r.op}-d{r.argument}")
+def test_op_gradients_match_finite_differences(result):
+    assert result.error <= 1e-6, f"{result.op} d/d{result.argument}: rel error {result.error:.2e}"
+
+
+def test_every_op_and_argument_is_checked():
+    checked = {(r.op, r.argument) for r in OP_RESULTS}
+    expected = {
+        ("embedding", "wte"),
+        ("linear", "x"), ("linear", "W"), ("linear", "b"), ("linear (frozen)", "x"),
+        ("layer_norm", "x"), ("layer_norm", "g"), ("layer_norm", "b"),
+        ("gelu", "x"), ("softmax", "x"),
+        ("attention", "q"), ("attention", "k"), ("attention", "v"),
+        ("dropout", "x"), ("cross_entropy", "logits"),
+        ("lora_linear", "x"), ("lora_linear", "A"), ("lora_linear", "B"),
+    }
+    assert expected <= checked
+
+
+def test_gradient_check_catches_a_wrong_backward():
+    rng = np.random.default_rng(0)
+
+    def bad_gelu_backward(dout, cache):
+        return 1.01 * ops.gelu_backward(dout, cache)  # 1% off
+
+    res = gradcheck.check_op("gelu", ops.gelu_forward, bad_gelu_backward,
+                             {"x": rng.uniform(0.1, 2.0, (3, 4))}, {"x": 0}, rng)
+    assert res[0].error > 1e-3 and not res[0].passed
+
+
+def test_projected_check_catches_a_wrong_backward(monkeypatch):
+    monkeypatch.setattr(gradcheck, "FULL_CHECK_MAX_SIZE", 0)  # force the projected path
+    rng = np.random.default_rng(0)
+    args = {"x": rng.standard_normal((4, 6)), "W": rng.standard_normal((5, 6)), "b": rng.standard_normal(5)}
+
+    def bad_linear_backward(dout, cache):
+        dx, dW, db = ops.linear_backward(dout, cache)
+        return dx, dW * 1.01, db
+
+    good = gradcheck.check_op("linear", ops.linear_forward, ops.linear_backward, dict(args), {"W": 1}, rng)
+    bad = gradcheck.check_op("linear", ops.linear_forward, bad_linear_backward, dict(args), {"W": 1}, rng)
+    assert good[0].method == "projected" and good[0].passed
+    assert bad[0].error > 1e-3
+
+
+# ---------------------------------------------------------------------- no dW product for frozen weights
+
+class Recording(np.ndarray):
+    """An ndarray that logs the output shape of every matrix product it takes part in."""
+
+    log = []
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(np.asarray(i) if isinstance(i, Recording) else i for i in inputs)
+        out = getattr(ufunc, method)(*inputs, **kwargs)
+        if ufunc is np.matmul:
+            Recording.log.append(np.shape(out))
+        return out.view(Recording) if isinstance(out, np.ndarray) else out
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func in (np.dot, np.einsum, np.tensordot, np.inner, np.outer, np.kron):
+            Recording.log.append(("products through", func.__name__))
+        return super().__array_function__(func, types, args, kwargs)
+
+
+def _rec(a):
+    return np.asarray(a).view(Recording)
+
+
+def test_recording_array_sees_a_dW_product():
+    # the instrument works: a trainable linear does form the (out, in) product
+    rng = np.random.default_rng(0)
+    x, W = _rec(rng.standard_normal((11, 5))), _rec(rng.standard_normal((7, 5)))
+    y, cache = ops.linear_forward(x, W)
+    Recording.log = []
+    ops.linear_backward(_rec(rng.standard_normal((11, 7))), cache, param_grads=True)
+    assert (7, 5) in Recording.log
+
+
+def test_frozen_linear_and_lora_backward_form_no_dW_product():
+    rng = np.random.default_rng(0)
+    n_tok, d_in, d_out, r = 11, 5, 7, 3  # all distinct, so (d_out, d_in) names W's shape only
+    x = _rec(rng.standard_normal((n_tok, d_in)))
+    W, b = _rec(rng.standard_normal((d_out, d_in))), _rec(rng.standard_normal(d_out))
+    A, B = _rec(rng.standard_normal((r, d_in))), _rec(rng.standard_normal((d_out, r)))
+    dout = _rec(rng.standard_normal((n_tok, d_out)))
+
+    _, cache = ops.linear_forward(x, W, b)
+    Recording.log = []
+    dx, dW, db = ops.linear_backward(dout, cache, param_grads=False)
+    assert dW is None and db is None
+    assert (d_out, d_in) not in Recording.log and Recording.log == [(n_tok, d_in)]
+
+    _, cache = ops.lora_linear_forward(x, W, b, A, B, ops.lora_scale(r, 2 * r))
+    Recording.log = []
+    grads = ops.lora_linear_backward(dout, cache)
+    assert len(grads) == 3  # dx, dA, dB: there is no slot for dW
+    assert (d_out, d_in) not in Recording.log, Recording.log  # neither dW nor B @ A
+    assert not any(isinstance(e, tuple) and e and e[0] == "products through" for e in Recording.log)
+
+
+def test_lora_forward_never_forms_BA():
+    rng = np.random.default_rng(1)
+    x = _rec(rng.standard_normal((11, 5)))
+    W, A, B = _rec(rng.standard_normal((7, 5))), _rec(rng.standard_normal((3, 5))), _rec(rng.standard_normal((7, 3)))
+    Recording.log = []
+    y, _ = ops.lora_linear_forward(x, W, None, A, B, 2.0)
+    assert (7, 5) not in Recording.log
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ (np.asarray(W) + 2.0 * np.asarray(B) @ np.asarray(A)).T,
+                               rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- float32 stays float32
+
+def _float32_cases():
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    ids = rng.integers(0, 9, (2, 4))
+    keep = rng.random((2, 4, 6)) >= 0.5
+    return {
+        "embedding": (lambda: ops.embedding_forward(ids, f(9, 6)), ops.embedding_backward, (2, 4, 6)),
+        "linear": (lambda: ops.linear_forward(f(2, 4, 6), f(5, 6), f(5)), ops.linear_backward, (2, 4, 5)),
+        "layer_norm": (lambda: ops.layer_norm_forward(f(2, 4, 6), f(6), f(6)), ops.layer_norm_backward, (2, 4, 6)),
+        "gelu": (lambda: ops.gelu_forward(f(2, 4, 6)), ops.gelu_backward, (2, 4, 6)),
+        "softmax": (lambda: ops.softmax_forward(f(2, 4, 6)), ops.softmax_backward, (2, 4, 6)),
+        "attention": (lambda: ops.attention_forward(f(2, 4, 6), f(2, 4, 6), f(2, 4, 6), 2), ops.attention_backward, (2, 4, 6)),
+        "dropout": (lambda: ops.dropout_forward(f(2, 4, 6), 0.5, mask=keep), ops.dropout_backward, (2, 4, 6)),
+        "cross_entropy": (lambda: ops.cross_entropy_forward(f(2, 4, 9), ids, np.ones((2, 4), np.float32)),
+                          ops.cross_entropy_backward, ()),
+        "lora_linear": (lambda: ops.lora_linear_forward(f(2, 4, 6), f(5, 6), f(5), f(3, 6), f(5, 3), 2.0),
+                        ops.lora_linear_backward, (2, 4, 5)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_float32_cases()))
+def test_ops_keep_float32(name):
+    forward, backward, out_shape = _float32_cases()[name]
+    out, cache = forward()
+    assert out.dtype == np.float32 and out.shape == out_shape
+    dout = np.ones(out_shape, np.float32) if out_shape else np.float32(1.0)
+    grads = backward(dout, cache)
+    for g in grads if isinstance(grads, tuple) else (grads,):
+        assert g is not None and g.dtype == np.float32
+
+
+def test_ops_module_does_not_use_numpy_directly():
+    # every array call in ops goes through xp = array_module(...), so CuPy arrays stay on the GPU
+    tree = ast.parse(inspect.getsource(ops))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"numpy", "cupy", "scipy"}, imported
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not names & {"np", "numpy", "cp", "cupy"}
+
+
+# ---------------------------------------------------------------------- behaviour
+
+def test_attention_is_causal_and_masks_with_minus_inf():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 6, 4)) for _ in range(3))
+    out, cache = ops.attention_forward(q, k, v, 2)
+    P = cache[3]
+    assert np.all(P[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]] == 0.0)
+    np.testing.assert_allclose(P.sum(-1), 1.0)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, 4:], v2[:, 4:] = 100.0, -100.0  # change the future only
+    out2, _ = ops.attention_forward(q, k2, v2, 2)
+    np.testing.assert_array_equal(out[:, :4], out2[:, :4])
+
+
+def test_softmax_is_stable_for_large_inputs():
+    p, _ = ops.softmax_forward(np.array([[1000.0, 1001.0, -np.inf]]))
+    np.testing.assert_allclose(p, [[1 / (1 + np.e), np.e / (1 + np.e), 0.0]])
+
+
+def test_cross_entropy_value_and_mask():
+    logits = np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
+    targets = np.array([[0, 2]])
+    loss, _ = ops.cross_entropy_forward(logits, targets)
+    assert np.isclose(loss, -(np.log(0.5) + np.log(0.8)) / 2)
+    loss, _ = ops.cross_entropy_forward(logits, targets, np.array([[0.0, 1.0]]))
+    assert np.isclose(loss, -np.log(0.8))
+
+
+def test_dropout_keeps_expectation_and_uses_the_generator():
+    x = np.ones((200, 200), np.float32)
+    out, _ = ops.dropout_forward(x, 0.25, np.random.default_rng(0))
+    assert set(np.unique(out)) == {0.0, np.float32(1 / 0.75)}
+    assert abs(out.mean() - 1.0) < 0.02
+    out2, _ = ops.dropout_forward(x, 0.25, np.random.default_rng(0))
+    np.testing.assert_array_equal(out, out2)
+
+
+def test_layer_norm_output_is_normalised():
+    x = np.random.default_rng(0).standard_normal((3, 16)) * 5 + 2
+    out, _ = ops.layer_norm_forward(x, np.ones(16), np.zeros(16))
+    np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-12)
+    np.testing.assert_allclose(out.var(-1), 1.0, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda: ops.linear_forward(np.ones((2, 3)), np.ones((4, 5))), "W"),
+    (lambda: ops.linear_forward(np.ones((2, 3)), np.ones((4, 3), np.float32)), "W"),
+    (lambda: ops.linear_forward(np.ones((2, 3)), np.ones((4, 3)), np.ones(3)), "b"),
+    (lambda: ops.linear_forward(np.ones((2, 3), int), np.ones((4, 3))), "x"),
+    (lambda: ops.embedding_forward(np.array([[0, 9]]), np.ones((9, 4))), "ids"),
+    (lambda: ops.embedding_forward(np.array([[-1, 2]]), np.ones((9, 4))), "ids"),
+    (lambda: ops.embedding_forward(np.array([[0.0, 2.0]]), np.ones((9, 4))), "ids"),
+    (lambda: ops.layer_norm_forward(np.ones((2, 3)), np.ones(4), np.ones(3)), "g"),
+    (lambda: ops.attention_forward(np.ones((1, 2, 6)), np.ones((1, 2, 6)), np.ones((1, 3, 6)), 2), "v"),
+    (lambda: ops.attention_forward(np.ones((1, 2, 6)), np.ones((1, 2, 6)), np.ones((1, 2, 6)), 4), "n_heads"),
+    (lambda: ops.cross_entropy_forward(np.ones((2, 5)), np.array([0, 5])), "targets"),
+    (lambda: ops.cross_entropy_forward(np.ones((2, 5)), np.array([0, 1, 2])), "targets"),
+    (lambda: ops.cross_entropy_forward(np.ones((2, 5)), np.array([0, 1]), np.zeros(2)), "mask"),
+    (lambda: ops.dropout_forward(np.ones(3), 1.0), "p"),
+    (lambda: ops.lora_scale(0, 16), "rank"),
+    (lambda: ops.lora_scale(-2, 16), "rank"),
+    (lambda: ops.lora_scale(8, 0.0), "alpha"),
+    (lambda: ops.lora_scale(8, -1.0), "alpha"),
+    (lambda: ops.lora_linear_forward(np.ones((2, 3)), np.ones((4, 3)), None, np.ones((2, 5)), np.ones((4, 2)), 1.0), "A"),
+    (lambda: ops.lora_linear_forward(np.ones((2, 3)), np.ones((4, 3)), None, np.ones((2, 3)), np.ones((4, 3)), 1.0), "B"),
+])
+def test_bad_input_names_the_argument(call, argument):
+    with pytest.raises(ValueError, match=rf"^{argument}: expected .+, got .+"):
+        call()
+
+
+def test_lora_scale_values():
+    assert ops.lora_scale(8, 16) == 2.0
+    assert ops.lora_scale(16, 16, rslora=True) == 4.0
