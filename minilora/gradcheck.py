@@ -5,9 +5,11 @@ five-point stencil
 
     df/dx_i ~ (-f(x + 2h e_i) + 8 f(x + h e_i) - 8 f(x - h e_i) + f(x - 2h e_i)) / 12h
 
-whose error is O(h^4). It allows a larger h (1e-3) than the two-point
-difference, so round-off (about 1e-16 |f| / h) stays near 1e-12 and even small
-gradient entries are checked to a relative 1e-6.
+whose error is O(h^4). It allows a larger h than the two-point difference,
+so round-off (about 1e-16 |f| / h) stays small and even small gradient
+entries are checked to a relative 1e-6: h = 1e-3 for single ops, 1e-4 for the
+whole model, whose loss curves more sharply (a deep composition) and whose
+sampled entries exclude the numerically-zero ones (see check_model).
 
 where f is the op's output projected on a random upstream gradient dout,
 f(x) = sum(op(x) * dout), so the whole vector-Jacobian product is checked at
@@ -80,7 +82,7 @@ def numerical_directional_derivative(f, x, dout, u, h=1e-3):
     return out
 
 
-def numerical_gradient_sampled(f, x, coords, h=1e-3):
+def numerical_gradient_sampled(f, x, coords, h=1e-4):
     """d f() / d x[c] for each flat index c in coords; f returns a scalar."""
     flat = x.reshape(-1)  # a view: writes reach x
     out = np.empty(len(coords))
@@ -191,13 +193,93 @@ def _op_checks(rng):
     return res
 
 
+TINY = dict(vocab_size=11, context_length=7, d_model=8, n_heads=2, n_layers=2, d_ff=12)
+SAMPLED_COORDS = 6  # coordinates checked per parameter tensor in the whole-model checks
+
+
+def tiny_model(rng):
+    """A tiny float64 model at a random, non-degenerate point (not the init: gains,
+    biases and weights all random and O(1), so no gradient vanishes by symmetry)."""
+    from .model import ModelConfig, param_shapes
+
+    config = ModelConfig(**TINY)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(".g"):
+            params[name] = 1.0 + 0.3 * rng.standard_normal(shape)
+        else:
+            params[name] = 0.4 * rng.standard_normal(shape)
+    return config, params
+
+
+def check_model(op, loss_fn, params, trainable, rng):
+    """Compare the model's gradients of a scalar loss with finite differences at
+    SAMPLED_COORDS random coordinates of every trainable tensor.
+
+    Inputs:
+    - loss_fn(params, trainable) -> (loss, grads)
+    - params: float64 parameter dict; trainable: the names to check
+    """
+    _, grads = loss_fn(params, trainable)
+    if set(grads) != set(trainable):
+        raise AssertionError(f"{op}: gradients for {sorted(set(grads) ^ set(trainable))} missing or extra")
+    results = []
+    for name in sorted(trainable):
+        x = params[name]
+        g = np.asarray(grads[name]).reshape(-1)
+        # sample among entries that are not numerically zero next to the tensor's largest:
+        # a difference quotient of an entry 1e-7 times smaller than its neighbours
+        # measures only the loss's round-off (an all-zero gradient keeps every entry)
+        live = np.flatnonzero(np.abs(g) >= 1e-3 * np.abs(g).max()) if g.any() else np.arange(g.size)
+        coords = rng.choice(live, size=min(SAMPLED_COORDS, live.size), replace=False)
+        num = numerical_gradient_sampled(lambda: loss_fn(params, ())[0], x, coords)
+        analytic = g[coords]
+        results.append(CheckResult(op, name, x.shape, rel_error(analytic, num), "sampled"))
+    return results
+
+
 def _model_checks(rng):
-    from .model_check import model_gradient_checks  # the whole-model checks live beside the model
+    """The whole model: every parameter, under every strategy, for both heads."""
+    from . import lora as lora_mod
+    from . import model, prompt
 
-    return model_gradient_checks(rng)
+    config, base = tiny_model(rng)
+    B, T = 3, TINY["context_length"]
+    x = rng.integers(0, config.vocab_size, (B, T))
+    y = rng.integers(0, config.vocab_size, (B, T))
+    mask = (rng.random((B, T)) < 0.7).astype(np.float64)
+    mask[:, -1] = 1.0
+    last = rng.integers(1, T, B)
+    labels = rng.integers(0, 3, B)
+
+    def lm(lcfg=None):
+        return lambda p, tr: model.lm_loss_and_grads(p, config, x, y, mask, tr, lcfg)
+
+    def cls(lcfg=None):
+        return lambda p, tr: model.cls_loss_and_grads(p, config, x, last, labels, tr, lcfg)[:2]
+
+    res = check_model("model: full, LM", lm(), base, set(base), rng)
+    with_head = prompt.add_head(base, 3, seed=1)
+    with_head["cls.b"] = 0.4 * rng.standard_normal(3)
+    res += check_model("model: full, classifier", cls(), with_head, set(with_head), rng)
+
+    lcfg = lora_mod.LoraConfig(rank=2, alpha=3.0, targets=tuple(lora_mod.TARGETS))
+    adapted = lora_mod.add_lora(with_head, config, lcfg, seed=2)
+    for name in lora_mod.lora_names(adapted):
+        # B = 0 at init makes dA exactly zero: check at B != 0
+        adapted[name] = 0.5 * rng.standard_normal(adapted[name].shape)
+    adapters = set(lora_mod.lora_names(adapted))
+    res += check_model("model: LoRA, LM", lm(lcfg), adapted, adapters, rng)
+    res += check_model("model: LoRA, classifier", cls(lcfg), adapted, adapters | {"cls.W", "cls.b"}, rng)
+
+    prompted = prompt.add_prompt(with_head, 3, init="random", seed=3)
+    prompted["prompt"] = 0.5 * rng.standard_normal(prompted["prompt"].shape)
+    res += check_model("model: prompt, LM", lm(), prompted, {"prompt"}, rng)
+    res += check_model("model: prompt, classifier", cls(), prompted, {"prompt", "cls.W", "cls.b"}, rng)
+    return res
 
 
-CHECKS = {"ops": _op_checks}
+CHECKS = {"ops": _op_checks, "model": _model_checks}
 
 
 def run_checks(groups=None, seed=0):

@@ -1,0 +1,181 @@
+"""LoRA: W' = W + (alpha / r) B A, with W frozen and only A (r, in) and B (out, r) trained.
+
+An adapter is two extra entries beside a linear layer's weight,
+
+    h.0.attn.q.W        (out, in)   frozen, never gets a gradient
+    h.0.attn.q.lora_A   (r, in)     random (Kaiming-uniform as PEFT, or Gaussian)
+    h.0.attn.q.lora_B   (out, r)    zero, so the adapted model starts exactly at the pretrained one
+
+The forward and backward of the adapted layer are ops.lora_linear_forward /
+ops.lora_linear_backward: they never form B @ A nor a dW. `merge` folds the
+update into W for inference at the base model's cost; `unmerge` takes it out.
+Both return new dicts: nothing here changes an array it was given.
+"""
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import ops
+from .backend import array_module, to_numpy
+from .checkpoint import load_checkpoint, save_checkpoint
+
+# target name -> the linear layer it adapts inside every block
+TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o", "fc": "mlp.fc", "proj": "mlp.proj"}
+INITS = ("kaiming", "gaussian")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8  # r: the rank of the update B A (the seed's table: 8-64)
+    alpha: float = 16.0  # the update is scaled by alpha / r (the seed: alpha = 2r)
+    targets: tuple = field(default_factory=lambda: ("q", "k", "v", "o"))  # which linears get adapters
+    dropout: float = 0.0  # dropout on the adapter's input, training only
+    rslora: bool = False  # scale by alpha / sqrt(r) instead (rank-stabilised LoRA)
+    init: str = "kaiming"  # how A starts: "kaiming" (uniform, PEFT's default) or "gaussian"
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        ops.lora_scale(self.rank, self.alpha, self.rslora)  # validates rank and alpha
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"targets: expected a non-empty list from {sorted(TARGETS)}, got {list(self.targets)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init: expected one of {INITS}, got {self.init!r}")
+
+    @property
+    def scale(self):
+        """s in W' = W + s B A."""
+        return ops.lora_scale(self.rank, self.alpha, self.rslora)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+def adapted_layers(model_config, lora_config):
+    """Prefixes of every linear that gets an adapter, e.g. ['h.0.attn.q', ...]."""
+    return [f"h.{i}.{TARGETS[t]}" for i in range(model_config.n_layers) for t in lora_config.targets]
+
+
+def add_lora(params, model_config, lora_config, seed=0):
+    """A new dict: params (arrays shared, not copied) plus A, B for every target.
+
+    A: Kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_ with
+    a = sqrt(5)), or N(0, 1/r) for "gaussian". B: zeros, so B A = 0 at the start.
+    """
+    rng = np.random.default_rng(seed)
+    xp = array_module(params["wte"])
+    dtype = params["wte"].dtype
+    out = dict(params)
+    r = lora_config.rank
+    for prefix in adapted_layers(model_config, lora_config):
+        d_out, d_in = params[prefix + ".W"].shape
+        if lora_config.init == "kaiming":
+            bound = 1.0 / math.sqrt(d_in)
+            A = rng.uniform(-bound, bound, (r, d_in))
+        else:
+            A = rng.normal(0.0, 1.0 / r, (r, d_in))
+        out[prefix + ".lora_A"] = xp.asarray(A.astype(dtype))
+        out[prefix + ".lora_B"] = xp.zeros((d_out, r), dtype=dtype)
+    return out
+
+
+def lora_names(params):
+    """Names of every adapter matrix in params."""
+    return [n for n in params if n.endswith((".lora_A", ".lora_B"))]
+
+
+def merge(params, lora_config):
+    """A new dict with W + s B A in place of each adapted W and no adapters.
+
+    The merged model computes x @ (W + s B A).T: the same function as the
+    adapted one, at the base model's cost.
+    """
+    s = lora_config.scale
+    out = {n: p for n, p in params.items() if not n.endswith((".lora_A", ".lora_B"))}
+    for name in params:
+        if name.endswith(".lora_A"):
+            prefix = name[: -len(".lora_A")]
+            out[prefix + ".W"] = params[prefix + ".W"] + s * (params[prefix + ".lora_B"] @ params[name])
+    return out
+
+
+def unmerge(merged, adapters, lora_config):
+    """The inverse of merge: W - s B A for each adapter, and the adapters put back."""
+    s = lora_config.scale
+    out = dict(merged)
+    for name, A in adapters.items():
+        if name.endswith(".lora_A"):
+            prefix = name[: -len(".lora_A")]
+            out[prefix + ".W"] = merged[prefix + ".W"] - s * (adapters[prefix + ".lora_B"] @ A)
+    out.update(adapters)
+    return out
+
+
+def lora_param_count(d, k, r):
+    """Trainable scalars of one adapted d x k matrix: r (d + k) instead of d k."""
+    return r * (d + k)
+
+
+def seed_example():
+    """The seed's example: d = k = 4096, r = 16 -> (131,072 trainable, 16,777,216 full)."""
+    return lora_param_count(4096, 4096, 16), 4096 * 4096
+
+
+def base_fingerprint(params):
+    """A short hash of the base (non-adapter, non-head, non-prompt) weights.
+
+    An adapter only makes sense on the weights it was trained on; this is how
+    loading one onto a different base fails clearly.
+    """
+    h = hashlib.sha256()
+    for name in sorted(params):
+        if name.endswith((".lora_A", ".lora_B")) or name.startswith(("cls.", "prompt")):
+            continue
+        a = np.ascontiguousarray(to_numpy(params[name]))
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(json.dumps(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_adapter(path, params, trainable, lora_config, model_config, base_params):
+    """Save only what fine-tuning trained (A, B and any head) with the LoRA config
+    and the base weights' fingerprint, atomically."""
+    small = {n: params[n] for n in sorted(trainable)}
+    meta = {"kind": "lora_adapter", "lora": lora_config.to_dict(), "model": model_config.to_dict(),
+            "base_fingerprint": base_fingerprint(base_params)}
+    save_checkpoint(path, small, meta)
+
+
+def load_adapter(path, base_params):
+    """Load an adapter file onto base_params.
+
+    Returns (params, lora_config): a new dict with the adapter added. Raises
+    ValueError if the file is not an adapter, or was trained on other base weights.
+    """
+    small, meta, _ = load_checkpoint(path)
+    if meta.get("kind") != "lora_adapter":
+        raise ValueError(f"path: expected a LoRA adapter file, got {path} of kind {meta.get('kind')!r}")
+    expected, got = meta["base_fingerprint"], base_fingerprint(base_params)
+    if expected != got:
+        raise ValueError(f"base weights: the adapter {path} was trained on base {expected}, "
+                         f"but these weights are {got}; load the checkpoint it was trained from")
+    lora_config = LoraConfig.from_dict({**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
+    xp = array_module(base_params["wte"])
+    out = dict(base_params)
+    for name, a in small.items():
+        if name.endswith((".lora_A", ".lora_B")) and name.rsplit(".", 1)[0] + ".W" not in base_params:
+            raise ValueError(f"adapter: {name} adapts a layer the base model does not have")
+        out[name] = xp.asarray(a)
+    return out, lora_config

@@ -1,0 +1,351 @@
+"""A tiny GPT: the forward pass composed from the ops, and its backward in mirror order.
+
+Parameters are one flat dict, name -> array, with GPT-2's names:
+
+    wte                  (V, C)        token embedding, also the LM head (tied)
+    wpe                  (Tmax, C)     learned position embedding
+    h.{i}.ln_1.g / .b    (C,)          pre-attention LayerNorm
+    h.{i}.attn.{q,k,v,o}.W (C, C)      attention projections, W is (out, in)
+    h.{i}.attn.{q,v,o}.b (C,)          their biases; the key has none (see param_shapes)
+    h.{i}.ln_2.g / .b    (C,)          pre-MLP LayerNorm
+    h.{i}.mlp.fc.W       (F, C), .b (F,)     MLP up-projection (F = d_ff)
+    h.{i}.mlp.proj.W     (C, F), .b (C,)     MLP down-projection
+    ln_f.g / .b          (C,)          final LayerNorm
+
+Fine-tuning strategies only add names beside these (lora.py, prompt.py):
+
+    <linear>.lora_A (r, in), <linear>.lora_B (out, r)   LoRA adapter of a linear
+    prompt               (P, C)        soft prompt vectors
+    cls.W (K, C), cls.b (K,)           classification head on the last token
+
+and say which names are trainable. The backward computes a gradient for a
+name only if it is in `trainable`: a frozen weight never gets one.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import ops
+from .backend import array_module, to_device
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 96  # characters: newline + printable ASCII (corpus.VOCAB)
+    context_length: int = 128  # Tmax, the longest sequence of real tokens
+    d_model: int = 128  # C, the width of the residual stream
+    n_heads: int = 4  # NH; head size hs = C / NH
+    n_layers: int = 2  # transformer blocks
+    d_ff: int = 512  # F, the MLP's hidden width (4 C as in GPT-2)
+    dropout: float = 0.0  # on embeddings and residual branches, training only
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "d_ff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads: expected a divisor of d_model={self.d_model}, got {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj")
+
+
+def param_shapes(config):
+    """name -> shape of every base parameter of the model."""
+    C, F = config.d_model, config.d_ff
+    shapes = {"wte": (config.vocab_size, C), "wpe": (config.context_length, C)}
+    for i in range(config.n_layers):
+        p = f"h.{i}."
+        shapes[p + "ln_1.g"] = shapes[p + "ln_1.b"] = (C,)
+        for name in ("q", "k", "v", "o"):
+            shapes[p + f"attn.{name}.W"] = (C, C)
+        # no key bias: it adds q . b_k to every score of a query's row, which the
+        # softmax ignores, so its gradient is identically zero (GPT-2 has one anyway)
+        for name in ("q", "v", "o"):
+            shapes[p + f"attn.{name}.b"] = (C,)
+        shapes[p + "ln_2.g"] = shapes[p + "ln_2.b"] = (C,)
+        shapes[p + "mlp.fc.W"], shapes[p + "mlp.fc.b"] = (F, C), (F,)
+        shapes[p + "mlp.proj.W"], shapes[p + "mlp.proj.b"] = (C, F), (C,)
+    shapes["ln_f.g"] = shapes["ln_f.b"] = (C,)
+    return shapes
+
+
+def init_params(config, seed=0, dtype=np.float32):
+    """GPT-2 initialisation on the host, from a seeded generator.
+
+    Weights ~ N(0, 0.02); the output projections of each residual branch
+    (attn.o, mlp.proj) ~ N(0, 0.02 / sqrt(2 n_layers)) so the residual stream's
+    variance does not grow with depth; biases 0; LayerNorm gains 1.
+
+    Returns a dict name -> numpy array (move it with `params_to`).
+    """
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(".g"):
+            params[name] = np.ones(shape, dtype)
+        elif name.endswith(".b"):
+            params[name] = np.zeros(shape, dtype)
+        else:
+            std = 0.02
+            if name.endswith(("attn.o.W", "mlp.proj.W")):
+                std = 0.02 / math.sqrt(2 * config.n_layers)
+            params[name] = rng.normal(0.0, std, shape).astype(dtype)
+    return params
+
+
+def params_to(params, xp, dtype=None):
+    """A new dict with every array moved to module xp (and cast to dtype if given)."""
+    out = {}
+    for name, p in params.items():
+        p = to_device(p, xp)
+        out[name] = p.astype(dtype) if dtype is not None else p
+    return out
+
+
+def count_params(params, names=None):
+    """Number of scalars in params (or in the given names only)."""
+    return int(sum(params[n].size for n in (params if names is None else names)))
+
+
+# ----------------------------------------------------------------------------- linear layers
+
+def _linear_forward(params, prefix, x, lora, rng):
+    """A linear, or a LoRA linear when `prefix.lora_A` exists."""
+    W, b = params[prefix + ".W"], params.get(prefix + ".b")
+    if prefix + ".lora_A" in params:
+        if lora is None:
+            raise ValueError(f"lora: expected a LoraConfig, since {prefix} has an adapter, got None")
+        A, B = params[prefix + ".lora_A"], params[prefix + ".lora_B"]
+        p = lora.dropout if rng is not None else 0.0
+        return ops.lora_linear_forward(x, W, b, A, B, lora.scale, p, rng)
+    return ops.linear_forward(x, W, b)
+
+
+def _linear_backward(dout, cache, prefix, params, grads, trainable):
+    """dx of a linear; adds its parameter gradients to grads only for trainable names."""
+    if prefix + ".lora_A" in params:
+        # a LoRA linear: W and b are frozen, the backward has no dW at all
+        dx, dA, dB = ops.lora_linear_backward(dout, cache)
+        if prefix + ".lora_A" in trainable:
+            grads[prefix + ".lora_A"] = dA
+        if prefix + ".lora_B" in trainable:
+            grads[prefix + ".lora_B"] = dB
+        return dx
+    wanted = prefix + ".W" in trainable or prefix + ".b" in trainable
+    dx, dW, db = ops.linear_backward(dout, cache, param_grads=wanted)
+    if prefix + ".W" in trainable:
+        grads[prefix + ".W"] = dW
+    if prefix + ".b" in trainable:
+        grads[prefix + ".b"] = db
+    return dx
+
+
+def _ln_backward(dout, cache, prefix, grads, trainable):
+    wanted = prefix + ".g" in trainable or prefix + ".b" in trainable
+    dx, dg, db = ops.layer_norm_backward(dout, cache, param_grads=wanted)
+    if prefix + ".g" in trainable:
+        grads[prefix + ".g"] = dg
+    if prefix + ".b" in trainable:
+        grads[prefix + ".b"] = db
+    return dx
+
+
+def _add(grads, name, g):
+    grads[name] = g if name not in grads else grads[name] + g
+
+
+# ----------------------------------------------------------------------------- the block
+
+def block_forward(params, i, x, config, lora=None, rng=None):
+    """One pre-LayerNorm transformer block. x (B, T, C) -> (B, T, C)."""
+    p = f"h.{i}."
+    a, c_ln1 = ops.layer_norm_forward(x, params[p + "ln_1.g"], params[p + "ln_1.b"])
+    q, c_q = _linear_forward(params, p + "attn.q", a, lora, rng)  # (B, T, C)
+    k, c_k = _linear_forward(params, p + "attn.k", a, lora, rng)
+    v, c_v = _linear_forward(params, p + "attn.v", a, lora, rng)
+    y, c_att = ops.attention_forward(q, k, v, config.n_heads)
+    o, c_o = _linear_forward(params, p + "attn.o", y, lora, rng)
+    o, c_do = ops.dropout_forward(o, config.dropout if rng is not None else 0.0, rng)
+    x = x + o  # residual
+    m, c_ln2 = ops.layer_norm_forward(x, params[p + "ln_2.g"], params[p + "ln_2.b"])
+    f, c_fc = _linear_forward(params, p + "mlp.fc", m, lora, rng)  # (B, T, F)
+    g, c_gelu = ops.gelu_forward(f)
+    r, c_proj = _linear_forward(params, p + "mlp.proj", g, lora, rng)  # (B, T, C)
+    r, c_dr = ops.dropout_forward(r, config.dropout if rng is not None else 0.0, rng)
+    x = x + r  # residual
+    return x, (c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr)
+
+
+def block_backward(dx, cache, params, i, grads, trainable):
+    """Mirror of block_forward: dx (B, T, C) -> dx (B, T, C)."""
+    c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr = cache
+    p = f"h.{i}."
+    # in the forward pass this was: x = x + r, so dx reaches both x and r
+    dr = ops.dropout_backward(dx, c_dr)
+    dg = _linear_backward(dr, c_proj, p + "mlp.proj", params, grads, trainable)
+    df = ops.gelu_backward(dg, c_gelu)
+    dm = _linear_backward(df, c_fc, p + "mlp.fc", params, grads, trainable)
+    dx = dx + _ln_backward(dm, c_ln2, p + "ln_2", grads, trainable)
+    # x = x + o
+    do = ops.dropout_backward(dx, c_do)
+    dy = _linear_backward(do, c_o, p + "attn.o", params, grads, trainable)
+    dq, dk, dv = ops.attention_backward(dy, c_att)
+    # a fans out to q, k and v: its gradient is the sum of the three
+    da = _linear_backward(dq, c_q, p + "attn.q", params, grads, trainable)
+    da = da + _linear_backward(dk, c_k, p + "attn.k", params, grads, trainable)
+    da = da + _linear_backward(dv, c_v, p + "attn.v", params, grads, trainable)
+    return dx + _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def forward(params, config, ids, lora=None, rng=None):
+    """Token ids to final hidden states.
+
+    Inputs:
+    - params: the parameter dict (arrays of one module and dtype)
+    - config: ModelConfig
+    - ids: (B, T) token ids, T <= context_length (numpy or the params' module)
+    - lora: LoraConfig when params hold adapters (gives scale and dropout)
+    - rng: numpy Generator for dropout; None means evaluation (no dropout)
+
+    Returns h (B, T, C), the hidden states of the real tokens after ln_f, and
+    a cache. With a soft prompt (params["prompt"], (P, C)) the P prompt vectors
+    are put before the token embeddings; they get no position embedding, the
+    real tokens keep positions 0..T-1 exactly as in pretraining, and the
+    prompt's own hidden states are dropped before the head.
+    """
+    wte = params["wte"]
+    xp = array_module(wte)
+    if getattr(ids, "ndim", None) != 2:
+        raise ValueError(f"ids: expected a (B, T) array of token ids, got {getattr(ids, 'shape', type(ids).__name__)}")
+    B, T = ids.shape
+    if T > config.context_length:
+        raise ValueError(f"ids: expected at most context_length={config.context_length} tokens per row, got {T}")
+    ids = to_device(ids, xp)
+    tok, c_emb = ops.embedding_forward(ids, wte)  # (B, T, C)
+    x = tok + params["wpe"][:T]  # (B, T, C), positions broadcast over the batch
+    P = 0
+    if "prompt" in params:
+        prompt = params["prompt"]  # (P, C)
+        P = prompt.shape[0]
+        x = xp.concatenate([xp.broadcast_to(prompt, (B,) + prompt.shape), x], axis=1)  # (B, P + T, C)
+    x, c_drop = ops.dropout_forward(x, config.dropout if rng is not None else 0.0, rng)
+    c_blocks = []
+    for i in range(config.n_layers):
+        x, c = block_forward(params, i, x, config, lora, rng)
+        c_blocks.append(c)
+    h, c_lnf = ops.layer_norm_forward(x, params["ln_f.g"], params["ln_f.b"])
+    return h[:, P:], (c_emb, c_drop, c_blocks, c_lnf, P, T)
+
+
+def backward(dh, cache, params, grads, trainable):
+    """Mirror of forward. dh (B, T, C) -> gradients added into grads (trainable names only)."""
+    c_emb, c_drop, c_blocks, c_lnf, P, T = cache
+    xp = array_module(dh)
+    if P:
+        # h[:, P:] dropped the prompt's hidden states: they receive no gradient from the head
+        dh = xp.concatenate([xp.zeros((dh.shape[0], P, dh.shape[2]), dh.dtype), dh], axis=1)
+    dx = _ln_backward(dh, c_lnf, "ln_f", grads, trainable)
+    for i in reversed(range(len(c_blocks))):
+        dx = block_backward(dx, c_blocks[i], params, i, grads, trainable)
+    dx = ops.dropout_backward(dx, c_drop)
+    if P and "prompt" in trainable:
+        grads["prompt"] = dx[:, :P].sum(axis=0)  # the same P vectors serve every row
+    dx = dx[:, P:]
+    if "wpe" in trainable:
+        # in the forward pass this was: x = tok + wpe[:T], broadcast over B
+        dwpe = xp.zeros_like(params["wpe"])
+        dwpe[:T] = dx.sum(axis=0)
+        grads["wpe"] = dwpe
+    if "wte" in trainable:
+        _add(grads, "wte", ops.embedding_backward(dx, c_emb))
+
+
+def check_trainable(params, trainable):
+    """trainable must name existing parameters, and no W that has a LoRA adapter."""
+    unknown = sorted(set(trainable) - set(params))
+    if unknown:
+        raise ValueError(f"trainable: expected names of parameters, got unknown names {unknown[:5]}")
+    for name in trainable:
+        if name.endswith((".W", ".b")) and name.rsplit(".", 1)[0] + ".lora_A" in params:
+            raise ValueError(f"trainable: {name} has a LoRA adapter and stays frozen; train its lora_A/lora_B")
+
+
+def lm_loss_and_grads(params, config, x, y, mask=None, trainable=(), lora=None, rng=None):
+    """Next-token cross-entropy for a batch and the gradients of the trainable names.
+
+    Inputs:
+    - x, y: (B, T) input ids and target ids (y is x shifted left by one)
+    - mask: (B, T) 0/1, which targets count (None: all)
+    - trainable: names to compute gradients for; an empty set gives the loss only
+
+    Returns (loss, grads): loss a Python float (mean nats per counted token),
+    grads a dict holding exactly the trainable names.
+    """
+    check_trainable(params, trainable)
+    trainable = set(trainable)
+    wte = params["wte"]
+    xp = array_module(wte)
+    h, cache = forward(params, config, x, lora, rng)
+    logits, c_head = ops.linear_forward(h, wte)  # (B, T, V), the head tied to wte
+    y = to_device(y, xp)
+    mask = None if mask is None else to_device(mask, xp)
+    loss, c_ce = ops.cross_entropy_forward(logits, y, mask)
+    grads = {}
+    if trainable:
+        dlogits = ops.cross_entropy_backward(1.0, c_ce)
+        dh, dwte_head, _ = ops.linear_backward(dlogits, c_head, param_grads="wte" in trainable)
+        if "wte" in trainable:
+            grads["wte"] = dwte_head  # the embedding's share is added in backward
+        backward(dh, cache, params, grads, trainable)
+    return float(loss), grads
+
+
+def cls_loss_and_grads(params, config, x, last, labels, trainable=(), lora=None, rng=None):
+    """Classification: cross-entropy of the head on the last real token's hidden state.
+
+    Inputs:
+    - x: (B, T) ids; last: (B,) index of each row's last real token
+    - labels: (B,) class ids in [0, K)
+
+    Returns (loss, grads, logits (B, K)).
+        logits = h[b, last[b]] @ cls.W.T + cls.b
+    """
+    check_trainable(params, trainable)
+    trainable = set(trainable)
+    xp = array_module(params["wte"])
+    h, cache = forward(params, config, x, lora, rng)
+    last, labels = to_device(last, xp), to_device(labels, xp)
+    rows = xp.arange(h.shape[0])
+    h_last = h[rows, last]  # (B, C)
+    logits, c_head = ops.linear_forward(h_last, params["cls.W"], params["cls.b"])  # (B, K)
+    loss, c_ce = ops.cross_entropy_forward(logits, labels)
+    grads = {}
+    if trainable:
+        dlogits = ops.cross_entropy_backward(1.0, c_ce)
+        dh_last = _linear_backward(dlogits, c_head, "cls", params, grads, trainable)
+        dh = xp.zeros_like(h)
+        dh[rows, last] = dh_last  # only the last token fed the head
+        backward(dh, cache, params, grads, trainable)
+    return float(loss), grads, logits
+
+
+def next_token_logits(params, config, ids, lora=None):
+    """Logits (B, V) for the token after the last one of each row (no dropout)."""
+    h, _ = forward(params, config, ids, lora)
+    logits, _ = ops.linear_forward(h[:, -1], params["wte"])
+    return logits

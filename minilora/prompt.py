@@ -1,0 +1,61 @@
+"""Prompt tuning: P trainable vectors put before the input; every weight of the model frozen.
+
+The soft prompt is one (P, C) parameter named "prompt". model.forward puts it
+before the token embeddings of every row:
+
+    x = [prompt_1 .. prompt_P, wte[ids_1] + wpe[0], .., wte[ids_T] + wpe[T-1]]
+
+Positions: the prompt vectors get no position embedding (they are free
+vectors, and can learn any position signal they need), and the real tokens
+keep positions 0..T-1, exactly what the pretrained model saw, so
+context_length still bounds the real tokens only. The prompt's own outputs are
+dropped before the head, so the loss never counts the virtual positions.
+
+Also here: the classification head, which every strategy trains.
+"""
+
+import numpy as np
+
+from .backend import array_module, to_numpy
+
+PROMPT_INITS = ("vocab", "random", "text")
+
+
+def add_prompt(params, n_prompt, init="vocab", seed=0, init_ids=None):
+    """A new dict: params (shared) plus "prompt" (P, C).
+
+    Inputs:
+    - n_prompt: P, the number of virtual tokens
+    - init: "vocab" (copies of random rows of wte, so the prompt starts among
+      real token embeddings), "random" (normal with wte's standard deviation),
+      or "text" (the embeddings of init_ids, repeated to fill P)
+    - init_ids: token ids for init="text"
+    """
+    if isinstance(n_prompt, bool) or not isinstance(n_prompt, int) or n_prompt < 1:
+        raise ValueError(f"n_prompt: expected a positive integer, got {n_prompt!r}")
+    if init not in PROMPT_INITS:
+        raise ValueError(f"init: expected one of {PROMPT_INITS}, got {init!r}")
+    rng = np.random.default_rng(seed)
+    wte = to_numpy(params["wte"])
+    if init == "vocab":
+        prompt = wte[rng.integers(0, wte.shape[0], n_prompt)]
+    elif init == "random":
+        prompt = rng.normal(0.0, float(wte.std()), (n_prompt, wte.shape[1]))
+    else:
+        if init_ids is None or len(init_ids) == 0:
+            raise ValueError("init_ids: expected the token ids of a non-empty text for init='text', got none")
+        prompt = wte[np.resize(np.asarray(init_ids), n_prompt)]
+    xp = array_module(params["wte"])
+    return {**params, "prompt": xp.asarray(prompt.astype(wte.dtype))}
+
+
+def add_head(params, n_classes, seed=0):
+    """A new dict: params (shared) plus the classification head cls.W (K, C) ~ N(0, 0.02), cls.b (K,) = 0."""
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+        raise ValueError(f"n_classes: expected an integer >= 2, got {n_classes!r}")
+    rng = np.random.default_rng(seed)
+    xp = array_module(params["wte"])
+    dtype = params["wte"].dtype
+    C = params["wte"].shape[1]
+    W = rng.normal(0.0, 0.02, (n_classes, C)).astype(dtype)
+    return {**params, "cls.W": xp.asarray(W), "cls.b": xp.zeros(n_classes, dtype=dtype)}
