@@ -1,0 +1,132 @@
+"""Phase 1: pretrain the tiny GPT on the toy corpus with next-token cross-entropy.
+
+    L = -(1/T) sum_t log p(x_t | x_<t)
+
+The result is the set of weights W that fine-tuning loads and (mostly) freezes.
+"""
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import corpus
+from .backend import get_backend
+from .checkpoint import check_params_match, load_checkpoint
+from .model import ModelConfig, init_params, lm_loss_and_grads, param_shapes, params_to
+from .train import TrainConfig, train
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, batch_size=16, lr=3e-3, min_lr=3e-4,
+                                                                    warmup_steps=40, eval_every=100))
+    n_train_sentences: int = 50_000  # toy corpus size (about 1.3 M characters)
+    n_val_sentences: int = 1_000
+    data_seed: int = 0
+    init_seed: int = 0
+
+
+def random_windows(data, batch_size, T, rng):
+    """A batch of random windows of the token stream.
+
+    Returns {"x": (B, T), "y": (B, T)}: y is x shifted one step left, the next tokens.
+    """
+    starts = rng.integers(0, len(data) - T - 1, batch_size)
+    idx = starts[:, None] + np.arange(T)[None, :]  # (B, T)
+    return {"x": data[idx], "y": data[idx + 1]}
+
+
+def strided_val_loss(params, config, data, batch_size=64, lora=None):
+    """Mean loss per character over a whole token stream, each counted once, with context.
+
+    Windows of T = context_length start every T/2 tokens, and only the second
+    half of each window is counted (the loss mask), so every counted character
+    sees at least T/2 characters before it. When T/2 exceeds the longest
+    sentence, every prediction conditions on its whole sentence so far: the
+    loss a perfect model gets here is the exact entropy floor.
+    """
+    T = config.context_length
+    half = T // 2
+    starts = np.arange(0, len(data) - T - 1, half)
+    if len(starts) == 0:
+        raise ValueError(f"data: expected a validation stream longer than context_length + 1 = {T + 1} tokens, "
+                         f"got {len(data)}")
+    mask = np.zeros((1, T), np.float32)
+    mask[:, half:] = 1.0
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        s = starts[i:i + batch_size]
+        idx = s[:, None] + np.arange(T)[None, :]
+        m = np.broadcast_to(mask, idx.shape)
+        loss, _ = lm_loss_and_grads(params, config, data[idx], data[idx + 1], m, lora=lora)
+        n = float(m.sum())
+        total += loss * n
+        count += n
+    return total / count
+
+
+def load_pretrained(path, xp=None):
+    """Load a pretrained checkpoint: returns (params on xp, ModelConfig, meta)."""
+    saved, meta, _ = load_checkpoint(path)
+    if "model" not in meta:
+        raise ValueError(f"path: {path} is not a pretrained minilora checkpoint (no model config in it)")
+    config = ModelConfig.from_dict(meta["model"])
+    check_params_match(saved, param_shapes(config), what=str(path))
+    xp = xp if xp is not None else get_backend()
+    return params_to(saved, xp), config, meta
+
+
+def pretrain(config=None, run_dir="runs/pretrain", text_file=None, backend=None, resume=None):
+    """Pretrain from scratch (or resume) and write run_dir/checkpoint.npz and log.jsonl.
+
+    Inputs:
+    - config: PretrainConfig (defaults: the toy corpus, sized for a laptop CPU)
+    - text_file: pretrain on this text instead of the toy corpus (90% train, 10% val)
+    - backend: "numpy" or "cupy" (None: MINILORA_BACKEND or numpy)
+
+    Returns (params, summary dict with the losses, the floor and the wall time).
+    """
+    config = config or PretrainConfig()
+    xp = get_backend(backend)
+    tok = corpus.CharTokenizer()
+    if text_file is None:
+        train_text, val_text = corpus.train_val_text(config.n_train_sentences, config.n_val_sentences,
+                                                     config.data_seed)
+        floor = corpus.entropy_per_char()
+    else:
+        text = corpus.load_text_file(text_file)
+        cut = int(0.9 * len(text))
+        train_text, val_text = text[:cut], text[cut:]
+        floor = None
+    T = config.model.context_length
+    for name, text in (("training", train_text), ("validation", val_text)):
+        if len(text) < T + 2:
+            raise ValueError(f"text_file: expected at least {T + 2} characters of {name} text "
+                             f"(context_length={T}), got {len(text)}")
+    train_data, val_data = tok.encode(train_text), tok.encode(val_text)
+    params = params_to(init_params(config.model, config.init_seed), xp)
+    mc = config.model
+
+    def next_batch(rng):
+        return random_windows(train_data, config.train.batch_size, T, rng)
+
+    def loss_fn(p, batch, trainable, rng):
+        return lm_loss_and_grads(p, mc, batch["x"], batch["y"], None, trainable,
+                                 rng=rng if mc.dropout > 0 else None)
+
+    def evaluate(p):
+        return {"val_loss": strided_val_loss(p, mc, val_data)}
+
+    meta = {"kind": "pretrain", "model": mc.to_dict(), "floor": floor,
+            "corpus": "toy grammar" if text_file is None else os.path.basename(str(text_file)),
+            "pretrain": {k: v for k, v in asdict(config).items() if k not in ("model", "train")}}
+    t0 = time.perf_counter()
+    history = train(params, list(params), loss_fn, next_batch, config.train, evaluate, run_dir, meta,
+                    resume=resume, desc="pretrain")
+    wall = time.perf_counter() - t0
+    summary = {"steps": config.train.steps, "wall_s": wall, "val_loss": history[-1].get("val_loss") if history
+               else None, "floor": floor, "bigram_loss": corpus.bigram_loss(train_text, val_text)}
+    return params, summary

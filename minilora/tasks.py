@@ -1,0 +1,334 @@
+"""Fine-tuning data: instruction and classification tasks, JSON-lines files, batches with loss masks.
+
+An instruction example is rendered in the format of the fine-tuning post,
+
+    ### Instruction
+    Name the subject.
+
+    ### Input
+    the red cat chases two mice.
+
+    ### Response
+    cat
+
+followed by a newline after the response: the model learns to emit "\\n" when it
+is done, and greedy decoding stops there. The loss is taken only on the
+response and that newline; the prompt is context, not something to imitate.
+
+Tasks built from the toy language of corpus.py:
+- "subject" (generative): copy the subject noun as written ("cat", "mice").
+- "plural" (generative): the plural of the subject noun ("cat" -> "cats", "mouse" -> "mice").
+- "kind" (classification): is the subject an animal, a person or a thing?
+A model pretrained on plain sentences has never seen the format or the questions,
+so it cannot do any of them until it is fine-tuned.
+
+Dimensions: B batch, T time (characters).
+"""
+
+import json
+
+import numpy as np
+
+from minilora.corpus import NEWLINE_ID, VOCAB, sample_sentences
+
+# Short instructions keep the longest example (longest sentence, output "children")
+# inside the 128-character pretraining context: the prompt template alone is 43
+# characters, and test_tasks checks the fit.
+GENERATIVE_TASKS = {
+    "subject": "Name the subject.",
+    "plural": "Pluralize the subject.",
+}
+CLASS_NAMES = ("animal", "person", "thing")
+TASKS = (*GENERATIVE_TASKS, "kind")
+
+# Required and optional string fields of a JSON-lines record, by kind of file.
+_FIELDS = {
+    "instruction": (("instruction", "output"), ("input",)),
+    "classification": (("text", "label"), ()),
+}
+
+
+def format_prompt(instruction, input_text=""):
+    """The prompt up to and including "### Response\\n"; an empty input drops the Input section.
+
+    Inputs:
+    - instruction: str, the task description.
+    - input_text: str, the example input ("" for none, as in Alpaca).
+
+    Returns:
+    - prompt: str. The full training text is prompt + output + "\\n".
+    """
+    for name, value in (("instruction", instruction), ("input_text", input_text)):
+        if not isinstance(value, str):
+            raise ValueError(f"format_prompt: {name} must be a str, got {type(value).__name__}")
+    prompt = f"### Instruction\n{instruction}\n\n"
+    if input_text:
+        prompt += f"### Input\n{input_text}\n\n"
+    return prompt + "### Response\n"
+
+
+def _check_task(task, valid, where):
+    if task not in valid:
+        raise ValueError(f"{where}: task must be one of {list(valid)}, got {task!r}")
+
+
+def _record(task, derivation):
+    """The record a task makes from one sentence's derivation (see corpus.sample_sentences)."""
+    subject = derivation["subject"]
+    if task == "kind":
+        return {"text": derivation["text"], "label": subject["kind"]}
+    output = subject["word"] if task == "subject" else subject["plural_noun"]
+    return {"instruction": GENERATIVE_TASKS[task], "input": derivation["text"], "output": output}
+
+
+def make_instruction_records(task, n, seed):
+    """
+    Inputs:
+    - task: a key of GENERATIVE_TASKS.
+    - n: number of records.
+    - seed: int for numpy.random.default_rng.
+
+    Returns:
+    - records: list of n dicts with str values "instruction", "input", "output".
+    """
+    _check_task(task, GENERATIVE_TASKS, "make_instruction_records")
+    return [_record(task, d) for d in sample_sentences(n, np.random.default_rng(seed))]
+
+
+def make_classification_records(n, seed):
+    """
+    Inputs:
+    - n: number of records.
+    - seed: int for numpy.random.default_rng.
+
+    Returns:
+    - records: list of n dicts with str values "text" (a sentence) and "label" (a CLASS_NAMES entry).
+    """
+    return [_record("kind", d) for d in sample_sentences(n, np.random.default_rng(seed))]
+
+
+def task_splits(task, n_train, n_test, seed=0):
+    """Training and test records whose test sentences never occur in the training set.
+
+    The two splits come from independent streams, SeedSequence(seed).spawn(2).
+    Short sentences are common enough to be drawn into both, so test sentences
+    already in the training set are dropped and more are drawn: the test set
+    measures generalisation to unseen sentences, and is therefore slightly
+    richer in long sentences than the language itself.
+
+    Inputs:
+    - task: one of TASKS ("subject", "plural" or "kind").
+    - n_train, n_test: number of records in each split.
+    - seed: int.
+
+    Returns:
+    - (train_records, test_records): lists of dicts, as make_instruction_records
+      or make_classification_records return.
+    """
+    _check_task(task, TASKS, "task_splits")
+    for name, n in (("n_train", n_train), ("n_test", n_test)):
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"task_splits: {name} must be an int >= 0, got {n!r}")
+    train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    train = sample_sentences(n_train, train_rng)
+    seen = {d["text"] for d in train}
+    test = []
+    drawn = 0
+    while len(test) < n_test:
+        # A language too small to supply unseen sentences would loop forever; stop instead.
+        if drawn > 100 * n_test + 10_000:
+            raise ValueError(
+                f"task_splits: found only {len(test)} of n_test={n_test} sentences outside the "
+                f"{n_train} training sentences after drawing {drawn}; ask for fewer")
+        batch = sample_sentences(n_test - len(test), test_rng)
+        drawn += len(batch)
+        test += [d for d in batch if d["text"] not in seen]
+    return [_record(task, d) for d in train], [_record(task, d) for d in test]
+
+
+def _check_record_fields(record, kind):
+    """Return a description of what is wrong with a record, or None if it is well formed."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    required, optional = _FIELDS[kind]
+    missing = [k for k in required if k not in record]
+    if missing:
+        return f"missing key(s) {missing}; a {kind} record has {list(required)} and optionally {list(optional)}"
+    extra = [k for k in record if k not in required + optional]
+    if extra:
+        return f"unexpected key(s) {extra}; a {kind} record has {list(required)} and optionally {list(optional)}"
+    for key, value in record.items():
+        if not isinstance(value, str):
+            return f"key {key!r} must hold a string, got {type(value).__name__} {value!r:.40}"
+        bad = sorted(set(value) - set(VOCAB))
+        if bad:
+            return f"key {key!r} has characters outside the vocabulary (newline + printable ASCII): {bad[:10]}"
+    if kind == "instruction" and "\n" in record["output"]:
+        return "key 'output' holds a newline, but a newline ends the response (it is the stop token)"
+    return None
+
+
+def load_jsonl(path, kind):
+    """Read fine-tuning records from a JSON-lines file, one JSON object per line.
+
+    Inputs:
+    - path: str or os.PathLike.
+    - kind: "instruction" (keys "instruction", "output" and optional "input") or
+      "classification" (keys "text", "label"). All values are strings.
+
+    Returns:
+    - records: list of dicts; instruction records always have "input" ("" if absent).
+      Blank lines are skipped.
+    """
+    if kind not in _FIELDS:
+        raise ValueError(f"load_jsonl: kind must be one of {list(_FIELDS)}, got {kind!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"load_jsonl: cannot read path {str(path)!r} as UTF-8 text: {e}") from e
+    records = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"load_jsonl: {str(path)!r} line {line_number}: not valid JSON: {e.msg} "
+                             f"at column {e.colno}") from e
+        problem = _check_record_fields(record, kind)
+        if problem is not None:
+            raise ValueError(f"load_jsonl: {str(path)!r} line {line_number}: {problem}")
+        if kind == "instruction":
+            record.setdefault("input", "")
+        records.append(record)
+    if not records:
+        raise ValueError(f"load_jsonl: {str(path)!r} has no records; expected one JSON object per line")
+    return records
+
+
+def save_jsonl(records, path):
+    """Write records (a list of dicts) to path, one JSON object per line."""
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"save_jsonl: records[{i}] must be a dict, got {type(record).__name__}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def _check_batch_args(records, context_length, where):
+    if not isinstance(records, (list, tuple)) or not records:
+        raise ValueError(f"{where}: records must be a non-empty list of dicts, got {records!r:.60}")
+    if not isinstance(context_length, (int, np.integer)) or context_length < 1:
+        raise ValueError(f"{where}: context_length must be an int >= 1, got {context_length!r}")
+
+
+def _check_batch_record(record, kind, i, where):
+    problem = _check_record_fields(record, kind)
+    if problem is not None:
+        raise ValueError(f"{where}: records[{i}]: {problem}")
+
+
+def instruction_batch(records, tokenizer, context_length, train_on_prompt=False):
+    """Next-token inputs, targets and loss mask for a batch of instruction records.
+
+    Each example is the tokens of prompt + output + "\\n", of length L <= context_length + 1.
+    Row b holds x[b, t] = tokens[t] and y[b, t] = tokens[t + 1] for t < L - 1, then padding
+    (NEWLINE_ID, with mask 0). T is the longest L in the batch minus 1, so a batch of
+    short examples costs less than a full context.
+
+    Inputs:
+    - records: list of B dicts with "instruction", "output" and optional "input".
+    - tokenizer: has encode(str) -> int array.
+    - context_length: the model's maximum T.
+    - train_on_prompt: if True the mask covers every real target, prompt included.
+
+    Returns a tuple of:
+    - x: int64 array of shape (B, T), input tokens.
+    - y: int64 array of shape (B, T), target tokens.
+    - mask: float32 array of shape (B, T), 1.0 where y is a response token (output or
+      its final "\\n"), 0.0 on prompt targets and padding.
+    """
+    _check_batch_args(records, context_length, "instruction_batch")
+    examples = []
+    for i, record in enumerate(records):
+        _check_batch_record(record, "instruction", i, "instruction_batch")
+        prompt = format_prompt(record["instruction"], record.get("input", ""))
+        tokens = tokenizer.encode(prompt + record["output"] + "\n")
+        if len(tokens) > context_length + 1:
+            raise ValueError(
+                f"instruction_batch: records[{i}] is {len(tokens)} tokens (prompt {len(prompt)} "
+                f"characters + output + newline), more than context_length + 1 = {context_length + 1}")
+        examples.append((tokens, len(tokenizer.encode(prompt))))
+    B, T = len(examples), max(len(tokens) for tokens, _ in examples) - 1
+    x = np.full((B, T), NEWLINE_ID, dtype=np.int64)
+    y = np.full((B, T), NEWLINE_ID, dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.float32)
+    for b, (tokens, prompt_length) in enumerate(examples):
+        n = len(tokens) - 1
+        x[b, :n] = tokens[:-1]
+        y[b, :n] = tokens[1:]
+        # y[b, t] = tokens[t + 1] is a response token when t + 1 >= prompt_length.
+        first = 0 if train_on_prompt else prompt_length - 1
+        mask[b, first:n] = 1.0
+    return x, y, mask
+
+
+def classification_batch(records, tokenizer, context_length, class_names=CLASS_NAMES):
+    """Right-padded inputs, the position to classify at, and label indices.
+
+    A causal model has read the whole text only at its last character, so the
+    classifier head reads the hidden state at index last[b].
+
+    Inputs:
+    - records: list of B dicts with "text" (1 to context_length tokens) and "label".
+    - tokenizer: has encode(str) -> int array.
+    - context_length: the model's maximum T.
+    - class_names: sequence of label names; a label's index in it is its class id.
+
+    Returns a tuple of:
+    - x: int64 array of shape (B, T), T the longest text, padded with NEWLINE_ID.
+    - last: int64 array of shape (B,), index of each row's last real token.
+    - labels: int64 array of shape (B,), class ids.
+    """
+    _check_batch_args(records, context_length, "classification_batch")
+    class_names = list(class_names)
+    rows, labels = [], []
+    for i, record in enumerate(records):
+        _check_batch_record(record, "classification", i, "classification_batch")
+        if record["label"] not in class_names:
+            raise ValueError(f"classification_batch: records[{i}] has label {record['label']!r}; "
+                             f"expected one of {class_names}")
+        tokens = tokenizer.encode(record["text"])
+        if not 1 <= len(tokens) <= context_length:
+            raise ValueError(f"classification_batch: records[{i}] text is {len(tokens)} tokens; "
+                             f"expected 1 to context_length = {context_length}")
+        rows.append(tokens)
+        labels.append(class_names.index(record["label"]))
+    x = np.full((len(rows), max(len(t) for t in rows)), NEWLINE_ID, dtype=np.int64)
+    for b, tokens in enumerate(rows):
+        x[b, :len(tokens)] = tokens
+    last = np.array([len(t) - 1 for t in rows], dtype=np.int64)
+    return x, last, np.array(labels, dtype=np.int64)
+
+
+def iterate_minibatches(records, batch_size, rng):
+    """Yield lists of batch_size records forever, reshuffling at every epoch.
+
+    Each epoch visits a fresh permutation in full batches; the len(records) % batch_size
+    records left at its end wait for a later epoch, so every batch has the same size.
+
+    Inputs:
+    - records: list of records, at least batch_size of them.
+    - batch_size: int >= 1.
+    - rng: numpy.random.Generator.
+    """
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"iterate_minibatches: batch_size must be an int >= 1, got {batch_size!r}")
+    if len(records) < batch_size:
+        raise ValueError(f"iterate_minibatches: need at least batch_size={batch_size} records, "
+                         f"got {len(records)}")
+    while True:
+        order = rng.permutation(len(records))
+        for start in range(0, len(records) - batch_size + 1, batch_size):
+            yield [records[i] for i in order[start:start + batch_size]]
