@@ -124,7 +124,7 @@ def pretrain(config=None, run_dir="runs/pretrain", text_file=None, backend=None,
             "corpus": "toy grammar" if text_file is None else os.path.basename(str(text_file)),
             "pretrain": {k: v for k, v in asdict(config).items() if k not in ("model", "train")}}
     t0 = time.perf_counter()
-    history = train(params, list(params), loss_fn, next_batch, config.train, evaluate, run_dir, meta,
+    history, _ = train(params, list(params), loss_fn, next_batch, config.train, evaluate, run_dir, meta,
                     resume=resume, desc="pretrain")
     wall = time.perf_counter() - t0
     summary = {"steps": config.train.steps, "wall_s": wall, "val_loss": history[-1].get("val_loss") if history

@@ -83,7 +83,8 @@ def train(params, trainable, loss_fn, next_batch, config, evaluate=None, run_dir
       optimizer moments and RNG state); the run then ends exactly where an
       uninterrupted run would have
 
-    Returns the list of log records (one per step).
+    Returns (history, state): the log records (one per step) and the optimizer
+    state, which holds moments for the trainable names only.
     Raises TrainingDiverged if the loss stops being finite; the last checkpoint
     on disk is then the last good one.
     """
@@ -150,4 +151,4 @@ def train(params, trainable, loss_fn, next_batch, config, evaluate=None, run_dir
         last = history[-1]
         print(f"{desc}: {config.steps} steps, loss {last['train_loss']:.4f}"
               + (f", val {last['val_loss']:.4f}" if "val_loss" in last else ""), file=sys.stderr)
-    return history
+    return history, state

@@ -1,0 +1,154 @@
+"""Checkpoints: one .npz file of host arrays plus a JSON string, written atomically.
+
+Layout of the file (a zip of .npy arrays, readable with plain numpy.load):
+
+    "param.<name>"   every model parameter, as a NumPy array
+    "<other names>"  extra arrays the caller adds (e.g. "opt.m.<name>" moments)
+    "meta.json"      a 0-d unicode array holding json.dumps(meta): model config,
+                     step, RNG state, anything JSON can hold
+
+Nothing is pickled, so loading uses allow_pickle=False and a checkpoint can never
+run code. Writing goes to a temporary file in the same directory that is then
+renamed over the target (os.replace is atomic on POSIX and Windows), so a crash
+mid-save leaves the previous checkpoint intact rather than half-written.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy
+
+from .backend import to_numpy
+
+PARAM_PREFIX = "param."
+META_KEY = "meta.json"
+
+
+def _json_default(x):
+    """Let json.dumps write NumPy scalars (a loss as numpy.float32, a step as numpy.int64)."""
+    if isinstance(x, numpy.generic):
+        return x.item()
+    raise TypeError(f"object of type {type(x).__name__} is not JSON serializable")
+
+
+def save_checkpoint(path, params, meta, arrays=None):
+    """Write params, meta and extra arrays to one .npz file, atomically.
+
+    Inputs:
+    - path: file to write (its parent directories are created); the name is used
+      as given, numpy does not append ".npz"
+    - params: dict name -> array (NumPy or CuPy); stored as host copies under
+      "param.<name>"
+    - meta: dict that json.dumps can write (NumPy scalars are converted with
+      .item()); Python ints of any size survive, e.g. numpy.random.Generator
+      bit_generator.state
+    - arrays: optional dict of further named arrays, stored under their own names,
+      which must not start with "param." nor be "meta.json"
+
+    Returns nothing. If anything fails, the temporary file is removed, the
+    exception propagates, and a previous file at path is left untouched.
+    """
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta: expected a dict, got {type(meta).__name__}")
+    try:
+        meta_json = json.dumps(meta, default=_json_default, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta: expected JSON-serialisable values, got {e}") from e
+    arrays = {} if arrays is None else arrays
+    for name in arrays:
+        if not isinstance(name, str) or name.startswith(PARAM_PREFIX) or name == META_KEY:
+            raise ValueError(
+                f"arrays: expected names that do not start with {PARAM_PREFIX!r} and are not {META_KEY!r}, got {name!r}"
+            )
+
+    payload = {PARAM_PREFIX + name: to_numpy(p) for name, p in params.items()}
+    payload.update({name: to_numpy(a) for name, a in arrays.items()})
+    payload[META_KEY] = numpy.array(meta_json)  # 0-d '<U..' array: no pickle needed
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # Same directory as the target, so os.replace is a rename within one file system.
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp_path, 0o644)  # mkstemp makes the file private (0600); give it the usual mode
+        with os.fdopen(fd, "wb") as f:
+            # A file object, not a name: numpy.savez would append ".npz" to a name.
+            numpy.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by save_checkpoint.
+
+    Inputs:
+    - path: the .npz file
+
+    Returns (params, meta, arrays):
+    - params: dict name -> NumPy array (the "param." prefix removed); move them to
+      a device with backend.to_device
+    - meta: the dict that was saved
+    - arrays: dict of the other named arrays (e.g. optimizer moments)
+
+    Raises ValueError when the file is missing, unreadable or corrupt, or is not
+    a minilora checkpoint (has no "meta.json").
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"path: expected an existing checkpoint file, got {path!r} (no such file)")
+    try:
+        loaded = numpy.load(path, allow_pickle=False)
+    except Exception as e:  # not a zip nor .npy, or pickled content
+        raise ValueError(f"path: expected a .npz checkpoint, got {path!r}, which numpy cannot read ({e})") from e
+    if not hasattr(loaded, "files"):
+        # numpy.load returned a single array: the file was a .npy, not an .npz
+        raise ValueError(f"path: expected a minilora checkpoint (.npz), got a single-array .npy file {path!r}")
+    try:
+        with loaded:
+            contents = {key: loaded[key] for key in loaded.files}
+    except Exception as e:  # truncated data, CRC errors
+        raise ValueError(f"path: expected a readable .npz checkpoint, got {path!r}, which is corrupt ({e})") from e
+    if META_KEY not in contents:
+        raise ValueError(f"path: expected a minilora checkpoint with a {META_KEY!r} entry, got {path!r} without one")
+    try:
+        meta = json.loads(contents.pop(META_KEY).item())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"path: expected valid JSON in {META_KEY!r} of {path!r}, got {e}") from e
+    params = {k[len(PARAM_PREFIX):]: a for k, a in contents.items() if k.startswith(PARAM_PREFIX)}
+    arrays = {k: a for k, a in contents.items() if not k.startswith(PARAM_PREFIX)}
+    return params, meta, arrays
+
+
+def check_params_match(params, expected_shapes, what="checkpoint"):
+    """Raise ValueError unless params has exactly the expected names and shapes.
+
+    Inputs:
+    - params: dict name -> array (e.g. loaded from a checkpoint)
+    - expected_shapes: dict name -> shape tuple (e.g. from the model config)
+    - what: how the error message names the source of params
+
+    Returns nothing. The error lists every missing name, every unexpected name
+    and every shape mismatch at once, so one run shows the whole problem.
+    """
+    missing = sorted(n for n in expected_shapes if n not in params)
+    unexpected = sorted(n for n in params if n not in expected_shapes)
+    mismatched = [
+        f"{n}: expected {tuple(expected_shapes[n])}, got {tuple(params[n].shape)}"
+        for n in sorted(expected_shapes)
+        if n in params and tuple(params[n].shape) != tuple(expected_shapes[n])
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{what}: parameters do not match the expected names and shapes"]
+    if missing:
+        lines.append(f"  missing: {', '.join(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected: {', '.join(unexpected)}")
+    for m in mismatched:
+        lines.append(f"  shape mismatch {m}")
+    raise ValueError("\n".join(lines))

@@ -1,0 +1,103 @@
+"""`minilora demo`: the whole story on the built-in defaults, in minutes on a laptop CPU.
+
+1. pretrain the tiny GPT on the toy corpus (or reuse runs/pretrain/checkpoint.npz)
+2. fine-tune it three ways (full, LoRA, prompt tuning) on a generative task,
+   and three ways on the classification task
+3. print the comparison table and write the figures
+"""
+
+import json
+import os
+import time
+
+from . import corpus, plot
+from .checkpoint import load_checkpoint
+from .finetune import FinetuneConfig, finetune
+from .model import ModelConfig
+from .pretrain import PretrainConfig, load_pretrained, pretrain
+from .train import TrainConfig
+
+GENERATIVE_STEPS = 600
+CLASSIFICATION_STEPS = 150
+
+
+def _pretrained(run_dir, backend, fast):
+    """Reuse a finished pretraining run of the same model config, or pretrain now."""
+    config = PretrainConfig()
+    if fast:
+        config.train = TrainConfig(steps=20, batch_size=8, warmup_steps=2, eval_every=10)
+        config.n_train_sentences, config.n_val_sentences = 2000, 100
+    ckpt = os.path.join(run_dir, "checkpoint.npz")
+    if os.path.exists(ckpt):
+        _, meta, _ = load_checkpoint(ckpt)
+        if meta.get("model") == config.model.to_dict() and meta.get("step") == config.train.steps \
+                and meta.get("kind") == "pretrain":
+            print(f"reusing the pretrained model in {ckpt}")
+            params, model_config, _ = load_pretrained(ckpt)
+            return params, model_config, None
+    params, summary = pretrain(config, run_dir=run_dir, backend=backend)
+    print(f"pretrained in {summary['wall_s']:.0f} s: val loss {summary['val_loss']:.4f} nats/char, "
+          f"entropy floor {summary['floor']:.4f}, bigram {summary['bigram_loss']:.4f}")
+    return params, config.model, summary
+
+
+def format_table(rows):
+    """The comparison table printed at the end of the demo."""
+    head = ("task", "method", "trainable", "% of model", "optimizer state", "metric before", "metric after",
+            "corpus loss before", "corpus loss after", "wall s")
+    lines = [head]
+    for r in rows:
+        lines.append((r["task"], r["method"], f"{r['trainable_params']:,}",
+                      f"{100 * r['trainable_params'] / r['total_params']:.2f}%",
+                      f"{r['optimizer_state_bytes'] / 1024:,.0f} KiB", f"{r['metric_before']:.3f}",
+                      f"{r['metric']:.3f}", f"{r['val_loss_before']:.4f}", f"{r['val_loss_after']:.4f}",
+                      f"{r['wall_s']:.0f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+           for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, task="subject"):
+    """Pretrain, fine-tune six ways, print the table, write figures; returns the table rows."""
+    t0 = time.perf_counter()
+    params, model_config, pre_summary = _pretrained(os.path.join(out_dir, "pretrain"), backend, fast)
+    _, val_text = corpus.train_val_text(0, 100 if fast else PretrainConfig().n_val_sentences,
+                                        PretrainConfig().data_seed)
+    val_data = corpus.CharTokenizer().encode(val_text)
+    rows, logs = [], {}
+    for t, steps in ((task, GENERATIVE_STEPS), ("kind", CLASSIFICATION_STEPS)):
+        for method in ("full", "lora", "prompt"):
+            config = FinetuneConfig(method=method, task=t, n_train=200 if fast else 2000, n_test=40 if fast else 300)
+            config.train.steps = 6 if fast else steps
+            run_dir = os.path.join(out_dir, f"finetune-{t}-{method}")
+            _, _, summary = finetune(params, model_config, config, run_dir, val_data)
+            rows.append(summary)
+            logs[(t, method)] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
+            print(f"[{method}] {t}: metric {summary['metric_before']:.3f} -> {summary['metric']:.3f}, "
+                  f"corpus loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}")
+    print()
+    print(format_table(rows))
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "demo_summary.json"), "w") as f:
+        json.dump({"rows": rows, "pretrain": pre_summary}, f, indent=1)
+    if figures_dir:
+        pre_log = plot.read_log(os.path.join(out_dir, "pretrain", "log.jsonl"))
+        plot.save_figure(plot.plot_loss_curves({"pretrain": pre_log}, floor=corpus.entropy_per_char()),
+                         os.path.join(figures_dir, "pretrain_loss.png"))
+        gen = {m: logs[(task, m)] for m in ("full", "lora", "prompt")}
+        plot.save_figure(plot.plot_loss_curves(
+            gen, title=f"Fine-tuning loss on the '{task}' task (response tokens only)"),
+            os.path.join(figures_dir, "finetune_loss.png"))
+        gen_rows = [{**r, "method": r["method"]} for r in rows if r["task"] == task]
+        plot.save_figure(plot.plot_comparison(gen_rows, metric_label="exact match (held-out)",
+                                              title=f"Which weights get updated? '{task}' task, equal steps"),
+                         os.path.join(figures_dir, "finetune_comparison.png"))
+        cls_rows = [r for r in rows if r["task"] == "kind"]
+        plot.save_figure(plot.plot_comparison(cls_rows, metric_label="accuracy (held-out)",
+                                              title="Classification head on the last token: 'kind' task"),
+                         os.path.join(figures_dir, "classification_comparison.png"))
+        print(f"figures written to {figures_dir}/")
+    return rows

@@ -1,0 +1,236 @@
+"""AdamW, gradient clipping and the learning-rate schedule.
+
+One optimizer serves every fine-tuning strategy. A strategy only decides which
+names are trainable; the optimizer keeps moments for exactly those names and
+nothing else. That is where LoRA's memory saving shows up: "the optimiser only
+needs to maintain states for ΔW", so for LoRA the state holds two small
+matrices per adapted layer instead of two copies of the whole model.
+
+State is a plain dict, easy to print and to save:
+
+    {"step": 0, "m": {name: array}, "v": {name: array}}
+
+Arrays may be NumPy or CuPy; each update takes its module from the parameter.
+Scalars are Python floats, so a float32 parameter stays float32.
+"""
+
+import math
+
+import numpy
+
+from .backend import array_module, to_device, to_numpy
+
+
+def adamw_init(params, trainable):
+    """Create an AdamW state with zero moments for the trainable names only.
+
+    Inputs:
+    - params: dict name -> array, every parameter of the model
+    - trainable: iterable of names (a subset of params) the optimizer will update
+
+    Returns a dict {"step": 0, "m": {name: zeros}, "v": {name: zeros}}, where each
+    moment has the shape, dtype and device of its parameter. Frozen parameters
+    get no moments at all.
+    """
+    if isinstance(trainable, str):
+        raise ValueError(f"trainable: expected an iterable of parameter names, got the string {trainable!r}")
+    names = list(trainable)
+    if not names:
+        raise ValueError("trainable: expected at least one parameter name, got none")
+    unknown = sorted(n for n in names if n not in params)
+    if unknown:
+        raise ValueError(f"trainable: expected names of parameters, got unknown names {unknown}")
+    m, v = {}, {}
+    for name in names:
+        xp = array_module(params[name])
+        m[name] = xp.zeros_like(params[name])
+        v[name] = xp.zeros_like(params[name])
+    return {"step": 0, "m": m, "v": v}
+
+
+def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0):
+    """One AdamW update. Modifies params and state IN PLACE; returns nothing.
+
+    Inputs:
+    - params: dict name -> array; the entries named in grads are updated in place
+    - grads: dict name -> array of the same shape; its names must all have moments
+      in state (a frozen name has none, so passing its gradient is an error)
+    - state: the dict from adamw_init; its moments are updated and "step" is
+      incremented
+    - lr: learning rate (a Python float, e.g. from lr_at)
+    - beta1, beta2: decay rates of the first and second moment averages
+    - eps: added to sqrt(v_hat) so the division never blows up
+    - weight_decay: decoupled decay rate; applied only to matrices (ndim >= 2),
+      never to biases or LayerNorm gains and shifts
+
+    The update (Loshchilov & Hutter 2019, "Decoupled Weight Decay
+    Regularization", Algorithm 2, with the schedule multiplier folded into lr):
+
+        t     = t + 1
+        m     = beta1 * m + (1 - beta1) * g              first moment (mean of g)
+        v     = beta2 * v + (1 - beta2) * g**2           second moment (mean of g**2)
+        m_hat = m / (1 - beta1**t)                       bias correction: m, v start at 0
+        v_hat = v / (1 - beta2**t)
+        p     = p - lr * weight_decay * p                decoupled decay (matrices only)
+        p     = p - lr * m_hat / (sqrt(v_hat) + eps)
+
+    The decay is "decoupled" because it shrinks p directly instead of being added
+    to g, where Adam's 1/sqrt(v_hat) would rescale it differently per weight.
+    """
+    if lr < 0.0:
+        raise ValueError(f"lr: expected a non-negative learning rate, got {lr}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"beta1, beta2: expected values in [0, 1), got {beta1}, {beta2}")
+    if weight_decay < 0.0:
+        raise ValueError(f"weight_decay: expected a non-negative value, got {weight_decay}")
+    untracked = sorted(n for n in grads if n not in state["m"])
+    if untracked:
+        raise ValueError(
+            f"grads: expected only names the optimizer state tracks ({len(state['m'])} trainable), "
+            f"got gradients for untracked names {untracked}"
+        )
+    for name, g in grads.items():
+        if g.shape != params[name].shape:
+            raise ValueError(f"grads[{name!r}]: expected shape {params[name].shape}, got {g.shape}")
+
+    state["step"] += 1
+    t = state["step"]
+    # Python floats, computed once per step for every parameter
+    bias1 = 1.0 - beta1**t
+    bias2 = 1.0 - beta2**t
+    for name, g in grads.items():
+        xp = array_module(g)
+        p, m, v = params[name], state["m"][name], state["v"][name]
+        # m = beta1 * m + (1 - beta1) * g, written in place
+        m *= beta1
+        m += (1.0 - beta1) * g
+        # v = beta2 * v + (1 - beta2) * g**2
+        v *= beta2
+        v += (1.0 - beta2) * (g * g)
+        if weight_decay != 0.0 and p.ndim >= 2:
+            # p = p - lr * wd * p, before the Adam step so it uses the old p
+            p *= 1.0 - lr * weight_decay
+        # p = p - lr * m_hat / (sqrt(v_hat) + eps)
+        p -= lr * (m / bias1) / (xp.sqrt(v / bias2) + eps)
+
+
+def clip_grad_norm(grads, max_norm):
+    """Rescale all gradients together so their global L2 norm is at most max_norm.
+
+    Inputs:
+    - grads: dict name -> array; scaled IN PLACE when the norm is over max_norm
+    - max_norm: positive float
+
+    Returns the global norm BEFORE clipping, as a Python float:
+
+        norm = sqrt(sum over names of sum(g**2))
+        if norm > max_norm:  g = g * (max_norm / norm)   for every g
+
+    One factor for all names keeps the direction of the full gradient. A
+    non-finite norm (inf or nan) is returned without scaling anything, so the
+    caller can see it and skip the step.
+    """
+    if not max_norm > 0.0:
+        raise ValueError(f"max_norm: expected a positive number, got {max_norm}")
+    # float() of each partial sum brings one scalar to the host per name
+    norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    if math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / norm
+        for g in grads.values():
+            g *= scale
+    return norm
+
+
+def lr_at(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
+    """The learning rate at a step: linear warmup, then cosine decay.
+
+    Inputs:
+    - step: the update about to be taken, counting from 0
+    - max_lr: the peak learning rate, reached at the end of warmup
+    - warmup_steps: number of warmup updates (0 for none)
+    - total_steps: step at which the decay reaches min_lr; after it, lr = min_lr
+    - min_lr: the floor of the cosine
+
+    Returns a Python float:
+
+        step < warmup_steps:        max_lr * (step + 1) / warmup_steps
+        warmup <= step < total:     min_lr + 0.5 * (max_lr - min_lr) * (1 + cos(pi * q)),
+                                    q = (step - warmup_steps) / (total_steps - warmup_steps)
+        step >= total_steps:        min_lr
+
+    The warmup counts step + 1 so the very first update already moves
+    (lr = max_lr / warmup_steps, never 0) and the last warmup step uses max_lr.
+    The cosine then starts at max_lr (q = 0), passes the midpoint
+    (max_lr + min_lr) / 2 halfway, and lands on min_lr at total_steps.
+    """
+    if step < 0:
+        raise ValueError(f"step: expected a non-negative integer, got {step}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"warmup_steps, total_steps: expected 0 <= warmup_steps <= total_steps, got {warmup_steps}, {total_steps}"
+        )
+    if not 0.0 <= min_lr <= max_lr:
+        raise ValueError(f"min_lr, max_lr: expected 0 <= min_lr <= max_lr, got {min_lr}, {max_lr}")
+    if step >= total_steps:
+        return float(min_lr)
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    q = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * q))
+
+
+def optimizer_state_bytes(state):
+    """Bytes held by the optimizer's moments (m and v), as an int.
+
+    For AdamW this is 2 * (bytes of the trainable parameters): the number the
+    LoRA paper's memory argument is about.
+    """
+    return int(sum(a.nbytes for a in state["m"].values()) + sum(a.nbytes for a in state["v"].values()))
+
+
+def state_to_arrays(state):
+    """Flatten an optimizer state into named host arrays, ready for a checkpoint.
+
+    Returns a dict with "opt.step" (a 0-d int64 array) and, for each trainable
+    name, "opt.m.<name>" and "opt.v.<name>" (NumPy arrays; on the NumPy backend
+    they share memory with the state, so save them before the next step).
+    """
+    arrays = {"opt.step": numpy.array(state["step"], dtype=numpy.int64)}
+    for name in state["m"]:
+        arrays[f"opt.m.{name}"] = to_numpy(state["m"][name])
+        arrays[f"opt.v.{name}"] = to_numpy(state["v"][name])
+    return arrays
+
+
+def state_from_arrays(arrays, params):
+    """Rebuild an optimizer state from the arrays state_to_arrays made.
+
+    Inputs:
+    - arrays: dict of named arrays (e.g. from load_checkpoint); keys not starting
+      with "opt." are ignored
+    - params: dict name -> array of the model being resumed; each moment is
+      checked against its parameter's shape and placed on its device and dtype
+
+    Returns a state dict as from adamw_init, with the saved step.
+    """
+    if "opt.step" not in arrays:
+        raise ValueError("arrays: expected an 'opt.step' entry (an optimizer state), got none")
+    m_names = {k[len("opt.m."):] for k in arrays if k.startswith("opt.m.")}
+    v_names = {k[len("opt.v."):] for k in arrays if k.startswith("opt.v.")}
+    if m_names != v_names:
+        raise ValueError(
+            f"arrays: expected the same names under opt.m. and opt.v., got only-m {sorted(m_names - v_names)} "
+            f"and only-v {sorted(v_names - m_names)}"
+        )
+    state = {"step": int(arrays["opt.step"]), "m": {}, "v": {}}
+    for name in sorted(m_names):
+        if name not in params:
+            raise ValueError(f"arrays: expected moments only for model parameters, got 'opt.m.{name}'")
+        p = params[name]
+        xp = array_module(p)
+        for key in ("m", "v"):
+            a = arrays[f"opt.{key}.{name}"]
+            if a.shape != p.shape:
+                raise ValueError(f"arrays['opt.{key}.{name}']: expected shape {p.shape}, got {a.shape}")
+            state[key][name] = to_device(a, xp).astype(p.dtype, copy=True)
+    return state

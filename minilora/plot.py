@@ -1,0 +1,253 @@
+"""Figures from run logs: loss curves and the fine-tuning comparison.
+
+A run log is a JSON-lines file, one object per line. Training records have
+"step" and "train_loss" and may have "val_loss", "lr", "tokens_per_s",
+"elapsed_s"; evaluation records may carry "step" and "val_loss" alone. Any
+other line (a {"meta": ...} header, say) is kept by read_log and ignored here.
+
+Everything uses matplotlib's object API (Figure, not pyplot), so no global
+state is touched, nothing pops up, and it runs on a headless machine. Each
+function returns its Figure; only save_figure writes a file.
+"""
+
+import json
+import math
+import os
+import tempfile
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
+
+
+def read_log(path):
+    """Read a JSON-lines run log.
+
+    Inputs:
+    - path: the log file
+
+    Returns a list of dicts, one per non-blank line, in file order. Raises
+    ValueError naming the path and the line number of a line that is not a
+    JSON object.
+    """
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got invalid JSON ({e.msg})") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def ema(values, beta):
+    """Exponential moving average with bias correction, as a list of floats.
+
+        s_t = beta * s_{t-1} + (1 - beta) * x_t,   s_0 = 0
+        out_t = s_t / (1 - beta**t)                (t counts from 1)
+
+    Dividing by 1 - beta**t undoes the pull toward the initial 0 (the same
+    correction as Adam's m_hat), so the curve starts at the first value.
+    beta = 0 returns the values unchanged.
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta: expected a value in [0, 1), got {beta}")
+    out, s = [], 0.0
+    for t, x in enumerate(values, start=1):
+        s = beta * s + (1.0 - beta) * x
+        out.append(s / (1.0 - beta**t))
+    return out
+
+
+def _new_figure(figsize):
+    """A Figure with its own Agg canvas: no pyplot, works without a display."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _series(records, key):
+    """(steps, values) of the records that have both "step" and key, sorted by step."""
+    pairs = sorted((r["step"], r[key]) for r in records if "step" in r and r.get(key) is not None)
+    return [s for s, _ in pairs], [float(v) for _, v in pairs]
+
+
+def plot_loss_curves(runs, floor=None, title=None, smooth=0.9, logy=False):
+    """Training and validation loss against step, for one or more runs.
+
+    Inputs:
+    - runs: dict label -> list of log records (e.g. from read_log)
+    - floor: optional entropy of the data source in nats per character; drawn as
+      a dashed line, the lowest loss any model can reach on average
+    - title: figure title; the default says what to look for
+    - smooth: EMA coefficient in [0, 1) for the train curve; when > 0 the raw
+      curve is drawn faint and the smoothed one on top (0 draws raw only)
+    - logy: log-scale loss axis, which spreads out the region near the floor
+
+    Returns a matplotlib Figure. Each run keeps one colour: train loss as a line,
+    validation loss as circles joined by a line.
+    """
+    if not runs:
+        raise ValueError("runs: expected a dict label -> list of records with at least one run, got none")
+    if not 0.0 <= smooth < 1.0:
+        raise ValueError(f"smooth: expected an EMA coefficient in [0, 1), got {smooth}")
+    fig = _new_figure((7.5, 4.5))
+    ax = fig.add_subplot()
+    for i, (label, records) in enumerate(runs.items()):
+        colour = f"C{i % 10}"
+        steps, train = _series(records, "train_loss")
+        if not steps:
+            raise ValueError(f"runs[{label!r}]: expected records with 'step' and 'train_loss', got none")
+        if smooth > 0.0:
+            ax.plot(steps, train, color=colour, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, ema(train, smooth), color=colour, linewidth=1.6, label=f"{label} train (EMA {smooth:g})")
+        else:
+            ax.plot(steps, train, color=colour, linewidth=1.2, label=f"{label} train")
+        val_steps, val = _series(records, "val_loss")
+        if val_steps:
+            ax.plot(val_steps, val, "o-", color=colour, markersize=4, linewidth=1.0,
+                    markeredgecolor="white", markeredgewidth=0.6, label=f"{label} val")
+    if floor is not None:
+        ax.axhline(floor, color="0.2", linestyle="--", linewidth=1.2,
+                   label=f"entropy floor ({floor:.3f} nats/char)")
+    if logy:
+        ax.set_yscale("log")
+        # plain numbers (2, 3, 4) instead of 2x10^0 on a log axis spanning under a decade
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    if title is None:
+        title = ("Loss falls toward the entropy floor: the gap left is what the model has not learned"
+                 if floor is not None else "Training and validation loss: curves should fall and stay together")
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _format_count(n):
+    """12345 -> '12.3k', 2500000 -> '2.50M'."""
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
+
+
+def _format_bytes(n):
+    """1536 -> '1.5 KiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:g} B"
+
+
+_COMPARISON_KEYS = ("method", "trainable_params", "total_params", "metric", "forgetting", "optimizer_state_bytes")
+
+
+def plot_comparison(rows, title=None, metric_label="task accuracy"):
+    """The fine-tuning trade-off in three panels, one bar per method.
+
+    Inputs:
+    - rows: list of dicts with keys
+        method                 name shown on the axis, e.g. "LoRA r=4"
+        trainable_params       number of parameters the optimizer updated (> 0)
+        total_params           parameters in the fine-tuned model
+        metric                 task score in [0, 1] (accuracy or exact match)
+        forgetting             pretraining val loss after minus before (nats per token)
+        optimizer_state_bytes  bytes of AdamW moments (optim.optimizer_state_bytes)
+    - title: figure title; the default states the three questions the panels answer
+    - metric_label: what metric measures, for the middle axis
+
+    Returns a matplotlib Figure:
+    - left: trainable parameters on a log axis, annotated with their share of the
+      model and the optimizer state they cost
+    - middle: the task metric (higher is better)
+    - right: forgetting (lower is better; 0 means the pretraining loss is unchanged)
+    """
+    if not rows:
+        raise ValueError("rows: expected a non-empty list of dicts, got an empty one")
+    for i, row in enumerate(rows):
+        missing = [k for k in _COMPARISON_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"rows[{i}]: expected keys {list(_COMPARISON_KEYS)}, got a row missing {missing}")
+        if not row["trainable_params"] > 0:
+            raise ValueError(f"rows[{i}]['trainable_params']: expected a positive count, got {row['trainable_params']}")
+        if not 0.0 <= row["metric"] <= 1.0:
+            raise ValueError(f"rows[{i}]['metric']: expected a score in [0, 1], got {row['metric']}")
+
+    methods = [row["method"] for row in rows]
+    y = list(range(len(rows)))
+    colours = [f"C{i % 10}" for i in y]
+    fig = _new_figure((13, 1.6 + 0.6 * len(rows)))
+    ax_p, ax_m, ax_f = fig.subplots(1, 3, sharey=True)
+
+    trainable = [row["trainable_params"] for row in rows]
+    ax_p.barh(y, trainable, color=colours)
+    ax_p.set_xscale("log")
+    # leave room on the right of the log axis for the annotations
+    ax_p.set_xlim(10 ** math.floor(math.log10(min(trainable))), 10 ** (math.log10(max(trainable)) + 1.2))
+    for yi, row in zip(y, rows):
+        share = 100.0 * row["trainable_params"] / row["total_params"]
+        ax_p.annotate(f" {_format_count(row['trainable_params'])} ({share:.3g}%)\n"
+                      f" Adam state {_format_bytes(row['optimizer_state_bytes'])}",
+                      (row["trainable_params"], yi), va="center", fontsize=8)
+    ax_p.set_yticks(y, methods)
+    ax_p.invert_yaxis()  # first row on top
+    ax_p.set_xlabel("trainable parameters\n(log scale; share of model, AdamW state)")
+    ax_p.set_title("what is trained", fontsize=10)
+
+    ax_m.barh(y, [row["metric"] for row in rows], color=colours)
+    ax_m.set_xlim(0.0, 1.12)
+    for yi, row in zip(y, rows):
+        ax_m.annotate(f" {row['metric']:.3f}", (row["metric"], yi), va="center", fontsize=8)
+    ax_m.set_xlabel(f"{metric_label}\n(higher is better)")
+    ax_m.set_title("how well it does the task", fontsize=10)
+
+    forgetting = [row["forgetting"] for row in rows]
+    ax_f.barh(y, forgetting, color=colours)
+    ax_f.axvline(0.0, color="0.2", linewidth=0.8)
+    span = max(max(forgetting), 0.0) - min(min(forgetting), 0.0) or 1.0
+    ax_f.set_xlim(min(min(forgetting), 0.0) - 0.05 * span, max(max(forgetting), 0.0) + 0.3 * span)
+    for yi, f in zip(y, forgetting):
+        ax_f.annotate(f" {f:+.3f}", (max(f, 0.0), yi), va="center", fontsize=8)
+    ax_f.set_xlabel("pretraining val loss, after - before\n(nats per token, lower is better)")
+    ax_f.set_title("how much it forgets", fontsize=10)
+
+    for ax in (ax_p, ax_m, ax_f):
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title or "Fine-tuning trade-off: how much is trained, how well it scores, how much it forgets",
+                 fontsize=11)
+    return fig
+
+
+def save_figure(fig, path, dpi=144):
+    """Write fig as a PNG, atomically (temporary file, then rename).
+
+    Inputs:
+    - fig: a matplotlib Figure
+    - path: the .png file to write; parent directories are created
+    - dpi: resolution; 144 gives sharp figures of a few hundred KB at most
+
+    Returns nothing. On failure the temporary file is removed and a previous
+    file at path is left untouched.
+    """
+    if not str(path).lower().endswith(".png"):
+        raise ValueError(f"path: expected a file name ending in .png, got {path!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp_path, 0o644)  # mkstemp makes the file private (0600); give it the usual mode
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise

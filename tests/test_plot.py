@@ -1,0 +1,120 @@
+"""Figures build headless from synthetic logs, are labelled, and save as PNG."""
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from minilora.plot import ema, plot_comparison, plot_loss_curves, read_log, save_figure
+
+
+def _log(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    records = [{"meta": {"config": {"d_model": 16}}}]
+    for step in range(n):
+        record = {"step": step, "train_loss": 1.0 + 3.0 * np.exp(-step / 10) + 0.05 * rng.standard_normal(), "lr": 1e-3}
+        if step % 10 == 0:
+            record["val_loss"] = 1.05 + 3.0 * np.exp(-step / 10)
+        records.append(record)
+    records.append({"step": n, "val_loss": 1.1})  # an evaluation-only record
+    return records
+
+
+def test_read_log_skips_blank_lines_and_keeps_headers(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"meta": {"seed": 1}}\n\n{"step": 0, "train_loss": 4.2}\n')
+    assert read_log(path) == [{"meta": {"seed": 1}}, {"step": 0, "train_loss": 4.2}]
+
+
+def test_read_log_names_the_bad_line(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"step": 0, "train_loss": 4.2}\n{"step": 1, "train_loss": \n')
+    with pytest.raises(ValueError, match=r"run\.jsonl, line 2"):
+        read_log(path)
+    path.write_text('{"step": 0}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="line 2.*JSON object"):
+        read_log(path)
+
+
+def test_ema_is_bias_corrected():
+    assert ema([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0], abs=1e-12)
+    # by hand: s1 = 0.5, s2 = 0.5*0.5 + 0.5*3 = 1.75; corrected 0.5/0.5 = 1, 1.75/0.75
+    assert ema([1.0, 3.0], 0.5) == pytest.approx([1.0, 1.75 / 0.75], abs=1e-12)
+    assert ema([1.0, 3.0], 0.0) == [1.0, 3.0]
+    with pytest.raises(ValueError, match="beta"):
+        ema([1.0], 1.0)
+
+
+def test_loss_curves_have_labels_floor_and_all_series():
+    fig = plot_loss_curves({"small": _log(), "large": _log(seed=1)}, floor=1.0, smooth=0.8)
+    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "step"
+    assert ax.get_ylabel() == "loss (nats per token)"
+    assert ax.get_title()
+    floors = [line for line in ax.get_lines() if "entropy floor" in line.get_label()]
+    assert len(floors) == 1
+    assert list(floors[0].get_ydata()) == [1.0, 1.0] and floors[0].get_linestyle() == "--"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "small train (EMA 0.8)" in labels and "large val" in labels
+    # one colour per run: small's train and val lines share it
+    by_label = {line.get_label(): line for line in ax.get_lines()}
+    assert by_label["small train (EMA 0.8)"].get_color() == by_label["small val"].get_color()
+    assert by_label["small val"].get_color() != by_label["large val"].get_color()
+    # val points come from training records and the evaluation-only record, in step order
+    assert list(by_label["small val"].get_xdata()) == [0, 10, 20, 30, 40]
+
+
+def test_loss_curves_reject_runs_without_training_records():
+    with pytest.raises(ValueError, match="runs\\['empty'\\]"):
+        plot_loss_curves({"empty": [{"meta": {}}]})
+    with pytest.raises(ValueError, match="smooth"):
+        plot_loss_curves({"a": _log()}, smooth=1.5)
+
+
+def _rows():
+    return [
+        dict(method="full", trainable_params=20000, total_params=20000, metric=0.9, forgetting=0.3,
+             optimizer_state_bytes=160000),
+        dict(method="LoRA r=2", trainable_params=512, total_params=20512, metric=0.85, forgetting=0.02,
+             optimizer_state_bytes=4096),
+        dict(method="prompt", trainable_params=64, total_params=20064, metric=0.5, forgetting=0.0,
+             optimizer_state_bytes=512),
+    ]
+
+
+def test_comparison_has_three_labelled_panels():
+    fig = plot_comparison(_rows())
+    assert len(fig.axes) == 3
+    ax_p, ax_m, ax_f = fig.axes
+    assert ax_p.get_xscale() == "log"
+    assert all(ax.get_xlabel() for ax in fig.axes)
+    assert [t.get_text() for t in ax_p.get_yticklabels()] == ["full", "LoRA r=2", "prompt"]
+    widths = [patch.get_width() for patch in ax_m.patches]
+    assert widths == pytest.approx([0.9, 0.85, 0.5])
+    assert fig.get_suptitle()
+
+
+def test_comparison_rejects_bad_rows():
+    rows = _rows()
+    del rows[1]["forgetting"]
+    with pytest.raises(ValueError, match=r"rows\[1\].*forgetting"):
+        plot_comparison(rows)
+    rows = _rows()
+    rows[0]["metric"] = 90.0
+    with pytest.raises(ValueError, match=r"rows\[0\]\['metric'\]"):
+        plot_comparison(rows)
+
+
+def test_save_figure_writes_png_atomically(tmp_path):
+    path = tmp_path / "figs" / "loss.png"
+    log_path = tmp_path / "run.jsonl"
+    log_path.write_text("\n".join(json.dumps(r) for r in _log()) + "\n")
+    save_figure(plot_loss_curves({"run": read_log(log_path)}, floor=1.0), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    save_figure(plot_comparison(_rows()), tmp_path / "figs" / "cmp.png")
+    assert (tmp_path / "figs" / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["cmp.png", "loss.png"]  # no temp left
+    with pytest.raises(ValueError, match="path.*png"):
+        save_figure(Figure(), tmp_path / "x.pdf")
