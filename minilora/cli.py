@@ -38,7 +38,7 @@ def _cmd_pretrain(args):
                         d_ff=args.d_ff or 4 * args.d_model, context_length=args.context_length,
                         dropout=args.dropout)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
-                     warmup_steps=d.train.warmup_steps, weight_decay=d.train.weight_decay,
+                     warmup_steps=_warmup(args, d.train.warmup_steps), weight_decay=d.train.weight_decay,
                      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed)
     config = PretrainConfig(model=model, train=tc, init_seed=args.seed)
     _, s = pretrain(config, run_dir=args.out, text_file=args.text, backend=args.backend, resume=args.resume)
@@ -48,6 +48,11 @@ def _cmd_pretrain(args):
           + f", character bigram {s['bigram_loss']:.4f}")
     print(f"checkpoint: {os.path.join(args.out, 'checkpoint.npz')}  log: {os.path.join(args.out, 'log.jsonl')}")
     return 0
+
+
+def _warmup(args, default):
+    """--warmup-steps, or the default capped at a tenth of a short run."""
+    return args.warmup_steps if args.warmup_steps is not None else min(default, args.steps // 10)
 
 
 def _load_run(path, backend):
@@ -96,7 +101,8 @@ def _cmd_finetune(args):
                         targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, rslora=args.rslora,
                         init=args.lora_init),
         n_prompt=args.n_prompt, prompt_init=args.prompt_init,
-        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10, warmup_steps=20,
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
+                          warmup_steps=_warmup(args, 20),
                           weight_decay=0.0, eval_every=args.steps, seed=args.seed),
         seed=args.seed)
     _, val_text = train_val_text(0, PretrainConfig().n_val_sentences, PretrainConfig().data_seed)
@@ -206,6 +212,7 @@ def build_parser():
     s.add_argument("--steps", type=int, default=800)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--warmup-steps", type=int, default=None, help="default: 40 (at most steps / 10)")
     s.add_argument("--eval-every", type=int, default=100)
     s.add_argument("--checkpoint-every", type=int, default=200)
     s.add_argument("--resume", default=None, help="continue from this checkpoint")
@@ -239,6 +246,7 @@ def build_parser():
     s.add_argument("--steps", type=int, default=600)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--lr", type=float, default=None, help="default: full 1e-3, lora 5e-3, prompt 3e-2")
+    s.add_argument("--warmup-steps", type=int, default=None, help="default: 20 (at most steps / 10)")
     s.add_argument("--train-on-prompt", action="store_true", help="count the loss on prompt tokens too")
     s.add_argument("--rank", type=int, default=8)
     s.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")

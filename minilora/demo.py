@@ -13,7 +13,6 @@ import time
 from . import corpus, plot
 from .checkpoint import load_checkpoint
 from .finetune import FinetuneConfig, finetune
-from .model import ModelConfig
 from .pretrain import PretrainConfig, load_pretrained, pretrain
 from .train import TrainConfig
 
@@ -71,6 +70,8 @@ def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, ta
         for method in ("full", "lora", "prompt"):
             config = FinetuneConfig(method=method, task=t, n_train=200 if fast else 2000, n_test=40 if fast else 300)
             config.train.steps = 6 if fast else steps
+            if fast:
+                config.train.warmup_steps = 1
             run_dir = os.path.join(out_dir, f"finetune-{t}-{method}")
             _, _, summary = finetune(params, model_config, config, run_dir, val_data)
             rows.append(summary)
