@@ -245,7 +245,7 @@ def build_parser():
     s.add_argument("--out", default=None, help="default: runs/finetune-TASK-METHOD")
     s.add_argument("--steps", type=int, default=600)
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--lr", type=float, default=None, help="default: full 1e-3, lora 5e-3, prompt 3e-2")
+    s.add_argument("--lr", type=float, default=None, help="default: full 3e-4, lora 5e-3, prompt 1e-1")
     s.add_argument("--warmup-steps", type=int, default=None, help="default: 20 (at most steps / 10)")
     s.add_argument("--train-on-prompt", action="store_true", help="count the loss on prompt tokens too")
     s.add_argument("--rank", type=int, default=8)

@@ -17,7 +17,7 @@ from .pretrain import PretrainConfig, load_pretrained, pretrain
 from .train import TrainConfig
 
 GENERATIVE_STEPS = 600
-CLASSIFICATION_STEPS = 150
+CLASSIFICATION_STEPS = 600
 
 
 def _pretrained(run_dir, backend, fast):

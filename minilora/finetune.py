@@ -30,7 +30,7 @@ METHODS = ("full", "lora", "prompt")
 # Each method's default peak learning rate. Fewer, freshly initialised parameters
 # (adapters, a soft prompt) take larger steps than the pretrained weights, which
 # a large step would overwrite (the seed: "too high causes catastrophic forgetting").
-DEFAULT_LR = {"full": 1e-3, "lora": 5e-3, "prompt": 3e-2}
+DEFAULT_LR = {"full": 3e-4, "lora": 5e-3, "prompt": 1e-1}
 
 
 @dataclass
@@ -45,7 +45,7 @@ class FinetuneConfig:
     n_prompt: int = 16  # soft-prompt vectors (prompt tuning)
     prompt_init: str = "vocab"  # vocab | random | text
     prompt_init_text: str = "Name the subject of the sentence."
-    train: TrainConfig = None  # None: TrainConfig(steps=300, lr=DEFAULT_LR[method], ...)
+    train: TrainConfig = None  # None: TrainConfig(steps=600, lr=DEFAULT_LR[method], ...)
     seed: int = 0
 
     def __post_init__(self):
@@ -54,7 +54,7 @@ class FinetuneConfig:
         if self.data_file is None and self.task not in tasks.TASKS:
             raise ValueError(f"task: expected one of {list(tasks.TASKS)}, got {self.task!r}")
         if self.train is None:
-            self.train = TrainConfig(steps=300, batch_size=16, lr=DEFAULT_LR[self.method],
+            self.train = TrainConfig(steps=600, batch_size=16, lr=DEFAULT_LR[self.method],
                                      min_lr=DEFAULT_LR[self.method] / 10, warmup_steps=20,
                                      weight_decay=0.0, eval_every=100)
 
