@@ -12,7 +12,7 @@ Everything else, the forward, the backward, the optimizer and the loop, is share
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -136,12 +136,12 @@ def load_records(config):
     if config.data_file is not None:
         kind = "classification" if config.is_classification else "instruction"
         records = tasks.load_jsonl(config.data_file, kind)
-        rng = np.random.default_rng(config.seed)
-        order = rng.permutation(len(records))
-        n_test = max(1, len(records) // 10)
         if len(records) < 2:
             raise ValueError(f"data_file: expected at least 2 records (some to train on, some to test), "
                              f"got {len(records)}")
+        # a seeded 90/10 split: the last tenth is held out for the score
+        order = np.random.default_rng(config.seed).permutation(len(records))
+        n_test = max(1, len(records) // 10)
         train_records = [records[i] for i in order[n_test:]]
         test_records = [records[i] for i in order[:n_test]]
         names = sorted({r["label"] for r in records}) if config.is_classification else None
@@ -220,9 +220,3 @@ def finetune(base_params, model_config, config, run_dir=None, val_data=None, ver
     }
     return params, trainable, summary
 
-
-def config_dict(config):
-    """A JSON-able view of a FinetuneConfig (for logs and adapter files)."""
-    d = asdict(config)
-    d["lora"] = config.lora.to_dict()
-    return d

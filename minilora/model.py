@@ -120,8 +120,6 @@ def count_params(params, names=None):
     return int(sum(params[n].size for n in (params if names is None else names)))
 
 
-# ----------------------------------------------------------------------------- linear layers
-
 def _linear_forward(params, prefix, x, lora, rng):
     """A linear, or a LoRA linear when `prefix.lora_A` exists."""
     W, b = params[prefix + ".W"], params.get(prefix + ".b")
@@ -167,8 +165,6 @@ def _add(grads, name, g):
     grads[name] = g if name not in grads else grads[name] + g
 
 
-# ----------------------------------------------------------------------------- the block
-
 def block_forward(params, i, x, config, lora=None, rng=None):
     """One pre-LayerNorm transformer block. x (B, T, C) -> (B, T, C)."""
     p = f"h.{i}."
@@ -209,8 +205,6 @@ def block_backward(dx, cache, params, i, grads, trainable):
     da = da + _linear_backward(dv, c_v, p + "attn.v", params, grads, trainable)
     return dx + _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
 
-
-# ----------------------------------------------------------------------------- the model
 
 def forward(params, config, ids, lora=None, rng=None):
     """Token ids to final hidden states.

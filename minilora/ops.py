@@ -36,8 +36,6 @@ def _check_float(name, a, like=None):
         _fail(name, f"dtype {like.dtype} (the dtype of the input)", a.dtype)
 
 
-# ----------------------------------------------------------------------------- embedding
-
 def embedding_forward(ids, wte):
     """Look up one row of the table per token.
 
@@ -78,8 +76,6 @@ def embedding_backward(dout, cache):
     scatter_add(dwte, ids.reshape(-1), dout.reshape(-1, shape[1]))
     return dwte
 
-
-# ----------------------------------------------------------------------------- linear
 
 def linear_forward(x, W, b=None):
     """y = x @ W.T + b.
@@ -126,8 +122,6 @@ def linear_backward(dout, cache, param_grads=True):
     return dx, dW, db
 
 
-# ----------------------------------------------------------------------------- layer norm
-
 def layer_norm_forward(x, g, b, eps=1e-5):
     """Normalise the last axis to zero mean, unit variance, then scale and shift.
 
@@ -173,8 +167,6 @@ def layer_norm_backward(dout, cache, param_grads=True):
     return dx, dg, db
 
 
-# ----------------------------------------------------------------------------- GELU
-
 _GELU_K = math.sqrt(2.0 / math.pi)
 
 
@@ -198,8 +190,6 @@ def gelu_backward(dout, cache):
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
 
 
-# ----------------------------------------------------------------------------- softmax
-
 def softmax_forward(x):
     """Softmax over the last axis; entries equal to -inf get probability 0.
 
@@ -218,8 +208,6 @@ def softmax_backward(dout, cache):
     p = cache
     return p * (dout - (dout * p).sum(axis=-1, keepdims=True))
 
-
-# ----------------------------------------------------------------------------- attention
 
 def attention_forward(q, k, v, n_heads):
     """Causal multi-head self-attention on already-projected q, k, v.
@@ -280,8 +268,6 @@ def attention_backward(dout, cache):
     return merge(dqh), merge(dkh), merge(dvh)
 
 
-# ----------------------------------------------------------------------------- dropout
-
 def dropout_forward(x, p, rng=None, mask=None):
     """Inverted dropout: zero each entry with probability p, scale the rest by 1/(1-p).
 
@@ -313,8 +299,6 @@ def dropout_backward(dout, cache):
     keep = cache
     return dout if keep is None else dout * keep
 
-
-# ----------------------------------------------------------------------------- cross-entropy
 
 def cross_entropy_forward(logits, targets, mask=None):
     """Mean softmax cross-entropy over the positions the mask counts.
@@ -365,8 +349,6 @@ def cross_entropy_backward(dloss, cache):
     dz = p * (m / count * dloss)[:, None]
     return dz.reshape(shape)
 
-
-# ----------------------------------------------------------------------------- LoRA linear
 
 def lora_scale(rank, alpha, rslora=False):
     """The factor s in W' = W + s B A: alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA)."""

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from .backend import array_module, to_device
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at, state_from_arrays, state_to_arrays
 
@@ -102,7 +103,7 @@ def train(params, trainable, loss_fn, next_batch, config, evaluate=None, run_dir
         for name, a in saved.items():
             if name not in params or params[name].shape != a.shape:
                 raise ValueError(f"resume: {resume} holds {name} {a.shape}, which this model does not have")
-            params[name][...] = a  # in place: same arrays, same device
+            params[name][...] = to_device(a, array_module(params[name]))  # in place: same arrays, same device
         state = state_from_arrays(arrays, params)
         rng.bit_generator.state = saved_meta["rng"]
         start = int(saved_meta["step"])

@@ -56,8 +56,6 @@ def test_projected_check_catches_a_wrong_backward(monkeypatch):
     assert bad[0].error > 1e-3
 
 
-# ---------------------------------------------------------------------- no dW product for frozen weights
-
 class Recording(np.ndarray):
     """An ndarray that logs the output shape of every matrix product it takes part in."""
 
@@ -123,8 +121,6 @@ def test_lora_forward_never_forms_BA():
                                rtol=1e-12, atol=1e-12)
 
 
-# ---------------------------------------------------------------------- float32 stays float32
-
 def _float32_cases():
     rng = np.random.default_rng(0)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)
@@ -170,8 +166,6 @@ def test_ops_module_does_not_use_numpy_directly():
     assert not names & {"np", "numpy", "cp", "cupy"}
 
 
-# ---------------------------------------------------------------------- behaviour
-
 def test_attention_is_causal_and_masks_with_minus_inf():
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 6, 4)) for _ in range(3))
@@ -214,8 +208,6 @@ def test_layer_norm_output_is_normalised():
     np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-12)
     np.testing.assert_allclose(out.var(-1), 1.0, rtol=1e-4)
 
-
-# ---------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("call, argument", [
     (lambda: ops.linear_forward(np.ones((2, 3)), np.ones((4, 5))), "W"),
