@@ -40,11 +40,13 @@ def random_windows(data, batch_size, T, rng):
 
 
 def strided_val_loss(params, config, data, batch_size=64, lora=None):
-    """Mean loss per character over a whole token stream, each counted once, with context.
+    """Mean loss per character over a token stream, each counted once, with context.
 
     Windows of T = context_length start every T/2 tokens, and only the second
     half of each window is counted (the loss mask), so every counted character
-    sees at least T/2 characters before it. When T/2 exceeds the longest
+    sees at least T/2 characters before it. Every target from position T/2 to
+    the end of the last whole window is counted exactly once (the first T/2
+    and the last few, under T/2, are not). When T/2 exceeds the longest
     sentence, every prediction conditions on its whole sentence so far: the
     loss a perfect model gets here is the exact entropy floor.
     """

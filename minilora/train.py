@@ -66,6 +66,16 @@ def _write_log(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def _truncate_log(path, step):
+    """Drop the records after `step` (a crashed run logged them; the resumed run logs them again)."""
+    with open(path) as f:
+        lines = [line for line in f if "step" not in (r := json.loads(line)) or r["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
 def train(params, trainable, loss_fn, next_batch, config, evaluate=None, run_dir=None, meta=None,
           resume=None, desc="train"):
     """Train the trainable names of params in place.
@@ -107,6 +117,8 @@ def train(params, trainable, loss_fn, next_batch, config, evaluate=None, run_dir
         state = state_from_arrays(arrays, params)
         rng.bit_generator.state = saved_meta["rng"]
         start = int(saved_meta["step"])
+        if log_path is not None and os.path.exists(log_path):
+            _truncate_log(log_path, start)
     elif log_path is not None:
         open(log_path, "w").close()
         _write_log(log_path, {"meta": {**(meta or {}), "train": asdict(config), "trainable": trainable}})
