@@ -1,0 +1,114 @@
+"""Strategies as (extra parameters, trainable names), the parameter report, fine-tuning on user data."""
+
+import numpy as np
+import pytest
+
+from minilora import corpus, finetune, model, tasks
+from minilora.lora import LoraConfig
+from minilora.model import ModelConfig
+from minilora.train import TrainConfig
+
+TINY = ModelConfig(context_length=128, d_model=16, n_heads=2, n_layers=2, d_ff=32)
+
+
+def _copy(params):
+    return {n: p.copy() for n, p in params.items()}
+
+
+@pytest.mark.parametrize("method", finetune.METHODS)
+@pytest.mark.parametrize("n_classes", [None, 3])
+def test_a_strategy_is_extra_parameters_and_trainable_names(method, n_classes):
+    base = model.init_params(TINY, 0)
+    before = _copy(base)
+    params, trainable = finetune.setup_strategy(base, TINY, finetune.FinetuneConfig(method=method), n_classes)
+    head = {"cls.W", "cls.b"} if n_classes else set()
+    expected = {
+        "full": set(base) | head,
+        "lora": {n for n in params if n.endswith((".lora_A", ".lora_B"))} | head,
+        "prompt": {"prompt"} | head,
+    }[method]
+    assert trainable == expected
+    assert set(params) - set(base) == {"full": set(), "lora": expected - head, "prompt": {"prompt"}}[method] | head
+    if method == "lora":
+        assert len(expected - head) == 2 * 4 * TINY.n_layers  # q, k, v, o in every block
+    if method == "full":
+        params["wte"] += 1.0  # full fine-tuning trains copies: the pretrained weights stay as they were
+    for name in base:
+        assert np.array_equal(base[name], before[name])
+
+
+def test_trainable_report_matches_the_lora_formula():
+    config = ModelConfig()  # d_model 128, 2 layers
+    base = model.init_params(config, 0)
+    params, trainable = finetune.setup_strategy(base, config, finetune.FinetuneConfig(method="lora"))
+    report = finetune.trainable_report(params, trainable, config, LoraConfig())
+    n = 2 * 4 * 8 * (128 + 128)  # layers x targets x r (d + k)
+    assert f"trainable params: {n:,} || all params: {model.count_params(base) + n:,}" in report
+    assert "r (d + k) = 8 x (128 + 128) = 2,048 per adapted matrix (16,384 for W itself), 8 matrices" in report
+    assert n / model.count_params(base) < 0.05  # the issue's budget: at most 5% of full fine-tuning
+
+
+def test_finetune_on_users_instruction_file_leaves_the_base_untouched(tmp_path):
+    records = tasks.make_instruction_records("plural", 40, seed=1)
+    tasks.save_jsonl(records, tmp_path / "mine.jsonl")
+    base = model.init_params(TINY, 0)
+    before = _copy(base)
+    val = corpus.CharTokenizer().encode(corpus.make_text(20, 5))
+    for method in finetune.METHODS:
+        config = finetune.FinetuneConfig(method=method, data_file=str(tmp_path / "mine.jsonl"),
+                                         train=TrainConfig(steps=3, batch_size=4, warmup_steps=1, lr=1e-3))
+        params, trainable, s = finetune.finetune(base, TINY, config, run_dir=tmp_path / method, val_data=val,
+                                                 verbose=False)
+        assert 0.0 <= s["metric"] <= 1.0 and s["trainable_params"] == model.count_params(params, trainable)
+        assert s["optimizer_state_bytes"] == 2 * 4 * s["trainable_params"]  # AdamW: two float32 moments each
+        assert np.isfinite(s["val_loss_before"]) and np.isfinite(s["val_loss_after"])
+        for name in base:
+            assert np.array_equal(base[name], before[name]), (method, name)
+
+
+def test_finetune_classification_from_a_users_file(tmp_path):
+    records = [{"text": t, "label": lab} for t, lab in
+               [("good day.", "pos"), ("bad day.", "neg")] * 10]
+    tasks.save_jsonl(records, tmp_path / "cls.jsonl")
+    config = finetune.FinetuneConfig(method="lora", task="kind", data_file=str(tmp_path / "cls.jsonl"),
+                                     train=TrainConfig(steps=2, batch_size=4, warmup_steps=1))
+    params, trainable, s = finetune.finetune(model.init_params(TINY, 0), TINY, config, verbose=False)
+    assert params["cls.W"].shape == (2, TINY.d_model)  # the labels found in the file: neg, pos
+    assert {"cls.W", "cls.b"} <= trainable
+
+
+def test_malformed_user_file_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    config = finetune.FinetuneConfig(data_file=str(path))
+    with pytest.raises(ValueError, match="line 2"):
+        finetune.load_records(config)
+
+
+def test_lora_dropout_uses_the_rng():
+    base = model.init_params(TINY, 0)
+    config = finetune.FinetuneConfig(method="lora", lora=LoraConfig(dropout=0.5))
+    params, trainable = finetune.setup_strategy(base, TINY, config)
+    for name in trainable:
+        if name.endswith("lora_B"):
+            params[name] = np.random.default_rng(0).standard_normal(params[name].shape).astype(np.float32)
+    x, y, mask = tasks.instruction_batch(tasks.make_instruction_records("subject", 4, 0), corpus.CharTokenizer(), 128)
+    losses = {model.lm_loss_and_grads(params, TINY, x, y, mask, trainable, config.lora, np.random.default_rng(s))[0]
+              for s in (0, 1)}
+    assert len(losses) == 2
+    eval_losses = {model.lm_loss_and_grads(params, TINY, x, y, mask, (), config.lora)[0] for _ in range(2)}
+    assert len(eval_losses) == 1
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="method: expected one of"):
+        finetune.FinetuneConfig(method="adapter")
+    with pytest.raises(ValueError, match="task: expected one of"):
+        finetune.FinetuneConfig(task="translate")
+
+
+def test_exact_match_scores_greedy_decoding():
+    base = model.init_params(TINY, 0)
+    records = tasks.make_instruction_records("subject", 6, 0)
+    acc, preds = finetune.exact_match(base, TINY, records, max_new_tokens=3)
+    assert acc == 0.0 and len(preds) == 6 and all(isinstance(p, str) and len(p) <= 3 for p in preds)
