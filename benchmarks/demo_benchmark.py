@@ -39,7 +39,8 @@ def main():
     rows = run_demo(out_dir=args.out, figures_dir=args.figures)
     total = time.perf_counter() - t0
     with open(os.path.join(args.out, "demo_summary.json")) as f:
-        pre = json.load(f)["pretrain"]
+        demo = json.load(f)
+    pre = demo["pretrain"]
     by = {(r["task"], r["method"]): r for r in rows}
     full, lora = by[("subject", "full")], by[("subject", "lora")]
     result = {
@@ -51,6 +52,8 @@ def main():
         "lora_over_full_metric": lora["metric"] / full["metric"] if full["metric"] else None,
         "lora_trainable_fraction": lora["trainable_params"] / full["trainable_params"],
         "demo_wall_s": total,
+        "grammatical_fraction": demo["grammatical_fraction"],
+        "samples": demo["samples"],
         "rows": rows,
     }
     with open("benchmarks/results.json", "w") as f:

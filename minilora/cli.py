@@ -73,15 +73,15 @@ def _load_run(path, backend):
 
 def _cmd_generate(args):
     from .corpus import NEWLINE_ID, CharTokenizer
-    from .sampling import generate
+    from .sampling import generate_many
 
     params, config, lora, _ = _load_run(args.checkpoint, args.backend)
     tok = CharTokenizer()
     prompt = args.prompt.encode().decode("unicode_escape")  # lets "\n" be typed on a shell
     rng = np.random.default_rng(args.seed)
-    for _ in range(args.num_samples):
-        ids = generate(params, config, tok.encode(prompt), args.max_new_tokens, args.temperature, args.top_k, rng,
-                       lora, NEWLINE_ID if args.stop_at_newline else None)
+    samples = generate_many(params, config, tok.encode(prompt), args.max_new_tokens, args.temperature, args.top_k, rng,
+                       lora, NEWLINE_ID if args.stop_at_newline else None, args.num_samples)
+    for ids in samples:
         print(prompt + tok.decode(ids), end="" if args.stop_at_newline else "\n")
     return 0
 

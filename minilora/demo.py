@@ -10,10 +10,13 @@ import json
 import os
 import time
 
+import numpy as np
+
 from . import corpus, plot
 from .checkpoint import load_checkpoint
 from .finetune import FinetuneConfig, finetune
 from .pretrain import PretrainConfig, load_pretrained, pretrain
+from .sampling import generate_many
 from .train import TrainConfig
 
 GENERATIVE_STEPS = 600
@@ -38,6 +41,26 @@ def _pretrained(run_dir, backend, fast):
     print(f"pretrained in {summary['wall_s']:.0f} s: val loss {summary['val_loss']:.4f} nats/char, "
           f"entropy floor {summary['floor']:.4f}, bigram {summary['bigram_loss']:.4f}")
     return params, config.model, summary
+
+
+def sample_report(params, model_config, n=100, seed=0):
+    """Sample n sentences at temperature 1 from a fresh line; how many are in the toy language?
+
+    Returns (fraction that parse, the sampled sentences). A sentence parses when
+    corpus.sentence_log_prob accepts it: every word in its place, agreement right.
+    """
+    tok = corpus.CharTokenizer()
+    rng = np.random.default_rng(seed)
+    outs = generate_many(params, model_config, tok.encode("\n"), 60, 1.0, None, rng, None, corpus.NEWLINE_ID, n)
+    sentences = [tok.decode(o).rstrip("\n") for o in outs]
+    ok = 0
+    for s in sentences:
+        try:
+            corpus.sentence_log_prob(s)
+            ok += 1
+        except ValueError:
+            pass
+    return ok / n, sentences
 
 
 def format_table(rows):
@@ -65,6 +88,11 @@ def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, ta
     _, val_text = corpus.train_val_text(0, 100 if fast else PretrainConfig().n_val_sentences,
                                         PretrainConfig().data_seed)
     val_data = corpus.CharTokenizer().encode(val_text)
+    grammatical, samples = sample_report(params, model_config, n=20 if fast else 200)
+    print(f"samples from the pretrained model ({100 * grammatical:.0f}% of {len(samples)} are sentences "
+          "of the toy language):")
+    for s in samples[:5]:
+        print(f"  {s}")
     rows, logs = [], {}
     for t, steps in ((task, GENERATIVE_STEPS), ("kind", CLASSIFICATION_STEPS)):
         for method in ("full", "lora", "prompt"):
@@ -83,7 +111,8 @@ def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, ta
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "demo_summary.json"), "w") as f:
-        json.dump({"rows": rows, "pretrain": pre_summary}, f, indent=1)
+        json.dump({"rows": rows, "pretrain": pre_summary, "grammatical_fraction": grammatical,
+                   "samples": samples[:10]}, f, indent=1)
     if figures_dir:
         pre_log = plot.read_log(os.path.join(out_dir, "pretrain", "log.jsonl"))
         plot.save_figure(plot.plot_loss_curves({"pretrain": pre_log}, floor=corpus.entropy_per_char()),

@@ -36,26 +36,41 @@ def sample_next(logits, temperature=1.0, top_k=None, rng=None):
 
 def generate(params, config, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
              lora=None, stop_id=None):
-    """Continue one prompt.
+    """Continue one prompt: the generated ids (N,), without the prompt (see generate_many)."""
+    return generate_many(params, config, prompt_ids, max_new_tokens, temperature, top_k, rng, lora, stop_id, 1)[0]
+
+
+def generate_many(params, config, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
+                  lora=None, stop_id=None, num_samples=1):
+    """Continue one prompt num_samples times, as one batch.
 
     Inputs:
     - prompt_ids: (T0,) token ids
-    - stop_id: stop after emitting this token (it is included in the output)
+    - stop_id: a row stops after emitting this token (it is kept in the output)
 
-    Returns the generated ids (N,), without the prompt.
+    Returns a list of num_samples id arrays (N_i,), without the prompt.
     """
     ids = np.asarray(prompt_ids, dtype=np.int64)[None, :]
     if ids.shape[1] == 0:
         raise ValueError("prompt_ids: expected at least one token to start from, got none")
-    out = []
+    ids = np.repeat(ids, num_samples, axis=0)  # (S, T0)
+    done = np.zeros(num_samples, bool)
+    new = []
     for _ in range(max_new_tokens):
         logits = to_numpy(next_token_logits(params, config, ids[:, -config.context_length:], lora))
         nxt = sample_next(logits, temperature, top_k, rng)
-        out.append(int(nxt[0]))
+        new.append(nxt)
         ids = np.concatenate([ids, nxt[:, None]], axis=1)
-        if stop_id is not None and out[-1] == stop_id:
-            break
-    return np.array(out, dtype=np.int64)
+        if stop_id is not None:
+            done |= nxt == stop_id
+            if done.all():
+                break
+    new = np.stack(new, axis=1)  # (S, steps)
+    out = []
+    for row in new:
+        stops = np.flatnonzero(row == stop_id) if stop_id is not None else []
+        out.append(row[: stops[0] + 1] if len(stops) else row)
+    return out
 
 
 def greedy_decode(params, config, prompts, max_new_tokens, stop_id, lora=None, batch_size=128):
