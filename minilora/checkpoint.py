@@ -13,6 +13,7 @@ renamed over the target (os.replace is atomic on POSIX and Windows), so a crash
 mid-save leaves the previous checkpoint intact rather than half-written.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,6 +24,31 @@ from .backend import to_numpy
 
 PARAM_PREFIX = "param."
 META_KEY = "meta.json"
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Open a temporary file beside path; on success it is synced and renamed over path.
+
+    Usage: `with atomic_open(path) as f: f.write(...)`. If the block raises, the
+    temporary file is removed and whatever was at path is left untouched, so a
+    crash never leaves a half-written file. Parent directories are created.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # Same directory as the target, so os.replace is a rename within one file system.
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp_path, 0o644)  # mkstemp makes the file private (0600); give it the usual mode
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
 
 
 def _json_default(x):
@@ -66,22 +92,8 @@ def save_checkpoint(path, params, meta, arrays=None):
     payload.update({name: to_numpy(a) for name, a in arrays.items()})
     payload[META_KEY] = numpy.array(meta_json)  # 0-d '<U..' array: no pickle needed
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Same directory as the target, so os.replace is a rename within one file system.
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        os.chmod(tmp_path, 0o644)  # mkstemp makes the file private (0600); give it the usual mode
-        with os.fdopen(fd, "wb") as f:
-            # A file object, not a name: numpy.savez would append ".npz" to a name.
-            numpy.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_open(path) as f:
+        numpy.savez(f, **payload)  # a file object, not a name: numpy.savez would append ".npz" to a name
 
 
 def load_checkpoint(path):

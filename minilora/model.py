@@ -137,28 +137,26 @@ def _linear_backward(dout, cache, prefix, params, grads, trainable):
     if prefix + ".lora_A" in params:
         # a LoRA linear: W and b are frozen, the backward has no dW at all
         dx, dA, dB = ops.lora_linear_backward(dout, cache)
-        if prefix + ".lora_A" in trainable:
-            grads[prefix + ".lora_A"] = dA
-        if prefix + ".lora_B" in trainable:
-            grads[prefix + ".lora_B"] = dB
+        _keep(grads, trainable, prefix, lora_A=dA, lora_B=dB)
         return dx
     wanted = prefix + ".W" in trainable or prefix + ".b" in trainable
     dx, dW, db = ops.linear_backward(dout, cache, param_grads=wanted)
-    if prefix + ".W" in trainable:
-        grads[prefix + ".W"] = dW
-    if prefix + ".b" in trainable:
-        grads[prefix + ".b"] = db
+    _keep(grads, trainable, prefix, W=dW, b=db)
     return dx
 
 
 def _ln_backward(dout, cache, prefix, grads, trainable):
     wanted = prefix + ".g" in trainable or prefix + ".b" in trainable
     dx, dg, db = ops.layer_norm_backward(dout, cache, param_grads=wanted)
-    if prefix + ".g" in trainable:
-        grads[prefix + ".g"] = dg
-    if prefix + ".b" in trainable:
-        grads[prefix + ".b"] = db
+    _keep(grads, trainable, prefix, g=dg, b=db)
     return dx
+
+
+def _keep(grads, trainable, prefix, **named):
+    """grads["prefix.name"] = gradient, for each named gradient whose parameter is trainable."""
+    for name, g in named.items():
+        if f"{prefix}.{name}" in trainable:
+            grads[f"{prefix}.{name}"] = g
 
 
 def _add(grads, name, g):

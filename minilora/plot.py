@@ -12,12 +12,12 @@ function returns its Figure; only save_figure writes a file.
 
 import json
 import math
-import os
-import tempfile
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
+
+from .checkpoint import atomic_open
 
 
 def read_log(path):
@@ -239,15 +239,5 @@ def save_figure(fig, path, dpi=144):
     """
     if not str(path).lower().endswith(".png"):
         raise ValueError(f"path: expected a file name ending in .png, got {path!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        os.chmod(tmp_path, 0o644)  # mkstemp makes the file private (0600); give it the usual mode
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=dpi)

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .backend import array_module, to_device
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_open, load_checkpoint, save_checkpoint
 from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at, state_from_arrays, state_to_arrays
 
 
@@ -70,10 +70,8 @@ def _truncate_log(path, step):
     """Drop the records after `step` (a crashed run logged them; the resumed run logs them again)."""
     with open(path) as f:
         lines = [line for line in f if "step" not in (r := json.loads(line)) or r["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w") as f:
         f.writelines(lines)
-    os.replace(tmp, path)
 
 
 def train(params, trainable, loss_fn, next_batch, config, evaluate=None, run_dir=None, meta=None,
