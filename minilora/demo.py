@@ -13,34 +13,22 @@ import time
 import numpy as np
 
 from . import corpus, plot
-from .checkpoint import load_checkpoint
 from .finetune import FinetuneConfig, finetune
-from .pretrain import PretrainConfig, load_pretrained, pretrain
+from .pretrain import PretrainConfig, load_or_pretrain
 from .sampling import generate_many
-from .train import TrainConfig
 
 GENERATIVE_STEPS = 600
 CLASSIFICATION_STEPS = 600
 
 
 def _pretrained(run_dir, backend, fast):
-    """Reuse a finished pretraining run of the same model config, or pretrain now."""
-    config = PretrainConfig()
-    if fast:
-        config.train = TrainConfig(steps=20, batch_size=8, warmup_steps=2, eval_every=10)
-        config.n_train_sentences, config.n_val_sentences = 2000, 100
-    ckpt = os.path.join(run_dir, "checkpoint.npz")
-    if os.path.exists(ckpt):
-        _, meta, _ = load_checkpoint(ckpt)
-        if meta.get("model") == config.model.to_dict() and meta.get("step") == config.train.steps \
-                and meta.get("kind") == "pretrain":
-            print(f"reusing the pretrained model in {ckpt}")
-            params, model_config, _ = load_pretrained(ckpt)
-            return params, model_config, None
-    params, summary = pretrain(config, run_dir=run_dir, backend=backend)
-    print(f"pretrained in {summary['wall_s']:.0f} s: val loss {summary['val_loss']:.4f} nats/char, "
-          f"entropy floor {summary['floor']:.4f}, bigram {summary['bigram_loss']:.4f}")
-    return params, config.model, summary
+    """Reuse a finished pretraining run of the same config, or pretrain now."""
+    params, model_config, summary = load_or_pretrain(PretrainConfig.fast() if fast else PretrainConfig(),
+                                                     run_dir, backend)
+    if summary is not None:
+        print(f"pretrained in {summary['wall_s']:.0f} s: val loss {summary['val_loss']:.4f} nats/char, "
+              f"entropy floor {summary['floor']:.4f}, bigram {summary['bigram_loss']:.4f}")
+    return params, model_config, summary
 
 
 def sample_report(params, model_config, n=100, seed=0):

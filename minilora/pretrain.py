@@ -28,6 +28,13 @@ class PretrainConfig:
     data_seed: int = 0
     init_seed: int = 0
 
+    @classmethod
+    def fast(cls):
+        """A few steps of a small model: for smoke tests and the tutorials' fast mode, not for results."""
+        return cls(model=ModelConfig(d_model=32, n_heads=2, n_layers=1, d_ff=64),
+                   train=TrainConfig(steps=10, batch_size=8, warmup_steps=2, eval_every=5),
+                   n_train_sentences=500, n_val_sentences=50)
+
 
 def random_windows(data, batch_size, T, rng):
     """A batch of random windows of the token stream.
@@ -79,6 +86,24 @@ def load_pretrained(path, xp=None):
     check_params_match(saved, param_shapes(config), what=str(path))
     xp = xp if xp is not None else get_backend()
     return params_to(saved, xp), config, meta
+
+
+def load_or_pretrain(config=None, run_dir="runs/pretrain", backend=None):
+    """Reuse run_dir's finished pretraining run when it was made with this config; else pretrain now.
+
+    Returns (params, model_config, summary): summary is None when a run was reused.
+    """
+    config = config or PretrainConfig()
+    ckpt = os.path.join(run_dir, "checkpoint.npz")
+    if os.path.exists(ckpt):
+        _, meta, _ = load_checkpoint(ckpt)
+        if (meta.get("kind") == "pretrain" and meta.get("corpus") == "toy grammar"
+                and meta.get("model") == config.model.to_dict() and meta.get("step") == config.train.steps):
+            print(f"reusing the pretrained model in {ckpt}")
+            params, model_config, _ = load_pretrained(ckpt, get_backend(backend))
+            return params, model_config, None
+    params, summary = pretrain(config, run_dir=run_dir, backend=backend)
+    return params, config.model, summary
 
 
 def pretrain(config=None, run_dir="runs/pretrain", text_file=None, backend=None, resume=None):

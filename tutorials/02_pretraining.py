@@ -1,0 +1,216 @@
+# %% [markdown]
+# # 02. Phase 1: pretraining
+#
+# ## What fine-tuning is
+#
+# **Pretraining** trains a model on a very large, general corpus with a
+# self-supervised objective; it learns the structure of the language. **Fine-tuning**
+# takes those pretrained weights and continues training for a short while on a
+# small, curated, task-specific dataset. The result keeps the general abilities of
+# the backbone and adds the task. In real systems pretraining sees trillions of
+# tokens and fine-tuning thousands to millions of examples; that gap in scale is
+# what makes fine-tuning cheap.
+#
+# ## The two-phase architecture
+#
+# - **Phase 1 (this tutorial).** A transformer is trained on next-token prediction
+#   over a corpus. The output is a set of pretrained weights W.
+# - **Phase 2 (tutorials 03-05).** W is loaded, a dataset of input-output pairs is
+#   prepared, and training resumes, but now the critical decision is: *which weights
+#   get updated?*
+#
+# Everything here is small enough for a laptop CPU: a toy language, a 2-layer GPT,
+# a few minutes of training.
+
+# %%
+import os
+
+import numpy as np
+
+from minilora import corpus, plot
+from minilora.finetune import FinetuneConfig
+from minilora.model import count_params, init_params, lm_loss_and_grads, param_shapes
+from minilora.pretrain import PretrainConfig, load_or_pretrain, strided_val_loss
+from minilora.sampling import generate
+
+FAST = os.environ.get("MINILORA_FAST") == "1"
+FIGURES = os.environ.get("MINILORA_FIGURES", "figures")
+RUNS = os.environ.get("MINILORA_RUNS", "runs")
+tok = corpus.CharTokenizer()
+
+# %% [markdown]
+# ## The corpus: a toy grammar
+#
+# `minilora/corpus.py` defines a small probabilistic grammar: a subject noun phrase,
+# a verb that agrees with it in number, and an object or a place. Each sentence is
+# followed by a newline. The cell below prints a few sentences from it.
+
+# %%
+rng = np.random.default_rng(0)
+for d in corpus.sample_sentences(6, rng):
+    print(d["text"])
+
+# %% [markdown]
+# ## The entropy floor: the best loss any model can reach
+#
+# Every word belongs to exactly one category, so each sentence has exactly one
+# derivation, and P(sentence) is the product of the probabilities of the choices
+# that made it. The entropy of a sentence is then the expected sum of the entropies
+# of those choices, and spread over its characters (plus the newline):
+#
+#     H = H(sentence) / E[len(sentence) + 1]     nats per character.
+#
+# Why nothing beats it: a model q's expected cross-entropy on text from p is
+#
+#     E_p[-log q] = H(p) + KL(p || q)   and   KL >= 0,
+#
+# with equality only when q = p. So the loss curve below can approach H but never go
+# under it (on average over fresh text). The cell below prints H, and checks it
+# against a Monte Carlo estimate from sampled sentences (`corpus.sentence_log_prob`
+# parses a sentence and returns its exact log probability).
+
+# %%
+H = corpus.entropy_per_char()
+sample = [d["text"] for d in corpus.sample_sentences(2000 if FAST else 20000, rng)]
+log_probs = np.array([corpus.sentence_log_prob(s) for s in sample])
+H_mc = -log_probs.mean() / np.mean([len(s) + 1 for s in sample])
+print(f"exact entropy floor  H = {H:.4f} nats/char")
+print(f"Monte Carlo estimate   = {H_mc:.4f} nats/char  ({len(sample)} sentences)")
+print(f"uniform guess ln(96)   = {np.log(96):.4f} nats/char")
+assert abs(H_mc - H) < 0.03
+
+# %% [markdown]
+# ## A baseline: the character bigram
+#
+# The simplest language model predicts each character from the previous one only,
+# P(b | a) from counts. It knows spelling fragments but nothing about agreement or
+# sentence structure. The cell below fits it on the training text and scores it on
+# the validation text; a transformer is worth something only if it gets well below
+# this number, toward H. It also prints the size of the pretraining text next to the
+# size of a fine-tuning dataset: the scale gap between the two phases, in miniature.
+
+# %%
+config = PretrainConfig.fast() if FAST else PretrainConfig()  # fast: a smoke test, a tiny model
+train_text, val_text = corpus.train_val_text(config.n_train_sentences, config.n_val_sentences, config.data_seed)
+bigram = corpus.bigram_loss(train_text, val_text)
+print(f"training text: {len(train_text):,} characters, validation text: {len(val_text):,}")
+print(f"bigram validation loss = {bigram:.4f} nats/char   (floor {H:.4f})")
+print(f"for scale: phase 2 fine-tunes on {FinetuneConfig().n_train:,} short records by default")
+assert bigram > H
+
+# %% [markdown]
+# ## The model
+#
+# A GPT-2 shaped transformer (`minilora/model.py`): token and position embeddings,
+# `n_layers` pre-LayerNorm blocks of causal self-attention and a GELU MLP, a final
+# layer norm, and an LM head tied to the token embedding `wte`. Parameters are one
+# flat dict with GPT-2's names. The cell below lists them and checks the total
+# against the formula
+#
+#     V C + Tmax C + L (4 C^2 + 3 C [q, v, o biases] + 2 C F + F + C + 4 C [two LNs]) + 2 C
+
+# %%
+mc = config.model
+shapes = param_shapes(mc)
+for name, shape in list(shapes.items())[: 2 + 16]:
+    print(f"{name:20s} {shape}")
+print("...")
+n_params = count_params(init_params(mc))
+C, F, V, T, L = mc.d_model, mc.d_ff, mc.vocab_size, mc.context_length, mc.n_layers
+formula = V * C + T * C + L * (4 * C * C + 3 * C + 2 * C * F + F + C + 4 * C) + 2 * C
+print(f"{len(shapes)} tensors, {n_params:,} parameters (formula: {formula:,})")
+assert n_params == formula
+
+# %% [markdown]
+# At initialisation every logit is close to 0, so the model predicts nearly the
+# uniform distribution and its loss should be close to ln(96). The cell below
+# checks it: a quick test that the forward pass and the loss are wired correctly.
+
+# %%
+x = tok.encode(train_text[: 8 * 65])[: 8 * 64 + 1]
+xb, yb = x[:-1].reshape(8, 64), x[1:].reshape(8, 64)
+loss0, _ = lm_loss_and_grads(init_params(mc), mc, xb, yb)
+print(f"loss at init {loss0:.4f}, ln(96) = {np.log(96):.4f}")
+assert abs(loss0 - np.log(96)) < 0.05
+
+# %% [markdown]
+# ## Pretraining
+#
+# The objective is next-token cross-entropy,
+#
+#     L = -(1/T) sum_t log p_theta(x_t | x_<t),
+#
+# minimised with AdamW (warmup, then cosine decay) on random 128-character windows of
+# the corpus. Every parameter is trainable. `pretrain.pretrain` writes a JSON-lines
+# log and `checkpoint.npz` into the run folder; if a finished run with the same model
+# is already there (e.g. from `minilora pretrain` or an earlier run of this file) we
+# load it instead of training again. The validation loss is measured by
+# `strided_val_loss`, in which every counted character sees at least 64 characters
+# of context: longer than any sentence, so a perfect model would score exactly H.
+
+# %%
+run_dir = os.path.join(RUNS, "pretrain")
+params, mc, summary = load_or_pretrain(config, run_dir)
+if summary is not None:
+    print(f"pretrained {summary['steps']} steps in {summary['wall_s']:.0f} s")
+
+# %% [markdown]
+# The cell below measures the pretrained model on the validation text and compares
+# it with the floor and the bigram.
+
+# %%
+val_data = tok.encode(val_text)
+assert corpus.longest_sentence_length() <= mc.context_length // 2  # every counted char sees its whole sentence
+val_loss = strided_val_loss(params, mc, val_data)
+print(f"validation loss {val_loss:.4f} nats/char")
+print(f"  entropy floor {H:.4f}  -> the model is {val_loss - H:.4f} nats/char above it")
+print(f"  bigram        {bigram:.4f}")
+assert val_loss > H - 0.02  # no model beats the floor (up to the sampling noise of a finite text)
+if not FAST:
+    assert val_loss < bigram  # the transformer has learned more than character pairs
+
+# %% [markdown]
+# ## Figure: the loss curve against the floor
+#
+# The gap between the curve and the dashed line is what the model has not learned.
+# The log axis spreads out the region near the floor.
+
+# %%
+log = plot.read_log(os.path.join(run_dir, "log.jsonl"))
+fig = plot.plot_loss_curves({"pretrain": log}, floor=H, logy=True,
+                            title="Pretraining: loss falls from ln(96) toward the entropy floor")
+path = os.path.join(FIGURES, "02_pretrain_loss.png")
+plot.save_figure(fig, path)
+print("wrote", path)
+
+# %% [markdown]
+# ## Samples
+#
+# Text from the pretrained model (`sampling.generate`, temperature 1: sampling from
+# the model's own distribution). A model at the floor would produce sentences of
+# the grammar with the grammar's probabilities. The cell below samples sentences
+# and counts how many parse under the grammar (`sentence_log_prob` raises on any
+# sentence the grammar cannot produce).
+
+# %%
+rng = np.random.default_rng(1)
+n_samples = 3 if FAST else 20
+ok = 0
+for i in range(n_samples):
+    ids = generate(params, mc, tok.encode("\n"), 60, temperature=1.0, rng=rng, stop_id=corpus.NEWLINE_ID)
+    text = tok.decode(ids).rstrip("\n")
+    try:
+        corpus.sentence_log_prob(text)
+        ok += 1
+        verdict = "grammatical"
+    except ValueError:
+        verdict = "NOT in the language"
+    if i < 8:
+        print(f"{text!r:50s} {verdict}")
+print(f"{ok} of {n_samples} samples are sentences of the grammar")
+if not FAST:
+    assert ok >= n_samples // 2
+
+# %% [markdown]
+# This checkpoint is the W of phase 2. Tutorial 03 loads it and fine-tunes it on a
+# task the model has never seen, first with every weight trainable, then with LoRA.

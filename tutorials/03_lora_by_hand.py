@@ -1,0 +1,318 @@
+# %% [markdown]
+# # 03. LoRA, by hand
+#
+# ## Three strategies
+#
+# Phase 2 loads the pretrained weights W and trains on a task. The one structural
+# decision is **which weights get updated**:
+#
+# - **Full fine-tuning**: every parameter. Maximum flexibility, but gradients and
+#   optimizer state for every parameter.
+# - **Parameter-efficient fine-tuning (PEFT)**: W is frozen; a small set of added
+#   parameters Delta W (adapters) is trained. W is never modified.
+# - **Prompt tuning**: no weight at all is updated; trainable vectors are put before
+#   the input (tutorial 04).
+#
+# In minilora a strategy is only (a) which extra parameters exist and (b) which names
+# are trainable. One model, one backward, one optimizer, one loop serve all three.
+#
+# ## LoRA: low-rank adaptation
+#
+# Weight updates during fine-tuning tend to have low intrinsic rank, so LoRA learns
+# the update of a d x k matrix as a product of two thin matrices:
+#
+#     W' = W + Delta W = W + (alpha / r) B A,    B in R^{d x r},  A in R^{r x k},  r << min(d, k)
+#
+# With our layout W (out, in) = (d, k), so `B (out, r)`, `A (r, in)` and the update is
+# literally `W + s * B @ A`, with s = alpha / r. A starts random, **B starts at zero**,
+# so at initialisation W' = W exactly: fine-tuning starts from the pretrained model.
+# Only A and B are trained: r (d + k) numbers instead of d k.
+
+# %%
+import os
+
+import numpy as np
+
+from minilora import corpus, gradcheck, lora, model, ops, plot, tasks
+from minilora.finetune import FinetuneConfig, exact_match, finetune
+from minilora.pretrain import PretrainConfig, load_or_pretrain
+
+FAST = os.environ.get("MINILORA_FAST") == "1"
+FIGURES = os.environ.get("MINILORA_FIGURES", "figures")
+RUNS = os.environ.get("MINILORA_RUNS", "runs")
+rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ## Counting: r (d + k) instead of d k
+#
+# The cell below evaluates the seed's example, an attention matrix with d = k = 4096
+# and r = 16, with `lora.seed_example()`.
+
+# %%
+n_lora, n_full = lora.seed_example()
+print(f"full update d k = {n_full:,}   LoRA r (d + k) = {n_lora:,}   reduction {100 * (1 - n_lora / n_full):.2f}%")
+assert (n_lora, n_full) == (131_072, 16_777_216) and n_lora / n_full < 0.01
+
+# %% [markdown]
+# ## The LoRA linear: forward
+#
+#     y = x W^T + b + s (x A^T) B^T
+#
+# `ops.lora_linear_forward` computes it **unmerged**: x A^T is (N, r), then times
+# B^T gives (N, out). The (out, in) matrix B A is never formed; the update costs
+# r (in + out) multiply-adds per token. The cell below checks the forward against
+# the merged formula x (W + s B A)^T + b, and checks that with B = 0 the layer is
+# exactly the base layer.
+
+# %%
+N, d_in, d_out, r = 10, 8, 6, 3
+x = rng.standard_normal((N, d_in))
+W, b = rng.standard_normal((d_out, d_in)), rng.standard_normal(d_out)
+A, B = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r))
+s = ops.lora_scale(r, 2.0 * r)  # alpha = 2 r, the seed's suggestion: s = 2
+y, cache = ops.lora_linear_forward(x, W, b, A, B, s)
+assert np.allclose(y, x @ (W + s * B @ A).T + b)
+y0, _ = ops.lora_linear_forward(x, W, b, A, np.zeros_like(B), s)
+assert np.array_equal(y0, ops.linear_forward(x, W, b)[0])
+print("unmerged forward == merged formula; with B = 0 it equals the base layer exactly")
+
+# %% [markdown]
+# ## The LoRA linear: backward, derived
+#
+# Name the intermediate xa = x A^T (N, r). The forward is y = x W^T + b + s xa B^T.
+# Walking back, with dy = dL/dy (N, out):
+#
+#     dB  = s dy^T xa            (out, r)     from y += s xa B^T
+#     dxa = s dy B               (N, r)
+#     dA  = dxa^T x              (r, in)      from xa = x A^T
+#     dx  = dy W + dxa A         (N, in)      base path plus adapter path
+#
+# and **no dW**: W is frozen, so the (out, in) product dy^T x is never computed. The
+# cell below writes these four lines in NumPy and compares them with
+# `ops.lora_linear_backward`.
+
+# %%
+dy = rng.standard_normal(y.shape)
+xa = x @ A.T
+dB_hand = s * dy.T @ xa
+dxa = s * dy @ B
+dA_hand = dxa.T @ x
+dx_hand = dy @ W + dxa @ A
+dx, dA, dB = ops.lora_linear_backward(dy, cache)
+for name, hand, lib in (("dx", dx_hand, dx), ("dA", dA_hand, dA), ("dB", dB_hand, dB)):
+    print(f"{name} {str(hand.shape):8s} by hand vs ops: max |diff| = {np.abs(hand - lib).max():.1e}")
+    assert np.allclose(hand, lib)
+
+# %% [markdown]
+# Why the gradient check must use B != 0: at B = 0, dxa = s dy B = 0, so **dA is
+# exactly zero** and a wrong dA formula would still pass. (It is also why training
+# starts by moving B: only dB is non-zero at step 0.) The cell below shows it, then
+# checks all three gradients against finite differences in float64 at B != 0.
+
+# %%
+_, cache0 = ops.lora_linear_forward(x, W, b, A, np.zeros_like(B), s)
+_, dA0, dB0 = ops.lora_linear_backward(dy, cache0)
+print(f"at B = 0: |dA| max = {np.abs(dA0).max()}, |dB| max = {np.abs(dB0).max():.3f}")
+assert not dA0.any() and dB0.any()
+
+results = gradcheck.check_op("lora_linear", lambda x, W, b, A, B: ops.lora_linear_forward(x, W, b, A, B, s),
+                             ops.lora_linear_backward, {"x": x, "W": W, "b": b, "A": A, "B": B},
+                             {"x": 0, "A": 1, "B": 2}, rng)
+for res in results:
+    print(f"d/d{res.argument}  rel error {res.error:.2e}")
+    assert res.passed
+
+# %% [markdown]
+# ## The loss function and gradient flow
+#
+# Fine-tuning uses the same loss as pretraining, next-token cross-entropy, counted
+# only on the response tokens (tutorial 04 shows the mask):
+#
+#     L = -(1 / T) sum_t log p_theta(x_t | x_<t)
+#
+# Gradients flow back from the loss through every layer (dx must pass through the
+# frozen W to reach earlier adapters) but **parameter** gradients are formed only for
+# Delta W. The cell below checks the whole LoRA model's gradients against finite
+# differences (float64, a tiny model, B != 0), the same check `minilora gradcheck`
+# runs.
+
+# %%
+cfg, base64 = gradcheck.tiny_model(rng)
+lcfg64 = lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "k", "v", "o"))
+adapted64 = lora.add_lora(base64, cfg, lcfg64, seed=1)
+for name in lora.lora_names(adapted64):
+    adapted64[name] = 0.5 * rng.standard_normal(adapted64[name].shape)
+xt = rng.integers(0, cfg.vocab_size, (3, cfg.context_length))
+yt = rng.integers(0, cfg.vocab_size, (3, cfg.context_length))
+results = gradcheck.check_model("LoRA model", lambda p, tr: model.lm_loss_and_grads(p, cfg, xt, yt, None, tr, lcfg64),
+                                adapted64, set(lora.lora_names(adapted64)), rng)
+print(f"{len(results)} adapter tensors checked, worst rel error {max(res.error for res in results):.1e}")
+assert all(res.passed for res in results)
+
+# %% [markdown]
+# ## The pretrained model
+#
+# Load the checkpoint of tutorial 02 (or pretrain now if there is none).
+
+# %%
+base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
+                               os.path.join(RUNS, "pretrain"))
+base_copy = {n: p.copy() for n, p in base.items()}  # to prove later that fine-tuning left W untouched
+tok = corpus.CharTokenizer()
+_, val_text = corpus.train_val_text(0, 50 if FAST else 200, seed=PretrainConfig().data_seed)
+val_data = tok.encode(val_text)  # pretraining-corpus text, to measure forgetting
+
+# %% [markdown]
+# Add adapters to q, k, v, o of every block (the seed: LoRA is typically applied to
+# the attention projections) with r = 8, alpha = 16. The cell below asserts that
+# every B is zero and that the adapted model's logits equal the base model's,
+# exactly.
+
+# %%
+lcfg = lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o"))
+adapted = lora.add_lora(base, mc, lcfg, seed=0)
+for name in lora.lora_names(adapted):
+    print(f"{name:22s} {adapted[name].shape}")
+assert all(not adapted[n].any() for n in lora.lora_names(adapted) if n.endswith("lora_B"))
+ids = tok.encode("the red cat chases two mice.\nmy dog ")[None, :]
+assert np.array_equal(model.next_token_logits(adapted, mc, ids, lcfg), model.next_token_logits(base, mc, ids))
+print("B = 0 at init: the adapted model's logits equal the pretrained model's exactly")
+
+# %% [markdown]
+# ## No dW, ever
+#
+# `lm_loss_and_grads(..., trainable=names)` returns gradients for exactly the
+# trainable names. To show that no dense weight gradient is even *computed* (not
+# just discarded), the cell below counts the calls to `ops.linear_backward` that
+# form a dW product, during one LoRA backward and one full backward.
+
+# %%
+train_records = [{"instruction": "Name the subject.", "input": "the red cat chases two mice.", "output": "cat"}]
+xb, yb, mb = tasks.instruction_batch(train_records, tok, mc.context_length)
+lora_trainable = set(lora.lora_names(adapted))
+original_linear_backward = ops.linear_backward
+dW_products = []
+
+
+def counting_linear_backward(dout, cache, param_grads=True):
+    if param_grads:
+        dW_products.append(cache[1].shape)
+    return original_linear_backward(dout, cache, param_grads)
+
+
+ops.linear_backward = counting_linear_backward
+try:
+    _, grads = model.lm_loss_and_grads(adapted, mc, xb, yb, mb, lora_trainable, lcfg)
+    n_lora_dW = len(dW_products)
+    dW_products.clear()
+    _, grads_full = model.lm_loss_and_grads(base, mc, xb, yb, mb, set(base))
+    n_full_dW = len(dW_products)
+finally:
+    ops.linear_backward = original_linear_backward
+print(f"LoRA backward: {len(grads)} gradients, all adapters: {sorted(grads)[:2]} ...; dW products formed: {n_lora_dW}")
+print(f"full backward: {len(grads_full)} gradients; dW products formed: {n_full_dW}")
+assert set(grads) == lora_trainable and not any(n.endswith(".W") for n in grads)
+assert n_lora_dW == 0 and n_full_dW > 0
+try:
+    model.lm_loss_and_grads(adapted, mc, xb, yb, mb, {"h.0.attn.q.W"}, lcfg)
+    raise AssertionError("training an adapted W should be refused")
+except ValueError as e:
+    print("asking for an adapted W's gradient is refused:", e)
+
+# %% [markdown]
+# ## Fine-tuning: LoRA vs full on the "subject" task
+#
+# The task (tutorial 04 shows the format): given a sentence, answer its subject noun.
+# The pretrained model has never seen the instruction format, so it scores 0 before
+# fine-tuning. `finetune.finetune` trains with one strategy and returns a summary:
+# exact-match accuracy on held-out sentences before and after, and the
+# pretraining-corpus loss before and after. Both runs take the same number of steps;
+# each uses its default learning rate (full 3e-4, LoRA 5e-3: freshly initialised
+# adapters take larger steps than pretrained weights should). Each run prints
+# PEFT's `trainable params || all params` line.
+
+# %%
+steps = 4 if FAST else 300
+summaries, logs, finetuned = {}, {}, {}
+for method in ("full", "lora"):
+    config = FinetuneConfig(method=method, task="subject", n_train=64 if FAST else 2000, n_test=8 if FAST else 150,
+                            lora=lcfg)
+    config.train.steps = steps
+    config.train.warmup_steps = 1 if FAST else 20
+    config.train.eval_every = steps
+    run_dir = os.path.join(RUNS, f"03-finetune-subject-{method}")
+    params, trainable, summary = finetune(base, mc, config, run_dir, val_data)
+    summaries[method], finetuned[method] = summary, params
+    if not FAST:
+        assert summary["metric"] > summary["metric_before"]
+    logs[method] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
+    print(f"[{method}] exact match {summary['metric_before']:.3f} -> {summary['metric']:.3f}; "
+          f"corpus loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}; "
+          f"{summary['wall_s']:.0f} s")
+for name in base:
+    assert np.array_equal(base[name], base_copy[name])  # neither strategy modified the pretrained W
+
+# %% [markdown]
+# ## The memory argument
+#
+# AdamW keeps two moments (m and v) for every **trainable** parameter, and nothing
+# for a frozen one. The cell below prints the optimizer state of each run, and
+# asserts it equals 2 x 4 bytes (float32) x trainable parameters.
+
+# %%
+for method, sm in summaries.items():
+    print(f"{method:5s} trainable {sm['trainable_params']:>9,} of {sm['total_params']:,}   "
+          f"AdamW state {sm['optimizer_state_bytes'] / 1024:9,.1f} KiB")
+    assert sm["optimizer_state_bytes"] == 2 * 4 * sm["trainable_params"]
+ratio = summaries["full"]["optimizer_state_bytes"] / summaries["lora"]["optimizer_state_bytes"]
+print(f"LoRA's optimizer state is {ratio:.0f}x smaller: the ratio of the trainable counts")
+assert ratio == summaries["full"]["trainable_params"] / summaries["lora"]["trainable_params"] > 1
+
+# %% [markdown]
+# A few held-out predictions of the LoRA model (greedy decoding, stops at newline):
+
+# %%
+_, test_records = tasks.task_splits("subject", 0, 6, seed=123)
+acc, preds = exact_match(finetuned["lora"], mc, test_records, lcfg)
+for rec, pred in zip(test_records, preds):
+    print(f"{rec['input']:45s} expected {rec['output']!r:12s} got {pred!r}")
+
+# %% [markdown]
+# ## Merge and unmerge
+#
+# For inference, Delta W = s B A can be folded into W: `lora.merge` returns a plain
+# model (no adapters) whose W is W + s B A, so inference costs exactly what the base
+# model costs. `lora.unmerge` subtracts it again. The cell below checks that the
+# merged model computes the same logits as the adapted one, and that unmerging
+# recovers the pretrained W (up to float32 rounding).
+
+# %%
+adapted_ft = finetuned["lora"]
+merged = lora.merge(adapted_ft, lcfg)
+assert not lora.lora_names(merged)
+logits_adapted = model.next_token_logits(adapted_ft, mc, ids, lcfg)
+logits_merged = model.next_token_logits(merged, mc, ids)
+print(f"max |logits merged - logits adapted| = {np.abs(logits_merged - logits_adapted).max():.1e}")
+assert np.allclose(logits_merged, logits_adapted, atol=1e-4)
+adapters = {n: adapted_ft[n] for n in lora.lora_names(adapted_ft)}
+restored = lora.unmerge(merged, adapters, lcfg)
+w_err = max(np.abs(restored[n] - base[n]).max() for n in base)
+print(f"after unmerge, max |W - W_pretrained| = {w_err:.1e}")
+assert w_err < 1e-5
+
+# %% [markdown]
+# ## Figure: the two loss curves
+#
+# Loss on the response tokens only, per step, for both strategies.
+
+# %%
+fig = plot.plot_loss_curves(
+    logs, smooth=0.8, title="Fine-tuning loss on 'subject' (response tokens only): full vs LoRA (r=8 on q,k,v,o)")
+path = os.path.join(FIGURES, "03_lora_vs_full_loss.png")
+plot.save_figure(fig, path)
+print("wrote", path)
+
+# %% [markdown]
+# LoRA trains a few percent of the parameters, keeps a proportionally smaller
+# optimizer state, never forms a dense dW, and can be merged away for inference.
+# Tutorial 04 adds the third strategy, prompt tuning, and a classification head.
