@@ -103,7 +103,7 @@ def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, ta
                    "samples": samples[:10]}, f, indent=1)
     if figures_dir:
         pre_log = plot.read_log(os.path.join(out_dir, "pretrain", "log.jsonl"))
-        plot.save_figure(plot.plot_loss_curves({"pretrain": pre_log}, floor=corpus.entropy_per_char()),
+        plot.save_figure(plot.plot_loss_curves({"pretrain": pre_log}, floor=corpus.entropy_per_char(), logy=True),
                          os.path.join(figures_dir, "pretrain_loss.png"))
         gen = {m: logs[(task, m)] for m in ("full", "lora", "prompt")}
         plot.save_figure(plot.plot_loss_curves(
