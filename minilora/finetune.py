@@ -19,10 +19,10 @@ import numpy as np
 from . import corpus, tasks
 from .backend import to_numpy
 from .lora import LoraConfig, add_lora, lora_names, lora_param_count
-from .model import cls_loss_and_grads, count_params, lm_loss_and_grads
+from .model import add_head, cls_loss_and_grads, count_params, lm_loss_and_grads
 from .optim import optimizer_state_bytes
 from .pretrain import strided_val_loss
-from .prompt import add_head, add_prompt
+from .prompt import add_prompt
 from .sampling import greedy_decode
 from .train import TrainConfig, train
 

@@ -259,7 +259,7 @@ def _model_checks(rng):
         return lambda p, tr: model.cls_loss_and_grads(p, config, x, last, labels, tr, lcfg)[:2]
 
     res = check_model("model: full, LM", lm(), base, set(base), rng)
-    with_head = prompt.add_head(base, 3, seed=1)
+    with_head = model.add_head(base, 3, seed=1)
     with_head["cls.b"] = 0.4 * rng.standard_normal(3)
     res += check_model("model: full, classifier", cls(), with_head, set(with_head), rng)
 

@@ -106,6 +106,18 @@ def init_params(config, seed=0, dtype=np.float32):
     return params
 
 
+def add_head(params, n_classes, seed=0):
+    """A new dict: params (shared) plus the classification head cls.W (K, C) ~ N(0, 0.02), cls.b (K,) = 0."""
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+        raise ValueError(f"n_classes: expected an integer >= 2, got {n_classes!r}")
+    rng = np.random.default_rng(seed)
+    xp = array_module(params["wte"])
+    dtype = params["wte"].dtype
+    C = params["wte"].shape[1]
+    W = rng.normal(0.0, 0.02, (n_classes, C)).astype(dtype)
+    return {**params, "cls.W": xp.asarray(W), "cls.b": xp.zeros(n_classes, dtype=dtype)}
+
+
 def params_to(params, xp, dtype=None):
     """A new dict with every array moved to module xp (and cast to dtype if given)."""
     out = {}

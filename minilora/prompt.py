@@ -10,8 +10,6 @@ vectors, and can learn any position signal they need), and the real tokens
 keep positions 0..T-1, exactly what the pretrained model saw, so
 context_length still bounds the real tokens only. The prompt's own outputs are
 dropped before the head, so the loss never counts the virtual positions.
-
-Also here: the classification head, which every strategy trains.
 """
 
 import numpy as np
@@ -47,15 +45,3 @@ def add_prompt(params, n_prompt, init="vocab", seed=0, init_ids=None):
         prompt = wte[np.resize(np.asarray(init_ids), n_prompt)]
     xp = array_module(params["wte"])
     return {**params, "prompt": xp.asarray(prompt.astype(wte.dtype))}
-
-
-def add_head(params, n_classes, seed=0):
-    """A new dict: params (shared) plus the classification head cls.W (K, C) ~ N(0, 0.02), cls.b (K,) = 0."""
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-        raise ValueError(f"n_classes: expected an integer >= 2, got {n_classes!r}")
-    rng = np.random.default_rng(seed)
-    xp = array_module(params["wte"])
-    dtype = params["wte"].dtype
-    C = params["wte"].shape[1]
-    W = rng.normal(0.0, 0.02, (n_classes, C)).astype(dtype)
-    return {**params, "cls.W": xp.asarray(W), "cls.b": xp.zeros(n_classes, dtype=dtype)}

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minilora import lora, model, prompt
+from minilora import lora, model
 from minilora.checkpoint import load_checkpoint, save_checkpoint
 from minilora.lora import LoraConfig
 from minilora.model import ModelConfig
@@ -29,7 +29,7 @@ def _random_adapter(params, scale=0.3, seed=5):
     return out
 
 
-# ---- config ------------------------------------------------------------------------------------------------------
+# config
 
 
 def test_config_defaults():
@@ -72,7 +72,7 @@ def test_rslora_scale_is_the_one_merge_applies():
     np.testing.assert_allclose(delta, 4.0 * params["h.0.attn.q.lora_B"] @ params["h.0.attn.q.lora_A"], atol=1e-14)
 
 
-# ---- add_lora --------------------------------------------------------------------------------------------------
+# add_lora
 
 
 def test_add_lora_starts_at_zero_update_with_kaiming_a():
@@ -130,7 +130,7 @@ def test_adapted_model_needs_its_lora_config():
         model.forward(params, TINY, x)
 
 
-# ---- counts ------------------------------------------------------------------------------------------------------
+# counts
 
 
 @pytest.mark.parametrize("targets", [("q", "v"), ("q", "k", "v", "o"), ALL])
@@ -152,7 +152,7 @@ def test_seed_example():
     assert lora.seed_example() == (131072, 16777216)
 
 
-# ---- merge / unmerge ---------------------------------------------------------------------------------------------
+# merge / unmerge
 
 
 def test_merge_computes_the_same_function_and_unmerge_restores_w():
@@ -193,12 +193,12 @@ def test_merge_computes_the_same_function_and_unmerge_restores_w():
     assert all(np.array_equal(merged[n], merged_before[n]) for n in merged)
 
 
-# ---- adapter files -----------------------------------------------------------------------------------------------
+# adapter files
 
 
 def _trained_adapter(cfg):
     base = model.init_params(TINY, 0)
-    params = _random_adapter(prompt.add_head(lora.add_lora(base, TINY, cfg, seed=1), 3))
+    params = _random_adapter(model.add_head(lora.add_lora(base, TINY, cfg, seed=1), 3))
     trainable = set(lora.lora_names(params)) | {"cls.W", "cls.b"}
     return base, params, trainable
 

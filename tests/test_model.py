@@ -42,7 +42,7 @@ def _batch(config, B=3, T=None, seed=0):
     return rng.integers(0, config.vocab_size, (B, T)), rng.integers(0, config.vocab_size, (B, T))
 
 
-# ---- initialisation -------------------------------------------------------------------------------------------
+# initialisation
 
 
 def test_init_shapes_match_param_shapes():
@@ -84,7 +84,7 @@ def test_loss_at_init_is_close_to_uniform():
     assert abs(loss - math.log(TINY.vocab_size)) < 0.05
 
 
-# ---- which names get gradients --------------------------------------------------------------------------------
+# which names get gradients
 
 
 @pytest.mark.parametrize("trainable", [
@@ -141,7 +141,7 @@ def test_tied_wte_gradient_is_head_part_plus_embedding_part():
     assert model.lm_loss_and_grads(stepped, TINY, x, y)[0] < loss - 1e-6
 
 
-# ---- errors -----------------------------------------------------------------------------------------------------
+# errors
 
 
 def test_a_sequence_longer_than_the_context_is_rejected():
@@ -171,7 +171,7 @@ def test_model_config_roundtrips_through_a_dict():
     assert ModelConfig.from_dict(TINY.to_dict()) == TINY
 
 
-# ---- dropout ------------------------------------------------------------------------------------------------
+# dropout
 
 
 def test_dropout_is_random_in_training_and_off_in_evaluation():
@@ -189,7 +189,7 @@ def test_dropout_is_random_in_training_and_off_in_evaluation():
     assert e1 == e2 == no_dropout
 
 
-# ---- a frozen parameter never gets a gradient computed ------------------------------------------------------
+# a frozen parameter never gets a gradient computed
 
 
 @pytest.fixture

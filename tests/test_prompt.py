@@ -84,7 +84,7 @@ def test_prompt_does_not_use_up_the_context():
 
 def test_add_head_shapes_and_init():
     base = model.init_params(TINY, 0)
-    params = prompt.add_head(base, 4, seed=1)
+    params = model.add_head(base, 4, seed=1)
     assert params["cls.W"].shape == (4, TINY.d_model) and params["cls.b"].shape == (4,)
     assert params["cls.W"].dtype == base["wte"].dtype
     assert (params["cls.b"] == 0).all()
@@ -99,4 +99,4 @@ def test_add_head_shapes_and_init():
 @pytest.mark.parametrize("n_classes", [1, 0, -3, 2.0, True])
 def test_bad_number_of_classes_is_rejected(n_classes):
     with pytest.raises(ValueError, match="n_classes"):
-        prompt.add_head(model.init_params(TINY, 0), n_classes)
+        model.add_head(model.init_params(TINY, 0), n_classes)

@@ -140,7 +140,7 @@ print(row[-40:])
 
 # %%
 cls_records, _ = tasks.task_splits("kind", 4, 0, seed=1)
-with_head = prompt.add_head(base, len(tasks.CLASS_NAMES), seed=0)
+with_head = model.add_head(base, len(tasks.CLASS_NAMES), seed=0)
 xc, last, labels = tasks.classification_batch(cls_records, tok, mc.context_length)
 print(cls_records[0], "-> label id", labels[0], "last index", last[0], "of padded length", xc.shape[1])
 _, _, logits_batch = model.cls_loss_and_grads(with_head, mc, xc, last, labels)
@@ -156,7 +156,7 @@ assert np.allclose(logits_batch[short], logits_alone[0], atol=1e-6)
 # and the head together, against finite differences.
 
 # %%
-tiny_cls = prompt.add_head(tiny_prompted, 3, seed=2)
+tiny_cls = model.add_head(tiny_prompted, 3, seed=2)
 tiny_cls["cls.b"] = 0.4 * rng.standard_normal(3)
 last_t = rng.integers(1, cfg.context_length, 3)
 labels_t = rng.integers(0, 3, 3)
