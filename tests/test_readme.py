@@ -1,0 +1,49 @@
+"""The README says what the code and the benchmark say: its commands, its numbers, its figures."""
+
+import json
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+RESULTS = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+
+
+def _setup_commands():
+    section = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def test_exactly_two_setup_commands_and_ci_runs_the_second():
+    demo, tests = _setup_commands()
+    assert "\n" not in demo and "\n" not in tests
+    assert demo.endswith("pip install . && minilora demo")
+    assert tests.endswith("pip install '.[test]' && python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install --quiet '.[test]'" in ci and "python -m pytest" in ci
+
+
+def test_readme_quotes_the_benchmark_results():
+    pre = RESULTS["pretrain"]
+    for number in (f"{pre['val_loss']:.4f}", f"{pre['floor']:.4f}", f"{pre['bigram_loss']:.4f}",
+                   f"{pre['wall_s']:.0f} s", f"{RESULTS['pretrain_gap_percent']:.2f}%",
+                   f"{RESULTS['demo_wall_s']:.0f} s", f"{100 * RESULTS['grammatical_fraction']:.0f}% of 200"):
+        assert number in README, number
+    for row in RESULTS["rows"]:
+        line = next(l for l in README.splitlines() if l.startswith(f"| {row['task']} | {row['method'].replace('lora', 'LoRA')}"))
+        for number in (f"{row['trainable_params']:,}", f"{row['metric']:.3f}", f"{row['val_loss_after']:.4f}"):
+            assert number in line, (row["task"], row["method"], number)
+    assert f"{100 * RESULTS['lora_over_full_metric']:.1f}%" in README
+    assert f"{100 * RESULTS['lora_trainable_fraction']:.2f}%" in README
+
+
+def test_the_benchmark_met_the_issues_targets():
+    assert RESULTS["pretrain"]["val_loss"] <= 1.05 * RESULTS["pretrain"]["floor"]
+    assert RESULTS["pretrain"]["wall_s"] <= 180
+    assert RESULTS["lora_over_full_metric"] >= 0.95 and RESULTS["lora_trainable_fraction"] <= 0.05
+    assert RESULTS["demo_wall_s"] <= 600
+
+
+def test_every_figure_the_readme_shows_is_committed():
+    for path in re.findall(r"\]\((figures/[^)]+\.png)\)", README):
+        assert (ROOT / path).read_bytes()[:4] == b"\x89PNG", path
