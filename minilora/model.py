@@ -12,7 +12,7 @@ Parameters are one flat dict, name -> array, with GPT-2's names:
     h.{i}.mlp.proj.W     (C, F), .b (C,)     MLP down-projection
     ln_f.g / .b          (C,)          final LayerNorm
 
-Fine-tuning strategies only add names beside these (lora.py, prompt.py):
+Fine-tuning strategies only add names beside these (lora.py, prompt.py, add_head):
 
     <linear>.lora_A (r, in), <linear>.lora_B (out, r)   LoRA adapter of a linear
     prompt               (P, C)        soft prompt vectors
