@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
+from . import lora, ops
 
 TOLERANCE = 1e-6
 FULL_CHECK_MAX_SIZE = 4096  # tensors up to this size are checked at every coordinate
@@ -183,11 +183,11 @@ def _op_checks(rng):
                     ops.cross_entropy_backward, {"logits": 2.0 * n((B, T, V))}, {"logits": 0}, rng)
     r, out_f = 3, 6
     lmask = rng.random((B, T, C)) >= 0.25
-    s = ops.lora_scale(r, 2.0 * r)
+    s = lora.lora_scale(r, 2.0 * r)
     # B is random, not zero: at B = 0 dA is exactly zero and its check would pass trivially
     res += check_op("lora_linear",
-                    lambda x, W, b, A, Bm: ops.lora_linear_forward(x, W, b, A, Bm, s, 0.25, dropout_mask=lmask),
-                    ops.lora_linear_backward,
+                    lambda x, W, b, A, Bm: lora.lora_linear_forward(x, W, b, A, Bm, s, 0.25, dropout_mask=lmask),
+                    lora.lora_linear_backward,
                     {"x": n((B, T, C)), "W": n((out_f, C)), "b": n(out_f), "A": n((r, C)), "B": n((out_f, r))},
                     {"x": 0, "A": 1, "B": 2}, rng)
     return res

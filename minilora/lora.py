@@ -6,8 +6,8 @@ An adapter is two extra entries beside a linear layer's weight,
     h.0.attn.q.lora_A   (r, in)     random (Kaiming-uniform as PEFT, or Gaussian)
     h.0.attn.q.lora_B   (out, r)    zero, so the adapted model starts exactly at the pretrained one
 
-The forward and backward of the adapted layer are ops.lora_linear_forward /
-ops.lora_linear_backward: they never form B @ A nor a dW. `merge` folds the
+The forward and backward of the adapted layer are lora_linear_forward /
+lora_linear_backward below: they never form B @ A nor a dW. `merge` folds the
 update into W for inference at the base model's cost; `unmerge` takes it out.
 Both return new dicts: nothing here changes an array it was given.
 """
@@ -28,6 +28,65 @@ TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o", "fc": "ml
 INITS = ("kaiming", "gaussian")
 
 
+def lora_scale(rank, alpha, rslora=False):
+    """The factor s in W' = W + s B A: alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        ops._fail("rank", "a positive integer", rank)
+    if not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
+        ops._fail("alpha", "a positive number", alpha)
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_mask=None):
+    """A frozen linear layer plus a trainable low-rank update, never merged.
+
+        y = x @ W.T + b + s * (drop(x) @ A.T) @ B.T
+
+    Inputs:
+    - x: (N..., in)
+    - W: (out, in) frozen; b: (out,) frozen, or None
+    - A: (r, in), B: (out, r) the adapter
+    - scale: s = alpha / r (see lora_scale)
+    - dropout_p, rng, dropout_mask: dropout on the adapter's input only
+
+    Returns y (N..., out) and a cache. B @ A (an (out, in) matrix) is never
+    formed: the update costs r * (in + out) per token instead of in * out.
+    """
+    base, base_cache = ops.linear_forward(x, W, b)
+    ops._check_float("A", A, like=x)
+    ops._check_float("B", B, like=x)
+    if A.ndim != 2 or A.shape[1] != W.shape[1]:
+        ops._fail("A", f"shape (r, {W.shape[1]})", f"shape {tuple(A.shape)}")
+    if B.shape != (W.shape[0], A.shape[0]):
+        ops._fail("B", f"shape ({W.shape[0]}, {A.shape[0]}) = (out, r)", f"shape {tuple(B.shape)}")
+    xd, drop_cache = ops.dropout_forward(x, dropout_p, rng, dropout_mask)
+    xa = xd @ A.T  # (N..., r)
+    y = base + (xa @ B.T) * scale
+    return y, (base_cache, drop_cache, xd, xa, A, B, float(scale))
+
+
+def lora_linear_backward(dout, cache):
+    """Returns (dx, dA, dB); there is no dW: W is frozen and its gradient is never computed.
+
+        dB = s * dout^T (x A^T)        (out, r)
+        dA = s * (dout B)^T x          (r, in)
+        dx = dout @ W + drop_backward(s * (dout B) A)
+    """
+    base_cache, drop_cache, xd, xa, A, B, s = cache
+    # base path, frozen: y = x @ W.T + b gives dx only
+    dx, _, _ = ops.linear_backward(dout, base_cache, param_grads=False)
+    r = A.shape[0]
+    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out)
+    # in the forward pass this was: y += s * xa @ B.T
+    dB = (dout2.T @ xa.reshape(-1, r)) * s  # (out, r)
+    dxa = (dout @ B) * s  # (N..., r)
+    # and xa = xd @ A.T
+    dA = dxa.reshape(-1, r).T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
+    dxd = dxa @ A
+    dx = dx + ops.dropout_backward(dxd, drop_cache)
+    return dx, dA, dB
+
+
 @dataclass
 class LoraConfig:
     rank: int = 8  # r: the rank of the update B A (the seed's table: 8-64)
@@ -39,7 +98,7 @@ class LoraConfig:
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
-        ops.lora_scale(self.rank, self.alpha, self.rslora)  # validates rank and alpha
+        lora_scale(self.rank, self.alpha, self.rslora)  # validates rank and alpha
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ValueError(f"targets: expected a non-empty list from {sorted(TARGETS)}, got {list(self.targets)}")
@@ -51,7 +110,7 @@ class LoraConfig:
     @property
     def scale(self):
         """s in W' = W + s B A."""
-        return ops.lora_scale(self.rank, self.alpha, self.rslora)
+        return lora_scale(self.rank, self.alpha, self.rslora)
 
     def to_dict(self):
         return asdict(self)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import ops
+from . import lora, ops
 from .backend import array_module, to_device
 
 
@@ -132,15 +132,15 @@ def count_params(params, names=None):
     return int(sum(params[n].size for n in (params if names is None else names)))
 
 
-def _linear_forward(params, prefix, x, lora, rng):
+def _linear_forward(params, prefix, x, lora_config, rng):
     """A linear, or a LoRA linear when `prefix.lora_A` exists."""
     W, b = params[prefix + ".W"], params.get(prefix + ".b")
     if prefix + ".lora_A" in params:
-        if lora is None:
+        if lora_config is None:
             raise ValueError(f"lora: expected a LoraConfig, since {prefix} has an adapter, got None")
         A, B = params[prefix + ".lora_A"], params[prefix + ".lora_B"]
-        p = lora.dropout if rng is not None else 0.0
-        return ops.lora_linear_forward(x, W, b, A, B, lora.scale, p, rng)
+        p = lora_config.dropout if rng is not None else 0.0
+        return lora.lora_linear_forward(x, W, b, A, B, lora_config.scale, p, rng)
     return ops.linear_forward(x, W, b)
 
 
@@ -148,7 +148,7 @@ def _linear_backward(dout, cache, prefix, params, grads, trainable):
     """dx of a linear; adds its parameter gradients to grads only for trainable names."""
     if prefix + ".lora_A" in params:
         # a LoRA linear: W and b are frozen, the backward has no dW at all
-        dx, dA, dB = ops.lora_linear_backward(dout, cache)
+        dx, dA, dB = lora.lora_linear_backward(dout, cache)
         _keep(grads, trainable, prefix, lora_A=dA, lora_B=dB)
         return dx
     wanted = prefix + ".W" in trainable or prefix + ".b" in trainable

@@ -12,6 +12,7 @@ Dimension legend (as in llm.c):
 Weight layout: a linear layer stores W as (out, in) and computes
 y = x @ W.T + b, as the LoRA paper, PyTorch and llm.c do. Then the seed's
 W' = W + B A, with B (out, r) and A (r, in), is literally `W + B @ A`.
+The LoRA linear, built from these ops, lives with everything else LoRA in lora.py.
 
 No function here imports numpy: each takes its array module from its inputs,
 `xp = array_module(x)`, so the same lines run on NumPy or CuPy. Scalars are
@@ -348,62 +349,3 @@ def cross_entropy_backward(dloss, cache):
     p[xp.arange(t.shape[0]), t] -= 1.0
     dz = p * (m / count * dloss)[:, None]
     return dz.reshape(shape)
-
-
-def lora_scale(rank, alpha, rslora=False):
-    """The factor s in W' = W + s B A: alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA)."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        _fail("rank", "a positive integer", rank)
-    if not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
-        _fail("alpha", "a positive number", alpha)
-    return float(alpha) / (math.sqrt(rank) if rslora else rank)
-
-
-def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_mask=None):
-    """A frozen linear layer plus a trainable low-rank update, never merged.
-
-        y = x @ W.T + b + s * (drop(x) @ A.T) @ B.T
-
-    Inputs:
-    - x: (N..., in)
-    - W: (out, in) frozen; b: (out,) frozen, or None
-    - A: (r, in), B: (out, r) the adapter
-    - scale: s = alpha / r (see lora_scale)
-    - dropout_p, rng, dropout_mask: dropout on the adapter's input only
-
-    Returns y (N..., out) and a cache. B @ A (an (out, in) matrix) is never
-    formed: the update costs r * (in + out) per token instead of in * out.
-    """
-    base, base_cache = linear_forward(x, W, b)
-    _check_float("A", A, like=x)
-    _check_float("B", B, like=x)
-    if A.ndim != 2 or A.shape[1] != W.shape[1]:
-        _fail("A", f"shape (r, {W.shape[1]})", f"shape {tuple(A.shape)}")
-    if B.shape != (W.shape[0], A.shape[0]):
-        _fail("B", f"shape ({W.shape[0]}, {A.shape[0]}) = (out, r)", f"shape {tuple(B.shape)}")
-    xd, drop_cache = dropout_forward(x, dropout_p, rng, dropout_mask)
-    xa = xd @ A.T  # (N..., r)
-    y = base + (xa @ B.T) * scale
-    return y, (base_cache, drop_cache, xd, xa, A, B, float(scale))
-
-
-def lora_linear_backward(dout, cache):
-    """Returns (dx, dA, dB); there is no dW: W is frozen and its gradient is never computed.
-
-        dB = s * dout^T (x A^T)        (out, r)
-        dA = s * (dout B)^T x          (r, in)
-        dx = dout @ W + drop_backward(s * (dout B) A)
-    """
-    base_cache, drop_cache, xd, xa, A, B, s = cache
-    # base path, frozen: y = x @ W.T + b gives dx only
-    dx, _, _ = linear_backward(dout, base_cache, param_grads=False)
-    r = A.shape[0]
-    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out)
-    # in the forward pass this was: y += s * xa @ B.T
-    dB = (dout2.T @ xa.reshape(-1, r)) * s  # (out, r)
-    dxa = (dout @ B) * s  # (N..., r)
-    # and xa = xd @ A.T
-    dA = dxa.reshape(-1, r).T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
-    dxd = dxa @ A
-    dx = dx + dropout_backward(dxd, drop_cache)
-    return dx, dA, dB

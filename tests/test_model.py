@@ -197,7 +197,7 @@ def recorded_backwards(monkeypatch):
     """Wrap the parameter-carrying backwards to record whether each call computed parameter gradients."""
     calls = {"linear": [], "layer_norm": [], "embedding": 0, "lora_linear": 0}
     linear, layer_norm, embedding, lora_linear = (ops.linear_backward, ops.layer_norm_backward,
-                                                  ops.embedding_backward, ops.lora_linear_backward)
+                                                  ops.embedding_backward, lora.lora_linear_backward)
 
     def linear_backward(dout, cache, param_grads=True):
         calls["linear"].append(param_grads)
@@ -218,7 +218,7 @@ def recorded_backwards(monkeypatch):
     monkeypatch.setattr(ops, "linear_backward", linear_backward)
     monkeypatch.setattr(ops, "layer_norm_backward", layer_norm_backward)
     monkeypatch.setattr(ops, "embedding_backward", embedding_backward)
-    monkeypatch.setattr(ops, "lora_linear_backward", lora_linear_backward)
+    monkeypatch.setattr(lora, "lora_linear_backward", lora_linear_backward)
     return calls
 
 

@@ -6,7 +6,7 @@ import inspect
 import numpy as np
 import pytest
 
-from minilora import gradcheck, ops
+from minilora import gradcheck, lora, ops
 
 OP_RESULTS = [r for seed in (0, 1, 2) for r in gradcheck.run_checks(["ops"], seed=seed)]
 
@@ -102,9 +102,9 @@ def test_frozen_linear_and_lora_backward_form_no_dW_product():
     assert dW is None and db is None
     assert (d_out, d_in) not in Recording.log and Recording.log == [(n_tok, d_in)]
 
-    _, cache = ops.lora_linear_forward(x, W, b, A, B, ops.lora_scale(r, 2 * r))
+    _, cache = lora.lora_linear_forward(x, W, b, A, B, lora.lora_scale(r, 2 * r))
     Recording.log = []
-    grads = ops.lora_linear_backward(dout, cache)
+    grads = lora.lora_linear_backward(dout, cache)
     assert len(grads) == 3  # dx, dA, dB: there is no slot for dW
     assert (d_out, d_in) not in Recording.log, Recording.log  # neither dW nor B @ A
     assert not any(isinstance(e, tuple) and e and e[0] == "products through" for e in Recording.log)
@@ -115,7 +115,7 @@ def test_lora_forward_never_forms_BA():
     x = _rec(rng.standard_normal((11, 5)))
     W, A, B = _rec(rng.standard_normal((7, 5))), _rec(rng.standard_normal((3, 5))), _rec(rng.standard_normal((7, 3)))
     Recording.log = []
-    y, _ = ops.lora_linear_forward(x, W, None, A, B, 2.0)
+    y, _ = lora.lora_linear_forward(x, W, None, A, B, 2.0)
     assert (7, 5) not in Recording.log
     np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ (np.asarray(W) + 2.0 * np.asarray(B) @ np.asarray(A)).T,
                                rtol=1e-12, atol=1e-12)
@@ -136,8 +136,8 @@ def _float32_cases():
         "dropout": (lambda: ops.dropout_forward(f(2, 4, 6), 0.5, mask=keep), ops.dropout_backward, (2, 4, 6)),
         "cross_entropy": (lambda: ops.cross_entropy_forward(f(2, 4, 9), ids, np.ones((2, 4), np.float32)),
                           ops.cross_entropy_backward, ()),
-        "lora_linear": (lambda: ops.lora_linear_forward(f(2, 4, 6), f(5, 6), f(5), f(3, 6), f(5, 3), 2.0),
-                        ops.lora_linear_backward, (2, 4, 5)),
+        "lora_linear": (lambda: lora.lora_linear_forward(f(2, 4, 6), f(5, 6), f(5), f(3, 6), f(5, 3), 2.0),
+                        lora.lora_linear_backward, (2, 4, 5)),
     }
 
 
@@ -224,12 +224,12 @@ def test_layer_norm_output_is_normalised():
     (lambda: ops.cross_entropy_forward(np.ones((2, 5)), np.array([0, 1, 2])), "targets"),
     (lambda: ops.cross_entropy_forward(np.ones((2, 5)), np.array([0, 1]), np.zeros(2)), "mask"),
     (lambda: ops.dropout_forward(np.ones(3), 1.0), "p"),
-    (lambda: ops.lora_scale(0, 16), "rank"),
-    (lambda: ops.lora_scale(-2, 16), "rank"),
-    (lambda: ops.lora_scale(8, 0.0), "alpha"),
-    (lambda: ops.lora_scale(8, -1.0), "alpha"),
-    (lambda: ops.lora_linear_forward(np.ones((2, 3)), np.ones((4, 3)), None, np.ones((2, 5)), np.ones((4, 2)), 1.0), "A"),
-    (lambda: ops.lora_linear_forward(np.ones((2, 3)), np.ones((4, 3)), None, np.ones((2, 3)), np.ones((4, 3)), 1.0), "B"),
+    (lambda: lora.lora_scale(0, 16), "rank"),
+    (lambda: lora.lora_scale(-2, 16), "rank"),
+    (lambda: lora.lora_scale(8, 0.0), "alpha"),
+    (lambda: lora.lora_scale(8, -1.0), "alpha"),
+    (lambda: lora.lora_linear_forward(np.ones((2, 3)), np.ones((4, 3)), None, np.ones((2, 5)), np.ones((4, 2)), 1.0), "A"),
+    (lambda: lora.lora_linear_forward(np.ones((2, 3)), np.ones((4, 3)), None, np.ones((2, 3)), np.ones((4, 3)), 1.0), "B"),
 ])
 def test_bad_input_names_the_argument(call, argument):
     with pytest.raises(ValueError, match=rf"^{argument}: expected .+, got .+"):
@@ -237,5 +237,5 @@ def test_bad_input_names_the_argument(call, argument):
 
 
 def test_lora_scale_values():
-    assert ops.lora_scale(8, 16) == 2.0
-    assert ops.lora_scale(16, 16, rslora=True) == 4.0
+    assert lora.lora_scale(8, 16) == 2.0
+    assert lora.lora_scale(16, 16, rslora=True) == 4.0

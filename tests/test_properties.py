@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora import corpus, ops, optim, tasks
+from minilora import corpus, lora, ops, optim, tasks
 from minilora.lora import LoraConfig, merge, unmerge
 
 FAST = settings(max_examples=40, deadline=None)
@@ -65,7 +65,7 @@ def test_merge_then_unmerge_gives_back_W(d_out, d_in, r, seed, rslora):
               "h.0.attn.q.lora_B": rng.standard_normal((d_out, r))}
     merged = merge(params, cfg)
     x = rng.standard_normal((3, d_in))
-    y_unmerged, _ = ops.lora_linear_forward(x, params["h.0.attn.q.W"], None, params["h.0.attn.q.lora_A"],
+    y_unmerged, _ = lora.lora_linear_forward(x, params["h.0.attn.q.W"], None, params["h.0.attn.q.lora_A"],
                                             params["h.0.attn.q.lora_B"], cfg.scale)
     np.testing.assert_allclose(x @ merged["h.0.attn.q.W"].T, y_unmerged, rtol=1e-10, atol=1e-10)
     adapters = {n: p for n, p in params.items() if "lora" in n}

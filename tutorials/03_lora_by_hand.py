@@ -58,7 +58,7 @@ assert (n_lora, n_full) == (131_072, 16_777_216) and n_lora / n_full < 0.01
 #
 #     y = x W^T + b + s (x A^T) B^T
 #
-# `ops.lora_linear_forward` computes it **unmerged**: x A^T is (N, r), then times
+# `lora.lora_linear_forward` computes it **unmerged**: x A^T is (N, r), then times
 # B^T gives (N, out). The (out, in) matrix B A is never formed; the update costs
 # r (in + out) multiply-adds per token. The cell below checks the forward against
 # the merged formula x (W + s B A)^T + b, and checks that with B = 0 the layer is
@@ -69,10 +69,10 @@ N, d_in, d_out, r = 10, 8, 6, 3
 x = rng.standard_normal((N, d_in))
 W, b = rng.standard_normal((d_out, d_in)), rng.standard_normal(d_out)
 A, B = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r))
-s = ops.lora_scale(r, 2.0 * r)  # alpha = 2 r, the seed's suggestion: s = 2
-y, cache = ops.lora_linear_forward(x, W, b, A, B, s)
+s = lora.lora_scale(r, 2.0 * r)  # alpha = 2 r, the seed's suggestion: s = 2
+y, cache = lora.lora_linear_forward(x, W, b, A, B, s)
 assert np.allclose(y, x @ (W + s * B @ A).T + b)
-y0, _ = ops.lora_linear_forward(x, W, b, A, np.zeros_like(B), s)
+y0, _ = lora.lora_linear_forward(x, W, b, A, np.zeros_like(B), s)
 assert np.array_equal(y0, ops.linear_forward(x, W, b)[0])
 print("unmerged forward == merged formula; with B = 0 it equals the base layer exactly")
 
@@ -89,7 +89,7 @@ print("unmerged forward == merged formula; with B = 0 it equals the base layer e
 #
 # and **no dW**: W is frozen, so the (out, in) product dy^T x is never computed. The
 # cell below writes these four lines in NumPy and compares them with
-# `ops.lora_linear_backward`.
+# `lora.lora_linear_backward`.
 
 # %%
 dy = rng.standard_normal(y.shape)
@@ -98,7 +98,7 @@ dB_hand = s * dy.T @ xa
 dxa = s * dy @ B
 dA_hand = dxa.T @ x
 dx_hand = dy @ W + dxa @ A
-dx, dA, dB = ops.lora_linear_backward(dy, cache)
+dx, dA, dB = lora.lora_linear_backward(dy, cache)
 for name, hand, lib in (("dx", dx_hand, dx), ("dA", dA_hand, dA), ("dB", dB_hand, dB)):
     print(f"{name} {str(hand.shape):8s} by hand vs ops: max |diff| = {np.abs(hand - lib).max():.1e}")
     assert np.allclose(hand, lib)
@@ -110,13 +110,13 @@ for name, hand, lib in (("dx", dx_hand, dx), ("dA", dA_hand, dA), ("dB", dB_hand
 # checks all three gradients against finite differences in float64 at B != 0.
 
 # %%
-_, cache0 = ops.lora_linear_forward(x, W, b, A, np.zeros_like(B), s)
-_, dA0, dB0 = ops.lora_linear_backward(dy, cache0)
+_, cache0 = lora.lora_linear_forward(x, W, b, A, np.zeros_like(B), s)
+_, dA0, dB0 = lora.lora_linear_backward(dy, cache0)
 print(f"at B = 0: |dA| max = {np.abs(dA0).max()}, |dB| max = {np.abs(dB0).max():.3f}")
 assert not dA0.any() and dB0.any()
 
-results = gradcheck.check_op("lora_linear", lambda x, W, b, A, B: ops.lora_linear_forward(x, W, b, A, B, s),
-                             ops.lora_linear_backward, {"x": x, "W": W, "b": b, "A": A, "B": B},
+results = gradcheck.check_op("lora_linear", lambda x, W, b, A, B: lora.lora_linear_forward(x, W, b, A, B, s),
+                             lora.lora_linear_backward, {"x": x, "W": W, "b": b, "A": A, "B": B},
                              {"x": 0, "A": 1, "B": 2}, rng)
 for res in results:
     print(f"d/d{res.argument}  rel error {res.error:.2e}")
