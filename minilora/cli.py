@@ -8,6 +8,8 @@
     minilora evaluate      a fine-tuned run's task score on its own held-out split, and forgetting
     minilora merge         fold a LoRA run's adapters into W, save a plain model
     minilora plot          loss curves from run logs
+    minilora sweep         a study's grid of fine-tuning runs, resumable, in parallel workers
+    minilora report        a finished study's tables and figures
 
 This is the only module that prints. Every default below is read from the
 dataclasses (ModelConfig, TrainConfig, PretrainConfig, FinetuneConfig, LoraConfig),
@@ -226,6 +228,35 @@ def _cmd_demo(args):
     return 0
 
 
+def _cmd_sweep(args):
+    from .studies import cells
+    from .sweep import dask_executor, run_sweep
+
+    grid = cells(args.study, args.out, args.seeds)
+    executor = dask_executor(args.scheduler) if args.scheduler else None
+
+    def progress(record, done, total):
+        c = record["cell"]
+        print(f"[{done}/{total}] {c['method']} lr {c['lr']:g} seed {c['seed']}: val {record['evals'][-1]['val_metric']:.3f}, "
+              f"test {record['test_metric']:.3f}, forgetting {record['evals'][-1]['forgetting']:+.3f} "
+              f"({record['wall_s']:.0f} s)", flush=True)
+
+    results = run_sweep(grid, args.out, workers=args.workers, executor=executor, on_result=progress)
+    print(f"{args.study}: {len(results)} cells run, {len(grid) - len(results)} already in "
+          f"{os.path.join(args.out, 'results.jsonl')}")
+    return 0
+
+
+def _cmd_report(args):
+    from .report import report
+
+    text, figs = report(args.dir, args.figures, " [fast: a smoke test, not a result]" if args.fast_note else "")
+    print(text)
+    if args.figures:
+        print("wrote " + ", ".join(os.path.join(args.figures, name) for name in figs))
+    return 0
+
+
 def _common_options():
     """--backend and --threads, accepted before or after the subcommand."""
     common = argparse.ArgumentParser(add_help=False)
@@ -342,6 +373,20 @@ def build_parser():
     s.add_argument("--no-floor", action="store_true", help="omit the toy corpus's entropy floor")
     s.add_argument("--logy", action="store_true")
     s.set_defaults(func=_cmd_plot)
+
+    s = sub.add_parser("sweep", parents=[common], help="run a study's grid of fine-tuning cells (resumable)")
+    s.add_argument("study", help="forgetting | format | rank | prompt | scale | hyper")
+    s.add_argument("--out", required=True, help="the study's folder; results.jsonl gets one line per cell")
+    s.add_argument("--workers", type=int, default=1, help="worker processes; BLAS threads are split between them")
+    s.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the study's own)")
+    s.add_argument("--scheduler", default=None, help="run on a Dask cluster at this address (tcp://HOST:PORT)")
+    s.set_defaults(func=_cmd_sweep)
+
+    s = sub.add_parser("report", parents=[common], help="tables and figures of a finished study folder")
+    s.add_argument("dir", help="a study folder holding results.jsonl")
+    s.add_argument("--figures", default=None, help="folder to write the study's PNG into")
+    s.add_argument("--fast-note", action="store_true", help="mark the figures' titles as a smoke test")
+    s.set_defaults(func=_cmd_report)
     return p
 
 

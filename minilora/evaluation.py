@@ -55,8 +55,10 @@ def strided_val_loss(params, config, data, batch_size=64):
     return total / count
 
 
-def exact_match(params, config, records, max_new_tokens=None):
+def exact_match(params, config, records, max_new_tokens=None, end="\n"):
     """Greedy-decode every record's prompt; the fraction whose response equals the output exactly.
+
+    Decoding stops at `end`, the character fine-tuning taught to end a response.
 
     max_new_tokens defaults to the longest reference output plus its newline
     and a margin of 4, so no reference is too long to be matched.
@@ -71,7 +73,7 @@ def exact_match(params, config, records, max_new_tokens=None):
         if len(p) + len(r["output"]) + 1 > config.context_length + 1:
             raise ValueError(f"records: the record {r!r:.80} needs {len(p) + len(r['output']) + 1} tokens, "
                              f"more than the context_length + 1 = {config.context_length + 1} the model reads")
-    outs = decode(params, config, prompts, max_new_tokens, stop_id=corpus.NEWLINE_ID)
+    outs = decode(params, config, prompts, max_new_tokens, stop_id=int(tok.encode(end)[0]))
     preds = [tok.decode(o) for o in outs]
     acc = float(np.mean([p == r["output"] for p, r in zip(preds, records)]))
     return acc, preds

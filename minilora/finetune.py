@@ -41,6 +41,7 @@ class FinetuneConfig:
     n_test: int = 300  # held-out records scored after training
     data_file: str = None  # a JSON-lines file of the user's own records instead of a built-in task
     train_on_prompt: bool = False  # count the loss on the prompt tokens too
+    end_marker: str = "\n"  # the character that ends a response ("~" never occurs in the corpus)
     lora: LoraConfig = field(default_factory=LoraConfig)
     n_prompt: int = 16  # soft-prompt vectors (prompt tuning)
     prompt_init: str = "vocab"  # vocab | random | text
@@ -51,6 +52,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.end_marker, str) or len(self.end_marker) != 1 or self.end_marker not in corpus.VOCAB:
+            raise ValueError(f"end_marker: expected one character of the vocabulary, got {self.end_marker!r}")
         if self.data_file is None and self.task not in tasks.TASKS:
             raise ValueError(f"task: expected one of {list(tasks.TASKS)}, got {self.task!r}")
         if self.train is None:
@@ -104,11 +107,11 @@ def load_records(config):
     return train_records, test_records, list(tasks.CLASS_NAMES) if config.is_classification else None
 
 
-def score(params, model_config, records, class_names):
+def score(params, model_config, records, class_names, end="\n"):
     """The task metric: accuracy with a head (class_names given), else exact match."""
     if class_names:
         return classification_accuracy(params, model_config, records, class_names)
-    return exact_match(params, model_config, records)[0]
+    return exact_match(params, model_config, records, end=end)[0]
 
 
 def finetune(base_params, model_config, config, run_dir=None, val_data=None):
@@ -133,11 +136,11 @@ def finetune(base_params, model_config, config, run_dir=None, val_data=None):
     if len(train_records) < B:
         raise ValueError(f"batch_size: expected at most the {len(train_records)} training records, got {B}")
     batches = tasks.RecordBatches(train_records, B, model_config.context_length, class_names,
-                                  config.train_on_prompt)
+                                  config.train_on_prompt, config.end_marker)
 
     # the pretrained model's task score and corpus loss, before any fine-tuning
     before_params, before_config, _ = setup_strategy(base_params, model_config, config, n_classes)
-    metric_before = score(before_params, before_config, test_records, class_names)
+    metric_before = score(before_params, before_config, test_records, class_names, config.end_marker)
     val_before = strided_val_loss(base_params, model_config, val_data) if val_data is not None else None
 
     meta = {"kind": "finetune", "model": ft_config.to_dict(), "method": config.method, "task": config.task,
@@ -146,7 +149,7 @@ def finetune(base_params, model_config, config, run_dir=None, val_data=None):
     history, state = train(params, trainable, ft_config, batches, config.train, run_dir=run_dir, meta=meta,
                            desc=f"finetune {config.method}")
     wall = time.perf_counter() - t0
-    metric = score(params, ft_config, test_records, class_names)
+    metric = score(params, ft_config, test_records, class_names, config.end_marker)
     val_after = strided_val_loss(params, ft_config, val_data) if val_data is not None else None
     n_trainable = count_params(params, trainable)
     summary = {
@@ -174,6 +177,6 @@ def run_description(config):
 
 def config_from_description(d):
     """The FinetuneConfig (split-defining fields) a run was made with, from run_description's dict."""
-    fields = {k: d[k] for k in ("method", "task", "n_train", "n_test", "data_file", "train_on_prompt",
+    fields = {k: d[k] for k in ("method", "task", "n_train", "n_test", "data_file", "train_on_prompt", "end_marker",
                                 "n_prompt", "prompt_init", "prompt_init_text", "seed") if k in d}
     return FinetuneConfig(**fields)

@@ -229,7 +229,7 @@ def _check_batch_record(record, kind, i, where):
         raise ValueError(f"{where}: records[{i}]: {problem}")
 
 
-def instruction_batch(records, tokenizer, context_length, train_on_prompt=False):
+def instruction_batch(records, tokenizer, context_length, train_on_prompt=False, end="\n"):
     """Next-token inputs, targets and loss mask for a batch of instruction records.
 
     Each example is the tokens of prompt + output + "\\n", of length L <= context_length + 1.
@@ -242,6 +242,8 @@ def instruction_batch(records, tokenizer, context_length, train_on_prompt=False)
     - tokenizer: has encode(str) -> int array.
     - context_length: the model's maximum T.
     - train_on_prompt: if True the mask covers every real target, prompt included.
+    - end: the character that ends a response ("\n" by default; a character that
+      never occurs in the corpus, such as "~", makes the response unlike corpus text).
 
     Returns a tuple of:
     - x: int64 array of shape (B, T), input tokens.
@@ -254,7 +256,7 @@ def instruction_batch(records, tokenizer, context_length, train_on_prompt=False)
     for i, record in enumerate(records):
         _check_batch_record(record, "instruction", i, "instruction_batch")
         prompt = format_prompt(record["instruction"], record.get("input", ""))
-        tokens = tokenizer.encode(prompt + record["output"] + "\n")
+        tokens = tokenizer.encode(prompt + record["output"] + end)
         if len(tokens) > context_length + 1:
             raise ValueError(
                 f"instruction_batch: records[{i}] is {len(tokens)} tokens (prompt {len(prompt)} "
@@ -319,9 +321,9 @@ class RecordBatches:
     (class_names None) or {"x", "last", "labels"} for classification.
     """
 
-    def __init__(self, records, batch_size, context_length, class_names=None, train_on_prompt=False):
+    def __init__(self, records, batch_size, context_length, class_names=None, train_on_prompt=False, end="\n"):
         self.records, self.batch_size, self.context_length = records, batch_size, context_length
-        self.class_names, self.train_on_prompt = class_names, train_on_prompt
+        self.class_names, self.train_on_prompt, self.end = class_names, train_on_prompt, end
         self.tokenizer = CharTokenizer()
 
     def sample(self, rng):
@@ -329,5 +331,5 @@ class RecordBatches:
         if self.class_names:
             x, last, labels = classification_batch(chosen, self.tokenizer, self.context_length, self.class_names)
             return {"x": x, "last": last, "labels": labels}
-        x, y, mask = instruction_batch(chosen, self.tokenizer, self.context_length, self.train_on_prompt)
+        x, y, mask = instruction_batch(chosen, self.tokenizer, self.context_length, self.train_on_prompt, self.end)
         return {"x": x, "y": y, "mask": mask}

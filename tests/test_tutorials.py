@@ -44,3 +44,20 @@ def test_tutorial_runs_in_fast_mode(path, tmp_path):
     pngs = sorted(p.name for p in figures.glob("*.png"))
     prefix = os.path.basename(path)[:3]
     assert pngs and all(name.startswith(prefix) for name in pngs), pngs
+
+
+def test_fast_mode_from_the_repository_root_leaves_the_committed_figures_alone(tmp_path):
+    import hashlib
+
+    def hashes():
+        return {p: hashlib.sha256(open(p, "rb").read()).hexdigest()
+                for p in sorted(glob.glob(os.path.join(ROOT, "figures", "*.png")))}
+
+    before = hashes()
+    env = {k: v for k, v in os.environ.items() if k != "MINILORA_FIGURES"}
+    env.update({"MINILORA_FAST": "1", "MINILORA_RUNS": str(tmp_path / "runs"), "MPLBACKEND": "Agg"})
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tutorials", "01_ops_by_hand.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert hashes() == before
+    assert glob.glob(os.path.join(ROOT, "figures", "fast", "01_*.png"))  # fast mode wrote its own copies

@@ -25,7 +25,9 @@ from matplotlib.figure import Figure
 from minilora import gradcheck, ops, plot
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
-FIGURES = os.environ.get("MINILORA_FIGURES", "figures")
+# fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
+FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
+NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -259,7 +261,7 @@ ax1.plot(xs[::8], numeric[::8], "k.", markersize=6, label="gelu'(x), five-point 
 ax1.axhline(0.0, color="0.6", linewidth=0.6)
 ax1.set_xlabel("x")
 ax1.set_ylabel("value")
-ax1.set_title(f"GELU and its derivative: backward and finite difference agree\n"
+ax1.set_title(f"GELU and its derivative: backward and finite difference agree{NOTE}\n"
               f"(max |difference| = {np.max(np.abs(analytic - numeric)):.1e})", fontsize=10)
 ax1.legend(fontsize=8)
 ax1.grid(True, alpha=0.3)
@@ -271,7 +273,7 @@ ax2.axhline(gradcheck.TOLERANCE, color="C3", linestyle="--", linewidth=1, label=
 ax2.set_ylim(1e-16, 1.0)
 ax2.set_xlabel("step size h")
 ax2.set_ylabel("relative error of the directional derivative")
-ax2.set_title("Finite-difference error vs h: round-off on the left, truncation on the right", fontsize=10)
+ax2.set_title("Finite-difference error vs h: round-off on the left, truncation on the right" + NOTE, fontsize=10)
 ax2.legend(fontsize=8, loc="upper center")
 ax2.grid(True, which="both", alpha=0.3)
 path = os.path.join(FIGURES, "01_gelu_gradient.png")

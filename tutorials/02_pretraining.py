@@ -35,7 +35,9 @@ from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.sampling import decode
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
-FIGURES = os.environ.get("MINILORA_FIGURES", "figures")
+# fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
+FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
+NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 tok = corpus.CharTokenizer()
 
@@ -179,7 +181,7 @@ if not FAST:
 # %%
 log = plot.read_log(os.path.join(run_dir, "log.jsonl"))
 fig = plot.plot_loss_curves({"pretrain": log}, floor=H, logy=True,
-                            title="Pretraining: loss falls from ln(96) toward the entropy floor")
+                            title="Pretraining: loss falls from ln(96) toward the entropy floor" + NOTE)
 path = os.path.join(FIGURES, "02_pretrain_loss.png")
 plot.save_figure(fig, path)
 print("wrote", path)

@@ -39,7 +39,9 @@ from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
-FIGURES = os.environ.get("MINILORA_FIGURES", "figures")
+# fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
+FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
+NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 rng = np.random.default_rng(0)
 
@@ -308,7 +310,7 @@ assert w_err < 1e-5
 
 # %%
 fig = plot.plot_loss_curves(
-    logs, smooth=0.8, title="Fine-tuning loss on 'subject' (response tokens only): full vs LoRA (r=8 on q,k,v,o)")
+    logs, smooth=0.8, title="Fine-tuning loss on 'subject' (response tokens only): full vs LoRA (r=8 on q,k,v,o)" + NOTE)
 path = os.path.join(FIGURES, "03_lora_vs_full_loss.png")
 plot.save_figure(fig, path)
 print("wrote", path)

@@ -21,7 +21,9 @@ from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
-FIGURES = os.environ.get("MINILORA_FIGURES", "figures")
+# fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
+FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
+NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 rng = np.random.default_rng(0)
 tok = corpus.CharTokenizer()
@@ -219,11 +221,11 @@ if not FAST:
 # %%
 fig = plot.plot_comparison(
     rows, metric_label="accuracy, held-out (chance = 1/3)",
-    title="Classification ('kind', last-token head): what is trained, how well, what is forgotten")
+    title="Classification ('kind', last-token head): what is trained, how well, what is forgotten" + NOTE)
 path = os.path.join(FIGURES, "04_classification_comparison.png")
 plot.save_figure(fig, path)
 print("wrote", path)
-fig = plot.plot_loss_curves(logs, smooth=0.8, title="Classification loss (cross-entropy over 3 classes) per step")
+fig = plot.plot_loss_curves(logs, smooth=0.8, title="Classification loss (cross-entropy over 3 classes) per step" + NOTE)
 fig.axes[0].axhline(np.log(3), color="0.5", linestyle=":", label="ln 3 (chance)")
 fig.axes[0].legend(fontsize=8)
 path = os.path.join(FIGURES, "04_classification_loss.png")

@@ -30,7 +30,9 @@ from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.prompt import add_prompt
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
-FIGURES = os.environ.get("MINILORA_FIGURES", "figures")
+# fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
+FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
+NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 tok = corpus.CharTokenizer()
 
@@ -110,7 +112,7 @@ ax1b.set_ylim(-0.05, 1.05)
 for a in (ax1, ax1b):
     a.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
     a.xaxis.set_minor_locator(NullLocator())
-ax1.set_title(f"Full fine-tuning, {STEPS} steps: a larger learning rate forgets more", fontsize=10)
+ax1.set_title(f"Full fine-tuning, {STEPS} steps: a larger learning rate forgets more{NOTE}", fontsize=10)
 ax1.grid(True, alpha=0.3)
 handles = ax1.get_legend_handles_labels()[0] + ax1b.get_legend_handles_labels()[0]
 ax1.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
@@ -122,7 +124,7 @@ ax2.set_xlim(counts[0] / 2, counts[-1] * 2)
 ax2.set_ylim(-0.05, 1.05)
 ax2.set_xlabel("trainable parameters (LoRA on q, k, v, o; alpha = 2r)")
 ax2.set_ylabel("exact match, held-out")
-ax2.set_title(f"LoRA rank sweep, {STEPS} steps: parameters grow linearly in r", fontsize=10)
+ax2.set_title(f"LoRA rank sweep, {STEPS} steps: parameters grow linearly in r{NOTE}", fontsize=10)
 ax2.grid(True, alpha=0.3)
 path = os.path.join(FIGURES, "05_lr_and_rank_sweeps.png")
 plot.save_figure(fig, path)
@@ -212,7 +214,7 @@ for yi, total in enumerate(left):
 ax.set_xlim(0, left.max() * 1.15)
 ax.invert_yaxis()
 ax.set_xlabel(f"training memory (MiB), float32, batch {B} x {T} tokens")
-ax.set_title("What fits in memory: PEFT removes gradients and optimizer state, not activations", fontsize=10)
+ax.set_title("What fits in memory: PEFT removes gradients and optimizer state, not activations" + NOTE, fontsize=10)
 fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=8)
 ax.grid(True, axis="x", alpha=0.3)
 path = os.path.join(FIGURES, "05_memory_per_strategy.png")

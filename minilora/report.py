@@ -1,0 +1,388 @@
+"""Tables and figures of finished sweeps (`minilora report DIR`).
+
+Every number is a mean ± standard deviation over seeds (n given). Learning
+rates and settings are chosen on the validation metric; the test metric is
+reported. Forgetting is the rise of the pretraining-corpus loss (nats/char)
+over the base model's; "at matched skill" means at the first evaluation whose
+validation exact match reached studies.MATCHED_SKILL.
+"""
+
+import os
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .studies import FORMATS, MATCHED_SKILL, best_setting, final_val
+from .sweep import read_results
+
+METHOD_COLORS = {"full": "tab:blue", "lora": "tab:orange", "prompt": "tab:green"}
+
+
+def mean_spread(values):
+    """'m ± s (n=k)' with the sample standard deviation; '-' for no values."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    s = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.3f} ± {s:.3f} (n={len(values)})"
+
+
+def forgetting_at_skill(record, level=MATCHED_SKILL):
+    """Forgetting at the first evaluation whose validation metric reached level, or None."""
+    for e in record["evals"]:
+        if e["val_metric"] >= level:
+            return e["forgetting"]
+    return None
+
+
+def steps_to_skill(record, level=MATCHED_SKILL):
+    for e in record["evals"]:
+        if e["val_metric"] >= level:
+            return e["step"]
+    return None
+
+
+def _table(head, rows):
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _group(records, key):
+    groups = {}
+    for r in records:
+        groups.setdefault(key(r["cell"]), []).append(r)
+    return groups
+
+
+def _mean_delta(record):
+    d = record["evals"][-1]["delta"]
+    adapted = [v for v in d.values() if v > 0]
+    return float(np.mean(adapted)) if adapted else 0.0
+
+
+def method_rows(records):
+    """Per method: the learning rate chosen on validation and its results over seeds."""
+    rows, chosen = [], {}
+    for m in ("full", "lora", "prompt"):
+        lr = best_setting(records, lambda c, m=m: c["method"] == m, lambda c: c["lr"])
+        if lr is None:
+            continue
+        chosen[m] = lr
+        rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["lr"] == lr]
+        at = [forgetting_at_skill(r) for r in rs]
+        rows.append((m, f"{lr:g}", mean_spread([final_val(r) for r in rs]), mean_spread([r["test_metric"] for r in rs]),
+                     mean_spread([r["evals"][-1]["forgetting"] for r in rs]),
+                     mean_spread(at) + f", reached {sum(a is not None for a in at)}/{len(at)}",
+                     mean_spread([_mean_delta(r) for r in rs])))
+    head = ("method", "lr (chosen on val)", "val metric", "test metric", "forgetting at end",
+            f"forgetting at val >= {MATCHED_SKILL}", "mean ||dW||/||W||")
+    return _table(head, rows), chosen
+
+
+def figure_forgetting(records, title_note=""):
+    """Learning against forgetting at every evaluation, one colour per method (Biderman et al. 2024's plot)."""
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    ax, bx = fig.subplots(1, 2)
+    for m, color in METHOD_COLORS.items():
+        rs = [r for r in records if r["cell"]["method"] == m]
+        lrs = sorted({r["cell"]["lr"] for r in rs})
+        for r in rs:
+            shade = 0.35 + 0.65 * lrs.index(r["cell"]["lr"]) / max(1, len(lrs) - 1)
+            f = [e["forgetting"] for e in r["evals"]]
+            v = [e["val_metric"] for e in r["evals"]]
+            ax.plot(f, v, "-o", color=color, alpha=shade, ms=2.5, lw=0.8)
+        if rs:
+            ax.plot([], [], "-o", color=color, label=f"{m} (lr {', '.join(f'{x:g}' for x in lrs)}; darker = larger)")
+    ax.axhline(MATCHED_SKILL, color="gray", ls=":", lw=1)
+    ax.set_xlabel("forgetting: pretraining-corpus loss - base loss (nats/char)")
+    ax.set_ylabel("validation exact match")
+    ax.set_title("Every evaluation of every run")
+    ax.legend(fontsize=7, loc="lower right")
+    _, chosen = method_rows(records)
+    names = [m for m in ("full", "lora", "prompt") if m in chosen]
+    for i, m in enumerate(names):
+        rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["lr"] == chosen[m]]
+        at = [a for a in (forgetting_at_skill(r) for r in rs) if a is not None]
+        end = [r["evals"][-1]["forgetting"] for r in rs]
+        for j, (vals, label) in enumerate(((at, f"at val >= {MATCHED_SKILL}"), (end, "at the end"))):
+            if vals:
+                bx.bar(i + 0.38 * j, np.mean(vals), 0.36, yerr=np.std(vals, ddof=1) if len(vals) > 1 else 0,
+                       color=METHOD_COLORS[m], alpha=1.0 - 0.5 * j, capsize=3,
+                       label=label if i == 0 else None)
+                bx.plot([i + 0.38 * j] * len(vals), vals, "k.", ms=4)
+    bx.set_xticks([i + 0.19 for i in range(len(names))], [f"{m}\nlr {chosen[m]:g}" for m in names])
+    bx.set_ylabel("forgetting (nats/char), mean ± sd over seeds")
+    bx.set_title("Each method at its best learning rate (chosen on val)")
+    bx.legend(fontsize=8)
+    fig.suptitle("Learning versus forgetting on 'subject'" + title_note)
+    return fig
+
+
+def format_rows(records):
+    rows = []
+    for m in ("full", "lora"):
+        for name, (end, replay) in FORMATS.items():
+            rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["end_marker"] == end
+                  and r["cell"]["replay"] == replay]
+            if not rs:
+                continue
+            at = [forgetting_at_skill(r) for r in rs]
+            rows.append((m, name, f"{rs[0]['cell']['lr']:g}", mean_spread([r["test_metric"] for r in rs]),
+                         mean_spread(at) + f", reached {sum(a is not None for a in at)}/{len(at)}",
+                         mean_spread([r["evals"][-1]["forgetting"] for r in rs])))
+    return _table(("method", "format", "lr", "test metric", f"forgetting at val >= {MATCHED_SKILL}",
+                   "forgetting at end"), rows)
+
+
+def figure_format(records, title_note=""):
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax = fig.subplots()
+    names = list(FORMATS)
+    for i, m in enumerate(("full", "lora")):
+        for j, name in enumerate(names):
+            end, replay = FORMATS[name]
+            rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["end_marker"] == end
+                  and r["cell"]["replay"] == replay]
+            vals = [a for a in (forgetting_at_skill(r) for r in rs) if a is not None]
+            if not vals:
+                continue
+            x = j + 0.4 * i
+            ax.bar(x, np.mean(vals), 0.38, yerr=np.std(vals, ddof=1) if len(vals) > 1 else 0, capsize=3,
+                   color=METHOD_COLORS[m], label=m if j == 0 else None)
+            ax.plot([x] * len(vals), vals, "k.", ms=4)
+    ax.set_xticks([j + 0.2 for j in range(len(names))], names)
+    ax.set_ylabel(f"forgetting at val exact match >= {MATCHED_SKILL} (nats/char)")
+    ax.legend()
+    fig.suptitle("Where forgetting comes from: the response format, and replay of corpus text" + title_note)
+    return fig
+
+
+def energy_ranks(singular_values, fraction=0.9):
+    """How many singular directions hold `fraction` of the squared Frobenius norm."""
+    s2 = np.asarray(singular_values) ** 2
+    return int(np.searchsorted(np.cumsum(s2) / s2.sum(), fraction) + 1)
+
+
+def rank_rows(records, full_records):
+    rows = []
+    for rs_flag in (False, True):
+        for r_ in sorted({r["cell"]["rank"] for r in records}):
+            lr = best_setting(records, lambda c: c["rank"] == r_ and c["rslora"] == rs_flag, lambda c: c["lr"])
+            if lr is None:
+                continue
+            rs = [r for r in records if r["cell"]["rank"] == r_ and r["cell"]["rslora"] == rs_flag
+                  and r["cell"]["lr"] == lr]
+            rows.append(("rsLoRA 16/sqrt(r)" if rs_flag else "LoRA 16/r", r_, f"{lr:g}",
+                         mean_spread([final_val(r) for r in rs]), mean_spread([r["test_metric"] for r in rs]),
+                         mean_spread([_mean_delta(r) for r in rs])))
+    table = _table(("scaling", "r", "lr (val)", "val metric", "test metric", "mean ||sBA||/||W||"), rows)
+    energy = []
+    for rec in full_records:
+        for prefix, sv in rec.get("singular_values", {}).items():
+            energy.append((prefix, energy_ranks(sv), len(sv)))
+    return table, energy
+
+
+def figure_rank(records, full_records, title_note=""):
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax, bx = fig.subplots(1, 2)
+    for rec in full_records[:1]:
+        for prefix, sv in rec.get("singular_values", {}).items():
+            s2 = np.asarray(sv) ** 2
+            ax.plot(np.arange(1, len(s2) + 1), np.cumsum(s2) / s2.sum(), lw=1, label=prefix)
+    ax.axhline(0.9, color="gray", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("k, number of singular directions")
+    ax.set_ylabel("fraction of ||dW||_F^2 in the top k")
+    ax.set_title("Full fine-tuning's dW (best-lr run, seed 0)")
+    ax.legend(fontsize=6, ncol=2)
+    for rs_flag, style in ((False, "-o"), (True, "--s")):
+        xs, ms, ss = [], [], []
+        for r_ in sorted({r["cell"]["rank"] for r in records}):
+            lr = best_setting(records, lambda c: c["rank"] == r_ and c["rslora"] == rs_flag, lambda c: c["lr"])
+            rs = [r["test_metric"] for r in records if r["cell"]["rank"] == r_ and r["cell"]["rslora"] == rs_flag
+                  and r["cell"]["lr"] == lr]
+            if rs:
+                xs.append(r_)
+                ms.append(np.mean(rs))
+                ss.append(np.std(rs, ddof=1) if len(rs) > 1 else 0.0)
+        bx.errorbar(xs, ms, yerr=ss, fmt=style, capsize=3, label="rsLoRA, s = 16/sqrt(r)" if rs_flag else "LoRA, s = 16/r")
+    bx.set_xscale("log", base=2)
+    bx.set_xlabel("LoRA rank r (q, k, v, o)")
+    bx.set_ylabel("test exact match (lr chosen per r on val)")
+    bx.set_title("Task score against rank")
+    bx.legend()
+    fig.suptitle("Intrinsic rank: how many directions does fine-tuning use?" + title_note)
+    return fig
+
+
+def prompt_rows(records):
+    rows = []
+    for key, rs in sorted(_group(records, lambda c: (c["prompt_init"], c["n_prompt"], c["lr"])).items()):
+        rows.append((key[0], key[1], f"{key[2]:g}", mean_spread([final_val(r) for r in rs]),
+                     mean_spread([r["test_metric"] for r in rs]), mean_spread([r["evals"][-1]["forgetting"] for r in rs])))
+    return _table(("init", "P", "lr", "val metric", "test metric", "forgetting at end"), rows)
+
+
+def figure_prompt(records, title_note=""):
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax, bx = fig.subplots(1, 2)
+    grid = [r for r in records if r["cell"]["prompt_init"] == "vocab"]
+    lrs = sorted({r["cell"]["lr"] for r in grid})
+    ps = sorted({r["cell"]["n_prompt"] for r in grid})
+    M = np.full((len(ps), len(lrs)), np.nan)
+    for (p, lr), rs in _group(grid, lambda c: (c["n_prompt"], c["lr"])).items():
+        M[ps.index(p), lrs.index(lr)] = np.mean([final_val(r) for r in rs])
+    im = ax.imshow(M, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i in range(len(ps)):
+        for j in range(len(lrs)):
+            ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(len(lrs)), [f"{x:g}" for x in lrs])
+    ax.set_yticks(range(len(ps)), ps)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("prompt length P")
+    ax.set_title("Validation exact match (init: vocab)")
+    fig.colorbar(im, ax=ax)
+    inits = _group([r for r in records if r["cell"]["n_prompt"] == 16 and r["cell"]["lr"] == 1e-1],
+                   lambda c: c["prompt_init"])
+    names = [n for n in ("vocab", "random", "text") if n in inits]
+    bx.bar(names, [np.mean([r["test_metric"] for r in inits[n]]) for n in names], color="tab:green")
+    bx.set_ylabel("test exact match")
+    bx.set_title("Init at lr 0.1, P = 16")
+    fig.suptitle("Prompt tuning, tuned" + title_note)
+    return fig
+
+
+def scale_rows(records):
+    rows = []
+    for base in ("small", "default", "large"):
+        for m in ("full", "lora", "prompt"):
+            rs = [r for r in records if r["cell"]["base"] == base and r["cell"]["method"] == m]
+            if rs:
+                rows.append((base, m, f"{rs[0]['cell']['lr']:g}", rs[0]["trainable_params"],
+                             mean_spread([r["test_metric"] for r in rs]),
+                             mean_spread([r["evals"][-1]["forgetting"] for r in rs])))
+    return _table(("base model", "method", "lr", "trainable", "test metric", "forgetting at end"), rows)
+
+
+def figure_scale(records, sizes, title_note=""):
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for m, color in METHOD_COLORS.items():
+        xs, ys = [], []
+        for base in ("small", "default", "large"):
+            rs = [r["test_metric"] for r in records if r["cell"]["base"] == base and r["cell"]["method"] == m]
+            if rs and base in sizes:
+                xs.append(sizes[base])
+                ys.append(np.mean(rs))
+        ax.plot(xs, ys, "-o", color=color, label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("base model parameters")
+    ax.set_ylabel("test exact match")
+    ax.legend()
+    fig.suptitle("Does prompt tuning catch up as the model grows? (three toy sizes)" + title_note)
+    return fig
+
+
+def figure_hyper(records, title_note=""):
+    fig = Figure(figsize=(13, 4.2), layout="constrained")
+    ax, bx, cx = fig.subplots(1, 3)
+    small = [r for r in records if r["cell"]["n_train"] in (100, 1000) and r["cell"]["batch_size"] == 16
+             and r["cell"]["alpha"] == 16.0 and r["cell"]["steps"] == 20 * max(1, r["cell"]["n_train"] // 16)]
+    tx = ax.twinx()
+    for r in small:
+        per_epoch = r["cell"]["eval_every"]
+        ev = r["evals"][1:]
+        epochs = [e["step"] / per_epoch for e in ev]
+        n = r["cell"]["n_train"]
+        ax.plot(epochs, [e["val_metric"] for e in ev], "-o", ms=3, label=f"val exact match, {n} examples")
+        tx.plot(epochs, [e["train_loss"] for e in ev], ":", label=f"train loss, {n} examples")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation exact match")
+    tx.set_ylabel("training loss (nats/token, response)")
+    ax.legend(fontsize=7, loc="center right")
+    tx.legend(fontsize=7, loc="upper right")
+    ax.set_title("Epochs on a small dataset")
+    batch = _group([r for r in records if r["cell"]["steps"] * r["cell"]["batch_size"] == 3200],
+                   lambda c: c["batch_size"])
+    bs = sorted(batch)
+    bx.plot(bs, [np.mean([r["test_metric"] for r in batch[b]]) for b in bs], "-o")
+    bx.set_xscale("log", base=2)
+    bx.set_xlabel("batch size (3,200 examples seen in all)")
+    bx.set_ylabel("test exact match")
+    bx.set_title("Batch size at equal examples")
+    alpha = _group([r for r in records if r["cell"]["steps"] * r["cell"]["batch_size"] != 3200
+                    and r["cell"]["n_train"] == 2000], lambda c: c["alpha"])
+    al = sorted(alpha)
+    cx.plot(al, [np.mean([r["test_metric"] for r in alpha[a]]) for a in al], "-o", label="test exact match")
+    cx.plot(al, [np.mean([r["evals"][-1]["forgetting"] for r in alpha[a]]) for a in al], "-s",
+            label="forgetting (nats/char)")
+    cx.set_xscale("log", base=2)
+    cx.set_xlabel("alpha (r = 8, so s = alpha / 8)")
+    cx.set_title("Alpha at fixed rank")
+    cx.legend(fontsize=8)
+    fig.suptitle("The seed's hyperparameter table, measured (LoRA)" + title_note)
+    return fig
+
+
+def hyper_rows(records):
+    rows = []
+    for r in records:
+        c = r["cell"]
+        rows.append((c["n_train"], c["batch_size"], c["steps"], c["alpha"], f"{c['lr']:g}",
+                     f"{r['evals'][-1]['train_loss']:.3f}", f"{max(e['val_metric'] for e in r['evals']):.3f}",
+                     f"{final_val(r):.3f}", f"{r['test_metric']:.3f}", f"{r['evals'][-1]['forgetting']:.3f}"))
+    return _table(("examples", "batch", "steps", "alpha", "lr", "final train loss", "best val", "final val",
+                   "test", "forgetting"), sorted(rows))
+
+
+def report(study_dir, figures_dir=None, title_note=""):
+    """Tables (markdown text) and figures of a finished study folder; returns (text, {name: Figure})."""
+    study = os.path.basename(os.path.normpath(study_dir))
+    records = read_results(os.path.join(study_dir, "results.jsonl"))
+    if not records:
+        raise ValueError(f"DIR: expected a study folder with results.jsonl, got {study_dir} without results")
+    parent = os.path.dirname(os.path.abspath(study_dir))
+    wall = sum(r["wall_s"] for r in records)
+    text = [f"## {study}: {len(records)} cells, {wall / 60:.1f} min of cell time"]
+    figs = {}
+    if study == "forgetting":
+        table, _ = method_rows(records)
+        text.append(table)
+        figs["study_forgetting.png"] = figure_forgetting(records, title_note)
+    elif study == "format":
+        text.append(format_rows(records))
+        figs["study_format.png"] = figure_format(records, title_note)
+    elif study == "rank":
+        forget = read_results(os.path.join(parent, "forgetting", "results.jsonl"))
+        _, chosen = method_rows(forget) if forget else (None, {})
+        full = [r for r in forget if r["cell"]["method"] == "full" and r["cell"]["lr"] == chosen.get("full")]
+        table, energy = rank_rows(records, full)
+        text.append(table)
+        if energy:
+            ks = [k for _, k, _ in energy]
+            text.append(f"Full fine-tuning's dW (forgetting study, best lr, {len(full)} seeds, "
+                        f"{len(energy)} matrices): 90% of the energy lies in the top {min(ks)} to {max(ks)} "
+                        f"of {energy[0][2]} directions (median {int(np.median(ks))}).")
+        figs["study_rank.png"] = figure_rank(records, full, title_note)
+    elif study == "prompt":
+        text.append(prompt_rows(records))
+        figs["study_prompt.png"] = figure_prompt(records, title_note)
+    elif study == "scale":
+        from .sweep import BASES
+        from .model import param_shapes
+
+        sizes = {b: int(sum(np.prod(s) for s in param_shapes(BASES[b].model).values())) for b in BASES}
+        text.append(scale_rows(records))
+        figs["study_scale.png"] = figure_scale(records, sizes, title_note)
+    elif study == "hyper":
+        text.append(hyper_rows(records))
+        figs["study_hyper.png"] = figure_hyper(records, title_note)
+    else:
+        raise ValueError(f"DIR: expected a folder named after a study, got {study!r}")
+    if figures_dir:
+        from .plot import save_figure
+
+        for name, fig in figs.items():
+            save_figure(fig, os.path.join(figures_dir, name))
+    return "\n\n".join(text), figs

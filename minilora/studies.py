@@ -1,0 +1,146 @@
+"""The studies, as named grids of sweep cells (`minilora sweep NAME --out DIR`).
+
+    forgetting   learning versus forgetting: full, LoRA and prompt tuning, 4 learning rates each, 3+ seeds
+    format       where forgetting comes from: an end marker unlike corpus text, and replay of corpus text
+    rank         intrinsic rank: LoRA r = 1..64, alpha/r against rsLoRA alpha/sqrt(r), each with its own lr sweep
+    prompt       prompt tuning, tuned: learning rate x prompt length, then the three inits
+    scale        the best prompt setting, LoRA and full at three model sizes
+    hyper        the seed's hyperparameter table: epochs on small datasets, batch size, alpha
+
+A study that builds on another (format, scale and hyper use the learning rates
+the forgetting study chose) reads that study's results from the same parent
+folder, and says so when they are missing. Every choice of a learning rate or a
+setting is made on the validation metric, never on the test metric.
+"""
+
+import os
+
+import numpy as np
+
+from .sweep import Cell, read_results
+
+LRS = {"full": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2, 3e-2), "prompt": (1e-2, 3e-2, 1e-1, 3e-1)}
+STEPS = 250  # every cell of the method studies; evaluated every 25 steps
+MATCHED_SKILL = 0.8  # forgetting is compared at the first evaluation with validation exact match >= this
+
+
+def final_val(record):
+    return record["evals"][-1]["val_metric"]
+
+
+def best_setting(records, match, key):
+    """The value of key(cell) whose cells reach the highest mean final validation metric.
+
+    Ties go to the lower mean forgetting. Returns None when no record matches.
+    """
+    groups = {}
+    for r in records:
+        if match(r["cell"]):
+            groups.setdefault(key(r["cell"]), []).append(r)
+    if not groups:
+        return None
+
+    def merit(rs):
+        return (np.mean([final_val(r) for r in rs]), -np.mean([r["evals"][-1]["forgetting"] for r in rs]))
+
+    return max(groups, key=lambda k: merit(groups[k]))
+
+
+def _results_of(out_dir, study):
+    """The records of a sibling study (DIR/../STUDY/results.jsonl), or an error naming the command."""
+    path = os.path.join(os.path.dirname(os.path.abspath(out_dir)), study, "results.jsonl")
+    records = read_results(path)
+    if not records:
+        raise ValueError(f"study: this study uses the learning rates chosen by '{study}'; run "
+                         f"`minilora sweep {study} --out {os.path.dirname(os.path.abspath(out_dir))}/{study}` "
+                         f"first (no results in {path})")
+    return records
+
+
+def best_lr(out_dir, method):
+    """The forgetting study's learning rate for method, chosen on the validation metric."""
+    records = _results_of(out_dir, "forgetting")
+    lr = best_setting(records, lambda c: c["method"] == method, lambda c: c["lr"])
+    if lr is None:
+        raise ValueError(f"study: the forgetting study has no finished {method} cells yet")
+    return lr
+
+
+def forgetting(out_dir, seeds):
+    return [Cell("forgetting", method=m, lr=lr, seed=s, steps=STEPS)
+            for m in ("full", "lora", "prompt") for lr in LRS[m] for s in range(seeds)]
+
+
+FORMATS = {"baseline": ("\n", 0.0), "end marker": ("~", 0.0), "replay 25%": ("\n", 0.25),
+           "end marker + replay": ("~", 0.25)}
+
+
+def format_study(out_dir, seeds):
+    return [Cell("format", method=m, lr=best_lr(out_dir, m), seed=s, steps=STEPS, end_marker=end, replay=replay)
+            for m in ("full", "lora") for end, replay in FORMATS.values() for s in range(seeds)]
+
+
+RANKS = (1, 2, 4, 8, 16, 32, 64)
+RANK_LRS = (1e-3, 3e-3, 1e-2)
+
+
+def rank(out_dir, seeds):
+    # alpha fixed at 16: standard LoRA scales the update by 16 / r, rsLoRA by 16 / sqrt(r)
+    return [Cell("rank", method="lora", lr=lr, seed=s, steps=STEPS, rank=r, alpha=16.0, rslora=rs)
+            for r in RANKS for rs in (False, True) for lr in RANK_LRS for s in range(seeds)]
+
+
+PROMPT_LENGTHS = (4, 16, 32)
+
+
+def prompt(out_dir, seeds):
+    grid = [Cell("prompt", method="prompt", lr=lr, seed=s, steps=STEPS, n_prompt=p)
+            for lr in LRS["prompt"] for p in PROMPT_LENGTHS for s in range(seeds)]
+    # the three inits at a setting fixed in advance (lr 1e-1, P = 16; "vocab" is in the grid above)
+    inits = [Cell("prompt", method="prompt", lr=1e-1, seed=s, steps=STEPS, n_prompt=16, prompt_init=init)
+             for init in ("random", "text") for s in range(seeds)]
+    return grid + inits
+
+
+def scale(out_dir, seeds):
+    records = _results_of(out_dir, "prompt")
+    lr, n_prompt = best_setting(records, lambda c: c["prompt_init"] == "vocab", lambda c: (c["lr"], c["n_prompt"]))
+    cells = []
+    for base in ("small", "default", "large"):
+        cells += [Cell("scale", method="prompt", lr=lr, n_prompt=n_prompt, seed=s, steps=STEPS, base=base)
+                  for s in range(seeds)]
+        cells += [Cell("scale", method=m, lr=best_lr(out_dir, m), seed=s, steps=STEPS, base=base)
+                  for m in ("full", "lora") for s in range(seeds)]
+    return cells
+
+
+def hyper(out_dir, seeds):
+    lr = best_lr(out_dir, "lora")
+    cells = []
+    # epochs on a small dataset: 20 passes, evaluated about once per epoch
+    for n in (100, 1000):
+        per_epoch = max(1, n // 16)
+        cells += [Cell("hyper", method="lora", lr=lr, seed=s, n_train=n, steps=20 * per_epoch, eval_every=per_epoch)
+                  for s in range(seeds)]
+    # batch size at equal examples seen (3,200)
+    cells += [Cell("hyper", method="lora", lr=lr, seed=s, batch_size=b, steps=3200 // b, eval_every=800 // b)
+              for b in (4, 8, 16, 32) for s in range(seeds)]
+    # alpha at fixed rank 8 (the scale s = alpha / 8)
+    cells += [Cell("hyper", method="lora", lr=lr, seed=s, steps=STEPS, alpha=a)
+              for a in (2.0, 8.0, 16.0, 32.0, 64.0) for s in range(seeds)]
+    return cells
+
+
+STUDIES = {"forgetting": forgetting, "format": format_study, "rank": rank, "prompt": prompt, "scale": scale,
+           "hyper": hyper}
+DEFAULT_SEEDS = {"forgetting": 3, "format": 3, "rank": 1, "prompt": 1, "scale": 1, "hyper": 1}
+
+
+def cells(study, out_dir, seeds=None):
+    """The cells of a named study (seeds: how many, default DEFAULT_SEEDS[study])."""
+    if study not in STUDIES:
+        raise ValueError(f"study: expected one of {sorted(STUDIES)}, got {study!r}")
+    seeds = DEFAULT_SEEDS[study] if seeds is None else seeds
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds: expected a positive integer, got {seeds!r}")
+    return STUDIES[study](out_dir, seeds)

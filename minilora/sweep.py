@@ -1,0 +1,316 @@
+"""Experiments as grids of cells: each cell one fine-tuning run, evaluated as it trains.
+
+A cell is a method and its settings (learning rate, seed, rank, alpha, rsLoRA,
+targets, prompt length and init, steps, dataset size, batch size, replay
+fraction, end marker, base model). `run_cell` fine-tunes the pretrained base
+with the one training loop and, every `eval_every` steps (and at step 0):
+
+    val_metric    the task metric on a validation split (never the test split)
+    corpus_loss   the pretraining-corpus loss of the model as it now is
+    forgetting    corpus_loss minus the base model's
+    delta         ||Delta W||_F / ||W||_F per linear (full: W - W0; LoRA: s B A)
+
+and at the end the test metric (reported, never used to choose anything) and,
+for full fine-tuning, the singular values of every Delta W.
+
+`run_sweep` runs a list of cells in worker processes, with the BLAS threads
+split between them so N workers on N cores never oversubscribe, and appends
+one JSON line per finished cell to DIR/results.jsonl. A rerun skips the cells
+already there, so an interrupted sweep resumes. Any concurrent.futures
+Executor works, a Dask cluster's included (sweep.dask_executor).
+"""
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+
+import numpy as np
+
+from . import corpus, tasks
+from .checkpoint import atomic_open
+from .evaluation import corpus_val_data, strided_val_loss
+from .finetune import FinetuneConfig, score, setup_strategy
+from .lora import TARGETS, LoraConfig
+from .model import ModelConfig
+from .pretrain import PretrainConfig, load_or_pretrain
+from .train import TrainConfig, train
+
+# the pretrained bases a cell can start from: name -> how to pretrain it
+BASES = {
+    "tiny": PretrainConfig.fast(),  # for tests only
+    "small": replace(PretrainConfig(), model=ModelConfig(d_model=64, n_heads=4, n_layers=2, d_ff=256)),
+    "default": PretrainConfig(),
+    "large": replace(PretrainConfig(), model=ModelConfig(d_model=192, n_heads=4, n_layers=3, d_ff=768)),
+}
+REPLAY_TEXT_SENTENCES = 5_000  # pretraining-corpus text that replay batches are cut from
+
+
+@dataclass(frozen=True)
+class Cell:
+    study: str  # which study the cell belongs to (a name, also part of its key)
+    method: str = "lora"  # full | lora | prompt
+    task: str = "subject"
+    lr: float = 5e-3
+    seed: int = 0  # adapters / prompt init, batches, the split
+    steps: int = 200
+    batch_size: int = 16
+    n_train: int = 2000  # training records
+    n_val: int = 64  # validation records: what learning rates are chosen on
+    n_test: int = 200  # test records: reported, never chosen on
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: tuple = ("q", "k", "v", "o")
+    n_prompt: int = 16
+    prompt_init: str = "vocab"
+    replay: float = 0.0  # fraction of each batch that is pretraining text
+    end_marker: str = "\n"  # the character that ends a response
+    base: str = "default"  # a key of BASES
+    eval_every: int = 25
+    corpus_sentences: int = 200  # validation sentences the corpus loss (forgetting) is measured on
+
+    def key(self):
+        """A string that names the cell exactly: equal settings, equal key."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def finetune_config(self):
+        lora = LoraConfig(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets), rslora=self.rslora)
+        tc = TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, min_lr=self.lr / 10,
+                         warmup_steps=min(20, self.steps // 10), weight_decay=0.0, eval_every=self.eval_every,
+                         seed=self.seed)
+        return FinetuneConfig(method=self.method, task=self.task, n_train=self.n_train, n_test=self.n_test,
+                              lora=lora, n_prompt=self.n_prompt, prompt_init=self.prompt_init,
+                              end_marker=self.end_marker, train=tc, seed=self.seed)
+
+
+def splits(cell):
+    """(train, validation, test) records: three disjoint sets of sentences."""
+    train_records, held = tasks.task_splits(cell.task, cell.n_train, cell.n_val + 2 * cell.n_test, cell.seed)
+    text = "text" if cell.task == "kind" else "input"
+    val = held[:cell.n_val]
+    seen = {r[text] for r in val}
+    test = [r for r in held[cell.n_val:] if r[text] not in seen][:cell.n_test]
+    return train_records, val, test
+
+
+class ReplayBatches:
+    """Instruction batches with a fraction of pretraining windows mixed in.
+
+    round(fraction * B) rows of every batch are windows of corpus text, every
+    target counted (the pretraining loss); the rest are instruction records
+    with their response mask. Both kinds have the instruction rows' length T.
+    """
+
+    def __init__(self, records, batch_size, context_length, corpus_data, fraction, end="\n"):
+        self.n_replay = int(round(fraction * batch_size))
+        if not 0 <= self.n_replay < batch_size:
+            raise ValueError(f"replay: expected a fraction that leaves at least one task row in a batch of "
+                             f"{batch_size}, got {fraction}")
+        self.records = tasks.RecordBatches(records, batch_size - self.n_replay, context_length, end=end)
+        self.data = corpus_data
+
+    def sample(self, rng):
+        batch = self.records.sample(rng)
+        if not self.n_replay:
+            return batch
+        T = batch["x"].shape[1]
+        starts = rng.integers(0, len(self.data) - T - 1, self.n_replay)
+        idx = starts[:, None] + np.arange(T)[None, :]  # (R, T)
+        return {"x": np.concatenate([batch["x"], self.data[idx]]),
+                "y": np.concatenate([batch["y"], self.data[idx + 1]]),
+                "mask": np.concatenate([batch["mask"], np.ones(idx.shape, batch["mask"].dtype)])}
+
+
+def delta_norms(params, config, base):
+    """||Delta W||_F / ||W0||_F for every base linear: W - W0 (full) or s B A (LoRA)."""
+    out = {}
+    for i in range(config.n_layers):
+        for t, layer in TARGETS.items():
+            prefix = f"h.{i}.{layer}"
+            W0 = base[prefix + ".W"]
+            if prefix + ".lora_A" in params:
+                delta = config.lora.scale * (params[prefix + ".lora_B"] @ params[prefix + ".lora_A"])
+            else:
+                delta = params[prefix + ".W"] - W0
+            out[prefix] = float(np.linalg.norm(delta) / np.linalg.norm(W0))
+    return out
+
+
+def _evaluate(params, config, base, val, class_names, end, corpus_data, corpus_before):
+    """What a cell logs at each evaluation."""
+    loss = strided_val_loss(params, config, corpus_data)
+    return {"val_metric": score(params, config, val, class_names, end), "corpus_loss": loss,
+            "forgetting": loss - corpus_before, "delta": delta_norms(params, config, base)}
+
+
+_BASE_CACHE = {}
+
+
+def load_base(name, bases_dir):
+    """The pretrained base `name` (pretrained into bases_dir/name on first use, then reused)."""
+    if (name, bases_dir) not in _BASE_CACHE:
+        params, config, _ = load_or_pretrain(BASES[name], os.path.join(bases_dir, name))
+        _BASE_CACHE[(name, bases_dir)] = (params, config)
+    return _BASE_CACHE[(name, bases_dir)]
+
+
+def run_cell(cell, bases_dir, threads=None):
+    """Fine-tune one cell from its base; returns its result record (a JSON-able dict)."""
+    if threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=threads, user_api="blas"):
+            return run_cell(cell, bases_dir)
+    t0 = time.perf_counter()
+    base, model_config = load_base(cell.base, bases_dir)
+    config = cell.finetune_config()
+    train_records, val, test = splits(cell)
+    class_names = list(tasks.CLASS_NAMES) if cell.task == "kind" else None
+    params, ft_config, trainable = setup_strategy(base, model_config, config,
+                                                  len(class_names) if class_names else None)
+    T = model_config.context_length
+    if cell.replay:
+        if class_names:
+            raise ValueError("replay: expected a generative task (a classification batch has no next tokens)")
+        replay_text, _ = corpus.train_val_text(REPLAY_TEXT_SENTENCES, 0, seed=1)
+        batches = ReplayBatches(train_records, cell.batch_size, T, corpus.CharTokenizer().encode(replay_text),
+                                cell.replay, cell.end_marker)
+    else:
+        batches = tasks.RecordBatches(train_records, cell.batch_size, T, class_names, end=cell.end_marker)
+    corpus_data = corpus_val_data(cell.corpus_sentences)
+    corpus_before = strided_val_loss(base, model_config, corpus_data)
+    evaluate = partial(_evaluate, config=ft_config, base=base, val=val, class_names=class_names,
+                       end=cell.end_marker, corpus_data=corpus_data, corpus_before=corpus_before)
+    evals = [{"step": 0, **evaluate(params)}]
+    history, _ = train(params, trainable, ft_config, batches, config.train, evaluate=evaluate,
+                       desc=f"{cell.study} {cell.method}")
+    keys = ("val_metric", "corpus_loss", "forgetting", "delta")
+    evals += [{"step": r["step"], "train_loss": r["train_loss"], **{k: r[k] for k in keys}}
+              for r in history if "val_metric" in r]
+    record = {"key": cell.key(), "cell": asdict(cell), "evals": evals, "corpus_before": corpus_before,
+              "train_loss": [r["train_loss"] for r in history],
+              "test_metric": score(params, ft_config, test, class_names, cell.end_marker),
+              "trainable_params": int(sum(params[n].size for n in trainable))}
+    if cell.method == "full":
+        record["singular_values"] = {
+            prefix: np.linalg.svd(params[prefix + ".W"] - base[prefix + ".W"], compute_uv=False).tolist()
+            for prefix in delta_norms(params, ft_config, base)}
+    record["wall_s"] = time.perf_counter() - t0
+    record["blas_threads"] = _blas_threads()
+    return record
+
+
+def _blas_threads():
+    """The BLAS threads this process computes with now (None if threadpoolctl sees no BLAS)."""
+    from threadpoolctl import threadpool_info
+
+    return max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=None)
+
+
+def read_results(path):
+    """The records of a results.jsonl. A last line cut short by an interruption (no
+    newline at its end) is ignored; any other bad line is an error naming it."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # the last write was cut short: that cell runs again
+                continue
+            raise ValueError(f"{path}, line {i + 1}: expected a JSON result record ({e.msg})") from e
+    return records
+
+
+def _drop_partial_line(path):
+    """Cut a last line that an interrupted write left without its newline."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        with atomic_open(path, "wb") as f:
+            f.write(data[: data.rfind(b"\n") + 1])
+
+
+def _append(path, record):
+    """One line per finished cell, flushed to disk before the next is reported."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _limit_threads(threads):
+    """A worker process's BLAS pool: `threads` threads (set before any NumPy work)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
+
+
+def run_sweep(cells, out_dir, workers=1, executor=None, bases_dir=None, threads=None, on_result=None):
+    """Run every cell not yet in out_dir/results.jsonl; returns the records of this call.
+
+    Inputs:
+    - cells: a list of Cell
+    - workers: worker processes when no executor is given; each gets
+      threads = max(1, cores // workers) BLAS threads
+    - executor: any concurrent.futures.Executor (e.g. dask_executor(...)); cells
+      are submitted to it as run_cell(cell, bases_dir, threads)
+    - bases_dir: where pretrained bases live (default out_dir/../bases)
+    - on_result(record, done, total): called as each cell finishes
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.jsonl")
+    bases_dir = bases_dir or os.path.join(os.path.dirname(os.path.abspath(out_dir)), "bases")
+    _drop_partial_line(path)
+    done = {r["key"] for r in read_results(path)}
+    todo, seen = [], set()
+    for c in cells:
+        if c.key() not in done and c.key() not in seen:
+            todo.append(c)
+            seen.add(c.key())
+    if not todo:
+        return []
+    cores = os.cpu_count() or 1
+    threads = threads or max(1, cores // max(1, workers))
+    for name in sorted({c.base for c in todo}):
+        load_base(name, bases_dir)  # pretrain each base once, here, before the workers start
+    own = executor is None
+    if own:
+        executor = ProcessPoolExecutor(max_workers=workers, initializer=_limit_threads, initargs=(threads,))
+    results = []
+    try:
+        futures = [executor.submit(run_cell, c, bases_dir, threads) for c in todo]
+        for f in as_completed(futures):
+            record = f.result()
+            _append(path, record)
+            results.append(record)
+            if on_result is not None:
+                on_result(record, len(results), len(todo))
+    finally:
+        if own:
+            executor.shutdown(cancel_futures=True)
+    return results
+
+
+def dask_executor(scheduler):
+    """A concurrent.futures Executor on a Dask cluster (the optional extra `minilora[dist]`).
+
+    scheduler: a distributed.Client, a LocalCluster, or an address "tcp://HOST:PORT".
+    """
+    try:
+        from distributed import Client
+    except ImportError as e:
+        raise ValueError("scheduler: running on a Dask cluster needs the 'dist' extra: "
+                         "pip install 'minilora[dist]'") from e
+    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    return client.get_executor()

@@ -1,0 +1,137 @@
+"""The sweep runner: cells evaluate as they train, a sweep resumes, workers split threads, Dask gives the same results."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minilora import report, studies, sweep
+
+TINY = dict(study="t", base="tiny", steps=6, eval_every=3, n_train=40, n_val=6, n_test=6, corpus_sentences=40,
+            batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bases")
+    sweep.load_base("tiny", str(path))  # pretrain the tiny base once for the module
+    return str(path)
+
+
+def _without_timing(record):
+    return {k: v for k, v in record.items() if k not in ("wall_s", "blas_threads")}
+
+
+def test_a_cell_evaluates_on_validation_while_it_trains(bases):
+    r = sweep.run_cell(sweep.Cell(**TINY, method="full", lr=1e-3), bases)
+    assert [e["step"] for e in r["evals"]] == [0, 3, 6]
+    assert r["evals"][0]["forgetting"] == 0.0  # step 0 is the base model itself
+    for e in r["evals"]:
+        assert 0.0 <= e["val_metric"] <= 1.0 and np.isfinite(e["corpus_loss"])
+        assert set(e["delta"]) == {f"h.0.{layer}" for layer in sweep.TARGETS.values()}
+    assert r["evals"][-1]["delta"]["h.0.attn.q"] > 0  # full fine-tuning moved W
+    assert len(r["train_loss"]) == 6 and 0.0 <= r["test_metric"] <= 1.0
+    assert len(r["singular_values"]["h.0.mlp.fc"]) == 32  # min(F, C) of the tiny base
+
+
+def test_validation_test_and_training_splits_are_disjoint():
+    cell = sweep.Cell(study="t", n_train=300, n_val=50, n_test=100, seed=7)
+    train, val, test = sweep.splits(cell)
+    inputs = [{r["input"] for r in split} for split in (train, val, test)]
+    assert not inputs[0] & inputs[1] and not inputs[0] & inputs[2] and not inputs[1] & inputs[2]
+    assert (len(val), len(test)) == (50, 100)
+
+
+def test_replay_mixes_corpus_windows_into_every_batch():
+    records = sweep.splits(sweep.Cell(study="t", n_train=40, n_val=1, n_test=1))[0]
+    data = np.arange(1000) % 90
+    batches = sweep.ReplayBatches(records, 8, 128, data, 0.25, end="~")
+    b = batches.sample(np.random.default_rng(0))
+    assert b["x"].shape[0] == 8 and (b["mask"][-2:] == 1).all()  # 2 corpus rows, every target counted
+    assert np.array_equal(b["y"][-2:, :-1], b["x"][-2:, 1:])
+    with pytest.raises(ValueError, match="replay"):
+        sweep.ReplayBatches(records, 4, 128, data, 1.0)
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(bases, tmp_path):
+    cells = [sweep.Cell(**TINY, lr=lr) for lr in (1e-3, 3e-3, 1e-2)]
+    first = sweep.run_sweep(cells[:2], str(tmp_path), bases_dir=bases)
+    assert len(first) == 2
+    path = tmp_path / "results.jsonl"
+    # an interruption in the middle of writing the third cell's line
+    with open(path, "a") as f:
+        f.write('{"key": "cut sh')
+    before = path.read_text().split("\n")[:2]
+    seen = []
+    again = sweep.run_sweep(cells, str(tmp_path), bases_dir=bases, on_result=lambda r, d, t: seen.append(r["key"]))
+    assert seen == [cells[2].key()] and len(again) == 1  # only the missing cell ran
+    lines = path.read_text().split("\n")
+    assert lines[:2] == before and len(sweep.read_results(str(path))) == 3
+    assert sweep.run_sweep(cells, str(tmp_path), bases_dir=bases) == []  # nothing left to do
+
+
+def test_workers_split_the_blas_threads_and_finish_a_grid(bases, tmp_path):
+    cells = [sweep.Cell(**TINY, lr=lr, seed=s) for lr in (1e-3, 1e-2) for s in (0, 1)]
+    results = sweep.run_sweep(cells, str(tmp_path), workers=2, threads=1, bases_dir=bases)
+    assert sorted(r["key"] for r in results) == sorted(c.key() for c in cells)
+    assert all(r["blas_threads"] == 1 for r in results)
+    # the same cells in this process give the same numbers: workers change nothing but the time
+    local = sweep.run_cell(cells[0], bases)
+    assert _without_timing(next(r for r in results if r["key"] == cells[0].key())) == _without_timing(local)
+
+
+def test_a_dask_cluster_gives_the_same_results_as_local_workers(bases, tmp_path):
+    distributed = pytest.importorskip("distributed", reason="the 'dist' extra is not installed")
+    cells = [sweep.Cell(**TINY, method=m) for m in ("lora", "prompt")]
+    sweep.run_sweep(cells, str(tmp_path / "local"), bases_dir=bases)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        sweep.run_sweep(cells, str(tmp_path / "dask"), executor=sweep.dask_executor(client), bases_dir=bases)
+
+    def table(name):
+        return sorted(json.dumps(_without_timing(r), sort_keys=True)
+                      for r in sweep.read_results(str(tmp_path / name / "results.jsonl")))
+
+    assert table("local") == table("dask") and len(table("dask")) == 2
+
+
+def test_every_study_is_a_grid_of_valid_cells(tmp_path):
+    out = tmp_path / "studies"
+    grid = studies.cells("forgetting", str(out / "forgetting"))
+    assert len(grid) == 3 * 4 * 3 and {c.method for c in grid} == {"full", "lora", "prompt"}
+    assert all(len({c.lr for c in grid if c.method == m}) == 4 for m in ("full", "lora", "prompt"))
+    with pytest.raises(ValueError, match="minilora sweep forgetting"):
+        studies.cells("format", str(out / "format"))  # it needs the forgetting study's learning rates
+    # fake forgetting results: the learning rate with the best validation metric is chosen
+    (out / "forgetting").mkdir(parents=True)
+    with open(out / "forgetting" / "results.jsonl", "w") as f:
+        for c in grid:
+            val = 1.0 if c.lr in (3e-4, 1e-2, 1e-1) else 0.5
+            f.write(json.dumps({"key": c.key(), "cell": json.loads(c.key()),
+                                "evals": [{"val_metric": val, "forgetting": 1.0}]}) + "\n")
+    fmt = studies.cells("format", str(out / "format"))
+    assert {(c.method, c.lr) for c in fmt} == {("full", 3e-4), ("lora", 1e-2)}
+    assert len(fmt) == 2 * 4 * 3
+    assert len(studies.cells("rank", str(out / "rank"))) == 7 * 2 * 3
+    assert {c.batch_size * c.steps for c in studies.cells("hyper", str(out / "hyper"))} >= {3200}
+    with pytest.raises(ValueError, match="study: expected one of"):
+        studies.cells("nope", str(out))
+
+
+def test_report_draws_and_tabulates_a_finished_study(bases, tmp_path):
+    out = tmp_path / "forgetting"
+    cells = [sweep.Cell(**{**TINY, "study": "forgetting"}, method=m, lr=lr, seed=s)
+             for m, lr in (("full", 1e-3), ("lora", 1e-2)) for s in (0, 1)]
+    sweep.run_sweep(cells, str(out), bases_dir=bases)
+    text, figs = report.report(str(out), str(tmp_path / "fig"), " [fast]")
+    assert "| full | 0.001 |" in text and "| lora | 0.01 |" in text and "(n=2)" in text
+    assert (tmp_path / "fig" / "study_forgetting.png").read_bytes()[:4] == b"\x89PNG"
+    assert "[fast]" in figs["study_forgetting.png"]._suptitle.get_text()
+
+
+def test_mean_spread_and_energy_rank():
+    assert report.mean_spread([1.0, 3.0]) == "2.000 ± 1.414 (n=2)"
+    assert report.mean_spread([None]) == "-"
+    assert report.energy_ranks([3.0, 0.9, 0.1]) == 1  # 9 / 9.82 of the energy in one direction
+    assert report.energy_ranks([3.0, 1.0, 0.1]) == 2  # 9 / 10.01 is just under 90%
+    assert report.energy_ranks([1.0] * 10) == 9
