@@ -1,0 +1,57 @@
+"""Backend fixtures: every test that takes `xp` runs on NumPy, on the CPU stand-in
+for CuPy (tests/standin.py), and on CuPy itself where CuPy and a GPU are there.
+
+On a GPU machine, set MINILORA_REQUIRE_CUPY=1 (benchmarks/gpu_check.sh does) so
+that a broken CuPy install fails the CuPy tests instead of skipping them.
+"""
+
+import os
+
+import numpy
+import pytest
+
+import standin  # registers the "standin" backend
+
+BACKEND_NAMES = ("numpy", "standin", "cupy")
+DEVICE_NAMES = ("standin", "cupy")
+
+
+def _cupy():
+    """(cupy module, None) when CuPy can compute here, else (None, why not)."""
+    try:
+        import cupy
+    except ImportError as e:
+        return None, f"CuPy is not importable ({e}); install minilora[cuda12] or [cuda13] on a GPU machine"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, no device
+        return None, f"CuPy is installed but CUDA is not usable ({e})"
+    if n < 1:
+        return None, "CuPy is installed but no GPU is visible"
+    return cupy, None
+
+
+def backend_module(name):
+    """The array module for a backend name, skipping (or failing, see above) when CuPy cannot run."""
+    if name == "numpy":
+        return numpy
+    if name == "standin":
+        return standin
+    cupy, reason = _cupy()
+    if cupy is None:
+        if os.environ.get("MINILORA_REQUIRE_CUPY") == "1":
+            pytest.fail(f"MINILORA_REQUIRE_CUPY=1 but {reason}")
+        pytest.skip(reason)
+    return cupy
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def xp(request):
+    """numpy, the stand-in, or cupy."""
+    return backend_module(request.param)
+
+
+@pytest.fixture(params=DEVICE_NAMES)
+def device_xp(request):
+    """A device module only: the stand-in or cupy."""
+    return backend_module(request.param)
