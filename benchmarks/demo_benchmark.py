@@ -36,10 +36,9 @@ def main():
     args = ap.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)  # pretrain from scratch, never reuse
     t0 = time.perf_counter()
-    rows = run_demo(out_dir=args.out, figures_dir=args.figures)
+    demo = run_demo(out_dir=args.out, figures_dir=args.figures, log=print)
     total = time.perf_counter() - t0
-    with open(os.path.join(args.out, "demo_summary.json")) as f:
-        demo = json.load(f)
+    rows = demo["rows"]
     pre = demo["pretrain"]
     by = {(r["task"], r["method"]): r for r in rows}
     full, lora = by[("subject", "full")], by[("subject", "lora")]

@@ -312,6 +312,10 @@ def train_val_text(n_train=50_000, n_val=2_000, seed=0, grammar=GRAMMAR):
     return make_text(n_train, train_seed, grammar), make_text(n_val, val_seed, grammar)
 
 
+class NotASentence(ValueError):
+    """The text is not a sentence of the toy language (sentence_log_prob says where it fails)."""
+
+
 def _parse_noun_phrase(words, i, grammar, where):
     """Parse the noun phrase starting at words[i]; return (log P(choices), number_is_plural, next i)."""
     determiners = {"singular": dict(grammar.singular_determiners), "plural": dict(grammar.plural_determiners)}
@@ -321,7 +325,7 @@ def _parse_noun_phrase(words, i, grammar, where):
         nouns[singular] = (False, p)
         nouns[plural] = (True, p)
     if i + 1 >= len(words):
-        raise ValueError(f"{where}: a noun phrase is cut short after {' '.join(words[i:])!r}")
+        raise NotASentence(f"{where}: a noun phrase is cut short after {' '.join(words[i:])!r}")
     determiner, i = words[i], i + 1
     log_p = 0.0
     if words[i] in adjectives:
@@ -330,11 +334,11 @@ def _parse_noun_phrase(words, i, grammar, where):
     else:
         log_p += math.log(1.0 - grammar.p_adjective)
     if i >= len(words) or words[i] not in nouns:
-        raise ValueError(f"{where}: expected a noun after {' '.join(words[:i])!r}")
+        raise NotASentence(f"{where}: expected a noun after {' '.join(words[:i])!r}")
     plural, p_noun = nouns[words[i]]
     number = "plural" if plural else "singular"
     if determiner not in determiners[number]:
-        raise ValueError(f"{where}: {determiner!r} is not a determiner for the {number} noun {words[i]!r}")
+        raise NotASentence(f"{where}: {determiner!r} is not a determiner for the {number} noun {words[i]!r}")
     p_number = grammar.p_plural if plural else 1.0 - grammar.p_plural
     log_p += math.log(p_number) + math.log(determiners[number][determiner]) + math.log(p_noun)
     return log_p, plural, i + 1
@@ -351,7 +355,7 @@ def sentence_log_prob(text, grammar=GRAMMAR):
     """
     where = f"sentence_log_prob: expected a sentence of the toy language, got {text!r}"
     if not isinstance(text, str) or not text.endswith(".") or "\n" in text:
-        raise ValueError(f"{where}; a sentence ends in '.' and holds no newline")
+        raise NotASentence(f"{where}; a sentence ends in '.' and holds no newline")
     words = text[:-1].split(" ")
     log_p, subject_plural, i = _parse_noun_phrase(words, 0, grammar, where)
     verbs = {}
@@ -360,10 +364,10 @@ def sentence_log_prob(text, grammar=GRAMMAR):
             verbs[singular] = (transitive, False, p)
             verbs[plural] = (transitive, True, p)
     if i >= len(words) or words[i] not in verbs:
-        raise ValueError(f"{where}; expected a verb after {' '.join(words[:i])!r}")
+        raise NotASentence(f"{where}; expected a verb after {' '.join(words[:i])!r}")
     transitive, verb_plural, p_verb = verbs[words[i]]
     if verb_plural != subject_plural:
-        raise ValueError(f"{where}; the verb {words[i]!r} does not agree in number with the subject")
+        raise NotASentence(f"{where}; the verb {words[i]!r} does not agree in number with the subject")
     i += 1
     log_p += math.log(p_verb)
     if transitive:
@@ -380,9 +384,9 @@ def sentence_log_prob(text, grammar=GRAMMAR):
             place_log_p, _, i = _parse_noun_phrase(words, i + 1, grammar, where)
             log_p += place_log_p
         else:
-            raise ValueError(f"{where}; expected '.' or a preposition after {' '.join(words[:i])!r}")
+            raise NotASentence(f"{where}; expected '.' or a preposition after {' '.join(words[:i])!r}")
     if i != len(words):
-        raise ValueError(f"{where}; unexpected words after the sentence ends: {' '.join(words[i:])!r}")
+        raise NotASentence(f"{where}; unexpected words after the sentence ends: {' '.join(words[i:])!r}")
     return log_p
 
 

@@ -11,19 +11,19 @@ A strategy is only (a) which extra parameters exist and (b) which names are trai
 Everything else, the forward, the backward, the optimizer and the loop, is shared.
 """
 
+import hashlib
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from . import corpus, tasks
-from .backend import to_numpy
-from .lora import LoraConfig, add_lora, lora_names, lora_param_count
-from .model import add_head, cls_loss_and_grads, count_params, lm_loss_and_grads
+from .evaluation import classification_accuracy, exact_match, strided_val_loss
+from .lora import LoraConfig, add_lora, count_report, lora_names
+from .model import add_head, count_params
 from .optim import optimizer_state_bytes
-from .pretrain import strided_val_loss
 from .prompt import add_prompt
-from .sampling import greedy_decode
 from .train import TrainConfig, train
 
 METHODS = ("full", "lora", "prompt")
@@ -64,16 +64,16 @@ class FinetuneConfig:
 
 
 def setup_strategy(base_params, model_config, config, n_classes=None):
-    """The parameters and trainable names of a strategy, from the pretrained weights.
+    """The parameters, config and trainable names of a strategy, from the pretrained weights.
 
-    Returns (params, trainable). base_params is never modified: full
-    fine-tuning trains copies, LoRA and prompt tuning share the frozen arrays.
+    Returns (params, model_config, trainable). base_params is never modified:
+    full fine-tuning trains copies, LoRA and prompt tuning share the frozen arrays.
     """
     if config.method == "full":
         params = {n: p.copy() for n, p in base_params.items()}
         trainable = set(params)
     elif config.method == "lora":
-        params = add_lora(base_params, model_config, config.lora, seed=config.seed)
+        params, model_config = add_lora(base_params, model_config, config.lora, seed=config.seed)
         trainable = set(lora_names(params))
     else:
         init_ids = corpus.CharTokenizer().encode(config.prompt_init_text) if config.prompt_init == "text" else None
@@ -82,53 +82,7 @@ def setup_strategy(base_params, model_config, config, n_classes=None):
     if n_classes is not None:
         params = add_head(params, n_classes, seed=config.seed)
         trainable |= {"cls.W", "cls.b"}
-    return params, trainable
-
-
-def trainable_report(params, trainable, model_config=None, lora_config=None):
-    """PEFT's print_trainable_parameters, plus LoRA's r (d + k) per adapted matrix, checked."""
-    n_train, n_all = count_params(params, trainable), count_params(params)
-    lines = [f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / n_all:.4f}"]
-    adapted = sorted(n[: -len(".lora_A")] for n in params if n.endswith(".lora_A"))
-    if adapted and lora_config is not None:
-        total = 0
-        for prefix in adapted:
-            d, k = to_numpy(params[prefix + ".W"]).shape
-            total += lora_param_count(d, k, lora_config.rank)
-        counted = count_params(params, [n for n in trainable if n.endswith((".lora_A", ".lora_B"))])
-        d, k = to_numpy(params[adapted[0] + ".W"]).shape
-        lines.append(f"LoRA: r (d + k) = {lora_config.rank} x ({d} + {k}) = {lora_param_count(d, k, lora_config.rank):,}"
-                     f" per adapted matrix ({d * k:,} for W itself), {len(adapted)} matrices: {total:,} "
-                     + ("= the count above (adapters only)" if total == counted else f"!= counted {counted:,}"))
-        if total != counted:
-            raise AssertionError(f"LoRA parameter count {counted} does not match the formula r(d+k): {total}")
-    return "\n".join(lines)
-
-
-def exact_match(params, model_config, records, lora=None, max_new_tokens=12):
-    """Greedy-decode every record's prompt; the fraction whose response equals the output exactly.
-
-    Returns (accuracy, predictions as strings).
-    """
-    tok = corpus.CharTokenizer()
-    prompts = [tok.encode(tasks.format_prompt(r["instruction"], r.get("input", ""))) for r in records]
-    outs = greedy_decode(params, model_config, prompts, max_new_tokens, corpus.NEWLINE_ID, lora)
-    preds = [tok.decode(o) for o in outs]
-    acc = float(np.mean([p == r["output"] for p, r in zip(preds, records)]))
-    return acc, preds
-
-
-def classification_accuracy(params, model_config, records, lora=None, class_names=tasks.CLASS_NAMES,
-                            batch_size=256):
-    """Fraction of records whose argmax class is the label."""
-    tok = corpus.CharTokenizer()
-    correct = 0
-    for i in range(0, len(records), batch_size):
-        x, last, labels = tasks.classification_batch(records[i:i + batch_size], tok, model_config.context_length,
-                                                     class_names)
-        _, _, logits = cls_loss_and_grads(params, model_config, x, last, labels, lora=lora)
-        correct += int((to_numpy(logits).argmax(axis=-1) == labels).sum())
-    return correct / len(records)
+    return params, model_config, trainable
 
 
 def load_records(config):
@@ -150,7 +104,14 @@ def load_records(config):
     return train_records, test_records, list(tasks.CLASS_NAMES) if config.is_classification else None
 
 
-def finetune(base_params, model_config, config, run_dir=None, val_data=None, verbose=True):
+def score(params, model_config, records, class_names):
+    """The task metric: accuracy with a head (class_names given), else exact match."""
+    if class_names:
+        return classification_accuracy(params, model_config, records, class_names)
+    return exact_match(params, model_config, records)[0]
+
+
+def finetune(base_params, model_config, config, run_dir=None, val_data=None):
     """Fine-tune with one strategy and score it.
 
     Inputs:
@@ -160,57 +121,36 @@ def finetune(base_params, model_config, config, run_dir=None, val_data=None, ver
     - run_dir: where to write log.jsonl and checkpoint.npz
     - val_data: pretraining-corpus validation tokens, to measure forgetting
 
-    Returns (params, trainable, summary dict).
+    Returns (params, model_config, trainable, summary): the fine-tuned model,
+    the config it now comes with (LoRA settings included), the names that
+    were trained, and a summary dict (the parameter report under "report").
     """
     train_records, test_records, class_names = load_records(config)
-    params, trainable = setup_strategy(base_params, model_config, config,
-                                       len(class_names) if class_names else None)
-    lora = config.lora if config.method == "lora" else None
-    if verbose:
-        print(f"[{config.method}] " + trainable_report(params, trainable, model_config, lora).replace("\n", f"\n[{config.method}] "))
-    tok = corpus.CharTokenizer()
-    T = model_config.context_length
+    n_classes = len(class_names) if class_names else None
+    params, ft_config, trainable = setup_strategy(base_params, model_config, config, n_classes)
+    report = count_report(params, trainable, ft_config)
     B = config.train.batch_size
     if len(train_records) < B:
         raise ValueError(f"batch_size: expected at most the {len(train_records)} training records, got {B}")
-
-    def next_batch(rng):
-        chosen = [train_records[i] for i in rng.choice(len(train_records), B, replace=False)]
-        if class_names:
-            x, last, labels = tasks.classification_batch(chosen, tok, T, class_names)
-            return {"x": x, "last": last, "labels": labels}
-        x, y, mask = tasks.instruction_batch(chosen, tok, T, config.train_on_prompt)
-        return {"x": x, "y": y, "mask": mask}
-
-    def loss_fn(p, batch, tr, rng):
-        drop_rng = rng if (model_config.dropout > 0 or (lora is not None and lora.dropout > 0)) else None
-        if class_names:
-            loss, grads, _ = cls_loss_and_grads(p, model_config, batch["x"], batch["last"], batch["labels"], tr,
-                                                lora, drop_rng)
-            return loss, grads
-        return lm_loss_and_grads(p, model_config, batch["x"], batch["y"], batch["mask"], tr, lora, drop_rng)
-
-    def score(p):
-        if class_names:
-            return classification_accuracy(p, model_config, test_records, lora, class_names)
-        return exact_match(p, model_config, test_records, lora)[0]
+    batches = tasks.RecordBatches(train_records, B, model_config.context_length, class_names,
+                                  config.train_on_prompt)
 
     # the pretrained model's task score and corpus loss, before any fine-tuning
-    before_params, _ = setup_strategy(base_params, model_config, config, len(class_names) if class_names else None)
-    metric_before = score(before_params)
+    before_params, before_config, _ = setup_strategy(base_params, model_config, config, n_classes)
+    metric_before = score(before_params, before_config, test_records, class_names)
     val_before = strided_val_loss(base_params, model_config, val_data) if val_data is not None else None
 
-    meta = {"kind": "finetune", "model": model_config.to_dict(), "method": config.method, "task": config.task,
-            "lora": config.lora.to_dict() if lora else None}
+    meta = {"kind": "finetune", "model": ft_config.to_dict(), "method": config.method, "task": config.task,
+            "finetune": run_description(config), "class_names": class_names}
     t0 = time.perf_counter()
-    history, state = train(params, trainable, loss_fn, next_batch, config.train, run_dir=run_dir, meta=meta,
-                    desc=f"finetune {config.method}")
+    history, state = train(params, trainable, ft_config, batches, config.train, run_dir=run_dir, meta=meta,
+                           desc=f"finetune {config.method}")
     wall = time.perf_counter() - t0
-    metric = score(params)
-    val_after = strided_val_loss(params, model_config, val_data, lora=lora) if val_data is not None else None
+    metric = score(params, ft_config, test_records, class_names)
+    val_after = strided_val_loss(params, ft_config, val_data) if val_data is not None else None
     n_trainable = count_params(params, trainable)
     summary = {
-        "method": config.method, "task": config.task,
+        "method": config.method, "task": config.task, "report": report,
         "trainable_params": n_trainable, "total_params": count_params(params),
         "optimizer_state_bytes": optimizer_state_bytes(state),
         "metric_before": metric_before, "metric": metric,
@@ -218,5 +158,22 @@ def finetune(base_params, model_config, config, run_dir=None, val_data=None, ver
         "forgetting": (val_after - val_before) if val_data is not None else None,
         "final_train_loss": history[-1]["train_loss"], "wall_s": wall, "steps": config.train.steps,
     }
-    return params, trainable, summary
+    return params, ft_config, trainable, summary
 
+
+def run_description(config):
+    """What a run's metadata keeps so its split can be rebuilt exactly: task or
+    data file (with its SHA-256), seed, split sizes, and the prompt settings."""
+    d = {k: v for k, v in asdict(config).items() if k not in ("lora", "train")}
+    if config.data_file is not None:
+        d["data_file"] = os.path.abspath(config.data_file)
+        with open(config.data_file, "rb") as f:
+            d["data_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return d
+
+
+def config_from_description(d):
+    """The FinetuneConfig (split-defining fields) a run was made with, from run_description's dict."""
+    fields = {k: d[k] for k in ("method", "task", "n_train", "n_test", "data_file", "train_on_prompt",
+                                "n_prompt", "prompt_init", "prompt_init_text", "seed") if k in d}
+    return FinetuneConfig(**fields)

@@ -252,30 +252,32 @@ def _model_checks(rng):
     last = rng.integers(1, T, B)
     labels = rng.integers(0, 3, B)
 
-    def lm(lcfg=None):
-        return lambda p, tr: model.lm_loss_and_grads(p, config, x, y, mask, tr, lcfg)
+    lm_batch = {"x": x, "y": y, "mask": mask}
+    cls_batch = {"x": x, "last": last, "labels": labels}
 
-    def cls(lcfg=None):
-        return lambda p, tr: model.cls_loss_and_grads(p, config, x, last, labels, tr, lcfg)[:2]
+    def loss(cfg, batch):
+        return lambda p, tr: model.loss_and_grads(p, cfg, batch, tr)
 
-    res = check_model("model: full, LM", lm(), base, set(base), rng)
+    res = check_model("model: full, LM", loss(config, lm_batch), base, set(base), rng)
     with_head = model.add_head(base, 3, seed=1)
     with_head["cls.b"] = 0.4 * rng.standard_normal(3)
-    res += check_model("model: full, classifier", cls(), with_head, set(with_head), rng)
+    res += check_model("model: full, classifier", loss(config, cls_batch), with_head, set(with_head), rng)
 
     lcfg = lora_mod.LoraConfig(rank=2, alpha=3.0, targets=tuple(lora_mod.TARGETS))
-    adapted = lora_mod.add_lora(with_head, config, lcfg, seed=2)
+    adapted, adapted_config = lora_mod.add_lora(with_head, config, lcfg, seed=2)
     for name in lora_mod.lora_names(adapted):
         # B = 0 at init makes dA exactly zero: check at B != 0
         adapted[name] = 0.5 * rng.standard_normal(adapted[name].shape)
     adapters = set(lora_mod.lora_names(adapted))
-    res += check_model("model: LoRA, LM", lm(lcfg), adapted, adapters, rng)
-    res += check_model("model: LoRA, classifier", cls(lcfg), adapted, adapters | {"cls.W", "cls.b"}, rng)
+    res += check_model("model: LoRA, LM", loss(adapted_config, lm_batch), adapted, adapters, rng)
+    res += check_model("model: LoRA, classifier", loss(adapted_config, cls_batch), adapted,
+                       adapters | {"cls.W", "cls.b"}, rng)
 
     prompted = prompt.add_prompt(with_head, 3, init="random", seed=3)
     prompted["prompt"] = 0.5 * rng.standard_normal(prompted["prompt"].shape)
-    res += check_model("model: prompt, LM", lm(), prompted, {"prompt"}, rng)
-    res += check_model("model: prompt, classifier", cls(), prompted, {"prompt", "cls.W", "cls.b"}, rng)
+    res += check_model("model: prompt, LM", loss(config, lm_batch), prompted, {"prompt"}, rng)
+    res += check_model("model: prompt, classifier", loss(config, cls_batch), prompted,
+                       {"prompt", "cls.W", "cls.b"}, rng)
     return res
 
 

@@ -15,7 +15,7 @@ Both return new dicts: nothing here changes an array it was given.
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -126,11 +126,19 @@ def adapted_layers(model_config, lora_config):
 
 
 def add_lora(params, model_config, lora_config, seed=0):
-    """A new dict: params (arrays shared, not copied) plus A, B for every target.
+    """Adapters beside every target linear.
 
     A: Kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_ with
-    a = sqrt(5)), or N(0, 1/r) for "gaussian". B: zeros, so B A = 0 at the start.
+    a = sqrt(5)), or for "gaussian" normal with standard deviation 1/r. B: zeros,
+    so B A = 0 at the start and the adapted model is exactly the pretrained one.
+
+    Returns (params, config): a new dict (the base arrays shared, not copied)
+    with A, B for every target, and model_config with .lora = lora_config, the
+    description every later call needs (scale, dropout).
     """
+    if model_config.lora is not None:
+        raise ValueError(f"model_config: these params already have adapters ({model_config.lora}); "
+                         "merge them first or start from the base model")
     rng = np.random.default_rng(seed)
     xp = array_module(params["wte"])
     dtype = params["wte"].dtype
@@ -138,6 +146,9 @@ def add_lora(params, model_config, lora_config, seed=0):
     r = lora_config.rank
     for prefix in adapted_layers(model_config, lora_config):
         d_out, d_in = params[prefix + ".W"].shape
+        if r > min(d_out, d_in):
+            raise ValueError(f"rank: expected at most min(out, in) = {min(d_out, d_in)} for {prefix}.W "
+                             f"{(d_out, d_in)} (a larger rank is no longer low-rank), got {r}")
         if lora_config.init == "kaiming":
             bound = 1.0 / math.sqrt(d_in)
             A = rng.uniform(-bound, bound, (r, d_in))
@@ -145,7 +156,7 @@ def add_lora(params, model_config, lora_config, seed=0):
             A = rng.normal(0.0, 1.0 / r, (r, d_in))
         out[prefix + ".lora_A"] = xp.asarray(A.astype(dtype))
         out[prefix + ".lora_B"] = xp.zeros((d_out, r), dtype=dtype)
-    return out
+    return out, replace(model_config, lora=lora_config)
 
 
 def lora_names(params):
@@ -153,31 +164,40 @@ def lora_names(params):
     return [n for n in params if n.endswith((".lora_A", ".lora_B"))]
 
 
-def merge(params, lora_config):
-    """A new dict with W + s B A in place of each adapted W and no adapters.
+def _adapted_prefixes(params):
+    """'h.0.attn.q' for every 'h.0.attn.q.lora_A' in params: the one place the suffix is parsed."""
+    return [name[: -len(".lora_A")] for name in params if name.endswith(".lora_A")]
+
+
+def merge(params, config):
+    """W + s B A in place of each adapted W, and no adapters.
 
     The merged model computes x @ (W + s B A).T: the same function as the
     adapted one, at the base model's cost.
+
+    Returns (params, config): a new dict and config with .lora = None.
+    """
+    if config.lora is None:
+        raise ValueError("config: expected the config of a LoRA model (config.lora set), got config.lora = None")
+    s = config.lora.scale
+    adapters = set(lora_names(params))
+    out = {n: p for n, p in params.items() if n not in adapters}
+    for prefix in _adapted_prefixes(params):
+        out[prefix + ".W"] = params[prefix + ".W"] + s * (params[prefix + ".lora_B"] @ params[prefix + ".lora_A"])
+    return out, replace(config, lora=None)
+
+
+def unmerge(merged, config, adapters, lora_config):
+    """The inverse of merge: W - s B A for each adapter, and the adapters put back.
+
+    Returns (params, config) with config.lora = lora_config.
     """
     s = lora_config.scale
-    out = {n: p for n, p in params.items() if not n.endswith((".lora_A", ".lora_B"))}
-    for name in params:
-        if name.endswith(".lora_A"):
-            prefix = name[: -len(".lora_A")]
-            out[prefix + ".W"] = params[prefix + ".W"] + s * (params[prefix + ".lora_B"] @ params[name])
-    return out
-
-
-def unmerge(merged, adapters, lora_config):
-    """The inverse of merge: W - s B A for each adapter, and the adapters put back."""
-    s = lora_config.scale
     out = dict(merged)
-    for name, A in adapters.items():
-        if name.endswith(".lora_A"):
-            prefix = name[: -len(".lora_A")]
-            out[prefix + ".W"] = merged[prefix + ".W"] - s * (adapters[prefix + ".lora_B"] @ A)
+    for prefix in _adapted_prefixes(adapters):
+        out[prefix + ".W"] = merged[prefix + ".W"] - s * (adapters[prefix + ".lora_B"] @ adapters[prefix + ".lora_A"])
     out.update(adapters)
-    return out
+    return out, replace(config, lora=lora_config)
 
 
 def lora_param_count(d, k, r):
@@ -185,9 +205,27 @@ def lora_param_count(d, k, r):
     return r * (d + k)
 
 
-def seed_example():
-    """The seed's example: d = k = 4096, r = 16 -> (131,072 trainable, 16,777,216 full)."""
-    return lora_param_count(4096, 4096, 16), 4096 * 4096
+def count_report(params, trainable, config):
+    """PEFT's print_trainable_parameters line, plus LoRA's r (d + k) per adapted matrix, checked.
+
+    Returns the report as text. Raises AssertionError if the adapters' size is
+    not what the formula says.
+    """
+    n_train = int(sum(params[n].size for n in trainable))
+    n_all = int(sum(p.size for p in params.values()))
+    lines = [f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / n_all:.4f}"]
+    adapted = sorted(_adapted_prefixes(params))
+    if adapted and config.lora is not None:
+        r = config.lora.rank
+        total = sum(lora_param_count(*params[prefix + ".W"].shape, r) for prefix in adapted)
+        counted = int(sum(params[n].size for n in lora_names(params) if n in trainable))
+        d, k = params[adapted[0] + ".W"].shape
+        lines.append(f"LoRA: r (d + k) = {r} x ({d} + {k}) = {lora_param_count(d, k, r):,} per adapted matrix "
+                     f"({d * k:,} for W itself), {len(adapted)} matrices: {total:,} "
+                     + ("= the count above (adapters only)" if total == counted else f"!= counted {counted:,}"))
+        if total != counted:
+            raise AssertionError(f"LoRA parameter count {counted} does not match the formula r(d+k): {total}")
+    return "\n".join(lines)
 
 
 def base_fingerprint(params):
@@ -208,33 +246,41 @@ def base_fingerprint(params):
     return h.hexdigest()[:16]
 
 
-def save_adapter(path, params, trainable, lora_config, model_config, base_params):
-    """Save only what fine-tuning trained (A, B and any head) with the LoRA config
-    and the base weights' fingerprint, atomically."""
+ADAPTER_KIND = "lora_adapter"
+
+
+def save_adapter(path, params, trainable, config, base_params, extra_meta=None):
+    """Save only what fine-tuning trained (A, B and any head), the model config
+    (LoRA settings included) and the base weights' fingerprint, atomically."""
     small = {n: params[n] for n in sorted(trainable)}
-    meta = {"kind": "lora_adapter", "lora": lora_config.to_dict(), "model": model_config.to_dict(),
+    meta = {**(extra_meta or {}), "kind": ADAPTER_KIND, "model": config.to_dict(),
             "base_fingerprint": base_fingerprint(base_params)}
     save_checkpoint(path, small, meta)
 
 
-def load_adapter(path, base_params):
+def load_adapter(path, base_params, base_config):
     """Load an adapter file onto base_params.
 
-    Returns (params, lora_config): a new dict with the adapter added. Raises
-    ValueError if the file is not an adapter, or was trained on other base weights.
+    Returns (params, config, meta): a new dict with the adapter (and any head)
+    added, and the config with its LoRA settings. Raises ValueError if the file
+    is not an adapter, or was trained on other base weights (the message names
+    both fingerprints).
     """
     small, meta, _ = load_checkpoint(path)
-    if meta.get("kind") != "lora_adapter":
-        raise ValueError(f"path: expected a LoRA adapter file, got {path} of kind {meta.get('kind')!r}")
+    if meta.get("kind") != ADAPTER_KIND:
+        raise ValueError(f"adapter: expected a LoRA adapter file, got {path} of kind {meta.get('kind')!r}")
     expected, got = meta["base_fingerprint"], base_fingerprint(base_params)
     if expected != got:
-        raise ValueError(f"base weights: the adapter {path} was trained on base {expected}, "
-                         f"but these weights are {got}; load the checkpoint it was trained from")
-    lora_config = LoraConfig.from_dict({**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
+        raise ValueError(f"adapter: {path} was trained on base weights with fingerprint {expected}, "
+                         f"but the base given has fingerprint {got}; load the checkpoint it was trained from")
+    saved_config = type(base_config).from_dict(meta["model"])
+    if replace(saved_config, lora=None) != replace(base_config, lora=None):
+        raise ValueError(f"adapter: {path} was trained on a model {meta['model']}, "
+                         f"not on this base {base_config.to_dict()}")
     xp = array_module(base_params["wte"])
     out = dict(base_params)
     for name, a in small.items():
         if name.endswith((".lora_A", ".lora_B")) and name.rsplit(".", 1)[0] + ".W" not in base_params:
             raise ValueError(f"adapter: {name} adapts a layer the base model does not have")
         out[name] = xp.asarray(a)
-    return out, lora_config
+    return out, saved_config, meta

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import lora, ops
 from .backend import array_module, to_device
+from .lora import LoraConfig
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ModelConfig:
     n_layers: int = 2  # transformer blocks
     d_ff: int = 512  # F, the MLP's hidden width (4 C as in GPT-2)
     dropout: float = 0.0  # on embeddings and residual branches, training only
+    lora: LoraConfig = None  # the adapters' settings when params hold LoRA adapters (lora.add_lora sets it)
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "d_ff"):
@@ -50,16 +52,18 @@ class ModelConfig:
             raise ValueError(f"n_heads: expected a divisor of d_model={self.d_model}, got {self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig.from_dict(self.lora)
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ValueError(f"lora: expected a LoraConfig or None, got {type(self.lora).__name__}")
 
     def to_dict(self):
+        """A JSON-able dict that from_dict turns back into this config, adapters' settings included."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
         return cls(**d)
-
-
-LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj")
 
 
 def param_shapes(config):
@@ -132,15 +136,16 @@ def count_params(params, names=None):
     return int(sum(params[n].size for n in (params if names is None else names)))
 
 
-def _linear_forward(params, prefix, x, lora_config, rng):
-    """A linear, or a LoRA linear when `prefix.lora_A` exists."""
+def _linear_forward(params, config, prefix, x, rng, train):
+    """A linear, or a LoRA linear when `prefix.lora_A` exists (its scale and dropout come from config.lora)."""
     W, b = params[prefix + ".W"], params.get(prefix + ".b")
     if prefix + ".lora_A" in params:
-        if lora_config is None:
-            raise ValueError(f"lora: expected a LoraConfig, since {prefix} has an adapter, got None")
+        if config.lora is None:
+            raise ValueError(f"config: {prefix} has a LoRA adapter, so config.lora must describe it; got None "
+                             "(use the config that lora.add_lora returned)")
         A, B = params[prefix + ".lora_A"], params[prefix + ".lora_B"]
-        p = lora_config.dropout if rng is not None else 0.0
-        return lora.lora_linear_forward(x, W, b, A, B, lora_config.scale, p, rng)
+        p = config.lora.dropout if train else 0.0
+        return lora.lora_linear_forward(x, W, b, A, B, config.lora.scale, p, rng)
     return ops.linear_forward(x, W, b)
 
 
@@ -175,22 +180,23 @@ def _add(grads, name, g):
     grads[name] = g if name not in grads else grads[name] + g
 
 
-def block_forward(params, i, x, config, lora=None, rng=None):
+def block_forward(params, i, x, config, rng=None, train=False):
     """One pre-LayerNorm transformer block. x (B, T, C) -> (B, T, C)."""
     p = f"h.{i}."
+    drop = config.dropout if train else 0.0
     a, c_ln1 = ops.layer_norm_forward(x, params[p + "ln_1.g"], params[p + "ln_1.b"])
-    q, c_q = _linear_forward(params, p + "attn.q", a, lora, rng)  # (B, T, C)
-    k, c_k = _linear_forward(params, p + "attn.k", a, lora, rng)
-    v, c_v = _linear_forward(params, p + "attn.v", a, lora, rng)
+    q, c_q = _linear_forward(params, config, p + "attn.q", a, rng, train)  # (B, T, C)
+    k, c_k = _linear_forward(params, config, p + "attn.k", a, rng, train)
+    v, c_v = _linear_forward(params, config, p + "attn.v", a, rng, train)
     y, c_att = ops.attention_forward(q, k, v, config.n_heads)
-    o, c_o = _linear_forward(params, p + "attn.o", y, lora, rng)
-    o, c_do = ops.dropout_forward(o, config.dropout if rng is not None else 0.0, rng)
+    o, c_o = _linear_forward(params, config, p + "attn.o", y, rng, train)
+    o, c_do = ops.dropout_forward(o, drop, rng)
     x = x + o  # residual
     m, c_ln2 = ops.layer_norm_forward(x, params[p + "ln_2.g"], params[p + "ln_2.b"])
-    f, c_fc = _linear_forward(params, p + "mlp.fc", m, lora, rng)  # (B, T, F)
+    f, c_fc = _linear_forward(params, config, p + "mlp.fc", m, rng, train)  # (B, T, F)
     g, c_gelu = ops.gelu_forward(f)
-    r, c_proj = _linear_forward(params, p + "mlp.proj", g, lora, rng)  # (B, T, C)
-    r, c_dr = ops.dropout_forward(r, config.dropout if rng is not None else 0.0, rng)
+    r, c_proj = _linear_forward(params, config, p + "mlp.proj", g, rng, train)  # (B, T, C)
+    r, c_dr = ops.dropout_forward(r, drop, rng)
     x = x + r  # residual
     return x, (c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr)
 
@@ -216,15 +222,15 @@ def block_backward(dx, cache, params, i, grads, trainable):
     return dx + _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
 
 
-def forward(params, config, ids, lora=None, rng=None):
+def forward(params, config, ids, rng=None, train=False):
     """Token ids to final hidden states.
 
     Inputs:
     - params: the parameter dict (arrays of one module and dtype)
-    - config: ModelConfig
+    - config: the ModelConfig these params came with (its .lora describes any adapters)
     - ids: (B, T) token ids, T <= context_length (numpy or the params' module)
-    - lora: LoraConfig when params hold adapters (gives scale and dropout)
-    - rng: numpy Generator for dropout; None means evaluation (no dropout)
+    - rng: numpy Generator that draws dropout masks (needed only when train and a dropout > 0)
+    - train: True applies dropout; False (evaluation, decoding) never does
 
     Returns h (B, T, C), the hidden states of the real tokens after ln_f, and
     a cache. With a soft prompt (params["prompt"], (P, C)) the P prompt vectors
@@ -247,10 +253,10 @@ def forward(params, config, ids, lora=None, rng=None):
         prompt = params["prompt"]  # (P, C)
         P = prompt.shape[0]
         x = xp.concatenate([xp.broadcast_to(prompt, (B,) + prompt.shape), x], axis=1)  # (B, P + T, C)
-    x, c_drop = ops.dropout_forward(x, config.dropout if rng is not None else 0.0, rng)
+    x, c_drop = ops.dropout_forward(x, config.dropout if train else 0.0, rng)
     c_blocks = []
     for i in range(config.n_layers):
-        x, c = block_forward(params, i, x, config, lora, rng)
+        x, c = block_forward(params, i, x, config, rng, train)
         c_blocks.append(c)
     h, c_lnf = ops.layer_norm_forward(x, params["ln_f.g"], params["ln_f.b"])
     return h[:, P:], (c_emb, c_drop, c_blocks, c_lnf, P, T)
@@ -289,24 +295,44 @@ def check_trainable(params, trainable):
             raise ValueError(f"trainable: {name} has a LoRA adapter and stays frozen; train its lora_A/lora_B")
 
 
-def lm_loss_and_grads(params, config, x, y, mask=None, trainable=(), lora=None, rng=None):
-    """Next-token cross-entropy for a batch and the gradients of the trainable names.
+def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
+    """The loss of a batch and the gradients of the trainable names: the one model call.
+
+    The batch's keys pick the head:
+    - language modelling, {"x", "y", "mask"}: next-token cross-entropy over the
+      targets the mask counts (x, y, mask (B, T); y is x shifted left by one;
+      mask may be absent or None to count every target)
+    - classification, {"x", "last", "labels"}: cross-entropy of the head cls.W,
+      cls.b on the hidden state of each row's last real token (last, labels (B,))
 
     Inputs:
-    - x, y: (B, T) input ids and target ids (y is x shifted left by one)
-    - mask: (B, T) 0/1, which targets count (None: all)
-    - trainable: names to compute gradients for; an empty set gives the loss only
+    - params, config: the parameters and the ModelConfig they came with
+    - trainable: names to compute gradients for; empty gives the loss only
+    - rng, train: dropout (see forward)
 
-    Returns (loss, grads): loss a Python float (mean nats per counted token),
-    grads a dict holding exactly the trainable names.
+    Returns (loss, grads): loss a Python float (mean nats per counted token, or
+    per example), grads a dict holding exactly the trainable names.
     """
     check_trainable(params, trainable)
     trainable = set(trainable)
+    if "labels" in batch:
+        loss, grads = _classifier(params, config, batch, trainable, rng, train)
+    elif "y" in batch:
+        loss, grads = _language_model(params, config, batch, trainable, rng, train)
+    else:
+        raise ValueError(f"batch: expected keys x, y[, mask] (language modelling) or x, last, labels "
+                         f"(classification), got {sorted(batch)}")
+    return float(loss), grads
+
+
+def _language_model(params, config, batch, trainable, rng, train):
+    """Next-token cross-entropy: logits = h @ wte.T (the head tied to the embedding)."""
     wte = params["wte"]
     xp = array_module(wte)
-    h, cache = forward(params, config, x, lora, rng)
-    logits, c_head = ops.linear_forward(h, wte)  # (B, T, V), the head tied to wte
-    y = to_device(y, xp)
+    h, cache = forward(params, config, batch["x"], rng, train)
+    logits, c_head = ops.linear_forward(h, wte)  # (B, T, V)
+    y = to_device(batch["y"], xp)
+    mask = batch.get("mask")
     mask = None if mask is None else to_device(mask, xp)
     loss, c_ce = ops.cross_entropy_forward(logits, y, mask)
     grads = {}
@@ -316,28 +342,14 @@ def lm_loss_and_grads(params, config, x, y, mask=None, trainable=(), lora=None, 
         if "wte" in trainable:
             grads["wte"] = dwte_head  # the embedding's share is added in backward
         backward(dh, cache, params, grads, trainable)
-    return float(loss), grads
+    return loss, grads
 
 
-def cls_loss_and_grads(params, config, x, last, labels, trainable=(), lora=None, rng=None):
-    """Classification: cross-entropy of the head on the last real token's hidden state.
-
-    Inputs:
-    - x: (B, T) ids; last: (B,) index of each row's last real token
-    - labels: (B,) class ids in [0, K)
-
-    Returns (loss, grads, logits (B, K)).
-        logits = h[b, last[b]] @ cls.W.T + cls.b
-    """
-    check_trainable(params, trainable)
-    trainable = set(trainable)
+def _classifier(params, config, batch, trainable, rng, train):
+    """logits = h[b, last[b]] @ cls.W.T + cls.b, cross-entropy against labels."""
     xp = array_module(params["wte"])
-    h, cache = forward(params, config, x, lora, rng)
-    last, labels = to_device(last, xp), to_device(labels, xp)
-    rows = xp.arange(h.shape[0])
-    h_last = h[rows, last]  # (B, C)
-    logits, c_head = ops.linear_forward(h_last, params["cls.W"], params["cls.b"])  # (B, K)
-    loss, c_ce = ops.cross_entropy_forward(logits, labels)
+    logits, (h, cache, rows, last, c_head) = _class_head(params, config, batch["x"], batch["last"], rng, train)
+    loss, c_ce = ops.cross_entropy_forward(logits, to_device(batch["labels"], xp))
     grads = {}
     if trainable:
         dlogits = ops.cross_entropy_backward(1.0, c_ce)
@@ -345,11 +357,26 @@ def cls_loss_and_grads(params, config, x, last, labels, trainable=(), lora=None,
         dh = xp.zeros_like(h)
         dh[rows, last] = dh_last  # only the last token fed the head
         backward(dh, cache, params, grads, trainable)
-    return float(loss), grads, logits
+    return loss, grads
 
 
-def next_token_logits(params, config, ids, lora=None):
+def _class_head(params, config, x, last, rng, train):
+    """The head on each row's last real token: logits (B, K) and what its backward needs."""
+    xp = array_module(params["wte"])
+    h, cache = forward(params, config, x, rng, train)  # (B, T, C)
+    last = to_device(last, xp)
+    rows = xp.arange(h.shape[0])
+    logits, c_head = ops.linear_forward(h[rows, last], params["cls.W"], params["cls.b"])  # (B, K)
+    return logits, (h, cache, rows, last, c_head)
+
+
+def class_logits(params, config, x, last):
+    """Classification logits (B, K) for token ids x (B, T) read at positions last (B,), no dropout."""
+    return _class_head(params, config, x, last, None, False)[0]
+
+
+def next_token_logits(params, config, ids):
     """Logits (B, V) for the token after the last one of each row (no dropout)."""
-    h, _ = forward(params, config, ids, lora)
+    h, _ = forward(params, config, ids)
     logits, _ = ops.linear_forward(h[:, -1], params["wte"])
     return logits

@@ -8,13 +8,16 @@ The result is the set of weights W that fine-tuning loads and (mostly) freezes.
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 
 from . import corpus
 from .backend import get_backend
-from .checkpoint import check_params_match, load_checkpoint
-from .model import ModelConfig, init_params, lm_loss_and_grads, param_shapes, params_to
+from .checkpoint import load_checkpoint
+from .evaluation import strided_val_loss
+from .model import ModelConfig, init_params, params_to
+from .runs import load_model
 from .train import TrainConfig, train
 
 
@@ -22,7 +25,8 @@ from .train import TrainConfig, train
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, batch_size=16, lr=3e-3, min_lr=3e-4,
-                                                                    warmup_steps=40, eval_every=100))
+                                                                    warmup_steps=40, eval_every=100,
+                                                                    checkpoint_every=200))
     n_train_sentences: int = 50_000  # toy corpus size (about 1.3 M characters)
     n_val_sentences: int = 1_000
     data_seed: int = 0
@@ -46,46 +50,14 @@ def random_windows(data, batch_size, T, rng):
     return {"x": data[idx], "y": data[idx + 1]}
 
 
-def strided_val_loss(params, config, data, batch_size=64, lora=None):
-    """Mean loss per character over a token stream, each counted once, with context.
+class WindowBatches:
+    """The pretraining batch source: random windows of one token stream (see random_windows)."""
 
-    Windows of T = context_length start every T/2 tokens, and only the second
-    half of each window is counted (the loss mask), so every counted character
-    sees at least T/2 characters before it. Every target from position T/2 to
-    the end of the last whole window is counted exactly once (the first T/2
-    and the last few, under T/2, are not). When T/2 exceeds the longest
-    sentence, every prediction conditions on its whole sentence so far: the
-    loss a perfect model gets here is the exact entropy floor.
-    """
-    T = config.context_length
-    half = T // 2
-    starts = np.arange(0, len(data) - T - 1, half)
-    if len(starts) == 0:
-        raise ValueError(f"data: expected a validation stream longer than context_length + 1 = {T + 1} tokens, "
-                         f"got {len(data)}")
-    mask = np.zeros((1, T), np.float32)
-    mask[:, half:] = 1.0
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        s = starts[i:i + batch_size]
-        idx = s[:, None] + np.arange(T)[None, :]
-        m = np.broadcast_to(mask, idx.shape)
-        loss, _ = lm_loss_and_grads(params, config, data[idx], data[idx + 1], m, lora=lora)
-        n = float(m.sum())
-        total += loss * n
-        count += n
-    return total / count
+    def __init__(self, data, batch_size, context_length):
+        self.data, self.batch_size, self.context_length = data, batch_size, context_length
 
-
-def load_pretrained(path, xp=None):
-    """Load a pretrained checkpoint: returns (params on xp, ModelConfig, meta)."""
-    saved, meta, _ = load_checkpoint(path)
-    if "model" not in meta:
-        raise ValueError(f"path: {path} is not a pretrained minilora checkpoint (no model config in it)")
-    config = ModelConfig.from_dict(meta["model"])
-    check_params_match(saved, param_shapes(config), what=str(path))
-    xp = xp if xp is not None else get_backend()
-    return params_to(saved, xp), config, meta
+    def sample(self, rng):
+        return random_windows(self.data, self.batch_size, self.context_length, rng)
 
 
 def load_or_pretrain(config=None, run_dir="runs/pretrain", backend=None):
@@ -99,8 +71,7 @@ def load_or_pretrain(config=None, run_dir="runs/pretrain", backend=None):
         _, meta, _ = load_checkpoint(ckpt)
         if (meta.get("kind") == "pretrain" and meta.get("corpus") == "toy grammar"
                 and meta.get("model") == config.model.to_dict() and meta.get("step") == config.train.steps):
-            print(f"reusing the pretrained model in {ckpt}")
-            params, model_config, _ = load_pretrained(ckpt, get_backend(backend))
+            params, model_config, _ = load_model(ckpt, get_backend(backend))
             return params, model_config, None
     params, summary = pretrain(config, run_dir=run_dir, backend=backend)
     return params, config.model, summary
@@ -136,24 +107,20 @@ def pretrain(config=None, run_dir="runs/pretrain", text_file=None, backend=None,
     train_data, val_data = tok.encode(train_text), tok.encode(val_text)
     params = params_to(init_params(config.model, config.init_seed), xp)
     mc = config.model
-
-    def next_batch(rng):
-        return random_windows(train_data, config.train.batch_size, T, rng)
-
-    def loss_fn(p, batch, trainable, rng):
-        return lm_loss_and_grads(p, mc, batch["x"], batch["y"], None, trainable,
-                                 rng=rng if mc.dropout > 0 else None)
-
-    def evaluate(p):
-        return {"val_loss": strided_val_loss(p, mc, val_data)}
-
+    batches = WindowBatches(train_data, config.train.batch_size, T)
+    evaluate = partial(_val_loss_metrics, config=mc, data=val_data)
     meta = {"kind": "pretrain", "model": mc.to_dict(), "floor": floor,
             "corpus": "toy grammar" if text_file is None else os.path.basename(str(text_file)),
             "pretrain": {k: v for k, v in asdict(config).items() if k not in ("model", "train")}}
     t0 = time.perf_counter()
-    history, _ = train(params, list(params), loss_fn, next_batch, config.train, evaluate, run_dir, meta,
-                    resume=resume, desc="pretrain")
+    history, _ = train(params, list(params), mc, batches, config.train, evaluate, run_dir, meta,
+                       resume=resume, desc="pretrain")
     wall = time.perf_counter() - t0
     summary = {"steps": config.train.steps, "wall_s": wall, "val_loss": history[-1].get("val_loss") if history
                else None, "floor": floor, "bigram_loss": corpus.bigram_loss(train_text, val_text)}
     return params, summary
+
+
+def _val_loss_metrics(params, config, data):
+    """What pretraining logs at each evaluation."""
+    return {"val_loss": strided_val_loss(params, config, data)}

@@ -1,8 +1,12 @@
-"""Text out of the model: sampling with temperature and top-k, and batched greedy decoding.
+"""Text out of the model: greedy decoding, or sampling with temperature and top-k.
 
-There is no key/value cache: each new token re-runs the forward pass over the
-sequence so far (the last context_length tokens). At this model's size that is
-fast enough, and it keeps one forward function for training and for decoding.
+One decode loop serves both. Prompts of equal length run together as one batch,
+so there is no padding and every row sees exactly the positions it would see
+alone. There is no key/value cache: each new token re-runs the forward pass
+over the sequence so far (the last context_length tokens). At this model's size
+that is fast enough, and it keeps one forward function for training and for
+decoding. Each step moves one (B, V) block of logits to the host: one transfer
+per generated position per batch, never one per row.
 """
 
 import numpy as np
@@ -11,97 +15,70 @@ from .backend import to_numpy
 from .model import next_token_logits
 
 
-def sample_next(logits, temperature=1.0, top_k=None, rng=None):
-    """One token per row from logits (B, V) on the host.
+def sample_next(logits, temperature=0.0, top_k=None, rng=None):
+    """One token per row from host logits (B, V).
 
     temperature 0 means greedy (argmax); top_k keeps only the k largest logits.
-    Returns (B,) int64 token ids.
+    rng (a numpy Generator) is required when temperature > 0, so every sample
+    can be repeated. Returns (B,) int64 token ids.
     """
     logits = np.asarray(logits, dtype=np.float64)
-    if temperature < 0:
-        raise ValueError(f"temperature: expected a number >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(axis=-1)
+    if rng is None:
+        raise ValueError("rng: expected a numpy.random.Generator to sample with temperature > 0, got None")
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k: expected a positive integer, got {top_k}")
         kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
     z = logits / temperature
     p = np.exp(z - z.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
-    rng = rng if rng is not None else np.random.default_rng()
     return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
 
 
-def generate(params, config, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
-             lora=None, stop_id=None):
-    """Continue one prompt: the generated ids (N,), without the prompt (see generate_many)."""
-    return generate_many(params, config, prompt_ids, max_new_tokens, temperature, top_k, rng, lora, stop_id, 1)[0]
-
-
-def generate_many(params, config, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
-                  lora=None, stop_id=None, num_samples=1):
-    """Continue one prompt num_samples times, as one batch.
+def decode(params, config, prompts, max_new_tokens, temperature=0.0, top_k=None, rng=None, stop_id=None,
+           batch_size=128):
+    """Continue every prompt, greedily (temperature 0) or by sampling.
 
     Inputs:
-    - prompt_ids: (T0,) token ids
-    - stop_id: a row stops after emitting this token (it is kept in the output)
+    - params, config: the model and the ModelConfig it came with
+    - prompts: a list of (T0,) token-id arrays, each with at least one token
+    - max_new_tokens: at most this many tokens per prompt
+    - temperature, top_k, rng: see sample_next
+    - stop_id: a row ends at this token, which is not part of its output
 
-    Returns a list of num_samples id arrays (N_i,), without the prompt.
+    Returns a list of (N_i,) int64 arrays, the new tokens of each prompt, in order.
     """
-    ids = np.asarray(prompt_ids, dtype=np.int64)[None, :]
-    if ids.shape[1] == 0:
-        raise ValueError("prompt_ids: expected at least one token to start from, got none")
-    ids = np.repeat(ids, num_samples, axis=0)  # (S, T0)
-    done = np.zeros(num_samples, bool)
-    new = []
-    for _ in range(max_new_tokens):
-        logits = to_numpy(next_token_logits(params, config, ids[:, -config.context_length:], lora))
-        nxt = sample_next(logits, temperature, top_k, rng)
-        new.append(nxt)
-        ids = np.concatenate([ids, nxt[:, None]], axis=1)
-        if stop_id is not None:
-            done |= nxt == stop_id
-            if done.all():
-                break
-    new = np.stack(new, axis=1)  # (S, steps)
-    out = []
-    for row in new:
-        stops = np.flatnonzero(row == stop_id) if stop_id is not None else []
-        out.append(row[: stops[0] + 1] if len(stops) else row)
-    return out
-
-
-def greedy_decode(params, config, prompts, max_new_tokens, stop_id, lora=None, batch_size=128):
-    """Greedy continuations of many prompts, batched by prompt length.
-
-    Prompts of equal length run together, so there is no padding and every
-    row sees exactly the positions it would see alone.
-
-    Returns a list of (N_i,) id arrays, each cut before its first stop_id.
-    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected a positive integer, got {top_k!r}")
     results = [None] * len(prompts)
     by_length = {}
     for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompts: expected at least one token to start from, got an empty prompt at {i}")
         by_length.setdefault(len(p), []).append(i)
-    for length, rows in by_length.items():
+    for rows in by_length.values():
         for j in range(0, len(rows), batch_size):
             chunk = rows[j:j + batch_size]
-            ids = np.stack([np.asarray(prompts[i], dtype=np.int64) for i in chunk])
-            done = np.zeros(len(chunk), bool)
+            ids = np.stack([np.asarray(prompts[i], dtype=np.int64) for i in chunk])  # (b, T0)
             new = []
+            done = np.zeros(len(chunk), bool)
             for _ in range(max_new_tokens):
-                logits = to_numpy(next_token_logits(params, config, ids[:, -config.context_length:], lora))
-                nxt = logits.argmax(axis=-1)
+                logits = to_numpy(next_token_logits(params, config, ids[:, -config.context_length:]))  # (b, V)
+                nxt = sample_next(logits, temperature, top_k, rng)
                 new.append(nxt)
-                done |= nxt == stop_id
                 ids = np.concatenate([ids, nxt[:, None]], axis=1)
-                if done.all():
-                    break
+                if stop_id is not None:
+                    done |= nxt == stop_id
+                    if done.all():
+                        break
             new = np.stack(new, axis=1)  # (b, steps)
             for k, i in enumerate(chunk):
                 row = new[k]
-                stops = np.flatnonzero(row == stop_id)
-                results[i] = row[: stops[0]] if stops.size else row
+                stops = np.flatnonzero(row == stop_id) if stop_id is not None else []
+                results[i] = row[: stops[0]] if len(stops) else row
     return results

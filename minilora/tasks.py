@@ -29,7 +29,7 @@ import json
 
 import numpy as np
 
-from minilora.corpus import NEWLINE_ID, VOCAB, sample_sentences
+from minilora.corpus import NEWLINE_ID, VOCAB, CharTokenizer, sample_sentences
 
 # Short instructions keep the longest example (longest sentence, output "children")
 # inside the 128-character pretraining context: the prompt template alone is 43
@@ -312,23 +312,22 @@ def classification_batch(records, tokenizer, context_length, class_names=CLASS_N
     return x, last, np.array(labels, dtype=np.int64)
 
 
-def iterate_minibatches(records, batch_size, rng):
-    """Yield lists of batch_size records forever, reshuffling at every epoch.
+class RecordBatches:
+    """The fine-tuning batch source: B records drawn without replacement, as a batch.
 
-    Each epoch visits a fresh permutation in full batches; the len(records) % batch_size
-    records left at its end wait for a later epoch, so every batch has the same size.
-
-    Inputs:
-    - records: list of records, at least batch_size of them.
-    - batch_size: int >= 1.
-    - rng: numpy.random.Generator.
+    batches.sample(rng) returns {"x", "y", "mask"} for instruction records
+    (class_names None) or {"x", "last", "labels"} for classification.
     """
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"iterate_minibatches: batch_size must be an int >= 1, got {batch_size!r}")
-    if len(records) < batch_size:
-        raise ValueError(f"iterate_minibatches: need at least batch_size={batch_size} records, "
-                         f"got {len(records)}")
-    while True:
-        order = rng.permutation(len(records))
-        for start in range(0, len(records) - batch_size + 1, batch_size):
-            yield [records[i] for i in order[start:start + batch_size]]
+
+    def __init__(self, records, batch_size, context_length, class_names=None, train_on_prompt=False):
+        self.records, self.batch_size, self.context_length = records, batch_size, context_length
+        self.class_names, self.train_on_prompt = class_names, train_on_prompt
+        self.tokenizer = CharTokenizer()
+
+    def sample(self, rng):
+        chosen = [self.records[i] for i in rng.choice(len(self.records), self.batch_size, replace=False)]
+        if self.class_names:
+            x, last, labels = classification_batch(chosen, self.tokenizer, self.context_length, self.class_names)
+            return {"x": x, "last": last, "labels": labels}
+        x, y, mask = instruction_batch(chosen, self.tokenizer, self.context_length, self.train_on_prompt)
+        return {"x": x, "y": y, "mask": mask}

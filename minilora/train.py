@@ -1,8 +1,8 @@
 """The one training loop, shared by pretraining and every fine-tuning strategy.
 
     for each step:
-        batch        = next_batch(rng)
-        loss, grads  = loss_fn(params, batch, trainable, rng)   # grads: trainable names only
+        batch        = batches.sample(rng)
+        loss, grads  = model.loss_and_grads(params, config, batch, trainable, rng, train=True)
         clip the global gradient norm
         AdamW on the trainable names (the frozen ones have no state and no gradient)
         every eval_every steps: evaluate(params), log; every checkpoint_every: save
@@ -14,7 +14,6 @@ What a strategy changes is only `params` (which extra names exist) and
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .backend import array_module, to_device
+from .model import loss_and_grads
 from .checkpoint import atomic_open, load_checkpoint, save_checkpoint
 from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at, state_from_arrays, state_to_arrays
 
@@ -74,15 +74,16 @@ def _truncate_log(path, step):
         f.writelines(lines)
 
 
-def train(params, trainable, loss_fn, next_batch, config, evaluate=None, run_dir=None, meta=None,
+def train(params, trainable, model_config, batches, config, evaluate=None, run_dir=None, meta=None,
           resume=None, desc="train"):
     """Train the trainable names of params in place.
 
     Inputs:
     - params: dict name -> array; only the trainable entries change
     - trainable: the names to train
-    - loss_fn(params, batch, trainable, rng) -> (loss float, grads dict)
-    - next_batch(rng) -> batch, a dict with at least "x" (B, T)
+    - model_config: the ModelConfig params came with
+    - batches: a batch source; batches.sample(rng) returns a batch for
+      model.loss_and_grads ({"x", "y", "mask"} or {"x", "last", "labels"})
     - config: TrainConfig
     - evaluate(params) -> dict of metrics such as {"val_loss": ...}, or None
     - run_dir: folder for log.jsonl and checkpoint.npz (None: neither is written)
@@ -132,14 +133,14 @@ def train(params, trainable, loss_fn, next_batch, config, evaluate=None, run_dir
     bar = tqdm(total=config.steps, initial=start, desc=desc, disable=None, dynamic_ncols=True, leave=False)
     for step in range(start, config.steps):
         lr = lr_at(step, config.lr, config.warmup_steps, config.steps, config.min_lr)
-        batch = next_batch(rng)
-        loss, grads = loss_fn(params, batch, trainable, rng)
+        batch = batches.sample(rng)
+        loss, grads = loss_and_grads(params, model_config, batch, trainable, rng, train=True)
         if not math.isfinite(loss):
             bar.close()
             kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path) \
                 else "no checkpoint was written"
-            raise TrainingDiverged(f"step {step}: the loss is {loss}; {kept}. "
-                                   f"Try a lower learning rate, e.g. --lr {config.lr / 3:.2g}")
+            raise TrainingDiverged(f"step {step}: the loss is {loss} at learning rate {config.lr:g}; {kept}. "
+                                   f"A lower learning rate (e.g. {config.lr / 3:.2g}) usually helps")
         if config.grad_clip > 0:
             clip_grad_norm(grads, config.grad_clip)
         adamw_step(params, grads, state, lr, beta2=config.beta2, weight_decay=config.weight_decay)
@@ -158,8 +159,4 @@ def train(params, trainable, loss_fn, next_batch, config, evaluate=None, run_dir
             save(step + 1)
     bar.close()
     save(config.steps)
-    if not sys.stderr.isatty() and history:
-        last = history[-1]
-        print(f"{desc}: {config.steps} steps, loss {last['train_loss']:.4f}"
-              + (f", val {last['val_loss']:.4f}" if "val_loss" in last else ""), file=sys.stderr)
     return history, state

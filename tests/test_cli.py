@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from minilora import cli, ops
+from minilora import cli, finetune, ops
 from minilora.checkpoint import load_checkpoint
 
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
@@ -59,8 +59,8 @@ def test_finetune_evaluate_and_merge(pretrained, tmp_path, method, capsys):
     assert summary["method"] == method and 0.0 <= summary["metric"] <= 1.0
     out = capsys.readouterr().out
     assert "trainable params:" in out
-    assert cli.main(["evaluate", str(run), "--n-test", "5"]) == 0
-    assert "exact match on 5 held-out records" in capsys.readouterr().out
+    assert cli.main(["evaluate", str(run)]) == 0
+    assert f"exact match on {finetune.FinetuneConfig().n_test} held-out records" in capsys.readouterr().out
     if method == "lora":
         assert os.path.exists(run / "adapter.npz")
         assert cli.main(["merge", str(run), "--out", str(tmp_path / "merged.npz")]) == 0
@@ -69,7 +69,7 @@ def test_finetune_evaluate_and_merge(pretrained, tmp_path, method, capsys):
         assert cli.main(["generate", "--checkpoint", str(tmp_path / "merged.npz"), "--max-new-tokens", "3"]) == 0
     else:
         assert cli.main(["merge", str(run), "--out", str(tmp_path / "merged.npz")]) == 2
-        assert "expected a LoRA fine-tuning run" in capsys.readouterr().err
+        assert "expected a LoRA model" in capsys.readouterr().err
 
 
 def test_plot_writes_png(pretrained, tmp_path):
@@ -124,3 +124,70 @@ def test_demo_fast_runs_end_to_end(tmp_path, capsys):
     assert [(r["task"], r["method"]) for r in rows] == [
         ("subject", "full"), ("subject", "lora"), ("subject", "prompt"),
         ("kind", "full"), ("kind", "lora"), ("kind", "prompt")]
+
+
+def test_an_adapter_file_on_its_base_reproduces_the_runs_metric(pretrained, tmp_path, capsys):
+    run = tmp_path / "lora"
+    assert cli.main(["finetune", "--checkpoint", str(pretrained), "--method", "lora", "--steps", "3",
+                     "--batch-size", "4", "--seed", "5", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run)]) == 0
+    from_run = capsys.readouterr().out
+    assert cli.main(["evaluate", str(pretrained), "--adapter", str(run / "adapter.npz")]) == 0
+    from_adapter = capsys.readouterr().out
+    summary = json.load(open(run / "summary.json"))
+    metric_line = next(line for line in from_run.splitlines() if "exact match" in line)
+    assert metric_line == next(line for line in from_adapter.splitlines() if "exact match" in line)
+    assert metric_line.endswith(f"{summary['metric']:.3f}")  # the score the fine-tune itself reported
+    # merge and generate take the adapter too
+    assert cli.main(["merge", str(pretrained), "--adapter", str(run / "adapter.npz"),
+                     "--out", str(tmp_path / "merged.npz")]) == 0
+    assert cli.main(["generate", "--checkpoint", str(pretrained), "--adapter", str(run),
+                     "--max-new-tokens", "3", "--temperature", "0"]) == 0
+
+
+def test_an_adapter_on_another_base_names_the_fingerprints(pretrained, tmp_path, capsys):
+    run = tmp_path / "lora"
+    assert cli.main(["finetune", "--checkpoint", str(pretrained), "--method", "lora", "--steps", "2",
+                     "--batch-size", "4", "--out", str(run)]) == 0
+    other = tmp_path / "other"
+    assert cli.main(["pretrain", "--out", str(other), "--steps", "2", "--eval-every", "2", "--batch-size", "4",
+                     "--seed", "1", *TINY]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(other), "--adapter", str(run / "adapter.npz")]) == 2
+    err = capsys.readouterr().err
+    _, meta, _ = load_checkpoint(run / "adapter.npz")
+    assert f"fingerprint {meta['base_fingerprint']}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_adapter_file_given_as_the_model_says_to_use_the_adapter_option(pretrained, tmp_path, capsys):
+    run = tmp_path / "lora"
+    assert cli.main(["finetune", "--checkpoint", str(pretrained), "--method", "lora", "--steps", "2",
+                     "--batch-size", "4", "--out", str(run)]) == 0
+    capsys.readouterr()
+    for argv in (["evaluate", str(run / "adapter.npz")], ["merge", str(run / "adapter.npz"), "--out", "x.npz"],
+                 ["generate", "--checkpoint", str(run / "adapter.npz")]):
+        assert cli.main(argv) == 2, argv
+        assert "--adapter" in capsys.readouterr().err
+
+
+def test_backend_and_threads_are_accepted_before_or_after_the_subcommand(pretrained, capsys):
+    ours = {k: v for k, v in os.environ.items() if k.startswith("MINILORA")}
+    for argv in (["--backend", "numpy", "--threads", "1", "generate", "--checkpoint", str(pretrained)],
+                 ["generate", "--checkpoint", str(pretrained), "--backend", "numpy", "--threads", "1"]):
+        assert cli.main([*argv, "--max-new-tokens", "2"]) == 0
+    # the choice is passed along, never written to the environment
+    assert {k: v for k, v in os.environ.items() if k.startswith("MINILORA")} == ours
+    assert cli.main(["generate", "--checkpoint", str(pretrained), "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_finetune_on_a_file_names_the_run_after_the_file(pretrained, tmp_path, capsys, monkeypatch):
+    from minilora import tasks
+
+    tasks.save_jsonl(tasks.make_instruction_records("plural", 30, seed=1), tmp_path / "mine.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["finetune", "--checkpoint", str(pretrained), "--data", "mine.jsonl", "--steps", "2",
+                     "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "lora on mine:" in out and os.path.isdir(tmp_path / "runs" / "finetune-mine-lora")

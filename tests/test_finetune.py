@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minilora import corpus, finetune, model, tasks
+from minilora import corpus, evaluation, finetune, lora, model, tasks
 from minilora.lora import LoraConfig
 from minilora.model import ModelConfig
 from minilora.train import TrainConfig, train
@@ -20,7 +20,9 @@ def _copy(params):
 def test_a_strategy_is_extra_parameters_and_trainable_names(method, n_classes):
     base = model.init_params(TINY, 0)
     before = _copy(base)
-    params, trainable = finetune.setup_strategy(base, TINY, finetune.FinetuneConfig(method=method), n_classes)
+    params, config, trainable = finetune.setup_strategy(base, TINY, finetune.FinetuneConfig(method=method),
+                                                        n_classes)
+    assert (config.lora is not None) == (method == "lora")  # the config describes the params whole
     head = {"cls.W", "cls.b"} if n_classes else set()
     expected = {
         "full": set(base) | head,
@@ -40,8 +42,8 @@ def test_a_strategy_is_extra_parameters_and_trainable_names(method, n_classes):
 def test_trainable_report_matches_the_lora_formula():
     config = ModelConfig()  # d_model 128, 2 layers
     base = model.init_params(config, 0)
-    params, trainable = finetune.setup_strategy(base, config, finetune.FinetuneConfig(method="lora"))
-    report = finetune.trainable_report(params, trainable, config, LoraConfig())
+    params, adapted, trainable = finetune.setup_strategy(base, config, finetune.FinetuneConfig(method="lora"))
+    report = lora.count_report(params, trainable, adapted)
     n = 2 * 4 * 8 * (128 + 128)  # layers x targets x r (d + k)
     assert f"trainable params: {n:,} || all params: {model.count_params(base) + n:,}" in report
     assert "r (d + k) = 8 x (128 + 128) = 2,048 per adapted matrix (16,384 for W itself), 8 matrices" in report
@@ -57,8 +59,7 @@ def test_finetune_on_users_instruction_file_leaves_the_base_untouched(tmp_path):
     for method in finetune.METHODS:
         config = finetune.FinetuneConfig(method=method, data_file=str(tmp_path / "mine.jsonl"),
                                          train=TrainConfig(steps=3, batch_size=4, warmup_steps=1, lr=1e-3))
-        params, trainable, s = finetune.finetune(base, TINY, config, run_dir=tmp_path / method, val_data=val,
-                                                 verbose=False)
+        params, _, trainable, s = finetune.finetune(base, TINY, config, run_dir=tmp_path / method, val_data=val)
         assert 0.0 <= s["metric"] <= 1.0 and s["trainable_params"] == model.count_params(params, trainable)
         assert s["optimizer_state_bytes"] == 2 * 4 * s["trainable_params"]  # AdamW: two float32 moments each
         assert np.isfinite(s["val_loss_before"]) and np.isfinite(s["val_loss_after"])
@@ -72,7 +73,7 @@ def test_finetune_classification_from_a_users_file(tmp_path):
     tasks.save_jsonl(records, tmp_path / "cls.jsonl")
     config = finetune.FinetuneConfig(method="lora", task="kind", data_file=str(tmp_path / "cls.jsonl"),
                                      train=TrainConfig(steps=2, batch_size=4, warmup_steps=1))
-    params, trainable, s = finetune.finetune(model.init_params(TINY, 0), TINY, config, verbose=False)
+    params, _, trainable, s = finetune.finetune(model.init_params(TINY, 0), TINY, config)
     assert params["cls.W"].shape == (2, TINY.d_model)  # the labels found in the file: neg, pos
     assert {"cls.W", "cls.b"} <= trainable
 
@@ -88,15 +89,16 @@ def test_malformed_user_file_names_the_line(tmp_path):
 def test_lora_dropout_uses_the_rng():
     base = model.init_params(TINY, 0)
     config = finetune.FinetuneConfig(method="lora", lora=LoraConfig(dropout=0.5))
-    params, trainable = finetune.setup_strategy(base, TINY, config)
+    params, adapted, trainable = finetune.setup_strategy(base, TINY, config)
     for name in trainable:
         if name.endswith("lora_B"):
             params[name] = np.random.default_rng(0).standard_normal(params[name].shape).astype(np.float32)
     x, y, mask = tasks.instruction_batch(tasks.make_instruction_records("subject", 4, 0), corpus.CharTokenizer(), 128)
-    losses = {model.lm_loss_and_grads(params, TINY, x, y, mask, trainable, config.lora, np.random.default_rng(s))[0]
+    batch = {"x": x, "y": y, "mask": mask}
+    losses = {model.loss_and_grads(params, adapted, batch, trainable, np.random.default_rng(s), train=True)[0]
               for s in (0, 1)}
     assert len(losses) == 2
-    eval_losses = {model.lm_loss_and_grads(params, TINY, x, y, mask, (), config.lora)[0] for _ in range(2)}
+    eval_losses = {model.loss_and_grads(params, adapted, batch)[0] for _ in range(2)}
     assert len(eval_losses) == 1
 
 
@@ -110,7 +112,7 @@ def test_bad_config_values_are_named():
 def test_exact_match_scores_greedy_decoding():
     base = model.init_params(TINY, 0)
     records = tasks.make_instruction_records("subject", 6, 0)
-    acc, preds = finetune.exact_match(base, TINY, records, max_new_tokens=3)
+    acc, preds = evaluation.exact_match(base, TINY, records, max_new_tokens=3)
     assert acc == 0.0 and len(preds) == 6 and all(isinstance(p, str) and len(p) <= 3 for p in preds)
 
 
@@ -125,13 +127,13 @@ def test_every_strategy_can_fit_a_small_batch(method):
     lr = {"full": 3e-3, "lora": 1e-2, "prompt": 1e-1}[method]
     config = finetune.FinetuneConfig(method=method, train=TrainConfig(steps=80, batch_size=4, lr=lr, min_lr=lr,
                                                                       warmup_steps=0, weight_decay=0.0))
-    params, trainable = finetune.setup_strategy(base, TINY, config)
-    lora = config.lora if method == "lora" else None
+    params, ft_config, trainable = finetune.setup_strategy(base, TINY, config)
 
-    def loss_fn(p, batch, tr, rng):
-        return model.lm_loss_and_grads(p, TINY, x, y, mask, tr, lora)
+    class SameBatch:
+        def sample(self, rng):
+            return {"x": x, "y": y, "mask": mask}
 
-    history, _ = train(params, trainable, loss_fn, lambda rng: {"x": x}, config.train)
+    history, _ = train(params, trainable, ft_config, SameBatch(), config.train)
     first, last = history[0]["train_loss"], history[-1]["train_loss"]
     # in front of a random frozen model a soft prompt can shift the output distribution
     # (toward the characters the four answers share) but hardly pick an answer per example

@@ -66,8 +66,10 @@ def test_rslora_scale_is_alpha_over_sqrt_rank():
 
 def test_rslora_scale_is_the_one_merge_applies():
     cfg = LoraConfig(rank=4, alpha=8.0, rslora=True, targets=("q",))
-    params = _random_adapter(lora.add_lora(model.init_params(TINY, 0, np.float64), TINY, cfg))
-    merged = lora.merge(params, cfg)
+    params, adapted = lora.add_lora(model.init_params(TINY, 0, np.float64), TINY, cfg)
+    params = _random_adapter(params)
+    merged, merged_config = lora.merge(params, adapted)
+    assert merged_config == TINY and adapted.lora == cfg
     delta = merged["h.0.attn.q.W"] - params["h.0.attn.q.W"]
     np.testing.assert_allclose(delta, 4.0 * params["h.0.attn.q.lora_B"] @ params["h.0.attn.q.lora_A"], atol=1e-14)
 
@@ -78,7 +80,8 @@ def test_rslora_scale_is_the_one_merge_applies():
 def test_add_lora_starts_at_zero_update_with_kaiming_a():
     cfg = LoraConfig(rank=4, targets=ALL)
     base = model.init_params(TINY, 0)
-    params = lora.add_lora(base, TINY, cfg, seed=1)
+    params, adapted = lora.add_lora(base, TINY, cfg, seed=1)
+    assert adapted.lora == cfg and TINY.lora is None  # the config that comes with the new params
     assert set(base) == set(model.param_shapes(TINY))  # the input dict is not changed
     assert params["wte"] is base["wte"]  # base arrays shared, not copied
     assert len(lora.lora_names(params)) == 2 * len(ALL) * TINY.n_layers
@@ -97,7 +100,7 @@ def test_add_lora_starts_at_zero_update_with_kaiming_a():
 def test_gaussian_init_has_std_one_over_rank():
     config = ModelConfig(vocab_size=11, context_length=8, d_model=128, n_heads=2, n_layers=2, d_ff=256)
     cfg = LoraConfig(rank=4, init="gaussian", targets=ALL)
-    params = lora.add_lora(model.init_params(config, 0), config, cfg)
+    params, _ = lora.add_lora(model.init_params(config, 0), config, cfg)
     A = np.concatenate([params[n].ravel() for n in lora.lora_names(params) if n.endswith("lora_A")])
     assert abs(A.std() / (1.0 / 4) - 1.0) < 0.05
     assert all((params[n] == 0).all() for n in lora.lora_names(params) if n.endswith("lora_B"))
@@ -106,7 +109,7 @@ def test_gaussian_init_has_std_one_over_rank():
 def test_add_lora_is_reproducible_from_the_seed():
     cfg = LoraConfig(rank=2)
     base = model.init_params(TINY, 0)
-    a, b, c = (lora.add_lora(base, TINY, cfg, seed=s) for s in (1, 1, 2))
+    a, b, c = (lora.add_lora(base, TINY, cfg, seed=s)[0] for s in (1, 1, 2))
     assert np.array_equal(a["h.1.attn.v.lora_A"], b["h.1.attn.v.lora_A"])
     assert not np.array_equal(a["h.1.attn.v.lora_A"], c["h.1.attn.v.lora_A"])
 
@@ -114,20 +117,32 @@ def test_add_lora_is_reproducible_from_the_seed():
 def test_adapted_model_at_init_equals_the_base_model_exactly():
     cfg = LoraConfig(rank=4, targets=ALL)
     base = model.init_params(TINY, 0)
-    params = lora.add_lora(base, TINY, cfg, seed=1)
+    params, adapted = lora.add_lora(base, TINY, cfg, seed=1)
     x, y = _batch()
     h_base, _ = model.forward(base, TINY, x)
-    h_lora, _ = model.forward(params, TINY, x, lora=cfg)
+    h_lora, _ = model.forward(params, adapted, x)
     assert np.array_equal(h_base, h_lora)
-    assert np.array_equal(model.next_token_logits(base, TINY, x), model.next_token_logits(params, TINY, x, cfg))
-    assert model.lm_loss_and_grads(base, TINY, x, y)[0] == model.lm_loss_and_grads(params, TINY, x, y, lora=cfg)[0]
+    assert np.array_equal(model.next_token_logits(base, TINY, x), model.next_token_logits(params, adapted, x))
+    assert (model.loss_and_grads(base, TINY, {"x": x, "y": y})[0]
+            == model.loss_and_grads(params, adapted, {"x": x, "y": y})[0])
 
 
 def test_adapted_model_needs_its_lora_config():
-    params = lora.add_lora(model.init_params(TINY, 0), TINY, LoraConfig(rank=2))
+    params, _ = lora.add_lora(model.init_params(TINY, 0), TINY, LoraConfig(rank=2))
     x, _ = _batch()
-    with pytest.raises(ValueError, match="lora"):
+    with pytest.raises(ValueError, match="config.lora"):
         model.forward(params, TINY, x)
+
+
+def test_a_rank_above_min_out_in_is_rejected():
+    with pytest.raises(ValueError, match="rank: expected at most min"):
+        lora.add_lora(model.init_params(TINY, 0), TINY, LoraConfig(rank=TINY.d_model + 1))
+
+
+def test_adding_adapters_twice_is_rejected():
+    params, adapted = lora.add_lora(model.init_params(TINY, 0), TINY, LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="already have adapters"):
+        lora.add_lora(params, adapted, LoraConfig(rank=2))
 
 
 # counts
@@ -138,7 +153,7 @@ def test_trainable_count_is_r_times_in_plus_out(targets):
     r = 3
     cfg = LoraConfig(rank=r, targets=targets)
     base = model.init_params(TINY, 0)
-    params = lora.add_lora(base, TINY, cfg)
+    params, _ = lora.add_lora(base, TINY, cfg)
     expected = 0
     for prefix in lora.adapted_layers(TINY, cfg):
         d_out, d_in = base[prefix + ".W"].shape
@@ -148,8 +163,9 @@ def test_trainable_count_is_r_times_in_plus_out(targets):
     assert model.count_params(params) == model.count_params(base) + expected
 
 
-def test_seed_example():
-    assert lora.seed_example() == (131072, 16777216)
+def test_the_seeds_example_count():
+    # d = k = 4096, r = 16: 131,072 trainable numbers instead of 16,777,216
+    assert lora.lora_param_count(4096, 4096, 16) == 131072 and 4096 * 4096 == 16777216
 
 
 # merge / unmerge
@@ -158,31 +174,34 @@ def test_seed_example():
 def test_merge_computes_the_same_function_and_unmerge_restores_w():
     cfg = LoraConfig(rank=4, alpha=8.0, targets=ALL)
     base = model.init_params(TINY, 0)
-    params = _random_adapter(lora.add_lora(base, TINY, cfg, seed=1))
+    params, adapted = lora.add_lora(base, TINY, cfg, seed=1)
+    params = _random_adapter(params)
     before = {n: a.copy() for n, a in params.items()}
     x, y = _batch()
 
-    merged = lora.merge(params, cfg)
+    merged, merged_config = lora.merge(params, adapted)
+    assert merged_config.lora is None
     assert set(merged) == set(base)
     assert not lora.lora_names(merged)
     # merge changed nothing it was given
     assert set(params) == set(before)
     assert all(np.array_equal(params[n], before[n]) for n in before)
 
-    adapted_logits = model.next_token_logits(params, TINY, x, cfg)
+    adapted_logits = model.next_token_logits(params, adapted, x)
     merged_logits = model.next_token_logits(merged, TINY, x)
     base_logits = model.next_token_logits(base, TINY, x)
     assert np.abs(adapted_logits - base_logits).max() > 1e-3  # the adapter does matter
     np.testing.assert_allclose(merged_logits, adapted_logits, atol=1e-5, rtol=0)
-    h_adapted, _ = model.forward(params, TINY, x, lora=cfg)
+    h_adapted, _ = model.forward(params, adapted, x)
     h_merged, _ = model.forward(merged, TINY, x)
     np.testing.assert_allclose(h_merged, h_adapted, atol=1e-5, rtol=0)
-    l_adapted = model.lm_loss_and_grads(params, TINY, x, y, lora=cfg)[0]
-    assert abs(model.lm_loss_and_grads(merged, TINY, x, y)[0] - l_adapted) < 1e-5
+    l_adapted = model.loss_and_grads(params, adapted, {"x": x, "y": y})[0]
+    assert abs(model.loss_and_grads(merged, TINY, {"x": x, "y": y})[0] - l_adapted) < 1e-5
 
     adapters = {n: params[n] for n in lora.lora_names(params)}
     merged_before = {n: a.copy() for n, a in merged.items()}
-    restored = lora.unmerge(merged, adapters, cfg)
+    restored, restored_config = lora.unmerge(merged, merged_config, adapters, cfg)
+    assert restored_config == adapted
     assert set(restored) == set(params)
     for name in params:
         np.testing.assert_allclose(restored[name], before[name], atol=1e-6, rtol=0, err_msg=name)
@@ -198,41 +217,42 @@ def test_merge_computes_the_same_function_and_unmerge_restores_w():
 
 def _trained_adapter(cfg):
     base = model.init_params(TINY, 0)
-    params = _random_adapter(model.add_head(lora.add_lora(base, TINY, cfg, seed=1), 3))
+    params, adapted = lora.add_lora(base, TINY, cfg, seed=1)
+    params = _random_adapter(model.add_head(params, 3))
     trainable = set(lora.lora_names(params)) | {"cls.W", "cls.b"}
-    return base, params, trainable
+    return base, params, adapted, trainable
 
 
 def test_adapter_file_roundtrip_holds_only_the_trained_arrays(tmp_path):
     cfg = LoraConfig(rank=2, alpha=3.0, targets=("q", "v", "fc"), rslora=True)
-    base, params, trainable = _trained_adapter(cfg)
+    base, params, adapted, trainable = _trained_adapter(cfg)
     path = tmp_path / "adapter.npz"
-    lora.save_adapter(path, params, trainable, cfg, TINY, base)
+    lora.save_adapter(path, params, trainable, adapted, base)
     saved, meta, arrays = load_checkpoint(path)
     assert set(saved) == trainable
     assert arrays == {}
     assert meta["kind"] == "lora_adapter" and meta["base_fingerprint"] == lora.base_fingerprint(base)
 
-    loaded, loaded_cfg = lora.load_adapter(path, base)
-    assert loaded_cfg == cfg
+    loaded, loaded_cfg, _ = lora.load_adapter(path, base, TINY)
+    assert loaded_cfg == adapted and loaded_cfg.lora == cfg
     assert set(loaded) == set(params)
     for name in params:
         assert np.array_equal(loaded[name], params[name]), name
     x, _ = _batch()
-    assert np.array_equal(model.next_token_logits(loaded, TINY, x, loaded_cfg),
-                          model.next_token_logits(params, TINY, x, cfg))
+    assert np.array_equal(model.next_token_logits(loaded, loaded_cfg, x),
+                          model.next_token_logits(params, adapted, x))
 
 
 def test_loading_an_adapter_onto_another_base_fails(tmp_path):
     cfg = LoraConfig(rank=2)
-    base, params, trainable = _trained_adapter(cfg)
+    base, params, adapted, trainable = _trained_adapter(cfg)
     path = tmp_path / "adapter.npz"
-    lora.save_adapter(path, params, trainable, cfg, TINY, base)
+    lora.save_adapter(path, params, trainable, adapted, base)
     other = dict(base)
     other["h.1.mlp.fc.W"] = base["h.1.mlp.fc.W"].copy()
     other["h.1.mlp.fc.W"][0, 0] += 1e-3
-    with pytest.raises(ValueError, match="base"):
-        lora.load_adapter(path, other)
+    with pytest.raises(ValueError, match=f"fingerprint {lora.base_fingerprint(base)}"):
+        lora.load_adapter(path, other, TINY)
     # the fingerprint ignores adapters, heads and prompts, but nothing else
     assert lora.base_fingerprint(params) == lora.base_fingerprint(base)
     assert lora.base_fingerprint(other) != lora.base_fingerprint(base)
@@ -242,4 +262,4 @@ def test_loading_a_file_that_is_not_an_adapter_fails(tmp_path):
     path = tmp_path / "pretrain.npz"
     save_checkpoint(path, model.init_params(TINY, 0), {"kind": "pretrain"})
     with pytest.raises(ValueError, match="adapter"):
-        lora.load_adapter(path, model.init_params(TINY, 0))
+        lora.load_adapter(path, model.init_params(TINY, 0), TINY)

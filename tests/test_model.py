@@ -79,7 +79,7 @@ def test_init_is_reproducible_from_the_seed():
 def test_loss_at_init_is_close_to_uniform():
     params = model.init_params(TINY, 0)
     x, y = _batch(TINY)
-    loss, grads = model.lm_loss_and_grads(params, TINY, x, y)
+    loss, grads = model.loss_and_grads(params, TINY, {"x": x, "y": y})
     assert grads == {}
     assert abs(loss - math.log(TINY.vocab_size)) < 0.05
 
@@ -94,7 +94,7 @@ def test_loss_at_init_is_close_to_uniform():
 def test_grads_hold_exactly_the_trainable_names(trainable):
     params = model.init_params(TINY, 0)
     x, y = _batch(TINY)
-    _, grads = model.lm_loss_and_grads(params, TINY, x, y, trainable=trainable)
+    _, grads = model.loss_and_grads(params, TINY, {"x": x, "y": y}, trainable=trainable)
     assert set(grads) == trainable
     for name, g in grads.items():
         assert g.shape == params[name].shape and g.dtype == params[name].dtype, name
@@ -105,15 +105,15 @@ def test_unknown_trainable_name_is_rejected():
     params = model.init_params(TINY, 0)
     x, y = _batch(TINY)
     with pytest.raises(ValueError, match="h.0.attn.zz.W"):
-        model.lm_loss_and_grads(params, TINY, x, y, trainable={"wte", "h.0.attn.zz.W"})
+        model.loss_and_grads(params, TINY, {"x": x, "y": y}, trainable={"wte", "h.0.attn.zz.W"})
 
 
 def test_a_weight_with_an_adapter_cannot_be_trainable():
     cfg = lora.LoraConfig(rank=2)
-    params = lora.add_lora(model.init_params(TINY, 0), TINY, cfg)
+    params, adapted = lora.add_lora(model.init_params(TINY, 0), TINY, cfg)
     x, y = _batch(TINY)
     with pytest.raises(ValueError, match="h.0.attn.q.W"):
-        model.lm_loss_and_grads(params, TINY, x, y, trainable={"h.0.attn.q.W"}, lora=cfg)
+        model.loss_and_grads(params, adapted, {"x": x, "y": y}, trainable={"h.0.attn.q.W"})
 
 
 def test_tied_wte_gradient_is_head_part_plus_embedding_part():
@@ -121,7 +121,7 @@ def test_tied_wte_gradient_is_head_part_plus_embedding_part():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 6, (3, TINY.context_length))  # tokens 6..10 never appear as inputs
     y = rng.integers(0, TINY.vocab_size, x.shape)
-    loss, grads = model.lm_loss_and_grads(params, TINY, x, y, trainable={"wte"})
+    loss, grads = model.loss_and_grads(params, TINY, {"x": x, "y": y}, trainable={"wte"})
     # the head's share alone: logits = h @ wte.T, so dwte_head = dlogits^T h
     h, _ = model.forward(params, TINY, x)
     logits = h @ params["wte"].T
@@ -138,7 +138,7 @@ def test_tied_wte_gradient_is_head_part_plus_embedding_part():
     assert np.abs(grads["wte"][used] - head[used]).max() > 1e-3 * np.abs(head[used]).max()
     # and a step along -dwte (everything else frozen) lowers the loss
     stepped = dict(params, wte=params["wte"] - 0.5 * grads["wte"])
-    assert model.lm_loss_and_grads(stepped, TINY, x, y)[0] < loss - 1e-6
+    assert model.loss_and_grads(stepped, TINY, {"x": x, "y": y})[0] < loss - 1e-6
 
 
 # errors
@@ -148,9 +148,9 @@ def test_a_sequence_longer_than_the_context_is_rejected():
     params = model.init_params(TINY, 0)
     x, y = _batch(TINY, T=TINY.context_length + 1)
     with pytest.raises(ValueError, match="context_length"):
-        model.lm_loss_and_grads(params, TINY, x, y)
+        model.loss_and_grads(params, TINY, {"x": x, "y": y})
     x, y = _batch(TINY, T=TINY.context_length)
-    model.lm_loss_and_grads(params, TINY, x, y)  # exactly context_length is fine
+    model.loss_and_grads(params, TINY, {"x": x, "y": y})  # exactly context_length is fine
 
 
 @pytest.mark.parametrize("field, changes", [
@@ -178,14 +178,14 @@ def test_dropout_is_random_in_training_and_off_in_evaluation():
     cfg = ModelConfig(**{**TINY.to_dict(), "dropout": 0.2})
     params = model.init_params(cfg, 0)
     x, y = _batch(cfg)
-    l1, _ = model.lm_loss_and_grads(params, cfg, x, y, rng=np.random.default_rng(1))
-    l2, _ = model.lm_loss_and_grads(params, cfg, x, y, rng=np.random.default_rng(2))
-    l1_again, _ = model.lm_loss_and_grads(params, cfg, x, y, rng=np.random.default_rng(1))
+    l1, _ = model.loss_and_grads(params, cfg, {"x": x, "y": y}, rng=np.random.default_rng(1), train=True)
+    l2, _ = model.loss_and_grads(params, cfg, {"x": x, "y": y}, rng=np.random.default_rng(2), train=True)
+    l1_again, _ = model.loss_and_grads(params, cfg, {"x": x, "y": y}, rng=np.random.default_rng(1), train=True)
     assert l1 != l2
     assert l1 == l1_again
-    e1, _ = model.lm_loss_and_grads(params, cfg, x, y)
-    e2, _ = model.lm_loss_and_grads(params, cfg, x, y)
-    no_dropout, _ = model.lm_loss_and_grads(params, TINY, x, y, rng=np.random.default_rng(1))
+    e1, _ = model.loss_and_grads(params, cfg, {"x": x, "y": y})
+    e2, _ = model.loss_and_grads(params, cfg, {"x": x, "y": y})
+    no_dropout, _ = model.loss_and_grads(params, TINY, {"x": x, "y": y}, rng=np.random.default_rng(1), train=True)
     assert e1 == e2 == no_dropout
 
 
@@ -226,17 +226,17 @@ def test_recorder_sees_parameter_gradients_under_full_fine_tuning(recorded_backw
     # the positive control: the wrappers do intercept the model's calls
     params = model.init_params(TINY, 0)
     x, y = _batch(TINY)
-    model.lm_loss_and_grads(params, TINY, x, y, trainable=set(params))
+    model.loss_and_grads(params, TINY, {"x": x, "y": y}, trainable=set(params))
     assert recorded_backwards["embedding"] == 1
     assert any(recorded_backwards["linear"]) and all(recorded_backwards["layer_norm"])
 
 
 def test_lora_computes_no_gradient_for_frozen_weights(recorded_backwards):
     cfg = lora.LoraConfig(rank=2)  # q, k, v, o adapted; mlp.fc and mlp.proj plain frozen linears
-    params = lora.add_lora(model.init_params(TINY, 0), TINY, cfg)
+    params, adapted = lora.add_lora(model.init_params(TINY, 0), TINY, cfg)
     x, y = _batch(TINY)
     trainable = set(lora.lora_names(params))
-    _, grads = model.lm_loss_and_grads(params, TINY, x, y, trainable=trainable, lora=cfg)
+    _, grads = model.loss_and_grads(params, adapted, {"x": x, "y": y}, trainable=trainable)
     assert set(grads) == trainable
     # head + 2 frozen MLP linears per block (+ the base path inside each LoRA linear)
     assert len(recorded_backwards["linear"]) >= 1 + 2 * TINY.n_layers
@@ -250,7 +250,7 @@ def test_lora_computes_no_gradient_for_frozen_weights(recorded_backwards):
 def test_prompt_tuning_computes_no_gradient_for_frozen_weights(recorded_backwards):
     params = prompt.add_prompt(model.init_params(TINY, 0), 3)
     x, y = _batch(TINY)
-    _, grads = model.lm_loss_and_grads(params, TINY, x, y, trainable={"prompt"})
+    _, grads = model.loss_and_grads(params, TINY, {"x": x, "y": y}, trainable={"prompt"})
     assert set(grads) == {"prompt"} and np.abs(grads["prompt"]).max() > 0
     assert len(recorded_backwards["linear"]) == 1 + 6 * TINY.n_layers
     assert not any(recorded_backwards["linear"])

@@ -67,19 +67,19 @@ def test_prompt_positions_are_dropped_from_the_output_and_change_the_loss():
     x2[:, 0] = (x[:, 0] + 1) % TINY.vocab_size
     h2, _ = model.forward(params, TINY, x2)
     assert (np.abs(h2[:, 0] - h[:, 0]).max(axis=-1) > 1e-4).all()
-    loss, grads = model.lm_loss_and_grads(params, TINY, x, y, trainable={"prompt"})
-    assert loss != model.lm_loss_and_grads(base, TINY, x, y)[0]
+    loss, grads = model.loss_and_grads(params, TINY, {"x": x, "y": y}, trainable={"prompt"})
+    assert loss != model.loss_and_grads(base, TINY, {"x": x, "y": y})[0]
     assert grads["prompt"].shape == params["prompt"].shape
 
 
 def test_prompt_does_not_use_up_the_context():
     params = prompt.add_prompt(model.init_params(TINY, 0), 5)
     x, y = _batch(T=TINY.context_length)  # P + T > context_length: fine, the prompt has no positions
-    loss, _ = model.lm_loss_and_grads(params, TINY, x, y, trainable={"prompt"})
+    loss, _ = model.loss_and_grads(params, TINY, {"x": x, "y": y}, trainable={"prompt"})
     assert np.isfinite(loss)
     x, y = _batch(T=TINY.context_length + 1)
     with pytest.raises(ValueError, match="context_length"):
-        model.lm_loss_and_grads(params, TINY, x, y)
+        model.loss_and_grads(params, TINY, {"x": x, "y": y})
 
 
 def test_add_head_shapes_and_init():
@@ -91,9 +91,11 @@ def test_add_head_shapes_and_init():
     assert 0.01 < params["cls.W"].std() < 0.03
     assert "cls.W" not in base
     x, _ = _batch()
-    loss, grads, logits = model.cls_loss_and_grads(params, TINY, x, np.array([7, 3, 0]), np.array([0, 3, 1]),
-                                                   trainable={"cls.W", "cls.b"})
-    assert logits.shape == (3, 4) and set(grads) == {"cls.W", "cls.b"} and np.isfinite(loss)
+    last, labels = np.array([7, 3, 0]), np.array([0, 3, 1])
+    loss, grads = model.loss_and_grads(params, TINY, {"x": x, "last": last, "labels": labels},
+                                       trainable={"cls.W", "cls.b"})
+    assert set(grads) == {"cls.W", "cls.b"} and np.isfinite(loss)
+    assert model.class_logits(params, TINY, x, last).shape == (3, 4)
 
 
 @pytest.mark.parametrize("n_classes", [1, 0, -3, 2.0, True])

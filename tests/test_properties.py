@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from minilora import corpus, lora, ops, optim, tasks
 from minilora.lora import LoraConfig, merge, unmerge
+from minilora.model import ModelConfig
 
 FAST = settings(max_examples=40, deadline=None)
 finite = st.floats(-50, 50, allow_nan=False, allow_infinity=False)
@@ -63,13 +64,14 @@ def test_merge_then_unmerge_gives_back_W(d_out, d_in, r, seed, rslora):
     params = {"h.0.attn.q.W": rng.standard_normal((d_out, d_in)),
               "h.0.attn.q.lora_A": rng.standard_normal((r, d_in)),
               "h.0.attn.q.lora_B": rng.standard_normal((d_out, r))}
-    merged = merge(params, cfg)
+    config = ModelConfig(vocab_size=2, context_length=2, d_model=2, n_heads=1, n_layers=1, d_ff=2, lora=cfg)
+    merged, merged_config = merge(params, config)
     x = rng.standard_normal((3, d_in))
     y_unmerged, _ = lora.lora_linear_forward(x, params["h.0.attn.q.W"], None, params["h.0.attn.q.lora_A"],
                                             params["h.0.attn.q.lora_B"], cfg.scale)
     np.testing.assert_allclose(x @ merged["h.0.attn.q.W"].T, y_unmerged, rtol=1e-10, atol=1e-10)
     adapters = {n: p for n, p in params.items() if "lora" in n}
-    back = unmerge(merged, adapters, cfg)
+    back, _ = unmerge(merged, merged_config, adapters, cfg)
     np.testing.assert_allclose(back["h.0.attn.q.W"], params["h.0.attn.q.W"], rtol=1e-12, atol=1e-12)
 
 

@@ -1,4 +1,3 @@
-import itertools
 import json
 
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 from minilora.corpus import GRAMMAR, NEWLINE_ID, CharTokenizer, longest_sentence_length
 from minilora.tasks import (
     CLASS_NAMES, GENERATIVE_TASKS, TASKS, classification_batch, format_prompt, instruction_batch,
-    iterate_minibatches, load_jsonl, make_classification_records, make_instruction_records, save_jsonl,
+    RecordBatches, load_jsonl, make_classification_records, make_instruction_records, save_jsonl,
     task_splits,
 )
 
@@ -161,13 +160,11 @@ def test_jsonl_rejects_empty_file_wrong_kind_and_missing_file(tmp_path):
     assert load_jsonl(path, "classification") == [{"text": "the cat runs.", "label": "animal"}]
 
 
-def test_iterate_minibatches_visits_each_record_once_per_epoch():
-    records = list(range(10))
-    batches = list(itertools.islice(iterate_minibatches(records, 3, np.random.default_rng(0)), 6))
-    assert all(len(b) == 3 for b in batches)
-    for epoch in (batches[:3], batches[3:]):
-        seen = [r for b in epoch for r in b]
-        assert len(set(seen)) == 9  # one record waits for a later epoch
-    assert batches[:3] != batches[3:]
-    with pytest.raises(ValueError, match="at least batch_size=11 records, got 10"):
-        next(iterate_minibatches(records, 11, np.random.default_rng(0)))
+def test_record_batches_draw_distinct_records_and_pick_the_head():
+    records = make_instruction_records("subject", 20, seed=0)
+    batch = RecordBatches(records, 5, 128).sample(np.random.default_rng(0))
+    assert set(batch) == {"x", "y", "mask"} and batch["x"].shape[0] == 5
+    inputs = [TOKENIZER.decode(row).split("### Input\n")[1].split("\n")[0] for row in batch["x"]]
+    assert len(set(inputs)) == 5  # drawn without replacement
+    cls = RecordBatches(make_classification_records(20, seed=0), 4, 128, list(CLASS_NAMES))
+    assert set(cls.sample(np.random.default_rng(0))) == {"x", "last", "labels"}

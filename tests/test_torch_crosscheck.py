@@ -8,6 +8,7 @@ noise, random biases), so no term is negligible. Skipped when torch is absent.
 """
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -110,7 +111,8 @@ def assert_close(name, ours, ref):
 def check_lm(params, trainable, lora_config=None):
     """Loss and the gradients of `trainable` agree with torch; returns minilora's grads."""
     x, y, mask = batch()
-    loss, grads = model.lm_loss_and_grads(params, CONFIG, x, y, mask, trainable=trainable, lora=lora_config)
+    config = CONFIG if lora_config is None else replace(CONFIG, lora=lora_config)
+    loss, grads = model.loss_and_grads(params, config, {"x": x, "y": y, "mask": mask}, trainable=trainable)
     P = to_torch(params)
     ref = torch_lm_loss(P, CONFIG, x, y, mask, None if lora_config is None else lora_config.scale)
     ref.backward()
@@ -129,7 +131,7 @@ def test_full_model_loss_and_every_gradient():
 
 def test_lora_on_all_six_targets():
     cfg = lora.LoraConfig(rank=2, alpha=3.0, targets=("q", "k", "v", "o", "fc", "proj"))
-    params = lora.add_lora(random_params(CONFIG), CONFIG, cfg, seed=2)
+    params, adapted = lora.add_lora(random_params(CONFIG), CONFIG, cfg, seed=2)
     names = lora.lora_names(params)
     assert len(names) == 2 * 6 * CONFIG.n_layers
     params = randomise(params, names, seed=3)  # B = 0 at init would make dA vanish
@@ -137,7 +139,7 @@ def test_lora_on_all_six_targets():
     assert all(n.endswith((".lora_A", ".lora_B")) for n in grads)
     # the merged form W + s B A gives the same loss as the unmerged one
     x, y, mask = batch()
-    merged = lora.merge(params, cfg)
+    merged, _ = lora.merge(params, adapted)
     with torch.no_grad():
         ref = torch_lm_loss(to_torch(params), CONFIG, x, y, mask, cfg.scale).item()
         ref_merged = torch_lm_loss(to_torch(merged), CONFIG, x, y, mask).item()
@@ -159,7 +161,9 @@ def test_classification_head_all_params():
     x = rng.integers(0, CONFIG.vocab_size, (B, T))
     last = np.array([T - 1, 2, 5])
     labels = np.array([0, 2, 1])
-    loss, grads, logits = model.cls_loss_and_grads(params, CONFIG, x, last, labels, trainable=set(params))
+    loss, grads = model.loss_and_grads(params, CONFIG, {"x": x, "last": last, "labels": labels},
+                                       trainable=set(params))
+    logits = model.class_logits(params, CONFIG, x, last)
     P = to_torch(params)
     h = torch_forward(P, CONFIG, torch.as_tensor(x))
     ref_logits = F.linear(h[torch.arange(B), torch.as_tensor(last)], P["cls.W"], P["cls.b"])

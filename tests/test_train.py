@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from minilora import lora, model, pretrain, prompt
+from minilora import evaluation, lora, model, pretrain, prompt
+from minilora import train as train_module
 from minilora.checkpoint import load_checkpoint
 from minilora.model import ModelConfig
 from minilora.train import TrainConfig, TrainingDiverged, train
@@ -15,15 +16,7 @@ TINY = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_lay
 DATA = np.random.default_rng(0).integers(0, TINY.vocab_size, 400)
 
 
-def make_loss_fn(config=TINY, lora_config=None):
-    def loss_fn(params, batch, trainable, rng):
-        return model.lm_loss_and_grads(params, config, batch["x"], batch["y"], None, trainable, lora=lora_config,
-                                       rng=rng if config.dropout > 0 else None)
-    return loss_fn
-
-
-def next_batch(rng):
-    return pretrain.random_windows(DATA, 4, TINY.context_length, rng)
+BATCHES = pretrain.WindowBatches(DATA, 4, TINY.context_length)
 
 
 def small_train_config(**kw):
@@ -47,11 +40,10 @@ def _check_only_trainable_changed(params, before, trainable, run_dir, state):
 
 def test_lora_training_changes_only_the_adapters(tmp_path):
     cfg = lora.LoraConfig(rank=2, targets=("q", "v", "fc"))
-    params = lora.add_lora(model.init_params(TINY, 0), TINY, cfg, seed=1)
+    params, adapted = lora.add_lora(model.init_params(TINY, 0), TINY, cfg, seed=1)
     before = {n: a.copy() for n, a in params.items()}
     trainable = lora.lora_names(params)
-    history, state = train(params, trainable, make_loss_fn(lora_config=cfg), next_batch, small_train_config(),
-                           run_dir=tmp_path)
+    history, state = train(params, trainable, adapted, BATCHES, small_train_config(), run_dir=tmp_path)
     assert len(history) == 20
     _check_only_trainable_changed(params, before, trainable, tmp_path, state)
 
@@ -59,7 +51,7 @@ def test_lora_training_changes_only_the_adapters(tmp_path):
 def test_prompt_training_changes_only_the_prompt(tmp_path):
     params = prompt.add_prompt(model.init_params(TINY, 0), 3, seed=1)
     before = {n: a.copy() for n, a in params.items()}
-    history, state = train(params, ["prompt"], make_loss_fn(), next_batch, small_train_config(), run_dir=tmp_path)
+    history, state = train(params, ["prompt"], TINY, BATCHES, small_train_config(), run_dir=tmp_path)
     assert len(history) == 20
     _check_only_trainable_changed(params, before, ["prompt"], tmp_path, state)
 
@@ -71,27 +63,28 @@ class Crash(Exception):
 def test_resume_ends_exactly_where_an_uninterrupted_run_does(tmp_path):
     config = ModelConfig(**{**TINY.to_dict(), "dropout": 0.1})  # the RNG state must be restored too
     tc = small_train_config(steps=30, checkpoint_every=15, seed=3)
-    loss_fn = make_loss_fn(config)
 
     straight = model.init_params(config, 0)
-    history_a, _ = train(straight, list(straight), loss_fn, next_batch, tc, run_dir=tmp_path / "a")
+    history_a, _ = train(straight, list(straight), config, BATCHES, tc, run_dir=tmp_path / "a")
 
     crashed = model.init_params(config, 0)
-    calls = []
 
-    def crashing_batch(rng):
-        calls.append(1)
-        if len(calls) == 21:  # step 20: the checkpoint of step 15 is on disk
-            raise Crash
-        return next_batch(rng)
+    class CrashingBatches:
+        calls = 0
+
+        def sample(self, rng):
+            self.calls += 1
+            if self.calls == 21:  # step 20: the checkpoint of step 15 is on disk
+                raise Crash
+            return BATCHES.sample(rng)
 
     with pytest.raises(Crash):
-        train(crashed, list(crashed), loss_fn, crashing_batch, tc, run_dir=tmp_path / "b")
+        train(crashed, list(crashed), config, CrashingBatches(), tc, run_dir=tmp_path / "b")
     ckpt = tmp_path / "b" / "checkpoint.npz"
     assert load_checkpoint(ckpt)[1]["step"] == 15
 
     resumed = model.init_params(config, 1)  # a fresh dict; the checkpoint overwrites it
-    history_b, _ = train(resumed, list(resumed), loss_fn, next_batch, tc, run_dir=tmp_path / "b", resume=ckpt)
+    history_b, _ = train(resumed, list(resumed), config, BATCHES, tc, run_dir=tmp_path / "b", resume=ckpt)
     assert [r["step"] for r in history_b] == list(range(16, 31))
     assert [r["train_loss"] for r in history_b] == [r["train_loss"] for r in history_a[15:]]
     for name in straight:
@@ -101,23 +94,23 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_does(tmp_path):
     assert "meta" in logged[0] and [r["step"] for r in logged[1:]] == list(range(1, 31))
     # dropout really was on: a different seed gives a different run
     other = model.init_params(config, 0)
-    train(other, list(other), loss_fn, next_batch, small_train_config(steps=30, seed=4))
+    train(other, list(other), config, BATCHES, small_train_config(steps=30, seed=4))
     assert not np.array_equal(other["wte"], straight["wte"])
 
 
-def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
+def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = []
-    inner = make_loss_fn()
 
-    def loss_fn(params, batch, trainable, rng):
+    def loss_and_grads(*args, **kwargs):
         calls.append(1)
-        loss, grads = inner(params, batch, trainable, rng)
+        loss, grads = model.loss_and_grads(*args, **kwargs)
         return (math.nan if len(calls) == 8 else loss), grads  # the 8th call is step 7
 
+    monkeypatch.setattr(train_module, "loss_and_grads", loss_and_grads)
     params = model.init_params(TINY, 0)
     tc = small_train_config(steps=20, checkpoint_every=5, lr=1e-2)
     with pytest.raises(TrainingDiverged) as e:
-        train(params, list(params), loss_fn, next_batch, tc, run_dir=tmp_path)
+        train(params, list(params), TINY, BATCHES, tc, run_dir=tmp_path)
     message = str(e.value)
     assert "step 7" in message
     assert "lower learning rate" in message.lower()
@@ -130,11 +123,11 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
 
 def test_log_has_a_header_and_one_record_per_step(tmp_path):
     def evaluate(params):
-        return {"val_loss": pretrain.strided_val_loss(params, TINY, DATA[:60])}
+        return {"val_loss": evaluation.strided_val_loss(params, TINY, DATA[:60])}
 
     params = model.init_params(TINY, 0)
     tc = small_train_config(steps=12, eval_every=5)
-    history, _ = train(params, ["wte", "ln_f.g"], make_loss_fn(), next_batch, tc, evaluate=evaluate,
+    history, _ = train(params, ["wte", "ln_f.g"], TINY, BATCHES, tc, evaluate=evaluate,
                        run_dir=tmp_path, meta={"kind": "test", "model": TINY.to_dict()})
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -167,7 +160,7 @@ def test_strided_val_loss_matches_a_direct_computation(batch_size):
     params = model.init_params(TINY, 0, dtype=np.float64)
     data = DATA[:63]
     T, half = TINY.context_length, TINY.context_length // 2
-    got = pretrain.strided_val_loss(params, TINY, data, batch_size=batch_size)
+    got = evaluation.strided_val_loss(params, TINY, data, batch_size=batch_size)
     total, counted = 0.0, []
     for s in range(0, len(data) - T - 1, half):
         window = data[s:s + T][None]
@@ -181,9 +174,9 @@ def test_strided_val_loss_matches_a_direct_computation(batch_size):
     assert len(counted) == len(set(counted)), "a target was counted twice"
     assert got == pytest.approx(total / len(counted), rel=1e-12)
     # and the mask matters: counting whole windows gives another number
-    assert abs(got - model.lm_loss_and_grads(params, TINY, data[None, :T], data[None, 1:T + 1])[0]) > 1e-6
+    assert abs(got - model.loss_and_grads(params, TINY, {"x": data[None, :T], "y": data[None, 1:T + 1]})[0]) > 1e-6
 
 
 def test_strided_val_loss_rejects_a_too_short_stream():
     with pytest.raises(ValueError, match="context_length"):
-        pretrain.strided_val_loss(model.init_params(TINY, 0), TINY, DATA[:TINY.context_length + 1])
+        evaluation.strided_val_loss(model.init_params(TINY, 0), TINY, DATA[:TINY.context_length + 1])

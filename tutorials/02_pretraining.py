@@ -29,9 +29,10 @@ import numpy as np
 
 from minilora import corpus, plot
 from minilora.finetune import FinetuneConfig
-from minilora.model import count_params, init_params, lm_loss_and_grads, param_shapes
-from minilora.pretrain import PretrainConfig, load_or_pretrain, strided_val_loss
-from minilora.sampling import generate
+from minilora.model import count_params, init_params, loss_and_grads, param_shapes
+from minilora.evaluation import strided_val_loss
+from minilora.pretrain import PretrainConfig, load_or_pretrain
+from minilora.sampling import decode
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", "figures")
@@ -129,7 +130,7 @@ assert n_params == formula
 # %%
 x = tok.encode(train_text[: 8 * 65])[: 8 * 64 + 1]
 xb, yb = x[:-1].reshape(8, 64), x[1:].reshape(8, 64)
-loss0, _ = lm_loss_and_grads(init_params(mc), mc, xb, yb)
+loss0, _ = loss_and_grads(init_params(mc), mc, {"x": xb, "y": yb})
 print(f"loss at init {loss0:.4f}, ln(96) = {np.log(96):.4f}")
 assert abs(loss0 - np.log(96)) < 0.05
 
@@ -186,7 +187,7 @@ print("wrote", path)
 # %% [markdown]
 # ## Samples
 #
-# Text from the pretrained model (`sampling.generate`, temperature 1: sampling from
+# Text from the pretrained model (`sampling.decode`, temperature 1: sampling from
 # the model's own distribution). A model at the floor would produce sentences of
 # the grammar with the grammar's probabilities. The cell below samples sentences
 # and counts how many parse under the grammar (`sentence_log_prob` raises on any
@@ -197,8 +198,8 @@ rng = np.random.default_rng(1)
 n_samples = 3 if FAST else 20
 ok = 0
 for i in range(n_samples):
-    ids = generate(params, mc, tok.encode("\n"), 60, temperature=1.0, rng=rng, stop_id=corpus.NEWLINE_ID)
-    text = tok.decode(ids).rstrip("\n")
+    ids = decode(params, mc, [tok.encode("\n")], 60, temperature=1.0, rng=rng, stop_id=corpus.NEWLINE_ID)[0]
+    text = tok.decode(ids)
     try:
         corpus.sentence_log_prob(text)
         ok += 1

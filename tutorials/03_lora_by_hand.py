@@ -34,7 +34,8 @@ import os
 import numpy as np
 
 from minilora import corpus, gradcheck, lora, model, ops, plot, tasks
-from minilora.finetune import FinetuneConfig, exact_match, finetune
+from minilora.evaluation import exact_match
+from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
@@ -46,10 +47,10 @@ rng = np.random.default_rng(0)
 # ## Counting: r (d + k) instead of d k
 #
 # The cell below evaluates the seed's example, an attention matrix with d = k = 4096
-# and r = 16, with `lora.seed_example()`.
+# and r = 16, with `lora.lora_param_count(d, k, r)`.
 
 # %%
-n_lora, n_full = lora.seed_example()
+n_lora, n_full = lora.lora_param_count(4096, 4096, 16), 4096 * 4096
 print(f"full update d k = {n_full:,}   LoRA r (d + k) = {n_lora:,}   reduction {100 * (1 - n_lora / n_full):.2f}%")
 assert (n_lora, n_full) == (131_072, 16_777_216) and n_lora / n_full < 0.01
 
@@ -139,12 +140,12 @@ for res in results:
 # %%
 cfg, base64 = gradcheck.tiny_model(rng)
 lcfg64 = lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "k", "v", "o"))
-adapted64 = lora.add_lora(base64, cfg, lcfg64, seed=1)
+adapted64, cfg64 = lora.add_lora(base64, cfg, lcfg64, seed=1)  # the params and the config that describes them
 for name in lora.lora_names(adapted64):
     adapted64[name] = 0.5 * rng.standard_normal(adapted64[name].shape)
 xt = rng.integers(0, cfg.vocab_size, (3, cfg.context_length))
 yt = rng.integers(0, cfg.vocab_size, (3, cfg.context_length))
-results = gradcheck.check_model("LoRA model", lambda p, tr: model.lm_loss_and_grads(p, cfg, xt, yt, None, tr, lcfg64),
+results = gradcheck.check_model("LoRA model", lambda p, tr: model.loss_and_grads(p, cfg64, {"x": xt, "y": yt}, tr),
                                 adapted64, set(lora.lora_names(adapted64)), rng)
 print(f"{len(results)} adapter tensors checked, worst rel error {max(res.error for res in results):.1e}")
 assert all(res.passed for res in results)
@@ -170,18 +171,18 @@ val_data = tok.encode(val_text)  # pretraining-corpus text, to measure forgettin
 
 # %%
 lcfg = lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o"))
-adapted = lora.add_lora(base, mc, lcfg, seed=0)
+adapted, amc = lora.add_lora(base, mc, lcfg, seed=0)  # amc: mc with .lora = lcfg
 for name in lora.lora_names(adapted):
     print(f"{name:22s} {adapted[name].shape}")
 assert all(not adapted[n].any() for n in lora.lora_names(adapted) if n.endswith("lora_B"))
 ids = tok.encode("the red cat chases two mice.\nmy dog ")[None, :]
-assert np.array_equal(model.next_token_logits(adapted, mc, ids, lcfg), model.next_token_logits(base, mc, ids))
+assert np.array_equal(model.next_token_logits(adapted, amc, ids), model.next_token_logits(base, mc, ids))
 print("B = 0 at init: the adapted model's logits equal the pretrained model's exactly")
 
 # %% [markdown]
 # ## No dW, ever
 #
-# `lm_loss_and_grads(..., trainable=names)` returns gradients for exactly the
+# `loss_and_grads(..., trainable=names)` returns gradients for exactly the
 # trainable names. To show that no dense weight gradient is even *computed* (not
 # just discarded), the cell below counts the calls to `ops.linear_backward` that
 # form a dW product, during one LoRA backward and one full backward.
@@ -202,10 +203,10 @@ def counting_linear_backward(dout, cache, param_grads=True):
 
 ops.linear_backward = counting_linear_backward
 try:
-    _, grads = model.lm_loss_and_grads(adapted, mc, xb, yb, mb, lora_trainable, lcfg)
+    _, grads = model.loss_and_grads(adapted, amc, {"x": xb, "y": yb, "mask": mb}, lora_trainable)
     n_lora_dW = len(dW_products)
     dW_products.clear()
-    _, grads_full = model.lm_loss_and_grads(base, mc, xb, yb, mb, set(base))
+    _, grads_full = model.loss_and_grads(base, mc, {"x": xb, "y": yb, "mask": mb}, set(base))
     n_full_dW = len(dW_products)
 finally:
     ops.linear_backward = original_linear_backward
@@ -214,7 +215,7 @@ print(f"full backward: {len(grads_full)} gradients; dW products formed: {n_full_
 assert set(grads) == lora_trainable and not any(n.endswith(".W") for n in grads)
 assert n_lora_dW == 0 and n_full_dW > 0
 try:
-    model.lm_loss_and_grads(adapted, mc, xb, yb, mb, {"h.0.attn.q.W"}, lcfg)
+    model.loss_and_grads(adapted, amc, {"x": xb, "y": yb, "mask": mb}, {"h.0.attn.q.W"})
     raise AssertionError("training an adapted W should be refused")
 except ValueError as e:
     print("asking for an adapted W's gradient is refused:", e)
@@ -241,8 +242,8 @@ for method in ("full", "lora"):
     config.train.warmup_steps = 1 if FAST else 20
     config.train.eval_every = steps
     run_dir = os.path.join(RUNS, f"03-finetune-subject-{method}")
-    params, trainable, summary = finetune(base, mc, config, run_dir, val_data)
-    summaries[method], finetuned[method] = summary, params
+    params, ft_config, trainable, summary = finetune(base, mc, config, run_dir, val_data)
+    summaries[method], finetuned[method] = summary, (params, ft_config)
     if not FAST:
         assert summary["metric"] > summary["metric_before"]
     logs[method] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
@@ -273,7 +274,7 @@ assert ratio == summaries["full"]["trainable_params"] / summaries["lora"]["train
 
 # %%
 _, test_records = tasks.task_splits("subject", 0, 6, seed=123)
-acc, preds = exact_match(finetuned["lora"], mc, test_records, lcfg)
+acc, preds = exact_match(*finetuned["lora"], test_records)
 for rec, pred in zip(test_records, preds):
     print(f"{rec['input']:45s} expected {rec['output']!r:12s} got {pred!r}")
 
@@ -287,15 +288,15 @@ for rec, pred in zip(test_records, preds):
 # recovers the pretrained W (up to float32 rounding).
 
 # %%
-adapted_ft = finetuned["lora"]
-merged = lora.merge(adapted_ft, lcfg)
-assert not lora.lora_names(merged)
-logits_adapted = model.next_token_logits(adapted_ft, mc, ids, lcfg)
-logits_merged = model.next_token_logits(merged, mc, ids)
+adapted_ft, adapted_mc = finetuned["lora"]
+merged, merged_mc = lora.merge(adapted_ft, adapted_mc)
+assert not lora.lora_names(merged) and merged_mc.lora is None
+logits_adapted = model.next_token_logits(adapted_ft, adapted_mc, ids)
+logits_merged = model.next_token_logits(merged, merged_mc, ids)
 print(f"max |logits merged - logits adapted| = {np.abs(logits_merged - logits_adapted).max():.1e}")
 assert np.allclose(logits_merged, logits_adapted, atol=1e-4)
 adapters = {n: adapted_ft[n] for n in lora.lora_names(adapted_ft)}
-restored = lora.unmerge(merged, adapters, lcfg)
+restored, _ = lora.unmerge(merged, merged_mc, adapters, lcfg)
 w_err = max(np.abs(restored[n] - base[n]).max() for n in base)
 print(f"after unmerge, max |W - W_pretrained| = {w_err:.1e}")
 assert w_err < 1e-5

@@ -56,7 +56,7 @@ ids = tok.encode("the red cat chases two mice.")[None, :]
 h, _ = model.forward(prompted, mc, ids)
 print(f"prompt {prompted['prompt'].shape}, input {ids.shape} -> hidden states {h.shape}")
 assert h.shape == (1, ids.shape[1], mc.d_model)
-_, grads = model.lm_loss_and_grads(prompted, mc, ids[:, :-1], ids[:, 1:], None, {"prompt"})
+_, grads = model.loss_and_grads(prompted, mc, {"x": ids[:, :-1], "y": ids[:, 1:]}, {"prompt"})
 print("gradients computed:", sorted(grads))
 assert set(grads) == {"prompt"}
 
@@ -65,7 +65,7 @@ tiny_prompted = prompt.add_prompt(tiny, 3, init="random", seed=1)
 tiny_prompted["prompt"] = 0.5 * rng.standard_normal(tiny_prompted["prompt"].shape)
 xt = rng.integers(0, cfg.vocab_size, (3, cfg.context_length))
 yt = rng.integers(0, cfg.vocab_size, (3, cfg.context_length))
-res = gradcheck.check_model("prompt", lambda p, tr: model.lm_loss_and_grads(p, cfg, xt, yt, None, tr),
+res = gradcheck.check_model("prompt", lambda p, tr: model.loss_and_grads(p, cfg, {"x": xt, "y": yt}, tr),
                             tiny_prompted, {"prompt"}, rng)
 print(f"d loss / d prompt: rel error {res[0].error:.1e}")
 assert res[0].passed
@@ -143,10 +143,10 @@ cls_records, _ = tasks.task_splits("kind", 4, 0, seed=1)
 with_head = model.add_head(base, len(tasks.CLASS_NAMES), seed=0)
 xc, last, labels = tasks.classification_batch(cls_records, tok, mc.context_length)
 print(cls_records[0], "-> label id", labels[0], "last index", last[0], "of padded length", xc.shape[1])
-_, _, logits_batch = model.cls_loss_and_grads(with_head, mc, xc, last, labels)
+logits_batch = model.class_logits(with_head, mc, xc, last)
 short = int(np.argmin(last))
 alone = xc[short:short + 1, : last[short] + 1]
-_, _, logits_alone = model.cls_loss_and_grads(with_head, mc, alone, last[short:short + 1], labels[short:short + 1])
+logits_alone = model.class_logits(with_head, mc, alone, last[short:short + 1])
 print(f"row {short}: padded {np.asarray(logits_batch[short]).round(5)}, alone {np.asarray(logits_alone[0]).round(5)}")
 assert np.allclose(logits_batch[short], logits_alone[0], atol=1e-6)
 
@@ -161,7 +161,7 @@ tiny_cls["cls.b"] = 0.4 * rng.standard_normal(3)
 last_t = rng.integers(1, cfg.context_length, 3)
 labels_t = rng.integers(0, 3, 3)
 res = gradcheck.check_model(
-    "prompt + head", lambda p, tr: model.cls_loss_and_grads(p, cfg, xt, last_t, labels_t, tr)[:2],
+    "prompt + head", lambda p, tr: model.loss_and_grads(p, cfg, {"x": xt, "last": last_t, "labels": labels_t}, tr),
     tiny_cls, {"prompt", "cls.W", "cls.b"}, rng)
 for r_ in res:
     print(f"d loss / d {r_.argument:7s} rel error {r_.error:.1e}")
@@ -192,7 +192,7 @@ for method in ("full", "lora", "prompt"):
     config.train.warmup_steps = 1 if FAST else 20
     config.train.eval_every = steps
     run_dir = os.path.join(RUNS, f"04-finetune-kind-{method}")
-    _, _, summary = finetune(base, mc, config, run_dir, val_data)
+    *_, summary = finetune(base, mc, config, run_dir, val_data)
     rows.append(summary)
     logs[method] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
     print(f"[{method}] accuracy {summary['metric_before']:.3f} -> {summary['metric']:.3f}; "

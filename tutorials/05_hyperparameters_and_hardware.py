@@ -52,7 +52,7 @@ def run(method, lr=None, rank=None, tag=""):
     config.train.eval_every = STEPS
     if lr is not None:
         config.train.lr, config.train.min_lr = lr, lr / 10
-    _, _, summary = finetune(base, mc, config, os.path.join(RUNS, f"05-{tag}"), val_data, verbose=False)
+    *_, summary = finetune(base, mc, config, os.path.join(RUNS, f"05-{tag}"), val_data)
     return summary
 
 
@@ -161,16 +161,16 @@ def cache_bytes(obj, seen=None):
 B, T = (4, 32) if FAST else (16, mc.context_length)
 ids = np.random.default_rng(0).integers(0, mc.vocab_size, (B, T))
 lcfg = lora.LoraConfig(rank=8, alpha=16.0)
-strategies = {
-    "full": (base, set(base), None),
-    "lora r=8": (lora.add_lora(base, mc, lcfg), None, lcfg),
-    "prompt P=16": (add_prompt(base, 16), {"prompt"}, None),
+lora_params, lora_mc = lora.add_lora(base, mc, lcfg)
+strategies = {  # name: (params, trainable names, the config the params come with)
+    "full": (base, set(base), mc),
+    "lora r=8": (lora_params, set(lora.lora_names(lora_params)), lora_mc),
+    "prompt P=16": (add_prompt(base, 16), {"prompt"}, mc),
 }
 memory = {}
 for name, (params, trainable, lc) in strategies.items():
-    trainable = set(lora.lora_names(params)) if trainable is None else trainable
     n_all, n_train = count_params(params), count_params(params, trainable)
-    _, cache = model.forward(params, mc, ids, lc)
+    _, cache = model.forward(params, lc, ids)
     memory[name] = {"parameters": 4 * n_all, "gradients": 4 * n_train, "AdamW m, v": 8 * n_train,
                     "activations": cache_bytes(cache)}
     total = sum(memory[name].values())

@@ -1,0 +1,89 @@
+"""How good is a model? The scores both phases use.
+
+    strided_val_loss          nats per character on a token stream (pretraining, forgetting)
+    exact_match               greedy answers to instruction records, compared whole
+    classification_accuracy   argmax of the head against the labels
+    corpus_val_data           the toy corpus's validation stream, made the one way
+"""
+
+import numpy as np
+
+from . import corpus, tasks
+from .backend import to_numpy
+from .model import class_logits, loss_and_grads
+from .sampling import decode
+
+# the pretraining validation split of the toy corpus; forgetting is measured on it
+VAL_SENTENCES = 1_000
+VAL_SEED = 0
+
+
+def corpus_val_data(n_sentences=VAL_SENTENCES, seed=VAL_SEED):
+    """Token ids (N,) of the toy corpus's validation text (the one pretraining validates on)."""
+    _, val_text = corpus.train_val_text(0, n_sentences, seed)
+    return corpus.CharTokenizer().encode(val_text)
+
+
+def strided_val_loss(params, config, data, batch_size=64):
+    """Mean loss per character over a token stream, each counted once, with context.
+
+    Windows of T = context_length start every T/2 tokens, and only the second
+    half of each window is counted (the loss mask), so every counted character
+    sees at least T/2 characters before it. Every target from position T/2 to
+    the end of the last whole window is counted exactly once (the first T/2
+    and the last few, under T/2, are not). When T/2 exceeds the longest
+    sentence, every prediction conditions on its whole sentence so far: the
+    loss a perfect model gets here is the exact entropy floor.
+    """
+    T = config.context_length
+    half = T // 2
+    starts = np.arange(0, len(data) - T - 1, half)
+    if len(starts) == 0:
+        raise ValueError(f"data: expected a validation stream longer than context_length + 1 = {T + 1} tokens, "
+                         f"got {len(data)}")
+    mask = np.zeros((1, T), np.float32)
+    mask[:, half:] = 1.0
+    total, count = 0.0, 0.0
+    for i in range(0, len(starts), batch_size):
+        s = starts[i:i + batch_size]
+        idx = s[:, None] + np.arange(T)[None, :]  # (b, T)
+        m = np.broadcast_to(mask, idx.shape)
+        loss, _ = loss_and_grads(params, config, {"x": data[idx], "y": data[idx + 1], "mask": m})
+        n = float(m.sum())
+        total += loss * n
+        count += n
+    return total / count
+
+
+def exact_match(params, config, records, max_new_tokens=None):
+    """Greedy-decode every record's prompt; the fraction whose response equals the output exactly.
+
+    max_new_tokens defaults to the longest reference output plus its newline
+    and a margin of 4, so no reference is too long to be matched.
+
+    Returns (accuracy, predictions as strings).
+    """
+    tok = corpus.CharTokenizer()
+    prompts = [tok.encode(tasks.format_prompt(r["instruction"], r.get("input", ""))) for r in records]
+    if max_new_tokens is None:
+        max_new_tokens = max(len(r["output"]) for r in records) + 1 + 4
+    for r, p in zip(records, prompts):
+        if len(p) + len(r["output"]) + 1 > config.context_length + 1:
+            raise ValueError(f"records: the record {r!r:.80} needs {len(p) + len(r['output']) + 1} tokens, "
+                             f"more than the context_length + 1 = {config.context_length + 1} the model reads")
+    outs = decode(params, config, prompts, max_new_tokens, stop_id=corpus.NEWLINE_ID)
+    preds = [tok.decode(o) for o in outs]
+    acc = float(np.mean([p == r["output"] for p, r in zip(preds, records)]))
+    return acc, preds
+
+
+def classification_accuracy(params, config, records, class_names=tasks.CLASS_NAMES, batch_size=256):
+    """Fraction of records whose argmax class is the label."""
+    tok = corpus.CharTokenizer()
+    correct = 0
+    for i in range(0, len(records), batch_size):
+        x, last, labels = tasks.classification_batch(records[i:i + batch_size], tok, config.context_length,
+                                                     class_names)
+        logits = to_numpy(class_logits(params, config, x, last))  # one transfer per batch
+        correct += int((logits.argmax(axis=-1) == labels).sum())
+    return correct / len(records)
