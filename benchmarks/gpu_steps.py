@@ -106,7 +106,7 @@ def minilora_step_time(xp, config, batch_size, steps, max_seconds, sync=lambda: 
 
     def step(i):
         x, y = _batch(config, batch_size, i)
-        _, grads = model.lm_loss_and_grads(params, config, x, y, None, trainable)
+        _, grads = model.loss_and_grads(params, config, {"x": x, "y": y}, trainable)
         optim.clip_grad_norm(grads, CLIP)
         optim.adamw_step(params, grads, state, LR, weight_decay=WD)
 

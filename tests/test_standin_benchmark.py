@@ -41,7 +41,7 @@ def test_the_benchmarks_torch_gpt_is_miniloras_gpt():
     config = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)
     x, y = gpu_steps._batch(config, 3, 0)
     params, loss_fn = gpu_steps.torch_gpt(torch, config, "cpu")
-    ours, _ = model.lm_loss_and_grads(model.init_params(config, 0), config, x, y)
+    ours, _ = model.loss_and_grads(model.init_params(config, 0), config, {"x": x, "y": y})
     np.testing.assert_allclose(loss_fn(torch.as_tensor(x), torch.as_tensor(y)).detach().item(), ours, rtol=1e-5)
     ms, n = gpu_steps.torch_step_time(torch, config, 3, 2, 5.0, device="cpu")
     assert ms > 0 and n == 2

@@ -14,9 +14,10 @@ weights and data, and must agree. Tolerances:
 import numpy as np
 import pytest
 
-from minilora import backend, checkpoint, corpus, finetune, gradcheck, lora, model, optim, prompt, sampling, tasks
+from minilora import backend, checkpoint, corpus, evaluation, finetune, gradcheck, lora, model, optim, prompt, runs, \
+    sampling, tasks
 from minilora.model import ModelConfig
-from minilora.pretrain import PretrainConfig, load_pretrained, pretrain, strided_val_loss
+from minilora.pretrain import PretrainConfig, pretrain
 from minilora.train import TrainConfig
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-4, atol=1e-5)}
@@ -50,10 +51,10 @@ def strategy(name, dtype, xp):
     mask[:, -1] = 1.0
     last, labels = rng.integers(1, T, B), rng.integers(0, K, B)
     params = random_params(dtype)
-    lcfg = None
+    config = CONFIG
     if name == "lora":
         lcfg = lora.LoraConfig(rank=2, alpha=3.0, targets=tuple(lora.TARGETS))
-        params = lora.add_lora(params, CONFIG, lcfg, seed=2)
+        params, config = lora.add_lora(params, CONFIG, lcfg, seed=2)
         for n in lora.lora_names(params):
             params[n] = (0.5 * rng.standard_normal(params[n].shape)).astype(dtype)  # B != 0
         trainable = set(lora.lora_names(params))
@@ -63,12 +64,11 @@ def strategy(name, dtype, xp):
     else:
         trainable = set(params) - {"cls.W", "cls.b"} if name == "full" else {"cls.W", "cls.b", "ln_f.g"}
     params = model.params_to(params, xp)
-    if name == "classifier":
-        def loss_fn(p, tr):
-            return model.cls_loss_and_grads(p, CONFIG, x, last, labels, tr)[:2]
-    else:
-        def loss_fn(p, tr):
-            return model.lm_loss_and_grads(p, CONFIG, x, y, mask, tr, lcfg)
+    batch = {"x": x, "last": last, "labels": labels} if name == "classifier" else {"x": x, "y": y, "mask": mask}
+
+    def loss_fn(p, tr):
+        return model.loss_and_grads(p, config, batch, tr)
+
     return params, trainable, loss_fn
 
 
@@ -145,24 +145,25 @@ def test_checkpoint_of_device_params_round_trips(xp, tmp_path):
 def test_lora_add_merge_unmerge_and_adapter_files_on_device(xp, tmp_path):
     lcfg = lora.LoraConfig(rank=2, alpha=4.0)
     base = model.params_to(random_params(np.float32), xp)
-    params = lora.add_lora(base, CONFIG, lcfg, seed=0)
+    params, config = lora.add_lora(base, CONFIG, lcfg, seed=0)
     names = lora.lora_names(params)
     assert all(backend.array_module(params[n]) is xp for n in names)
     assert all(not host(params[n]).any() for n in names if n.endswith("lora_B"))  # B = 0 at init
     rng = np.random.default_rng(1)
     for n in names:
         params[n] = backend.to_device(rng.standard_normal(params[n].shape).astype(np.float32), xp)
-    merged = lora.merge(params, lcfg)
-    ref = lora.merge({n: host(p) for n, p in params.items()}, lcfg)
+    merged, merged_config = lora.merge(params, config)
+    ref, _ = lora.merge({n: host(p) for n, p in params.items()}, config)
     for n, p in merged.items():
+        assert backend.array_module(p) is xp, n
         np.testing.assert_allclose(host(p), ref[n], **TOL[np.float32], err_msg=n)
-    unmerged = lora.unmerge(merged, {n: params[n] for n in names}, lcfg)
+    unmerged, _ = lora.unmerge(merged, merged_config, {n: params[n] for n in names}, lcfg)
     for n, p in unmerged.items():
         np.testing.assert_allclose(host(p), host(params[n]), rtol=1e-4, atol=1e-5, err_msg=n)
     path = str(tmp_path / "adapter.npz")
-    lora.save_adapter(path, params, names, lcfg, CONFIG, base)
-    loaded, loaded_cfg = lora.load_adapter(path, base)
-    assert loaded_cfg == lcfg
+    lora.save_adapter(path, params, names, config, base)
+    loaded, loaded_config, _ = lora.load_adapter(path, base, CONFIG)
+    assert loaded_config == config
     for n in names:
         assert backend.array_module(loaded[n]) is xp
         np.testing.assert_array_equal(host(loaded[n]), host(params[n]))
@@ -184,7 +185,7 @@ def test_a_short_pretraining_run_matches_numpy(xp, tmp_path):
     params, summary = pretrain(config, run_dir=str(tmp_path / "xp"), backend=xp.__name__)
     assert all(backend.array_module(p) is xp for p in params.values())
     np.testing.assert_allclose(summary["val_loss"], ref["val_loss"], rtol=1e-3)
-    loaded, _, _ = load_pretrained(str(tmp_path / "xp" / "checkpoint.npz"), xp)
+    loaded, _, _ = runs.load_model(str(tmp_path / "xp"), xp)
     for n, p in loaded.items():
         np.testing.assert_array_equal(host(p), host(params[n]))
 
@@ -210,7 +211,7 @@ def test_finetuning_matches_numpy(xp, pretrained_tiny, method, task):
 
     def run(module):
         cfg = finetune.FinetuneConfig(method=method, task=task, n_train=16, n_test=8, n_prompt=4, train=train)
-        params, trainable, summary = finetune.finetune(model.params_to(base, module), mc, cfg, verbose=False)
+        params, _, trainable, summary = finetune.finetune(model.params_to(base, module), mc, cfg)
         assert all(backend.array_module(params[n]) is module for n in trainable)
         return summary
 
@@ -223,17 +224,13 @@ def test_sampling_and_decoding_match_numpy(xp, pretrained_tiny):
     base, mc = pretrained_tiny
     params = model.params_to(base, xp)
     tok = corpus.CharTokenizer()
-    prompt_ids = tok.encode("the ")
+    prompts = [tok.encode(p) for p in ("the ", "the ", "a cat ", "the dog ", "a cow ")]
     for temperature, top_k in ((0.0, None), (1.0, 5)):
-        ref = sampling.generate_many(base, mc, prompt_ids, 6, temperature, top_k, np.random.default_rng(0),
-                                     num_samples=3)
-        got = sampling.generate_many(params, mc, prompt_ids, 6, temperature, top_k, np.random.default_rng(0),
-                                     num_samples=3)
+        ref = sampling.decode(base, mc, prompts, 6, temperature, top_k, np.random.default_rng(0),
+                              stop_id=corpus.NEWLINE_ID)
+        got = sampling.decode(params, mc, prompts, 6, temperature, top_k, np.random.default_rng(0),
+                              stop_id=corpus.NEWLINE_ID)
         assert [r.tolist() for r in got] == [r.tolist() for r in ref]
-    prompts = [tok.encode(p) for p in ("a cat ", "the dog ", "a cow ")]
-    ref = sampling.greedy_decode(base, mc, prompts, 5, corpus.NEWLINE_ID)
-    got = sampling.greedy_decode(params, mc, prompts, 5, corpus.NEWLINE_ID)
-    assert [r.tolist() for r in got] == [r.tolist() for r in ref]
 
 
 def test_evaluation_matches_numpy(xp, pretrained_tiny):
@@ -241,12 +238,12 @@ def test_evaluation_matches_numpy(xp, pretrained_tiny):
     params = model.params_to(base, xp)
     tok = corpus.CharTokenizer()
     val = tok.encode(corpus.train_val_text(10, 20, 1)[1])
-    np.testing.assert_allclose(strided_val_loss(params, mc, val, batch_size=8),
-                               strided_val_loss(base, mc, val, batch_size=8), rtol=1e-5)
+    np.testing.assert_allclose(evaluation.strided_val_loss(params, mc, val, batch_size=8),
+                               evaluation.strided_val_loss(base, mc, val, batch_size=8), rtol=1e-5)
     records = tasks.task_splits("subject", 4, 6, 0)[1]
-    assert finetune.exact_match(params, mc, records) == finetune.exact_match(base, mc, records)
+    assert evaluation.exact_match(params, mc, records) == evaluation.exact_match(base, mc, records)
     headed_np = model.add_head(base, len(tasks.CLASS_NAMES), seed=0)
     headed = model.params_to(headed_np, xp)
     crecords = tasks.task_splits("kind", 4, 10, 0)[1]
-    assert finetune.classification_accuracy(headed, mc, crecords, batch_size=4) == \
-        finetune.classification_accuracy(headed_np, mc, crecords, batch_size=4)
+    assert evaluation.classification_accuracy(headed, mc, crecords, batch_size=4) == \
+        evaluation.classification_accuracy(headed_np, mc, crecords, batch_size=4)

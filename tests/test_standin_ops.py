@@ -188,6 +188,7 @@ def test_a_planted_host_only_call_fails_on_the_device_and_not_on_numpy(monkeypat
     host = model.init_params(config, 0, dtype=np.float64)
     x = np.random.default_rng(0).integers(0, V, (B, T))
     monkeypatch.setattr(ops, op_name, PLANTED[op_name])
-    model.lm_loss_and_grads(host, config, x, x, trainable=set(host))  # NumPy cannot see the bug
+    batch = {"x": x, "y": x}
+    model.loss_and_grads(host, config, batch, trainable=set(host))  # NumPy cannot see the bug
     with pytest.raises(TypeError):
-        model.lm_loss_and_grads(model.params_to(host, device_xp), config, x, x, trainable=set(host))
+        model.loss_and_grads(model.params_to(host, device_xp), config, batch, trainable=set(host))
