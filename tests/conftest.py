@@ -1,20 +1,77 @@
-"""Suite-wide guard: the committed figures are never written by the tests or by fast mode."""
+"""Backend fixtures: every test that takes `xp` runs on NumPy, on the CPU stand-in
+for CuPy (tests/standin.py), and on CuPy itself where CuPy and a GPU are there.
 
-import hashlib
-import pathlib
+On a GPU machine, set MINILORA_REQUIRE_CUPY=1 (benchmarks/gpu_check.sh does) so
+that a broken CuPy install fails the CuPy tests instead of skipping them.
+"""
 
+import os
+
+import numpy
 import pytest
 
-FIGURES = pathlib.Path(__file__).resolve().parents[1] / "figures"
+import standin  # registers the "standin" backend
+
+BACKEND_NAMES = ("numpy", "standin", "cupy")
+DEVICE_NAMES = ("standin", "cupy")
 
 
-def _hashes():
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(FIGURES.glob("*.png"))}
+def _cupy():
+    """(cupy module, None) when CuPy can compute here, else (None, why not)."""
+    try:
+        import cupy
+    except ImportError as e:
+        return None, f"CuPy is not importable ({e}); install minilora[cuda12] or [cuda13] on a GPU machine"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, no device
+        return None, f"CuPy is installed but CUDA is not usable ({e})"
+    if n < 1:
+        return None, "CuPy is installed but no GPU is visible"
+    return cupy, None
+
+
+def backend_module(name):
+    """The array module for a backend name, skipping (or failing, see above) when CuPy cannot run."""
+    if name == "numpy":
+        return numpy
+    if name == "standin":
+        return standin
+    cupy, reason = _cupy()
+    if cupy is None:
+        if os.environ.get("MINILORA_REQUIRE_CUPY") == "1":
+            pytest.fail(f"MINILORA_REQUIRE_CUPY=1 but {reason}")
+        pytest.skip(reason)
+    return cupy
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def xp(request):
+    """numpy, the stand-in, or cupy."""
+    return backend_module(request.param)
+
+
+@pytest.fixture(params=DEVICE_NAMES)
+def device_xp(request):
+    """A device module only: the stand-in or cupy."""
+    return backend_module(request.param)
+
+
+FIGURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "figures")
+
+
+def _figure_hashes():
+    import glob
+    import hashlib
+
+    return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in sorted(glob.glob(os.path.join(FIGURES, "*.png")))}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def committed_figures_stay_unchanged():
-    before = _hashes()
+    """Suite-wide guard: the committed figures are never written by the tests or by fast mode."""
+    before = _figure_hashes()
     yield
-    after = _hashes()
-    assert after == before, f"the test run changed or added committed figures: {sorted(set(after.items()) ^ set(before.items()))}"
+    after = _figure_hashes()
+    assert after == before, f"the test run changed or added committed figures: {sorted(set(after) ^ set(before))}"
