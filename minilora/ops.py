@@ -330,16 +330,22 @@ def attention_forward(q, k, v, n_heads):
 
     qh, kh, vh = split(q), split(k), split(v)
     scale = 1.0 / math.sqrt(hs)
-    # S = q k^T / sqrt(hs); the scale goes on q, T/hs times smaller than S
-    S = (qh * scale) @ kh.transpose(0, 1, 3, 2)  # (B, NH, T, T), ours from here on
     # S[t, u] = -inf for u > t: adding a (T, T) matrix of 0 (past) and -inf
-    # (future) does it in place, broadcast over B and NH
+    # (future) does it in place, broadcast over the heads
     future = xp.triu(xp.full((T, T), -xp.inf, dtype=q.dtype), k=1)
-    S += future
-    # P = softmax(S), over S's own buffer
-    S -= S.max(axis=-1, keepdims=True)
-    P = _softmax_in_place(S)
-    outh = P @ vh  # (B, NH, T, hs)
+    P = xp.empty((B, n_heads, T, T), dtype=q.dtype)
+    outh = xp.empty((B, n_heads, T, hs), dtype=q.dtype)
+    # One sequence at a time: its (NH, T, T) scores stay in the CPU's cache
+    # through the five passes below, where the whole batch's would not.
+    for b in range(B):
+        S = P[b]  # (NH, T, T): S is computed, then turned into P, in P's own memory
+        # S = q k^T / sqrt(hs); the scale goes on q, T/hs times smaller than S
+        xp.matmul(qh[b] * scale, kh[b].transpose(0, 2, 1), out=S)
+        S += future
+        # P = softmax(S), in place
+        S -= S.max(axis=-1, keepdims=True)
+        _softmax_in_place(S)
+        xp.matmul(S, vh[b], out=outh[b])  # out = P v, (NH, T, hs)
     out = outh.transpose(0, 2, 1, 3).reshape(B, T, C)
     return out, (qh, kh, vh, P, scale)
 
@@ -348,19 +354,21 @@ def attention_backward(dout, cache):
     """Returns (dq, dk, dv), each (B, T, C)."""
     qh, kh, vh, P, scale = cache
     B, NH, T, hs = qh.shape
+    xp = array_module(dout)
     douth = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
-    # in the forward pass this was: out = P @ v
-    dP = douth @ vh.transpose(0, 1, 3, 2)  # (B, NH, T, T), ours
-    dvh = P.transpose(0, 1, 3, 2) @ douth
-    # P = softmax(S): dS = P * (dP - sum(dP * P)), computed over dP's buffer;
-    # masked entries have P = 0, so their dS is 0 too
-    dP *= P
-    dS = _softmax_backward_in_place(dP, P)
-    # S = q @ k^T * scale
-    dqh = dS @ kh
-    dqh *= scale
-    dkh = dS.transpose(0, 1, 3, 2) @ qh
-    dkh *= scale
+    dqh, dkh, dvh = (xp.empty(qh.shape, dtype=dout.dtype) for _ in range(3))
+    for b in range(B):  # one sequence at a time, as in the forward: dS stays in cache
+        # in the forward pass this was: out = P @ v
+        dP = douth[b] @ vh[b].transpose(0, 2, 1)  # (NH, T, T), ours
+        xp.matmul(P[b].transpose(0, 2, 1), douth[b], out=dvh[b])
+        # P = softmax(S): dS = P * (dP - sum(dP * P)), computed over dP's buffer;
+        # masked entries have P = 0, so their dS is 0 too
+        dP *= P[b]
+        dS = _softmax_backward_in_place(dP, P[b])
+        # S = q @ k^T * scale; the scale goes on dS once
+        dS *= scale
+        xp.matmul(dS, kh[b], out=dqh[b])
+        xp.matmul(dS.transpose(0, 2, 1), qh[b], out=dkh[b])
 
     def merge(a):  # (B, NH, T, hs) -> (B, T, C)
         return a.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
