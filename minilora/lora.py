@@ -60,8 +60,10 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_m
     if B.shape != (W.shape[0], A.shape[0]):
         ops._fail("B", f"shape ({W.shape[0]}, {A.shape[0]}) = (out, r)", f"shape {tuple(B.shape)}")
     xd, drop_cache = ops.dropout_forward(x, dropout_p, rng, dropout_mask)
-    xa = xd @ A.T  # (N..., r)
-    y = base + (xa @ B.T) * scale
+    # 2-D products, (N, in) @ (in, r) then (N, r) @ (r, out): one GEMM each
+    xa = xd.reshape(-1, xd.shape[-1]) @ A.T  # (N, r)
+    # y = base + s * xa @ B.T; s goes on the small (N, r) factor
+    y = base + ((xa * scale) @ B.T).reshape(base.shape)
     return y, (base_cache, drop_cache, xd, xa, A, B, float(scale))
 
 
@@ -75,14 +77,13 @@ def lora_linear_backward(dout, cache):
     base_cache, drop_cache, xd, xa, A, B, s = cache
     # base path, frozen: y = x @ W.T + b gives dx only
     dx, _, _ = ops.linear_backward(dout, base_cache, param_grads=False)
-    r = A.shape[0]
-    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out)
-    # in the forward pass this was: y += s * xa @ B.T
-    dB = (dout2.T @ xa.reshape(-1, r)) * s  # (out, r)
-    dxa = (dout @ B) * s  # (N..., r)
+    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out): every product below is one 2-D GEMM
+    # in the forward pass this was: y += s * xa @ B.T, with xa (N, r)
+    dB = (dout2.T @ xa) * s  # (out, r)
+    dxa = (dout2 @ B) * s  # (N, r)
     # and xa = xd @ A.T
-    dA = dxa.reshape(-1, r).T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
-    dxd = dxa @ A
+    dA = dxa.T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
+    dxd = (dxa @ A).reshape(dx.shape)  # (N..., in)
     dx = dx + ops.dropout_backward(dxd, drop_cache)
     return dx, dA, dB
 

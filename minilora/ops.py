@@ -17,11 +17,26 @@ The LoRA linear, built from these ops, lives with everything else LoRA in lora.p
 No function here imports numpy: each takes its array module from its inputs,
 `xp = array_module(x)`, so the same lines run on NumPy or CuPy. Scalars are
 Python floats, so float32 inputs give float32 outputs and gradients.
+
+Speed, and how it stays readable. A training step is a few large matrix
+products (BLAS does those at near peak) plus many elementwise passes over
+arrays of B*T*C or B*NH*T*T numbers, and the latter are bound by memory
+traffic. So the ops below:
+- hand BLAS one 2-D product per linear, (N, in) @ (in, out), never a stack of
+  small ones;
+- compute an elementwise formula in one buffer the op owns (`out=` and `*=`),
+  instead of one fresh full-size temporary per arithmetic operator; the
+  formula is always written out in the comment above those lines;
+- never mutate an array they were given, nor one they keep in a cache;
+- never bring a value from the device to the host on the hot path: argument
+  checks that need a reduction (token ids in range, a non-empty loss mask) run
+  only on host (NumPy) arrays; the model checks token ids on the host before it
+  moves them to a GPU.
 """
 
 import math
 
-from .backend import array_module, scatter_add, to_device
+from .backend import array_module, is_cupy, scatter_add, to_device
 
 
 def _fail(name, expected, got):
@@ -52,7 +67,10 @@ def embedding_forward(ids, wte):
     if getattr(getattr(ids, "dtype", None), "kind", None) not in ("i", "u"):
         _fail("ids", "an integer array of token ids", getattr(ids, "dtype", type(ids).__name__))
     V = wte.shape[0]
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+    # the range check reads ids.min() / ids.max(): free on the host, a
+    # device -> host copy every step on a GPU, where the model has already
+    # checked the ids on the host before moving them
+    if ids.size and not is_cupy(array_module(ids)) and (int(ids.min()) < 0 or int(ids.max()) >= V):
         _fail("ids", f"token ids in [0, {V}) (the vocabulary size)",
               f"ids in [{int(ids.min())}, {int(ids.max())}]")
     out = wte[ids]  # (B, T, C)
@@ -73,8 +91,21 @@ def embedding_backward(dout, cache):
     xp = array_module(dout)
     dwte = xp.zeros(shape, dtype=dout.dtype)
     # in the forward pass this was: out[b, t] = wte[ids[b, t]]
-    # so every position sends its gradient back to the row it read
-    scatter_add(dwte, ids.reshape(-1), dout.reshape(-1, shape[1]))
+    # so every position sends its gradient back to the row it read:
+    #     dwte[v] = sum over {(b, t) : ids[b, t] = v} of dout[b, t]
+    ids = ids.reshape(-1)  # (N,)
+    dout = dout.reshape(-1, shape[1])  # (N, C)
+    if is_cupy(xp):
+        scatter_add(dwte, ids, dout)  # an atomic add on the GPU
+        return dwte
+    # On the CPU, NumPy's add.at walks the N rows one at a time. The same
+    # scatter-add, 3x faster: sort the positions by token, so the rows of one
+    # token sit next to each other, sum each run of equal tokens with one
+    # add.reduceat, and write every token's sum to its row.
+    order = xp.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = xp.flatnonzero(xp.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
+    dwte[sorted_ids[starts]] = xp.add.reduceat(dout[order], starts, axis=0)
     return dwte
 
 
@@ -92,13 +123,16 @@ def linear_forward(x, W, b=None):
     _check_float("W", W, like=x)
     if W.ndim != 2 or W.shape[1] != x.shape[-1]:
         _fail("W", f"shape (out, {x.shape[-1]}) to match x's last axis", f"shape {tuple(W.shape)}")
-    y = x @ W.T
     if b is not None:
         _check_float("b", b, like=x)
         if b.shape != (W.shape[0],):
             _fail("b", f"shape ({W.shape[0]},)", f"shape {tuple(b.shape)}")
+    # one (N, in) @ (in, out) product: BLAS gets a single large GEMM instead
+    # of a stack of B small ones
+    y = x.reshape(-1, x.shape[-1]) @ W.T  # (N, out)
+    if b is not None:
         y = y + b
-    return y, (x, W, b is not None)
+    return y.reshape(x.shape[:-1] + (W.shape[0],)), (x, W, b is not None)
 
 
 def linear_backward(dout, cache, param_grads=True):
@@ -114,10 +148,10 @@ def linear_backward(dout, cache, param_grads=True):
         dx = dout @ W          dW = dout^T x (summed over N)     db = sum_N dout
     """
     x, W, has_bias = cache
-    dx = dout @ W
+    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out), one 2-D GEMM per product
+    dx = (dout2 @ W).reshape(x.shape)  # (N..., in)
     if not param_grads:
         return dx, None, None
-    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out)
     dW = dout2.T @ x.reshape(-1, x.shape[-1])  # (out, in)
     db = dout2.sum(axis=0) if has_bias else None
     return dx, dW, db
@@ -138,12 +172,18 @@ def layer_norm_forward(x, g, b, eps=1e-5):
         _check_float(name, p, like=x)
         if p.shape != (x.shape[-1],):
             _fail(name, f"shape ({x.shape[-1]},)", f"shape {tuple(p.shape)}")
+    C = x.shape[-1]
+    # mean = mean(x), var = mean((x - mean)^2), rstd = 1 / sqrt(var + eps)
     mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)
-    rstd = 1.0 / xp.sqrt(var + eps)
-    norm = xc * rstd  # (N..., C)
-    out = norm * g + b
+    norm = x - mean  # (N..., C), our buffer: centred now, normalised below
+    sq = norm * norm
+    var = sq.sum(axis=-1, keepdims=True)
+    var *= 1.0 / C
+    rstd = 1.0 / xp.sqrt(var + eps)  # (N..., 1)
+    norm *= rstd  # norm = (x - mean) * rstd
+    # out = norm * g + b, computed in the buffer of the squares
+    out = xp.multiply(norm, g, out=sq)
+    out += b
     return out, (norm, rstd, g)
 
 
@@ -154,21 +194,47 @@ def layer_norm_backward(dout, cache, param_grads=True):
         dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)),  dnorm = dout * g
     """
     norm, rstd, g = cache
+    xp = array_module(dout)
+    C = dout.shape[-1]
     # in the forward pass this was: out = norm * g + b
-    dnorm = dout * g
+    # so now we have: dnorm = dout * g
     # and norm = (x - mean) * rstd, where mean and rstd depend on every x:
     # the two means below are those two paths (llm.c doc/layernorm)
-    dx = rstd * (dnorm - dnorm.mean(axis=-1, keepdims=True)
-                 - norm * (dnorm * norm).mean(axis=-1, keepdims=True))
-    if not param_grads:
-        return dx, None, None
-    C = dout.shape[-1]
-    dg = (dout * norm).reshape(-1, C).sum(axis=0)
-    db = dout.reshape(-1, C).sum(axis=0)
+    #     dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+    # Both means are products with g, so they are matrix-vector products:
+    #     mean(dnorm) = dout @ g / C,   mean(dnorm * norm) = (dout * norm) @ g / C
+    # mean(dnorm) needs no (N..., C) temporary; the second shares dout * norm with dg
+    rows = dout.shape[:-1] + (1,)
+    dout_norm = dout * norm  # (N..., C), also the per-row terms of dg
+    mean_dnorm = (dout.reshape(-1, C) @ g).reshape(rows) * (1.0 / C)  # (N..., 1)
+    mean_dnorm_norm = (dout_norm.reshape(-1, C) @ g).reshape(rows) * (1.0 / C)
+    dg = dout_norm.reshape(-1, C).sum(axis=0) if param_grads else None
+    db = dout.reshape(-1, C).sum(axis=0) if param_grads else None
+    dx = dout * g  # dnorm
+    dx -= mean_dnorm
+    # dout_norm is no longer needed: its buffer takes norm * mean(dnorm * norm)
+    dx -= xp.multiply(norm, mean_dnorm_norm, out=dout_norm)
+    dx *= rstd
     return dx, dg, db
 
 
 _GELU_K = math.sqrt(2.0 / math.pi)
+
+
+_BLOCK = 1 << 16  # numbers per block: 256 KB of float32, a few such arrays fit in L2
+
+
+def _blocks(*arrays, size=None):
+    """Matching contiguous 1-D slices of equally shaped arrays, `size` numbers at a time.
+
+    An elementwise formula evaluated block by block keeps its buffers in the
+    CPU's cache across its passes; over a whole (N, F) array every pass would
+    go to main memory. The arithmetic is the same either way.
+    """
+    size = size or _BLOCK
+    flat = [a.reshape(-1) for a in arrays]
+    for i in range(0, flat[0].size, size):
+        yield tuple(a[i:i + size] for a in flat)
 
 
 def gelu_forward(x):
@@ -178,17 +244,51 @@ def gelu_forward(x):
     """
     xp = array_module(x)
     _check_float("x", x)
-    t = xp.tanh(_GELU_K * (x + 0.044715 * x * x * x))
-    return 0.5 * x * (1.0 + t), (x, t)
+    x = xp.ascontiguousarray(x)
+    t, out = xp.empty_like(x), xp.empty_like(x)
+    for xb, tb, ob in _blocks(x, t, out):
+        # t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), as tanh(sqrt(2/pi) x (1 + 0.044715 x^2)),
+        # built up in t's buffer (no temporary per operator)
+        xp.multiply(xb, xb, out=tb)
+        tb *= 0.044715
+        tb += 1.0
+        tb *= xb
+        tb *= _GELU_K
+        xp.tanh(tb, out=tb)
+        # out = 0.5 x (1 + t)
+        xp.add(tb, 1.0, out=ob)
+        ob *= xb
+        ob *= 0.5
+    return out, (x, t)
 
 
 def gelu_backward(dout, cache):
     """Returns dx = dout * [0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)]."""
     x, t = cache
-    # in the forward pass this was: out = 0.5 * x * (1 + t),  t = tanh(u(x))
-    # so now we have: product rule, with dt/dx = (1 - t^2) * du/dx
-    du = _GELU_K * (1.0 + 3.0 * 0.044715 * x * x)
-    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+    xp = array_module(x)
+    dout = xp.ascontiguousarray(dout)
+    dx = xp.empty_like(x)
+    tmp = xp.empty(min(x.size, _BLOCK), dtype=x.dtype)  # one scratch block, reused
+    for xb, tb, db, gb in _blocks(x, t, dout, dx):
+        scratch = tmp[:xb.size]
+        # in the forward pass this was: out = 0.5 * x * (1 + t),  t = tanh(u(x))
+        # so now we have: product rule, with dt/dx = (1 - t^2) * du/dx,
+        #     du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+        #     dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx)
+        # evaluated right to left in dx's buffer:
+        xp.multiply(xb, xb, out=gb)
+        gb *= 3.0 * 0.044715
+        gb += 1.0
+        gb *= xb
+        gb *= 0.5 * _GELU_K  # 0.5 x du/dx
+        xp.multiply(tb, tb, out=scratch)
+        xp.subtract(1.0, scratch, out=scratch)
+        gb *= scratch  # 0.5 x (1 - t^2) du/dx
+        xp.multiply(tb, 0.5, out=scratch)
+        gb += scratch
+        gb += 0.5  # + 0.5 (1 + t)
+        gb *= db
+    return dx
 
 
 def softmax_forward(x):
@@ -196,18 +296,32 @@ def softmax_forward(x):
 
     Inputs: x (N..., K). Returns p (N..., K) and a cache.
     """
-    xp = array_module(x)
     _check_float("x", x)
     # subtracting the row max changes nothing mathematically and keeps exp() finite
-    e = xp.exp(x - x.max(axis=-1, keepdims=True))
-    p = e / e.sum(axis=-1, keepdims=True)
+    p = _softmax_in_place(x - x.max(axis=-1, keepdims=True))
     return p, p
+
+
+def _softmax_in_place(z):
+    """p = exp(z) / sum(exp(z)) over the last axis, written over z (which the caller owns)."""
+    xp = array_module(z)
+    xp.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
 
 
 def softmax_backward(dout, cache):
     """Returns dx = p * (dout - sum(dout * p)) over the last axis."""
     p = cache
-    return p * (dout - (dout * p).sum(axis=-1, keepdims=True))
+    return _softmax_backward_in_place(dout * p, p)
+
+
+def _softmax_backward_in_place(dout_p, p):
+    """dx = p * dout - p * sum(p * dout), given dout_p = dout * p (which the caller owns)."""
+    xp = array_module(p)
+    s = dout_p.sum(axis=-1, keepdims=True)
+    dout_p -= xp.multiply(p, s)
+    return dout_p
 
 
 def attention_forward(q, k, v, n_heads):
@@ -240,11 +354,22 @@ def attention_forward(q, k, v, n_heads):
 
     qh, kh, vh = split(q), split(k), split(v)
     scale = 1.0 / math.sqrt(hs)
-    S = (qh @ kh.transpose(0, 1, 3, 2)) * scale  # (B, NH, T, T)
-    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
-    S = xp.where(future, -xp.inf, S).astype(q.dtype, copy=False)
-    P, _ = softmax_forward(S)
-    outh = P @ vh  # (B, NH, T, hs)
+    # S[t, u] = -inf for u > t: adding a (T, T) matrix of 0 (past) and -inf
+    # (future) does it in place, broadcast over the heads
+    future = xp.triu(xp.full((T, T), -xp.inf, dtype=q.dtype), k=1)
+    P = xp.empty((B, n_heads, T, T), dtype=q.dtype)
+    outh = xp.empty((B, n_heads, T, hs), dtype=q.dtype)
+    # One sequence at a time: its (NH, T, T) scores stay in the CPU's cache
+    # through the five passes below, where the whole batch's would not.
+    for b in range(B):
+        S = P[b]  # (NH, T, T): S is computed, then turned into P, in P's own memory
+        # S = q k^T / sqrt(hs); the scale goes on q, T/hs times smaller than S
+        xp.matmul(qh[b] * scale, kh[b].transpose(0, 2, 1), out=S)
+        S += future
+        # P = softmax(S), in place
+        S -= S.max(axis=-1, keepdims=True)
+        _softmax_in_place(S)
+        xp.matmul(S, vh[b], out=outh[b])  # out = P v, (NH, T, hs)
     out = outh.transpose(0, 2, 1, 3).reshape(B, T, C)
     return out, (qh, kh, vh, P, scale)
 
@@ -253,15 +378,21 @@ def attention_backward(dout, cache):
     """Returns (dq, dk, dv), each (B, T, C)."""
     qh, kh, vh, P, scale = cache
     B, NH, T, hs = qh.shape
+    xp = array_module(dout)
     douth = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
-    # in the forward pass this was: out = P @ v
-    dP = douth @ vh.transpose(0, 1, 3, 2)  # (B, NH, T, T)
-    dvh = P.transpose(0, 1, 3, 2) @ douth
-    # P = softmax(S); masked entries have P = 0, so their dS is 0 too
-    dS = softmax_backward(dP, P)
-    # S = q @ k^T * scale
-    dqh = (dS @ kh) * scale
-    dkh = (dS.transpose(0, 1, 3, 2) @ qh) * scale
+    dqh, dkh, dvh = (xp.empty(qh.shape, dtype=dout.dtype) for _ in range(3))
+    for b in range(B):  # one sequence at a time, as in the forward: dS stays in cache
+        # in the forward pass this was: out = P @ v
+        dP = douth[b] @ vh[b].transpose(0, 2, 1)  # (NH, T, T), ours
+        xp.matmul(P[b].transpose(0, 2, 1), douth[b], out=dvh[b])
+        # P = softmax(S): dS = P * (dP - sum(dP * P)), computed over dP's buffer;
+        # masked entries have P = 0, so their dS is 0 too
+        dP *= P[b]
+        dS = _softmax_backward_in_place(dP, P[b])
+        # S = q @ k^T * scale; the scale goes on dS once
+        dS *= scale
+        xp.matmul(dS, kh[b], out=dqh[b])
+        xp.matmul(dS.transpose(0, 2, 1), qh[b], out=dkh[b])
 
     def merge(a):  # (B, NH, T, hs) -> (B, T, C)
         return a.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
@@ -320,7 +451,10 @@ def cross_entropy_forward(logits, targets, mask=None):
               f"shape {tuple(targets.shape)}")
     if getattr(targets.dtype, "kind", None) not in ("i", "u"):
         _fail("targets", "an integer array", targets.dtype)
-    if targets.size and (int(targets.min()) < 0 or int(targets.max()) >= V):
+    # the checks that reduce (ids in range, a non-empty mask) run on host arrays
+    # only: on a GPU each would be a device -> host copy every step
+    on_host = not is_cupy(xp)
+    if on_host and targets.size and (int(targets.min()) < 0 or int(targets.max()) >= V):
         _fail("targets", f"ids in [0, {V})", f"ids in [{int(targets.min())}, {int(targets.max())}]")
     z = logits.reshape(-1, V)
     t = targets.reshape(-1)
@@ -330,11 +464,11 @@ def cross_entropy_forward(logits, targets, mask=None):
         if tuple(mask.shape) != tuple(targets.shape):
             _fail("mask", f"shape {tuple(targets.shape)} (the shape of targets)", f"shape {tuple(mask.shape)}")
         m = mask.reshape(-1).astype(logits.dtype)
-    count = m.sum()
-    if float(count) <= 0:
+    count = m.sum()  # 0-d, stays on the device
+    if on_host and float(count) <= 0:
         _fail("mask", "at least one counted position", "a mask of all zeros")
     zs = z - z.max(axis=-1, keepdims=True)  # stable log-softmax
-    lse = xp.log(xp.exp(zs).sum(axis=-1))  # (N,)
+    lse = xp.log(xp.exp(zs).sum(axis=-1))  # (N,), log sum exp
     rows = xp.arange(t.shape[0])
     nll = lse - zs[rows, t]  # -log p(target), (N,)
     loss = (nll * m).sum() / count
@@ -345,7 +479,9 @@ def cross_entropy_backward(dloss, cache):
     """Returns dlogits (N..., V) = dloss * m_i (softmax(logits_i) - onehot(t_i)) / sum(m)."""
     zs, lse, t, m, count, shape = cache
     xp = array_module(zs)
-    p = xp.exp(zs - lse[:, None])  # softmax, (N, V)
+    # softmax = exp(zs - lse), (N, V), in one buffer
+    p = zs - lse[:, None]
+    xp.exp(p, out=p)
     p[xp.arange(t.shape[0]), t] -= 1.0
-    dz = p * (m / count * dloss)[:, None]
-    return dz.reshape(shape)
+    p *= (m / count * dloss)[:, None]
+    return p.reshape(shape)

@@ -1,0 +1,105 @@
+"""Memory of one training step per strategy (full, LoRA, prompt) at the default config.
+
+    python benchmarks/memory.py [--out benchmarks/memory.json]
+
+For each strategy it reports, in bytes:
+- weights: every parameter the model holds (adapters and prompt included);
+- gradients: the arrays the backward returns (trainable names only);
+- optimizer: AdamW's two moments (trainable names only);
+- activations: the arrays the forward keeps for the backward, i.e. the sum of
+  the distinct buffers in the forward's cache (model blocks, tied head and
+  loss), parameters excluded; views are counted once, at their base buffer;
+- formula: the seed's estimate, weights + gradients + optimizer states +
+  activations, with gradients and states = trainable parameters x 4 bytes x (1, 2);
+- peak: the highest memory NumPy held during one step (loss, backward,
+  clipping, AdamW), measured with tracemalloc, above what was held before it.
+"""
+
+import argparse
+import datetime
+import json
+import tracemalloc
+
+import numpy as np
+
+from minilora import model, ops, optim
+
+from speed import BATCH, build, loss_and_grads, make_batch, update
+
+
+def forward_cache(params, config, batch, lora_config):
+    """Everything the forward keeps for the backward (current API: model.forward + head + loss)."""
+    h, cache = model.forward(params, config, batch["x"], lora_config)
+    logits, c_head = ops.linear_forward(h, params["wte"])
+    _, c_ce = ops.cross_entropy_forward(logits, batch["y"], batch["mask"])
+    return (cache, c_head, c_ce)
+
+
+def _root(a):
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def cache_bytes(cache, exclude):
+    """Bytes of the distinct array buffers in a nested cache, leaving out those in `exclude` (ids)."""
+    seen, total, stack = set(), 0, [cache]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, np.ndarray):
+            root = _root(item)
+            if id(root) not in seen and id(root) not in exclude:
+                seen.add(id(root))
+                total += root.nbytes
+    return total
+
+
+def report(strategy, config):
+    params, trainable, lora_config = build(config, strategy)
+    batch = make_batch(config)
+    state = optim.adamw_init(params, trainable)
+    weights = sum(p.nbytes for p in params.values())
+    activations = cache_bytes(forward_cache(params, config, batch, lora_config),
+                              {id(_root(p)) for p in params.values()})
+    loss, grads = loss_and_grads(params, config, batch, trainable, lora_config)
+    gradients = sum(g.nbytes for g in grads.values())
+    update(params, grads, state)
+    del grads
+    opt_bytes = optim.optimizer_state_bytes(state)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    loss, grads = loss_and_grads(params, config, batch, trainable, lora_config)
+    update(params, grads, state)
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tracemalloc.stop()
+    n_train = sum(params[n].size for n in trainable)
+    itemsize = params["wte"].itemsize
+    formula = weights + n_train * itemsize * (1 + 2) + activations
+    return {"trainable_params": int(n_train), "weights": weights, "gradients": gradients,
+            "optimizer": opt_bytes, "activations": activations, "formula_total": formula,
+            "peak_step_tracemalloc": peak,
+            "weights_grads_states_activations": weights + gradients + opt_bytes + activations}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/memory.json")
+    args = ap.parse_args()
+    config = model.ModelConfig()
+    rows = {s: report(s, config) for s in ("full", "lora", "prompt")}
+    print(f"{'strategy':8s} " + " ".join(f"{k:>14s}" for k in next(iter(rows.values())) if k != "trainable_params"))
+    for s, r in rows.items():
+        print(f"{s:8s} " + " ".join(f"{v / 2**20:11.2f} MiB" for k, v in r.items() if k != "trainable_params"))
+    result = {"date": datetime.date.today().isoformat(), "model": config.to_dict(), "batch": BATCH,
+              "dtype": "float32", "units": "bytes", "strategies": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
