@@ -27,9 +27,9 @@ from minilora import model, ops, optim
 from speed import BATCH, build, loss_and_grads, make_batch, update
 
 
-def forward_cache(params, config, batch, lora_config):
-    """Everything the forward keeps for the backward (current API: model.forward + head + loss)."""
-    h, cache = model.forward(params, config, batch["x"], lora_config)
+def forward_cache(params, config, batch):
+    """Everything the forward keeps for the backward (model.forward + head + loss)."""
+    h, cache = model.forward(params, config, batch["x"])
     logits, c_head = ops.linear_forward(h, params["wte"])
     _, c_ce = ops.cross_entropy_forward(logits, batch["y"], batch["mask"])
     return (cache, c_head, c_ce)
@@ -59,20 +59,20 @@ def cache_bytes(cache, exclude):
 
 
 def report(strategy, config):
-    params, trainable, lora_config = build(config, strategy)
+    params, trainable, config = build(config, strategy)
     batch = make_batch(config)
     state = optim.adamw_init(params, trainable)
     weights = sum(p.nbytes for p in params.values())
-    activations = cache_bytes(forward_cache(params, config, batch, lora_config),
+    activations = cache_bytes(forward_cache(params, config, batch),
                               {id(_root(p)) for p in params.values()})
-    loss, grads = loss_and_grads(params, config, batch, trainable, lora_config)
+    loss, grads = loss_and_grads(params, config, batch, trainable)
     gradients = sum(g.nbytes for g in grads.values())
     update(params, grads, state)
     del grads
     opt_bytes = optim.optimizer_state_bytes(state)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    loss, grads = loss_and_grads(params, config, batch, trainable, lora_config)
+    loss, grads = loss_and_grads(params, config, batch, trainable)
     update(params, grads, state)
     peak = tracemalloc.get_traced_memory()[1] - before
     tracemalloc.stop()

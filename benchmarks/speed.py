@@ -53,27 +53,25 @@ from minilora import lora, model, optim, prompt
 
 
 def build(config, strategy, seed=0):
-    """Parameters, the trainable names and the LoRA config (or None) for one strategy."""
+    """Parameters, the trainable names and the model config they come with, for one strategy."""
     params = model.init_params(config, seed=seed)
-    lora_config = None
     if strategy == "full":
         trainable = sorted(params)
     elif strategy == "lora":
         lora_config = lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o"))
-        params = lora.add_lora(params, config, lora_config, seed=seed)
+        params, config = lora.add_lora(params, config, lora_config, seed=seed)
         trainable = sorted(n for n in params if ".lora_" in n)
     elif strategy == "prompt":
         params = prompt.add_prompt(params, N_PROMPT, seed=seed)
         trainable = ["prompt"]
     else:
         raise ValueError(f"strategy: expected full, lora or prompt, got {strategy!r}")
-    return params, trainable, lora_config
+    return params, trainable, config
 
 
-def loss_and_grads(params, config, batch, trainable, lora_config):
-    """The package's loss and gradients (the current API; see the module docstring)."""
-    return model.lm_loss_and_grads(params, config, batch["x"], batch["y"], batch["mask"], trainable,
-                                   lora=lora_config)
+def loss_and_grads(params, config, batch, trainable):
+    """The package's loss and gradients: the one model call."""
+    return model.loss_and_grads(params, config, batch, trainable)
 
 
 def update(params, grads, state, lr=3e-4):
@@ -107,12 +105,12 @@ def make_batch(config, seed=0):
 
 
 def minilora_stepper(config, strategy):
-    params, trainable, lora_config = build(config, strategy)
+    params, trainable, config = build(config, strategy)
     state = adamw_init(params, trainable)
     batch = make_batch(config)
 
     def step():
-        loss, grads = loss_and_grads(params, config, batch, trainable, lora_config)
+        loss, grads = loss_and_grads(params, config, batch, trainable)
         update(params, grads, state)
         return loss
 

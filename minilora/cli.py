@@ -29,6 +29,9 @@ from .model import ModelConfig
 from .train import TrainConfig
 
 MODEL, TRAIN, LORA = ModelConfig(), TrainConfig(), LoraConfig()
+# One BLAS thread by default: two runs side by side then share 2 cores fairly (2.02x one run alone),
+# where two 2-thread runs fight for the cores and ran 30x slower (benchmarks/speed.json, "concurrency").
+DEFAULT_THREADS = 1
 
 
 def _pretrain_defaults():
@@ -52,7 +55,7 @@ def _xp(args):
 def _cmd_gradcheck(args):
     from .gradcheck import format_results, run_checks
 
-    results = run_checks(args.groups, seed=args.seed)
+    results = run_checks(args.groups, seed=args.seed, xp=_xp(args))
     print(format_results(results))
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
@@ -263,7 +266,7 @@ def _common_options():
     common.add_argument("--backend", choices=["numpy", "cupy"], default=argparse.SUPPRESS,
                         help="array backend (default: $MINILORA_BACKEND or numpy)")
     common.add_argument("--threads", type=int, default=argparse.SUPPRESS,
-                        help="BLAS threads (default: what the BLAS library picks)")
+                        help=f"BLAS threads (default: {DEFAULT_THREADS}; raise it on an otherwise idle machine)")
     return common
 
 
@@ -393,7 +396,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.backend = getattr(args, "backend", None)
-    args.threads = getattr(args, "threads", None)
+    args.threads = getattr(args, "threads", DEFAULT_THREADS)
     from .backend import BackendError
     from .train import TrainingDiverged
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import lora, ops
+from .backend import array_module, to_device, to_numpy
 
 TOLERANCE = 1e-6
 FULL_CHECK_MAX_SIZE = 4096  # tensors up to this size are checked at every coordinate
@@ -33,7 +34,7 @@ FULL_CHECK_MAX_SIZE = 4096  # tensors up to this size are checked at every coord
 
 def rel_error(a, n):
     """Max over entries of |a - n| / max(|a| + |n|, 1e-8)."""
-    a, n = np.asarray(a, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    a, n = np.asarray(to_numpy(a), dtype=np.float64), np.asarray(to_numpy(n), dtype=np.float64)
     return float(np.max(np.abs(a - n) / np.maximum(np.abs(a) + np.abs(n), 1e-8)))
 
 
@@ -53,19 +54,16 @@ def numerical_gradient_array(f, x, dout, h=1e-3):
 
     Returns an array shaped like x.
     """
-    grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    while not it.finished:
-        i = it.multi_index
-        old = x[i]
+    grad = np.zeros(x.shape)  # on the host: one number per coordinate
+    for i in np.ndindex(*x.shape):
+        old = float(x[i])
 
         def value_at(d):
             x[i] = old + d
-            return np.sum(f() * dout)
+            return float((f() * dout).sum())
 
         grad[i] = _stencil(value_at, h)
         x[i] = old
-        it.iternext()
     return grad
 
 
@@ -75,7 +73,7 @@ def numerical_directional_derivative(f, x, dout, u, h=1e-3):
 
     def value_at(d):
         x[...] = old + d * u
-        return np.sum(f() * dout)
+        return float((f() * dout).sum())
 
     out = _stencil(value_at, h)
     x[...] = old
@@ -87,7 +85,7 @@ def numerical_gradient_sampled(f, x, coords, h=1e-4):
     flat = x.reshape(-1)  # a view: writes reach x
     out = np.empty(len(coords))
     for j, c in enumerate(coords):
-        old = flat[c]
+        old = float(flat[c])
 
         def value_at(d):
             flat[c] = old + d
@@ -132,29 +130,36 @@ def check_op(op, forward, backward, args, wrt, rng, forward_kwargs=None, backwar
         return forward(*values, **fkw)[0]
 
     out, cache = forward(*values, **fkw)
-    dout = rng.standard_normal(np.shape(out))
+    dout = to_device(rng.standard_normal(out.shape), array_module(out))
     grads = backward(dout, cache, **bkw)
     if not isinstance(grads, tuple):
         grads = (grads,)
     results = []
     for name, gi in wrt.items():
-        x, analytic = args[name], np.asarray(grads[gi])
+        x, analytic = args[name], to_numpy(grads[gi])
         if x.size <= FULL_CHECK_MAX_SIZE:
             num = numerical_gradient_array(f, x, dout)
             results.append(CheckResult(op, name, x.shape, rel_error(analytic, num), "full"))
         else:
             u = rng.standard_normal(x.shape)
-            num = numerical_directional_derivative(f, x, dout, u)
+            num = numerical_directional_derivative(f, x, dout, to_device(u, array_module(x)))
             results.append(CheckResult(op, name, x.shape, rel_error(np.sum(analytic * u), num), "projected"))
     return results
 
 
-def _op_checks(rng):
-    """Every op, every input and every parameter, at random non-degenerate float64 points."""
-    n = rng.standard_normal
+def _op_checks(rng, xp=np):
+    """Every op, every input and every parameter, at random non-degenerate float64 points.
+
+    The points are drawn on the host and moved to xp (numpy, cupy, ...)."""
+
+    def dev(a):
+        return to_device(a, xp)
+
+    def n(shape):
+        return dev(rng.standard_normal(shape))
     B, T, C, V, NH = 2, 5, 8, 11, 2
     res = []
-    ids = rng.integers(0, V, size=(B, T))
+    ids = dev(rng.integers(0, V, size=(B, T)))
     res += check_op("embedding", lambda i, w: ops.embedding_forward(i, w), ops.embedding_backward,
                     {"ids": ids, "wte": n((V, C))}, {"wte": 0}, rng)
     res += check_op("linear", ops.linear_forward, ops.linear_backward,
@@ -169,20 +174,21 @@ def _op_checks(rng):
     # 1 + tanh(u) also loses digits to cancellation: there every relative error is noise
     x = rng.uniform(-3.0, 3.0, (B, T, C))
     x[abs(x + 0.7518) < 0.1] += 0.3
-    res += check_op("gelu", ops.gelu_forward, ops.gelu_backward, {"x": x}, {"x": 0}, rng)
+    res += check_op("gelu", ops.gelu_forward, ops.gelu_backward, {"x": dev(x)}, {"x": 0}, rng)
     res += check_op("softmax", ops.softmax_forward, ops.softmax_backward, {"x": 2.0 * n((B, T, C))}, {"x": 0}, rng)
     res += check_op("attention", lambda q, k, v: ops.attention_forward(q, k, v, NH), ops.attention_backward,
                     {"q": n((B, T, C)), "k": n((B, T, C)), "v": n((B, T, C))}, {"q": 0, "k": 1, "v": 2}, rng)
-    keep = rng.random((B, T, C)) >= 0.3
+    keep = dev(rng.random((B, T, C)) >= 0.3)
     res += check_op("dropout", lambda x: ops.dropout_forward(x, 0.3, mask=keep), ops.dropout_backward,
                     {"x": n((B, T, C))}, {"x": 0}, rng)
-    targets = rng.integers(0, V, size=(B, T))
+    targets = dev(rng.integers(0, V, size=(B, T)))
     mask = (rng.random((B, T)) < 0.7).astype(np.float64)
     mask[0, 0] = 1.0
+    mask = dev(mask)
     res += check_op("cross_entropy", lambda z: ops.cross_entropy_forward(z, targets, mask),
                     ops.cross_entropy_backward, {"logits": 2.0 * n((B, T, V))}, {"logits": 0}, rng)
     r, out_f = 3, 6
-    lmask = rng.random((B, T, C)) >= 0.25
+    lmask = dev(rng.random((B, T, C)) >= 0.25)
     s = lora.lora_scale(r, 2.0 * r)
     # B is random, not zero: at B = 0 dA is exactly zero and its check would pass trivially
     res += check_op("lora_linear",
@@ -226,7 +232,7 @@ def check_model(op, loss_fn, params, trainable, rng):
     results = []
     for name in sorted(trainable):
         x = params[name]
-        g = np.asarray(grads[name]).reshape(-1)
+        g = to_numpy(grads[name]).reshape(-1)
         # sample among entries that are not numerically zero next to the tensor's largest:
         # a difference quotient of an entry 1e-7 times smaller than its neighbours
         # measures only the loss's round-off (an all-zero gradient keeps every entry)
@@ -238,8 +244,8 @@ def check_model(op, loss_fn, params, trainable, rng):
     return results
 
 
-def _model_checks(rng):
-    """The whole model: every parameter, under every strategy, for both heads."""
+def _model_checks(rng, xp=np):
+    """The whole model: every parameter, under every strategy, for both heads (parameters moved to xp)."""
     from . import lora as lora_mod
     from . import model, prompt
 
@@ -258,10 +264,13 @@ def _model_checks(rng):
     def loss(cfg, batch):
         return lambda p, tr: model.loss_and_grads(p, cfg, batch, tr)
 
-    res = check_model("model: full, LM", loss(config, lm_batch), base, set(base), rng)
+    def on_xp(params):
+        return model.params_to(params, xp)
+
+    res = check_model("model: full, LM", loss(config, lm_batch), on_xp(base), set(base), rng)
     with_head = model.add_head(base, 3, seed=1)
     with_head["cls.b"] = 0.4 * rng.standard_normal(3)
-    res += check_model("model: full, classifier", loss(config, cls_batch), with_head, set(with_head), rng)
+    res += check_model("model: full, classifier", loss(config, cls_batch), on_xp(with_head), set(with_head), rng)
 
     lcfg = lora_mod.LoraConfig(rank=2, alpha=3.0, targets=tuple(lora_mod.TARGETS))
     adapted, adapted_config = lora_mod.add_lora(with_head, config, lcfg, seed=2)
@@ -269,14 +278,14 @@ def _model_checks(rng):
         # B = 0 at init makes dA exactly zero: check at B != 0
         adapted[name] = 0.5 * rng.standard_normal(adapted[name].shape)
     adapters = set(lora_mod.lora_names(adapted))
-    res += check_model("model: LoRA, LM", loss(adapted_config, lm_batch), adapted, adapters, rng)
-    res += check_model("model: LoRA, classifier", loss(adapted_config, cls_batch), adapted,
+    res += check_model("model: LoRA, LM", loss(adapted_config, lm_batch), on_xp(adapted), adapters, rng)
+    res += check_model("model: LoRA, classifier", loss(adapted_config, cls_batch), on_xp(adapted),
                        adapters | {"cls.W", "cls.b"}, rng)
 
     prompted = prompt.add_prompt(with_head, 3, init="random", seed=3)
     prompted["prompt"] = 0.5 * rng.standard_normal(prompted["prompt"].shape)
-    res += check_model("model: prompt, LM", loss(config, lm_batch), prompted, {"prompt"}, rng)
-    res += check_model("model: prompt, classifier", loss(config, cls_batch), prompted,
+    res += check_model("model: prompt, LM", loss(config, lm_batch), on_xp(prompted), {"prompt"}, rng)
+    res += check_model("model: prompt, classifier", loss(config, cls_batch), on_xp(prompted),
                        {"prompt", "cls.W", "cls.b"}, rng)
     return res
 
@@ -284,12 +293,12 @@ def _model_checks(rng):
 CHECKS = {"ops": _op_checks, "model": _model_checks}
 
 
-def run_checks(groups=None, seed=0):
-    """Run the registered checks; returns a list of CheckResult."""
+def run_checks(groups=None, seed=0, xp=np):
+    """Run the registered checks on the array module xp; returns a list of CheckResult."""
     names = list(CHECKS) if groups is None else groups
     results = []
     for name in names:
-        results += CHECKS[name](np.random.default_rng(seed))
+        results += CHECKS[name](np.random.default_rng(seed), xp)
     return results
 
 

@@ -245,6 +245,7 @@ def forward(params, config, ids, rng=None, train=False):
     B, T = ids.shape
     if T > config.context_length:
         raise ValueError(f"ids: expected at most context_length={config.context_length} tokens per row, got {T}")
+    _check_ids_on_host("ids", ids, config.vocab_size)
     ids = to_device(ids, xp)
     tok, c_emb = ops.embedding_forward(ids, wte)  # (B, T, C)
     x = tok + params["wpe"][:T]  # (B, T, C), positions broadcast over the batch
@@ -283,6 +284,18 @@ def backward(dh, cache, params, grads, trainable):
         grads["wpe"] = dwpe
     if "wte" in trainable:
         _add(grads, "wte", ops.embedding_backward(dx, c_emb))
+
+
+def _check_ids_on_host(name, ids, n):
+    """Token ids or labels must lie in [0, n). Checked here, on the host, before they move:
+    on a GPU the ops skip the check, which would cost a device -> host copy every step."""
+    if hasattr(ids, "get") or not getattr(ids, "size", 0):
+        return
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected an integer array of ids, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= n:
+        raise ValueError(f"{name}: expected ids in [0, {n}), got ids in [{int(ids.min())}, {int(ids.max())}]")
 
 
 def check_trainable(params, trainable):
@@ -331,8 +344,11 @@ def _language_model(params, config, batch, trainable, rng, train):
     xp = array_module(wte)
     h, cache = forward(params, config, batch["x"], rng, train)
     logits, c_head = ops.linear_forward(h, wte)  # (B, T, V)
-    y = to_device(batch["y"], xp)
+    _check_ids_on_host("y", batch["y"], config.vocab_size)
     mask = batch.get("mask")
+    if mask is not None and not hasattr(mask, "get") and not mask.sum() > 0:
+        raise ValueError("mask: expected at least one counted position, got a mask of all zeros")
+    y = to_device(batch["y"], xp)
     mask = None if mask is None else to_device(mask, xp)
     loss, c_ce = ops.cross_entropy_forward(logits, y, mask)
     grads = {}
@@ -349,6 +365,7 @@ def _classifier(params, config, batch, trainable, rng, train):
     """logits = h[b, last[b]] @ cls.W.T + cls.b, cross-entropy against labels."""
     xp = array_module(params["wte"])
     logits, (h, cache, rows, last, c_head) = _class_head(params, config, batch["x"], batch["last"], rng, train)
+    _check_ids_on_host("labels", batch["labels"], params["cls.W"].shape[0])
     loss, c_ce = ops.cross_entropy_forward(logits, to_device(batch["labels"], xp))
     grads = {}
     if trainable:

@@ -36,7 +36,7 @@ traffic. So the ops below:
 
 import math
 
-from .backend import array_module, is_cupy, scatter_add, to_device
+from .backend import array_module, is_device, scatter_add, to_device
 
 
 def _fail(name, expected, got):
@@ -70,7 +70,7 @@ def embedding_forward(ids, wte):
     # the range check reads ids.min() / ids.max(): free on the host, a
     # device -> host copy every step on a GPU, where the model has already
     # checked the ids on the host before moving them
-    if ids.size and not is_cupy(array_module(ids)) and (int(ids.min()) < 0 or int(ids.max()) >= V):
+    if ids.size and not is_device(array_module(ids)) and (int(ids.min()) < 0 or int(ids.max()) >= V):
         _fail("ids", f"token ids in [0, {V}) (the vocabulary size)",
               f"ids in [{int(ids.min())}, {int(ids.max())}]")
     out = wte[ids]  # (B, T, C)
@@ -95,7 +95,7 @@ def embedding_backward(dout, cache):
     #     dwte[v] = sum over {(b, t) : ids[b, t] = v} of dout[b, t]
     ids = ids.reshape(-1)  # (N,)
     dout = dout.reshape(-1, shape[1])  # (N, C)
-    if is_cupy(xp):
+    if is_device(xp):
         scatter_add(dwte, ids, dout)  # an atomic add on the GPU
         return dwte
     # On the CPU, NumPy's add.at walks the N rows one at a time. The same
@@ -453,7 +453,7 @@ def cross_entropy_forward(logits, targets, mask=None):
         _fail("targets", "an integer array", targets.dtype)
     # the checks that reduce (ids in range, a non-empty mask) run on host arrays
     # only: on a GPU each would be a device -> host copy every step
-    on_host = not is_cupy(xp)
+    on_host = not is_device(xp)
     if on_host and targets.size and (int(targets.min()) < 0 or int(targets.max()) >= V):
         _fail("targets", f"ids in [0, {V})", f"ids in [{int(targets.min())}, {int(targets.max())}]")
     z = logits.reshape(-1, V)

@@ -121,23 +121,27 @@ def clip_grad_norm(grads, max_norm):
     - grads: dict name -> array; scaled IN PLACE when the norm is over max_norm
     - max_norm: positive float
 
-    Returns the global norm BEFORE clipping, as a Python float:
+    Returns the global norm BEFORE clipping, as a 0-d float64 array of the
+    gradients' module (float(norm) reads it):
 
         norm = sqrt(sum over names of sum(g**2))
         if norm > max_norm:  g = g * (max_norm / norm)   for every g
 
     One factor for all names keeps the direction of the full gradient. A
-    non-finite norm (inf or nan) is returned without scaling anything, so the
-    caller can see it and skip the step.
+    non-finite norm (inf or nan) scales nothing, so the caller can see it and
+    skip the step. Everything stays on the device: no value is read on the host.
     """
     if not max_norm > 0.0:
         raise ValueError(f"max_norm: expected a positive number, got {max_norm}")
-    # float() of each partial sum brings one scalar to the host per name
-    norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
-    if math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / norm
-        for g in grads.values():
-            g *= scale
+    if not grads:
+        return 0.0
+    xp = array_module(*grads.values())
+    squares = xp.stack([(g * g).sum().astype(xp.float64) for g in grads.values()])  # one per name
+    norm = xp.sqrt(squares.sum())
+    # max_norm / max(norm, max_norm) is exactly 1 when no clipping is needed
+    scale = xp.where(xp.isfinite(norm), max_norm / xp.maximum(norm, max_norm), 1.0)
+    for g in grads.values():
+        g *= scale.astype(g.dtype)
     return norm
 
 

@@ -5,35 +5,42 @@ so there is no padding and every row sees exactly the positions it would see
 alone. There is no key/value cache: each new token re-runs the forward pass
 over the sequence so far (the last context_length tokens). At this model's size
 that is fast enough, and it keeps one forward function for training and for
-decoding. Each step moves one (B, V) block of logits to the host: one transfer
-per generated position per batch, never one per row.
+decoding.
+
+The tokens stay on the device while they are chosen: argmax there, and for
+sampling the Gumbel-max trick, argmax(z / temperature + g) with g ~ Gumbel(0, 1)
+drawn on the host from the caller's generator and sent over. What comes back to
+the host is one (b, N) block of tokens per batch, plus one yes/no every
+STOP_CHECK_EVERY tokens to see whether every row has stopped.
 """
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import array_module, to_device, to_numpy
 from .model import next_token_logits
 
+STOP_CHECK_EVERY = 8
 
-def sample_next(logits, temperature=0.0, top_k=None, rng=None):
-    """One token per row from host logits (B, V).
+
+def pick_next(logits, temperature=0.0, top_k=None, rng=None):
+    """One token per row from logits (B, V), on the logits' device.
 
     temperature 0 means greedy (argmax); top_k keeps only the k largest logits.
     rng (a numpy Generator) is required when temperature > 0, so every sample
-    can be repeated. Returns (B,) int64 token ids.
+    can be repeated. Returns (B,) token ids of the logits' module.
     """
-    logits = np.asarray(logits, dtype=np.float64)
+    xp = array_module(logits)
     if temperature == 0:
         return logits.argmax(axis=-1)
     if rng is None:
         raise ValueError("rng: expected a numpy.random.Generator to sample with temperature > 0, got None")
-    if top_k is not None:
-        kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
-    z = logits / temperature
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
+    z = logits.astype(xp.float64) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = xp.sort(z, axis=-1)[:, -top_k][:, None]  # the k-th largest of each row
+        z = xp.where(z < kth, -xp.inf, z)
+    # argmax(z + g), g ~ Gumbel(0, 1), is a sample from softmax(z)
+    g = to_device(rng.gumbel(size=z.shape), xp)
+    return (z + g).argmax(axis=-1)
 
 
 def decode(params, config, prompts, max_new_tokens, temperature=0.0, top_k=None, rng=None, stop_id=None,
@@ -44,10 +51,10 @@ def decode(params, config, prompts, max_new_tokens, temperature=0.0, top_k=None,
     - params, config: the model and the ModelConfig it came with
     - prompts: a list of (T0,) token-id arrays, each with at least one token
     - max_new_tokens: at most this many tokens per prompt
-    - temperature, top_k, rng: see sample_next
+    - temperature, top_k, rng: see pick_next
     - stop_id: a row ends at this token, which is not part of its output
 
-    Returns a list of (N_i,) int64 arrays, the new tokens of each prompt, in order.
+    Returns a list of (N_i,) int64 host arrays, the new tokens of each prompt, in order.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
@@ -55,6 +62,7 @@ def decode(params, config, prompts, max_new_tokens, temperature=0.0, top_k=None,
         raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected a positive integer, got {top_k!r}")
+    xp = array_module(params["wte"])
     results = [None] * len(prompts)
     by_length = {}
     for i, p in enumerate(prompts):
@@ -64,19 +72,17 @@ def decode(params, config, prompts, max_new_tokens, temperature=0.0, top_k=None,
     for rows in by_length.values():
         for j in range(0, len(rows), batch_size):
             chunk = rows[j:j + batch_size]
-            ids = np.stack([np.asarray(prompts[i], dtype=np.int64) for i in chunk])  # (b, T0)
+            ids = to_device(np.stack([np.asarray(prompts[i], dtype=np.int64) for i in chunk]), xp)  # (b, T0)
             new = []
-            done = np.zeros(len(chunk), bool)
-            for _ in range(max_new_tokens):
-                logits = to_numpy(next_token_logits(params, config, ids[:, -config.context_length:]))  # (b, V)
-                nxt = sample_next(logits, temperature, top_k, rng)
+            for step in range(max_new_tokens):
+                logits = next_token_logits(params, config, ids[:, -config.context_length:])  # (b, V)
+                nxt = pick_next(logits, temperature, top_k, rng).astype(ids.dtype)
                 new.append(nxt)
-                ids = np.concatenate([ids, nxt[:, None]], axis=1)
-                if stop_id is not None:
-                    done |= nxt == stop_id
-                    if done.all():
+                ids = xp.concatenate([ids, nxt[:, None]], axis=1)
+                if stop_id is not None and (step + 1) % STOP_CHECK_EVERY == 0:
+                    if bool((xp.stack(new, axis=1) == stop_id).any(axis=1).all()):  # every row has stopped
                         break
-            new = np.stack(new, axis=1)  # (b, steps)
+            new = to_numpy(xp.stack(new, axis=1))  # (b, steps): one transfer per batch
             for k, i in enumerate(chunk):
                 row = new[k]
                 stops = np.flatnonzero(row == stop_id) if stop_id is not None else []
