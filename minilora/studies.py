@@ -81,7 +81,7 @@ def format_study(out_dir, seeds):
 
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
-RANK_LRS = (1e-3, 3e-3, 1e-2)
+RANK_LRS = (3e-3, 1e-2, 3e-2)
 
 
 def rank(out_dir, seeds):
