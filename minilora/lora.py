@@ -70,9 +70,11 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_m
 def lora_linear_backward(dout, cache):
     """Returns (dx, dA, dB); there is no dW: W is frozen and its gradient is never computed.
 
-        dB = s * dout^T (x A^T)        (out, r)
-        dA = s * (dout B)^T x          (r, in)
+        dB = s * dout^T (drop(x) A^T)  (out, r)
+        dA = s * (dout B)^T drop(x)    (r, in)
         dx = dout @ W + drop_backward(s * (dout B) A)
+
+    drop(x) is x itself when the adapter dropout is 0 (the default).
     """
     base_cache, drop_cache, xd, xa, A, B, s = cache
     # base path, frozen: y = x @ W.T + b gives dx only

@@ -427,7 +427,7 @@ def dropout_forward(x, p, rng=None, mask=None):
 
 
 def dropout_backward(dout, cache):
-    """Returns dx = dout * keep / (1 - p)."""
+    """Returns dx = dout * keep, where keep = mask / (1 - p) already holds the 1 / (1 - p) scale."""
     keep = cache
     return dout if keep is None else dout * keep
 

@@ -77,7 +77,7 @@ def _series(records, key):
     return [s for s, _ in pairs], [float(v) for _, v in pairs]
 
 
-def plot_loss_curves(runs, floor=None, title=None, smooth=0.9, logy=False):
+def plot_loss_curves(runs, floor=None, title=None, smooth=0.9, logy=False, ylabel="loss (nats per token)"):
     """Training and validation loss against step, for one or more runs.
 
     Inputs:
@@ -88,6 +88,7 @@ def plot_loss_curves(runs, floor=None, title=None, smooth=0.9, logy=False):
     - smooth: EMA coefficient in [0, 1) for the train curve; when > 0 the raw
       curve is drawn faint and the smoothed one on top (0 draws raw only)
     - logy: log-scale loss axis, which spreads out the region near the floor
+    - ylabel: the loss's unit ("loss (nats per example)" for a classification head)
 
     Returns a matplotlib Figure. Each run keeps one colour: train loss as a line,
     validation loss as circles joined by a line.
@@ -121,7 +122,7 @@ def plot_loss_curves(runs, floor=None, title=None, smooth=0.9, logy=False):
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel(ylabel)
     if title is None:
         title = ("Loss falls toward the entropy floor: the gap left is what the model has not learned"
                  if floor is not None else "Training and validation loss: curves should fall and stay together")

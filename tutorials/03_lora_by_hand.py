@@ -129,9 +129,12 @@ for res in results:
 # ## The loss function and gradient flow
 #
 # Fine-tuning uses the same loss as pretraining, next-token cross-entropy, counted
-# only on the response tokens (tutorial 04 shows the mask):
+# only on the response tokens (tutorial 04 shows the mask m, 1 on a response token):
 #
-#     L = -(1 / T) sum_t log p_theta(x_t | x_<t)
+#     L = -(1 / sum_{b,t} m_bt) sum_{b,t} m_bt log p_theta(x_bt | x_b,<t)
+#
+# The divisor is the number of counted tokens in the whole batch, not T: every
+# response token weighs the same, however long its example.
 #
 # Gradients flow back from the loss through every layer (dx must pass through the
 # frozen W to reach earlier adapters) but **parameter** gradients are formed only for

@@ -179,9 +179,10 @@ for r_ in res:
 #     prompt   16 soft-prompt vectors + head
 #
 # Each run reports held-out accuracy before (a random head: about chance, 1/3) and
-# after, and the pretraining-corpus loss before and after (forgetting). Note that
-# with a classification head the LM head is not used, so the corpus loss measures
-# how much the shared weights moved.
+# after, and the pretraining-corpus loss before and after (forgetting). With LoRA
+# and prompt tuning the shared weights are bitwise unchanged: the corpus loss then
+# measures how the adapted model's next-token predictions drift, and a
+# classification objective (which never reads the LM head) does not constrain them.
 
 # %%
 _, val_text = corpus.train_val_text(0, 50 if FAST else 200, seed=PretrainConfig().data_seed)
@@ -225,7 +226,8 @@ fig = plot.plot_comparison(
 path = os.path.join(FIGURES, "04_classification_comparison.png")
 plot.save_figure(fig, path)
 print("wrote", path)
-fig = plot.plot_loss_curves(logs, smooth=0.8, title="Classification loss (cross-entropy over 3 classes) per step" + NOTE)
+fig = plot.plot_loss_curves(logs, smooth=0.8, ylabel="loss (nats per example)",
+                            title="Classification loss (cross-entropy over 3 classes) per step" + NOTE)
 fig.axes[0].axhline(np.log(3), color="0.5", linestyle=":", label="ln 3 (chance)")
 fig.axes[0].legend(fontsize=8)
 path = os.path.join(FIGURES, "04_classification_loss.png")
