@@ -261,7 +261,7 @@ def test_following_the_commands_a_second_finetune_never_overwrites_the_first(pre
 
 def test_pretraining_never_clobbers_a_run_and_resume_is_exact_or_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "my.txt").write_text("the cat sleeps near a big box.\n" * 40)
+    (tmp_path / "my.txt").write_text("the cat sleeps near a big box.\n" * 60)
     argv = ["pretrain", "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--text", "my.txt", *TINY]
     assert cli.main(argv) == 0
     ckpt = tmp_path / "runs/pretrain/checkpoint.npz"
