@@ -37,12 +37,16 @@ from .train import TrainConfig
 MODEL, TRAIN, LORA = ModelConfig(), TrainConfig(), LoraConfig()
 
 
+# Every character str.splitlines() breaks a line at, written as its escape: an error stays one line
+# whatever the user typed.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `minilora CMD: error: MESSAGE (see minilora CMD --help)`."""
 
     def error(self, message):
-        message = message.replace("\r", "\\r").replace("\n", "\\n")
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message.translate(_LINE_BREAKS)} (see {self.prog} --help)\n")
 
 
 def _int_at_least(low):
@@ -549,7 +553,7 @@ _OPTION_OF = {"data_file": "--data", "text_file": "--text", "dropout": "--lora-d
 
 def _one_line(message, args):
     """The message on one line, starting with the option it is about when the library named a setting."""
-    message = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    message = "; ".join(line.strip() for line in str(message).split("\n") if line.strip()).translate(_LINE_BREAKS)
     head, sep, rest = message.partition(": ")
     if sep and head.isidentifier():
         option = "--" + head.replace("_", "-")
