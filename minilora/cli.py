@@ -548,7 +548,8 @@ def parse_args(argv=None):
 
 
 # Library messages start with the setting they are about; the CLI names the option instead.
-_OPTION_OF = {"data_file": "--data", "text_file": "--text", "dropout": "--lora-dropout", "init": "--lora-init"}
+_OPTION_OF = {"data_file": "--data", "text_file": "--text", "dropout": "--lora-dropout", "init": "--lora-init",
+              "run_dir": "--out"}
 
 
 def _one_line(message, args):

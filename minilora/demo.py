@@ -89,8 +89,8 @@ def _finetune_run(params, model_config, config, run_dir, val_data, overwrite, lo
             resume = ckpt
             log(f"{label}: resuming {run_dir} from step {meta['step']}")
         elif not overwrite:
-            raise ValueError(f"out: {run_dir} holds another fine-tuning run than the demo's; give another --out, "
-                             f"or --overwrite to replace it")
+            raise ValueError(f"run_dir: {run_dir} holds another fine-tuning run than the demo's; give another "
+                             f"folder (--out), or overwrite it (--overwrite)")
     if resume is None:
         for name in RUN_FILES:  # a run stopped before its first checkpoint, or one being overwritten
             if os.path.exists(os.path.join(run_dir, name)):

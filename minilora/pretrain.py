@@ -89,8 +89,9 @@ def load_or_pretrain(config=None, run_dir="runs/pretrain", backend=None, overwri
                 return params, model_config, None
             resume = ckpt
         elif not overwrite:
-            raise ValueError(f"out: {run_dir} holds another pretraining run than this one (step {meta.get('step')}, "
-                             f"model {meta.get('model')}); give another --out, or --overwrite to replace it")
+            raise ValueError(f"run_dir: {run_dir} holds another pretraining run than this one (step "
+                             f"{meta.get('step')}, model {meta.get('model')}); give another folder (--out), or "
+                             f"overwrite it (--overwrite)")
     params, summary = pretrain(config, run_dir=run_dir, backend=backend, resume=resume)
     summary["resumed_from"] = meta["step"] if resume else None
     return params, config.model, summary

@@ -256,7 +256,6 @@ def test_following_the_commands_a_second_finetune_never_overwrites_the_first(pre
     assert cli.main(["finetune", *common, "--out", "runs/finetune-subject-lora"]) == 2
     _one_line_error(capsys, "--out: 'runs/finetune-subject-lora' already holds a run", "--overwrite", "--resume")
     assert (tmp_path / "runs/finetune-subject-lora/summary.json").read_bytes() == first
-    assert cli.main(["finetune", *common, "--out", "runs/finetune-subject-lora", "--overwrite"]) == 0
 
 
 def test_pretraining_never_clobbers_a_run_and_resume_is_exact_or_refused(tmp_path, capsys, monkeypatch):
@@ -430,3 +429,25 @@ def test_plot_errors_name_the_file_and_line(pretrained, tmp_path, capsys):
     _one_line_error(capsys, "line 2: expected a number for 'step'")
     assert cli.main(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")]) == 2
     _one_line_error(capsys, "empty")
+
+
+def test_the_demo_refuses_a_folder_holding_another_pretraining_run(tmp_path, capsys):
+    other = tmp_path / "runs" / "pretrain"
+    assert cli.main(["pretrain", "--out", str(other), "--steps", "2", "--batch-size", "2", "--eval-every", "2",
+                     *TINY]) == 0
+    before = (other / "checkpoint.npz").read_bytes()
+    assert cli.main(["demo", "--fast", "--out", str(tmp_path / "runs"), "--figures", ""]) == 2
+    _one_line_error(capsys, "--out:", "holds another pretraining run", "--overwrite")
+    assert (other / "checkpoint.npz").read_bytes() == before
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_fails_before_any_work(pretrained, tmp_path, capsys, no_work):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert cli.main(["finetune", "--checkpoint", str(pretrained), "--out", str(locked / "run")]) == 2
+        _one_line_error(capsys, "--out: cannot write to the folder", "Permission denied")
+    finally:
+        locked.chmod(0o700)
