@@ -24,10 +24,11 @@ import numpy as np
 from . import corpus, plot
 from .checkpoint import load_checkpoint
 from .evaluation import corpus_val_data
-from .finetune import FinetuneConfig, finetune, finished_summary, load_data, run_meta
+from .finetune import FinetuneConfig, check_settings, finetune, finished_summary, load_records, run_meta
 from .pretrain import PretrainConfig, load_or_pretrain
 from .runs import CHECKPOINT, RUN_FILES, check_writable
 from .sampling import decode
+from .tasks import record_positions
 from .train import resume_problem
 
 GENERATIVE_STEPS = 600
@@ -74,14 +75,36 @@ def format_table(rows):
     return "\n".join(out)
 
 
-def _finetune_run(params, model_config, config, run_dir, val_data, overwrite, log):
+def _finetune_configs(model_config, task, fast, log):
+    """The six fine-tuning runs as (FinetuneConfig, its checked data); a soft prompt is shortened, with a
+    note, when the default one and the task's longest record would not fit the context together."""
+    runs = []
+    for t, steps in ((task, GENERATIVE_STEPS), ("kind", CLASSIFICATION_STEPS)):
+        for method in ("full", "lora", "prompt"):
+            config = FinetuneConfig(method=method, task=t, n_train=200 if fast else 2000, n_test=40 if fast else 300)
+            config.train.steps = 6 if fast else steps
+            if fast:
+                config.train.warmup_steps = 1
+            data = load_records(config, model_config.context_length)
+            if method == "prompt":
+                kind = "classification" if config.is_classification else "instruction"
+                room = model_config.context_length - max(record_positions(r, kind) for r in data[0] + data[1])
+                if room < config.n_prompt:
+                    log(f"[prompt] {t}: {room} soft-prompt vectors instead of {config.n_prompt}, so that they "
+                        f"and the longest record fit the {model_config.context_length}-character context")
+                    config.n_prompt = room
+            check_settings(model_config, config, data[0], data[1])
+            runs.append((config, data))
+    return runs
+
+
+def _finetune_run(params, model_config, config, data, run_dir, val_data, overwrite, log):
     """One fine-tuning run of the demo: reused when finished, resumed when interrupted, else trained."""
     summary = finished_summary(run_dir, params, config)
     label = f"[{config.method}] {config.task}"
     if summary is not None:
         log(f"{label}: reusing the finished run in {run_dir}")
         return summary
-    data = load_data(model_config, config)
     ckpt, resume = os.path.join(run_dir, CHECKPOINT), None
     if os.path.exists(ckpt):
         meta = load_checkpoint(ckpt)[1]
@@ -110,6 +133,7 @@ def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, ta
     t0 = time.perf_counter()
     check_writable(out_dir)
     pre_config = PretrainConfig.fast() if fast else PretrainConfig()
+    runs = _finetune_configs(pre_config.model, task, fast, log)  # every run's data checked before any work
     pre_dir = os.path.join(out_dir, "pretrain")
     params, model_config, pre_summary = load_or_pretrain(pre_config, pre_dir, backend, overwrite)
     if pre_summary is None:
@@ -123,18 +147,14 @@ def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, ta
     log(f"samples from the pretrained model ({100 * grammatical:.0f}% of {len(samples)} are sentences "
         "of the toy language):\n" + "\n".join(f"  {s}" for s in samples[:5]))
     rows, logs = [], {}
-    for t, steps in ((task, GENERATIVE_STEPS), ("kind", CLASSIFICATION_STEPS)):
-        for method in ("full", "lora", "prompt"):
-            config = FinetuneConfig(method=method, task=t, n_train=200 if fast else 2000, n_test=40 if fast else 300)
-            config.train.steps = 6 if fast else steps
-            if fast:
-                config.train.warmup_steps = 1
-            run_dir = os.path.join(out_dir, f"finetune-{t}-{method}")
-            summary = _finetune_run(params, model_config, config, run_dir, val_data, overwrite, log)
-            rows.append(summary)
-            logs[(t, method)] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
-            log(f"[{method}] {t}: metric {summary['metric_before']:.3f} -> {summary['metric']:.3f}, "
-                f"corpus loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}")
+    for config, data in runs:
+        t, method = config.task, config.method
+        run_dir = os.path.join(out_dir, f"finetune-{t}-{method}")
+        summary = _finetune_run(params, model_config, config, data, run_dir, val_data, overwrite, log)
+        rows.append(summary)
+        logs[(t, method)] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
+        log(f"[{method}] {t}: metric {summary['metric_before']:.3f} -> {summary['metric']:.3f}, "
+            f"corpus loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}")
     result = {"rows": rows, "pretrain": pre_summary, "grammatical_fraction": grammatical, "samples": samples[:10],
               "wall_s": time.perf_counter() - t0}
     os.makedirs(out_dir, exist_ok=True)
