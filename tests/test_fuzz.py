@@ -143,7 +143,8 @@ def _text(tmp_path_factory):
 @FAST
 @given(prompt=st.text(max_size=20))
 def test_generate_accepts_any_prompt_or_reports_its_real_character(tiny_model, capsys, prompt):
-    code = cli.main(["generate", "--checkpoint", str(tiny_model), "--prompt", prompt, "--max-new-tokens", "1",
+    # --prompt=TEXT: the way to pass any text, one starting with "-" included
+    code = cli.main(["generate", "--checkpoint", str(tiny_model), f"--prompt={prompt}", "--max-new-tokens", "1",
                      "--temperature", "0"])
     out, err = capsys.readouterr()
     typed = prompt.replace("\\n", "\n")
