@@ -116,15 +116,17 @@ def load_checkpoint(path):
     try:
         loaded = numpy.load(path, allow_pickle=False)
     except Exception as e:  # not a zip nor .npy, or pickled content
-        raise ValueError(f"path: expected a .npz checkpoint, got {path!r}, which numpy cannot read ({e})") from e
+        raise ValueError(f"path: {str(path)!r} is not a minilora checkpoint (expected an .npz file of arrays; "
+                         f"{_why_unreadable(e, 'it is not one')})") from e
     if not hasattr(loaded, "files"):
         # numpy.load returned a single array: the file was a .npy, not an .npz
         raise ValueError(f"path: expected a minilora checkpoint (.npz), got a single-array .npy file {path!r}")
     try:
         with loaded:
             contents = {key: loaded[key] for key in loaded.files}
-    except Exception as e:  # truncated data, CRC errors
-        raise ValueError(f"path: expected a readable .npz checkpoint, got {path!r}, which is corrupt ({e})") from e
+    except Exception as e:  # truncated data, CRC errors, an array of Python objects
+        raise ValueError(f"path: {str(path)!r} is not a readable minilora checkpoint "
+                         f"({_why_unreadable(e, 'it holds pickled Python objects')})") from e
     if META_KEY not in contents:
         raise ValueError(f"path: expected a minilora checkpoint with a {META_KEY!r} entry, got {path!r} without one")
     try:
@@ -136,6 +138,13 @@ def load_checkpoint(path):
     return params, meta, arrays
 
 
+def _why_unreadable(error, pickle_reason):
+    """NumPy's reason a file did not load; never its advice to unpickle (a checkpoint never needs that)."""
+    if "pickle" in str(error):
+        return pickle_reason  # numpy's guess for any file that is not an .npy or a zip
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def check_params_match(params, expected_shapes, what="checkpoint"):
     """Raise ValueError unless params has exactly the expected names and shapes.
 
@@ -144,8 +153,9 @@ def check_params_match(params, expected_shapes, what="checkpoint"):
     - expected_shapes: dict name -> shape tuple (e.g. from the model config)
     - what: how the error message names the source of params
 
-    Returns nothing. The error lists every missing name, every unexpected name
-    and every shape mismatch at once, so one run shows the whole problem.
+    Returns nothing. The error, one line, lists every missing name, every
+    unexpected name and every shape mismatch at once, so one run shows the
+    whole problem.
     """
     missing = sorted(n for n in expected_shapes if n not in params)
     unexpected = sorted(n for n in params if n not in expected_shapes)
@@ -156,11 +166,10 @@ def check_params_match(params, expected_shapes, what="checkpoint"):
     ]
     if not (missing or unexpected or mismatched):
         return
-    lines = [f"{what}: parameters do not match the expected names and shapes"]
+    parts = []
     if missing:
-        lines.append(f"  missing: {', '.join(missing)}")
+        parts.append(f"missing: {', '.join(missing)}")
     if unexpected:
-        lines.append(f"  unexpected: {', '.join(unexpected)}")
-    for m in mismatched:
-        lines.append(f"  shape mismatch {m}")
-    raise ValueError("\n".join(lines))
+        parts.append(f"unexpected: {', '.join(unexpected)}")
+    parts += [f"shape mismatch {m}" for m in mismatched]
+    raise ValueError(f"{what}: parameters do not match the expected names and shapes; " + "; ".join(parts))

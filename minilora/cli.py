@@ -14,11 +14,19 @@
 This is the only module that prints. Every default below is read from the
 dataclasses (ModelConfig, TrainConfig, PretrainConfig, FinetuneConfig, LoraConfig),
 never copied by hand.
+
+No lost work, no wrong result: every setting and input file is checked before
+any work starts, a run never writes into a folder that holds another run
+(unless --resume or --overwrite), every error is one line naming the option or
+the file and line, and Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the
+next step and prints, on one line, the command that resumes it.
 """
 
 import argparse
-import json
+import math
 import os
+import shlex
+import signal
 import sys
 from dataclasses import fields, replace
 
@@ -32,6 +40,54 @@ MODEL, TRAIN, LORA = ModelConfig(), TrainConfig(), LoraConfig()
 # One BLAS thread by default: two runs side by side then share 2 cores fairly (2.02x one run alone),
 # where two 2-thread runs fight for the cores and ran 30x slower (benchmarks/speed.json, "concurrency").
 DEFAULT_THREADS = 1
+
+
+# Every character str.splitlines() breaks a line at, written as its escape: an error stays one line
+# whatever the user typed.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `minilora CMD: error: MESSAGE (see minilora CMD --help)`."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message.translate(_LINE_BREAKS)} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low):
+    """An argparse type: an integer >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = "positive integer" if low == 1 else f"integer >= {low}"
+    return parse
+
+
+def _number(low=None, high=None, low_open=False):
+    """An argparse type: a finite float in [low, high) (or (low, high) with low_open)."""
+    what = "a number" + (f" > {low}" if low_open else f" >= {low}" if low is not None else "") \
+        + (f" and < {high}" if high is not None else "")
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
+                or (high is not None and value >= high)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+RATE, PROBABILITY = _number(0.0, low_open=True), _number(0.0, 1.0)
 
 
 def _pretrain_defaults():
@@ -62,39 +118,93 @@ def _cmd_gradcheck(args):
     return 1 if failed else 0
 
 
-def _warmup(args, default):
-    """--warmup-steps, or the default capped at a tenth of a short run."""
-    return args.warmup_steps if args.warmup_steps is not None else min(default, args.steps // 10)
+def _saved_train(resume):
+    """The training settings stored in the checkpoint a run resumes from (None when not resuming)."""
+    if resume is None:
+        return None
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(resume)[1].get("train")
+
+
+def _warmup(args, default, saved_train=None):
+    """--warmup-steps; else the resumed run's own; else the default capped at a tenth of a short run."""
+    if args.warmup_steps is not None:
+        return args.warmup_steps
+    if saved_train is not None and "warmup_steps" in saved_train:
+        return saved_train["warmup_steps"]
+    return min(default, args.steps // 10)
+
+
+def _resume_and_out(args, default_out):
+    """(checkpoint to resume or None, run folder, whether the folder is the resumed run's own)."""
+    from .runs import checkpoint_path
+
+    resume = checkpoint_path(args.resume) if args.resume else None
+    if resume is not None and not os.path.isfile(resume):
+        raise ValueError(f"--resume: expected a run folder or checkpoint file, got {args.resume!r} (no checkpoint "
+                         f"there)")
+    out = args.out or (os.path.dirname(resume) or "." if resume else default_out)
+    same = resume is not None and os.path.abspath(os.path.dirname(resume) or ".") == os.path.abspath(out)
+    args.run_dir = out  # for the interruption message
+    return resume, out, same
 
 
 def _cmd_pretrain(args):
-    from .pretrain import PretrainConfig, pretrain
+    from .pretrain import PretrainConfig, pretrain, pretrain_data, pretrain_meta
+    from .runs import prepare_run_dir
+    from .train import check_resume
 
+    resume, out, same = _resume_and_out(args, "runs/pretrain")
     d = _pretrain_defaults()
     model = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                         d_ff=args.d_ff or 4 * args.d_model, context_length=args.context_length,
                         dropout=args.dropout)
     tc = replace(d.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
-                 warmup_steps=_warmup(args, d.train.warmup_steps), eval_every=args.eval_every,
-                 checkpoint_every=args.checkpoint_every, seed=args.seed)
+                 warmup_steps=_warmup(args, d.train.warmup_steps, _saved_train(resume)),
+                 eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed)
     config = replace(d, model=model, train=tc, init_seed=args.seed)
-    _, s = pretrain(config, run_dir=args.out, text_file=args.text, backend=args.backend, resume=args.resume)
+    # everything is checked before any work: the text, the resumed checkpoint, the output folder
+    data = pretrain_data(config, args.text)
+    if resume is not None:
+        check_resume(resume, config.train, pretrain_meta(config, args.text, data[4]))
+    prepare_run_dir(out, resume=same, overwrite=args.overwrite)
+    _, s = pretrain(config, run_dir=out, text_file=args.text, backend=args.backend, resume=resume, data=data)
     print(f"pretrained {s['steps']} steps in {s['wall_s']:.1f} s: val loss {s['val_loss']:.4f} nats/char"
           + (f", entropy floor {s['floor']:.4f} ({100 * (s['val_loss'] / s['floor'] - 1):.1f}% above)"
              if s["floor"] else "")
           + f", character bigram {s['bigram_loss']:.4f}")
-    print(f"checkpoint: {os.path.join(args.out, 'checkpoint.npz')}  log: {os.path.join(args.out, 'log.jsonl')}")
+    print(f"checkpoint: {os.path.join(out, 'checkpoint.npz')}  log: {os.path.join(out, 'log.jsonl')}")
     return 0
+
+
+def _load_model(path, option, xp=None, adapter=None):
+    """runs.load_model, its errors naming the option the path came from."""
+    from .runs import load_model
+
+    try:
+        return load_model(path, xp, adapter)
+    except ValueError as e:
+        message = str(e)
+        for prefix in ("path: ", "checkpoint: "):
+            if message.startswith(prefix):
+                raise ValueError(f"{option}: {message[len(prefix):]}") from e
+        raise
 
 
 def _cmd_generate(args):
     from .corpus import NEWLINE_ID, CharTokenizer
-    from .runs import load_model
     from .sampling import decode
 
-    params, config, _ = load_model(args.checkpoint, _xp(args), args.adapter)
     tok = CharTokenizer()
-    prompt = args.prompt.replace("\\n", "\n")  # lets a newline be typed on a shell as \n
+    prompt = args.prompt.replace("\\n", "\n")  # lets a newline be typed on a shell as \n; nothing else is unescaped
+    if not prompt:
+        raise ValueError("--prompt: expected at least one character to start from, got ''")
+    try:
+        tok.encode(prompt)
+    except ValueError as e:
+        raise ValueError(f"--prompt: {prompt!r} {str(e).removeprefix('encode: text ')}") from e
+    params, config, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
     rng = np.random.default_rng(args.seed)
     samples = decode(params, config, [tok.encode(prompt)] * args.num_samples, args.max_new_tokens,
                      args.temperature, args.top_k, rng, NEWLINE_ID if args.stop_at_newline else None,
@@ -104,7 +214,7 @@ def _cmd_generate(args):
     return 0
 
 
-def _finetune_config(args):
+def _finetune_config(args, saved_train=None):
     from .finetune import DEFAULT_LR, FinetuneConfig
 
     d = _finetune_defaults(args.method)
@@ -116,27 +226,33 @@ def _finetune_config(args):
                         init=args.lora_init),
         n_prompt=args.n_prompt, prompt_init=args.prompt_init,
         train=replace(d.train, steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
-                      warmup_steps=_warmup(args, d.train.warmup_steps), eval_every=args.steps, seed=args.seed),
+                      warmup_steps=_warmup(args, d.train.warmup_steps, saved_train), eval_every=args.steps,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed),
         seed=args.seed)
 
 
 def _cmd_finetune(args):
     from .evaluation import corpus_val_data
-    from .finetune import finetune
-    from .lora import save_adapter
-    from .runs import load_model
+    from .finetune import finetune, load_data, run_meta
+    from .runs import free_run_dir, prepare_run_dir
+    from .train import check_resume
 
-    params, model_config, _ = load_model(args.checkpoint, _xp(args))
     config = _finetune_config(args)
     name = os.path.splitext(os.path.basename(config.data_file))[0] if config.data_file else config.task
-    out = args.out or os.path.join("runs", f"finetune-{name}-{config.method}")
-    ft_params, ft_config, trainable, s = finetune(params, model_config, config, out, corpus_val_data())
+    default = os.path.join("runs", f"finetune-{name}-{config.method}")
+    # the default folder is never another run's: a counter follows the name when it holds one
+    resume, out, same = _resume_and_out(args, default if args.overwrite else free_run_dir(default))
+    if resume is not None:
+        config = _finetune_config(args, _saved_train(resume))
+    # everything is checked before any work: the model, the data against it, the resumed checkpoint, the folder
+    params, model_config, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args))
+    data = load_data(model_config, config)
+    if resume is not None:
+        check_resume(resume, config.train, run_meta(params, model_config, config, data[2]))
+    prepare_run_dir(out, resume=same, overwrite=args.overwrite)
+    ft_params, ft_config, trainable, s = finetune(params, model_config, config, out, corpus_val_data(),
+                                                  resume=resume, data=data)
     print(f"[{config.method}] " + s["report"].replace("\n", f"\n[{config.method}] "))
-    if config.method == "lora":
-        save_adapter(os.path.join(out, "adapter.npz"), ft_params, trainable, ft_config, params,
-                     {"finetune": _run_meta(out)})
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(s, f, indent=1)
     print(f"{config.method} on {name}: metric {s['metric_before']:.3f} -> {s['metric']:.3f}; "
           f"pretraining-corpus loss {s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}; "
           f"optimizer state {s['optimizer_state_bytes']:,} bytes; {s['wall_s']:.1f} s")
@@ -144,34 +260,30 @@ def _cmd_finetune(args):
     return 0
 
 
-def _run_meta(run_dir):
-    """The split description stored in a run's checkpoint, for the adapter file beside it."""
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(os.path.join(run_dir, "checkpoint.npz"))[1].get("finetune")
-
-
 def _cmd_evaluate(args):
     from .evaluation import classification_accuracy, corpus_val_data, exact_match, strided_val_loss
     from .finetune import config_from_description, load_records
-    from .runs import load_model
 
-    params, config, meta = load_model(args.run, _xp(args), args.adapter)
+    params, config, meta = _load_model(args.run, "run", _xp(args), args.adapter)
+    n_prompt = params["prompt"].shape[0] if "prompt" in params else 0
+    # the records first: a bad file fails before any scoring
+    if args.data is not None:
+        # score every record of a file the user gives; each must fit the context (an error names its line)
+        from .tasks import load_jsonl
+
+        kind = "classification" if "cls.W" in params else "instruction"
+        test = load_jsonl(args.data, kind, config.context_length, n_prompt)
+        what = f"the {args.data} records"
+        names = meta.get("class_names") if kind == "classification" else None
+    elif "finetune" in meta:
+        # rebuild exactly the run's own held-out split from its metadata
+        _check_data_unchanged(meta["finetune"])
+        _, test, names = load_records(config_from_description(meta["finetune"]), config.context_length)
+        what = "held-out records"
     val = strided_val_loss(params, config, corpus_val_data())
     print(f"pretraining-corpus validation loss: {val:.4f} nats/char")
     if args.data is None and "finetune" not in meta:
         return 0
-    if args.data is not None:
-        # score every record of a file the user gives
-        from .tasks import load_jsonl
-
-        kind = "classification" if "cls.W" in params else "instruction"
-        test, what = load_jsonl(args.data, kind), f"the {args.data} records"
-        names = meta.get("class_names") if kind == "classification" else None
-    else:
-        # rebuild exactly the run's own held-out split from its metadata
-        _, test, names = load_records(config_from_description(meta["finetune"]))
-        what = "held-out records"
     if names:
         print(f"accuracy on {len(test)} {what}: {classification_accuracy(params, config, test, names):.3f}")
     else:
@@ -182,15 +294,45 @@ def _cmd_evaluate(args):
     return 0
 
 
+def _check_data_unchanged(description):
+    """A run's data file must be the one it was trained on, or its held-out split is not its own."""
+    import hashlib
+
+    path = description.get("data_file")
+    if path is None:
+        return
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise ValueError(f"run: its data file {path!r} cannot be read ({e.strerror}); give the records to score "
+                         f"with --data") from e
+    if digest != description.get("data_sha256"):
+        raise ValueError(f"run: its data file {path!r} changed since the run was trained (sha256 {digest[:12]}, "
+                         f"was {description.get('data_sha256', '?')[:12]}), so its held-out split cannot be "
+                         f"rebuilt; give the records to score with --data")
+
+
+def _check_new_file(path, overwrite, option="--out"):
+    """A file output: its folder must be writable, and an existing file is kept unless overwrite."""
+    from .runs import check_writable
+
+    if os.path.isdir(path):
+        raise ValueError(f"{option}: expected a file name, got the folder {path!r}")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{option}: {path!r} exists; give --overwrite to replace it, or another {option}")
+    check_writable(os.path.dirname(path) or ".", option)
+
+
 def _cmd_merge(args):
     from .checkpoint import save_checkpoint
     from .lora import lora_names, merge
-    from .runs import load_model
 
-    params, config, meta = load_model(args.run, _xp(args), args.adapter)
+    params, config, meta = _load_model(args.run, "run", _xp(args), args.adapter)
     if config.lora is None or not lora_names(params):
         raise ValueError(f"run: expected a LoRA model (a LoRA run, or a base checkpoint with --adapter), "
                          f"got {args.run} without adapters")
+    _check_new_file(args.out, args.overwrite)
     n_adapters, scale = len(lora_names(params)) // 2, config.lora.scale
     merged, merged_config = merge(params, config)
     extra = sorted(n for n in merged if n.startswith("cls."))
@@ -206,12 +348,18 @@ def _cmd_plot(args):
     from .corpus import entropy_per_char
     from .plot import plot_loss_curves, read_log, save_figure
 
-    runs = {}
-    for path in args.logs:
-        if os.path.isdir(path):
-            path = os.path.join(path, "log.jsonl")
-        label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
-        runs[label] = read_log(path)
+    _check_new_file(args.out, overwrite=True)
+    paths = [os.path.join(p, "log.jsonl") if os.path.isdir(p) else p for p in args.logs]
+    seen = {}
+    for given, path in zip(args.logs, paths):
+        if os.path.realpath(path) in seen:
+            raise ValueError(f"logs: {seen[os.path.realpath(path)]!r} and {given!r} are the same log; "
+                             f"give each run once")
+        seen[os.path.realpath(path)] = given
+    # a run is labelled by its folder; two folders of one name keep their whole paths
+    labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) or p for p in paths]
+    labels = [lab if labels.count(lab) == 1 else os.path.dirname(p) or p for lab, p in zip(labels, paths)]
+    runs = {label: read_log(path) for label, path in zip(labels, paths)}
     floor = None if args.no_floor else entropy_per_char()
     save_figure(plot_loss_curves(runs, floor=floor, title=args.title, logy=args.logy), args.out)
     print(f"wrote {args.out}")
@@ -223,8 +371,10 @@ def _cmd_demo(args):
 
     figures = args.figures if args.figures is not None else os.path.join("figures", "fast") if args.fast \
         else "figures"
-    result = run_demo(out_dir=args.out, figures_dir=figures, backend=args.backend, fast=args.fast,
-                      task=args.task, log=print)
+    out = args.out if args.out is not None else os.path.join("runs", "fast") if args.fast else "runs"
+    args.run_dir = out
+    result = run_demo(out_dir=out, figures_dir=figures, backend=args.backend, fast=args.fast,
+                      task=args.task, log=print, overwrite=args.overwrite)
     print()
     print(format_table(result["rows"]))
     print(f"\ndemo finished in {result['wall_s']:.0f} s")
@@ -262,10 +412,10 @@ def _cmd_report(args):
 
 def _common_options():
     """--backend and --threads, accepted before or after the subcommand."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--backend", choices=["numpy", "cupy"], default=argparse.SUPPRESS,
                         help="array backend (default: $MINILORA_BACKEND or numpy)")
-    common.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+    common.add_argument("--threads", type=POSITIVE, default=argparse.SUPPRESS,
                         help=f"BLAS threads (default: {DEFAULT_THREADS}; raise it on an otherwise idle machine)")
     return common
 
@@ -276,59 +426,72 @@ def _model_options(s):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name == "d_ff":
-            s.add_argument(flag, type=int, default=None, help="default: 4 x d_model")
+            s.add_argument(flag, type=POSITIVE, default=None, help="default: 4 x d_model")
+        elif f.name == "dropout":
+            s.add_argument(flag, type=PROBABILITY, default=f.default)
         else:
-            s.add_argument(flag, type=f.type if f.type in (int, float) else type(f.default), default=f.default)
+            s.add_argument(flag, type=POSITIVE, default=f.default)
+
+
+def _run_options(s, what):
+    """--resume and --overwrite: the two ways to write into a folder that already holds a run."""
+    s.add_argument("--resume", default=None, metavar="RUN",
+                   help=f"continue {what} from this run folder or checkpoint (with the same settings); "
+                        "it ends exactly where an uninterrupted run would")
+    s.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder")
 
 
 def build_parser():
     common = _common_options()
-    p = argparse.ArgumentParser(prog="minilora", parents=[common],
-                                description="Fine-tuning by hand: a tiny GPT in NumPy, "
-                                "pretrained, then fine-tuned (full, LoRA, prompt tuning).")
+    p = _Parser(prog="minilora", parents=[common],
+                description="Fine-tuning by hand: a tiny GPT in NumPy, "
+                "pretrained, then fine-tuned (full, LoRA, prompt tuning).")
     sub = p.add_subparsers(dest="command", required=True)
     pre, ft = _pretrain_defaults(), _finetune_defaults()
 
     s = sub.add_parser("demo", parents=[common],
                        help="pretrain, fine-tune three ways, print a comparison, write figures")
-    s.add_argument("--out", default="runs", help="folder for runs (a finished pretraining run there is reused)")
+    s.add_argument("--out", default=None, help="folder for runs (default runs/, or runs/fast/ with --fast); "
+                   "run again, the demo reuses finished runs there and resumes interrupted ones")
     s.add_argument("--figures", default=None,
                    help="folder for the PNG figures ('' for none; default figures/, or figures/fast/ with --fast)")
     s.add_argument("--task", default="subject", choices=["subject", "plural"], help="the generative task")
     s.add_argument("--fast", action="store_true", help="a few steps of everything (a smoke test, not results)")
+    s.add_argument("--overwrite", action="store_true", help="replace runs in --out made with other settings")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("gradcheck", parents=[common],
                        help="check every backward against finite differences (float64)")
     s.add_argument("--groups", nargs="+", choices=["ops", "model"], default=None, help="default: all")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=NON_NEGATIVE, default=0)
     s.set_defaults(func=_cmd_gradcheck)
 
     s = sub.add_parser("pretrain", parents=[common], help="phase 1: next-token training on the toy corpus")
-    s.add_argument("--out", default="runs/pretrain")
+    s.add_argument("--out", default=None, help="the run folder (default: runs/pretrain, or the --resume run's)")
     s.add_argument("--text", default=None, help="pretrain on this UTF-8 text file instead of the toy corpus")
-    s.add_argument("--steps", type=int, default=pre.train.steps)
-    s.add_argument("--batch-size", type=int, default=pre.train.batch_size)
-    s.add_argument("--lr", type=float, default=pre.train.lr)
-    s.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"default: {pre.train.warmup_steps} (at most steps / 10)")
-    s.add_argument("--eval-every", type=int, default=pre.train.eval_every)
-    s.add_argument("--checkpoint-every", type=int, default=pre.train.checkpoint_every)
-    s.add_argument("--resume", default=None, help="continue from this checkpoint")
+    s.add_argument("--steps", type=POSITIVE, default=pre.train.steps)
+    s.add_argument("--batch-size", type=POSITIVE, default=pre.train.batch_size)
+    s.add_argument("--lr", type=RATE, default=pre.train.lr)
+    s.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
+                   help=f"default: {pre.train.warmup_steps} (at most steps / 10), or the resumed run's")
+    s.add_argument("--eval-every", type=POSITIVE, default=pre.train.eval_every)
+    s.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=pre.train.checkpoint_every,
+                   help=f"steps between checkpoints (also every {pre.train.checkpoint_seconds:g} s)")
+    _run_options(s, "pretraining")
     _model_options(s)
-    s.add_argument("--seed", type=int, default=pre.init_seed)
+    s.add_argument("--seed", type=NON_NEGATIVE, default=pre.init_seed)
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint (or a run folder)")
     s.add_argument("--checkpoint", default="runs/pretrain", help="a run folder or checkpoint file")
     s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to apply on top of --checkpoint")
     s.add_argument("--prompt", default="the ", help='start text; "\\n" is a newline')
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--max-new-tokens", type=POSITIVE, default=200)
+    s.add_argument("--temperature", type=_number(0.0), default=1.0, help="0 is greedy")
+    s.add_argument("--top-k", type=POSITIVE, default=None)
+    s.add_argument("--num-samples", type=POSITIVE, default=1)
     s.add_argument("--stop-at-newline", action="store_true")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=NON_NEGATIVE, default=0)
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("finetune", parents=[common], help="phase 2: fine-tune a pretrained checkpoint")
@@ -337,22 +500,26 @@ def build_parser():
     s.add_argument("--data", default=None, help="your own JSON-lines records (instruction/input/output, "
                    "or text/label with --task kind)")
     s.add_argument("--checkpoint", default="runs/pretrain", help="a pretraining run folder or checkpoint file")
-    s.add_argument("--out", default=None, help="default: runs/finetune-TASK-METHOD (TASK: the data file's name)")
-    s.add_argument("--steps", type=int, default=ft.train.steps)
-    s.add_argument("--batch-size", type=int, default=ft.train.batch_size)
-    s.add_argument("--lr", type=float, default=None, help="default: full 3e-4, lora 5e-3, prompt 1e-1")
-    s.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"default: {ft.train.warmup_steps} (at most steps / 10)")
+    s.add_argument("--out", default=None, help="default: runs/finetune-TASK-METHOD (TASK: the data file's name), "
+                   "with -2, -3, ... when that folder holds a run; or the --resume run's folder")
+    s.add_argument("--steps", type=POSITIVE, default=ft.train.steps)
+    s.add_argument("--batch-size", type=POSITIVE, default=ft.train.batch_size)
+    s.add_argument("--lr", type=RATE, default=None, help="default: full 3e-4, lora 5e-3, prompt 1e-1")
+    s.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
+                   help=f"default: {ft.train.warmup_steps} (at most steps / 10), or the resumed run's")
+    s.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=ft.train.checkpoint_every,
+                   help=f"steps between checkpoints (also every {ft.train.checkpoint_seconds:g} s)")
+    _run_options(s, "fine-tuning")
     s.add_argument("--train-on-prompt", action="store_true", help="count the loss on prompt tokens too")
-    s.add_argument("--rank", type=int, default=LORA.rank)
-    s.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
+    s.add_argument("--rank", type=POSITIVE, default=LORA.rank)
+    s.add_argument("--alpha", type=RATE, default=None, help="default: 2 x rank")
     s.add_argument("--targets", default=",".join(LORA.targets), help="comma list from q,k,v,o,fc,proj")
-    s.add_argument("--lora-dropout", type=float, default=LORA.dropout)
+    s.add_argument("--lora-dropout", type=PROBABILITY, default=LORA.dropout)
     s.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(r) instead of alpha / r")
     s.add_argument("--lora-init", choices=["kaiming", "gaussian"], default=LORA.init)
-    s.add_argument("--n-prompt", type=int, default=ft.n_prompt)
+    s.add_argument("--n-prompt", type=POSITIVE, default=ft.n_prompt)
     s.add_argument("--prompt-init", choices=["vocab", "random", "text"], default=ft.prompt_init)
-    s.add_argument("--seed", type=int, default=ft.seed)
+    s.add_argument("--seed", type=NON_NEGATIVE, default=ft.seed)
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("evaluate", parents=[common],
@@ -360,13 +527,14 @@ def build_parser():
     s.add_argument("run", help="a run folder or checkpoint (with --adapter: the base model)")
     s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to apply on top of the model")
     s.add_argument("--data", default=None, help="score every record of this JSON-lines file instead")
-    s.add_argument("--show", type=int, default=5, help="print this many predictions")
+    s.add_argument("--show", type=NON_NEGATIVE, default=5, help="print this many predictions")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("merge", parents=[common], help="fold a LoRA run's W + (alpha/r) B A into a plain checkpoint")
     s.add_argument("run", help="a LoRA run folder or checkpoint (with --adapter: the base model)")
     s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to merge into the model")
     s.add_argument("--out", required=True, help="the merged checkpoint to write (.npz)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("plot", parents=[common], help="loss curves from run logs (log.jsonl files or run folders)")
@@ -393,24 +561,118 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def _subparsers(parser):
+    """name -> subparser of the `minilora` parser."""
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _subcommand_first(argv, parser):
+    """argv with the subcommand moved before every option, so options work before or after it:
+    `minilora --seed 1 generate` reads as `minilora generate --seed 1`."""
+    commands = _subparsers(parser)
+    takes_value = {o for sp in (parser, *commands.values()) for a in sp._actions if a.option_strings and a.nargs != 0
+                   for o in a.option_strings}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in commands:
+            return [token, *argv[:i], *argv[i + 1:]]
+        if not token.startswith("-") or token == "--":
+            return argv  # a stray word: argparse reports it
+        i += 2 if token in takes_value else 1
+    return argv
+
+
+def parse_args(argv=None):
+    """The parsed options of a `minilora` command line; SystemExit(2) with a one-line message when they are wrong."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_subcommand_first(argv, parser))
     args.backend = getattr(args, "backend", None)
     args.threads = getattr(args, "threads", DEFAULT_THREADS)
+    args.argv = argv
+    args.options = {o for a in _subparsers(parser)[args.command]._actions for o in a.option_strings}
+    return args
+
+
+# Library messages start with the setting they are about; the CLI names the option instead.
+_OPTION_OF = {"data_file": "--data", "text_file": "--text", "dropout": "--lora-dropout", "init": "--lora-init",
+              "run_dir": "--out"}
+
+
+def _one_line(message, args):
+    """The message on one line, starting with the option it is about when the library named a setting."""
+    message = "; ".join(line.strip() for line in str(message).split("\n") if line.strip()).translate(_LINE_BREAKS)
+    head, sep, rest = message.partition(": ")
+    if sep and head.isidentifier():
+        option = "--" + head.replace("_", "-")
+        if option not in args.options:
+            option = _OPTION_OF.get(head)
+        if option in args.options:
+            return f"{option}: {rest}"
+    return message
+
+
+def _resume_hint(args):
+    """How to continue after an interruption: the same command, resuming the run folder's checkpoint."""
+    run_dir = getattr(args, "run_dir", None)
+    if args.command == "demo":
+        return "run the same command again to resume: " + shlex.join(["minilora", *args.argv])
+    if run_dir is None or not os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
+        return "nothing was saved"
+    argv, skip = [], False
+    for token in args.argv:  # the same options, less --overwrite and any earlier --resume
+        if skip:
+            skip = False
+        elif token == "--resume":
+            skip = True
+        elif token != "--overwrite" and not token.startswith("--resume="):
+            argv.append(token)
+    return "to resume: " + shlex.join(["minilora", *argv, "--resume", run_dir])
+
+
+def _interrupted(args, error):
+    """The one line Ctrl-C (or SIGTERM) prints, and the exit code a shell expects (130, or 143)."""
+    from .train import Interrupted
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C cannot cut this line short
+    try:
+        if isinstance(error, Interrupted):
+            what = signal.Signals(error.signum).name
+            where = (f"after step {error.step}, checkpoint saved" if error.step is not None and error.checkpoint
+                     else "at once, nothing saved since the last checkpoint")
+            code = error.exit_code
+        else:
+            what, where, code = "SIGINT", "at once, nothing saved since the last checkpoint", 130
+        print(f"minilora {args.command}: interrupted ({what}) {where}; {_resume_hint(args)}", file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def main(argv=None):
+    """Run one `minilora` command; returns the exit code (2: bad input, 1: failure, 130 / 143: interrupted)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse has printed its one line (or the help)
+        return e.code
     from .backend import BackendError
     from .train import TrainingDiverged
 
     try:
         if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads: expected a positive number of BLAS threads, got {args.threads}")
             from threadpoolctl import threadpool_limits
 
             with threadpool_limits(limits=args.threads, user_api="blas"):
                 return args.func(args)
         return args.func(args)
-    except (ValueError, BackendError, TrainingDiverged) as e:
-        print(f"minilora {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # train.Interrupted too: SIGINT or SIGTERM
+        return _interrupted(args, e)
+    except (ValueError, BackendError, TrainingDiverged, OSError, MemoryError) as e:
+        message = str(e) or type(e).__name__
+        if isinstance(e, MemoryError):
+            message = "out of memory: the settings ask for more memory than this machine has"
+        print(f"minilora {args.command}: error: {_one_line(message, args)}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
 
 

@@ -5,6 +5,12 @@
    and three ways on the classification task
 3. return the comparison rows and write the figures
 
+Run again after an interruption, the demo resumes where it stopped: a
+finished fine-tuning run (its summary.json made with the same settings on the
+same pretrained weights) is reused, an interrupted one or an interrupted
+pretraining continues from its checkpoint. A folder that holds some other run
+is refused unless overwrite is set.
+
 The library returns, the CLI speaks: run_demo reports its progress through the
 `log` callback it is given (the CLI passes print) and returns what it measured.
 """
@@ -16,10 +22,14 @@ import time
 import numpy as np
 
 from . import corpus, plot
+from .checkpoint import load_checkpoint
 from .evaluation import corpus_val_data
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig, check_settings, finetune, finished_summary, load_records, run_meta
 from .pretrain import PretrainConfig, load_or_pretrain
+from .runs import CHECKPOINT, RUN_FILES, check_writable
 from .sampling import decode
+from .tasks import record_positions
+from .train import resume_problem
 
 GENERATIVE_STEPS = 600
 CLASSIFICATION_STEPS = 600
@@ -65,37 +75,86 @@ def format_table(rows):
     return "\n".join(out)
 
 
-def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, task="subject", log=None):
-    """Pretrain, fine-tune six ways, write figures; returns the summary dict (rows, pretraining, samples).
-
-    log(text), when given, receives a line of progress at each stage.
-    """
-    log = log or (lambda text: None)
-    t0 = time.perf_counter()
-    pre_config = PretrainConfig.fast() if fast else PretrainConfig()
-    params, model_config, pre_summary = load_or_pretrain(pre_config, os.path.join(out_dir, "pretrain"), backend)
-    if pre_summary is None:
-        log(f"reusing the pretrained model in {os.path.join(out_dir, 'pretrain')}")
-    else:
-        log(f"pretrained in {pre_summary['wall_s']:.0f} s: val loss {pre_summary['val_loss']:.4f} nats/char, "
-            f"entropy floor {pre_summary['floor']:.4f}, bigram {pre_summary['bigram_loss']:.4f}")
-    val_data = corpus_val_data(100 if fast else pre_config.n_val_sentences, pre_config.data_seed)
-    grammatical, samples = sample_report(params, model_config, n=20 if fast else 200)
-    log(f"samples from the pretrained model ({100 * grammatical:.0f}% of {len(samples)} are sentences "
-        "of the toy language):\n" + "\n".join(f"  {s}" for s in samples[:5]))
-    rows, logs = [], {}
+def _finetune_configs(model_config, task, fast, log):
+    """The six fine-tuning runs as (FinetuneConfig, its checked data); a soft prompt is shortened, with a
+    note, when the default one and the task's longest record would not fit the context together."""
+    runs = []
     for t, steps in ((task, GENERATIVE_STEPS), ("kind", CLASSIFICATION_STEPS)):
         for method in ("full", "lora", "prompt"):
             config = FinetuneConfig(method=method, task=t, n_train=200 if fast else 2000, n_test=40 if fast else 300)
             config.train.steps = 6 if fast else steps
             if fast:
                 config.train.warmup_steps = 1
-            run_dir = os.path.join(out_dir, f"finetune-{t}-{method}")
-            _, _, _, summary = finetune(params, model_config, config, run_dir, val_data)
-            rows.append(summary)
-            logs[(t, method)] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
-            log(f"[{method}] {t}: metric {summary['metric_before']:.3f} -> {summary['metric']:.3f}, "
-                f"corpus loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}")
+            data = load_records(config, model_config.context_length)
+            if method == "prompt":
+                kind = "classification" if config.is_classification else "instruction"
+                room = model_config.context_length - max(record_positions(r, kind) for r in data[0] + data[1])
+                if room < config.n_prompt:
+                    log(f"[prompt] {t}: {room} soft-prompt vectors instead of {config.n_prompt}, so that they "
+                        f"and the longest record fit the {model_config.context_length}-character context")
+                    config.n_prompt = room
+            check_settings(model_config, config, data[0], data[1])
+            runs.append((config, data))
+    return runs
+
+
+def _finetune_run(params, model_config, config, data, run_dir, val_data, overwrite, log):
+    """One fine-tuning run of the demo: reused when finished, resumed when interrupted, else trained."""
+    summary = finished_summary(run_dir, params, config)
+    label = f"[{config.method}] {config.task}"
+    if summary is not None:
+        log(f"{label}: reusing the finished run in {run_dir}")
+        return summary
+    ckpt, resume = os.path.join(run_dir, CHECKPOINT), None
+    if os.path.exists(ckpt):
+        meta = load_checkpoint(ckpt)[1]
+        if resume_problem(meta, config.train, run_meta(params, model_config, config, data[2])) is None:
+            resume = ckpt
+            log(f"{label}: resuming {run_dir} from step {meta['step']}")
+        elif not overwrite:
+            raise ValueError(f"run_dir: {run_dir} holds another fine-tuning run than the demo's; give another "
+                             f"folder (--out), or overwrite it (--overwrite)")
+    if resume is None:
+        for name in RUN_FILES:  # a run stopped before its first checkpoint, or one being overwritten
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
+    return finetune(params, model_config, config, run_dir, val_data, resume=resume, data=data)[3]
+
+
+def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, task="subject", log=None,
+             overwrite=False):
+    """Pretrain, fine-tune six ways, write figures; returns the summary dict (rows, pretraining, samples).
+
+    log(text), when given, receives a line of progress at each stage. Finished
+    runs in out_dir are reused and interrupted ones resumed; one made with
+    other settings is refused (ValueError) unless overwrite.
+    """
+    log = log or (lambda text: None)
+    t0 = time.perf_counter()
+    check_writable(out_dir)
+    pre_config = PretrainConfig.fast() if fast else PretrainConfig()
+    runs = _finetune_configs(pre_config.model, task, fast, log)  # every run's data checked before any work
+    pre_dir = os.path.join(out_dir, "pretrain")
+    params, model_config, pre_summary = load_or_pretrain(pre_config, pre_dir, backend, overwrite)
+    if pre_summary is None:
+        log(f"reusing the pretrained model in {pre_dir}")
+    else:
+        resumed = f" (resumed from step {pre_summary['resumed_from']})" if pre_summary["resumed_from"] else ""
+        log(f"pretrained{resumed} in {pre_summary['wall_s']:.0f} s: val loss {pre_summary['val_loss']:.4f} "
+            f"nats/char, entropy floor {pre_summary['floor']:.4f}, bigram {pre_summary['bigram_loss']:.4f}")
+    val_data = corpus_val_data(100 if fast else pre_config.n_val_sentences, pre_config.data_seed)
+    grammatical, samples = sample_report(params, model_config, n=20 if fast else 200)
+    log(f"samples from the pretrained model ({100 * grammatical:.0f}% of {len(samples)} are sentences "
+        "of the toy language):\n" + "\n".join(f"  {s}" for s in samples[:5]))
+    rows, logs = [], {}
+    for config, data in runs:
+        t, method = config.task, config.method
+        run_dir = os.path.join(out_dir, f"finetune-{t}-{method}")
+        summary = _finetune_run(params, model_config, config, data, run_dir, val_data, overwrite, log)
+        rows.append(summary)
+        logs[(t, method)] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
+        log(f"[{method}] {t}: metric {summary['metric_before']:.3f} -> {summary['metric']:.3f}, "
+            f"corpus loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}")
     result = {"rows": rows, "pretrain": pre_summary, "grammatical_fraction": grammatical, "samples": samples[:10],
               "wall_s": time.perf_counter() - t0}
     os.makedirs(out_dir, exist_ok=True)

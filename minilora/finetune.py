@@ -9,21 +9,27 @@ A strategy is only (a) which extra parameters exist and (b) which names are trai
     (a classification task adds cls.W, cls.b, trainable under every method)
 
 Everything else, the forward, the backward, the optimizer and the loop, is shared.
+
+Every setting is checked against the data before any work (load_data): each
+record fits the context, the LoRA rank fits every adapted matrix, the soft
+prompt and the longest record fit the context together.
 """
 
 import hashlib
+import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from . import corpus, tasks
 from .evaluation import classification_accuracy, exact_match, strided_val_loss
-from .lora import LoraConfig, add_lora, count_report, lora_names
-from .model import add_head, count_params
+from .lora import LoraConfig, adapted_layers, add_lora, base_fingerprint, count_report, lora_names, save_adapter
+from .model import add_head, count_params, param_shapes
 from .optim import optimizer_state_bytes
 from .prompt import add_prompt
+from .runs import ADAPTER, LOG, SUMMARY
 from .train import TrainConfig, train
 
 METHODS = ("full", "lora", "prompt")
@@ -59,7 +65,11 @@ class FinetuneConfig:
         if self.train is None:
             self.train = TrainConfig(steps=600, batch_size=16, lr=DEFAULT_LR[self.method],
                                      min_lr=DEFAULT_LR[self.method] / 10, warmup_steps=20,
-                                     weight_decay=0.0, eval_every=100)
+                                     weight_decay=0.0, eval_every=100, checkpoint_every=100)
+        for name in ("n_train", "n_test"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
 
     @property
     def is_classification(self):
@@ -88,11 +98,15 @@ def setup_strategy(base_params, model_config, config, n_classes=None):
     return params, model_config, trainable
 
 
-def load_records(config):
-    """(train_records, test_records, class_names or None) for a config."""
+def load_records(config, context_length=None):
+    """(train_records, test_records, class_names or None) for a config.
+
+    With context_length, every record must fit it: a file's records are
+    checked as they are read (an error names the line), a task's after.
+    """
+    kind = "classification" if config.is_classification else "instruction"
     if config.data_file is not None:
-        kind = "classification" if config.is_classification else "instruction"
-        records = tasks.load_jsonl(config.data_file, kind)
+        records = tasks.load_jsonl(config.data_file, kind, context_length)
         if len(records) < 2:
             raise ValueError(f"data_file: expected at least 2 records (some to train on, some to test), "
                              f"got {len(records)}")
@@ -104,7 +118,54 @@ def load_records(config):
         names = sorted({r["label"] for r in records}) if config.is_classification else None
         return train_records, test_records, names
     train_records, test_records = tasks.task_splits(config.task, config.n_train, config.n_test, config.seed)
+    if context_length is not None:
+        tasks.check_records_fit(train_records + test_records, kind, context_length, where=f"task {config.task}")
     return train_records, test_records, list(tasks.CLASS_NAMES) if config.is_classification else None
+
+
+def check_settings(model_config, config, train_records, test_records):
+    """Raise ValueError, naming the setting, unless config makes sense for this model and data.
+
+    - rank: at most min(out, in) of every adapted W (a larger rank is not low-rank)
+    - n_prompt: the soft prompt and the longest record fit the context together
+    - batch_size: at most the number of training records
+    """
+    if config.method == "lora":
+        shapes = param_shapes(model_config)
+        for prefix in adapted_layers(model_config, config.lora):
+            d_out, d_in = shapes[prefix + ".W"]
+            if config.lora.rank > min(d_out, d_in):
+                raise ValueError(f"rank: expected at most min(out, in) = {min(d_out, d_in)} for {prefix}.W "
+                                 f"{(d_out, d_in)} (a larger rank is no longer low-rank), got {config.lora.rank}")
+    if config.method == "prompt":
+        kind = "classification" if config.is_classification else "instruction"
+        longest = max(tasks.record_positions(r, kind) for r in train_records + test_records)
+        room = model_config.context_length - longest
+        if config.n_prompt > room:
+            raise ValueError(f"n_prompt: expected at most context_length - longest record = "
+                             f"{model_config.context_length} - {longest} = {room} soft-prompt vectors, "
+                             f"got {config.n_prompt}")
+    B = config.train.batch_size
+    if len(train_records) < B:
+        raise ValueError(f"batch_size: expected at most the {len(train_records)} training records, got {B}")
+
+
+def load_data(model_config, config):
+    """load_records with every record checked against the context, then check_settings: all before any work.
+
+    Returns (train_records, test_records, class_names or None).
+    """
+    train_records, test_records, class_names = load_records(config, model_config.context_length)
+    check_settings(model_config, config, train_records, test_records)
+    return train_records, test_records, class_names
+
+
+def run_meta(base_params, model_config, config, class_names):
+    """What every checkpoint of a fine-tuning run stores about it; a resume must match it exactly."""
+    ft_config = replace(model_config, lora=config.lora) if config.method == "lora" else model_config
+    return {"kind": "finetune", "model": ft_config.to_dict(), "method": config.method, "task": config.task,
+            "finetune": run_description(config), "class_names": class_names,
+            "base_fingerprint": base_fingerprint(base_params)}
 
 
 def score(params, model_config, records, class_names, end="\n"):
@@ -114,28 +175,28 @@ def score(params, model_config, records, class_names, end="\n"):
     return exact_match(params, model_config, records, end=end)[0]
 
 
-def finetune(base_params, model_config, config, run_dir=None, val_data=None):
+def finetune(base_params, model_config, config, run_dir=None, val_data=None, resume=None, data=None):
     """Fine-tune with one strategy and score it.
 
     Inputs:
     - base_params: the pretrained weights (left unchanged)
     - model_config: their ModelConfig
     - config: FinetuneConfig
-    - run_dir: where to write log.jsonl and checkpoint.npz
+    - run_dir: where to write log.jsonl and checkpoint.npz, and at the end
+      summary.json (and adapter.npz for LoRA)
     - val_data: pretraining-corpus validation tokens, to measure forgetting
+    - resume: a checkpoint of this same run to continue (see train.check_resume)
+    - data: what load_data(model_config, config) returned, if already called
 
     Returns (params, model_config, trainable, summary): the fine-tuned model,
     the config it now comes with (LoRA settings included), the names that
     were trained, and a summary dict (the parameter report under "report").
     """
-    train_records, test_records, class_names = load_records(config)
+    train_records, test_records, class_names = data or load_data(model_config, config)
     n_classes = len(class_names) if class_names else None
     params, ft_config, trainable = setup_strategy(base_params, model_config, config, n_classes)
     report = count_report(params, trainable, ft_config)
-    B = config.train.batch_size
-    if len(train_records) < B:
-        raise ValueError(f"batch_size: expected at most the {len(train_records)} training records, got {B}")
-    batches = tasks.RecordBatches(train_records, B, model_config.context_length, class_names,
+    batches = tasks.RecordBatches(train_records, config.train.batch_size, model_config.context_length, class_names,
                                   config.train_on_prompt, config.end_marker)
 
     # the pretrained model's task score and corpus loss, before any fine-tuning
@@ -143,11 +204,10 @@ def finetune(base_params, model_config, config, run_dir=None, val_data=None):
     metric_before = score(before_params, before_config, test_records, class_names, config.end_marker)
     val_before = strided_val_loss(base_params, model_config, val_data) if val_data is not None else None
 
-    meta = {"kind": "finetune", "model": ft_config.to_dict(), "method": config.method, "task": config.task,
-            "finetune": run_description(config), "class_names": class_names}
+    meta = run_meta(base_params, model_config, config, class_names)
     t0 = time.perf_counter()
     history, state = train(params, trainable, ft_config, batches, config.train, run_dir=run_dir, meta=meta,
-                           desc=f"finetune {config.method}")
+                           resume=resume, desc=f"finetune {config.method}")
     wall = time.perf_counter() - t0
     metric = score(params, ft_config, test_records, class_names, config.end_marker)
     val_after = strided_val_loss(params, ft_config, val_data) if val_data is not None else None
@@ -159,9 +219,47 @@ def finetune(base_params, model_config, config, run_dir=None, val_data=None):
         "metric_before": metric_before, "metric": metric,
         "val_loss_before": val_before, "val_loss_after": val_after,
         "forgetting": (val_after - val_before) if val_data is not None else None,
-        "final_train_loss": history[-1]["train_loss"], "wall_s": wall, "steps": config.train.steps,
+        "final_train_loss": history[-1]["train_loss"] if history else _last_logged_loss(run_dir),
+        "wall_s": wall, "steps": config.train.steps,
+        "config": describe(config), "base_fingerprint": meta["base_fingerprint"],
     }
+    if run_dir is not None:
+        if config.method == "lora":
+            save_adapter(os.path.join(run_dir, ADAPTER), params, trainable, ft_config, base_params,
+                         {"finetune": meta["finetune"]})
+        with open(os.path.join(run_dir, SUMMARY), "w") as f:  # last: a run with a summary is finished
+            json.dump(summary, f, indent=1)
     return params, ft_config, trainable, summary
+
+
+def _last_logged_loss(run_dir):
+    """The last train_loss in run_dir's log (a run resumed at its final step trains no step itself)."""
+    if run_dir is None or not os.path.exists(os.path.join(run_dir, LOG)):
+        return None
+    with open(os.path.join(run_dir, LOG)) as f:
+        losses = [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
+    return losses[-1] if losses else None
+
+
+def describe(config):
+    """Everything that defines a fine-tuning run (its split, its strategy, its training), as JSON."""
+    return json.loads(json.dumps({"finetune": run_description(config), "train": asdict(config.train),
+                                  "lora": asdict(config.lora) if config.method == "lora" else None}))
+
+
+def finished_summary(run_dir, base_params, config):
+    """run_dir's summary.json when that run finished with exactly this config on these base weights; else None."""
+    path = os.path.join(run_dir, SUMMARY)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if summary.get("config") != describe(config) or summary.get("base_fingerprint") != base_fingerprint(base_params):
+        return None
+    return summary
 
 
 def run_description(config):

@@ -27,21 +27,32 @@ def read_log(path):
     - path: the log file
 
     Returns a list of dicts, one per non-blank line, in file order. Raises
-    ValueError naming the path and the line number of a line that is not a
-    JSON object.
+    ValueError naming the path, and the line number of a line that is not a
+    JSON object or whose "step", "train_loss" or "val_loss" is not a number.
     """
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got invalid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = f.read().split("\n")  # "\n" only: U+2028 may sit inside a JSON string
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"{path}: expected a readable JSON-lines run log, got {reason}") from e
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {lineno}: expected a JSON object, got invalid JSON ({e.msg})") from e
+        except RecursionError as e:
+            raise ValueError(f"{path}, line {lineno}: expected a JSON object, got one nested too deeply") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+        for key in ("step", "train_loss", "val_loss"):
+            value = record.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}, line {lineno}: expected a number for {key!r}, got {value!r:.40}")
+        records.append(record)
     return records
 
 

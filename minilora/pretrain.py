@@ -17,8 +17,8 @@ from .backend import get_backend
 from .checkpoint import load_checkpoint
 from .evaluation import strided_val_loss
 from .model import ModelConfig, init_params, params_to
-from .runs import load_model
-from .train import TrainConfig, train
+from .runs import CHECKPOINT, load_model
+from .train import TrainConfig, resume_problem, train
 
 
 @dataclass
@@ -60,35 +60,49 @@ class WindowBatches:
         return random_windows(self.data, self.batch_size, self.context_length, rng)
 
 
-def load_or_pretrain(config=None, run_dir="runs/pretrain", backend=None):
-    """Reuse run_dir's finished pretraining run when it was made with this config; else pretrain now.
+def pretrain_meta(config, text_file=None, floor=None):
+    """What every checkpoint of a pretraining run stores about it; a resume must match it exactly."""
+    return {"kind": "pretrain", "model": config.model.to_dict(), "floor": floor,
+            "corpus": "toy grammar" if text_file is None else os.path.basename(str(text_file)),
+            "pretrain": {k: v for k, v in asdict(config).items() if k not in ("model", "train")}}
 
-    Returns (params, model_config, summary): summary is None when a run was reused.
+
+def load_or_pretrain(config=None, run_dir="runs/pretrain", backend=None, overwrite=False):
+    """Reuse run_dir's pretraining run when it was made with this config, finish it if it was interrupted,
+    else pretrain now.
+
+    A run_dir holding a different run's checkpoint is refused (ValueError)
+    unless overwrite; a log without a checkpoint (a run stopped before its
+    first save) holds nothing to keep and is started over.
+    Returns (params, model_config, summary): summary is None when a finished
+    run was reused; its "resumed_from" is the step an interrupted run resumed
+    from (None when it started afresh).
     """
     config = config or PretrainConfig()
-    ckpt = os.path.join(run_dir, "checkpoint.npz")
+    ckpt = os.path.join(run_dir, CHECKPOINT)
+    resume = None
     if os.path.exists(ckpt):
         _, meta, _ = load_checkpoint(ckpt)
-        if (meta.get("kind") == "pretrain" and meta.get("corpus") == "toy grammar"
-                and meta.get("model") == config.model.to_dict() and meta.get("step") == config.train.steps):
-            params, model_config, _ = load_model(ckpt, get_backend(backend))
-            return params, model_config, None
-    params, summary = pretrain(config, run_dir=run_dir, backend=backend)
+        if resume_problem(meta, config.train, pretrain_meta(config, floor=corpus.entropy_per_char())) is None:
+            if meta["step"] == config.train.steps:
+                params, model_config, _ = load_model(ckpt, get_backend(backend))
+                return params, model_config, None
+            resume = ckpt
+        elif not overwrite:
+            raise ValueError(f"run_dir: {run_dir} holds another pretraining run than this one (step "
+                             f"{meta.get('step')}, model {meta.get('model')}); give another folder (--out), or "
+                             f"overwrite it (--overwrite)")
+    params, summary = pretrain(config, run_dir=run_dir, backend=backend, resume=resume)
+    summary["resumed_from"] = meta["step"] if resume else None
     return params, config.model, summary
 
 
-def pretrain(config=None, run_dir="runs/pretrain", text_file=None, backend=None, resume=None):
-    """Pretrain from scratch (or resume) and write run_dir/checkpoint.npz and log.jsonl.
+def pretrain_data(config, text_file=None):
+    """The token streams pretraining reads, checked: (train_data, val_data, train_text, val_text, floor).
 
-    Inputs:
-    - config: PretrainConfig (defaults: the toy corpus, sized for a laptop CPU)
-    - text_file: pretrain on this text instead of the toy corpus (90% train, 10% val)
-    - backend: "numpy" or "cupy" (None: MINILORA_BACKEND or numpy)
-
-    Returns (params, summary dict with the losses, the floor and the wall time).
+    The toy corpus (floor: its exact entropy), or text_file split 90% / 10%
+    (floor None). Raises ValueError, before any work, when a text is unusable.
     """
-    config = config or PretrainConfig()
-    xp = get_backend(backend)
     tok = corpus.CharTokenizer()
     if text_file is None:
         train_text, val_text = corpus.train_val_text(config.n_train_sentences, config.n_val_sentences,
@@ -104,20 +118,38 @@ def pretrain(config=None, run_dir="runs/pretrain", text_file=None, backend=None,
         if len(text) < T + 2:
             raise ValueError(f"text_file: expected at least {T + 2} characters of {name} text "
                              f"(context_length={T}), got {len(text)}")
-    train_data, val_data = tok.encode(train_text), tok.encode(val_text)
+    return tok.encode(train_text), tok.encode(val_text), train_text, val_text, floor
+
+
+def pretrain(config=None, run_dir="runs/pretrain", text_file=None, backend=None, resume=None, data=None):
+    """Pretrain from scratch (or resume) and write run_dir/checkpoint.npz and log.jsonl.
+
+    Inputs:
+    - config: PretrainConfig (defaults: the toy corpus, sized for a laptop CPU)
+    - text_file: pretrain on this text instead of the toy corpus (90% train, 10% val)
+    - backend: "numpy" or "cupy" (None: MINILORA_BACKEND or numpy)
+    - resume: a checkpoint of this same run to continue (see train.check_resume)
+    - data: what pretrain_data(config, text_file) returned, if already called
+
+    Returns (params, summary dict with the losses, the floor and the wall time).
+    """
+    config = config or PretrainConfig()
+    xp = get_backend(backend)
+    train_data, val_data, train_text, val_text, floor = data or pretrain_data(config, text_file)
+    T = config.model.context_length
     params = params_to(init_params(config.model, config.init_seed), xp)
     mc = config.model
     batches = WindowBatches(train_data, config.train.batch_size, T)
     evaluate = partial(_val_loss_metrics, config=mc, data=val_data)
-    meta = {"kind": "pretrain", "model": mc.to_dict(), "floor": floor,
-            "corpus": "toy grammar" if text_file is None else os.path.basename(str(text_file)),
-            "pretrain": {k: v for k, v in asdict(config).items() if k not in ("model", "train")}}
+    meta = pretrain_meta(config, text_file, floor)
     t0 = time.perf_counter()
     history, _ = train(params, list(params), mc, batches, config.train, evaluate, run_dir, meta,
                        resume=resume, desc="pretrain")
     wall = time.perf_counter() - t0
-    summary = {"steps": config.train.steps, "wall_s": wall, "val_loss": history[-1].get("val_loss") if history
-               else None, "floor": floor, "bigram_loss": corpus.bigram_loss(train_text, val_text)}
+    # a resume at the final step trains nothing: measure the checkpoint's loss instead
+    val_loss = history[-1]["val_loss"] if history else evaluate(params)["val_loss"]
+    summary = {"steps": config.train.steps, "wall_s": wall, "val_loss": val_loss, "floor": floor,
+               "bigram_loss": corpus.bigram_loss(train_text, val_text)}
     return params, summary
 
 

@@ -10,9 +10,15 @@ A run folder holds what one command wrote:
 an adapter file. The config stored with the arrays describes them whole
 (LoRA settings included), and every array's name and shape is checked
 against it before anything is returned.
+
+No run overwrites another: `free_run_dir` picks a folder name that holds no
+run yet (a counter after the name), and `prepare_run_dir` refuses a folder
+that already holds one unless the caller resumes or overwrites it, and checks
+that the folder can be written before any work starts.
 """
 
 import os
+import tempfile
 
 from .backend import get_backend
 from .checkpoint import check_params_match, load_checkpoint
@@ -21,6 +27,53 @@ from .model import ModelConfig, param_shapes, params_to
 
 CHECKPOINT = "checkpoint.npz"
 ADAPTER = "adapter.npz"
+LOG = "log.jsonl"
+SUMMARY = "summary.json"
+# What a run writes; a folder holding a checkpoint or a log is a run.
+RUN_FILES = (CHECKPOINT, LOG, SUMMARY, ADAPTER)
+
+
+def is_run_dir(path):
+    """True when path is a folder that holds a run (a checkpoint or a log)."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in (CHECKPOINT, LOG))
+
+
+def free_run_dir(base):
+    """base, or base-2, base-3, ... : the first of them that holds no run."""
+    path, n = base, 1
+    while is_run_dir(path) or os.path.isfile(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def check_writable(path, option="--out"):
+    """Create the folder path (and its parents) and a temporary file in it; ValueError naming option if it fails."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ValueError(f"{option}: cannot write to the folder {str(path)!r}: {reason}") from e
+
+
+def prepare_run_dir(path, resume=False, overwrite=False, option="--out"):
+    """Make path ready to hold a run, before any work starts.
+
+    Refuses (ValueError naming option) a folder that already holds a run,
+    unless resume (the run continues there) or overwrite (its run files,
+    RUN_FILES, are deleted now) is set, and a folder that cannot be written.
+    """
+    if is_run_dir(path) and not (resume or overwrite):
+        held = [f for f in (CHECKPOINT, LOG) if os.path.exists(os.path.join(path, f))]
+        raise ValueError(f"{option}: {str(path)!r} already holds a run ({', '.join(held)}); give --resume to "
+                         f"continue it, --overwrite to replace it, or another {option}")
+    check_writable(path, option)
+    if overwrite and not resume:
+        for f in RUN_FILES:
+            if os.path.exists(os.path.join(path, f)):
+                os.remove(os.path.join(path, f))
 
 
 def checkpoint_path(path, name=CHECKPOINT):

@@ -168,37 +168,81 @@ def _check_record_fields(record, kind):
     return None
 
 
-def load_jsonl(path, kind):
+def record_positions(record, kind):
+    """How many positions of the context a record takes: the tokens the model reads.
+
+    An instruction record is trained on prompt + output + "\\n" shifted by one, so
+    the model reads len(prompt) + len(output) positions; a classification record
+    reads its text.
+    """
+    if kind == "instruction":
+        return len(format_prompt(record["instruction"], record.get("input", ""))) + len(record["output"])
+    return len(record["text"])
+
+
+def _fit_problem(record, kind, context_length, n_prompt=0):
+    """What keeps a record from fitting the context (with n_prompt soft-prompt vectors before it), or None."""
+    n = record_positions(record, kind)
+    if kind == "classification" and n == 0:
+        return "key 'text' is empty; a classifier needs at least one character to read"
+    if n_prompt + n > context_length:
+        what = ("the prompt template, instruction, input and output" if kind == "instruction" else "its text")
+        prompt = f" after {n_prompt} soft-prompt vectors" if n_prompt else ""
+        return (f"the record takes {n} positions ({what}){prompt}, more than the model's "
+                f"context_length {context_length}{' - ' + str(n_prompt) if n_prompt else ''}; shorten it")
+    return None
+
+
+def check_records_fit(records, kind, context_length, n_prompt=0, where="records"):
+    """Raise ValueError naming the first record (where[i]) that does not fit the context; see _fit_problem."""
+    for i, record in enumerate(records):
+        problem = _fit_problem(record, kind, context_length, n_prompt)
+        if problem is not None:
+            raise ValueError(f"{where}[{i}]: {problem}")
+
+
+def load_jsonl(path, kind, context_length=None, n_prompt=0):
     """Read fine-tuning records from a JSON-lines file, one JSON object per line.
 
     Inputs:
-    - path: str or os.PathLike.
+    - path: str or os.PathLike of a UTF-8 file (a byte-order mark at its start is
+      allowed). Lines end at "\\n" only: U+2028 and U+2029 are valid inside a
+      JSON string, so they do not split a line.
     - kind: "instruction" (keys "instruction", "output" and optional "input") or
       "classification" (keys "text", "label"). All values are strings.
+    - context_length: when given, every record must fit it (after n_prompt
+      soft-prompt vectors), so a record too long fails here, named by its line,
+      before any training.
 
     Returns:
     - records: list of dicts; instruction records always have "input" ("" if absent).
       Blank lines are skipped.
+    Raises ValueError naming the file and line of the first bad record.
     """
     if kind not in _FIELDS:
         raise ValueError(f"load_jsonl: kind must be one of {list(_FIELDS)}, got {kind!r}")
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"load_jsonl: cannot read path {str(path)!r} as UTF-8 text: {e}") from e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"load_jsonl: cannot read path {str(path)!r} as UTF-8 text: {reason}") from e
     records = []
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = f"load_jsonl: {str(path)!r} line {line_number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"load_jsonl: {str(path)!r} line {line_number}: not valid JSON: {e.msg} "
-                             f"at column {e.colno}") from e
+            raise ValueError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from e
+        except RecursionError as e:
+            raise ValueError(f"{where}: not a record: nested too deeply") from e
         problem = _check_record_fields(record, kind)
+        if problem is None and context_length is not None:
+            problem = _fit_problem(record, kind, context_length, n_prompt)
         if problem is not None:
-            raise ValueError(f"load_jsonl: {str(path)!r} line {line_number}: {problem}")
+            raise ValueError(f"{where}: {problem}")
         if kind == "instruction":
             record.setdefault("input", "")
         records.append(record)

@@ -6,21 +6,31 @@
         clip the global gradient norm
         AdamW on the trainable names (the frozen ones have no state and no gradient)
         every eval_every steps: evaluate(params), log; every checkpoint_every: save
+        SIGINT / SIGTERM received: save, raise Interrupted
 
 What a strategy changes is only `params` (which extra names exist) and
 `trainable` (which names get gradients); this loop does not know which one runs.
+
+No lost work: a checkpoint holds the parameters, the optimizer moments, the
+step and the RNG state, so `resume` continues exactly where an uninterrupted
+run would be (or is refused, see check_resume). A first SIGINT or SIGTERM
+asks the loop to stop at the next step boundary, after a checkpoint; a second
+one stops at once.
 """
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backend import array_module, to_device
+from .backend import array_module, to_device, to_numpy
 from .model import loss_and_grads
 from .checkpoint import atomic_open, load_checkpoint, save_checkpoint
 from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at, state_from_arrays, state_to_arrays
@@ -28,6 +38,29 @@ from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at, state_from_arr
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training.
+
+    A KeyboardInterrupt, so that no `except Exception` swallows it. Attributes:
+    - signum: the signal (signal.SIGINT or signal.SIGTERM)
+    - step: the step the checkpoint holds (None: stopped at once, by a second signal)
+    - checkpoint: the checkpoint written at that step (None: nothing was written)
+    - exit_code: 128 + signum, what a shell reports for that signal (130, 143)
+    """
+
+    def __init__(self, signum, step=None, checkpoint=None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + int(signum)
+        name = signal.Signals(signum).name
+        if step is None:
+            what = "a second signal: stopped at once, without saving"
+        elif checkpoint is None:
+            what = f"stopped after step {step}, nothing saved (no run folder)"
+        else:
+            what = f"stopped after step {step}, checkpoint saved to {checkpoint}"
+        super().__init__(f"{name}: {what}")
 
 
 @dataclass
@@ -41,7 +74,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     eval_every: int = 100  # steps between evaluations (and at the last step)
-    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end, and every checkpoint_seconds)
+    checkpoint_seconds: float = 120.0  # also save when this much time has passed since the last save (0: never)
     seed: int = 0  # batches and dropout
 
     def __post_init__(self):
@@ -53,7 +87,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "checkpoint_seconds"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
@@ -74,6 +108,92 @@ def _truncate_log(path, step):
         f.writelines(lines)
 
 
+# What a resumed run may change: how long it runs and how often it evaluates or
+# saves. Everything else shapes the trajectory, so it must be what the checkpoint had.
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "checkpoint_seconds")
+
+
+def _jsonable(x):
+    """x as it reads back from a checkpoint's JSON (tuples become lists, ...)."""
+    return json.loads(json.dumps(x, default=lambda v: v.item()))
+
+
+def _differences(saved, wanted, prefix=""):
+    """'key: saved here vs wanted' for every key whose value differs (nested dicts expanded)."""
+    out = []
+    for key in sorted(set(saved) | set(wanted), key=str):
+        a, b = saved.get(key, "(absent)"), wanted.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def resume_problem(saved_meta, config, meta=None):
+    """Why a checkpoint's metadata cannot continue a run of config and meta exactly; None if it can.
+
+    Inputs:
+    - saved_meta: the meta dict of the checkpoint (load_checkpoint's second value)
+    - config: the TrainConfig of the run that would continue it
+    - meta: the run's description that train() stores in every checkpoint
+    """
+    if not {"step", "rng", "train"} <= set(saved_meta):
+        return "it is not a training checkpoint (it has no step, RNG state or training settings)"
+    step = saved_meta["step"]
+    if step > config.steps:
+        return (f"it holds step {step}, more than the {config.steps} steps asked for; give --steps {step} "
+                f"or more to continue it (the checkpoint is left as it was)")
+    wanted = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    had = {k: v for k, v in saved_meta["train"].items() if k not in RESUMABLE_CHANGES}
+    diff = _differences(had, _jsonable(wanted))
+    diff += _differences({k: saved_meta.get(k, "(absent)") for k in (meta or {})}, _jsonable(meta or {}))
+    if diff:
+        return ("it was made with other settings, so a resumed run would not be the run it continues: "
+                + "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else ""))
+    return None
+
+
+def check_resume(path, config, meta=None):
+    """Raise ValueError unless the checkpoint at path can continue this run exactly (see resume_problem).
+
+    Reads only; the checkpoint is left as it was. Returns its metadata.
+    """
+    _, saved_meta, _ = load_checkpoint(path)
+    problem = resume_problem(saved_meta, config, meta)
+    if problem is not None:
+        raise ValueError(f"resume: {path}: {problem}")
+    return saved_meta
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """While active, SIGINT and SIGTERM ask training to stop at the next step boundary.
+
+    Yields a list that collects the signal numbers received. A second signal
+    raises Interrupted at once, wherever the loop is (a checkpoint being written
+    is then abandoned whole: atomic_open removes its temporary file). The
+    previous handlers come back on exit. Outside the main thread, where Python
+    cannot set handlers, nothing is installed and the list stays empty.
+    """
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        if len(received) > 1:
+            raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 def train(params, trainable, model_config, batches, config, evaluate=None, run_dir=None, meta=None,
           resume=None, desc="train"):
     """Train the trainable names of params in place.
@@ -91,12 +211,16 @@ def train(params, trainable, model_config, batches, config, evaluate=None, run_d
       the log header and in every checkpoint
     - resume: a checkpoint path to continue from (its step, parameters,
       optimizer moments and RNG state); the run then ends exactly where an
-      uninterrupted run would have
+      uninterrupted run would have. Refused (ValueError, nothing written) when
+      the checkpoint holds more steps than config.steps or was made with other
+      settings (see resume_problem); its frozen weights must equal params'.
 
-    Returns (history, state): the log records (one per step) and the optimizer
-    state, which holds moments for the trainable names only.
+    Returns (history, state): the log records (one per step of this call) and
+    the optimizer state, which holds moments for the trainable names only.
     Raises TrainingDiverged if the loss stops being finite; the last checkpoint
-    on disk is then the last good one.
+    on disk is then the last good one. Raises Interrupted after SIGINT or
+    SIGTERM, with the checkpoint it wrote at the next step boundary; the
+    signal handlers in place before the call are restored.
     """
     trainable = sorted(trainable)
     rng = np.random.default_rng(config.seed)
@@ -109,54 +233,86 @@ def train(params, trainable, model_config, batches, config, evaluate=None, run_d
         log_path = os.path.join(run_dir, "log.jsonl")
     if resume is not None:
         saved, saved_meta, arrays = load_checkpoint(resume)
-        for name, a in saved.items():
-            if name not in params or params[name].shape != a.shape:
-                raise ValueError(f"resume: {resume} holds {name} {a.shape}, which this model does not have")
-            params[name][...] = to_device(a, array_module(params[name]))  # in place: same arrays, same device
+        problem = resume_problem(saved_meta, config, meta)
+        if problem is None:
+            problem = _params_problem(saved, params, trainable)
+        if problem is not None:
+            raise ValueError(f"resume: {resume}: {problem}")
+        for name in trainable:
+            params[name][...] = to_device(saved[name], array_module(params[name]))  # in place: same arrays
         state = state_from_arrays(arrays, params)
         rng.bit_generator.state = saved_meta["rng"]
         start = int(saved_meta["step"])
-        if log_path is not None and os.path.exists(log_path):
+    if log_path is not None:
+        if resume is not None and os.path.exists(log_path):
             _truncate_log(log_path, start)
-    elif log_path is not None:
-        open(log_path, "w").close()
-        _write_log(log_path, {"meta": {**(meta or {}), "train": asdict(config), "trainable": trainable}})
+        else:
+            open(log_path, "w").close()
+            _write_log(log_path, {"meta": {**(meta or {}), "train": asdict(config), "trainable": trainable}})
+    last_save = time.perf_counter()
 
     def save(step):
+        nonlocal last_save
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, params, {**(meta or {}), "step": step, "train": asdict(config),
                                                 "rng": rng.bit_generator.state}, state_to_arrays(state))
+        last_save = time.perf_counter()
 
     history = []
     t0 = time.perf_counter()
     tokens = 0
     bar = tqdm(total=config.steps, initial=start, desc=desc, disable=None, dynamic_ncols=True, leave=False)
-    for step in range(start, config.steps):
-        lr = lr_at(step, config.lr, config.warmup_steps, config.steps, config.min_lr)
-        batch = batches.sample(rng)
-        loss, grads = loss_and_grads(params, model_config, batch, trainable, rng, train=True)
-        if not math.isfinite(loss):
-            bar.close()
-            kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path) \
-                else "no checkpoint was written"
-            raise TrainingDiverged(f"step {step}: the loss is {loss} at learning rate {config.lr:g}; {kept}. "
-                                   f"A lower learning rate (e.g. {config.lr / 3:.2g}) usually helps")
-        if config.grad_clip > 0:
-            clip_grad_norm(grads, config.grad_clip)
-        adamw_step(params, grads, state, lr, beta2=config.beta2, weight_decay=config.weight_decay)
-        tokens += int(batch["x"].size)
-        elapsed = time.perf_counter() - t0
-        record = {"step": step + 1, "train_loss": loss, "lr": lr,
-                  "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
-        if evaluate is not None and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-            record.update(evaluate(params))
-        history.append(record)
-        if log_path is not None:
-            _write_log(log_path, record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save(step + 1)
-    bar.close()
-    save(config.steps)
+    with _stop_requests() as received:
+        for step in range(start, config.steps):
+            lr = lr_at(step, config.lr, config.warmup_steps, config.steps, config.min_lr)
+            batch = batches.sample(rng)
+            loss, grads = loss_and_grads(params, model_config, batch, trainable, rng, train=True)
+            if not math.isfinite(loss):
+                bar.close()
+                kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path) \
+                    else "no checkpoint was written"
+                raise TrainingDiverged(f"step {step}: the loss is {loss} at learning rate {config.lr:g}; {kept}. "
+                                       f"A lower learning rate (e.g. {config.lr / 3:.2g}) usually helps")
+            if config.grad_clip > 0:
+                clip_grad_norm(grads, config.grad_clip)
+            adamw_step(params, grads, state, lr, beta2=config.beta2, weight_decay=config.weight_decay)
+            tokens += int(batch["x"].size)
+            elapsed = time.perf_counter() - t0
+            record = {"step": step + 1, "train_loss": loss, "lr": lr,
+                      "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
+            if evaluate is not None and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+                record.update(evaluate(params))
+            history.append(record)
+            if log_path is not None:
+                _write_log(log_path, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}",
+                            **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+            if step + 1 == config.steps:
+                break  # the final save is below; a signal during the last step lets the run finish
+            if received:  # a step boundary: save, then stop
+                save(step + 1)
+                bar.close()
+                raise Interrupted(received[0], step + 1, ckpt_path)
+            if ((config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
+                    or (config.checkpoint_seconds and time.perf_counter() - last_save >= config.checkpoint_seconds)):
+                save(step + 1)
+        bar.close()
+        if start < config.steps:
+            save(config.steps)  # a resume at the final step changes nothing, so writes nothing
     return history, state
+
+
+def _params_problem(saved, params, trainable):
+    """Why saved arrays cannot stand for params (other names or shapes, other frozen values); None if they can."""
+    for name in sorted(set(saved) | set(params)):
+        if name not in params or name not in saved or params[name].shape != saved[name].shape:
+            have = f"{name} {saved[name].shape}" if name in saved else f"no {name}"
+            want = f"{name} {params[name].shape}" if name in params else f"no {name}"
+            return f"it holds {have}, but this model has {want}"
+    trainable = set(trainable)
+    for name in sorted(set(params) - trainable):
+        if not np.array_equal(saved[name], to_numpy(params[name])):
+            return f"its frozen {name} differs from the one given (was it trained from another base model?)"
+    return None
+

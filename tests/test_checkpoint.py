@@ -112,8 +112,17 @@ def test_load_errors_are_clear(tmp_path):
         load_checkpoint(tmp_path / "single.npy")
 
     (tmp_path / "text.npz").write_text("not a zip at all")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="not a minilora checkpoint") as e:
         load_checkpoint(tmp_path / "text.npz")
+    assert "pickle" not in str(e.value)
+
+    # issue 13: `--checkpoint my.txt` passed on numpy's advice to load it with allow_pickle; never suggest unpickling
+    (tmp_path / "my.txt").write_text("hello\n")
+    np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object))
+    for name in ("my.txt", "objects.npz"):
+        with pytest.raises(ValueError, match="not a .*minilora checkpoint") as e:
+            load_checkpoint(tmp_path / name)
+        assert "allow_pickle" not in str(e.value) and "trust" not in str(e.value) and "\n" not in str(e.value)
 
     good = tmp_path / "good.npz"
     save_checkpoint(good, _params(), {"step": 1})

@@ -2,11 +2,12 @@
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
 
-from minilora import cli, finetune, ops
+from minilora import cli, finetune, ops, tasks
 from minilora.checkpoint import load_checkpoint
 
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
@@ -113,9 +114,40 @@ def test_unknown_lora_target_lists_valid_names(pretrained, capsys):
     assert "targets" in err and "'fc'" in err and "up" in err
 
 
-def test_demo_fast_runs_end_to_end(tmp_path, capsys):
-    assert cli.main(["demo", "--fast", "--out", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig")]) == 0
+def test_demo_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
+    # issue 13: a Ctrl-C in the demo's pretraining lost everything; now each stage resumes
+    from minilora import pretrain as pretrain_module, tasks
+
+    argv = ["demo", "--fast", "--out", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig")]
+    real_metrics, real_sample, calls = pretrain_module._val_loss_metrics, tasks.RecordBatches.sample, []
+
+    def metrics_then_ctrl_c(*args, **kwargs):  # pretraining's first evaluation, at step 5 of 10
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_metrics(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "_val_loss_metrics", metrics_then_ctrl_c)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "run the same command again to resume" in err
+    assert load_checkpoint(tmp_path / "runs/pretrain/checkpoint.npz")[1]["step"] == 5
+    monkeypatch.setattr(pretrain_module, "_val_loss_metrics", real_metrics)
+
+    def sample_with_ctrl_c(self, rng):  # "full" draws 6 batches; the 9th is step 3 of "lora"
+        calls.append(1)
+        if len(calls) == 9:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_sample(self, rng)
+
+    monkeypatch.setattr(tasks.RecordBatches, "sample", sample_with_ctrl_c)
+    assert cli.main(argv) == 130
+    assert "pretrained (resumed from step 5)" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "runs/finetune-subject-lora/checkpoint.npz")[1]["step"] == 3
+    monkeypatch.setattr(tasks.RecordBatches, "sample", real_sample)
+
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
+    assert "reusing the pretrained model" in out and "[full] subject: reusing the finished run" in out
+    assert "[lora] subject: resuming" in out and "from step 3" in out
     assert "trainable" in out and "corpus loss after" in out
     for name in ("pretrain_loss.png", "finetune_loss.png", "finetune_comparison.png",
                  "classification_comparison.png"):
@@ -124,6 +156,7 @@ def test_demo_fast_runs_end_to_end(tmp_path, capsys):
     assert [(r["task"], r["method"]) for r in rows] == [
         ("subject", "full"), ("subject", "lora"), ("subject", "prompt"),
         ("kind", "full"), ("kind", "lora"), ("kind", "prompt")]
+    assert all(r["steps"] == 6 for r in rows)
 
 
 def test_an_adapter_file_on_its_base_reproduces_the_runs_metric(pretrained, tmp_path, capsys):
@@ -191,3 +224,230 @@ def test_finetune_on_a_file_names_the_run_after_the_file(pretrained, tmp_path, c
                      "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "lora on mine:" in out and os.path.isdir(tmp_path / "runs" / "finetune-mine-lora")
+
+
+# -- issue 13: no lost work, no wrong result ------------------------------------------------------
+
+def _one_line_error(capsys, *expected):
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, (text, err)
+    return err
+
+
+def test_following_the_commands_a_second_finetune_never_overwrites_the_first(pretrained, tmp_path, capsys,
+                                                                              monkeypatch):
+    # issue 13: `finetune --data my.jsonl` overwrote runs/finetune-subject-lora, whose evaluate then gave 0.000
+    tasks.save_jsonl(tasks.make_instruction_records("plural", 30, seed=1), tmp_path / "my.jsonl")
+    monkeypatch.chdir(tmp_path)
+    common = ["--checkpoint", str(pretrained), "--steps", "2", "--batch-size", "4"]
+    assert cli.main(["finetune", "--method", "lora", "--task", "subject", *common]) == 0
+    assert "run: runs/finetune-subject-lora " in capsys.readouterr().out
+    first = (tmp_path / "runs/finetune-subject-lora/summary.json").read_bytes()
+    assert cli.main(["finetune", "--method", "lora", "--data", "my.jsonl", *common]) == 0
+    assert "lora on my:" in capsys.readouterr().out
+    assert cli.main(["finetune", "--method", "lora", "--task", "subject", *common, "--seed", "1"]) == 0
+    assert "run: runs/finetune-subject-lora-2 " in capsys.readouterr().out  # a counter, never the same folder
+    assert (tmp_path / "runs/finetune-subject-lora/summary.json").read_bytes() == first
+    assert cli.main(["evaluate", "runs/finetune-subject-lora"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith(f"{json.loads(first)['metric']:.3f}")
+    # an --out that holds a run is refused, left as it was, unless --overwrite
+    assert cli.main(["finetune", *common, "--out", "runs/finetune-subject-lora"]) == 2
+    _one_line_error(capsys, "--out: 'runs/finetune-subject-lora' already holds a run", "--overwrite", "--resume")
+    assert (tmp_path / "runs/finetune-subject-lora/summary.json").read_bytes() == first
+
+
+def test_pretraining_never_clobbers_a_run_and_resume_is_exact_or_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.txt").write_text("the cat sleeps near a big box.\n" * 60)
+    argv = ["pretrain", "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--text", "my.txt", *TINY]
+    assert cli.main(argv) == 0
+    ckpt = tmp_path / "runs/pretrain/checkpoint.npz"
+    before = ckpt.read_bytes()
+    assert cli.main(argv) == 2
+    _one_line_error(capsys, "--out: 'runs/pretrain' already holds a run")
+    # issue 13: --resume with fewer --steps crashed, and rewrote the step-4 weights as step 2
+    assert cli.main([*argv[:1], "--steps", "2", *argv[3:], "--resume", "runs/pretrain"]) == 2
+    _one_line_error(capsys, "--resume: runs/pretrain/checkpoint.npz: it holds step 4, more than the 2 steps",
+                    "--steps 4")
+    assert cli.main([*argv, "--lr", "0.01", "--resume", "runs/pretrain"]) == 2
+    _one_line_error(capsys, "other settings", "lr 0.003 in the checkpoint, 0.01 now")
+    assert ckpt.read_bytes() == before
+    assert cli.main([*argv[:1], "--steps", "6", *argv[3:], "--resume", "runs/pretrain"]) == 0
+    assert load_checkpoint(ckpt)[1]["step"] == 6
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert load_checkpoint(ckpt)[1]["step"] == 4
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any training or sampling fails the test: errors must come before the work starts."""
+    from minilora import finetune as finetune_module, pretrain as pretrain_module, sampling
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the input was checked")
+
+    for module, name in ((finetune_module, "finetune"), (pretrain_module, "pretrain"), (sampling, "decode")):
+        monkeypatch.setattr(module, name, work)
+
+
+def _bad_inputs(tmp):
+    tasks.save_jsonl(tasks.make_instruction_records("subject", 30, seed=1)
+                     + [{"instruction": "Name it.", "input": "x" * 130, "output": "x"}], tmp / "long.jsonl")
+    tasks.save_jsonl(tasks.make_instruction_records("subject", 30, seed=1), tmp / "ok.jsonl")
+    (tmp / "afile").write_text("")
+    (tmp / "my.txt").write_text("not a checkpoint\n")
+
+
+BAD = [  # (argv, what the one-line error names); {p}: the pretrained run, {t}: a temporary folder
+    (["finetune", "--rank", "1000"], "--rank: expected at most min(out, in) = 16"),
+    (["finetune", "--method", "prompt", "--n-prompt", "200"], "--n-prompt: expected at most context_length"),
+    (["finetune", "--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    (["finetune", "--batch-size", "-3"], "argument --batch-size"),
+    (["finetune", "--data", "{t}/ok.jsonl", "--batch-size", "64"], "--batch-size: expected at most the 27"),
+    (["finetune", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["finetune", "--data", "{t}/long.jsonl"], "long.jsonl' line 31: the record takes"),
+    (["finetune", "--out", "{t}/afile/run"], "--out: cannot write to the folder"),
+    (["finetune", "--out", "/proc/minilora-run"], "--out: cannot write to the folder"),
+    (["pretrain", "--out", "{t}/afile/run", *TINY], "--out: cannot write to the folder"),
+    (["pretrain", "--steps", "0"], "argument --steps"),
+    (["generate", "--num-samples", "0"], "argument --num-samples: expected an integer >= 1, got 0"),
+    (["generate", "--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1, got 0"),
+    (["generate", "--seed", "-1"], "argument --seed"),
+    (["generate", "--prompt", "café "], "--prompt: 'café ' has 1 distinct character(s) outside the vocabulary"),
+    (["generate", "--checkpoint", "{t}/my.txt"], "--checkpoint: '{t}/my.txt' is not a minilora checkpoint"),
+    (["evaluate", "{p}", "--data", "{t}/long.jsonl"], "long.jsonl' line 31"),
+    (["evaluate", "{p}", "--n-test", "0"], "unrecognized arguments: --n-test 0"),
+    (["--steps", "0", "finetune"], "argument --steps"),
+    (["plot", "{p}", "{p}/log.jsonl", "--out", "{t}/x.png"], "are the same log"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_naming_the_option_or_the_line_before_any_work(pretrained, tmp_path, capsys,
+                                                                              no_work, argv, expected):
+    _bad_inputs(tmp_path)
+    fill = lambda text: text.replace("{p}", str(pretrained)).replace("{t}", str(tmp_path))
+    argv = [fill(a) for a in argv]
+    if argv[0] in ("finetune", "generate") and "--checkpoint" not in argv:
+        argv += ["--checkpoint", str(pretrained)]
+    assert cli.main(argv) == 2
+    err = _one_line_error(capsys, fill(expected))
+    assert "allow_pickle" not in err and "Ã" not in err
+
+
+def test_a_non_ascii_or_backslashed_prompt(pretrained, capsys):
+    # issue 13: "café " reported mojibake ('©', 'Ã'); 'C:\Users\x' failed on a unicode-escape error
+    assert cli.main(["generate", "--checkpoint", str(pretrained), "--prompt", "café ", "--max-new-tokens", "2"]) == 2
+    assert "'é'" in _one_line_error(capsys, "--prompt")
+    assert cli.main(["generate", "--checkpoint", str(pretrained), "--prompt", "C:\\Users\\x",
+                     "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("C:\\Users\\x")
+
+
+def test_options_work_before_or_after_the_subcommand(pretrained, capsys):
+    for argv in (["--seed", "1", "--max-new-tokens", "3", "--temperature", "0", "generate", "--checkpoint",
+                  str(pretrained)],
+                 ["generate", "--checkpoint", str(pretrained), "--seed", "1", "--max-new-tokens", "3",
+                  "--temperature", "0"]):
+        assert cli.main(argv) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == second
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(pretrained, capsys, monkeypatch):
+    from minilora import sampling
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "decode", interrupted)
+    assert cli.main(["generate", "--checkpoint", str(pretrained)]) == 130
+    _one_line_error(capsys, "minilora generate: interrupted (SIGINT)")
+
+
+def test_evaluate_scores_a_data_run_on_its_own_held_out_records(pretrained, tmp_path, capsys):
+    # issue 13: evaluate on a --data run without --data scored the built-in task instead
+    data = tmp_path / "mine.jsonl"
+    tasks.save_jsonl(tasks.make_instruction_records("plural", 40, seed=1), data)
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "--checkpoint", str(pretrained), "--data", str(data), "--steps", "2",
+                     "--batch-size", "4", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run)]) == 0
+    summary = json.load(open(run / "summary.json"))
+    assert f"exact match on 4 held-out records: {summary['metric']:.3f}" in capsys.readouterr().out
+    with open(data, "a") as f:  # the file changed since: its held-out split is no longer the run's
+        f.write(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    assert cli.main(["evaluate", str(run)]) == 2
+    _one_line_error(capsys, "changed since the run was trained", "--data")
+
+
+def test_exact_match_decodes_as_long_as_the_longest_reference(monkeypatch):
+    # issue 13: exact match decoded at most 12 characters, so a longer output could never match
+    from minilora import corpus, evaluation, model
+
+    def decode_the_reference(params, config, prompts, max_new_tokens, **kwargs):
+        return [corpus.CharTokenizer().encode(reference)[:max_new_tokens] for reference in references]
+
+    references = ["a twenty-char answer", "short"]
+    monkeypatch.setattr(evaluation, "decode", decode_the_reference)
+    records = [{"instruction": "Say it.", "input": "", "output": r} for r in references]
+    config = model.ModelConfig(d_model=16, n_heads=2, n_layers=1)
+    acc, preds = evaluation.exact_match(model.init_params(config, 0), config, records)
+    assert acc == 1.0 and preds == references
+
+
+def test_merge_never_overwrites_a_file_unless_asked(pretrained, tmp_path, capsys):
+    run = tmp_path / "lora"
+    assert cli.main(["finetune", "--checkpoint", str(pretrained), "--data", str(_records(tmp_path)),
+                     "--steps", "2", "--batch-size", "4", "--out", str(run)]) == 0
+    target = pretrained / "checkpoint.npz"  # a merge must not replace the pretraining checkpoint by accident
+    before = target.read_bytes()
+    assert cli.main(["merge", str(run), "--out", str(target)]) == 2
+    _one_line_error(capsys, "--out:", "exists", "--overwrite")
+    assert target.read_bytes() == before
+    assert cli.main(["merge", str(run), "--out", str(tmp_path / "m.npz")]) == 0
+
+
+def _records(tmp_path):
+    path = tmp_path / "records.jsonl"
+    tasks.save_jsonl(tasks.make_instruction_records("subject", 30, seed=2), path)
+    return path
+
+
+def test_plot_errors_name_the_file_and_line(pretrained, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = open(pretrained / "log.jsonl").read().splitlines()
+    (run / "log.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "x.png")]) == 2
+    _one_line_error(capsys, f"{run / 'log.jsonl'}, line 3: expected a JSON object")
+    (run / "log.jsonl").write_text(lines[0] + '\n{"step": "one", "train_loss": 1.0}\n')
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "x.png")]) == 2
+    _one_line_error(capsys, "line 2: expected a number for 'step'")
+    assert cli.main(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")]) == 2
+    _one_line_error(capsys, "empty")
+
+
+def test_the_demo_refuses_a_folder_holding_another_pretraining_run(tmp_path, capsys):
+    other = tmp_path / "runs" / "pretrain"
+    assert cli.main(["pretrain", "--out", str(other), "--steps", "2", "--batch-size", "2", "--eval-every", "2",
+                     *TINY]) == 0
+    before = (other / "checkpoint.npz").read_bytes()
+    assert cli.main(["demo", "--fast", "--out", str(tmp_path / "runs"), "--figures", ""]) == 2
+    _one_line_error(capsys, "--out:", "holds another pretraining run", "--overwrite")
+    assert (other / "checkpoint.npz").read_bytes() == before
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_fails_before_any_work(pretrained, tmp_path, capsys, no_work):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert cli.main(["finetune", "--checkpoint", str(pretrained), "--out", str(locked / "run")]) == 2
+        _one_line_error(capsys, "--out: cannot write to the folder", "Permission denied")
+    finally:
+        locked.chmod(0o700)

@@ -168,3 +168,40 @@ def test_record_batches_draw_distinct_records_and_pick_the_head():
     assert len(set(inputs)) == 5  # drawn without replacement
     cls = RecordBatches(make_classification_records(20, seed=0), 4, 128, list(CLASS_NAMES))
     assert set(cls.sample(np.random.default_rng(0))) == {"x", "last", "labels"}
+
+
+def test_jsonl_accepts_a_byte_order_mark_and_windows_line_ends(tmp_path):
+    # issue 13: a UTF-8 BOM at the start of a file was rejected where it could be read
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" b'{"instruction": "Say hi.", "output": "hi"}\r\n'
+                     b'{"instruction": "Go.", "output": "ok"}\r\n')
+    assert [r["output"] for r in load_jsonl(path, "instruction")] == ["hi", "ok"]
+
+
+def test_jsonl_reads_a_raw_line_separator_inside_a_string_as_json(tmp_path):
+    # issue 13: a raw U+2028 inside a JSON string (valid JSON) split the line: "Unterminated string"
+    path = tmp_path / "sep.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "input": "x\u2028y", "output": "b"}\n'
+                    '{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"sep.jsonl' line 2: key 'input' has characters outside the vocabulary") as e:
+        load_jsonl(path, "instruction")
+    assert "\\u2028" in str(e.value) and "Unterminated" not in str(e.value)
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"\u2029}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="sep.jsonl' line 2: not valid JSON"):  # outside a string it is no JSON
+        load_jsonl(path, "instruction")
+
+
+def test_a_record_too_long_for_the_context_is_named_by_its_line(tmp_path):
+    # issue 13: an over-long instruction failed at step 4, named by its place in a random batch
+    path = tmp_path / "long.jsonl"
+    short = {"instruction": "Say hi.", "output": "hi"}
+    save_jsonl([short, short, {"instruction": "Say hi.", "input": "x" * 40, "output": "hi"}, short], path)
+    assert len(load_jsonl(path, "instruction")) == 4  # without a context, no length limit
+    with pytest.raises(ValueError, match=r"long.jsonl' line 3: the record takes 92 positions .* context_length 64"):
+        load_jsonl(path, "instruction", context_length=64)
+    with pytest.raises(ValueError, match=r"line 1: .*after 40 soft-prompt vectors"):
+        load_jsonl(path, "instruction", context_length=64, n_prompt=40)
+    cls = tmp_path / "cls.jsonl"
+    save_jsonl([{"text": "the cat runs.", "label": "animal"}, {"text": "", "label": "thing"}], cls)
+    with pytest.raises(ValueError, match="cls.jsonl' line 2: key 'text' is empty"):
+        load_jsonl(cls, "classification", context_length=64)

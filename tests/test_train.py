@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from minilora import evaluation, lora, model, pretrain, prompt
 from minilora import train as train_module
 from minilora.checkpoint import load_checkpoint
 from minilora.model import ModelConfig
-from minilora.train import TrainConfig, TrainingDiverged, train
+from minilora.train import Interrupted, TrainConfig, TrainingDiverged, train
 
 TINY = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)
 DATA = np.random.default_rng(0).integers(0, TINY.vocab_size, 400)
@@ -180,3 +182,103 @@ def test_strided_val_loss_matches_a_direct_computation(batch_size):
 def test_strided_val_loss_rejects_a_too_short_stream():
     with pytest.raises(ValueError, match="context_length"):
         evaluation.strided_val_loss(model.init_params(TINY, 0), TINY, DATA[:TINY.context_length + 1])
+
+
+class SignalAt:
+    """A batch source that sends this process the given signals while drawing the batch of step `at`."""
+
+    def __init__(self, at, signals):
+        self.calls, self.at, self.signals = 0, at, signals
+
+    def sample(self, rng):
+        if self.calls == self.at:
+            for s in self.signals:
+                os.kill(os.getpid(), s)
+        self.calls += 1
+        return BATCHES.sample(rng)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_at_the_next_step_boundary_and_raises_interrupted(tmp_path, sig):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    params = model.init_params(TINY, 0)
+    with pytest.raises(Interrupted) as e:
+        train(params, list(params), TINY, SignalAt(6, [sig]), small_train_config(), run_dir=tmp_path)
+    assert e.value.signum == sig and e.value.exit_code == 128 + sig  # 130 for SIGINT, 143 for SIGTERM
+    assert e.value.step == 7 and e.value.checkpoint == str(tmp_path / "checkpoint.npz")  # step 6 was finished
+    saved, meta, _ = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert meta["step"] == 7 and all(np.array_equal(saved[n], params[n]) for n in params)
+    assert isinstance(e.value, KeyboardInterrupt)  # no `except Exception` swallows it
+    assert {s: signal.getsignal(s) for s in before} == before  # the caller's handlers are back
+
+
+def test_a_second_sigint_stops_at_once_without_saving(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    params = model.init_params(TINY, 0)
+    with pytest.raises(Interrupted) as e:
+        train(params, list(params), TINY, SignalAt(6, [signal.SIGINT, signal.SIGINT]),
+              small_train_config(checkpoint_every=5), run_dir=tmp_path)
+    assert e.value.step is None and e.value.checkpoint is None and e.value.exit_code == 130
+    assert load_checkpoint(tmp_path / "checkpoint.npz")[1]["step"] == 5  # only the periodic checkpoint
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_handlers_are_restored_after_a_normal_run_too(tmp_path):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    params = model.init_params(TINY, 0)
+    train(params, list(params), TINY, BATCHES, small_train_config(steps=3))
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_resume_with_fewer_steps_is_refused_and_leaves_the_checkpoint_as_it_was(tmp_path):
+    # issue 13: it crashed on a None val loss and rewrote the step-30 weights as "step 20"
+    params = model.init_params(TINY, 0)
+    train(params, list(params), TINY, BATCHES, small_train_config(steps=30), run_dir=tmp_path)
+    ckpt, log = tmp_path / "checkpoint.npz", tmp_path / "log.jsonl"
+    before, log_before = ckpt.read_bytes(), log.read_bytes()
+    with pytest.raises(ValueError, match=r"holds step 30, more than the 20 steps.*--steps 30"):
+        train(params, list(params), TINY, BATCHES, small_train_config(steps=20), run_dir=tmp_path, resume=ckpt)
+    assert ckpt.read_bytes() == before and log.read_bytes() == log_before
+
+
+def test_resume_with_other_settings_or_another_base_is_refused(tmp_path):
+    params = model.init_params(TINY, 0)
+    train(params, list(params), TINY, BATCHES, small_train_config(steps=10), run_dir=tmp_path)
+    ckpt = tmp_path / "checkpoint.npz"
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"other settings.*lr 0.01 in the checkpoint, 0.02 now"):
+        train(params, list(params), TINY, BATCHES, small_train_config(steps=20, lr=2e-2), run_dir=tmp_path,
+              resume=ckpt)
+    # a LoRA run resumed on another base model: its frozen weights differ from the checkpoint's
+    base = model.init_params(TINY, 0)
+    adapted, config = lora.add_lora(base, TINY, lora.LoraConfig(rank=2))
+    names = lora.lora_names(adapted)
+    train(adapted, names, config, BATCHES, small_train_config(steps=10), run_dir=tmp_path / "lora")
+    other, _ = lora.add_lora(model.init_params(TINY, 1), TINY, lora.LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="frozen"):
+        train(other, names, config, BATCHES, small_train_config(steps=20), run_dir=tmp_path / "lora",
+              resume=tmp_path / "lora" / "checkpoint.npz")
+    # more steps with the same settings is allowed, and a resume at the final step writes nothing
+    train(params, list(params), TINY, BATCHES, small_train_config(steps=10), run_dir=tmp_path, resume=ckpt)
+    assert ckpt.read_bytes() == before
+
+
+def test_every_long_run_has_a_default_checkpoint_interval():
+    from minilora.finetune import FinetuneConfig
+
+    for config in (pretrain.PretrainConfig().train, FinetuneConfig().train, TrainConfig()):
+        assert config.checkpoint_seconds and config.checkpoint_seconds <= 300  # a few minutes of work at most
+    assert pretrain.PretrainConfig().train.checkpoint_every and FinetuneConfig().train.checkpoint_every
+
+
+def test_a_time_based_checkpoint_is_written_without_a_step_interval(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 50))  # every reading of the clock is 50 s later
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
+    params = model.init_params(TINY, 0)
+    saves = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda path, p, meta, a: saves.append(meta["step"])
+                        or real_save(path, p, meta, a))
+    train(params, list(params), TINY, BATCHES, small_train_config(steps=10, checkpoint_seconds=120.0),
+          run_dir=tmp_path)
+    assert len(saves) > 1 and saves[-1] == 10  # saved along the way, not only at the end
