@@ -20,7 +20,11 @@ import numpy as np
 from .sweep import Cell, read_results
 
 LRS = {"full": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2, 3e-2), "prompt": (1e-2, 3e-2, 1e-1, 3e-1)}
-STEPS = 250  # every cell of the method studies; evaluated every 25 steps
+# Steps per cell. The method comparisons (forgetting, format) train as long as the demo (600 steps,
+# evaluated every 50), long enough for every method to reach its plateau; the within-method
+# studies (rank, prompt, scale, hyper) use 250 steps (every 25) to afford their larger grids.
+LONG_STEPS, LONG_EVAL = 600, 50
+STEPS = 250
 MATCHED_SKILL = 0.8  # forgetting is compared at the first evaluation with validation exact match >= this
 
 
@@ -67,7 +71,7 @@ def best_lr(out_dir, method):
 
 
 def forgetting(out_dir, seeds):
-    return [Cell("forgetting", method=m, lr=lr, seed=s, steps=STEPS)
+    return [Cell("forgetting", method=m, lr=lr, seed=s, steps=LONG_STEPS, eval_every=LONG_EVAL)
             for m in ("full", "lora", "prompt") for lr in LRS[m] for s in range(seeds)]
 
 
@@ -76,7 +80,8 @@ FORMATS = {"baseline": ("\n", 0.0), "end marker": ("~", 0.0), "replay 25%": ("\n
 
 
 def format_study(out_dir, seeds):
-    return [Cell("format", method=m, lr=best_lr(out_dir, m), seed=s, steps=STEPS, end_marker=end, replay=replay)
+    return [Cell("format", method=m, lr=best_lr(out_dir, m), seed=s, steps=LONG_STEPS, eval_every=LONG_EVAL,
+                 end_marker=end, replay=replay)
             for m in ("full", "lora") for end, replay in FORMATS.values() for s in range(seeds)]
 
 
