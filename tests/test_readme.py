@@ -47,3 +47,19 @@ def test_the_benchmark_met_the_issues_targets():
 def test_every_figure_the_readme_shows_is_committed():
     for path in re.findall(r"\]\((figures/[^)]+\.png)\)", README):
         assert (ROOT / path).read_bytes()[:4] == b"\x89PNG", path
+
+
+def test_readme_quotes_every_committed_study_as_the_report_prints_it():
+    from minilora.report import report
+
+    studies = sorted(p.parent for p in (ROOT / "benchmarks" / "studies").glob("*/results.jsonl"))
+    assert studies, "no committed study results"
+    for study in studies:
+        text, figs = report(str(study))
+        rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+        assert rows, study.name
+        for line in rows:
+            assert line in README, f"{study.name}: README lacks the report's row {line!r}"
+        for name in figs:
+            assert (ROOT / "figures" / name).read_bytes()[:4] == b"\x89PNG", name
+            assert f"figures/{name}" in README, name
