@@ -504,7 +504,7 @@ def build_parser():
                    "with -2, -3, ... when that folder holds a run; or the --resume run's folder")
     s.add_argument("--steps", type=POSITIVE, default=ft.train.steps)
     s.add_argument("--batch-size", type=POSITIVE, default=ft.train.batch_size)
-    s.add_argument("--lr", type=RATE, default=None, help="default: full 3e-4, lora 5e-3, prompt 1e-1")
+    s.add_argument("--lr", type=RATE, default=None, help="default: the forgetting study's choice, full 3e-4, lora 3e-3, prompt 1e-2")
     s.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
                    help=f"default: {ft.train.warmup_steps} (at most steps / 10), or the resumed run's")
     s.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=ft.train.checkpoint_every,

@@ -18,13 +18,13 @@ from .sweep import read_results
 METHOD_COLORS = {"full": "tab:blue", "lora": "tab:orange", "prompt": "tab:green"}
 
 
-def mean_spread(values):
+def mean_spread(values, digits=3):
     """'m ± s (n=k)' with the sample standard deviation; '-' for no values."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     s = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.3f} ± {s:.3f} (n={len(values)})"
+    return f"{np.mean(values):.{digits}f} ± {s:.{digits}f} (n={len(values)})"
 
 
 def forgetting_at_skill(record, level=MATCHED_SKILL):
@@ -77,6 +77,19 @@ def method_rows(records):
     head = ("method", "lr (chosen on val)", "val metric", "test metric", "forgetting at end",
             f"forgetting at val >= {MATCHED_SKILL}", "mean ||dW||/||W||")
     return _table(head, rows), chosen
+
+
+def skill_rows(records):
+    """Every (method, lr): how many seeds reached the skill level, when, and what they had forgotten by then."""
+    rows = []
+    for (m, lr), rs in sorted(_group(records, lambda c: (c["method"], c["lr"])).items(),
+                              key=lambda kv: (["full", "lora", "prompt"].index(kv[0][0]), kv[0][1])):
+        at = [forgetting_at_skill(r) for r in rs]
+        steps = [steps_to_skill(r) for r in rs]
+        rows.append((m, f"{lr:g}", f"{sum(a is not None for a in at)}/{len(at)}", mean_spread(steps, 0),
+                     mean_spread(at), mean_spread([r["test_metric"] for r in rs])))
+    return _table(("method", "lr", f"seeds reaching val >= {MATCHED_SKILL}", "at step",
+                   "forgetting then", "test metric at the end"), rows)
 
 
 def figure_forgetting(records, title_note=""):
@@ -349,6 +362,7 @@ def report(study_dir, figures_dir=None, title_note=""):
     if study == "forgetting":
         table, _ = method_rows(records)
         text.append(table)
+        text.append(skill_rows(records))
         figs["study_forgetting.png"] = figure_forgetting(records, title_note)
     elif study == "format":
         text.append(format_rows(records))

@@ -233,7 +233,7 @@ except ValueError as e:
 # fine-tuning. `finetune.finetune` trains with one strategy and returns a summary:
 # exact-match accuracy on held-out sentences before and after, and the
 # pretraining-corpus loss before and after. Both runs take the same number of steps;
-# each uses its default learning rate (full 3e-4, LoRA 5e-3: freshly initialised
+# each uses its default learning rate (full 3e-4, LoRA 3e-3: freshly initialised
 # adapters take larger steps than pretrained weights should). Each run prints
 # PEFT's `trainable params || all params` line.
 

@@ -14,7 +14,7 @@
 # The seed says fine-tuning uses a much smaller learning rate than pretraining (ours
 # pretrained at 3e-3), because the model already has useful representations and
 # large steps overwrite them. That holds for full fine-tuning (its default here is
-# 3e-4), not for the fresh parameters of LoRA (5e-3) and prompt tuning (1e-1):
+# 3e-4), not for the fresh parameters of LoRA (3e-3) and prompt tuning (1e-2):
 # the studies (`minilora sweep forgetting`, README) choose each method's rate on a
 # validation split, and the best rates differ by method. We measure that directly: **forgetting** is the loss on held-out
 # *pretraining* text after fine-tuning minus before.
