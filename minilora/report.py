@@ -148,24 +148,32 @@ def format_rows(records):
 
 
 def figure_format(records, title_note=""):
-    fig = Figure(figsize=(9, 4.5), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    ax, bx = fig.subplots(1, 2)
     names = list(FORMATS)
+    markers = dict(zip(names, "os^D"))
     for i, m in enumerate(("full", "lora")):
         for j, name in enumerate(names):
             end, replay = FORMATS[name]
             rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["end_marker"] == end
                   and r["cell"]["replay"] == replay]
+            bx.scatter([r["evals"][-1]["forgetting"] for r in rs], [r["test_metric"] for r in rs],
+                       color=METHOD_COLORS[m], marker=markers[name], s=40, label=f"{m}, {name}")
             vals = [a for a in (forgetting_at_skill(r) for r in rs) if a is not None]
-            if not vals:
-                continue
             x = j + 0.4 * i
-            ax.bar(x, np.mean(vals), 0.38, yerr=np.std(vals, ddof=1) if len(vals) > 1 else 0, capsize=3,
-                   color=METHOD_COLORS[m], label=m if j == 0 else None)
-            ax.plot([x] * len(vals), vals, "k.", ms=4)
+            if vals:
+                ax.bar(x, np.mean(vals), 0.38, yerr=np.std(vals, ddof=1) if len(vals) > 1 else 0, capsize=3,
+                       color=METHOD_COLORS[m], label=m if j == 0 else None)
+                ax.plot([x] * len(vals), vals, "k.", ms=4)
+            ax.text(x, 0.05, f"{len(vals)}/{len(rs)}", ha="center", fontsize=7)
     ax.set_xticks([j + 0.2 for j in range(len(names))], names)
     ax.set_ylabel(f"forgetting at val exact match >= {MATCHED_SKILL} (nats/char)")
+    ax.set_title(f"At matched skill (k/n: seeds that reached {MATCHED_SKILL})")
     ax.legend()
+    bx.set_xlabel("forgetting at the end (nats/char)")
+    bx.set_ylabel("test exact match at the end")
+    bx.set_title("What each fix costs: every run, 600 steps")
+    bx.legend(fontsize=7)
     fig.suptitle("Where forgetting comes from: the response format, and replay of corpus text" + title_note)
     return fig
 
