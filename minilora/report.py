@@ -231,7 +231,8 @@ def figure_rank(records, full_records, title_note=""):
     bx.set_xscale("log", base=2)
     bx.set_xlabel("LoRA rank r (q, k, v, o)")
     bx.set_ylabel("test exact match (lr chosen per r on val)")
-    bx.set_title("Task score against rank")
+    seeds = len({r["cell"]["seed"] for r in records})
+    bx.set_title(f"Task score against rank ({seeds} seed{'s' * (seeds > 1)}, {records[0]['cell']['steps']} steps)")
     bx.legend()
     fig.suptitle("Intrinsic rank: how many directions does fine-tuning use?" + title_note)
     return fig
