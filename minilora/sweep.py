@@ -32,7 +32,7 @@ import numpy as np
 from . import corpus, tasks
 from .checkpoint import atomic_open
 from .evaluation import corpus_val_data, strided_val_loss
-from .finetune import FinetuneConfig, score, setup_strategy
+from .finetune import DEFAULT_LR, FinetuneConfig, score, setup_strategy
 from .lora import TARGETS, LoraConfig
 from .model import ModelConfig
 from .pretrain import PretrainConfig, load_or_pretrain
@@ -53,7 +53,7 @@ class Cell:
     study: str  # which study the cell belongs to (a name, also part of its key)
     method: str = "lora"  # full | lora | prompt
     task: str = "subject"
-    lr: float = 5e-3
+    lr: float = DEFAULT_LR["lora"]  # LoRA's default, chosen by the forgetting study
     seed: int = 0  # adapters / prompt init, batches, the split
     steps: int = 200
     batch_size: int = 16
