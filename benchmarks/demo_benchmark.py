@@ -10,6 +10,8 @@ Measures (and asserts):
   trainable parameters; prompt tuning is reported beside them;
 - the whole demo (pretraining included) takes under 10 minutes.
 Writes benchmarks/results.json; README quotes it. BLAS threads are pinned to 2.
+With --slow-tests it then runs every tutorial in full mode (pytest -m slow), whose
+`if not FAST` claims are asserted there and nowhere else.
 """
 
 import os
@@ -33,6 +35,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/runs")
     ap.add_argument("--figures", default="figures")
+    ap.add_argument("--slow-tests", action="store_true",
+                    help="then run the slow tests: every tutorial in full mode, its claims asserted (15-25 min)")
     args = ap.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)  # pretrain from scratch, never reuse
     t0 = time.perf_counter()
@@ -64,6 +68,12 @@ def main():
     assert result["lora_trainable_fraction"] <= 0.05, "LoRA trains more than 5% of full's parameters"
     assert total <= 600, "the demo took more than 10 minutes"
     print("all benchmark targets met")
+    if args.slow_tests:
+        import subprocess
+        import sys
+
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-m", "slow", "tests/test_tutorials.py"])
+        assert rc == 0, "a tutorial's full-mode claim failed"
 
 
 if __name__ == "__main__":

@@ -61,3 +61,15 @@ def test_fast_mode_from_the_repository_root_leaves_the_committed_figures_alone(t
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert hashes() == before
     assert glob.glob(os.path.join(ROOT, "figures", "fast", "01_*.png"))  # fast mode wrote its own copies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
+def test_tutorial_full_mode_claims_hold(path, tmp_path):
+    # full mode: the tutorials' `if not FAST` asserts (the claims that need real training) run here
+    env = {k: v for k, v in os.environ.items() if k != "MINILORA_FAST"}
+    env.update({"MINILORA_FIGURES": str(tmp_path / "figures"), "MINILORA_RUNS": str(tmp_path / "runs"),
+                "MPLBACKEND": "Agg", "MINILORA_BACKEND": "numpy"})
+    proc = subprocess.run([sys.executable, path], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, f"{os.path.basename(path)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
