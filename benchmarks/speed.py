@@ -354,7 +354,8 @@ def main():
     print(f"BLAS threads {args.threads}: {blas}; torch {torch_version}; float32 GEMM peak {peak:.0f} GFLOP/s")
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs; Python "
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} "
+                   f"at the start; Python "
                    f"{platform.python_version()}, NumPy {np.__version__}, torch {torch_version}",
         "blas": blas, "threads": args.threads, "repeats": args.repeats, "batch": BATCH,
         "gemm_peak_gflops": peak, "configs": {},

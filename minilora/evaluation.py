@@ -13,7 +13,7 @@ from .backend import to_numpy
 from .model import class_logits, loss_and_grads
 from .sampling import decode
 
-# the pretraining validation split of the toy corpus; forgetting is measured on it
+# the pretraining validation split of the toy corpus (PretrainConfig's defaults); forgetting is measured on it
 VAL_SENTENCES = 1_000
 VAL_SEED = 0
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import corpus, tasks
 from .evaluation import classification_accuracy, exact_match, strided_val_loss
-from .lora import LoraConfig, adapted_layers, add_lora, base_fingerprint, count_report, lora_names, save_adapter
+from .lora import LoraConfig, add_lora, base_fingerprint, check_rank, count_report, lora_names, save_adapter
 from .model import add_head, count_params, param_shapes
 from .optim import optimizer_state_bytes
 from .prompt import add_prompt
@@ -131,12 +131,7 @@ def check_settings(model_config, config, train_records, test_records):
     - batch_size: at most the number of training records
     """
     if config.method == "lora":
-        shapes = param_shapes(model_config)
-        for prefix in adapted_layers(model_config, config.lora):
-            d_out, d_in = shapes[prefix + ".W"]
-            if config.lora.rank > min(d_out, d_in):
-                raise ValueError(f"rank: expected at most min(out, in) = {min(d_out, d_in)} for {prefix}.W "
-                                 f"{(d_out, d_in)} (a larger rank is no longer low-rank), got {config.lora.rank}")
+        check_rank(param_shapes(model_config), model_config, config.lora)
     if config.method == "prompt":
         kind = "classification" if config.is_classification else "instruction"
         longest = max(tasks.record_positions(r, kind) for r in train_records + test_records)

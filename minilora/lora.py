@@ -128,6 +128,15 @@ def adapted_layers(model_config, lora_config):
     return [f"h.{i}.{TARGETS[t]}" for i in range(model_config.n_layers) for t in lora_config.targets]
 
 
+def check_rank(shapes, model_config, lora_config):
+    """Raise ValueError unless r <= min(out, in) for every W the adapters target (shapes: name -> shape)."""
+    for prefix in adapted_layers(model_config, lora_config):
+        d_out, d_in = shapes[prefix + ".W"]
+        if lora_config.rank > min(d_out, d_in):
+            raise ValueError(f"rank: expected at most min(out, in) = {min(d_out, d_in)} for {prefix}.W "
+                             f"{(d_out, d_in)} (a larger rank is no longer low-rank), got {lora_config.rank}")
+
+
 def add_lora(params, model_config, lora_config, seed=0):
     """Adapters beside every target linear.
 
@@ -147,11 +156,9 @@ def add_lora(params, model_config, lora_config, seed=0):
     dtype = params["wte"].dtype
     out = dict(params)
     r = lora_config.rank
+    check_rank({n: p.shape for n, p in params.items()}, model_config, lora_config)
     for prefix in adapted_layers(model_config, lora_config):
         d_out, d_in = params[prefix + ".W"].shape
-        if r > min(d_out, d_in):
-            raise ValueError(f"rank: expected at most min(out, in) = {min(d_out, d_in)} for {prefix}.W "
-                             f"{(d_out, d_in)} (a larger rank is no longer low-rank), got {r}")
         if lora_config.init == "kaiming":
             bound = 1.0 / math.sqrt(d_in)
             A = rng.uniform(-bound, bound, (r, d_in))

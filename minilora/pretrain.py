@@ -15,7 +15,7 @@ import numpy as np
 from . import corpus
 from .backend import get_backend
 from .checkpoint import load_checkpoint
-from .evaluation import strided_val_loss
+from .evaluation import VAL_SEED, VAL_SENTENCES, strided_val_loss
 from .model import ModelConfig, init_params, params_to
 from .runs import CHECKPOINT, load_model
 from .train import TrainConfig, resume_problem, train
@@ -28,8 +28,8 @@ class PretrainConfig:
                                                                     warmup_steps=40, eval_every=100,
                                                                     checkpoint_every=200))
     n_train_sentences: int = 50_000  # toy corpus size (about 1.3 M characters)
-    n_val_sentences: int = 1_000
-    data_seed: int = 0
+    n_val_sentences: int = VAL_SENTENCES  # the validation text forgetting is measured on, too
+    data_seed: int = VAL_SEED
     init_seed: int = 0
 
     @classmethod
