@@ -176,12 +176,30 @@ if not FAST:
 # ## Figure: the loss curve against the floor
 #
 # The gap between the curve and the dashed line is what the model has not learned.
-# The log axis spreads out the region near the floor.
+# The log axis spreads out the region near the floor. The dotted line is the
+# character bigram of the cell above.
+#
+# Look for a shoulder: after its first fast fall, the loss lingers near the bigram's
+# level before falling again. The model first learns what a table of character pairs
+# knows (spelling: which letter follows which), the easy statistics any position can
+# use on its own. Only then does it learn to *use the context*, which takes attention
+# heads that look back at earlier words (agreement, sentence structure), and the
+# loss leaves the bigram behind. The cell prints the mean training loss over the
+# shoulder (steps 50 to 100) beside the bigram's loss.
 
 # %%
 log = plot.read_log(os.path.join(run_dir, "log.jsonl"))
 fig = plot.plot_loss_curves({"pretrain": log}, floor=H, logy=True,
-                            title="Pretraining: loss falls from ln(96) toward the entropy floor" + NOTE)
+                            title="Pretraining: loss falls from ln(96), pauses at the bigram, then nears the floor"
+                            + NOTE)
+ax = fig.axes[0]
+ax.axhline(bigram, color="C3", linestyle=":", linewidth=1.4, label=f"character bigram ({bigram:.3f} nats/char)")
+ax.legend(fontsize=8)
+shoulder = [r["train_loss"] for r in log if "train_loss" in r and 50 < r["step"] <= 100]
+if shoulder:
+    print(f"mean training loss over steps 50-100: {np.mean(shoulder):.3f}   bigram: {bigram:.3f}")
+if not FAST:
+    assert abs(np.mean(shoulder) - bigram) < 0.15  # the shoulder sits at the bigram's level
 path = os.path.join(FIGURES, "02_pretrain_loss.png")
 plot.save_figure(fig, path)
 print("wrote", path)
