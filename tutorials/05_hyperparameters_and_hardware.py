@@ -54,7 +54,7 @@ STEPS = 3 if FAST else 200
 
 
 def run(method, lr=None, rank=None, tag=""):
-    """One short fine-tuning run on the 'subject' task; returns finetune's summary."""
+    """One short fine-tuning run on the 'subject' task; returns finetune's summary, the params and their config."""
     lcfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank) if rank else lora.LoraConfig()
     config = FinetuneConfig(method=method, task="subject", n_train=64 if FAST else 2000,
                             n_test=8 if FAST else 100, lora=lcfg)
@@ -63,8 +63,8 @@ def run(method, lr=None, rank=None, tag=""):
     config.train.eval_every = STEPS
     if lr is not None:
         config.train.lr, config.train.min_lr = lr, lr / 10
-    *_, summary = finetune(base, mc, config, os.path.join(RUNS, f"05-{tag}"), val_data)
-    return summary
+    params, ft_config, _, summary = finetune(base, mc, config, os.path.join(RUNS, f"05-{tag}"), val_data)
+    return summary, params, ft_config
 
 
 # %% [markdown]
@@ -78,7 +78,7 @@ def run(method, lr=None, rank=None, tag=""):
 lrs = [3e-5, 3e-4] if FAST else [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 sweep = []
 for lr in lrs:
-    sm = run("full", lr=lr, tag=f"full-lr{lr:g}")
+    sm, *_ = run("full", lr=lr, tag=f"full-lr{lr:g}")
     sweep.append(sm)
     print(f"lr {lr:7.0e}: exact match {sm['metric']:.3f}   corpus loss {sm['val_loss_before']:.4f} -> "
           f"{sm['val_loss_after']:.4f}   forgetting {sm['forgetting']:+.4f}")
@@ -90,22 +90,35 @@ if not FAST:
 # %% [markdown]
 # ## A LoRA rank sweep
 #
-# With alpha = 2r (so the scale s = alpha / r = 2 stays fixed), the rank sets how
-# many directions the update can use. Trainable parameters grow linearly in r:
-# r (d + k) per adapted matrix. The cell below trains r = 1, 4, 16 on the same task
-# and asserts the linear count.
+# The seed's rule alpha = 2r keeps the scale s = alpha / r = 2 fixed. Trainable
+# parameters grow linearly in r: r (d + k) per adapted matrix. A fixed s does **not**
+# make the update's size independent of r, though. Adam moves every parameter by
+# about the learning rate per step, whatever its gradient's scale, so with more
+# columns in B and rows in A, s B A grows with r. The cell below trains r = 1, 4, 16
+# on the same task, asserts the linear count, and prints the size of the learned
+# update, ||Delta W|| = ||W_merged - W|| over all adapted matrices (Frobenius).
+#
+# Rank-stabilised LoRA (rsLoRA, Kalajdzievski 2023) scales by alpha / sqrt(r)
+# instead, chosen so that the update's size stays put as r grows:
+# `LoraConfig(rank=r, alpha=a, rslora=True)`. Tutorial 06 shows the rank study
+# (`minilora sweep rank`), where standard LoRA with a fixed alpha falls apart at
+# large r and rsLoRA does not.
 
 # %%
 ranks = [1, 4] if FAST else [1, 4, 16]
-rank_sweep = []
+rank_sweep, update_norms = [], []
 for r in ranks:
-    sm = run("lora", rank=r, tag=f"lora-r{r}")
+    sm, params, ft_config = run("lora", rank=r, tag=f"lora-r{r}")
+    merged, _ = lora.merge(params, ft_config)  # W + s B A in place of each adapted W
+    update_norms.append(float(np.sqrt(sum(np.sum((merged[n] - base[n]) ** 2) for n in base))))
     rank_sweep.append(sm)
     print(f"r = {r:2d}: trainable {sm['trainable_params']:7,}   exact match {sm['metric']:.3f}   "
-          f"forgetting {sm['forgetting']:+.4f}")
+          f"forgetting {sm['forgetting']:+.4f}   ||Delta W|| {update_norms[-1]:.3f}")
 n_matrices = 4 * mc.n_layers  # q, k, v, o in every block
 for r, sm in zip(ranks, rank_sweep):
     assert sm["trainable_params"] == n_matrices * lora.lora_param_count(mc.d_model, mc.d_model, r)
+if not FAST:
+    assert update_norms[-1] > update_norms[0]  # same s = 2, a larger update at a larger rank
 
 # %%
 fig = Figure(figsize=(12, 4.5), layout="constrained")
@@ -194,11 +207,10 @@ if not FAST:
 
 # %% [markdown]
 # At this size the activations dominate: the model is tiny and 16 x 128 tokens is a
-# real batch. At the scale the seed talks about, the other three dominate. The cell
-# below does the same arithmetic (no activations) for a 7-billion-parameter model
+# real batch. The cell below does the same arithmetic for a 7-billion-parameter model
 # whose 32 blocks each have four 4096 x 4096 attention matrices, in the common
 # mixed-precision recipe: 2-byte weights and gradients, 4-byte AdamW moments plus a
-# 4-byte master copy of each trainable weight.
+# 4-byte master copy of each trainable weight. The next cell adds the activations.
 
 # %%
 n_base = 7_000_000_000
@@ -208,6 +220,29 @@ for name, n_train in (("full", n_base), ("LoRA r=16", n_lora)):
     gigabytes[name] = (2 * n_base + (2 + 4 + 8) * n_train) / 1e9  # weights + (grads, master, m and v)
     print(f"{name:10s} trainable {n_train:>13,}   weights + grads + master + AdamW = {gigabytes[name]:6.1f} GB")
 assert gigabytes["full"] > 80 > gigabytes["LoRA r=16"]  # only LoRA fits one 80 GB GPU (before activations)
+
+# %% [markdown]
+# The activations do not vanish at scale. For a GPT-style block, Korthikanti et al.
+# (2022, "Reducing activation recomputation in large transformer models", eq. 1) count
+# s b h (34 + 5 a s / h) bytes of 16-bit activations per block, for s tokens, batch b,
+# width h and a heads. The 5 a s^2 b part is the attention matrix (its softmax input,
+# output and dropout mask), which FlashAttention recomputes instead of storing. The
+# cell below evaluates it for one 2,048-token sequence of the same 7B model.
+
+# %%
+s_tok, width, heads, blocks = 2048, 4096, 32, 32
+act_flash = 34 * s_tok * width * blocks / 1e9  # GB, attention matrix not stored
+act_plain = (34 * s_tok * width + 5 * heads * s_tok**2) * blocks / 1e9  # GB, attention matrix stored
+print(f"activations of one {s_tok}-token sequence: {act_flash:.1f} GB with FlashAttention, {act_plain:.1f} GB without")
+print(f"against {2 * n_base / 1e9:.1f} GB of 2-byte weights; LoRA's other state is {gigabytes['LoRA r=16']:.1f} GB")
+assert act_plain > 2 * n_base / 1e9 > act_flash  # without FlashAttention, one sequence outweighs the weights
+
+# %% [markdown]
+# So at 7B full fine-tuning is dominated by gradients and optimizer state, which
+# LoRA removes; what LoRA leaves is the frozen weights and, for long sequences, the
+# activations, which grow with s^2 unless attention is computed without storing its
+# matrix. That is why LoRA is usually paired with FlashAttention, activation
+# checkpointing, and (QLoRA) 4-bit frozen weights.
 
 # %%
 fig = Figure(figsize=(8, 4.5), layout="constrained")
