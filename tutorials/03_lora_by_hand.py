@@ -31,7 +31,8 @@
 # **This tutorial fine-tunes tutorial 02's pretrained model**, which tutorial 02 saves
 # in `runs/pretrain` (the folder `minilora pretrain` also writes, and tutorials 04 to 07
 # share). Run tutorial 02 first; if the model is missing, the cell that loads it
-# pretrains it there (about 1.5 minutes on 2 cores) and says so.
+# pretrains it there and says so (84 s with 2 threads in
+# `benchmarks/results.json`, the demo's pretraining on this config).
 
 # %%
 import os
@@ -349,9 +350,10 @@ if not FAST:
     assert start_loss > np.log(96) > own_entropy  # confidently wrong, not ignorant
 
 # %% [markdown]
-# **The plateau.** After about 40 steps both curves flatten near 0.7 for a hundred
-# steps before falling again. A model that has learned the *format* and the *set of
-# answers* (one of the grammar's 30 nouns, with their frequencies, then a newline),
+# **The plateau.** After their first fast fall both curves flatten for a while before
+# falling again (in the committed `figures/03_lora_vs_full_loss.png`, near 0.7 from
+# about step 40 to 150). A model that has learned the *format* and the *set of
+# answers* (one of the grammar's nouns, with their frequencies, then a newline),
 # but not yet to copy the subject out of the input, pays the entropy of the answer,
 # -sum_a p(a) log p(a), spread over the answer's tokens. The cell below computes that
 # level from the training records. Learning to read the input, the second phase, is
