@@ -37,7 +37,8 @@ def atomic_open(path, mode="wb"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # Same directory as the target, so os.replace is a rename within one file system.
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    prefix = "." + os.path.basename(path) + "."
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
         os.chmod(tmp_path, 0o644)  # mkstemp makes the file private (0600); give it the usual mode
         with os.fdopen(fd, mode) as f:
@@ -49,6 +50,19 @@ def atomic_open(path, mode="wb"):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+    _remove_stale_temporaries(directory, prefix)
+
+
+def _remove_stale_temporaries(directory, prefix):
+    """Delete temporary files of this target left by a writer killed mid-write (SIGKILL runs no cleanup).
+
+    A target has one writer at a time (a run folder belongs to one run), so once our
+    rename has happened any other '.<name>.*.tmp' beside it is an orphan.
+    """
+    for name in os.listdir(directory):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
 
 
 def _json_default(x):

@@ -81,6 +81,19 @@ def test_sigkill_during_checkpoint_writes_leaves_a_whole_checkpoint(tmp_path):
     assert torn_writes >= N_KILLS // 4, f"only {torn_writes} of {N_KILLS} kills came during a write"
 
 
+def test_the_next_save_removes_a_killed_writers_temporary_file(tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, {"w": np.ones(3, np.float32)}, {"version": 1})
+    orphan = tmp_path / ".checkpoint.npz.k3j2x9.tmp"  # what mkstemp left when SIGKILL came mid-write
+    orphan.write_bytes(b"PK half a zip")
+    other = tmp_path / ".log.jsonl.a1b2c3.tmp"  # another target's temporary file is not ours to remove
+    other.write_bytes(b"")
+    save_checkpoint(path, {"w": np.full(3, 2.0, np.float32)}, {"version": 2})
+    assert not orphan.exists() and other.exists()
+    params, meta, _ = load_checkpoint(path)
+    assert meta["version"] == 2 and (params["w"] == 2.0).all()
+
+
 # -- 2. SIGINT / SIGTERM, then --resume -----------------------------------------------------------
 
 def _cli(argv, cwd):
