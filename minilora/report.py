@@ -322,8 +322,10 @@ def figure_hyper(records, title_note=""):
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation exact match")
     tx.set_ylabel("training loss (nats/token, response)")
-    ax.legend(fontsize=7, loc="center right")
-    tx.legend(fontsize=7, loc="upper right")
+    # one legend for both axes, under the panel, where it covers no curve
+    handles = ax.get_legend_handles_labels()[0] + tx.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, ncols=2, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16))
     ax.set_title("Epochs on a small dataset")
     batch = _group([r for r in records if r["cell"]["steps"] * r["cell"]["batch_size"] == 3200],
                    lambda c: c["batch_size"])
