@@ -18,17 +18,18 @@
 # **The model this tutorial trains.** The last section is a live run you can change.
 # It fine-tunes **tutorial 02's pretrained model**, read from `runs/pretrain`
 # (`MINILORA_RUNS/pretrain`); if it is missing, the first code cell pretrains it
-# there, which takes about 1.5 minutes on 2 cores. The studies fine-tuned their own
-# copies of that model (`benchmarks/studies/bases/`, not committed: 18 minutes to
-# pretrain all three sizes). Same settings, but float32 round-off differs by BLAS
+# there, which takes about 1.5 minutes on 2 cores (84 s in the README's demo table).
+# The studies fine-tuned their own copies of that model (`benchmarks/studies/bases/`,
+# not committed; the README gives 18 minutes to pretrain all three sizes). Same
+# settings, but float32 round-off differs by BLAS
 # thread count, so the two pretrained models differ slightly and a single live
 # run's numbers differ from the study's; the comparison is in the last section.
 #
 # How to read the spreads: the method comparisons (forgetting, format) repeat each
 # setting over 3 seeds and report mean ± sample standard deviation (n = seeds);
 # the within-method studies (rank, prompt, scale, hyper) ran **one seed** per
-# setting, for 250 steps, to afford their grids. Study 1 shows seed-to-seed spreads
-# up to ±0.14 in exact match, so read one-seed differences under about 0.3 as noise.
+# setting, for 250 steps, to afford their grids. How far one seed can be trusted is
+# measured in the second code cell.
 
 # %%
 import os
@@ -75,13 +76,25 @@ def cells_where(records, **settings):
 # (`evals`: validation exact match, the pretraining-corpus loss and its rise over the
 # base model's, the size of the update), the training losses, the test exact match
 # at the end, and, for full fine-tuning, the singular values of every update
-# matrix ΔW. The cell below prints the shape of one.
+# matrix ΔW. The cell below prints the shape of one, and the largest spread over
+# seeds of the test exact match among the forgetting study's settings: what one seed
+# can move.
 
 # %%
 r0 = results["forgetting"][0]
 print("cell:", {k: r0["cell"][k] for k in ("study", "method", "lr", "seed", "steps", "eval_every")})
 print("record keys:", sorted(r0))
 print("one evaluation:", {k: (round(v, 4) if isinstance(v, float) else "...") for k, v in r0["evals"][3].items()})
+groups = {}
+for r in results["forgetting"]:
+    groups.setdefault((r["cell"]["method"], r["cell"]["lr"]), []).append(r["test_metric"])
+worst = max(groups, key=lambda k: np.std(groups[k], ddof=1))
+print(f"largest seed-to-seed sd of test exact match: {np.std(groups[worst], ddof=1):.3f} "
+      f"({worst[0]} at lr {worst[1]:g}, {len(groups[worst])} seeds, 600 steps)")
+
+# %% [markdown]
+# So a single seed can move exact match by about that much even after 600 steps:
+# read one-seed differences under about twice that as noise.
 
 # %% [markdown]
 # ## 1. The learning rate, and forgetting at matched skill
@@ -112,7 +125,9 @@ for m in ("full", "lora", "prompt"):
     rs = cells_where(forget, method=m, lr=chosen[m])
     at = [report.forgetting_at_skill(r) for r in rs]
     print(f"{m:6s} lr {chosen[m]:g} (chosen on val)   test exact match {ms([r['test_metric'] for r in rs])}   "
-          f"forgetting at matched skill {ms(at)}, reached {sum(a is not None for a in at)}/{len(at)}")
+          f"forgetting at matched skill {ms(at)}, reached {sum(a is not None for a in at)}/{len(at)}   "
+          f"at the end {ms([r['evals'][-1]['forgetting'] for r in rs])}")
+print(f"pretraining's peak learning rate: {PretrainConfig().train.lr:g}")
 assert chosen["full"] < PretrainConfig().train.lr <= chosen["lora"] < chosen["prompt"]
 
 # %% [markdown]
@@ -130,6 +145,9 @@ for m in ("full", "lora"):
         steps = [report.steps_to_skill(r) for r in rs]
         print(f"{m:6s} {lr:7.0e}  {sum(a is not None for a in skill[m, lr])}/{len(rs)}      "
               f"{ms(steps, 0):17s}  {ms(skill[m, lr]):22s}  {ms([r['test_metric'] for r in rs])}")
+means = [np.mean([a for a in skill["full", lr] if a is not None]) for lr in studies.LRS["full"]]
+print(f"full fine-tuning: forgetting at matched skill spans {min(means):.2f} to {max(means):.2f} nats/char "
+      f"across the four rates, a factor of {max(means) / min(means):.1f}")
 full_low, full_chosen = skill["full", 1e-4], skill["full", 3e-4]
 assert None not in full_low + full_chosen and max(full_low) < min(full_chosen)  # 1e-4 forgets less, every seed
 low, mid = cells_where(forget, method="full", lr=1e-4), cells_where(forget, method="full", lr=3e-4)
@@ -182,8 +200,8 @@ print("wrote", path)
 # - **The seed's 1e-4 forgets least, but it is slow.** Full fine-tuning at 1e-4
 #   reaches matched skill with less forgetting than at 3e-4 on every seed, but
 #   later, and its test score after 600 steps is lower, so the validation split
-#   picks 3e-4. "Most impactful" is right: no other setting in these studies moved
-#   forgetting as much.
+#   picks 3e-4. "Most impactful" is right for forgetting: across the four rates,
+#   full fine-tuning's forgetting at matched skill spans the factor printed above.
 # - **"Fine-tuning uses a much smaller learning rate than pretraining" holds only for
 #   full fine-tuning.** Pretraining ran at 3e-3; full fine-tuning's chosen rate is
 #   below it, LoRA's is not, and prompt tuning's is above it (asserted above). Fresh
@@ -228,6 +246,11 @@ by_lr = {lr: [report.energy_ranks(sv) for r in cells_where(forget, method="full"
 for lr, ks in by_lr.items():
     print(f"lr {lr:g}: median k90 {np.median(ks):g} (range {min(ks)} to {max(ks)})")
 assert max(every) < min(random_k90.values()) / 2  # every update is far more concentrated than noise
+top8 = [np.sum(np.square(r["singular_values"][p][:8])) / np.sum(np.square(r["singular_values"][p]))
+        for r in full_runs for p in matrices]
+print(f"energy in the top 8 directions (what a rank-8 approximation keeps): {min(top8):.2f} to {max(top8):.2f}, "
+      f"median {np.median(top8):.2f}")
+assert max(top8) < 0.9 and min(every) > 8  # the same fact twice: k90 > 8 for every matrix
 attn = [k for p, ks in k90.items() if ".attn." in p for k in ks]
 mlp = [k for p, ks in k90.items() if ".mlp." in p for k in ks]
 assert np.median(mlp) > np.median(attn)  # the MLP updates spread over more directions
@@ -275,9 +298,10 @@ print("wrote", path)
 # printed above), several times fewer than a random matrix needs, and nothing forced
 # them there. Three qualifications the numbers add:
 #
-# - "Low" is not "exactly low": ΔW has all 128 singular values nonzero; the tail
-#   holds the last 10% of the energy. LoRA with r below k90 cannot express even 90%
-#   of *this* update, and need not: it finds its own.
+# - "Low" is not "rank 8": the best rank-8 approximation of these updates keeps
+#   only the fraction of their energy printed above (Eckart-Young: nothing of rank 8
+#   keeps more). LoRA r = 8 cannot express *this* update, and need not: it finds its
+#   own, and section 1 shows it learns the task as well.
 # - The MLP matrices spread over more directions than the attention matrices (the
 #   assert above), which is one argument for adapting them too (tutorial 07).
 # - A larger learning rate spreads the update over more directions (the medians per
@@ -313,8 +337,8 @@ assert max(studies.RANKS, key=lambda r_: rank_table[False, r_]["test_metric"]) i
 # %% [markdown]
 # **Higher rank is not more capability when alpha stays fixed.** Standard LoRA
 # peaks at r = 8-16 and falls at r = 32 and 64; rsLoRA holds its score there. The
-# seed's alpha = 2r keeps s = 2 for every r, which avoids the collapse, but then
-# what does alpha itself do? Under Adam each entry of A and B moves by about lr per
+# seed's alpha = 2r keeps s = 2 at every r, a third rule the rank study did not run.
+# What does alpha itself do? Under Adam each entry of A and B moves by about lr per
 # step whatever the gradient's size, so the update s B A moves by about s × lr
 # (exercise 4 proves it exactly for the first step): **alpha acts like a learning-rate
 # multiplier.** Two committed series test that: the hyper study varies alpha from 2 to
@@ -414,6 +438,8 @@ for r in batch_runs:
           f"forgetting {r['evals'][-1]['forgetting']:.3f}")
 tests_by_batch = [r["test_metric"] for r in batch_runs]
 assert tests_by_batch == sorted(tests_by_batch, reverse=True)  # the smaller the batch, the better, here
+forg_by_batch = [r["evals"][-1]["forgetting"] for r in batch_runs]
+assert forg_by_batch == sorted(forg_by_batch, reverse=True)  # and the more steps, the more forgetting
 
 # %%
 fig = Figure(figsize=(12, 4.3), layout="constrained")
@@ -462,9 +488,11 @@ print("wrote", path)
 # **Batch size, at equal examples seen, is mostly a number of steps.** Smaller
 # batches won because they took more optimizer steps at the same learning rate, not
 # because of their gradient noise; a fair test of noise would retune the learning
-# rate per batch size (not done). Memory, the seed's other point, is measured in
-# tutorial 05: activations grow linearly with the batch. One seed and at most 1,240
-# steps per setting: read these as directions.
+# rate per batch size (not done). The steps cost forgetting too: it grew with them
+# (asserted above), as it grows with the learning rate. Memory, the seed's other
+# point, is tutorial 05's: the activations it measures are proportional to batch ×
+# sequence length. One seed and at most 1,240 steps per setting: read these as
+# directions.
 
 # %% [markdown]
 # ## 5. Prompt tuning's limits, and where forgetting comes from
@@ -537,10 +565,11 @@ assert 0 < drop["full"] < drop["lora"]
 # `eval_every` steps: validation exact match on 64 held-out records and forgetting on
 # 200 corpus sentences), on **tutorial 02's model** instead of a study base. The
 # settings are those of the rank study's r = 8 cells (LoRA on q, k, v, o, alpha 16,
-# 250 steps), whose committed curves we draw beside yours: the 600-step cells of the
-# forgetting study take about a minute each on 2 cores, these about half that. The
-# study evaluated every 25 steps, the live run every 50; evaluating does not change
-# the training, so the curves are comparable point by point.
+# 250 steps), whose committed curves we draw beside yours; they are shorter than the
+# forgetting study's 600-step cells (the first cell below prints what each took in
+# the studies, one core each). The study evaluated every 25 steps, the live run every
+# 50; evaluating does not change the training, so the curves are comparable point by
+# point.
 #
 # **Change `LIVE_LRS` (or `LIVE_ALPHA`)** and rerun: before you run, use sections 1
 # and 3 to predict the forgetting at the end and whether the run reaches matched
@@ -549,6 +578,9 @@ assert 0 < drop["full"] < drop["lora"]
 # %%
 LIVE_LRS = (3e-3, 1e-2)  # LoRA peak learning rates to run live (the rank study ran 3e-3, 1e-2, 3e-2)
 LIVE_ALPHA = 16.0  # s = alpha / 8 (the hyper study ran 2, 8, 16, 32, 64 at lr 3e-3)
+for name, rs in (("forgetting study, LoRA, 600 steps", cells_where(forget, method="lora")),
+                 ("rank study, r = 8, 250 steps", cells_where(rank, rank=8, rslora=False))):
+    print(f"{name}: {np.mean([r['wall_s'] for r in rs]):.0f} s per cell in the study (mean wall_s)")
 
 
 def live_cell(lr, alpha=LIVE_ALPHA):
