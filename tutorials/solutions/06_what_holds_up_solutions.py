@@ -140,12 +140,17 @@ ax = fig.add_subplot()
 for i, (m, lr) in enumerate([(m, lr) for m in ("full", "lora") for lr in studies.LRS[m]]):
     pts = [(level, np.mean(table[m, lr, level])) for level in LEVELS if table[m, lr, level]]
     if pts:
-        ax.plot(*zip(*pts), "-o" if m == "full" else "--s", color=f"C{i}", label=f"{m} lr {lr:g}")
+        ax.plot(*zip(*pts), "-o" if m == "full" else "--s", color=f"C{i}", label=f"{m} lr {lr:g}", alpha=0.8)
+        n = len(cells_where(forget, method=m, lr=lr))
+        for level, y in pts:
+            ax.annotate(f"{len(table[m, lr, level])}/{n}", (level, y), textcoords="offset points", xytext=(5, 3),
+                        fontsize=7)
 ax.set_xlabel("skill level: validation exact match reached")
 ax.set_ylabel("forgetting then (nats/char), mean over seeds that reached it")
 ax.set_xticks(LEVELS)
 ax.legend(fontsize=7)
-ax.set_title("Matched skill at three levels: the ranking by learning rate holds" + NOTE, fontsize=10)
+ax.set_title("Matched skill at three levels: within a method, the ranking by learning rate holds\n"
+             "(k/n: seeds that reached the level; benchmarks/studies/forgetting)" + NOTE, fontsize=10)
 path = os.path.join(FIGURES, "06_solution_matched_skill_levels.png")
 plot.save_figure(fig, path)
 print("wrote", path)
