@@ -632,7 +632,7 @@ live = {}
 for lr in LIVE_LRS:
     t0, c0 = time.perf_counter(), time.process_time()
     live[lr], live_params, live_config = run_live(live_cell(lr), base, mc)
-    # CPU time is what the cell costs on a core of its own; wall time also counts other programs
+    # CPU time (summed over threads): with one BLAS thread, the wall time on an idle core
     print(f"live cell at lr {lr:g}: {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU")
     study = committed_curve(lr, LIVE_ALPHA)
     last = live[lr]["evals"][-1]
