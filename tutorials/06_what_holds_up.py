@@ -557,7 +557,7 @@ assert 0 < drop["full"] < drop["lora"]
 # effect, not a measured size, and most of the forgetting remains: the format is one
 # cause among others. The seed's "consistency in formatting
 # matters" has a second side: the format also decides what the model unlearns.
-# Tutorial 07 breaks the format at test time.
+# Tutorial 07 is about the data format itself.
 
 # %% [markdown]
 # ## 6. A live run you can change
@@ -693,9 +693,9 @@ print("wrote", path)
 # its answer).
 #
 # 1. **Run and read.** Set `LIVE_LRS = (1e-2, 3e-2)`. Before running, predict from
-#    the rank study (section 3 prints its r = 8 rows) whether lr 3e-2 reaches
-#    matched skill in 250 steps and whether it forgets more than 1e-2. Run the two
-#    cells and compare.
+#    the rank study (section 3's second cell prints its r = 8 runs at lr 3e-3, 1e-2
+#    and 3e-2) whether lr 3e-2 reaches matched skill in 250 steps and whether it
+#    forgets more than 1e-2. Run the two cells and compare.
 # 2. **Compute from the results.** Matched skill at 0.8 is a choice. Write
 #    `forgetting_at(record, level)` yourself, check it against
 #    `report.forgetting_at_skill` at 0.8, and recompute section 1's second table at
