@@ -141,6 +141,26 @@ STUDIES = {"forgetting": forgetting, "format": format_study, "rank": rank, "prom
 DEFAULT_SEEDS = {"forgetting": 3, "format": 3, "rank": 1, "prompt": 1, "scale": 1, "hyper": 1}
 
 
+def committed_results_dir():
+    """The folder of the committed study results (benchmarks/studies of a clone), for the tutorials.
+
+    Looked for, in order: $MINILORA_STUDIES; benchmarks/studies under the working
+    directory (a script run from the clone's root) or its parent (a notebook opened in
+    tutorials/); beside the package (an editable install). A non-editable install
+    keeps no copy of the results, hence the search. Raises FileNotFoundError naming
+    every place tried.
+    """
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [os.environ.get("MINILORA_STUDIES"), os.path.join("benchmarks", "studies"),
+                  os.path.join(os.pardir, "benchmarks", "studies"), os.path.join(here, "benchmarks", "studies")]
+    tried = [c for c in candidates if c]
+    for folder in tried:
+        if os.path.isfile(os.path.join(folder, "forgetting", "results.jsonl")):
+            return os.path.abspath(folder)
+    raise FileNotFoundError("the committed study results: expected benchmarks/studies/*/results.jsonl, found none "
+                            f"in {tried}; run from the root of a clone, or set MINILORA_STUDIES to that folder")
+
+
 def cells(study, out_dir, seeds=None):
     """The cells of a named study (seeds: how many, default DEFAULT_SEEDS[study])."""
     if study not in STUDIES:

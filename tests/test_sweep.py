@@ -1,6 +1,7 @@
 """The sweep runner: cells evaluate as they train, a sweep resumes, workers split threads, Dask gives the same results."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -135,3 +136,23 @@ def test_mean_spread_and_energy_rank():
     assert report.energy_ranks([3.0, 0.9, 0.1]) == 1  # 9 / 9.82 of the energy in one direction
     assert report.energy_ranks([3.0, 1.0, 0.1]) == 2  # 9 / 10.01 is just under 90%
     assert report.energy_ranks([1.0] * 10) == 9
+
+
+def test_the_tutorials_find_the_committed_study_results(tmp_path, monkeypatch):
+    from minilora.studies import committed_results_dir
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.delenv("MINILORA_STUDIES", raising=False)
+    monkeypatch.chdir(root)  # a script run from the clone's root
+    assert committed_results_dir() == os.path.join(root, "benchmarks", "studies")
+    monkeypatch.chdir(os.path.join(root, "tutorials"))  # a notebook opened beside the tutorials
+    assert committed_results_dir() == os.path.join(root, "benchmarks", "studies")
+    (tmp_path / "forgetting").mkdir()
+    (tmp_path / "forgetting" / "results.jsonl").write_text("")
+    monkeypatch.setenv("MINILORA_STUDIES", str(tmp_path))  # the override wins
+    assert committed_results_dir() == str(tmp_path)
+    monkeypatch.setenv("MINILORA_STUDIES", str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("minilora.studies.__file__", str(tmp_path / "site-packages" / "minilora" / "studies.py"))
+    with pytest.raises(FileNotFoundError, match="MINILORA_STUDIES"):
+        committed_results_dir()

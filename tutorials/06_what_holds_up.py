@@ -40,7 +40,6 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-import minilora
 from minilora import plot, report, studies, sweep, tasks
 from minilora.evaluation import corpus_val_data, strided_val_loss
 from minilora.finetune import score, setup_strategy
@@ -52,11 +51,13 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-# the committed study results, found from the package (a notebook has no __file__)
-STUDIES = os.environ.get("MINILORA_STUDIES", os.path.join(os.path.dirname(os.path.dirname(minilora.__file__)),
-                                                          "benchmarks", "studies"))
+# the committed study results (a notebook has no __file__, so they are looked for: see the function)
+STUDIES = studies.committed_results_dir()  # benchmarks/studies of this clone ($MINILORA_STUDIES overrides)
 # tutorial 02's model: reused from RUNS/pretrain, pretrained there (about 1.5 min) if missing
-base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
+base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
+                                            os.path.join(RUNS, "pretrain"))
+print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['wall_s']:.0f} s" if pretrained_now
+      else f"loaded tutorial 02's model from {os.path.join(RUNS, 'pretrain')}")
 
 results = {name: sweep.read_results(os.path.join(STUDIES, name, "results.jsonl"))
            for name in ("forgetting", "format", "rank", "prompt", "scale", "hyper")}

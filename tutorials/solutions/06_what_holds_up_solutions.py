@@ -15,7 +15,6 @@ from dataclasses import asdict
 import numpy as np
 from matplotlib.figure import Figure
 
-import minilora
 from minilora import lora, model, optim, plot, report, studies, sweep, tasks
 from minilora.evaluation import corpus_val_data, strided_val_loss
 from minilora.finetune import FinetuneConfig, finetune, score, setup_strategy
@@ -26,8 +25,7 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-STUDIES = os.environ.get("MINILORA_STUDIES", os.path.join(os.path.dirname(os.path.dirname(minilora.__file__)),
-                                                          "benchmarks", "studies"))
+STUDIES = studies.committed_results_dir()  # benchmarks/studies of this clone ($MINILORA_STUDIES overrides)
 base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 results = {name: sweep.read_results(os.path.join(STUDIES, name, "results.jsonl")) for name in ("forgetting", "rank")}
 assert all(results.values())
