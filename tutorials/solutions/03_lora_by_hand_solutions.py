@@ -113,6 +113,26 @@ assert np.array_equal(dB[32.0], 2 * dB[16.0])
 assert abs(ratio - 2.0) < 0.02
 
 # %% [markdown]
+# The same reasoning answers the last question. With alpha = 2r the scale s = 2 for
+# every r, but after one Adam step each of B's r columns has moved by about lr per
+# entry, whatever r is: Delta W = s B A is a sum of r such rank-one terms, so its
+# norm **grows with r**. "alpha = 2r keeps s fixed" does not keep the update's size
+# fixed under Adam (rsLoRA's s = alpha / sqrt(r), `LoraConfig(rslora=True)`, is one
+# answer to that).
+
+# %%
+update_norm = {}
+for rank in (1, 4, 16):
+    ad, amc_r = lora.add_lora(base, mc, lora.LoraConfig(rank=rank, alpha=2.0 * rank), seed=0)
+    names = lora.lora_names(ad)
+    _, grads = model.loss_and_grads(ad, amc_r, batch, set(names))
+    optim.adamw_step(ad, grads, optim.adamw_init(ad, names), lr=lr, weight_decay=0.0)
+    dw = amc_r.lora.scale * ad["h.0.attn.q.lora_B"].astype(np.float64) @ ad["h.0.attn.q.lora_A"].astype(np.float64)
+    update_norm[rank] = float(np.linalg.norm(dw))
+print("|Delta W| after one Adam step, alpha = 2r:", {k: f"{v:.4f}" for k, v in update_norm.items()})
+assert update_norm[1] < update_norm[4] < update_norm[16]
+
+# %% [markdown]
 # ## Exercise 3.4: the LoRA backward with adapter dropout
 #
 # Forward, with keep = mask / (1 - p) (inverted dropout, on the adapter's input only):
