@@ -242,15 +242,16 @@ if not FAST:
 # samples that parse (`corpus.sentence_log_prob` raises on a non-sentence, as in the
 # samples cell above) at tau = 0.5 and tau = 2. Check both.
 #
-# ### Exercise 2.3 (read the curve): the plateau
+# ### Exercise 2.3 (read the curve): where the loss pauses
 #
 # Before opening `figures/02_pretrain_loss.png`, predict: does the training loss fall
-# smoothly from ln 96 to near H, or does it stall somewhere, and at what value? Then
-# read the log (`plot.read_log(os.path.join(RUNS, "pretrain", "log.jsonl"))`), smooth
-# the train_loss over 5 steps, and count the steps it spends within 0.15 nats of the
-# bigram loss against the steps within 0.15 of a level it passes through on the way
-# down, such as 3.1. Explain the stall: what does a model know when its loss equals
-# the bigram's, and which part of the network must learn next?
+# smoothly from ln 96 to near H, or does it pause on the way, and at which of the
+# levels you know (the unigram loss of exercise 2.1, the bigram loss, H)? Then read the
+# log (`plot.read_log(os.path.join(RUNS, "pretrain", "log.jsonl"))`), smooth the
+# train_loss over 5 steps, and count the steps it spends within 0.15 nats of the
+# bigram loss and within 0.15 of the unigram loss. Explain the difference: what does a
+# model know when its loss equals the bigram's, and which part of the network must
+# learn before the loss can fall further?
 #
 # ### Exercise 2.4 (change a hyperparameter): the learning rate
 #
