@@ -3,9 +3,9 @@
 Each tutorial's last markdown cell is `## Exercises`, with at least three numbered
 `### Exercise N.k` headings. Its solutions live in
 `tutorials/solutions/NN_<stem>_solutions.py`, one `## Exercise N.k` section per
-exercise, and each section asserts its answer. The solutions are run as scripts,
-as a learner runs them: in fast mode here (seconds each), in full mode under
-`pytest -m slow`.
+exercise, and each section asserts its answer. The solutions are run as scripts
+and as notebooks, as a learner runs them: in fast mode here (seconds each), in
+full mode under `pytest -m slow`.
 """
 
 import glob
@@ -83,6 +83,22 @@ def test_solution_runs_in_fast_mode(solution, tmp_path):
     prefix = os.path.basename(solution)[:3]
     pngs = [p.name for p in (tmp_path / "figures").glob("*.png")]
     assert all(name.startswith(prefix) for name in pngs), pngs
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=os.path.basename)
+def test_solution_runs_as_a_notebook(solution, tmp_path, monkeypatch):
+    # as tests/test_notebooks.py does for the tutorials: jupytext reads the percent format,
+    # nbclient runs it cell by cell in a fresh kernel, in fast mode
+    jupytext = pytest.importorskip("jupytext", reason="the test extras install jupytext")
+    nbclient = pytest.importorskip("nbclient", reason="the test extras install nbclient")
+    pytest.importorskip("ipykernel", reason="the test extras install ipykernel")
+    notebook = jupytext.read(solution)
+    for name, value in {**fast_env(tmp_path), "OPENBLAS_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code and all(cell.get("execution_count") for cell in code), "every code cell ran"
 
 
 @pytest.fixture(scope="module")
