@@ -12,14 +12,12 @@ import os
 
 import numpy as np
 
-from minilora import corpus, lora, model, ops, optim, plot, tasks
+from minilora import corpus, lora, model, ops, optim, tasks
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.prompt import add_prompt
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
-FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
-NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 tok = corpus.CharTokenizer()
 base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
@@ -41,10 +39,10 @@ C, F, L, V = mc.d_model, mc.d_ff, mc.n_layers, mc.vocab_size
 # barely matters at that scale: the frozen 2-byte weights dominate.
 
 # %%
-strategies = {
+lora_params, _ = lora.add_lora(base, mc, lora.LoraConfig(rank=8))
+strategies = {  # name: (params, trainable names, trainable count by hand)
     "full": (base, set(base), model.count_params(base)),
-    "lora r=8": (*(lambda p: (p, set(lora.lora_names(p))))(lora.add_lora(base, mc, lora.LoraConfig(rank=8))[0]),
-                 8 * L * 8 * C),
+    "lora r=8": (lora_params, set(lora.lora_names(lora_params)), 8 * L * 8 * C),
     "prompt P=16": (add_prompt(base, 16), {"prompt"}, 16 * C),
 }
 for name, (params, trainable, n_by_hand) in strategies.items():
