@@ -101,6 +101,10 @@ ratio_T = act[(B0, 2 * T0)] / act[(B0, T0)]
 print(f"doubling B: x{with_weights:.4f} (tutorial's count, weights included), x{ratio_B:.4f} (weights excluded)")
 print(f"doubling T: x{ratio_T:.4f}")
 assert with_weights < 2.0 and ratio_B == 2.0 and 2.0 < ratio_T < 4.0
+weights_in_caches = activations(B0, T0, False) - act[(B0, T0)]
+print(f"weights inside the caches: {weights_in_caches / 2**20:.2f} MiB, the same at any batch "
+      f"(all parameters: {4 * model.count_params(base) / 2**20:.2f} MiB)")
+assert 0 < weights_in_caches == activations(2 * B0, T0, False) - act[(2 * B0, T0)] <= 4 * model.count_params(base)
 # fit act / B = a T + b T^2 on T0 and 2 T0, predict 4 T0 exactly
 Ts = np.array([T0, 2 * T0], dtype=np.float64)
 a, b = np.linalg.solve(np.stack([Ts, Ts ** 2], 1), np.array([act[(B0, T0)], act[(B0, 2 * T0)]]) / B0)
