@@ -1,9 +1,10 @@
 """Every tutorial ends with exercises, and every exercise has a solution that runs and asserts.
 
 Each tutorial's last markdown cell is `## Exercises`, with at least three numbered
-`### Exercise N.k` headings. Its solutions live in
-`tutorials/solutions/NN_<stem>_solutions.py`, one `## Exercise N.k` section per
-exercise, and each section asserts its answer. The solutions are run as scripts
+exercises: `### Exercise N.k` headings (tutorials 01-05), or a numbered list
+`k. **Title.** ...` (tutorial 06). Its solutions live in
+`tutorials/solutions/NN_<stem>_solutions.py`, one `## Exercise N.k` (or
+`## Exercise k`) section per exercise, and each section asserts its answer. The solutions are run as scripts
 and as notebooks, as a learner runs them: in fast mode here (seconds each), in
 full mode under `pytest -m slow`.
 """
@@ -26,21 +27,30 @@ def solution_path(tutorial):
     return os.path.join(ROOT, "tutorials", "solutions", f"{stem}_solutions.py")
 
 
+def tutorial_number(path):
+    return int(os.path.basename(path)[:2])
+
+
 def exercise_numbers(tutorial):
-    """The numbers of the `### Exercise N.k` headings of the tutorial's Exercises section, in order."""
+    """The numbers ("N.k") of the exercises in the tutorial's Exercises section, in order, and the section."""
     text = open(tutorial, encoding="utf-8").read()
     start = text.find("\n# ## Exercises\n")
     assert start >= 0, f"{os.path.basename(tutorial)} has no '## Exercises' section"
     section = text[start:]
     assert "\n# %%\n" not in section, "the Exercises section must be the tutorial's last cell (no code after it)"
-    return re.findall(r"^# ### Exercise (\d+\.\d+) ", section, flags=re.M), section
+    headings = re.findall(r"^# ### Exercise (\d+\.\d+)\b", section, flags=re.M)
+    listed = [f"{tutorial_number(tutorial)}.{k}" for k in re.findall(r"^# (\d+)\. \*\*", section, flags=re.M)]
+    assert not (headings and listed), "one numbering style per tutorial: headings or a numbered list"
+    return headings or listed, section
 
 
 def solution_sections(solution):
-    """{exercise number: the text of its section} of a solutions file."""
+    """{exercise number "N.k": the text of its section} of a solutions file."""
     text = open(solution, encoding="utf-8").read()
-    parts = re.split(r"^# ## Exercise (\d+\.\d+)", text, flags=re.M)
-    return dict(zip(parts[1::2], parts[2::2]))
+    parts = re.split(r"^# ## Exercise (\d+\.\d+|\d+)\b", text, flags=re.M)
+    n = tutorial_number(solution)
+    numbers = [k if "." in k else f"{n}.{k}" for k in parts[1::2]]
+    return dict(zip(numbers, parts[2::2]))
 
 
 def fast_env(tmp_path):
@@ -51,7 +61,7 @@ def fast_env(tmp_path):
 @pytest.mark.parametrize("tutorial", TUTORIALS, ids=os.path.basename)
 def test_tutorial_ends_with_numbered_exercises_and_their_solutions(tutorial):
     numbers, section = exercise_numbers(tutorial)
-    n = int(os.path.basename(tutorial)[:2])
+    n = tutorial_number(tutorial)
     assert len(numbers) >= 3, f"at least three exercises, got {numbers}"
     assert numbers == [f"{n}.{k}" for k in range(1, len(numbers) + 1)], numbers  # 2.1, 2.2, ... in order
     solution = solution_path(tutorial)
