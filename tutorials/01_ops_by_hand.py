@@ -288,3 +288,49 @@ print("wrote", path)
 # that would fail loudly if the derivation were wrong. Tutorial 02 composes them
 # into a GPT (`minilora/model.py`, whose backward is the same ops in mirror order)
 # and pretrains it.
+
+# %% [markdown]
+# ## Exercises
+#
+# From "run and read" to "derive and implement". Each says what to write, what to
+# predict **before** running, and how to check. The solutions, which run and assert
+# their answers, are in `tutorials/solutions/01_ops_by_hand_solutions.py`.
+#
+# ### Exercise 1.1 (run and read): a gradient check must fail on a wrong backward
+#
+# Write `buggy_linear_backward(dout, cache)`: call `ops.linear_backward`, then return
+# `db / N` (a mean over the N = B T rows instead of a sum, a classic slip). Run it
+# through `gradcheck.check_op` exactly as the linear cell above does. **Predict first**
+# which of dx, dW, db fail, and the exact relative error of db (hint: every entry of
+# the wrong db is the right one divided by N; `rel_error` is |a - n| / (|a| + |n|)).
+# Check: dx and dW pass at 1e-6; db's error matches your number to six digits.
+#
+# ### Exercise 1.2 (predict, then check): what softmax's backward must do
+#
+# Without computing anything, predict: (a) the sum over the last axis of the `dx`
+# that `ops.softmax_backward` returns, for any dout (hint: what does adding a constant
+# to every score of a row do to softmax?); (b) dx when dout is the same number at
+# every position of a row; (c) whether the (C, C) Jacobian is symmetric, and the sign
+# of its eigenvalues. Then check all three numerically: build the Jacobian of one row
+# by feeding `softmax_backward` the unit vectors e_1 .. e_C as dout, compare it with
+# diag(p) - p p^T, and look at `np.linalg.eigvalsh`.
+#
+# ### Exercise 1.3 (derive and implement): the masked cross-entropy backward
+#
+# On paper, derive dL/dz for L = -sum_i m_i log softmax(z_i)[t_i] / sum_i m_i (use the
+# Jacobian of exercise 1.2). Then write `my_cross_entropy_backward(logits, targets,
+# mask)` in plain NumPy, without calling `ops.cross_entropy_backward`. Check it against
+# finite differences with `gradcheck.numerical_gradient_array(f, logits, np.array(1.0))`,
+# where `f` returns `ops.cross_entropy_forward(logits, targets, mask)[0]`; it must agree
+# to `gradcheck.TOLERANCE` (1e-6, float64). Predict, then check: what is the gradient at
+# a masked position, and does a counted position weigh 1/N or 1/(number counted)?
+#
+# ### Exercise 1.4 (derive and implement): RMSNorm
+#
+# LLaMA replaces layer norm with RMSNorm: no mean, no bias,
+# `out = g * x / sqrt(mean(x^2) + eps)` over the last axis. Derive its backward the way
+# the layer-norm section does (dg first; then dx through the 1/rms factor). Write
+# `rmsnorm_forward(x, g)` returning `(out, cache)` and `rmsnorm_backward(dout, cache)`
+# returning `(dx, dg)`, in the contract of `minilora/ops.py`, and pass
+# `gradcheck.check_op` for both x and g at a random float64 point. Before checking,
+# predict how your dx formula differs from layer norm's.

@@ -235,3 +235,48 @@ if not FAST:
 # %% [markdown]
 # This checkpoint is the W of phase 2. Tutorial 03 loads it and fine-tunes it on a
 # task the model has never seen, first with every weight trainable, then with LoRA.
+
+# %% [markdown]
+# ## Exercises
+#
+# From "run and read" to "derive and implement". Each says what to write, what to
+# predict **before** running, and how to check. The solutions, which run and assert
+# their answers, are in `tutorials/solutions/02_pretraining_solutions.py`.
+#
+# ### Exercise 2.1 (compute): the unigram baseline
+#
+# A unigram model predicts every character from its overall frequency, ignoring all
+# context. **Predict** where its validation loss falls on the line ln 96 ... bigram ...
+# H before computing it. Then write it in three lines of NumPy: `np.bincount` of the
+# training tokens, add-0.1 smoothing over the 96 characters (as `corpus.bigram_loss`
+# does), and the mean -log p over `val_text[1:]`. Check ln 96 > unigram > bigram > H.
+#
+# ### Exercise 2.2 (predict, then check): temperature
+#
+# `sampling.decode(..., temperature=tau)` samples from softmax(logits / tau). Predict
+# how the entropy of the next-character distribution after the prompt "\nthe red "
+# changes from tau = 0.5 to 1 to 2, and whether that can depend on the model. Then
+# compute it from `model.next_token_logits`. Second prediction: the fraction of 40
+# samples that parse (`corpus.sentence_log_prob` raises on a non-sentence, as in the
+# samples cell above) at tau = 0.5 and tau = 2. Check both.
+#
+# ### Exercise 2.3 (read the curve): where the loss pauses
+#
+# Before opening `figures/02_pretrain_loss.png`, predict: does the training loss fall
+# smoothly from ln 96 to near H, or does it pause on the way, and at which of the
+# levels you know (the unigram loss of exercise 2.1, the bigram loss, H)? Then read the
+# log (`plot.read_log(os.path.join(RUNS, "pretrain", "log.jsonl"))`), smooth the
+# train_loss over 5 steps, and count the steps it spends within 0.15 nats of the
+# bigram loss and within 0.15 of the unigram loss. Explain the difference: what does a
+# model know when its loss equals the bigram's, and which part of the network must
+# learn before the loss can fall further?
+#
+# ### Exercise 2.4 (change a hyperparameter): the learning rate
+#
+# Pretrain a small model (`PretrainConfig.fast().model`: 1 block, C = 32) with
+# `train.train` for 150 steps at peak learning rates 3e-4, 3e-3, 3e-2 and 3e-1 (same
+# seed, same `WindowBatches`, `min_lr = lr / 10`, `warmup_steps=10`), and measure each
+# with `strided_val_loss`. Predict the shape of final loss against learning rate
+# before running. Check that it is a U: the middle beats both ends. Why does Adam
+# overshoot at 3e-1, whatever the size of the gradient? (Hint: the first Adam step
+# moves every weight by about lr.)

@@ -393,3 +393,48 @@ print("wrote", path)
 # LoRA trains a few percent of the parameters, keeps a proportionally smaller
 # optimizer state, never forms a dense dW, and can be merged away for inference.
 # Tutorial 04 adds the third strategy, prompt tuning, and a classification head.
+
+# %% [markdown]
+# ## Exercises
+#
+# From "run and read" to "derive and implement". Each says what to write, what to
+# predict **before** running, and how to check. The solutions, which run and assert
+# their answers, are in `tutorials/solutions/03_lora_by_hand_solutions.py`.
+#
+# ### Exercise 3.1 (compute by hand): how many numbers LoRA trains
+#
+# For the tutorial's model (`mc`: C = 128, L = 2 blocks, F = 512) and r = 8, compute
+# on paper (a) the trainable parameters with adapters on q, k, v, o; (b) the same with
+# the MLP's fc (F, C) and proj (C, F) added; (c) AdamW's state in bytes for each
+# (float32). Check (a) and (b) against `model.count_params(adapted,
+# lora.lora_names(adapted))` after `lora.add_lora(base, mc, LoraConfig(rank=8,
+# alpha=16, targets=...))`, against the sum of `lora.lora_param_count` over the adapted
+# matrices, and (c) against `optim.optimizer_state_bytes(optim.adamw_init(adapted,
+# names))`. Why do the two MLP matrices cost more than the four attention ones?
+#
+# ### Exercise 3.2 (predict, then check): which factor moves first
+#
+# B starts at zero. Predict which of A and B change after **one** AdamW step with
+# weight decay 0, and after two. Then check: add adapters (r = 4), take one batch
+# from `tasks.instruction_batch`, and alternate `model.loss_and_grads(adapted, amc,
+# batch, names)` and `optim.adamw_step(adapted, grads, state, lr=1e-3)` twice,
+# comparing every A and B with a copy taken before. (Hint: what is Adam's update when
+# m = v = 0?)
+#
+# ### Exercise 3.3 (change a hyperparameter): alpha under Adam
+#
+# Keep r = 8 and double alpha from 16 to 32. Predict, before running: (a) the ratio of
+# the gradient dB at init for the two alphas, and whether it is exact; (b) the ratio
+# of the norms of the weight update Delta W = s B A after one AdamW step. Check both on
+# `h.0.attn.q` of the pretrained model. What does (b) say about alpha and the learning
+# rate, and about "alpha = 2r keeps the scale fixed" when r changes under Adam?
+#
+# ### Exercise 3.4 (derive and implement): the LoRA backward with adapter dropout
+#
+# `LoraConfig(dropout=p)` drops the adapter's input only: xd = x * keep with
+# keep = mask / (1 - p), then y = x W^T + b + s (xd A^T) B^T. Derive dx, dA and dB on
+# paper. Which gradient reads xd instead of x, and does the base path's dx see the
+# mask? Write `my_lora_forward(x, W, b, A, B, s, keep)` returning `(y, cache)` and
+# `my_lora_backward(dy, cache)` returning `(dx, dA, dB)`, pass `gradcheck.check_op` on
+# x, A and B at a random float64 point with B != 0 and one fixed mask, and check that
+# `lora.lora_linear_backward` agrees when given `dropout_mask=mask`.

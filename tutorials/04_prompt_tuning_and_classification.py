@@ -240,3 +240,46 @@ fig.axes[0].legend(fontsize=8)
 path = os.path.join(FIGURES, "04_classification_loss.png")
 plot.save_figure(fig, path)
 print("wrote", path)
+
+# %% [markdown]
+# ## Exercises
+#
+# From "run and read" to "derive and implement". Each says what to write, what to
+# predict **before** running, and how to check. The solutions, which run and assert
+# their answers, are in `tutorials/solutions/04_prompt_tuning_and_classification_solutions.py`.
+#
+# ### Exercise 4.1 (compute by hand): what each strategy trains
+#
+# On "kind" (K = 3 classes), write on paper the trainable count of full fine-tuning,
+# LoRA (r = 8 on q, k, v, o) and prompt tuning (P = 16), each with its head, for this
+# tutorial's model (C = 128, L = 2 in full mode). Then check each against
+# `model.count_params(params, trainable)` with `params, _, trainable =
+# finetune.setup_strategy(base, mc, FinetuneConfig(method=..., task="kind", ...),
+# n_classes=3)`. Which strategy's count does the head dominate?
+#
+# ### Exercise 4.2 (run and read): which targets the loss counts
+#
+# For four "subject" records, predict the number of counted targets per row of
+# `tasks.instruction_batch(records, tok, mc.context_length, train_on_prompt, end)` in
+# the four cases train_on_prompt in {False, True} and end in {"\n", "~"}, as a formula
+# in len(output) and the length of the formatted text. Check with `mask.sum(1)`. Why is
+# the first token of a row never a target?
+#
+# ### Exercise 4.3 (derive, then check): the batch gradient
+#
+# The loss divides by the number of counted tokens in the whole batch. Derive how the
+# gradient of a batch relates to the gradients of its examples taken one at a time
+# (each a batch of one row). Is it their mean? Check on the soft prompt, in float64
+# (`model.params_to(prompted, np, dtype=np.float64)`), with six "subject" records of
+# different output lengths: compare the batch gradient with the plain mean of the six
+# per-example gradients, and with the mean weighted as you derived.
+#
+# ### Exercise 4.4 (predict, then check): forgetting with W unchanged
+#
+# Fine-tune LoRA on "kind" for 300 steps (`finetune(base, mc, config, None,
+# val_data)`). Predict the corpus loss (`strided_val_loss`) of three models against
+# the loss before: (a) the fine-tuned model, adapters attached; (b) the same
+# parameters with the adapters dropped (`lora_A` and `lora_B` removed, and
+# `dataclasses.replace(config, lora=None)`); (c) the merged model (`lora.merge`).
+# Which of them can differ from the pretrained model's loss, and which must equal it
+# exactly? How can a method that never writes W "forget"?

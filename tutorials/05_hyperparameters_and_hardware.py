@@ -294,3 +294,49 @@ else:
     print(f"GPU vs CPU logits: max |diff| = {np.abs(logits_gpu - logits_cpu).max():.1e}")
     assert np.allclose(logits_gpu, logits_cpu, atol=1e-3)
 print("the backend in use by default:", backend.get_backend().__name__)
+
+# %% [markdown]
+# ## Exercises
+#
+# From "run and read" to "derive and implement". Each says what to write, what to
+# predict **before** running, and how to check. The solutions, which run and assert
+# their answers, are in `tutorials/solutions/05_hyperparameters_and_hardware_solutions.py`.
+#
+# ### Exercise 5.1 (compute by hand): optimizer state
+#
+# Compute on paper AdamW's state in bytes for the three strategies of the memory cell
+# (full, LoRA r = 8 on q, k, v, o, prompt P = 16), then check each against
+# `optim.optimizer_state_bytes(optim.adamw_init(params, trainable))`. Then redo the
+# 7B arithmetic for LoRA r = 64 (four times the tutorial's rank): trainable numbers,
+# and gigabytes before activations. Predict first: does quadrupling r change whether
+# LoRA fits an 80 GB GPU? What dominates the total?
+#
+# ### Exercise 5.2 (predict, then check): activations against batch and length
+#
+# Predict the factor by which the activation bytes grow when the batch doubles, and
+# when the sequence length doubles (hint: which cached array is (T, T) per head?).
+# Measure both with the memory cell's `cache_bytes` on `model.forward(base, mc, ids)`.
+# The batch factor is not exactly 2: find out why (which arrays in the caches do not
+# grow with B?), fix the count by seeding `seen` with the parameters' ids, and check
+# that the batch factor becomes exactly 2. Then fit act / B = a T + b T^2 on two
+# lengths, predict a third to the byte, and explain b.
+#
+# ### Exercise 5.3 (change a hyperparameter): epochs and overfitting
+#
+# Fine-tune LoRA on "subject" for 200 steps (batch 16) with `n_train=16` (200 epochs)
+# and with `n_train=2000` (1.6 epochs). Predict the training loss and the held-out
+# loss of each (both on response tokens: `model.loss_and_grads` on
+# `tasks.instruction_batch` of the training records, then of the test records of
+# `tasks.task_splits("subject", n_train, 50, seed=0)`). Check the gap, held-out minus
+# training: which run has memorised its data?
+#
+# ### Exercise 5.4 (derive, then instrument): the FLOPs of a training step
+#
+# A linear (N, in) -> (N, out) costs 2 N in out FLOPs. On paper: the forward FLOPs F
+# of all the model's linears for N tokens (q, k, v, o, fc, proj in each block, and the
+# tied head); the backward's FLOPs for full fine-tuning (dx and dW) and for LoRA (dx
+# only: no dW) as multiples of F; and the fraction of a full step's cost a LoRA step
+# costs once the adapters' own products are added. Check by counting: wrap
+# `ops.linear_forward` and `ops.linear_backward` (as tutorial 03's "No dW, ever" cell
+# does) so they add up 2 N in out per call (twice that for a backward with
+# `param_grads=True`), and run one `model.loss_and_grads` per strategy.
