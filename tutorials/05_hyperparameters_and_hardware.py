@@ -196,8 +196,11 @@ memory = {}
 for name, (params, trainable, lc) in strategies.items():
     n_all, n_train = count_params(params), count_params(params, trainable)
     _, cache = model.forward(params, lc, ids)
+    # the caches also hold the weights themselves (linear_forward keeps W for dx = dout W):
+    # those are parameters, already counted, so they start in `seen`
+    weights = {id(a if a.base is None else a.base) for a in params.values()}
     memory[name] = {"parameters": 4 * n_all, "gradients": 4 * n_train, "AdamW m, v": 8 * n_train,
-                    "activations": cache_bytes(cache)}
+                    "activations": cache_bytes(cache, weights)}
     total = sum(memory[name].values())
     print(f"{name:12s} " + "  ".join(f"{k} {v / 2**20:6.2f} MiB" for k, v in memory[name].items())
           + f"  total {total / 2**20:6.2f} MiB")
@@ -316,10 +319,11 @@ print("the backend in use by default:", backend.get_backend().__name__)
 # Predict the factor by which the activation bytes grow when the batch doubles, and
 # when the sequence length doubles (hint: which cached array is (T, T) per head?).
 # Measure both with the memory cell's `cache_bytes` on `model.forward(base, mc, ids)`.
-# The batch factor is not exactly 2: find out why (which arrays in the caches do not
-# grow with B?), fix the count by seeding `seen` with the parameters' ids, and check
-# that the batch factor becomes exactly 2. Then fit act / B = a T + b T^2 on two
-# lengths, predict a third to the byte, and explain b.
+# First call it as `cache_bytes(cache)`, with an empty `seen`: the batch factor is not
+# exactly 2. Find out why (which arrays in the caches do not grow with B?), and why the
+# memory cell seeds `seen` with the parameters' ids; with them, check that the batch
+# factor is exactly 2. Then fit act / B = a T + b T^2 on two lengths, predict a third
+# to the byte, and explain b.
 #
 # ### Exercise 5.3 (change a hyperparameter): epochs and overfitting
 #

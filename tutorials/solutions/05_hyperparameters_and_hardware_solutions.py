@@ -65,7 +65,7 @@ assert n_lora_7b == 67_108_864 and abs(gb - 14.94) < 0.01
 # probabilities, (NH, T, T) per layer: quadratic. So act(B, T) = B (a T + b T^2), and
 # doubling T multiplies it by between 2 and 4.
 #
-# With the tutorial's `cache_bytes` the B ratio is a little **under** 2: the caches
+# With `cache_bytes(cache)` and an empty `seen` the B ratio is a little **under** 2: the caches
 # also hold the weight matrices (`linear_forward` keeps W for dx = dout W, layer norm
 # keeps g), which do not grow with B, so its "activations" count about 1.5 MiB of
 # parameters twice. Seeding `seen` with the parameters' ids removes them, and then
