@@ -693,24 +693,34 @@ print("wrote", path)
 # Solutions: `tutorials/solutions/06_what_holds_up_solutions.py` (each one asserts
 # its answer).
 #
-# 1. **Run and read.** Set `LIVE_LRS = (1e-2, 3e-2)`. Before running, predict from
-#    the rank study (section 3's second cell prints its r = 8 runs at lr 3e-3, 1e-2
-#    and 3e-2) whether lr 3e-2 reaches matched skill in 250 steps and whether it
-#    forgets more than 1e-2. Run the two cells and compare.
-# 2. **Compute from the results.** Matched skill at 0.8 is a choice. Write
-#    `forgetting_at(record, level)` yourself, check it against
-#    `report.forgetting_at_skill` at 0.8, and recompute section 1's second table at
-#    levels 0.5 and 0.9. Does "full fine-tuning at 1e-4 forgets least" survive? What
-#    does "reached k/n" do at 0.9?
-# 3. **Recompute an energy rank by hand.** Fine-tune the tutorial's model fully for a
-#    few dozen steps (`finetune` with `method="full"`), form ΔW = W_after − W_before
-#    for one attention matrix, and compute its k90 with `np.linalg.svd` and a
-#    cumulative sum (check against `report.energy_ranks`). Then do the same for the
-#    live run's LoRA update s B A: what is the largest k90 it can have, and why are
-#    its singular values beyond r zero?
-# 4. **Derive and implement: alpha is a learning-rate multiplier, to first order.**
-#    With B = 0 at the start, show that one Adam step moves B by −lr·sign(s G Aᵀ)
-#    (G = ∂L/∂W'), so the first update s B A depends on s and lr only through s × lr.
-#    Check it with `model.loss_and_grads` and `optim.adamw_step`: (alpha 32, lr) and
-#    (alpha 16, 2·lr) give the same first update. Then take a few more steps and
-#    find the term that breaks the equality.
+# ### Exercise 6.1 (run and read): a higher learning rate, live
+#
+# Set `LIVE_LRS = (1e-2, 3e-2)`. Before running, predict from
+# the rank study (section 3's second cell prints its r = 8 runs at lr 3e-3, 1e-2
+# and 3e-2) whether lr 3e-2 reaches matched skill in 250 steps and whether it
+# forgets more than 1e-2. Run the two cells and compare.
+#
+# ### Exercise 6.2 (compute from the results): matched skill at other levels
+#
+# Matched skill at 0.8 is a choice. Write
+# `forgetting_at(record, level)` yourself, check it against
+# `report.forgetting_at_skill` at 0.8, and recompute section 1's second table at
+# levels 0.5 and 0.9. Does "full fine-tuning at 1e-4 forgets least" survive? What
+# does "reached k/n" do at 0.9?
+#
+# ### Exercise 6.3 (implement): an energy rank by hand
+#
+# Fine-tune the tutorial's model fully for a
+# few dozen steps (`finetune` with `method="full"`), form ΔW = W_after − W_before
+# for one attention matrix, and compute its k90 with `np.linalg.svd` and a
+# cumulative sum (check against `report.energy_ranks`). Then do the same for the
+# live run's LoRA update s B A: what is the largest k90 it can have, and why are
+# its singular values beyond r zero?
+#
+# ### Exercise 6.4 (derive and implement): alpha is a learning-rate multiplier, to first order
+#
+# With B = 0 at the start, show that one Adam step moves B by −lr·sign(s G Aᵀ)
+# (G = ∂L/∂W'), so the first update s B A depends on s and lr only through s × lr.
+# Check it with `model.loss_and_grads` and `optim.adamw_step`: (alpha 32, lr) and
+# (alpha 16, 2·lr) give the same first update. Then take a few more steps and
+# find the term that breaks the equality.

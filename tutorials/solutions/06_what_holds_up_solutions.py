@@ -36,7 +36,7 @@ def cells_where(records, **settings):
 
 
 # %% [markdown]
-# ## Exercise 1: run and read, LIVE_LRS = (1e-2, 3e-2)
+# ## Exercise 6.1: run and read, LIVE_LRS = (1e-2, 3e-2)
 #
 # **Prediction from the rank study** (r = 8, alpha 16, 250 steps, one seed): at lr
 # 3e-2 validation exact match stayed at 0 and forgetting ended near 4.1 nats/char,
@@ -89,7 +89,7 @@ if not FAST:
     assert live[3e-2]["evals"][-1]["forgetting"] > live[1e-2]["evals"][-1]["forgetting"]  # and forgets more
 
 # %% [markdown]
-# ## Exercise 2: matched skill at other levels
+# ## Exercise 6.2: matched skill at other levels
 #
 # `forgetting_at(record, level)` is a scan for the first evaluation at or above the
 # level. The cell checks it against `report.forgetting_at_skill` at 0.8 on every
@@ -165,7 +165,7 @@ print("wrote", path)
 # comparison only by being in it.
 
 # %% [markdown]
-# ## Exercise 3: an energy rank by hand
+# ## Exercise 6.3: an energy rank by hand
 #
 # ||ΔW||_F² = Σ σ_k², so k90 is the first k whose cumulative sum of σ² reaches 90%
 # of the total. Eckart-Young: the best rank-k approximation ΔW_k (the top k
@@ -208,7 +208,7 @@ print(f"live LoRA run: k90 of s B A = {lora_k90} (r = {r}); singular values beyo
 assert lora_k90 <= r and ls[r:].max() <= 1e-6 * ls[0]
 
 # %% [markdown]
-# ## Exercise 4: alpha as a learning-rate multiplier, to first order
+# ## Exercise 6.4: alpha as a learning-rate multiplier, to first order
 #
 # **Derivation.** W' = W + s B A, and let G = ∂L/∂W'. Then ∂L/∂B = s G Aᵀ and
 # ∂L/∂A = s Bᵀ G. At the start B = 0, so A's gradient is zero and A does not move.
