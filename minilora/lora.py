@@ -62,12 +62,14 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_m
     xd, drop_cache = ops.dropout_forward(x, dropout_p, rng, dropout_mask)
     # 2-D products, (N, in) @ (in, r) then (N, r) @ (r, out): one GEMM each
     xa = xd.reshape(-1, xd.shape[-1]) @ A.T  # (N, r)
-    # y = base + s * xa @ B.T; s goes on the small (N, r) factor
-    y = base + ((xa * scale) @ B.T).reshape(base.shape)
+    # y = base + s * xa @ B.T; s goes on the small (N, r) factor, and the sum
+    # goes into base's buffer (ours, fresh from linear_forward)
+    y = base
+    y += ((xa * scale) @ B.T).reshape(base.shape)
     return y, (base_cache, drop_cache, xd, xa, A, B, float(scale))
 
 
-def lora_linear_backward(dout, cache):
+def lora_linear_backward(dout, cache, input_grad=True):
     """Returns (dx, dA, dB); there is no dW: W is frozen and its gradient is never computed.
 
         dB = s * dout^T (drop(x) A^T)  (out, r)
@@ -75,18 +77,21 @@ def lora_linear_backward(dout, cache):
         dx = dout @ W + drop_backward(s * (dout B) A)
 
     drop(x) is x itself when the adapter dropout is 0 (the default).
+    input_grad=False (nothing below the layer is trained) skips dx and returns None for it.
     """
     base_cache, drop_cache, xd, xa, A, B, s = cache
-    # base path, frozen: y = x @ W.T + b gives dx only
-    dx, _, _ = ops.linear_backward(dout, base_cache, param_grads=False)
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out): every product below is one 2-D GEMM
     # in the forward pass this was: y += s * xa @ B.T, with xa (N, r)
     dB = (dout2.T @ xa) * s  # (out, r)
     dxa = (dout2 @ B) * s  # (N, r)
     # and xa = xd @ A.T
     dA = dxa.T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
+    if not input_grad:
+        return None, dA, dB
+    # base path, frozen: y = x @ W.T + b gives dx only
+    dx, _, _ = ops.linear_backward(dout, base_cache, param_grads=False)
     dxd = (dxa @ A).reshape(dx.shape)  # (N..., in)
-    dx = dx + ops.dropout_backward(dxd, drop_cache)
+    dx += ops.dropout_backward(dxd, drop_cache)  # dx is ours (fresh from linear_backward)
     return dx, dA, dB
 
 

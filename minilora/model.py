@@ -149,15 +149,26 @@ def _linear_forward(params, config, prefix, x, rng, train):
     return ops.linear_forward(x, W, b)
 
 
-def _linear_backward(dout, cache, prefix, params, grads, trainable):
-    """dx of a linear; adds its parameter gradients to grads only for trainable names."""
+def _linear_backward(dout, cache, prefix, params, grads, trainable, input_grad=True):
+    """dx of a linear; adds its parameter gradients to grads only for trainable names.
+
+    input_grad=False: nothing below this layer is trained, so dx is not computed (returns None).
+    """
     if prefix + ".lora_A" in params:
         # a LoRA linear: W and b are frozen, the backward has no dW at all
-        dx, dA, dB = lora.lora_linear_backward(dout, cache)
+        if input_grad:
+            dx, dA, dB = lora.lora_linear_backward(dout, cache)
+        else:
+            dx, dA, dB = lora.lora_linear_backward(dout, cache, input_grad=False)
         _keep(grads, trainable, prefix, lora_A=dA, lora_B=dB)
         return dx
     wanted = prefix + ".W" in trainable or prefix + ".b" in trainable
-    dx, dW, db = ops.linear_backward(dout, cache, param_grads=wanted)
+    if not input_grad:
+        if not wanted:
+            return None  # frozen, and nothing below needs its dx: no product at all
+        dx, dW, db = ops.linear_backward(dout, cache, param_grads=True, input_grad=False)
+    else:
+        dx, dW, db = ops.linear_backward(dout, cache, param_grads=wanted)
     _keep(grads, trainable, prefix, W=dW, b=db)
     return dx
 
@@ -167,6 +178,11 @@ def _ln_backward(dout, cache, prefix, grads, trainable):
     dx, dg, db = ops.layer_norm_backward(dout, cache, param_grads=wanted)
     _keep(grads, trainable, prefix, g=dg, b=db)
     return dx
+
+
+def _trains(trainable, prefix):
+    """True if any trainable name starts with prefix (e.g. "h.0." or "h.0.ln_1.")."""
+    return any(name.startswith(prefix) for name in trainable)
 
 
 def _keep(grads, trainable, prefix, **named):
@@ -197,12 +213,16 @@ def block_forward(params, i, x, config, rng=None, train=False):
     g, c_gelu = ops.gelu_forward(f)
     r, c_proj = _linear_forward(params, config, p + "mlp.proj", g, rng, train)  # (B, T, C)
     r, c_dr = ops.dropout_forward(r, drop, rng)
-    x = x + r  # residual
+    x += r  # residual; x is ours since x = x + o (the input itself is never written)
     return x, (c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr)
 
 
-def block_backward(dx, cache, params, i, grads, trainable):
-    """Mirror of block_forward: dx (B, T, C) -> dx (B, T, C)."""
+def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
+    """Mirror of block_forward: dx (B, T, C) -> dx (B, T, C).
+
+    input_grad=False: no parameter below this block is trained (see backward), so
+    the gradient of the block's input is not computed and None is returned.
+    """
     c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr = cache
     p = f"h.{i}."
     # in the forward pass this was: x = x + r, so dx reaches both x and r
@@ -210,16 +230,29 @@ def block_backward(dx, cache, params, i, grads, trainable):
     dg = _linear_backward(dr, c_proj, p + "mlp.proj", params, grads, trainable)
     df = ops.gelu_backward(dg, c_gelu)
     dm = _linear_backward(df, c_fc, p + "mlp.fc", params, grads, trainable)
-    dx = dx + _ln_backward(dm, c_ln2, p + "ln_2", grads, trainable)
+    dx_ln2 = _ln_backward(dm, c_ln2, p + "ln_2", grads, trainable)
+    dx_ln2 += dx  # dx = dx + dx_ln2, summed in ln_2's fresh buffer (dx is the caller's)
+    dx = dx_ln2
     # x = x + o
     do = ops.dropout_backward(dx, c_do)
     dy = _linear_backward(do, c_o, p + "attn.o", params, grads, trainable)
     dq, dk, dv = ops.attention_backward(dy, c_att)
+    if not input_grad and not _trains(trainable, p + "ln_1."):
+        # a = ln_1(x) leads only to frozen weights and the untrained input: its
+        # gradient, the three dx products of q, k, v and the ln_1 backward are all
+        # skipped; only the q, k, v parameters' own gradients are computed
+        for d, c, name in ((dq, c_q, "q"), (dk, c_k, "k"), (dv, c_v, "v")):
+            _linear_backward(d, c, p + "attn." + name, params, grads, trainable, input_grad=False)
+        return None
     # a fans out to q, k and v: its gradient is the sum of the three
     da = _linear_backward(dq, c_q, p + "attn.q", params, grads, trainable)
-    da = da + _linear_backward(dk, c_k, p + "attn.k", params, grads, trainable)
-    da = da + _linear_backward(dv, c_v, p + "attn.v", params, grads, trainable)
-    return dx + _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
+    da += _linear_backward(dk, c_k, p + "attn.k", params, grads, trainable)  # da is ours: add in place
+    da += _linear_backward(dv, c_v, p + "attn.v", params, grads, trainable)
+    dx_ln1 = _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
+    if not input_grad:
+        return None
+    dx_ln1 += dx  # dx = dx + dx_ln1, in ln_1's fresh buffer
+    return dx_ln1
 
 
 def forward(params, config, ids, rng=None, train=False):
@@ -270,9 +303,26 @@ def backward(dh, cache, params, grads, trainable):
     if P:
         # h[:, P:] dropped the prompt's hidden states: they receive no gradient from the head
         dh = xp.concatenate([xp.zeros((dh.shape[0], P, dh.shape[2]), dh.dtype), dh], axis=1)
+    # Only what leads to a trainable parameter is computed, as in PyTorch's autograd.
+    # The input x (embeddings, prompt) needs its gradient only if one of them is
+    # trained; block i needs its input's gradient only if something below it is
+    # trained. LoRA and a head leave wte, wpe frozen: block 0 then skips the dx of
+    # its q, k, v products and its ln_1 backward, and no block below the lowest
+    # trained one is visited at all.
+    input_trained = any(name in trainable for name in ("wte", "wpe", "prompt"))
+    trained_blocks = [i for i in range(len(c_blocks)) if _trains(trainable, f"h.{i}.")]
+    if input_trained:
+        lowest = 0
+    elif trained_blocks:
+        lowest = trained_blocks[0]
+    else:
+        lowest = len(c_blocks)  # only ln_f or a head is trained: no block is visited
     dx = _ln_backward(dh, c_lnf, "ln_f", grads, trainable)
-    for i in reversed(range(len(c_blocks))):
-        dx = block_backward(dx, c_blocks[i], params, i, grads, trainable)
+    for i in reversed(range(lowest, len(c_blocks))):
+        input_grad = input_trained or i > lowest
+        dx = block_backward(dx, c_blocks[i], params, i, grads, trainable, input_grad)
+    if not input_trained:
+        return
     dx = ops.dropout_backward(dx, c_drop)
     if P and "prompt" in trainable:
         grads["prompt"] = dx[:, :P].sum(axis=0)  # the same P vectors serve every row
