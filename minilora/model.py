@@ -136,8 +136,11 @@ def count_params(params, names=None):
     return int(sum(params[n].size for n in (params if names is None else names)))
 
 
-def _linear_forward(params, config, prefix, x, rng, train):
-    """A linear, or a LoRA linear when `prefix.lora_A` exists (its scale and dropout come from config.lora)."""
+def _linear_forward(params, config, prefix, x, rng, train, trainable=None):
+    """A linear, or a LoRA linear when `prefix.lora_A` exists (its scale and dropout come from config.lora).
+
+    trainable: when given, a plain linear whose W and b are not in it keeps no input in its cache.
+    """
     W, b = params[prefix + ".W"], params.get(prefix + ".b")
     if prefix + ".lora_A" in params:
         if config.lora is None:
@@ -146,7 +149,8 @@ def _linear_forward(params, config, prefix, x, rng, train):
         A, B = params[prefix + ".lora_A"], params[prefix + ".lora_B"]
         p = config.lora.dropout if train else 0.0
         return lora.lora_linear_forward(x, W, b, A, B, config.lora.scale, p, rng)
-    return ops.linear_forward(x, W, b)
+    frozen = trainable is not None and prefix + ".W" not in trainable and prefix + ".b" not in trainable
+    return ops.linear_forward(x, W, b, frozen=frozen)
 
 
 def _linear_backward(dout, cache, prefix, params, grads, trainable, input_grad=True):
@@ -196,22 +200,26 @@ def _add(grads, name, g):
     grads[name] = g if name not in grads else grads[name] + g
 
 
-def block_forward(params, i, x, config, rng=None, train=False):
-    """One pre-LayerNorm transformer block. x (B, T, C) -> (B, T, C)."""
+def block_forward(params, i, x, config, rng=None, train=False, trainable=None):
+    """One pre-LayerNorm transformer block. x (B, T, C) -> (B, T, C).
+
+    trainable: when given, frozen plain linears keep no input for the backward (see forward).
+    """
     p = f"h.{i}."
     drop = config.dropout if train else 0.0
+    t = trainable
     a, c_ln1 = ops.layer_norm_forward(x, params[p + "ln_1.g"], params[p + "ln_1.b"])
-    q, c_q = _linear_forward(params, config, p + "attn.q", a, rng, train)  # (B, T, C)
-    k, c_k = _linear_forward(params, config, p + "attn.k", a, rng, train)
-    v, c_v = _linear_forward(params, config, p + "attn.v", a, rng, train)
+    q, c_q = _linear_forward(params, config, p + "attn.q", a, rng, train, t)  # (B, T, C)
+    k, c_k = _linear_forward(params, config, p + "attn.k", a, rng, train, t)
+    v, c_v = _linear_forward(params, config, p + "attn.v", a, rng, train, t)
     y, c_att = ops.attention_forward(q, k, v, config.n_heads)
-    o, c_o = _linear_forward(params, config, p + "attn.o", y, rng, train)
+    o, c_o = _linear_forward(params, config, p + "attn.o", y, rng, train, t)
     o, c_do = ops.dropout_forward(o, drop, rng)
     x = x + o  # residual
     m, c_ln2 = ops.layer_norm_forward(x, params[p + "ln_2.g"], params[p + "ln_2.b"])
-    f, c_fc = _linear_forward(params, config, p + "mlp.fc", m, rng, train)  # (B, T, F)
+    f, c_fc = _linear_forward(params, config, p + "mlp.fc", m, rng, train, t)  # (B, T, F)
     g, c_gelu = ops.gelu_forward(f)
-    r, c_proj = _linear_forward(params, config, p + "mlp.proj", g, rng, train)  # (B, T, C)
+    r, c_proj = _linear_forward(params, config, p + "mlp.proj", g, rng, train, t)  # (B, T, C)
     r, c_dr = ops.dropout_forward(r, drop, rng)
     x += r  # residual; x is ours since x = x + o (the input itself is never written)
     return x, (c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr)
@@ -255,7 +263,7 @@ def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
     return dx_ln1
 
 
-def forward(params, config, ids, rng=None, train=False):
+def forward(params, config, ids, rng=None, train=False, trainable=None):
     """Token ids to final hidden states.
 
     Inputs:
@@ -264,6 +272,10 @@ def forward(params, config, ids, rng=None, train=False):
     - ids: (B, T) token ids, T <= context_length (numpy or the params' module)
     - rng: numpy Generator that draws dropout masks (needed only when train and a dropout > 0)
     - train: True applies dropout; False (evaluation, decoding) never does
+    - trainable: the names the backward will compute gradients for, or None
+      (keep every activation). Given, a frozen linear's input is not kept in its
+      cache (only its dW would read it): under LoRA or prompt tuning the MLP's
+      inputs, the largest activations, are freed as soon as they are used.
 
     Returns h (B, T, C), the hidden states of the real tokens after ln_f, and
     a cache. With a soft prompt (params["prompt"], (P, C)) the P prompt vectors
@@ -290,7 +302,7 @@ def forward(params, config, ids, rng=None, train=False):
     x, c_drop = ops.dropout_forward(x, config.dropout if train else 0.0, rng)
     c_blocks = []
     for i in range(config.n_layers):
-        x, c = block_forward(params, i, x, config, rng, train)
+        x, c = block_forward(params, i, x, config, rng, train, trainable)
         c_blocks.append(c)
     h, c_lnf = ops.layer_norm_forward(x, params["ln_f.g"], params["ln_f.b"])
     return h[:, P:], (c_emb, c_drop, c_blocks, c_lnf, P, T)
@@ -392,8 +404,8 @@ def _language_model(params, config, batch, trainable, rng, train):
     """Next-token cross-entropy: logits = h @ wte.T (the head tied to the embedding)."""
     wte = params["wte"]
     xp = array_module(wte)
-    h, cache = forward(params, config, batch["x"], rng, train)
-    logits, c_head = ops.linear_forward(h, wte)  # (B, T, V)
+    h, cache = forward(params, config, batch["x"], rng, train, trainable)
+    logits, c_head = ops.linear_forward(h, wte, frozen="wte" not in trainable)  # (B, T, V)
     _check_ids_on_host("y", batch["y"], config.vocab_size)
     mask = batch.get("mask")
     if mask is not None and not hasattr(mask, "get") and not mask.sum() > 0:
@@ -414,7 +426,8 @@ def _language_model(params, config, batch, trainable, rng, train):
 def _classifier(params, config, batch, trainable, rng, train):
     """logits = h[b, last[b]] @ cls.W.T + cls.b, cross-entropy against labels."""
     xp = array_module(params["wte"])
-    logits, (h, cache, rows, last, c_head) = _class_head(params, config, batch["x"], batch["last"], rng, train)
+    logits, (h, cache, rows, last, c_head) = _class_head(params, config, batch["x"], batch["last"], rng, train,
+                                                                 trainable)
     _check_ids_on_host("labels", batch["labels"], params["cls.W"].shape[0])
     loss, c_ce = ops.cross_entropy_forward(logits, to_device(batch["labels"], xp))
     grads = {}
@@ -427,10 +440,10 @@ def _classifier(params, config, batch, trainable, rng, train):
     return loss, grads
 
 
-def _class_head(params, config, x, last, rng, train):
+def _class_head(params, config, x, last, rng, train, trainable=None):
     """The head on each row's last real token: logits (B, K) and what its backward needs."""
     xp = array_module(params["wte"])
-    h, cache = forward(params, config, x, rng, train)  # (B, T, C)
+    h, cache = forward(params, config, x, rng, train, trainable)  # (B, T, C)
     last = to_device(last, xp)
     rows = xp.arange(h.shape[0])
     logits, c_head = ops.linear_forward(h[rows, last], params["cls.W"], params["cls.b"])  # (B, K)

@@ -109,13 +109,16 @@ def embedding_backward(dout, cache):
     return dwte
 
 
-def linear_forward(x, W, b=None):
+def linear_forward(x, W, b=None, frozen=False):
     """y = x @ W.T + b.
 
     Inputs:
     - x: (N..., in)
     - W: (out, in)
     - b: (out,) or None
+    - frozen: True when W and b will get no gradient: then the cache does not
+      keep x (only dW needs it), so a frozen layer holds no activation for the
+      backward, and its backward can give dx only
 
     Returns y (N..., out) and a cache.
     """
@@ -132,7 +135,7 @@ def linear_forward(x, W, b=None):
     y = x.reshape(-1, x.shape[-1]) @ W.T  # (N, out)
     if b is not None:
         y += b  # y is ours: no second (N, out) array
-    return y.reshape(x.shape[:-1] + (W.shape[0],)), (x, W, b is not None)
+    return y.reshape(x.shape[:-1] + (W.shape[0],)), (None if frozen else x, W, b is not None)
 
 
 def linear_backward(dout, cache, param_grads=True, input_grad=True):
@@ -151,9 +154,12 @@ def linear_backward(dout, cache, param_grads=True, input_grad=True):
     """
     x, W, has_bias = cache
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out), one 2-D GEMM per product
-    dx = (dout2 @ W).reshape(x.shape) if input_grad else None  # (N..., in)
+    dx = (dout2 @ W).reshape(dout.shape[:-1] + (W.shape[1],)) if input_grad else None  # (N..., in)
     if not param_grads:
         return dx, None, None
+    if x is None:
+        _fail("cache", "the cache of a linear_forward that kept x (frozen=False) to compute dW, db",
+              "the cache of a frozen layer")
     dW = dout2.T @ x.reshape(-1, x.shape[-1])  # (out, in)
     db = dout2.sum(axis=0) if has_bias else None
     return dx, dW, db

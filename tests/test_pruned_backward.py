@@ -92,3 +92,51 @@ def test_lora_linear_backward_without_input_grad():
     dx, dW, db = ops.linear_backward(dout, cache)
     none, dW2, db2 = ops.linear_backward(dout, cache, input_grad=False)
     assert none is None and np.array_equal(dW, dW2) and np.array_equal(db, db2)
+
+
+def test_frozen_linear_keeps_no_input_and_gives_the_same_dx():
+    rng = np.random.default_rng(0)
+    x, W, b = rng.standard_normal((2, 3, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
+    dout = rng.standard_normal((2, 3, 4))
+    y, cache = ops.linear_forward(x, W, b)
+    y_frozen, frozen = ops.linear_forward(x, W, b, frozen=True)
+    assert np.array_equal(y, y_frozen) and frozen[0] is None
+    assert np.array_equal(ops.linear_backward(dout, cache, param_grads=False)[0],
+                          ops.linear_backward(dout, frozen, param_grads=False)[0])
+    with pytest.raises(ValueError, match="frozen"):
+        ops.linear_backward(dout, frozen, param_grads=True)
+
+
+def _cached_arrays(cache):
+    if isinstance(cache, np.ndarray):
+        return [cache]
+    if isinstance(cache, (tuple, list)):
+        return [a for c in cache for a in _cached_arrays(c)]
+    return []
+
+
+@pytest.mark.parametrize("strategy", ["lora", "prompt"])
+def test_forward_given_trainable_keeps_less_and_backward_gives_the_same_gradients(strategy):
+    from minilora import prompt
+    params = model.init_params(TINY, 0, dtype=np.float64)
+    config = TINY
+    if strategy == "lora":
+        params, config = lora.add_lora(params, TINY, lora.LoraConfig(rank=2))
+        trainable = set(lora.lora_names(params))
+    else:
+        params, trainable = prompt.add_prompt(params, 2), {"prompt"}
+    x = _batch()["x"]
+    dh = np.random.default_rng(5).standard_normal((3, TINY.context_length, TINY.d_model))
+    grads = []
+    for keep in (None, trainable):
+        h, cache = model.forward(params, config, x, trainable=keep)
+        g = {}
+        model.backward(dh, cache, params, g, trainable)
+        grads.append((h, g, sum(a.nbytes for a in {id(a): a for a in _cached_arrays(cache)}.values())))
+    (h_all, g_all, bytes_all), (h_lean, g_lean, bytes_lean) = grads
+    assert np.array_equal(h_all, h_lean)
+    assert set(g_all) == set(g_lean) == trainable
+    for name in trainable:
+        assert np.array_equal(g_all[name], g_lean[name]), name
+    # every block drops the inputs of mlp.fc (B, T, C) and mlp.proj (B, T, F)
+    assert bytes_lean < bytes_all
