@@ -95,6 +95,71 @@ def lora_linear_backward(dout, cache, input_grad=True):
     return dx, dA, dB
 
 
+def lora_shared_input_forward(x, layers, scale):
+    """LoRA linears that read the same input x (attention's q, k and v), their A products as one.
+
+        xa  = x @ [A_1; ...; A_n].T        (N, n r): every adapter's x A_i^T, side by side
+        y_i = x @ W_i.T + b_i + s * xa_i @ B_i.T
+
+    The same numbers as n calls of lora_linear_forward without adapter dropout,
+    but x is read once for all the A's, and the backward below forms the A's
+    gradients and their share of dx with one product each instead of n.
+
+    Inputs:
+    - x: (N..., in)
+    - layers: a list of (W_i, b_i, A_i, B_i), as lora_linear_forward takes them, all with the same r
+    - scale: s = alpha / r
+
+    Returns ys, a list of n outputs (N..., out_i), and a cache.
+    """
+    xp = array_module(x)
+    A_all = xp.concatenate([A for _, _, A, _ in layers])  # (n r, in)
+    r = layers[0][2].shape[0]
+    xa = x.reshape(-1, x.shape[-1]) @ A_all.T  # (N, n r), one product for the n adapters
+    ys, caches = [], []
+    for i, (W, b, A, B) in enumerate(layers):
+        if A.shape[0] != r:
+            ops._fail("A", f"rank r = {r} for every layer (the first layer's)", f"shape {tuple(A.shape)}")
+        y, c = ops.linear_forward(x, W, b, frozen=True)  # the frozen base: no dW, so x is not kept twice
+        # y_i = base + s * xa_i @ B_i.T, summed in y's buffer (ours)
+        y += ((xa[:, i * r:(i + 1) * r] * scale) @ B.T).reshape(y.shape)
+        ys.append(y)
+        caches.append((c, B))
+    return ys, (x, xa, A_all, caches, float(scale))
+
+
+def lora_shared_input_backward(douts, cache, input_grad=True):
+    """Returns (dx, dAs, dBs): dx (N..., in) or None (input_grad=False), lists dA_i (r, in), dB_i (out_i, r).
+
+        dB_i = s * dout_i^T xa_i                         (out_i, r)
+        dxa_i = s * dout_i B_i, side by side as dxa      (N, n r)
+        [dA_1; ...; dA_n] = dxa^T x                      one product for the n adapters
+        dx = sum_i dout_i @ W_i + dxa @ [A_1; ...; A_n]  (the n adapters' share in one product)
+    """
+    x, xa, A_all, caches, s = cache
+    xp = array_module(xa)
+    r = A_all.shape[0] // len(caches)
+    dBs, dxas = [], []
+    for i, (dout, (_, B)) in enumerate(zip(douts, caches)):
+        dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out_i)
+        # in the forward pass this was: y_i += s * xa_i @ B_i.T
+        dBs.append((dout2.T @ xa[:, i * r:(i + 1) * r]) * s)  # (out_i, r)
+        dxas.append(dout2 @ B)  # (N, r)
+    dxa = xp.concatenate(dxas, axis=1)  # (N, n r)
+    dxa *= s
+    # and xa = x @ A_all.T
+    dA_all = dxa.T @ x.reshape(-1, x.shape[-1])  # (n r, in)
+    dAs = [dA_all[i * r:(i + 1) * r] for i in range(len(caches))]
+    if not input_grad:
+        return None, dAs, dBs
+    # x fans out to the n bases and the n adapters: dx sums them all
+    dx = (dxa @ A_all).reshape(x.shape)  # (N..., in), ours
+    for dout, (c, _) in zip(douts, caches):
+        # base path, frozen: y_i = x @ W_i.T + b_i gives dx only
+        dx += ops.linear_backward(dout, c, param_grads=False)[0]
+    return dx, dAs, dBs
+
+
 @dataclass
 class LoraConfig:
     rank: int = 8  # r: the rank of the update B A (the seed's table: 8-64)

@@ -200,6 +200,49 @@ def _add(grads, name, g):
     grads[name] = g if name not in grads else grads[name] + g
 
 
+def _qkv_forward(params, config, p, a, rng, train, trainable):
+    """q, k, v = the three projections of a (B, T, C), and their caches.
+
+    When all three have LoRA adapters and no adapter dropout applies, they read
+    exactly the same input, so lora_shared_input_forward forms their three x A^T
+    with one product (and the backward their dA and dx shares likewise).
+    Otherwise each is its own (LoRA) linear.
+    """
+    names = [p + "attn." + n for n in ("q", "k", "v")]
+    # (config.lora None with adapters present: each linear below raises the error that explains it)
+    no_dropout = config.lora is not None and (not train or config.lora.dropout == 0.0)
+    if no_dropout and all(name + ".lora_A" in params for name in names):
+        layers = [(params[n + ".W"], params.get(n + ".b"), params[n + ".lora_A"], params[n + ".lora_B"])
+                  for n in names]
+        qkv, cache = lora.lora_shared_input_forward(a, layers, config.lora.scale)
+        return qkv, ("shared", cache)
+    outs, caches = zip(*(_linear_forward(params, config, n, a, rng, train, trainable) for n in names))
+    return outs, ("each", caches)
+
+
+def _qkv_backward(dqkv, c_qkv, p, params, grads, trainable, input_grad=True):
+    """Mirror of _qkv_forward: da, the gradient of their shared input (None if not input_grad)."""
+    names = [p + "attn." + n for n in ("q", "k", "v")]
+    kind, cache = c_qkv
+    if kind == "shared":
+        if input_grad:
+            da, dAs, dBs = lora.lora_shared_input_backward(dqkv, cache)
+        else:
+            da, dAs, dBs = lora.lora_shared_input_backward(dqkv, cache, input_grad=False)
+        for name, dA, dB in zip(names, dAs, dBs):
+            _keep(grads, trainable, name, lora_A=dA, lora_B=dB)
+        return da
+    if not input_grad:
+        for d, c, name in zip(dqkv, cache, names):
+            _linear_backward(d, c, name, params, grads, trainable, input_grad=False)
+        return None
+    # a fans out to q, k and v: its gradient is the sum of the three
+    da = _linear_backward(dqkv[0], cache[0], names[0], params, grads, trainable)
+    for d, c, name in zip(dqkv[1:], cache[1:], names[1:]):
+        da += _linear_backward(d, c, name, params, grads, trainable)  # da is ours: add in place
+    return da
+
+
 def block_forward(params, i, x, config, rng=None, train=False, trainable=None):
     """One pre-LayerNorm transformer block. x (B, T, C) -> (B, T, C).
 
@@ -209,9 +252,7 @@ def block_forward(params, i, x, config, rng=None, train=False, trainable=None):
     drop = config.dropout if train else 0.0
     t = trainable
     a, c_ln1 = ops.layer_norm_forward(x, params[p + "ln_1.g"], params[p + "ln_1.b"])
-    q, c_q = _linear_forward(params, config, p + "attn.q", a, rng, train, t)  # (B, T, C)
-    k, c_k = _linear_forward(params, config, p + "attn.k", a, rng, train, t)
-    v, c_v = _linear_forward(params, config, p + "attn.v", a, rng, train, t)
+    (q, k, v), c_qkv = _qkv_forward(params, config, p, a, rng, train, t)  # each (B, T, C)
     y, c_att = ops.attention_forward(q, k, v, config.n_heads)
     o, c_o = _linear_forward(params, config, p + "attn.o", y, rng, train, t)
     o, c_do = ops.dropout_forward(o, drop, rng)
@@ -222,7 +263,7 @@ def block_forward(params, i, x, config, rng=None, train=False, trainable=None):
     r, c_proj = _linear_forward(params, config, p + "mlp.proj", g, rng, train, t)  # (B, T, C)
     r, c_dr = ops.dropout_forward(r, drop, rng)
     x += r  # residual; x is ours since x = x + o (the input itself is never written)
-    return x, (c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr)
+    return x, (c_ln1, c_qkv, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr)
 
 
 def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
@@ -231,7 +272,7 @@ def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
     input_grad=False: no parameter below this block is trained (see backward), so
     the gradient of the block's input is not computed and None is returned.
     """
-    c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr = cache
+    c_ln1, c_qkv, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr = cache
     p = f"h.{i}."
     # in the forward pass this was: x = x + r, so dx reaches both x and r
     dr = ops.dropout_backward(dx, c_dr)
@@ -249,13 +290,9 @@ def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
         # a = ln_1(x) leads only to frozen weights and the untrained input: its
         # gradient, the three dx products of q, k, v and the ln_1 backward are all
         # skipped; only the q, k, v parameters' own gradients are computed
-        for d, c, name in ((dq, c_q, "q"), (dk, c_k, "k"), (dv, c_v, "v")):
-            _linear_backward(d, c, p + "attn." + name, params, grads, trainable, input_grad=False)
+        _qkv_backward((dq, dk, dv), c_qkv, p, params, grads, trainable, input_grad=False)
         return None
-    # a fans out to q, k and v: its gradient is the sum of the three
-    da = _linear_backward(dq, c_q, p + "attn.q", params, grads, trainable)
-    da += _linear_backward(dk, c_k, p + "attn.k", params, grads, trainable)  # da is ours: add in place
-    da += _linear_backward(dv, c_v, p + "attn.v", params, grads, trainable)
+    da = _qkv_backward((dq, dk, dv), c_qkv, p, params, grads, trainable)
     dx_ln1 = _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
     if not input_grad:
         return None

@@ -198,6 +198,7 @@ def recorded_backwards(monkeypatch):
     calls = {"linear": [], "layer_norm": [], "embedding": 0, "lora_linear": 0}
     linear, layer_norm, embedding, lora_linear = (ops.linear_backward, ops.layer_norm_backward,
                                                   ops.embedding_backward, lora.lora_linear_backward)
+    lora_shared = lora.lora_shared_input_backward
 
     def linear_backward(dout, cache, param_grads=True):
         calls["linear"].append(param_grads)
@@ -218,7 +219,12 @@ def recorded_backwards(monkeypatch):
     monkeypatch.setattr(ops, "linear_backward", linear_backward)
     monkeypatch.setattr(ops, "layer_norm_backward", layer_norm_backward)
     monkeypatch.setattr(ops, "embedding_backward", embedding_backward)
+    def lora_shared_input_backward(douts, cache, **kwargs):
+        calls["lora_linear"] += len(douts)  # q, k, v's adapters in one call
+        return lora_shared(douts, cache, **kwargs)
+
     monkeypatch.setattr(lora, "lora_linear_backward", lora_linear_backward)
+    monkeypatch.setattr(lora, "lora_shared_input_backward", lora_shared_input_backward)
     return calls
 
 
