@@ -7,7 +7,10 @@ An adapter is two extra entries beside a linear layer's weight,
     h.0.attn.q.lora_B   (out, r)    zero, so the adapted model starts exactly at the pretrained one
 
 The forward and backward of the adapted layer are lora_linear_forward /
-lora_linear_backward below: they never form B @ A nor a dW. `merge` folds the
+lora_linear_backward below: they never form B @ A nor a dW. Adapted layers
+that read the same input (attention's q, k, v) can run as one op,
+lora_shared_input_forward / _backward: the same numbers, one product for all
+their A's. `merge` folds the
 update into W for inference at the base model's cost; `unmerge` takes it out.
 Both return new dicts: nothing here changes an array it was given.
 """
