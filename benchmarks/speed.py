@@ -16,13 +16,16 @@ torch.set_num_threads) and printed.
 FLOP counting (multiply-add = 2 FLOPs; elementwise work is not counted):
 - forward: 2 * (weights in matmuls) * tokens for the linears and the tied head,
   plus 2 * 2 * B * NH * T^2 * hs for attention (q k^T and P v, the full T x T
-  square, as PyTorch's and llm.c's counts do; the causal half is not discounted);
+  square, as PyTorch's and llm.c's counts do; the causal half is not discounted,
+  though minilora, like PyTorch's CPU attention, computes only the blocks at or
+  below the diagonal: 5/8 of the square at T = 256, 3/4 at T = 128);
   tokens and T include the 16 prompt positions for prompt tuning, except at the head;
 - backward, full fine-tuning: 2x the forward (dx and dW for every product);
 - backward, LoRA and prompt tuning: 1x the forward of the linears and the head (dx
   only: a frozen W gets no dW), 2x the forward of attention (dq, dk, dv all
   needed), plus the adapters' own products (forward 2 r (in + out) per token
-  and adapter, backward twice that).
+  and adapter, backward twice that). Under LoRA, block 0's dx products of q, k
+  and v are also skipped (nothing below them is trained); the count keeps them.
 The achieved GFLOP/s is that count over the measured step time, against the
 float32 GEMM peak measured here with a 2048^3 `a @ b` on the same threads.
 

@@ -7,7 +7,10 @@ An adapter is two extra entries beside a linear layer's weight,
     h.0.attn.q.lora_B   (out, r)    zero, so the adapted model starts exactly at the pretrained one
 
 The forward and backward of the adapted layer are lora_linear_forward /
-lora_linear_backward below: they never form B @ A nor a dW. `merge` folds the
+lora_linear_backward below: they never form B @ A nor a dW. Adapted layers
+that read the same input (attention's q, k, v) can run as one op,
+lora_shared_input_forward / _backward: the same numbers, one product for all
+their A's. `merge` folds the
 update into W for inference at the base model's cost; `unmerge` takes it out.
 Both return new dicts: nothing here changes an array it was given.
 """
@@ -62,12 +65,14 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_m
     xd, drop_cache = ops.dropout_forward(x, dropout_p, rng, dropout_mask)
     # 2-D products, (N, in) @ (in, r) then (N, r) @ (r, out): one GEMM each
     xa = xd.reshape(-1, xd.shape[-1]) @ A.T  # (N, r)
-    # y = base + s * xa @ B.T; s goes on the small (N, r) factor
-    y = base + ((xa * scale) @ B.T).reshape(base.shape)
+    # y = base + s * xa @ B.T; s goes on the small (N, r) factor, and the sum
+    # goes into base's buffer (ours, fresh from linear_forward)
+    y = base
+    y += ((xa * scale) @ B.T).reshape(base.shape)
     return y, (base_cache, drop_cache, xd, xa, A, B, float(scale))
 
 
-def lora_linear_backward(dout, cache):
+def lora_linear_backward(dout, cache, input_grad=True):
     """Returns (dx, dA, dB); there is no dW: W is frozen and its gradient is never computed.
 
         dB = s * dout^T (drop(x) A^T)  (out, r)
@@ -75,19 +80,87 @@ def lora_linear_backward(dout, cache):
         dx = dout @ W + drop_backward(s * (dout B) A)
 
     drop(x) is x itself when the adapter dropout is 0 (the default).
+    input_grad=False (nothing below the layer is trained) skips dx and returns None for it.
     """
     base_cache, drop_cache, xd, xa, A, B, s = cache
-    # base path, frozen: y = x @ W.T + b gives dx only
-    dx, _, _ = ops.linear_backward(dout, base_cache, param_grads=False)
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out): every product below is one 2-D GEMM
     # in the forward pass this was: y += s * xa @ B.T, with xa (N, r)
     dB = (dout2.T @ xa) * s  # (out, r)
     dxa = (dout2 @ B) * s  # (N, r)
     # and xa = xd @ A.T
     dA = dxa.T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
+    if not input_grad:
+        return None, dA, dB
+    # base path, frozen: y = x @ W.T + b gives dx only
+    dx, _, _ = ops.linear_backward(dout, base_cache, param_grads=False)
     dxd = (dxa @ A).reshape(dx.shape)  # (N..., in)
-    dx = dx + ops.dropout_backward(dxd, drop_cache)
+    dx += ops.dropout_backward(dxd, drop_cache)  # dx is ours (fresh from linear_backward)
     return dx, dA, dB
+
+
+def lora_shared_input_forward(x, layers, scale):
+    """LoRA linears that read the same input x (attention's q, k and v), their A products as one.
+
+        xa  = x @ [A_1; ...; A_n].T        (N, n r): every adapter's x A_i^T, side by side
+        y_i = x @ W_i.T + b_i + s * xa_i @ B_i.T
+
+    The same numbers as n calls of lora_linear_forward without adapter dropout,
+    but x is read once for all the A's, and the backward below forms the A's
+    gradients and their share of dx with one product each instead of n.
+
+    Inputs:
+    - x: (N..., in)
+    - layers: a list of (W_i, b_i, A_i, B_i), as lora_linear_forward takes them, all with the same r
+    - scale: s = alpha / r
+
+    Returns ys, a list of n outputs (N..., out_i), and a cache.
+    """
+    xp = array_module(x)
+    A_all = xp.concatenate([A for _, _, A, _ in layers])  # (n r, in)
+    r = layers[0][2].shape[0]
+    xa = x.reshape(-1, x.shape[-1]) @ A_all.T  # (N, n r), one product for the n adapters
+    ys, caches = [], []
+    for i, (W, b, A, B) in enumerate(layers):
+        if A.shape[0] != r:
+            ops._fail("A", f"rank r = {r} for every layer (the first layer's)", f"shape {tuple(A.shape)}")
+        y, c = ops.linear_forward(x, W, b, frozen=True)  # the frozen base: no dW, so x is not kept twice
+        # y_i = base + s * xa_i @ B_i.T, summed in y's buffer (ours)
+        y += ((xa[:, i * r:(i + 1) * r] * scale) @ B.T).reshape(y.shape)
+        ys.append(y)
+        caches.append((c, B))
+    return ys, (x, xa, A_all, caches, float(scale))
+
+
+def lora_shared_input_backward(douts, cache, input_grad=True):
+    """Returns (dx, dAs, dBs): dx (N..., in) or None (input_grad=False), lists dA_i (r, in), dB_i (out_i, r).
+
+        dB_i = s * dout_i^T xa_i                         (out_i, r)
+        dxa_i = s * dout_i B_i, side by side as dxa      (N, n r)
+        [dA_1; ...; dA_n] = dxa^T x                      one product for the n adapters
+        dx = sum_i dout_i @ W_i + dxa @ [A_1; ...; A_n]  (the n adapters' share in one product)
+    """
+    x, xa, A_all, caches, s = cache
+    xp = array_module(xa)
+    r = A_all.shape[0] // len(caches)
+    dBs, dxas = [], []
+    for i, (dout, (_, B)) in enumerate(zip(douts, caches)):
+        dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out_i)
+        # in the forward pass this was: y_i += s * xa_i @ B_i.T
+        dBs.append((dout2.T @ xa[:, i * r:(i + 1) * r]) * s)  # (out_i, r)
+        dxas.append(dout2 @ B)  # (N, r)
+    dxa = xp.concatenate(dxas, axis=1)  # (N, n r)
+    dxa *= s
+    # and xa = x @ A_all.T
+    dA_all = dxa.T @ x.reshape(-1, x.shape[-1])  # (n r, in)
+    dAs = [dA_all[i * r:(i + 1) * r] for i in range(len(caches))]
+    if not input_grad:
+        return None, dAs, dBs
+    # x fans out to the n bases and the n adapters: dx sums them all
+    dx = (dxa @ A_all).reshape(x.shape)  # (N..., in), ours
+    for dout, (c, _) in zip(douts, caches):
+        # base path, frozen: y_i = x @ W_i.T + b_i gives dx only
+        dx += ops.linear_backward(dout, c, param_grads=False)[0]
+    return dx, dAs, dBs
 
 
 @dataclass

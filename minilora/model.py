@@ -136,8 +136,11 @@ def count_params(params, names=None):
     return int(sum(params[n].size for n in (params if names is None else names)))
 
 
-def _linear_forward(params, config, prefix, x, rng, train):
-    """A linear, or a LoRA linear when `prefix.lora_A` exists (its scale and dropout come from config.lora)."""
+def _linear_forward(params, config, prefix, x, rng, train, trainable=None):
+    """A linear, or a LoRA linear when `prefix.lora_A` exists (its scale and dropout come from config.lora).
+
+    trainable: when given, a plain linear whose W and b are not in it keeps no input in its cache.
+    """
     W, b = params[prefix + ".W"], params.get(prefix + ".b")
     if prefix + ".lora_A" in params:
         if config.lora is None:
@@ -146,18 +149,30 @@ def _linear_forward(params, config, prefix, x, rng, train):
         A, B = params[prefix + ".lora_A"], params[prefix + ".lora_B"]
         p = config.lora.dropout if train else 0.0
         return lora.lora_linear_forward(x, W, b, A, B, config.lora.scale, p, rng)
-    return ops.linear_forward(x, W, b)
+    frozen = trainable is not None and prefix + ".W" not in trainable and prefix + ".b" not in trainable
+    return ops.linear_forward(x, W, b, frozen=frozen)
 
 
-def _linear_backward(dout, cache, prefix, params, grads, trainable):
-    """dx of a linear; adds its parameter gradients to grads only for trainable names."""
+def _linear_backward(dout, cache, prefix, params, grads, trainable, input_grad=True):
+    """dx of a linear; adds its parameter gradients to grads only for trainable names.
+
+    input_grad=False: nothing below this layer is trained, so dx is not computed (returns None).
+    """
     if prefix + ".lora_A" in params:
         # a LoRA linear: W and b are frozen, the backward has no dW at all
-        dx, dA, dB = lora.lora_linear_backward(dout, cache)
+        if input_grad:
+            dx, dA, dB = lora.lora_linear_backward(dout, cache)
+        else:
+            dx, dA, dB = lora.lora_linear_backward(dout, cache, input_grad=False)
         _keep(grads, trainable, prefix, lora_A=dA, lora_B=dB)
         return dx
     wanted = prefix + ".W" in trainable or prefix + ".b" in trainable
-    dx, dW, db = ops.linear_backward(dout, cache, param_grads=wanted)
+    if not input_grad:
+        if not wanted:
+            return None  # frozen, and nothing below needs its dx: no product at all
+        dx, dW, db = ops.linear_backward(dout, cache, param_grads=True, input_grad=False)
+    else:
+        dx, dW, db = ops.linear_backward(dout, cache, param_grads=wanted)
     _keep(grads, trainable, prefix, W=dW, b=db)
     return dx
 
@@ -167,6 +182,11 @@ def _ln_backward(dout, cache, prefix, grads, trainable):
     dx, dg, db = ops.layer_norm_backward(dout, cache, param_grads=wanted)
     _keep(grads, trainable, prefix, g=dg, b=db)
     return dx
+
+
+def _trains(trainable, prefix):
+    """True if any trainable name starts with prefix (e.g. "h.0." or "h.0.ln_1.")."""
+    return any(name.startswith(prefix) for name in trainable)
 
 
 def _keep(grads, trainable, prefix, **named):
@@ -180,49 +200,107 @@ def _add(grads, name, g):
     grads[name] = g if name not in grads else grads[name] + g
 
 
-def block_forward(params, i, x, config, rng=None, train=False):
-    """One pre-LayerNorm transformer block. x (B, T, C) -> (B, T, C)."""
+def _qkv_forward(params, config, p, a, rng, train, trainable):
+    """q, k, v = the three projections of a (B, T, C), and their caches.
+
+    When all three have LoRA adapters and no adapter dropout applies, they read
+    exactly the same input, so lora_shared_input_forward forms their three x A^T
+    with one product (and the backward their dA and dx shares likewise).
+    Otherwise each is its own (LoRA) linear.
+    """
+    names = [p + "attn." + n for n in ("q", "k", "v")]
+    # (config.lora None with adapters present: each linear below raises the error that explains it)
+    no_dropout = config.lora is not None and (not train or config.lora.dropout == 0.0)
+    if no_dropout and all(name + ".lora_A" in params for name in names):
+        layers = [(params[n + ".W"], params.get(n + ".b"), params[n + ".lora_A"], params[n + ".lora_B"])
+                  for n in names]
+        qkv, cache = lora.lora_shared_input_forward(a, layers, config.lora.scale)
+        return qkv, ("shared", cache)
+    outs, caches = zip(*(_linear_forward(params, config, n, a, rng, train, trainable) for n in names))
+    return outs, ("each", caches)
+
+
+def _qkv_backward(dqkv, c_qkv, p, params, grads, trainable, input_grad=True):
+    """Mirror of _qkv_forward: da, the gradient of their shared input (None if not input_grad)."""
+    names = [p + "attn." + n for n in ("q", "k", "v")]
+    kind, cache = c_qkv
+    if kind == "shared":
+        if input_grad:
+            da, dAs, dBs = lora.lora_shared_input_backward(dqkv, cache)
+        else:
+            da, dAs, dBs = lora.lora_shared_input_backward(dqkv, cache, input_grad=False)
+        for name, dA, dB in zip(names, dAs, dBs):
+            _keep(grads, trainable, name, lora_A=dA, lora_B=dB)
+        return da
+    if not input_grad:
+        for d, c, name in zip(dqkv, cache, names):
+            _linear_backward(d, c, name, params, grads, trainable, input_grad=False)
+        return None
+    # a fans out to q, k and v: its gradient is the sum of the three
+    da = _linear_backward(dqkv[0], cache[0], names[0], params, grads, trainable)
+    for d, c, name in zip(dqkv[1:], cache[1:], names[1:]):
+        da += _linear_backward(d, c, name, params, grads, trainable)  # da is ours: add in place
+    return da
+
+
+def block_forward(params, i, x, config, rng=None, train=False, trainable=None):
+    """One pre-LayerNorm transformer block. x (B, T, C) -> (B, T, C).
+
+    trainable: when given, frozen plain linears keep no input for the backward (see forward).
+    """
     p = f"h.{i}."
     drop = config.dropout if train else 0.0
+    t = trainable
     a, c_ln1 = ops.layer_norm_forward(x, params[p + "ln_1.g"], params[p + "ln_1.b"])
-    q, c_q = _linear_forward(params, config, p + "attn.q", a, rng, train)  # (B, T, C)
-    k, c_k = _linear_forward(params, config, p + "attn.k", a, rng, train)
-    v, c_v = _linear_forward(params, config, p + "attn.v", a, rng, train)
+    (q, k, v), c_qkv = _qkv_forward(params, config, p, a, rng, train, t)  # each (B, T, C)
     y, c_att = ops.attention_forward(q, k, v, config.n_heads)
-    o, c_o = _linear_forward(params, config, p + "attn.o", y, rng, train)
+    o, c_o = _linear_forward(params, config, p + "attn.o", y, rng, train, t)
     o, c_do = ops.dropout_forward(o, drop, rng)
     x = x + o  # residual
     m, c_ln2 = ops.layer_norm_forward(x, params[p + "ln_2.g"], params[p + "ln_2.b"])
-    f, c_fc = _linear_forward(params, config, p + "mlp.fc", m, rng, train)  # (B, T, F)
+    f, c_fc = _linear_forward(params, config, p + "mlp.fc", m, rng, train, t)  # (B, T, F)
     g, c_gelu = ops.gelu_forward(f)
-    r, c_proj = _linear_forward(params, config, p + "mlp.proj", g, rng, train)  # (B, T, C)
+    r, c_proj = _linear_forward(params, config, p + "mlp.proj", g, rng, train, t)  # (B, T, C)
     r, c_dr = ops.dropout_forward(r, drop, rng)
-    x = x + r  # residual
-    return x, (c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr)
+    x += r  # residual; x is ours since x = x + o (the input itself is never written)
+    return x, (c_ln1, c_qkv, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr)
 
 
-def block_backward(dx, cache, params, i, grads, trainable):
-    """Mirror of block_forward: dx (B, T, C) -> dx (B, T, C)."""
-    c_ln1, c_q, c_k, c_v, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr = cache
+def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
+    """Mirror of block_forward: dx (B, T, C) -> dx (B, T, C).
+
+    input_grad=False: no parameter below this block is trained (see backward), so
+    the gradient of the block's input is not computed and None is returned.
+    """
+    c_ln1, c_qkv, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr = cache
     p = f"h.{i}."
     # in the forward pass this was: x = x + r, so dx reaches both x and r
     dr = ops.dropout_backward(dx, c_dr)
     dg = _linear_backward(dr, c_proj, p + "mlp.proj", params, grads, trainable)
     df = ops.gelu_backward(dg, c_gelu)
     dm = _linear_backward(df, c_fc, p + "mlp.fc", params, grads, trainable)
-    dx = dx + _ln_backward(dm, c_ln2, p + "ln_2", grads, trainable)
+    dx_ln2 = _ln_backward(dm, c_ln2, p + "ln_2", grads, trainable)
+    dx_ln2 += dx  # dx = dx + dx_ln2, summed in ln_2's fresh buffer (dx is the caller's)
+    dx = dx_ln2
     # x = x + o
     do = ops.dropout_backward(dx, c_do)
     dy = _linear_backward(do, c_o, p + "attn.o", params, grads, trainable)
     dq, dk, dv = ops.attention_backward(dy, c_att)
-    # a fans out to q, k and v: its gradient is the sum of the three
-    da = _linear_backward(dq, c_q, p + "attn.q", params, grads, trainable)
-    da = da + _linear_backward(dk, c_k, p + "attn.k", params, grads, trainable)
-    da = da + _linear_backward(dv, c_v, p + "attn.v", params, grads, trainable)
-    return dx + _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
+    if not input_grad and not _trains(trainable, p + "ln_1."):
+        # a = ln_1(x) leads only to frozen weights and the untrained input: its
+        # gradient, the three dx products of q, k, v and the ln_1 backward are all
+        # skipped; only the q, k, v parameters' own gradients are computed
+        _qkv_backward((dq, dk, dv), c_qkv, p, params, grads, trainable, input_grad=False)
+        return None
+    da = _qkv_backward((dq, dk, dv), c_qkv, p, params, grads, trainable)
+    dx_ln1 = _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
+    if not input_grad:
+        return None
+    dx_ln1 += dx  # dx = dx + dx_ln1, in ln_1's fresh buffer
+    return dx_ln1
 
 
-def forward(params, config, ids, rng=None, train=False):
+def forward(params, config, ids, rng=None, train=False, trainable=None):
     """Token ids to final hidden states.
 
     Inputs:
@@ -231,6 +309,10 @@ def forward(params, config, ids, rng=None, train=False):
     - ids: (B, T) token ids, T <= context_length (numpy or the params' module)
     - rng: numpy Generator that draws dropout masks (needed only when train and a dropout > 0)
     - train: True applies dropout; False (evaluation, decoding) never does
+    - trainable: the names the backward will compute gradients for, or None
+      (keep every activation). Given, a frozen linear's input is not kept in its
+      cache (only its dW would read it): under LoRA or prompt tuning the MLP's
+      inputs, the largest activations, are freed as soon as they are used.
 
     Returns h (B, T, C), the hidden states of the real tokens after ln_f, and
     a cache. With a soft prompt (params["prompt"], (P, C)) the P prompt vectors
@@ -257,7 +339,7 @@ def forward(params, config, ids, rng=None, train=False):
     x, c_drop = ops.dropout_forward(x, config.dropout if train else 0.0, rng)
     c_blocks = []
     for i in range(config.n_layers):
-        x, c = block_forward(params, i, x, config, rng, train)
+        x, c = block_forward(params, i, x, config, rng, train, trainable)
         c_blocks.append(c)
     h, c_lnf = ops.layer_norm_forward(x, params["ln_f.g"], params["ln_f.b"])
     return h[:, P:], (c_emb, c_drop, c_blocks, c_lnf, P, T)
@@ -270,9 +352,26 @@ def backward(dh, cache, params, grads, trainable):
     if P:
         # h[:, P:] dropped the prompt's hidden states: they receive no gradient from the head
         dh = xp.concatenate([xp.zeros((dh.shape[0], P, dh.shape[2]), dh.dtype), dh], axis=1)
+    # Only what leads to a trainable parameter is computed, as in PyTorch's autograd.
+    # The input x (embeddings, prompt) needs its gradient only if one of them is
+    # trained; block i needs its input's gradient only if something below it is
+    # trained. LoRA and a head leave wte, wpe frozen: block 0 then skips the dx of
+    # its q, k, v products and its ln_1 backward, and no block below the lowest
+    # trained one is visited at all.
+    input_trained = any(name in trainable for name in ("wte", "wpe", "prompt"))
+    trained_blocks = [i for i in range(len(c_blocks)) if _trains(trainable, f"h.{i}.")]
+    if input_trained:
+        lowest = 0
+    elif trained_blocks:
+        lowest = trained_blocks[0]
+    else:
+        lowest = len(c_blocks)  # only ln_f or a head is trained: no block is visited
     dx = _ln_backward(dh, c_lnf, "ln_f", grads, trainable)
-    for i in reversed(range(len(c_blocks))):
-        dx = block_backward(dx, c_blocks[i], params, i, grads, trainable)
+    for i in reversed(range(lowest, len(c_blocks))):
+        input_grad = input_trained or i > lowest
+        dx = block_backward(dx, c_blocks[i], params, i, grads, trainable, input_grad)
+    if not input_trained:
+        return
     dx = ops.dropout_backward(dx, c_drop)
     if P and "prompt" in trainable:
         grads["prompt"] = dx[:, :P].sum(axis=0)  # the same P vectors serve every row
@@ -342,8 +441,8 @@ def _language_model(params, config, batch, trainable, rng, train):
     """Next-token cross-entropy: logits = h @ wte.T (the head tied to the embedding)."""
     wte = params["wte"]
     xp = array_module(wte)
-    h, cache = forward(params, config, batch["x"], rng, train)
-    logits, c_head = ops.linear_forward(h, wte)  # (B, T, V)
+    h, cache = forward(params, config, batch["x"], rng, train, trainable)
+    logits, c_head = ops.linear_forward(h, wte, frozen="wte" not in trainable)  # (B, T, V)
     _check_ids_on_host("y", batch["y"], config.vocab_size)
     mask = batch.get("mask")
     if mask is not None and not hasattr(mask, "get") and not mask.sum() > 0:
@@ -364,7 +463,8 @@ def _language_model(params, config, batch, trainable, rng, train):
 def _classifier(params, config, batch, trainable, rng, train):
     """logits = h[b, last[b]] @ cls.W.T + cls.b, cross-entropy against labels."""
     xp = array_module(params["wte"])
-    logits, (h, cache, rows, last, c_head) = _class_head(params, config, batch["x"], batch["last"], rng, train)
+    logits, (h, cache, rows, last, c_head) = _class_head(params, config, batch["x"], batch["last"], rng, train,
+                                                                 trainable)
     _check_ids_on_host("labels", batch["labels"], params["cls.W"].shape[0])
     loss, c_ce = ops.cross_entropy_forward(logits, to_device(batch["labels"], xp))
     grads = {}
@@ -377,10 +477,10 @@ def _classifier(params, config, batch, trainable, rng, train):
     return loss, grads
 
 
-def _class_head(params, config, x, last, rng, train):
+def _class_head(params, config, x, last, rng, train, trainable=None):
     """The head on each row's last real token: logits (B, K) and what its backward needs."""
     xp = array_module(params["wte"])
-    h, cache = forward(params, config, x, rng, train)  # (B, T, C)
+    h, cache = forward(params, config, x, rng, train, trainable)  # (B, T, C)
     last = to_device(last, xp)
     rows = xp.arange(h.shape[0])
     logits, c_head = ops.linear_forward(h[rows, last], params["cls.W"], params["cls.b"])  # (B, K)

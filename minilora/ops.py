@@ -109,13 +109,16 @@ def embedding_backward(dout, cache):
     return dwte
 
 
-def linear_forward(x, W, b=None):
+def linear_forward(x, W, b=None, frozen=False):
     """y = x @ W.T + b.
 
     Inputs:
     - x: (N..., in)
     - W: (out, in)
     - b: (out,) or None
+    - frozen: True when W and b will get no gradient: then the cache does not
+      keep x (only dW needs it), so a frozen layer holds no activation for the
+      backward, and its backward can give dx only
 
     Returns y (N..., out) and a cache.
     """
@@ -131,11 +134,11 @@ def linear_forward(x, W, b=None):
     # of a stack of B small ones
     y = x.reshape(-1, x.shape[-1]) @ W.T  # (N, out)
     if b is not None:
-        y = y + b
-    return y.reshape(x.shape[:-1] + (W.shape[0],)), (x, W, b is not None)
+        y += b  # y is ours: no second (N, out) array
+    return y.reshape(x.shape[:-1] + (W.shape[0],)), (None if frozen else x, W, b is not None)
 
 
-def linear_backward(dout, cache, param_grads=True):
+def linear_backward(dout, cache, param_grads=True, input_grad=True):
     """Backward of y = x @ W.T + b.
 
     Inputs:
@@ -143,15 +146,20 @@ def linear_backward(dout, cache, param_grads=True):
     - cache: from linear_forward
     - param_grads: False for a frozen layer: then only dx is computed and no
       (out, in) product is ever formed
+    - input_grad: False when nothing below the layer is trained: then dx is not
+      computed (None)
 
-    Returns (dx, dW, db): dx (N..., in); dW (out, in) and db (out,) or None.
+    Returns (dx, dW, db): dx (N..., in) or None; dW (out, in) and db (out,) or None.
         dx = dout @ W          dW = dout^T x (summed over N)     db = sum_N dout
     """
     x, W, has_bias = cache
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out), one 2-D GEMM per product
-    dx = (dout2 @ W).reshape(x.shape)  # (N..., in)
+    dx = (dout2 @ W).reshape(dout.shape[:-1] + (W.shape[1],)) if input_grad else None  # (N..., in)
     if not param_grads:
         return dx, None, None
+    if x is None:
+        _fail("cache", "the cache of a linear_forward that kept x (frozen=False) to compute dW, db",
+              "the cache of a frozen layer")
     dW = dout2.T @ x.reshape(-1, x.shape[-1])  # (out, in)
     db = dout2.sum(axis=0) if has_bias else None
     return dx, dW, db
@@ -324,6 +332,22 @@ def _softmax_backward_in_place(dout_p, p):
     return dout_p
 
 
+_CAUSAL_BLOCK = 64  # query rows per block of the causal attention (see _causal_blocks)
+
+
+def _causal_blocks(T, size=None):
+    """(t0, t1) row ranges that split 0..T-1 into blocks of `size` queries.
+
+    Causal attention needs only the scores at or below the diagonal. Queries
+    t0..t1-1 attend to keys 0..t1-1; every key from t1 on is in their future.
+    Computing each block's (t1 - t0, t1) scores instead of (t1 - t0, T) skips
+    the blocks above the diagonal: with n blocks, (n + 1) / (2 n) of the square
+    is computed (5/8 at T = 256 with blocks of 64).
+    """
+    size = size or _CAUSAL_BLOCK
+    return [(t0, min(t0 + size, T)) for t0 in range(0, T, size)]
+
+
 def attention_forward(q, k, v, n_heads):
     """Causal multi-head self-attention on already-projected q, k, v.
 
@@ -335,6 +359,8 @@ def attention_forward(q, k, v, n_heads):
         S = q k^T / sqrt(hs)        (B, NH, T, T), S[t, u] = -inf for u > t
         P = softmax(S)              each position attends to itself and the past
         out = P v
+    The cached P is the whole (B, NH, T, T) matrix, 0 above the diagonal; the
+    blocks of S that lie wholly above it are never computed (_causal_blocks).
     """
     xp = array_module(q)
     _check_float("q", q)
@@ -354,50 +380,75 @@ def attention_forward(q, k, v, n_heads):
 
     qh, kh, vh = split(q), split(k), split(v)
     scale = 1.0 / math.sqrt(hs)
-    # S[t, u] = -inf for u > t: adding a (T, T) matrix of 0 (past) and -inf
-    # (future) does it in place, broadcast over the heads
-    future = xp.triu(xp.full((T, T), -xp.inf, dtype=q.dtype), k=1)
+    blocks = _causal_blocks(T)
+    # S[t, u] = -inf for u > t. Inside a block only its last (t1 - t0) columns,
+    # keys t0..t1-1, reach past the diagonal: adding a (size, size) matrix of
+    # 0 (past) and -inf (future) there does it in place, broadcast over the heads
+    size = blocks[0][1]
+    future = xp.triu(xp.full((size, size), -xp.inf, dtype=q.dtype), k=1)
     P = xp.empty((B, n_heads, T, T), dtype=q.dtype)
-    outh = xp.empty((B, n_heads, T, hs), dtype=q.dtype)
-    # One sequence at a time: its (NH, T, T) scores stay in the CPU's cache
-    # through the five passes below, where the whole batch's would not.
+    out = xp.empty((B, T, C), dtype=q.dtype)
+    outh = split(out)  # a (B, NH, T, hs) view: the products write the heads straight into out
+    # One sequence and one block of queries at a time: its (NH, t1 - t0, t1)
+    # scores stay in the CPU's cache through the five passes below.
     for b in range(B):
-        S = P[b]  # (NH, T, T): S is computed, then turned into P, in P's own memory
-        # S = q k^T / sqrt(hs); the scale goes on q, T/hs times smaller than S
-        xp.matmul(qh[b] * scale, kh[b].transpose(0, 2, 1), out=S)
-        S += future
-        # P = softmax(S), in place
-        S -= S.max(axis=-1, keepdims=True)
-        _softmax_in_place(S)
-        xp.matmul(S, vh[b], out=outh[b])  # out = P v, (NH, T, hs)
-    out = outh.transpose(0, 2, 1, 3).reshape(B, T, C)
-    return out, (qh, kh, vh, P, scale)
+        for t0, t1 in blocks:
+            P[b, :, t0:t1, t1:] = 0.0  # the block above the diagonal, never computed: P = 0 there
+            S = P[b, :, t0:t1, :t1]  # (NH, t1 - t0, t1): S is computed, then turned into P, in P's memory
+            # S = q k^T / sqrt(hs); the scale goes on q, T/hs times smaller than S
+            xp.matmul(qh[b, :, t0:t1] * scale, kh[b, :, :t1].transpose(0, 2, 1), out=S)
+            S[:, :, t0:] += future[:t1 - t0, :t1 - t0]
+            # P = softmax(S), in place
+            S -= S.max(axis=-1, keepdims=True)
+            _softmax_in_place(S)
+            xp.matmul(S, vh[b, :, :t1], out=outh[b, :, t0:t1])  # out = P v, (NH, t1 - t0, hs)
+    return out, (qh, kh, vh, P, outh)  # outh: out itself, seen per head (the backward's D below)
 
 
 def attention_backward(dout, cache):
-    """Returns (dq, dk, dv), each (B, T, C)."""
-    qh, kh, vh, P, scale = cache
+    """Returns (dq, dk, dv), each (B, T, C).
+
+    Only the causal blocks are computed, as in the forward: P and dS are 0 above
+    the diagonal (only the blocks at or below it are ever read), so a query
+    block's dS has columns :t1 only, and a key block u0..u1-1 gets gradient only
+    from the queries t >= u0 that can see it.
+    """
+    qh, kh, vh, P, outh = cache
     B, NH, T, hs = qh.shape
     xp = array_module(dout)
-    douth = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
-    dqh, dkh, dvh = (xp.empty(qh.shape, dtype=dout.dtype) for _ in range(3))
+    scale = 1.0 / math.sqrt(hs)
+
+    def split(a):  # (B, T, C) -> (B, NH, T, hs), a view
+        return a.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+
+    douth = split(dout)
+    dq, dk, dv = (xp.empty((B, T, NH * hs), dtype=dout.dtype) for _ in range(3))
+    dqh, dkh, dvh = split(dq), split(dk), split(dv)  # the products write the heads straight into dq, dk, dv
+    # The softmax backward needs D[t] = sum_u dP[t, u] P[t, u] for every query t.
+    # With dP = dout v^T that sum is dout_t . sum_u P[t, u] v_u = dout_t . out_t:
+    # a dot product of two hs-vectors, instead of a pass over the (T, T) scores
+    D = (douth * outh).sum(axis=-1, keepdims=True)  # (B, NH, T, 1)
+    blocks = _causal_blocks(T)
+    dS = xp.empty((NH, T, T), dtype=dout.dtype)  # one sequence's dS, reused; only its causal blocks are used
     for b in range(B):  # one sequence at a time, as in the forward: dS stays in cache
-        # in the forward pass this was: out = P @ v
-        dP = douth[b] @ vh[b].transpose(0, 2, 1)  # (NH, T, T), ours
-        xp.matmul(P[b].transpose(0, 2, 1), douth[b], out=dvh[b])
-        # P = softmax(S): dS = P * (dP - sum(dP * P)), computed over dP's buffer;
-        # masked entries have P = 0, so their dS is 0 too
-        dP *= P[b]
-        dS = _softmax_backward_in_place(dP, P[b])
-        # S = q @ k^T * scale; the scale goes on dS once
-        dS *= scale
-        xp.matmul(dS, kh[b], out=dqh[b])
-        xp.matmul(dS.transpose(0, 2, 1), qh[b], out=dkh[b])
-
-    def merge(a):  # (B, NH, T, hs) -> (B, T, C)
-        return a.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
-
-    return merge(dqh), merge(dkh), merge(dvh)
+        for t0, t1 in blocks:
+            Pb = P[b, :, t0:t1, :t1]  # (NH, t1 - t0, t1)
+            dSb = dS[:, t0:t1, :t1]
+            # in the forward pass this was: out = P @ v, so dP = dout @ v^T
+            xp.matmul(douth[b, :, t0:t1], vh[b, :, :t1].transpose(0, 2, 1), out=dSb)
+            # P = softmax(S): dS = P * (dP - sum(dP * P)) = P * (dP - D), computed over
+            # dP's buffer; masked entries have P = 0, so their dS is 0 too
+            dSb -= D[b, :, t0:t1]
+            dSb *= Pb
+            # S = q @ k^T * scale; the scale goes on dS once
+            dSb *= scale
+            xp.matmul(dSb, kh[b, :, :t1], out=dqh[b, :, t0:t1])  # dq = dS k
+        for u0, u1 in blocks:
+            # keys u0..u1-1 are seen by queries t >= u0 only (P and dS are 0 above the diagonal):
+            # out = P v gives dv = P^T dout, and S = q k^T gives dk = dS^T q, over those queries
+            xp.matmul(P[b, :, u0:, u0:u1].transpose(0, 2, 1), douth[b, :, u0:], out=dvh[b, :, u0:u1])
+            xp.matmul(dS[:, u0:, u0:u1].transpose(0, 2, 1), qh[b, :, u0:], out=dkh[b, :, u0:u1])
+    return dq, dk, dv
 
 
 def dropout_forward(x, p, rng=None, mask=None):

@@ -63,6 +63,8 @@ class Recording(np.ndarray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         inputs = tuple(np.asarray(i) if isinstance(i, Recording) else i for i in inputs)
+        if "out" in kwargs:  # an in-place update (y += b) writes through the plain view
+            kwargs["out"] = tuple(np.asarray(o) if isinstance(o, Recording) else o for o in kwargs["out"])
         out = getattr(ufunc, method)(*inputs, **kwargs)
         if ufunc is np.matmul:
             Recording.log.append(np.shape(out))
