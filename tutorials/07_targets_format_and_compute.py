@@ -129,7 +129,7 @@ assert np.isclose(response_loss(base, mc, val_records), model.loss_and_grads(bas
 # **The learning rate** is `finetune.DEFAULT_LR["lora"]` for all three target sets.
 # It was chosen on the validation split by the forgetting study (README, study 1) for
 # LoRA on **q, k, v, o** after 600 steps, so it is tuned for the attention targets and
-# for a longer run, and it may not suit the others; exercise 3 asks what a learning
+# for a longer run, and it may not suit the others; exercise 7.3 asks what a learning
 # rate chosen for each target set would change. Each run is scored on the validation
 # records: exact match, the response loss, and forgetting (the rise of the loss on
 # pretraining-corpus text over the base model's).
@@ -215,10 +215,10 @@ if n_seeds > 1:
 #   (README, study 1), and section 2 below shows the same model going on learning
 #   after the section-1 budget. A short run is scored in the middle of learning,
 #   which favours whatever learns fastest, not whatever ends best, so the ranking at
-#   this budget may not be the ranking at the end (exercise 3 varies the learning
+#   this budget may not be the ranking at the end (exercise 7.3 varies the learning
 #   rate; try `STEPS = 600` if you have the minutes).
 # - The comparison is at equal *rank*, not at equal parameter count: with F = 4C the
-#   MLP's adapters hold more parameters than attention's at the same r (exercise 2
+#   MLP's adapters hold more parameters than attention's at the same r (exercise 7.2
 #   equalises them).
 #
 # The seed's sentence describes a convention, not a law. The LoRA paper adapted
@@ -288,6 +288,9 @@ print(f"{'format at test time':26s} {'exact match':>11s} {'response loss':>14s} 
 for name, r in fmt_results.items():
     print(f"{name:26s} {r['em']:11.3f} {r['loss']:14.3f}   {r['pred']!r}")
 broken = {n: r for n, r in fmt_results.items() if n != "as trained"}
+drops = {n: fmt_results["as trained"]["em"] - r["em"] for n, r in broken.items()}
+print(f"exact match lost: least under {min(drops, key=drops.get)} ({min(drops.values()):+.3f}), "
+      f"most under {max(drops, key=drops.get)} ({max(drops.values()):+.3f})")
 if not FAST:
     # the format as trained is the easiest to answer: every change raises the loss on the correct answer
     assert all(r["loss"] > fmt_results["as trained"]["loss"] for r in broken.values())
@@ -318,9 +321,11 @@ print("wrote", path)
 # thousands of prompts written one way, and what it learned is tied to that exact
 # character sequence. The loss on the correct answer rises under every change (the
 # cell asserts it in full mode): the format is part of the learned task. How much
-# each change costs, read it from the table; some changes the model shrugs off and
-# some it does not, and which ones is itself a result of what the pretraining text
-# and the training prompts had in common.
+# each change costs is in the table and the line under it: some changes the model
+# shrugs off and some it does not, and which ones is itself a result, of what the
+# pretraining text and the training prompts had in common. Compare the last row,
+# one added space, with the others: a change a reader would not notice is still a
+# different character sequence.
 #
 # The practical rule: render training and inference prompts with one function
 # (here `tasks.format_prompt` serves both `instruction_batch` and `exact_match`),
@@ -464,7 +469,7 @@ lora_params, lora_mc = lora.add_lora(base, mc, lora.LoraConfig(rank=RANK, alpha=
 full_params = {n: p.copy() for n, p in base.items()}
 seconds = time_steps({"full": (full_params, mc, set(full_params)),
                       "LoRA q,k,v,o": (lora_params, lora_mc, set(lora.lora_names(lora_params)))},
-                     2 if FAST else 7)
+                     2 if FAST else 11)
 compute = {}
 for name, targets in (("full", None), ("LoRA q,k,v,o", qkvo)):
     fwd, bwd = step_flops(mc, B, T, targets)
@@ -472,7 +477,7 @@ for name, targets in (("full", None), ("LoRA q,k,v,o", qkvo)):
 n = 512 if FAST else 1024
 a = rng.standard_normal((n, n), dtype=np.float32)
 gemm = []
-for _ in range(5):
+for _ in range(10):
     t0 = time.perf_counter()
     a @ a
     gemm.append(time.perf_counter() - t0)
@@ -497,9 +502,11 @@ if not FAST:
 # multiply-adds per step: FLOPs grow with parameters *times tokens*, and a step
 # reads thousands of tokens. LoRA saves only the dW products (the printed ratio of
 # FLOPs), because the forward and the backward through the frozen weights are still
-# needed to reach the adapters; the time ratio follows it only roughly, since the
-# thin adapter products run further from the machine's peak. LoRA's big savings
-# are memory (tutorial 05), not compute.
+# needed to reach the adapters. The time ratio follows it only roughly: the thin
+# adapter products run further from the machine's peak, and on a shared machine one
+# measurement moves with the load (on an idle one, `benchmarks/speed.json` records a
+# LoRA step at 0.75 of a full step's time for this model, `lora_over_full`).
+# LoRA's big savings are memory (tutorial 05), not compute.
 #
 # ## The same count at 7 billion parameters
 #
@@ -563,35 +570,50 @@ print("wrote", path)
 #
 # ## Exercises
 #
-# Solutions: `tutorials/solutions/07_targets_format_and_compute_solutions.py`
-# (each one asserts its answer; run it like this file).
+# Solutions: `tutorials/solutions/07_targets_format_and_compute_solutions.py`, one
+# section per exercise, each asserting its answer; run it like this file. Try each
+# exercise before reading its solution.
 #
-# 1. **Run and read: break the format your own way.** Before running anything,
-#    write down what you expect exact match and the response loss to be when the
-#    Input header becomes `### Sentence` (instruction, sentence and answers
-#    unchanged). Add it to `FORMATS`, run section 2, and compare. Is a renamed
-#    *input* header worse or better than the renamed *response* header? Why might
-#    the header right before the answer matter most?
-# 2. **Predict, then run: equal parameters instead of equal rank.** At r = 8 the
-#    MLP pair holds more adapter parameters than q, k, v, o. Derive the rank r_mlp
-#    for fc, proj whose count r (d + k) summed comes closest to the attention count
-#    at r = 8, and the rank for all six targets likewise. Predict whether the
-#    ranking of section 1 changes, then train them (one seed) and compare.
-# 3. **Change one setting and explain: a learning rate for each target set.** The
-#    learning rate was tuned for q, k, v, o over 600 steps. Train each target set
-#    at 3e-3 and at 1e-2 for `STEPS` steps (one seed) and choose, for each, the rate
-#    with the lower validation response loss, on the validation records only. Does
-#    a per-target learning rate change which target set comes first? Why must the
-#    test records stay out of this choice?
-# 4. **Derive and check: the LoRA backward FLOPs.** From the four products in
-#    `lora.lora_linear_backward` (dB, dxa, dA, and the adapter's share of dx) plus
-#    the frozen path dx = dy W, derive on paper the FLOPs of the backward of one
-#    adapted linear with N tokens, in, out and r, and show that it is
-#    2 N in out + 2 x (the adapter's forward, 2 N r (in + out)). Then count what the
-#    code actually computes: `model.py` calls `ops.linear_forward`,
-#    `ops.linear_backward`, `ops.attention_forward`, `ops.attention_backward`,
-#    `lora.lora_linear_forward` and `lora.lora_linear_backward` through their
-#    modules, so replacing those module attributes with wrappers intercepts every
-#    call. Make each wrapper add its call's FLOPs, computed from the shapes of its
-#    arguments, to a counter; run one LoRA step and one full step, and check the
-#    counts against `step_flops`.
+# ### Exercise 7.1 (run and read): break the format your own way
+#
+# Before running anything, write down what you expect exact match and the loss on
+# the correct answer to be when the Input header becomes `### Sentence`
+# (instruction, sentence and answers unchanged). Add it to `FORMATS`, run section 2,
+# and compare with your guess and with the renamed *response* header. Which header
+# matters more, and why might the one right before the answer matter most?
+#
+# ### Exercise 7.2 (predict, then run): equal parameters instead of equal rank
+#
+# At r = 8 the MLP pair holds more adapter parameters than q, k, v, o. Derive the
+# rank for fc, proj whose count, r (d + k) summed over the adapted matrices, comes
+# closest to the attention count at r = 8, and the rank for all six likewise.
+# Predict whether section 1's ranking changes at equal parameters, then train both
+# (one seed, `STEPS` steps) and compare with section 1's attention row.
+#
+# ### Exercise 7.3 (change a hyperparameter): a learning rate for each target set
+#
+# The learning rate was tuned for q, k, v, o over 600 steps. Train each target set
+# at 3e-3 and at 1e-2 for `STEPS` steps (one seed) and choose, for each, the rate
+# with the lower validation response loss, on the validation records only. Does a
+# learning rate per target set change which set comes first? Why must the test
+# records stay out of this choice?
+#
+# ### Exercise 7.4 (derive, then check): when merging pays for itself
+#
+# Merging costs one product s B A per adapted matrix; an unmerged model pays
+# 2 r (in + out) extra FLOPs per token and adapted matrix, on every forward. Derive
+# the FLOPs of `lora.merge` for our model with the six targets, and the number of
+# tokens after which merging has cost less than the unmerged forwards would. Check
+# your merge count against `forward_flops`'s adapter term, and check `lora.merge`'s
+# result against your own W + s B A.
+#
+# ### Exercise 7.5 (derive and implement): train on the formats users will type
+#
+# Section 2's rule says: if users will write prompts their own way, train on the
+# variations. Write a batch source (an object with `sample(rng)` returning
+# `{"x", "y", "mask"}`, like `tasks.RecordBatches`) that renders each training
+# record with a format drawn at random from a training list (the format as trained
+# and three of section 2's breaks), keeping the loss mask on the response tokens
+# only. Continue the same `STEPS`-step start as section 2 for the same steps with it,
+# then redo section 2's table, plus a break kept out of the training list. Predict
+# first: which rows improve, and what happens to the held-out break?
