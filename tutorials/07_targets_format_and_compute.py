@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from threadpoolctl import threadpool_info
 
-from minilora import corpus, lora, model, ops, optim, plot, tasks
+from minilora import corpus, lora, model, optim, plot, tasks
 from minilora.evaluation import corpus_val_data, exact_match, strided_val_loss
 from minilora.finetune import DEFAULT_LR, FinetuneConfig, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain
@@ -113,7 +113,8 @@ def response_loss(params, config, records, render=tasks.format_prompt):
 
 # the helper reproduces what training minimises: instruction_batch's masked loss, on the same records
 xb, yb, mb = tasks.instruction_batch(val_records, tok, mc.context_length)
-assert np.isclose(response_loss(base, mc, val_records), model.loss_and_grads(base, mc, {"x": xb, "y": yb, "mask": mb})[0])
+assert np.isclose(response_loss(base, mc, val_records),
+                  model.loss_and_grads(base, mc, {"x": xb, "y": yb, "mask": mb})[0])
 
 # %% [markdown]
 # ## 1. Which matrices to adapt: attention, MLP, or all
@@ -142,7 +143,8 @@ for name, targets in TARGET_SETS.items():
     rows = []
     for seed in SEEDS:
         params, ft_mc, trainable, wall = finetune_lora(targets, seed)
-        rows.append({"em": exact_match(params, ft_mc, val_records)[0], "loss": response_loss(params, ft_mc, val_records),
+        rows.append({"em": exact_match(params, ft_mc, val_records)[0],
+                     "loss": response_loss(params, ft_mc, val_records),
                      "forgetting": strided_val_loss(params, ft_mc, corpus_data) - corpus_before, "wall": wall})
         trained[name, seed] = (params, ft_mc)
     n_trainable = model.count_params(params, trainable)
@@ -547,15 +549,17 @@ assert 1 / hours["full", cpu] < 10 < 1000 < 1 / hours["full", gpu]  # a few step
 fig = Figure(figsize=(9, 3.6), layout="constrained")
 ax = fig.add_subplot()
 labels = [f"{m}, {w.split(' (')[0]}" for m, w in hours]
-ax.barh(labels, [1 / h for h in hours.values()], color=["C3", "C2", "C3", "C2"])
+per_hour = [1 / h for h in hours.values()]
+ax.barh(labels, per_hour, color=["C3", "C2", "C3", "C2"])
 ax.set_xscale("log")
+ax.set_xlim(min(per_hour) / 3, max(per_hour) * 10)
 ax.set_xlabel(f"training steps per hour, 7B model, {tokens:,} tokens per step (log scale)")
-for i, h in enumerate(hours.values()):
-    ax.annotate(f" {1 / h:,.2f}", (1 / h, i), va="center", fontsize=9)
+for i, v in enumerate(per_hour):
+    ax.annotate(f" {v:,.3g}", (v, i), va="center", fontsize=9)
 ax.invert_yaxis()
 ax.grid(True, axis="x", alpha=0.3)
-ax.set_title(f"Why CPUs are not practical: 6 N x tokens FLOPs per step at this CPU's measured rate{NOTE}",
-             fontsize=10)
+ax.set_title(f"Why CPUs are not practical: 6 N (full) or 4 N (LoRA) FLOPs per token, at this CPU's measured "
+             f"rate and an assumed GPU rate{NOTE}", fontsize=9)
 path = os.path.join(FIGURES, "07_flops_7b.png")
 plot.save_figure(fig, path)
 print("wrote", path)
@@ -580,7 +584,8 @@ print("wrote", path)
 # the correct answer to be when the Input header becomes `### Sentence`
 # (instruction, sentence and answers unchanged). Add it to `FORMATS`, run section 2,
 # and compare with your guess and with the renamed *response* header. Which header
-# matters more, and why might the one right before the answer matter most?
+# matters more: the one right before the answer, or the one before the sentence the
+# answer is copied from?
 #
 # ### Exercise 7.2 (predict, then run): equal parameters instead of equal rank
 #
