@@ -410,12 +410,14 @@ plot.save_figure(fig, path)
 print("wrote", path)
 
 # %% [markdown]
-# The unmerged overhead is larger than the adapters' share of the FLOPs, most of all
-# for a single prompt: each adapter is two more small matrix products and their
-# Python calls, and at small sizes calls cost more than arithmetic. Merging removes
-# them all, at the price of one (out, in) product per adapted matrix, once. Keep the
-# adapters unmerged while training (W must stay frozen, and `lora.unmerge` takes the
-# update back out) or to serve many adapters over one base; merge to deploy one.
+# Compare the last two columns: the measured overhead of the unmerged models
+# against the adapters' share of the FLOPs. Besides arithmetic, each adapter adds
+# calls (two small matrix products, reshapes) whose fixed cost weighs most at small
+# sizes, and a single prompt is small. Merging removes them all, at the price of one
+# (out, in) product per adapted matrix, once (exercise 7.4 finds when that has paid
+# for itself). Keep the adapters unmerged while training (W must stay frozen, and
+# `lora.unmerge` takes the update back out) or to serve many adapters over one base;
+# merge to deploy one.
 
 # %% [markdown]
 # ## 4. Compute: FLOPs per training step
