@@ -56,7 +56,7 @@ STEPS = 3 if FAST else 150  # optimizer steps of every fine-tuning run below
 SEEDS = [0] if FAST else [0, 1, 2]
 RANK = 8  # the same rank r (and alpha = 2r) for every target set
 LR = DEFAULT_LR["lora"]
-# train / validation / test records of the "subject" task, three disjoint sets of sentences
+# train / validation / test records of the "subject" task: three disjoint sets of sentences, split as the studies do
 train_records, val_records, test_records = splits(
     Cell(study="07", n_train=64 if FAST else 2000, n_val=8 if FAST else 64, n_test=8 if FAST else 100))
 corpus_data = corpus_val_data(50 if FAST else 200)  # pretraining-corpus text: forgetting is measured on it
@@ -422,12 +422,14 @@ print("wrote", path)
 # %% [markdown]
 # ## 4. Compute: FLOPs per training step
 #
-# Count a multiply-add as 2 FLOPs and count only the matrix products (the
-# elementwise work is a few percent). For N = B T tokens:
+# Count a multiply-add as 2 FLOPs and count only the matrix products (layer norms,
+# GELU, softmax and AdamW are elementwise and not counted, as in
+# `benchmarks/speed.py`). For N = B T tokens:
 #
 # - a linear with W (out, in): forward 2 N out in; the tied head: 2 N V C;
-# - attention: q k^T and P v, each 2 B T^2 C per layer (the whole T x T square,
-#   as PyTorch's and llm.c's counts do; the causal mask does not halve it);
+# - attention: q k^T and P v, each 2 B T^2 C per layer (the whole T x T square:
+#   `ops.attention_forward` computes it all and masks the future with -inf, and
+#   PyTorch's and llm.c's counts do the same);
 # - **full fine-tuning's backward is 2x its forward**: every product y = x W^T needs
 #   dx = dy W *and* dW = dy^T x, each as large as the forward;
 # - **LoRA's backward is less**: a frozen W gets no dW, so its linears cost 1x the
