@@ -556,7 +556,7 @@ print(f"1,000 full fine-tuning steps: {1000 * hours['full', cpu] / 24:,.0f} days
 assert 1 / hours["full", cpu] < 10 < 1000 < 1 / hours["full", gpu]  # a few steps per hour against thousands
 
 # %%
-fig = Figure(figsize=(9, 3.6), layout="constrained")
+fig = Figure(figsize=(10, 4), layout="constrained")
 ax = fig.add_subplot()
 labels = [f"{m}, {w.split(' (')[0]}" for m, w in hours]
 per_hour = [1 / h for h in hours.values()]
@@ -565,11 +565,11 @@ ax.set_xscale("log")
 ax.set_xlim(min(per_hour) / 3, max(per_hour) * 10)
 ax.set_xlabel(f"training steps per hour, 7B model, {tokens:,} tokens per step (log scale)")
 for i, v in enumerate(per_hour):
-    ax.annotate(f" {v:,.3g}", (v, i), va="center", fontsize=9)
+    ax.annotate(f" {v:,.0f}" if v >= 10 else f" {v:.2g}", (v, i), va="center", fontsize=9)
 ax.invert_yaxis()
 ax.grid(True, axis="x", alpha=0.3)
-ax.set_title(f"Why CPUs are not practical: 6 N (full) or 4 N (LoRA) FLOPs per token, at this CPU's measured "
-             f"rate and an assumed GPU rate{NOTE}", fontsize=9)
+ax.set_title(f"Why CPUs are not practical: 7B training steps per hour at 6 N (full) or 4 N (LoRA) FLOPs per "
+             f"token,\nat this CPU's measured rate and at an assumed GPU rate{NOTE}", fontsize=10)
 path = os.path.join(FIGURES, "07_flops_7b.png")
 plot.save_figure(fig, path)
 print("wrote", path)
