@@ -123,10 +123,14 @@ print(f"before fine-tuning: validation response loss {base_loss:.3f} nats/token"
 # Each block has six linears: the attention projections q, k, v, o, all (C, C), and
 # the MLP's fc (F, C) and proj (C, F), with F = 4C. The post puts LoRA on the first
 # four; the original LoRA paper adapted only q and v; QLoRA and many later recipes
-# adapt every linear. At equal rank r the trainable count differs: r (d + k) per
-# matrix, and the MLP matrices are wider, so here the MLP pair holds *more*
-# adapter parameters than the four attention matrices together (the cell prints the
-# counts and checks them against r (d + k)).
+# adapt every linear. Tutorial 06 gives one reason to try the MLP: in the rank
+# study's committed results, full fine-tuning's updates to the MLP matrices spread
+# over more directions than its updates to attention.
+#
+# At equal rank r the trainable count differs: r (d + k) per matrix, and the MLP
+# matrices are wider, so here the MLP pair holds *more* adapter parameters than the
+# four attention matrices together (the cell prints the counts and checks them
+# against r (d + k)).
 #
 # **The learning rate** is `finetune.DEFAULT_LR["lora"]` for all three target sets.
 # It was chosen on the validation split by the forgetting study (README, study 1) for
