@@ -63,3 +63,17 @@ def test_readme_quotes_every_committed_study_as_the_report_prints_it():
         for name in figs:
             assert (ROOT / "figures" / name).read_bytes()[:4] == b"\x89PNG", name
             assert f"figures/{name}" in README, name
+
+
+def test_readme_lists_every_tutorial_with_its_measured_full_mode_time():
+    times = json.loads((ROOT / "benchmarks" / "tutorial_times.json").read_text())
+    tutorials = sorted(p.name for p in (ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
+    assert sorted(times["seconds"]) == tutorials, "benchmarks/tutorial_times.py ran every tutorial"
+    section = README.split("## Tutorials", 1)[1].split("\n## ", 1)[0]
+    for name in tutorials:
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{name}` |"))
+        exercises = len(re.findall(r"^# ### Exercise ", (ROOT / "tutorials" / name).read_text(), re.M))
+        assert f"| {exercises} |" in row, (name, exercises)
+        assert row.endswith(f"| {times['seconds'][name]:.0f} s |"), (name, times["seconds"][name])
+        assert times["seconds"][name] < 180, f"{name}: over 3 minutes in full mode"
+    assert f"{times['threads']} BLAS thread" in section and times["date"] in section
