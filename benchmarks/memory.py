@@ -27,10 +27,11 @@ from minilora import model, ops, optim
 from speed import BATCH, build, loss_and_grads, make_batch, update
 
 
-def forward_cache(params, config, batch):
-    """Everything the forward keeps for the backward (model.forward + head + loss)."""
-    h, cache = model.forward(params, config, batch["x"])
-    logits, c_head = ops.linear_forward(h, params["wte"])
+def forward_cache(params, config, batch, trainable):
+    """Everything the forward keeps for the backward (model.forward + head + loss), as the
+    training step keeps it: a frozen linear keeps no input (model.forward's `trainable`)."""
+    h, cache = model.forward(params, config, batch["x"], trainable=trainable)
+    logits, c_head = ops.linear_forward(h, params["wte"], frozen="wte" not in trainable)
     _, c_ce = ops.cross_entropy_forward(logits, batch["y"], batch["mask"])
     return (cache, c_head, c_ce)
 
@@ -63,7 +64,7 @@ def report(strategy, config):
     batch = make_batch(config)
     state = optim.adamw_init(params, trainable)
     weights = sum(p.nbytes for p in params.values())
-    activations = cache_bytes(forward_cache(params, config, batch),
+    activations = cache_bytes(forward_cache(params, config, batch, trainable),
                               {id(_root(p)) for p in params.values()})
     loss, grads = loss_and_grads(params, config, batch, trainable)
     gradients = sum(g.nbytes for g in grads.values())

@@ -351,8 +351,8 @@ if not FAST:
 
 # %% [markdown]
 # **The plateau.** After their first fast fall both curves flatten for a while before
-# falling again (in the committed `figures/03_lora_vs_full_loss.png`, near 0.7 from
-# about step 40 to 150). A model that has learned the *format* and the *set of
+# falling again (in the committed `figures/03_lora_vs_full_loss.png`, near 0.7 for
+# about a hundred steps). A model that has learned the *format* and the *set of
 # answers* (one of the grammar's nouns, with their frequencies, then a newline),
 # but not yet to copy the subject out of the input, pays the entropy of the answer,
 # -sum_a p(a) log p(a), spread over the answer's tokens. The cell below computes that

@@ -49,8 +49,10 @@ NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every fi
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 tok = corpus.CharTokenizer()
 
-base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
-                               os.path.join(RUNS, "pretrain"))
+base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
+                                            os.path.join(RUNS, "pretrain"))
+print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['wall_s']:.0f} s" if pretrained_now
+      else f"loaded tutorial 02's model from {os.path.join(RUNS, 'pretrain')}")
 
 STEPS = 3 if FAST else 150  # optimizer steps of every fine-tuning run below
 SEEDS = [0] if FAST else [0, 1, 2]
@@ -520,8 +522,8 @@ if not FAST:
 # FLOPs), because the forward and the backward through the frozen weights are still
 # needed to reach the adapters. The time ratio follows it only roughly: the thin
 # adapter products run further from the machine's peak, and on a shared machine one
-# measurement moves with the load (on an idle one, `benchmarks/speed.json` records a
-# LoRA step at 0.75 of a full step's time for this model, `lora_over_full`).
+# measurement moves with the load (on an idle one, `benchmarks/speed.json` records
+# the ratio for this model as `lora_over_full`, and the README quotes it).
 # LoRA's big savings are memory (tutorial 05), not compute.
 #
 # ## The same count at 7 billion parameters
