@@ -19,6 +19,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py")))
+STUDIES = os.path.join(ROOT, "benchmarks", "studies")  # the committed results tutorial 06 reads (a non-editable install has none)
 SOLUTIONS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "solutions", "[0-9][0-9]_*_solutions.py")))
 
 
@@ -55,7 +56,8 @@ def solution_sections(solution):
 
 def fast_env(tmp_path):
     return {**os.environ, "MINILORA_FAST": "1", "MINILORA_FIGURES": str(tmp_path / "figures"),
-            "MINILORA_RUNS": str(tmp_path / "runs"), "MPLBACKEND": "Agg", "MINILORA_BACKEND": "numpy"}
+            "MINILORA_RUNS": str(tmp_path / "runs"), "MPLBACKEND": "Agg", "MINILORA_BACKEND": "numpy",
+            "MINILORA_STUDIES": STUDIES}
 
 
 @pytest.mark.parametrize("tutorial", TUTORIALS, ids=os.path.basename)
@@ -123,7 +125,7 @@ def test_solution_full_mode_claims_hold(solution, tmp_path, full_mode_runs):
     # full mode: the solutions' `if not FAST` asserts (the answers that need real training) run here
     env = {k: v for k, v in os.environ.items() if k != "MINILORA_FAST"}
     env.update({"MINILORA_FIGURES": str(tmp_path / "figures"), "MINILORA_RUNS": str(full_mode_runs),
-                "MPLBACKEND": "Agg", "MINILORA_BACKEND": "numpy"})
+                "MPLBACKEND": "Agg", "MINILORA_BACKEND": "numpy", "MINILORA_STUDIES": STUDIES})
     proc = subprocess.run([sys.executable, solution], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, f"{os.path.basename(solution)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
