@@ -31,7 +31,7 @@
 # **This tutorial fine-tunes tutorial 02's pretrained model**, which tutorial 02 saves
 # in `runs/pretrain` (the folder `minilora pretrain` also writes, and tutorials 04 to 07
 # share). Run tutorial 02 first; if the model is missing, the cell that loads it
-# pretrains it there and says so (84 s with 2 threads in
+# pretrains it there and says so (67 s with 2 threads in
 # `benchmarks/results.json`, the demo's pretraining on this config).
 
 # %%

@@ -21,7 +21,7 @@
 #
 # **This tutorial fine-tunes tutorial 02's pretrained model**, saved in `runs/pretrain`
 # (shared by tutorials 03 to 07). Run tutorial 02 first; if the model is missing, the
-# first code cell pretrains it there and says so (84 s with 2 threads in
+# first code cell pretrains it there and says so (67 s with 2 threads in
 # `benchmarks/results.json`, the demo's pretraining on this config).
 
 # %%

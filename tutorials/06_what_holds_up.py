@@ -18,7 +18,7 @@
 # **The model this tutorial trains.** The last section is a live run you can change.
 # It fine-tunes **tutorial 02's pretrained model**, read from `runs/pretrain`
 # (`MINILORA_RUNS/pretrain`); if it is missing, the first code cell pretrains it
-# there, which takes about 1.5 minutes on 2 cores (84 s in the README's demo table).
+# there, which takes about a minute on 2 cores (67 s in the README's demo table).
 # The studies fine-tuned their own copies of that model (`benchmarks/studies/bases/`,
 # not committed; the README gives 18 minutes to pretrain all three sizes). Same
 # settings, but float32 round-off differs by BLAS
@@ -53,7 +53,7 @@ NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every fi
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 # the committed study results (a notebook has no __file__, so they are looked for: see the function)
 STUDIES = studies.committed_results_dir()  # benchmarks/studies of this clone ($MINILORA_STUDIES overrides)
-# tutorial 02's model: reused from RUNS/pretrain, pretrained there (about 1.5 min) if missing
+# tutorial 02's model: reused from RUNS/pretrain, pretrained there (about a minute) if missing
 base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
                                             os.path.join(RUNS, "pretrain"))
 print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['wall_s']:.0f} s" if pretrained_now

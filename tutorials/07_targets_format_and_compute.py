@@ -16,7 +16,7 @@
 #
 # **The pretrained model.** This tutorial uses tutorial 02's model, read from
 # `runs/pretrain` (or `$MINILORA_RUNS/pretrain`). If it is not there, the setup cell
-# pretrains it first, which takes about 1.5 minutes on 2 cores (longer on a busy
+# pretrains it first, which takes about a minute on 2 cores (67 s in the README; longer on a busy
 # machine); later runs reuse it.
 #
 # **The run.** Everything here must finish in under 3 minutes on 2 cores, so the

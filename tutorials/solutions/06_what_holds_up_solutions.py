@@ -4,7 +4,7 @@
 # One section per exercise of `tutorials/06_what_holds_up.py`; each asserts its
 # answer. Like the tutorial, it reads the committed study results
 # (`benchmarks/studies/*/results.jsonl`) and fine-tunes **tutorial 02's model** from
-# `runs/pretrain` (`MINILORA_RUNS/pretrain`), pretraining it there (about 1.5 min)
+# `runs/pretrain` (`MINILORA_RUNS/pretrain`), pretraining it there (about a minute)
 # if it is missing. `MINILORA_FAST=1` runs a few steps on a tiny model: a smoke
 # test, whose figure goes to `figures/fast/` (or `MINILORA_FIGURES`).
 

@@ -4,7 +4,7 @@
 # Each section answers one exercise at the end of
 # `tutorials/07_targets_format_and_compute.py` and **asserts** the answer. Try the
 # exercise before reading its solution. Like the tutorial, this file uses tutorial
-# 02's model from `$MINILORA_RUNS/pretrain` (pretraining it first, about 1.5 minutes
+# 02's model from `$MINILORA_RUNS/pretrain` (pretraining it first, about a minute
 # on 2 cores, if it is missing), and honours MINILORA_FAST (a few steps of a tiny
 # model: a smoke test) and MINILORA_FIGURES. In full mode it trains 13 short LoRA
 # runs, about 2,000 steps in all: a few minutes on 2 cores.
