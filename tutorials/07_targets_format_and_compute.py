@@ -125,7 +125,7 @@ print(f"before fine-tuning: validation response loss {base_loss:.3f} nats/token"
 # Each block has six linears: the attention projections q, k, v, o, all (C, C), and
 # the MLP's fc (F, C) and proj (C, F), with F = 4C. The post puts LoRA on the first
 # four; the original LoRA paper adapted only q and v; QLoRA and many later recipes
-# adapt every linear. Tutorial 06 gives one reason to try the MLP: in the rank
+# adapt every linear. Tutorial 06 gives one reason to try the MLP: in the forgetting
 # study's committed results, full fine-tuning's updates to the MLP matrices spread
 # over more directions than its updates to attention.
 #
