@@ -39,19 +39,16 @@ def exercise_numbers(tutorial):
     assert start >= 0, f"{os.path.basename(tutorial)} has no '## Exercises' section"
     section = text[start:]
     assert "\n# %%\n" not in section, "the Exercises section must be the tutorial's last cell (no code after it)"
-    headings = re.findall(r"^# ### Exercise (\d+\.\d+)\b", section, flags=re.M)
-    listed = [f"{tutorial_number(tutorial)}.{k}" for k in re.findall(r"^# (\d+)\. \*\*", section, flags=re.M)]
-    assert not (headings and listed), "one numbering style per tutorial: headings or a numbered list"
-    return headings or listed, section
+    # one style in every tutorial: "### Exercise N.k (kind): title"
+    headings = re.findall(r"^# ### Exercise (\d+\.\d+) \([^)]+\): \S", section, flags=re.M)
+    return headings, section
 
 
 def solution_sections(solution):
     """{exercise number "N.k": the text of its section} of a solutions file."""
     text = open(solution, encoding="utf-8").read()
-    parts = re.split(r"^# ## Exercise (\d+\.\d+|\d+)\b", text, flags=re.M)
-    n = tutorial_number(solution)
-    numbers = [k if "." in k else f"{n}.{k}" for k in parts[1::2]]
-    return dict(zip(numbers, parts[2::2]))
+    parts = re.split(r"^# ## Exercise (\d+\.\d+):", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
 
 
 def fast_env(tmp_path):
