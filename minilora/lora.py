@@ -55,7 +55,7 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_m
     Returns y (N..., out) and a cache. B @ A (an (out, in) matrix) is never
     formed: the update costs r * (in + out) per token instead of in * out.
     """
-    base, base_cache = ops.linear_forward(x, W, b)
+    base, base_cache = ops.linear_forward(x, W, b, frozen=True)  # W frozen: its backward needs no x
     ops._check_float("A", A, like=x)
     ops._check_float("B", B, like=x)
     if A.ndim != 2 or A.shape[1] != W.shape[1]:

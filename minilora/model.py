@@ -160,19 +160,13 @@ def _linear_backward(dout, cache, prefix, params, grads, trainable, input_grad=T
     """
     if prefix + ".lora_A" in params:
         # a LoRA linear: W and b are frozen, the backward has no dW at all
-        if input_grad:
-            dx, dA, dB = lora.lora_linear_backward(dout, cache)
-        else:
-            dx, dA, dB = lora.lora_linear_backward(dout, cache, input_grad=False)
+        dx, dA, dB = lora.lora_linear_backward(dout, cache, input_grad=input_grad)
         _keep(grads, trainable, prefix, lora_A=dA, lora_B=dB)
         return dx
     wanted = prefix + ".W" in trainable or prefix + ".b" in trainable
-    if not input_grad:
-        if not wanted:
-            return None  # frozen, and nothing below needs its dx: no product at all
-        dx, dW, db = ops.linear_backward(dout, cache, param_grads=True, input_grad=False)
-    else:
-        dx, dW, db = ops.linear_backward(dout, cache, param_grads=wanted)
+    if not (wanted or input_grad):
+        return None  # frozen, and nothing below needs its dx: no product at all
+    dx, dW, db = ops.linear_backward(dout, cache, param_grads=wanted, input_grad=input_grad)
     _keep(grads, trainable, prefix, W=dW, b=db)
     return dx
 
@@ -225,10 +219,7 @@ def _qkv_backward(dqkv, c_qkv, p, params, grads, trainable, input_grad=True):
     names = [p + "attn." + n for n in ("q", "k", "v")]
     kind, cache = c_qkv
     if kind == "shared":
-        if input_grad:
-            da, dAs, dBs = lora.lora_shared_input_backward(dqkv, cache)
-        else:
-            da, dAs, dBs = lora.lora_shared_input_backward(dqkv, cache, input_grad=False)
+        da, dAs, dBs = lora.lora_shared_input_backward(dqkv, cache, input_grad=input_grad)
         for name, dA, dB in zip(names, dAs, dBs):
             _keep(grads, trainable, name, lora_A=dA, lora_B=dB)
         return da
@@ -250,17 +241,16 @@ def block_forward(params, i, x, config, rng=None, train=False, trainable=None):
     """
     p = f"h.{i}."
     drop = config.dropout if train else 0.0
-    t = trainable
     a, c_ln1 = ops.layer_norm_forward(x, params[p + "ln_1.g"], params[p + "ln_1.b"])
-    (q, k, v), c_qkv = _qkv_forward(params, config, p, a, rng, train, t)  # each (B, T, C)
+    (q, k, v), c_qkv = _qkv_forward(params, config, p, a, rng, train, trainable)  # each (B, T, C)
     y, c_att = ops.attention_forward(q, k, v, config.n_heads)
-    o, c_o = _linear_forward(params, config, p + "attn.o", y, rng, train, t)
+    o, c_o = _linear_forward(params, config, p + "attn.o", y, rng, train, trainable)
     o, c_do = ops.dropout_forward(o, drop, rng)
     x = x + o  # residual
     m, c_ln2 = ops.layer_norm_forward(x, params[p + "ln_2.g"], params[p + "ln_2.b"])
-    f, c_fc = _linear_forward(params, config, p + "mlp.fc", m, rng, train, t)  # (B, T, F)
+    f, c_fc = _linear_forward(params, config, p + "mlp.fc", m, rng, train, trainable)  # (B, T, F)
     g, c_gelu = ops.gelu_forward(f)
-    r, c_proj = _linear_forward(params, config, p + "mlp.proj", g, rng, train, t)  # (B, T, C)
+    r, c_proj = _linear_forward(params, config, p + "mlp.proj", g, rng, train, trainable)  # (B, T, C)
     r, c_dr = ops.dropout_forward(r, drop, rng)
     x += r  # residual; x is ours since x = x + o (the input itself is never written)
     return x, (c_ln1, c_qkv, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr)

@@ -200,9 +200,9 @@ def recorded_backwards(monkeypatch):
                                                   ops.embedding_backward, lora.lora_linear_backward)
     lora_shared = lora.lora_shared_input_backward
 
-    def linear_backward(dout, cache, param_grads=True):
+    def linear_backward(dout, cache, param_grads=True, **kwargs):
         calls["linear"].append(param_grads)
-        return linear(dout, cache, param_grads=param_grads)
+        return linear(dout, cache, param_grads=param_grads, **kwargs)
 
     def layer_norm_backward(dout, cache, param_grads=True):
         calls["layer_norm"].append(param_grads)
