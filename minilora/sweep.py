@@ -164,8 +164,19 @@ def run_cell(cell, bases_dir, threads=None):
 
         with threadpool_limits(limits=threads, user_api="blas"):
             return run_cell(cell, bases_dir)
-    t0 = time.perf_counter()
     base, model_config = load_base(cell.base, bases_dir)
+    record, _, _ = run_cell_on(cell, base, model_config)
+    return record
+
+
+def run_cell_on(cell, base, model_config):
+    """Fine-tune one cell from the given base model (cell.base is not read).
+
+    Returns (record, params, config): the result record run_cell writes, and the
+    fine-tuned parameters with their ModelConfig (tutorial 06 runs cells live on
+    tutorial 02's model this way).
+    """
+    t0 = time.perf_counter()
     config = cell.finetune_config()
     train_records, val, test = splits(cell)
     class_names = list(tasks.CLASS_NAMES) if cell.task == "kind" else None
@@ -200,7 +211,7 @@ def run_cell(cell, bases_dir, threads=None):
             for prefix in delta_norms(params, ft_config, base)}
     record["wall_s"] = time.perf_counter() - t0
     record["blas_threads"] = _blas_threads()
-    return record
+    return record, params, ft_config
 
 
 def _blas_threads():

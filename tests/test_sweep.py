@@ -35,6 +35,14 @@ def test_a_cell_evaluates_on_validation_while_it_trains(bases):
     assert len(r["singular_values"]["h.0.mlp.fc"]) == 32  # min(F, C) of the tiny base
 
 
+def test_a_cell_runs_the_same_on_a_base_given_directly(bases):
+    cell = sweep.Cell(**TINY, method="lora", lr=1e-2)
+    base, model_config = sweep.load_base(cell.base, bases)
+    record, params, config = sweep.run_cell_on(cell, base, model_config)
+    assert _without_timing(record) == _without_timing(sweep.run_cell(cell, bases))
+    assert config.lora is not None and any(params[n].any() for n in params if n.endswith("lora_B"))
+
+
 def test_validation_test_and_training_splits_are_disjoint():
     cell = sweep.Cell(study="t", n_train=300, n_val=50, n_test=100, seed=7)
     train, val, test = sweep.splits(cell)

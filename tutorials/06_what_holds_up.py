@@ -34,17 +34,13 @@
 # %%
 import os
 import time
-from dataclasses import asdict
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from minilora import plot, report, studies, sweep, tasks
-from minilora.evaluation import corpus_val_data, strided_val_loss
-from minilora.finetune import score, setup_strategy
+from minilora import plot, report, studies, sweep
 from minilora.pretrain import PretrainConfig, load_or_pretrain
-from minilora.train import train
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
@@ -563,9 +559,10 @@ assert 0 < drop["full"] < drop["lora"]
 # %% [markdown]
 # ## 6. A live run you can change
 #
-# The cells below run the same measurement as `sweep.run_cell` (an evaluation every
-# `eval_every` steps: validation exact match on 64 held-out records and forgetting on
-# 200 corpus sentences), on **tutorial 02's model** instead of a study base. The
+# The cells below run a study cell with `sweep.run_cell_on`, the measurement
+# `sweep.run_cell` makes (an evaluation every `eval_every` steps: validation exact
+# match on 64 held-out records and forgetting on 200 corpus sentences), on
+# **tutorial 02's model** instead of a study base. The
 # settings are those of the rank study's r = 8 cells (LoRA on q, k, v, o, alpha 16,
 # 250 steps), whose committed curves we draw beside yours; they are shorter than the
 # forgetting study's 600-step cells (the first cell below prints what each took in
@@ -593,27 +590,6 @@ def live_cell(lr, alpha=LIVE_ALPHA):
     return sweep.Cell("live", method="lora", lr=lr, alpha=alpha, steps=studies.STEPS, eval_every=50)
 
 
-def run_live(cell, base, mc):
-    """sweep.run_cell's measurement on the base model given; returns (record, params, config)."""
-    config = cell.finetune_config()
-    train_records, val, _ = sweep.splits(cell)
-    params, ft_config, trainable = setup_strategy(base, mc, config)
-    batches = tasks.RecordBatches(train_records, cell.batch_size, mc.context_length, end=cell.end_marker)
-    corpus_data = corpus_val_data(cell.corpus_sentences)
-    before = strided_val_loss(base, mc, corpus_data)
-
-    def evaluate(p):
-        return {"val_metric": score(p, ft_config, val, None, cell.end_marker),
-                "forgetting": strided_val_loss(p, ft_config, corpus_data) - before}
-
-    evals = [{"step": 0, **evaluate(params)}]
-    history, _ = train(params, trainable, ft_config, batches, config.train, evaluate=evaluate,
-                       desc=f"live lora lr {cell.lr:g}")
-    evals += [{"step": h["step"], "val_metric": h["val_metric"], "forgetting": h["forgetting"]}
-              for h in history if "val_metric" in h]
-    return {"cell": asdict(cell), "evals": evals}, params, ft_config
-
-
 def committed_curve(lr, alpha):
     """The committed 250-step record with the live run's settings, from any study (None if none ran it)."""
     settings = dict(method="lora", lr=lr, alpha=alpha, rank=8, rslora=False, steps=studies.STEPS, batch_size=16,
@@ -632,7 +608,7 @@ frozen = {n: base[n].copy() for n in base}
 live = {}
 for lr in LIVE_LRS:
     t0, c0 = time.perf_counter(), time.process_time()
-    live[lr], live_params, live_config = run_live(live_cell(lr), base, mc)
+    live[lr], live_params, live_config = sweep.run_cell_on(live_cell(lr), base, mc)
     # CPU time (summed over threads): with one BLAS thread, the wall time on an idle core
     print(f"live cell at lr {lr:g}: {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU")
     study = committed_curve(lr, LIVE_ALPHA)

@@ -10,16 +10,13 @@
 
 # %%
 import os
-from dataclasses import asdict
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from minilora import lora, model, optim, plot, report, studies, sweep, tasks
-from minilora.evaluation import corpus_val_data, strided_val_loss
-from minilora.finetune import FinetuneConfig, finetune, score, setup_strategy
+from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
-from minilora.train import train
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
@@ -43,7 +40,7 @@ def cells_where(records, **settings):
 # against about 0.9 and 2.7 at 1e-2 (the cell below prints the committed values).
 # So: 3e-2 should not reach matched skill and should forget more. Too large a step
 # for the fresh adapters knocks the model off both the task and the corpus. Below,
-# the tutorial's `live_cell` and `run_live`, repeated so this file runs alone.
+# the tutorial's `live_cell`, repeated so this file runs alone.
 
 # %%
 def live_cell(lr, alpha=16.0):
@@ -53,31 +50,10 @@ def live_cell(lr, alpha=16.0):
     return sweep.Cell("live", method="lora", lr=lr, alpha=alpha, steps=studies.STEPS, eval_every=50)
 
 
-def run_live(cell, base, mc):
-    """sweep.run_cell's measurement on the base model given; returns (record, params, config)."""
-    config = cell.finetune_config()
-    train_records, val, _ = sweep.splits(cell)
-    params, ft_config, trainable = setup_strategy(base, mc, config)
-    batches = tasks.RecordBatches(train_records, cell.batch_size, mc.context_length, end=cell.end_marker)
-    corpus_data = corpus_val_data(cell.corpus_sentences)
-    before = strided_val_loss(base, mc, corpus_data)
-
-    def evaluate(p):
-        return {"val_metric": score(p, ft_config, val, None, cell.end_marker),
-                "forgetting": strided_val_loss(p, ft_config, corpus_data) - before}
-
-    evals = [{"step": 0, **evaluate(params)}]
-    history, _ = train(params, trainable, ft_config, batches, config.train, evaluate=evaluate,
-                       desc=f"live lora lr {cell.lr:g}")
-    evals += [{"step": h["step"], "val_metric": h["val_metric"], "forgetting": h["forgetting"]}
-              for h in history if "val_metric" in h]
-    return {"cell": asdict(cell), "evals": evals}, params, ft_config
-
-
 live = {}
 for lr in (1e-2, 3e-2):
     study = cells_where(results["rank"], rank=8, rslora=False, lr=lr)[0]
-    live[lr], live_params, live_config = run_live(live_cell(lr), base, mc)
+    live[lr], live_params, live_config = sweep.run_cell_on(live_cell(lr), base, mc)
     for name, rec in (("study", study), ("live ", live[lr])):
         at = report.forgetting_at_skill(rec)
         print(f"{name} lr {lr:g}: final val {studies.final_val(rec):.3f}   final forgetting "
