@@ -55,10 +55,11 @@ def strided_val_loss(params, config, data, batch_size=64):
     return total / count
 
 
-def exact_match(params, config, records, max_new_tokens=None, end="\n"):
+def exact_match(params, config, records, max_new_tokens=None, end="\n", render=tasks.format_prompt):
     """Greedy-decode every record's prompt; the fraction whose response equals the output exactly.
 
     Decoding stops at `end`, the character fine-tuning taught to end a response.
+    render(instruction, input) writes the prompt (tasks.format_prompt, the format trained on, by default).
 
     max_new_tokens defaults to the longest reference output plus its newline
     and a margin of 4, so no reference is too long to be matched.
@@ -66,7 +67,7 @@ def exact_match(params, config, records, max_new_tokens=None, end="\n"):
     Returns (accuracy, predictions as strings).
     """
     tok = corpus.CharTokenizer()
-    prompts = [tok.encode(tasks.format_prompt(r["instruction"], r.get("input", ""))) for r in records]
+    prompts = [tok.encode(render(r["instruction"], r.get("input", ""))) for r in records]
     if max_new_tokens is None:
         max_new_tokens = max(len(r["output"]) for r in records) + 1 + 4
     for r, p in zip(records, prompts):

@@ -273,7 +273,7 @@ def _check_batch_record(record, kind, i, where):
         raise ValueError(f"{where}: records[{i}]: {problem}")
 
 
-def instruction_batch(records, tokenizer, context_length, train_on_prompt=False, end="\n"):
+def instruction_batch(records, tokenizer, context_length, train_on_prompt=False, end="\n", render=format_prompt):
     """Next-token inputs, targets and loss mask for a batch of instruction records.
 
     Each example is the tokens of prompt + output + "\\n", of length L <= context_length + 1.
@@ -288,6 +288,8 @@ def instruction_batch(records, tokenizer, context_length, train_on_prompt=False,
     - train_on_prompt: if True the mask covers every real target, prompt included.
     - end: the character that ends a response ("\n" by default; a character that
       never occurs in the corpus, such as "~", makes the response unlike corpus text).
+    - render: render(instruction, input) -> the prompt; format_prompt by default
+      (tutorial 07 passes broken formats to measure what the format is worth).
 
     Returns a tuple of:
     - x: int64 array of shape (B, T), input tokens.
@@ -299,7 +301,7 @@ def instruction_batch(records, tokenizer, context_length, train_on_prompt=False,
     examples = []
     for i, record in enumerate(records):
         _check_batch_record(record, "instruction", i, "instruction_batch")
-        prompt = format_prompt(record["instruction"], record.get("input", ""))
+        prompt = render(record["instruction"], record.get("input", ""))
         tokens = tokenizer.encode(prompt + record["output"] + end)
         if len(tokens) > context_length + 1:
             raise ValueError(

@@ -399,6 +399,23 @@ def test_exact_match_decodes_as_long_as_the_longest_reference(monkeypatch):
     assert acc == 1.0 and preds == references
 
 
+def test_exact_match_decodes_the_prompts_a_render_writes(monkeypatch):
+    from minilora import corpus, evaluation, model
+
+    tok, seen = corpus.CharTokenizer(), []
+
+    def record_prompts(params, config, prompts, max_new_tokens, **kwargs):
+        seen.extend(tok.decode(p) for p in prompts)
+        return [tok.encode("cat")]
+
+    monkeypatch.setattr(evaluation, "decode", record_prompts)
+    config = model.ModelConfig(d_model=16, n_heads=2, n_layers=1)
+    records = [{"instruction": "Name the subject.", "input": "the cat runs.", "output": "cat"}]
+    acc, _ = evaluation.exact_match(model.init_params(config, 0), config, records,
+                                    render=lambda ins, inp: f"{ins} | {inp} -> ")
+    assert acc == 1.0 and seen == ["Name the subject. | the cat runs. -> "]
+
+
 def test_merge_never_overwrites_a_file_unless_asked(pretrained, tmp_path, capsys):
     run = tmp_path / "lora"
     assert cli.main(["finetune", "--checkpoint", str(pretrained), "--data", str(_records(tmp_path)),

@@ -96,6 +96,19 @@ def test_train_on_prompt_masks_every_real_target():
         assert TOKENIZER.decode(y[b][mask[b] == 1.0]) == text[1:]
 
 
+def test_a_batch_in_another_prompt_format_masks_the_same_responses():
+    records = make_instruction_records("subject", 4, seed=1)
+
+    def render(instruction, input_text):
+        return f"Instruction: {instruction}\nInput: {input_text}\nResponse: "
+
+    x, y, mask = instruction_batch(records, TOKENIZER, 128, render=render)
+    for b, r in enumerate(records):
+        text = render(r["instruction"], r["input"]) + r["output"] + "\n"
+        assert TOKENIZER.decode(x[b, :len(text) - 1]) == text[:-1]
+        assert TOKENIZER.decode(y[b][mask[b] == 1.0]) == r["output"] + "\n"
+
+
 def test_instruction_batch_rejects_a_too_long_example():
     records = [{"instruction": "Say hi.", "input": "", "output": "hi"},
                {"instruction": "Say hi.", "input": "x" * 100, "output": "hi"}]

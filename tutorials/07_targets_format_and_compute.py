@@ -38,7 +38,6 @@ from minilora import corpus, lora, model, optim, plot, tasks
 from minilora.evaluation import corpus_val_data, exact_match, strided_val_loss
 from minilora.finetune import DEFAULT_LR, FinetuneConfig, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain
-from minilora.sampling import decode
 from minilora.sweep import Cell, splits
 from minilora.train import train
 
@@ -102,21 +101,11 @@ def finetune_lora(targets, seed, steps=STEPS, lr=LR, rank=RANK, start=None):
 
 def response_loss(params, config, records, render=tasks.format_prompt):
     """Mean cross-entropy (nats per token) on the response tokens (output + '\\n') after render(...)."""
-    rows = [(tok.encode(render(r["instruction"], r["input"])), tok.encode(r["output"] + "\n")) for r in records]
-    T = max(len(p) + len(o) for p, o in rows) - 1
-    x = np.full((len(rows), T), corpus.NEWLINE_ID, np.int64)
-    y, mask = x.copy(), np.zeros((len(rows), T), np.float32)
-    for b, (p, o) in enumerate(rows):
-        ids = np.concatenate([p, o])
-        x[b, :len(ids) - 1], y[b, :len(ids) - 1] = ids[:-1], ids[1:]
-        mask[b, len(p) - 1:len(ids) - 1] = 1.0  # targets that are response tokens
+    x, y, mask = tasks.instruction_batch(records, tok, config.context_length, render=render)
     return model.loss_and_grads(params, config, {"x": x, "y": y, "mask": mask})[0]
 
 
-# the helper reproduces what training minimises: instruction_batch's masked loss, on the same records
-xb, yb, mb = tasks.instruction_batch(val_records, tok, mc.context_length)
 base_loss = response_loss(base, mc, val_records)
-assert np.isclose(base_loss, model.loss_and_grads(base, mc, {"x": xb, "y": yb, "mask": mb})[0])
 print(f"before fine-tuning: validation response loss {base_loss:.3f} nats/token")
 
 # %% [markdown]
@@ -259,9 +248,8 @@ if n_seeds > 1:
 # instead of header lines, one space after the response header. The model must
 # first have learned the task, so the cell continues the section-1 run on q, k, v,
 # o (seed 0) for twice as many steps again, a new warmup and cosine (it prints the
-# validation exact match before and after). `exact_match_rendered` is
-# `evaluation.exact_match` with the prompt renderer as an argument; an assert checks
-# it reproduces `exact_match` on the format as trained.
+# validation exact match before and after). `evaluation.exact_match` and
+# `tasks.instruction_batch` take the prompt renderer as their `render` argument.
 
 # %%
 FORMATS = {
@@ -275,14 +263,6 @@ FORMATS = {
 }
 
 
-def exact_match_rendered(params, config, records, render):
-    """Greedy answers to render(instruction, input), stopped at newline; returns (accuracy, predictions)."""
-    prompts = [tok.encode(render(r["instruction"], r["input"])) for r in records]
-    outs = decode(params, config, prompts, max(len(r["output"]) for r in records) + 5, stop_id=corpus.NEWLINE_ID)
-    preds = [tok.decode(o) for o in outs]
-    return float(np.mean([p == r["output"] for p, r in zip(preds, records)])), preds
-
-
 FORMAT_STEPS = 3 if FAST else 2 * STEPS
 fmt_params, fmt_mc, _, _ = finetune_lora(TARGET_SETS["attention q,k,v,o"], SEEDS[0] + 100, steps=FORMAT_STEPS,
                                          start=trained["attention q,k,v,o", SEEDS[0]])  # seed: new batches
@@ -291,11 +271,9 @@ print(f"LoRA q,k,v,o, seed {SEEDS[0]}: validation exact match {results['attentio
       f"{STEPS} steps, {fmt_val:.3f} after {FORMAT_STEPS} more")
 if not FAST:
     assert fmt_val > results["attention q,k,v,o"]["em"][0]  # still learning after the section-1 budget
-reference, _ = exact_match(fmt_params, fmt_mc, test_records)
-assert exact_match_rendered(fmt_params, fmt_mc, test_records, tasks.format_prompt)[0] == reference
 fmt_results = {}
 for name, render in FORMATS.items():
-    em, preds = exact_match_rendered(fmt_params, fmt_mc, test_records, render)
+    em, preds = exact_match(fmt_params, fmt_mc, test_records, render=render)
     fmt_results[name] = {"em": em, "loss": response_loss(fmt_params, fmt_mc, test_records, render), "pred": preds[0]}
 print(f"test records: {len(test_records)}; first record: {test_records[0]['input']!r} -> {test_records[0]['output']!r}")
 print(f"{'format at test time':26s} {'exact match':>11s} {'response loss':>14s}   first answer")
