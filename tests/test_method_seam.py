@@ -9,11 +9,13 @@ norms, singular values), beside a few of them in the clear.
 
 import hashlib
 import json
+import os
+from dataclasses import dataclass
 
 import pytest
 from threadpoolctl import threadpool_limits
 
-from minilora import evaluation, finetune, model, sweep
+from minilora import evaluation, finetune, model, studies, sweep
 from minilora.model import ModelConfig
 from minilora.train import TrainConfig
 
@@ -28,7 +30,7 @@ SUMMARY_NUMBERS = ("metric_before", "metric", "val_loss_before", "val_loss_after
 
 
 def _finetune_config(method):
-    from minilora.lora import LoraConfig
+    from minilora.methods.lora import LoraConfig
 
     # adapter dropout 0.1 and targets q, v, fc: the per-linear LoRA path (no shared q, k, v product)
     return finetune.FinetuneConfig(method=method, n_train=40, n_test=6, n_prompt=4, seed=2,
@@ -68,8 +70,41 @@ REFERENCE = {
 }
 
 
+@pytest.fixture(scope="module")
+def measured():
+    return measurements()  # one pass for every case (a few seconds)
+
+
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_runs_give_the_numbers_of_the_code_before_the_seam(name, measured={}):
-    if not measured:
-        measured.update(measurements())  # one pass for every case (a few seconds)
+def test_runs_give_the_numbers_of_the_code_before_the_seam(name, measured):
     assert measured[name] == REFERENCE[name]
+
+
+# Cell.key: a setting added to Cell leaves every finished cell's key, so the runner's memory of it, unchanged
+
+STUDIES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "studies")
+
+
+@pytest.mark.parametrize("study", sorted(studies.STUDIES))
+def test_committed_study_results_are_recognised_as_finished(study):
+    records = sweep.read_results(os.path.join(STUDIES_DIR, study, "results.jsonl"))
+    assert records
+    done = {r["key"] for r in records}
+    for r in records:  # the key a cell made then is the key the same settings make now
+        assert sweep.Cell(**r["cell"]).key() == r["key"]
+    # and the runner would run none of them again: every cell of the grid whose method has results is done
+    present = {r["cell"]["method"] for r in records}
+    grid = [c for c in studies.cells(study, os.path.join(STUDIES_DIR, study)) if c.method in present]
+    assert grid and all(c.key() in done for c in grid)
+
+
+def test_a_setting_at_its_default_leaves_the_key_unchanged():
+    @dataclass(frozen=True)
+    class Later(sweep.Cell):
+        new_setting: float = 0.5  # a field Cell did not have when the results were recorded
+
+    cell = sweep.Cell("s", method="lora", lr=1e-2, seed=2)
+    same = Later("s", method="lora", lr=1e-2, seed=2)
+    assert same.key() == cell.key()
+    assert Later("s", method="lora", lr=1e-2, seed=2, new_setting=0.25).key() != cell.key()
+    assert sweep.Cell("s", method="lora", lr=3e-2, seed=2).key() != cell.key()  # a first-grid field still counts
