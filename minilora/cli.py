@@ -32,14 +32,12 @@ from dataclasses import fields, replace
 
 import numpy as np
 
+from .backend import DEFAULT_THREADS
 from .lora import LoraConfig
 from .model import ModelConfig
 from .train import TrainConfig
 
 MODEL, TRAIN, LORA = ModelConfig(), TrainConfig(), LoraConfig()
-# One BLAS thread by default: two runs side by side then share 2 cores fairly (2.02x one run alone),
-# where two 2-thread runs fight for the cores and ran 30x slower (benchmarks/speed.json, "concurrency").
-DEFAULT_THREADS = 1
 
 
 # Every character str.splitlines() breaks a line at, written as its escape: an error stays one line
@@ -395,11 +393,9 @@ def _cmd_plot(args):
 def _cmd_demo(args):
     from .demo import format_table, run_demo
 
-    figures = args.figures if args.figures is not None else os.path.join("figures", "fast") if args.fast \
-        else "figures"
     out = args.out if args.out is not None else os.path.join("runs", "fast") if args.fast else "runs"
     args.run_dir = out
-    result = run_demo(out_dir=out, figures_dir=figures, backend=args.backend, fast=args.fast,
+    result = run_demo(out_dir=out, figures_dir=args.figures, backend=args.backend, fast=args.fast,
                       task=args.task, log=print, overwrite=args.overwrite)
     print()
     print(format_table(result["rows"]))
@@ -480,7 +476,7 @@ def build_parser():
     s.add_argument("--out", default=None, help="folder for runs (default runs/, or runs/fast/ with --fast); "
                    "run again, the demo reuses finished runs there and resumes interrupted ones")
     s.add_argument("--figures", default=None,
-                   help="folder for the PNG figures ('' for none; default figures/, or figures/fast/ with --fast)")
+                   help="folder for the PNG figures ('' for none; default: OUT/figures, beside the runs)")
     s.add_argument("--task", default="subject", choices=["subject", "plural"], help="the generative task")
     s.add_argument("--fast", action="store_true", help="a few steps of everything (a smoke test, not results)")
     s.add_argument("--overwrite", action="store_true", help="replace runs in --out made with other settings")
