@@ -23,17 +23,20 @@ def test_a_strategy_is_extra_parameters_and_trainable_names(method, n_classes):
     before = _copy(base)
     params, config, trainable = finetune.setup_strategy(base, TINY, finetune.FinetuneConfig(method=method),
                                                         n_classes)
-    assert (config.lora is not None) == (method == "lora")  # the config describes the params whole
+    # the config describes the params whole: adapters' settings exactly when the method adds adapters
+    assert (config.lora is not None) == (method in ("lora", "dora"))
     head = {"cls.W", "cls.b"} if n_classes else set()
     expected = {
         "full": set(base) | head,
         "lora": {n for n in params if n.endswith((".lora_A", ".lora_B"))} | head,
+        "dora": {n for n in params if n.endswith((".lora_A", ".lora_B", ".lora_magnitude_vector"))} | head,
         "prompt": {"prompt"} | head,
     }[method]
     assert trainable == expected
-    assert set(params) - set(base) == {"full": set(), "lora": expected - head, "prompt": {"prompt"}}[method] | head
-    if method == "lora":
-        assert len(expected - head) == 2 * 4 * TINY.n_layers  # q, k, v, o in every block
+    added = {"full": set(), "lora": expected - head, "dora": expected - head, "prompt": {"prompt"}}[method]
+    assert set(params) - set(base) == added | head
+    if method in ("lora", "dora"):  # q, k, v, o in every block: A and B (and DoRA's m)
+        assert len(expected - head) == (2 if method == "lora" else 3) * 4 * TINY.n_layers
     if method == "full":
         params["wte"] += 1.0  # full fine-tuning trains copies: the pretrained weights stay as they were
     for name in base:
@@ -125,7 +128,7 @@ def test_every_strategy_can_fit_a_small_batch(method):
     # weights 10x GPT-2's init, closer to a trained model's: at std 0.02 attention is near
     # uniform and tiny, and a frozen model barely responds to its prompt or adapters
     base = {n: p * 10.0 if p.ndim == 2 else p for n, p in model.init_params(TINY, 0).items()}
-    lr = {"full": 3e-3, "lora": 1e-2, "prompt": 1e-1}[method]
+    lr = {"full": 3e-3, "lora": 1e-2, "dora": 1e-2, "prompt": 1e-1}[method]
     config = finetune.FinetuneConfig(method=method, train=TrainConfig(steps=80, batch_size=4, lr=lr, min_lr=lr,
                                                                       warmup_steps=0, weight_decay=0.0))
     params, ft_config, trainable = finetune.setup_strategy(base, TINY, config)
