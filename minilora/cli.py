@@ -193,7 +193,8 @@ def _load_model(path, option, xp=None, adapter=None):
 
 
 def _cmd_generate(args):
-    from .corpus import NEWLINE_ID, CharTokenizer
+    from .corpus import NEWLINE_ID
+    from .tokenizer import CharTokenizer
     from .sampling import decode
 
     tok = CharTokenizer()
@@ -204,7 +205,7 @@ def _cmd_generate(args):
         tok.encode(prompt)
     except ValueError as e:
         raise ValueError(f"--prompt: {prompt!r} {str(e).removeprefix('encode: text ')}") from e
-    params, config, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
+    params, config, _, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
     rng = np.random.default_rng(args.seed)
     samples = decode(params, config, [tok.encode(prompt)] * args.num_samples, args.max_new_tokens,
                      args.temperature, args.top_k, rng, NEWLINE_ID if args.stop_at_newline else None,
@@ -245,7 +246,7 @@ def _cmd_finetune(args):
     if resume is not None:
         config = _finetune_config(args, _saved_train(resume))
     # everything is checked before any work: the model, the data against it, the resumed checkpoint, the folder
-    params, model_config, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args))
+    params, model_config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args))
     data = load_data(model_config, config)
     if resume is not None:
         check_resume(resume, config.train, run_meta(params, model_config, config, data[2]))
@@ -264,7 +265,7 @@ def _cmd_evaluate(args):
     from .evaluation import classification_accuracy, corpus_val_data, exact_match, strided_val_loss
     from .finetune import config_from_description, load_records
 
-    params, config, meta = _load_model(args.run, "run", _xp(args), args.adapter)
+    params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
     n_prompt = params["prompt"].shape[0] if "prompt" in params else 0
     # the records first: a bad file fails before any scoring
     if args.data is not None:
@@ -328,7 +329,7 @@ def _cmd_merge(args):
     from .checkpoint import save_checkpoint
     from .lora import lora_names, merge
 
-    params, config, meta = _load_model(args.run, "run", _xp(args), args.adapter)
+    params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
     if config.lora is None or not lora_names(params):
         raise ValueError(f"run: expected a LoRA model (a LoRA run, or a base checkpoint with --adapter), "
                          f"got {args.run} without adapters")
