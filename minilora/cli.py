@@ -389,7 +389,10 @@ def _cmd_plot(args):
     labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) or p for p in paths]
     labels = [lab if labels.count(lab) == 1 else os.path.dirname(p) or p for lab, p in zip(labels, paths)]
     runs = {label: read_log(path) for label, path in zip(labels, paths)}
-    floor = None if args.no_floor else entropy_per_char()
+    # the floor is in nats per character, the unit of a character run's curves; a BPE run's are per token
+    kinds = {r["meta"].get("tokenizer", {}).get("kind", "char") for log in runs.values() for r in log
+             if isinstance(r.get("meta"), dict)}
+    floor = None if args.no_floor or kinds - {"char"} else entropy_per_char()
     save_figure(plot_loss_curves(runs, floor=floor, title=args.title, logy=args.logy), args.out)
     print(f"wrote {args.out}")
     return 0
