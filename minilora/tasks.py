@@ -148,10 +148,10 @@ def task_splits(task, n_train, n_test, seed=0):
     return [_record(task, d) for d in train], [_record(task, d) for d in test]
 
 
-def _check_record_fields(record, kind, tokenizer=None):
+def _check_record_fields(record, kind, tokenizer):
     """Return a description of what is wrong with a record, or None if it is well formed.
 
-    With a tokenizer, every value must be text it can encode (tokenizer.problem).
+    Every value must be text the run's tokenizer can encode (tokenizer.problem).
     """
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
@@ -165,7 +165,7 @@ def _check_record_fields(record, kind, tokenizer=None):
     for key, value in record.items():
         if not isinstance(value, str):
             return f"key {key!r} must hold a string, got {type(value).__name__} {value!r:.40}"
-        problem = tokenizer.problem(value) if tokenizer is not None else None
+        problem = tokenizer.problem(value)
         if problem is not None:
             return f"key {key!r} has {problem}"
     if kind == "instruction" and "\n" in record["output"]:
@@ -290,8 +290,8 @@ def instruction_batch(records, tokenizer, context_length, train_on_prompt=False,
     its own, as decoding will read it, so a merge of a BPE tokenizer never
     straddles the prompt and the response.
     Row b holds x[b, t] = tokens[t] and y[b, t] = tokens[t + 1] for t < L - 1, then padding
-    (id NEWLINE_ID = 0, an id of every vocabulary, with mask 0). T is the longest L in the batch minus 1, so a batch of
-    short examples costs less than a full context.
+    (NEWLINE_ID = 0, an id in every vocabulary, with mask 0). T is the longest L in the batch
+    minus 1, so a batch of short examples costs less than a full context.
 
     Inputs:
     - records: list of B dicts with "instruction", "output" and optional "input".
