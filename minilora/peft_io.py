@@ -52,7 +52,6 @@ import numpy as np
 from .backend import array_module, to_numpy
 from .hf import FINGERPRINT_KEY, _read_json, _safetensors, read_fingerprint, weights_fingerprint
 from .lora import TARGETS, LoraConfig
-from .model import param_shapes
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -194,7 +193,6 @@ def read_peft(folder, base_params, base_config):
                          f"corrupt ({' '.join(str(e).split()) or type(e).__name__})") from e
     _check_base(folder, ac, metadata, base_params)
     pairs = _pairs(weights, tensors, base_config)
-    shapes = param_shapes(base_config)
     rslora = bool(ac.get("use_rslora", False))
     r_default, alpha_default = ac.get("r", 8), ac.get("lora_alpha", 8)
     # every adapted linear: minilora prefix -> (A, B, PEFT scale)
@@ -206,6 +204,10 @@ def read_peft(folder, base_params, base_config):
             raise ValueError(f"adapter: {weights}: {full} has rank {r}, but {ADAPTER_CONFIG} says "
                              f"{_pattern_value(ac.get('rank_pattern'), full, r_default)}")
         s = _peft_scale(_pattern_value(ac.get("alpha_pattern"), full, alpha_default), r, rslora)
+        d_in, d_out = _module_shape(module, base_config)
+        if A.shape[1] != d_in or B.shape[0] != d_out:
+            raise ValueError(f"adapter: {weights}: {full} expects A (r, {d_in}) and B ({d_out}, r) on this base, "
+                             f"got {tuple(A.shape)} and {tuple(B.shape)}; it was trained on another base")
         if module == "attn.c_attn":
             C = base_config.d_model
             for row, t in enumerate(QKV):
@@ -214,11 +216,6 @@ def read_peft(folder, base_params, base_config):
         else:
             target = next(t for t, (m, _) in MODULE_OF.items() if m == module)
             adapters[f"h.{i}.{TARGETS[target]}"] = (A, B, s)
-    for prefix, (A, B, _) in adapters.items():
-        d_out, d_in = shapes[prefix + ".W"]
-        if A.shape[1] != d_in or B.shape[0] != d_out:
-            raise ValueError(f"adapter: {weights}: {prefix} expects A (r, {d_in}) and B ({d_out}, r) on this base, "
-                             f"got {tuple(A.shape)} and {tuple(B.shape)}; it was trained on another base")
     targets = _targets(adapters, base_config, weights)
     R = max(A.shape[0] for A, _, _ in adapters.values())
     s = next(iter(adapters.values()))[2]  # the common scale; other modules fold theirs into B
@@ -237,6 +234,12 @@ def read_peft(folder, base_params, base_config):
         out[prefix + ".lora_A"] = xp.asarray(A_pad.astype(dtype))
         out[prefix + ".lora_B"] = xp.asarray(B_pad.astype(dtype))
     return out, replace(base_config, lora=lora_config), {"kind": "peft_adapter", "peft": ac, "path": folder}
+
+
+def _module_shape(module, config):
+    """(in, out) of a GPT-2 module inside a block of this config."""
+    C, F = config.d_model, config.d_ff
+    return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, F), "mlp.c_proj": (F, C)}[module]
 
 
 def _pairs(weights, tensors, config):
