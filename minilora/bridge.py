@@ -18,13 +18,12 @@ Needs safetensors and tokenizers (`pip install 'minilora[hf]'`).
 
 import json
 import os
-import shutil
 
 from . import hf, peft_io
 from .corpus import NEWLINE_ID, VOCAB
 from .lora import lora_names
+from .tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, check_vocab_size
 
-TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 ADAPTER_DIR = "adapter"
 
@@ -49,35 +48,46 @@ def char_tokenizer_json():
     return tokenizer.to_str()
 
 
-def tokenizer_vocab_size(tokenizer_json, where):
-    """The vocabulary size (added tokens included) of a tokenizer.json string; ValueError if it does not load."""
-    tk = _tokenizers()
-    try:
-        return tk.Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
-    except Exception as e:  # the library's own parse errors
-        raise ValueError(f"{where}: expected a tokenizers-library tokenizer.json, got one that does not load "
-                         f"({' '.join(str(e).split())})") from e
+def hf_tokenizer(folder, vocab_size):
+    """The tokenizer of a GPT-2 folder, checked against the weights' vocab_size.
+
+    Its tokenizer.json, read with the `tokenizers` library (the character
+    tokenizer when it is exactly the one char_tokenizer_json writes); with no
+    tokenizer.json, the character tokenizer if vocab_size is its 96, as a
+    minilora checkpoint that records no tokenizer. Raises ValueError otherwise,
+    and when the vocabulary differs from the weights'.
+    """
+    path = os.path.join(folder, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        if vocab_size != len(VOCAB):
+            raise ValueError(f"{folder}: expected a {TOKENIZER_FILE} (vocab_size {vocab_size} is not the character "
+                             f"tokenizer's {len(VOCAB)}), got none; save the model's tokenizer beside it")
+        return CharTokenizer()
+    tokenizer = BPETokenizer.from_file(path, option=path)
+    if json.loads(tokenizer.data) == json.loads(char_tokenizer_json()):
+        tokenizer = CharTokenizer()  # exported by minilora: the same ids, and the entropy floor applies
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{path}: expected a vocabulary of {vocab_size} tokens (the weights' wte rows), "
+                         f"got {tokenizer.vocab_size}; the tokenizer and the weights are from different models")
+    return tokenizer
 
 
 def read_hf_model(folder, dtype=None):
-    """A GPT-2 folder as (params, config, tokenizer_json or None), the tokenizer checked against the weights.
+    """A GPT-2 folder as (params, config, tokenizer): hf.read_gpt2 and hf_tokenizer.
 
-    dtype: None gives float32 (minilora trains in float32). Raises ValueError
-    when the folder's tokenizer.json has another vocabulary size than wte.
+    dtype: None gives float32 (minilora trains in float32).
     """
     import numpy as np
 
     params, config, _ = hf.read_gpt2(folder, dtype=np.float32 if dtype is None else dtype)
-    path = os.path.join(folder, TOKENIZER_FILE)
-    tokenizer_json = None
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            tokenizer_json = f.read()
-        n = tokenizer_vocab_size(tokenizer_json, path)
-        if n != config.vocab_size:
-            raise ValueError(f"{path}: expected a vocabulary of {config.vocab_size} tokens (the weights' wte rows), "
-                             f"got {n}; the tokenizer and the weights are from different models")
-    return params, config, tokenizer_json
+    return params, config, hf_tokenizer(folder, config.vocab_size)
+
+
+def tokenizer_json(tokenizer):
+    """A run's tokenizer as tokenizer.json text: the character one converted, a BPE one as it was read."""
+    if tokenizer.kind == CharTokenizer.kind:
+        return char_tokenizer_json()
+    return tokenizer.data.decode("utf-8")
 
 
 def check_exportable(params, config):
@@ -91,13 +101,13 @@ def check_exportable(params, config):
                          "head has no bias and reads the last non-padding token, minilora's cls.W, cls.b has a bias")
 
 
-def export_model(out, params, config, tokenizer_json=None, overwrite=False):
+def export_model(out, params, config, tokenizer, overwrite=False):
     """Write a model (and its LoRA adapters, if any) as a Hugging Face folder, atomically.
 
     Inputs:
     - out: the folder to create (see hf.write_folder_atomically)
     - params, config: a plain model, or one with LoRA adapters (config.lora)
-    - tokenizer_json: the model's tokenizer.json text; None: the character tokenizer
+    - tokenizer: the model's (tokenizer.CharTokenizer or BPETokenizer, as runs.load_model returns it)
     - overwrite: replace out if it exists
 
     Writes out/config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
@@ -106,16 +116,9 @@ def export_model(out, params, config, tokenizer_json=None, overwrite=False):
     Returns the list of folders written (out, and out/adapter for LoRA).
     """
     check_exportable(params, config)
-    if tokenizer_json is None:
-        if config.vocab_size != len(VOCAB):
-            raise ValueError(f"tokenizer: a model of vocab_size {config.vocab_size} needs its own tokenizer.json; "
-                             f"the character tokenizer has {len(VOCAB)} tokens")
-        tokenizer_json, eos = char_tokenizer_json(), NEWLINE_ID
-    else:
-        eos = 0
-    n = tokenizer_vocab_size(tokenizer_json, "tokenizer")
-    if n != config.vocab_size:
-        raise ValueError(f"tokenizer: expected {config.vocab_size} tokens (the weights' wte rows), got {n}")
+    check_vocab_size(tokenizer, config.vocab_size, what="tokenizer")
+    text = tokenizer_json(tokenizer)
+    eos = NEWLINE_ID if tokenizer.kind == CharTokenizer.kind else 0
     adapters = set(lora_names(params))
     base = {k: v for k, v in params.items() if k not in adapters}
     base_config = config if config.lora is None else type(config).from_dict({**config.to_dict(), "lora": None})
@@ -124,7 +127,7 @@ def export_model(out, params, config, tokenizer_json=None, overwrite=False):
     def write(tmp):
         hf.write_gpt2(tmp, base, base_config, eos_token_id=eos)
         with open(os.path.join(tmp, TOKENIZER_FILE), "w", encoding="utf-8") as f:
-            f.write(tokenizer_json)
+            f.write(text)
         with open(os.path.join(tmp, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                        "model_max_length": config.context_length}, f, indent=2)
@@ -135,9 +138,3 @@ def export_model(out, params, config, tokenizer_json=None, overwrite=False):
     hf.write_folder_atomically(out, write, overwrite=overwrite)
     return [out] + ([os.path.join(out, ADAPTER_DIR)] if config.lora is not None else [])
 
-
-def copy_tokenizer(folder, run_dir):
-    """Copy a Hugging Face folder's tokenizer.json into a run folder (nothing when it has none)."""
-    path = os.path.join(folder, TOKENIZER_FILE)
-    if os.path.isfile(path):
-        shutil.copyfile(path, os.path.join(run_dir, TOKENIZER_FILE))

@@ -195,7 +195,8 @@ def _load_model(path, option, xp=None, adapter=None):
 
 
 def _cmd_generate(args):
-    from .corpus import NEWLINE_ID, CharTokenizer
+    from .corpus import NEWLINE_ID
+    from .tokenizer import CharTokenizer
     from .sampling import decode
 
     tok = CharTokenizer()
@@ -206,7 +207,7 @@ def _cmd_generate(args):
         tok.encode(prompt)
     except ValueError as e:
         raise ValueError(f"--prompt: {prompt!r} {str(e).removeprefix('encode: text ')}") from e
-    params, config, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
+    params, config, _, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
     rng = np.random.default_rng(args.seed)
     samples = decode(params, config, [tok.encode(prompt)] * args.num_samples, args.max_new_tokens,
                      args.temperature, args.top_k, rng, NEWLINE_ID if args.stop_at_newline else None,
@@ -247,7 +248,7 @@ def _cmd_finetune(args):
     if resume is not None:
         config = _finetune_config(args, _saved_train(resume))
     # everything is checked before any work: the model, the data against it, the resumed checkpoint, the folder
-    params, model_config, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args))
+    params, model_config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args))
     data = load_data(model_config, config)
     if resume is not None:
         check_resume(resume, config.train, run_meta(params, model_config, config, data[2]))
@@ -266,7 +267,7 @@ def _cmd_evaluate(args):
     from .evaluation import classification_accuracy, corpus_val_data, exact_match, strided_val_loss
     from .finetune import config_from_description, load_records
 
-    params, config, meta = _load_model(args.run, "run", _xp(args), args.adapter)
+    params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
     n_prompt = params["prompt"].shape[0] if "prompt" in params else 0
     # the records first: a bad file fails before any scoring
     if args.data is not None:
@@ -330,7 +331,7 @@ def _cmd_merge(args):
     from .checkpoint import save_checkpoint
     from .lora import lora_names, merge
 
-    params, config, meta = _load_model(args.run, "run", _xp(args), args.adapter)
+    params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
     if config.lora is None or not lora_names(params):
         raise ValueError(f"run: expected a LoRA model (a LoRA run, or a base checkpoint with --adapter), "
                          f"got {args.run} without adapters")
@@ -347,35 +348,30 @@ def _cmd_merge(args):
 
 
 def _cmd_import_hf(args):
-    from .bridge import TOKENIZER_FILE, read_hf_model
+    from .bridge import read_hf_model
     from .checkpoint import save_checkpoint
     from .runs import CHECKPOINT, prepare_run_dir
 
-    # every tensor is read and checked before the run folder is touched: a refusal writes nothing
-    params, config, tokenizer_json = read_hf_model(args.dir)
+    # every tensor and the tokenizer are read and checked before the run folder is touched:
+    # a refusal writes nothing
+    params, config, tokenizer = read_hf_model(args.dir)
     prepare_run_dir(args.out, overwrite=args.overwrite)
+    tokenizer.save(args.out)
     save_checkpoint(os.path.join(args.out, CHECKPOINT), params,
-                    {"kind": "imported", "model": config.to_dict(), "imported_from": os.path.abspath(args.dir)})
-    if tokenizer_json is not None:
-        with open(os.path.join(args.out, TOKENIZER_FILE), "w", encoding="utf-8") as f:
-            f.write(tokenizer_json)
+                    {"kind": "imported", "model": config.to_dict(), "tokenizer": tokenizer.describe(),
+                     "imported_from": os.path.abspath(args.dir)})
     n = sum(p.size for p in params.values())
     print(f"imported GPT-2 {config.n_layers} x {config.d_model} (vocab {config.vocab_size}, context "
-          f"{config.context_length}), {n:,} parameters; wrote {os.path.join(args.out, CHECKPOINT)}"
-          + ("" if tokenizer_json is None else f" and {TOKENIZER_FILE}"))
+          f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters; "
+          f"wrote {os.path.join(args.out, CHECKPOINT)}")
     return 0
 
 
 def _cmd_export(args):
     from .bridge import export_model
 
-    params, config, _ = _load_model(args.run, "run", None, args.adapter)
-    tokenizer_json = None
-    path = os.path.join(args.run, "tokenizer.json") if os.path.isdir(args.run) else None
-    if path is not None and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            tokenizer_json = f.read()
-    written = export_model(args.out, params, config, tokenizer_json, overwrite=args.overwrite)
+    params, config, _, tokenizer = _load_model(args.run, "run", None, args.adapter)
+    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite)
     print(f"wrote {written[0]} (transformers: AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained)"
           + (f" and {written[1]} (PEFT: PeftModel.from_pretrained(model, {written[1]!r}))" if len(written) > 1
              else ""))

@@ -30,6 +30,7 @@ from .runs import CHECKPOINT, RUN_FILES, check_writable
 from .sampling import decode
 from .tasks import record_positions
 from .train import resume_problem
+from .tokenizer import CharTokenizer
 
 GENERATIVE_STEPS = 600
 CLASSIFICATION_STEPS = 600
@@ -41,7 +42,7 @@ def sample_report(params, model_config, n=100, seed=0):
     Returns (fraction that parse, the sampled sentences). A sentence parses when
     corpus.sentence_log_prob accepts it: every word in its place, agreement right.
     """
-    tok = corpus.CharTokenizer()
+    tok = CharTokenizer()
     rng = np.random.default_rng(seed)
     outs = decode(params, model_config, [tok.encode("\n")] * n, 60, temperature=1.0, rng=rng,
                   stop_id=corpus.NEWLINE_ID, batch_size=n)

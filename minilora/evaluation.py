@@ -12,6 +12,7 @@ from . import corpus, tasks
 from .backend import to_numpy
 from .model import class_logits, loss_and_grads
 from .sampling import decode
+from .tokenizer import CharTokenizer
 
 # the pretraining validation split of the toy corpus (PretrainConfig's defaults); forgetting is measured on it
 VAL_SENTENCES = 1_000
@@ -21,7 +22,7 @@ VAL_SEED = 0
 def corpus_val_data(n_sentences=VAL_SENTENCES, seed=VAL_SEED):
     """Token ids (N,) of the toy corpus's validation text (the one pretraining validates on)."""
     _, val_text = corpus.train_val_text(0, n_sentences, seed)
-    return corpus.CharTokenizer().encode(val_text)
+    return CharTokenizer().encode(val_text)
 
 
 def strided_val_loss(params, config, data, batch_size=64):
@@ -66,7 +67,7 @@ def exact_match(params, config, records, max_new_tokens=None, end="\n", render=t
 
     Returns (accuracy, predictions as strings).
     """
-    tok = corpus.CharTokenizer()
+    tok = CharTokenizer()
     prompts = [tok.encode(render(r["instruction"], r.get("input", ""))) for r in records]
     if max_new_tokens is None:
         max_new_tokens = max(len(r["output"]) for r in records) + 1 + 4
@@ -82,7 +83,7 @@ def exact_match(params, config, records, max_new_tokens=None, end="\n", render=t
 
 def classification_accuracy(params, config, records, class_names=tasks.CLASS_NAMES, batch_size=256):
     """Fraction of records whose argmax class is the label."""
-    tok = corpus.CharTokenizer()
+    tok = CharTokenizer()
     correct = 0
     for i in range(0, len(records), batch_size):
         x, last, labels = tasks.classification_batch(records[i:i + batch_size], tok, config.context_length,

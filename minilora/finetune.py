@@ -31,6 +31,7 @@ from .optim import optimizer_state_bytes
 from .prompt import add_prompt
 from .runs import ADAPTER, LOG, SUMMARY
 from .train import TrainConfig, train
+from .tokenizer import CharTokenizer
 
 METHODS = ("full", "lora", "prompt")
 # Each method's default peak learning rate: the one the forgetting study chose on the
@@ -89,7 +90,7 @@ def setup_strategy(base_params, model_config, config, n_classes=None):
         params, model_config = add_lora(base_params, model_config, config.lora, seed=config.seed)
         trainable = set(lora_names(params))
     else:
-        init_ids = corpus.CharTokenizer().encode(config.prompt_init_text) if config.prompt_init == "text" else None
+        init_ids = CharTokenizer().encode(config.prompt_init_text) if config.prompt_init == "text" else None
         params = add_prompt(base_params, config.n_prompt, config.prompt_init, config.seed, init_ids)
         trainable = {"prompt"}
     if n_classes is not None:

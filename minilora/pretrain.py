@@ -19,6 +19,7 @@ from .evaluation import VAL_SEED, VAL_SENTENCES, strided_val_loss
 from .model import ModelConfig, init_params, params_to
 from .runs import CHECKPOINT, load_model
 from .train import TrainConfig, resume_problem, train
+from .tokenizer import CharTokenizer
 
 
 @dataclass
@@ -85,7 +86,7 @@ def load_or_pretrain(config=None, run_dir="runs/pretrain", backend=None, overwri
         _, meta, _ = load_checkpoint(ckpt)
         if resume_problem(meta, config.train, pretrain_meta(config, floor=corpus.entropy_per_char())) is None:
             if meta["step"] == config.train.steps:
-                params, model_config, _ = load_model(ckpt, get_backend(backend))
+                params, model_config, _, _ = load_model(ckpt, get_backend(backend))
                 return params, model_config, None
             resume = ckpt
         elif not overwrite:
@@ -103,7 +104,7 @@ def pretrain_data(config, text_file=None):
     The toy corpus (floor: its exact entropy), or text_file split 90% / 10%
     (floor None). Raises ValueError, before any work, when a text is unusable.
     """
-    tok = corpus.CharTokenizer()
+    tok = CharTokenizer()
     if text_file is None:
         train_text, val_text = corpus.train_val_text(config.n_train_sentences, config.n_val_sentences,
                                                      config.data_seed)

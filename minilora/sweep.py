@@ -37,6 +37,7 @@ from .lora import TARGETS, LoraConfig
 from .model import ModelConfig
 from .pretrain import PretrainConfig, load_or_pretrain
 from .train import TrainConfig, train
+from .tokenizer import CharTokenizer
 
 # the pretrained bases a cell can start from: name -> how to pretrain it
 BASES = {
@@ -187,7 +188,7 @@ def run_cell_on(cell, base, model_config):
         if class_names:
             raise ValueError("replay: expected a generative task (a classification batch has no next tokens)")
         replay_text, _ = corpus.train_val_text(REPLAY_TEXT_SENTENCES, 0, seed=1)
-        batches = ReplayBatches(train_records, cell.batch_size, T, corpus.CharTokenizer().encode(replay_text),
+        batches = ReplayBatches(train_records, cell.batch_size, T, CharTokenizer().encode(replay_text),
                                 cell.replay, cell.end_marker)
     else:
         batches = tasks.RecordBatches(train_records, cell.batch_size, T, class_names, end=cell.end_marker)

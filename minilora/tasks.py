@@ -29,7 +29,8 @@ import json
 
 import numpy as np
 
-from minilora.corpus import NEWLINE_ID, VOCAB, CharTokenizer, sample_sentences
+from minilora.corpus import NEWLINE_ID, VOCAB, sample_sentences
+from minilora.tokenizer import CharTokenizer
 
 # Short instructions keep the longest example (longest sentence, output "children")
 # inside the 128-character pretraining context: the prompt template alone is 43

@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-from minilora import cli, finetune, ops, tasks
+from minilora import cli, finetune, ops, tasks, tokenizer
 from minilora.checkpoint import load_checkpoint
 
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
@@ -389,7 +389,7 @@ def test_exact_match_decodes_as_long_as_the_longest_reference(monkeypatch):
     from minilora import corpus, evaluation, model
 
     def decode_the_reference(params, config, prompts, max_new_tokens, **kwargs):
-        return [corpus.CharTokenizer().encode(reference)[:max_new_tokens] for reference in references]
+        return [tokenizer.CharTokenizer().encode(reference)[:max_new_tokens] for reference in references]
 
     references = ["a twenty-char answer", "short"]
     monkeypatch.setattr(evaluation, "decode", decode_the_reference)
@@ -402,7 +402,7 @@ def test_exact_match_decodes_as_long_as_the_longest_reference(monkeypatch):
 def test_exact_match_decodes_the_prompts_a_render_writes(monkeypatch):
     from minilora import corpus, evaluation, model
 
-    tok, seen = corpus.CharTokenizer(), []
+    tok, seen = tokenizer.CharTokenizer(), []
 
     def record_prompts(params, config, prompts, max_new_tokens, **kwargs):
         seen.extend(tok.decode(p) for p in prompts)

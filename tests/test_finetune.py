@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minilora import corpus, evaluation, finetune, lora, model, tasks
+from minilora import corpus, evaluation, finetune, lora, model, tasks, tokenizer
 from minilora.lora import LoraConfig
 from minilora.model import ModelConfig
 from minilora.train import TrainConfig, train
@@ -55,7 +55,7 @@ def test_finetune_on_users_instruction_file_leaves_the_base_untouched(tmp_path):
     tasks.save_jsonl(records, tmp_path / "mine.jsonl")
     base = model.init_params(TINY, 0)
     before = _copy(base)
-    val = corpus.CharTokenizer().encode(corpus.make_text(20, 5))
+    val = tokenizer.CharTokenizer().encode(corpus.make_text(20, 5))
     for method in finetune.METHODS:
         config = finetune.FinetuneConfig(method=method, data_file=str(tmp_path / "mine.jsonl"),
                                          train=TrainConfig(steps=3, batch_size=4, warmup_steps=1, lr=1e-3))
@@ -93,7 +93,7 @@ def test_lora_dropout_uses_the_rng():
     for name in trainable:
         if name.endswith("lora_B"):
             params[name] = np.random.default_rng(0).standard_normal(params[name].shape).astype(np.float32)
-    x, y, mask = tasks.instruction_batch(tasks.make_instruction_records("subject", 4, 0), corpus.CharTokenizer(), 128)
+    x, y, mask = tasks.instruction_batch(tasks.make_instruction_records("subject", 4, 0), tokenizer.CharTokenizer(), 128)
     batch = {"x": x, "y": y, "mask": mask}
     losses = {model.loss_and_grads(params, adapted, batch, trainable, np.random.default_rng(s), train=True)[0]
               for s in (0, 1)}
@@ -119,7 +119,7 @@ def test_exact_match_scores_greedy_decoding():
 @pytest.mark.parametrize("method", finetune.METHODS)
 def test_every_strategy_can_fit_a_small_batch(method):
     # the machinery learns: each strategy alone drives the loss on 4 fixed examples well down
-    tok = corpus.CharTokenizer()
+    tok = tokenizer.CharTokenizer()
     x, y, mask = tasks.instruction_batch(tasks.make_instruction_records("subject", 4, 0), tok, 128)
     # weights 10x GPT-2's init, closer to a trained model's: at std 0.02 attention is near
     # uniform and tiny, and a frozen model barely responds to its prompt or adapters

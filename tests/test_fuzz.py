@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minilora import cli
-from minilora.corpus import VOCAB, CharTokenizer, load_text_file
+from minilora.corpus import VOCAB, load_text_file
+from minilora.tokenizer import CharTokenizer
 from minilora.tasks import _FIELDS, load_jsonl
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

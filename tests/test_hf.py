@@ -23,10 +23,11 @@ from minilora import bridge, cli, corpus, hf, lora, model, optim, peft_io  # noq
 from minilora.lora import LoraConfig  # noqa: E402
 from minilora.model import ModelConfig  # noqa: E402
 from minilora.runs import load_model  # noqa: E402
+from minilora.tokenizer import CharTokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore", module="peft")
 RTOL64, RTOL32 = 1e-10, 1e-5
-V, T, C, L, NH, F = 37, 12, 24, 2, 3, 40
+V, T, C, L, NH, F = 96, 12, 24, 2, 3, 40  # V: the character tokenizer's vocabulary
 
 
 def rel(a, b):
@@ -111,12 +112,12 @@ def test_import_gives_transformers_logits_float32_through_the_cli(saved32, tmp_p
     out = tmp_path / "run"
     assert cli.main(["import-hf", str(path), "--out", str(out)]) == 0
     assert "imported GPT-2" in capsys.readouterr().out
-    params, config, meta = load_model(out)
-    assert meta["kind"] == "imported" and params["wte"].dtype == np.float32
+    params, config, meta, tokenizer = load_model(out)
+    assert meta["kind"] == "imported" and params["wte"].dtype == np.float32 and tokenizer.kind == "char"
     ids = ids_for()
     assert rel(our_logits(params, config, ids), torch_logits(m, ids)) < RTOL32
     # the folder itself is accepted where a checkpoint is
-    direct, _, _ = load_model(path)
+    direct, _, _, _ = load_model(path)
     assert all(np.array_equal(direct[n], params[n]) for n in params)
 
 
@@ -155,7 +156,7 @@ def random_minilora(config, seed=0, dtype=np.float64):
             for n, s in model.param_shapes(config).items()}
 
 
-CONFIG = ModelConfig(vocab_size=96, context_length=T, d_model=C, n_heads=NH, n_layers=L, d_ff=F)
+CONFIG = ModelConfig(vocab_size=V, context_length=T, d_model=C, n_heads=NH, n_layers=L, d_ff=F)
 LORA_CASES = {"qkvo": LoraConfig(rank=2, alpha=5.0, targets=("q", "k", "v", "o")),
               "qv": LoraConfig(rank=3, alpha=4.0, targets=("q", "v")),
               "all six": LoraConfig(rank=2, alpha=3.0, targets=tuple(lora.TARGETS)),
@@ -179,9 +180,9 @@ def test_a_lora_export_is_one_peft_adapter_with_equal_logits_and_merge(case, tmp
     base = random_minilora(CONFIG)
     params, config = trained_lora(base, LORA_CASES[case])
     out = tmp_path / "export"
-    bridge.export_model(out, params, config)
+    bridge.export_model(out, params, config, CharTokenizer())
     pm = load_peft(out)
-    ids = ids_for(96)
+    ids = ids_for()
     assert rel(torch_logits(pm, ids), our_logits(params, config, ids)) < RTOL64
     merged, merged_config = lora.merge(params, config)
     assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
@@ -210,9 +211,9 @@ def test_the_c_attn_adapter_is_stacked_a_and_block_diagonal_b(tmp_path):
 
 def test_the_exported_character_tokenizer_encodes_exactly_as_minilora(tmp_path):
     config = ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, context_length=32)
-    bridge.export_model(tmp_path / "m", model.init_params(config), config)
+    bridge.export_model(tmp_path / "m", model.init_params(config), config, CharTokenizer())
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
-    ours = corpus.CharTokenizer()
+    ours = CharTokenizer()
     text = corpus.make_text(200, seed=0)  # the corpus text
     for s in [text, corpus.VOCAB, "  two  spaces\n\nand?", "'\"\\~{}", " ", "\n"]:
         ids = theirs.encode(s)
@@ -241,7 +242,7 @@ def test_cli_exports_pretrained_full_merged_and_lora_runs_with_equal_logits(tmp_
     for name, (run, adapter) in runs.items():
         out = tmp_path / ("hf-" + name.replace(" ", "-"))
         assert cli.main(["export", str(run), "--out", str(out)] + (["--adapter", str(adapter)] if adapter else [])) == 0
-        params, config, _ = load_model(run, adapter=adapter)
+        params, config, _, _ = load_model(run, adapter=adapter)
         ours = our_logits(params, config, ids)
         if config.lora is None:
             theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -274,7 +275,7 @@ def test_an_adapter_trained_by_peft_imports_with_equal_logits_and_fine_tunes_on(
     pm.eval()
     adapter = tmp_path / "peft-adapter"
     pm.save_pretrained(adapter)
-    params, config, meta = load_model(path, adapter=adapter)
+    params, config, meta, _ = load_model(path, adapter=adapter)
     assert config.lora.targets == ("q", "k", "v", "o", "fc") and config.lora.rank == 3
     assert np.array_equal(params["h.0.attn.q.lora_A"], params["h.0.attn.k.lora_A"])  # the shared A, copied
     ids = ids_for()
@@ -297,7 +298,7 @@ def test_generate_evaluate_and_merge_take_a_peft_folder_as_adapter(saved32, tmp_
                                                    init_lora_weights=False))
     pm.save_pretrained(tmp_path / "a")
     assert cli.main(["merge", str(path), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m.npz")]) == 0
-    merged, merged_config, _ = load_model(tmp_path / "m.npz")
+    merged, merged_config, _, _ = load_model(tmp_path / "m.npz")
     ids = ids_for()
     assert rel(our_logits(merged, merged_config, ids), torch_logits(pm.eval(), ids)) < RTOL32
 
@@ -357,11 +358,35 @@ def test_import_refuses_a_truncated_or_corrupt_safetensors_file(saved32, tmp_pat
              ["model.safetensors", "truncated or corrupt"])
 
 
+def word_level_tokenizer_json(n):
+    """A tokenizers-library tokenizer of n whole-word tokens, trained by nothing: enough to disagree with wte."""
+    import tokenizers
+
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return tk.to_str()
+
+
 def test_import_refuses_a_tokenizer_of_another_vocabulary(saved32, tmp_path, capsys):
     folder = _folder_like(saved32[1], tmp_path / "tok")
-    (folder / "tokenizer.json").write_text(bridge.char_tokenizer_json())  # 96 tokens, the weights have 37
+    (folder / "tokenizer.json").write_text(word_level_tokenizer_json(50))  # 50 tokens, the weights have 96
     _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
-             ["tokenizer.json", f"{V} tokens", "got 96"])
+             ["tokenizer.json", f"{V} tokens", "got 50"])
+
+
+def test_import_refuses_a_model_without_its_tokenizer(saved32, tmp_path, capsys):
+    folder = _folder_like(saved32[1], tmp_path / "notok")
+    # a GPT-2 of vocab 37 with no tokenizer.json: no tokenizer minilora could assume
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:37]
+    save_file(tensors, str(folder / "model.safetensors"))
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": 37}))
+    assert hf.read_gpt2(folder)[1].vocab_size == 37  # the weights themselves read
+    _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
+             ["tokenizer.json", "vocab_size 37"])
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +410,8 @@ def test_export_refuses_a_prompt_run_and_a_head_saying_why(tiny_runs, tmp_path, 
 def test_a_peft_adapter_on_another_base_or_with_dora_is_refused(saved32, saved64, tmp_path, capsys):
     base = random_minilora(CONFIG, dtype=np.float32)
     params, config = trained_lora(base, LORA_CASES["qkvo"])
-    bridge.export_model(tmp_path / "e", {n: a.astype(np.float32) for n, a in params.items()}, config)
+    bridge.export_model(tmp_path / "e", {n: a.astype(np.float32) for n, a in params.items()}, config,
+                        CharTokenizer())
     adapter = tmp_path / "e" / "adapter"
     # the base given is saved32's weights, not the base this adapter was exported with
     _refused(capsys, ["merge", str(saved32[1]), "--adapter", str(adapter), "--out", str(tmp_path / "m.npz")],

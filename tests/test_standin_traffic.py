@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import standin as sp
-from minilora import corpus, evaluation, lora, model, ops, optim, sampling, tasks
+from minilora import corpus, evaluation, lora, model, ops, optim, sampling, tasks, tokenizer
 from minilora.model import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)
@@ -176,7 +176,7 @@ def test_exact_match_decodes_through_decode():
     mc = ModelConfig(context_length=128, d_model=16, n_heads=2, n_layers=1, d_ff=32)
     params = model.params_to(model.init_params(mc, 0), sp)
     records = tasks.task_splits("subject", 4, 3, 0)[1]
-    prompts = [corpus.CharTokenizer().encode(tasks.format_prompt(r["instruction"], r.get("input", "")))
+    prompts = [tokenizer.CharTokenizer().encode(tasks.format_prompt(r["instruction"], r.get("input", "")))
                for r in records]
     n = max(len(r["output"]) for r in records) + 1 + 4  # exact_match's default
     decode = _counted(lambda: sampling.decode(params, mc, prompts, n, stop_id=corpus.NEWLINE_ID))

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from minilora.corpus import GRAMMAR, NEWLINE_ID, CharTokenizer, longest_sentence_length
+from minilora.corpus import GRAMMAR, NEWLINE_ID, longest_sentence_length
+from minilora.tokenizer import CharTokenizer
 from minilora.tasks import (
     CLASS_NAMES, GENERATIVE_TASKS, TASKS, classification_batch, format_prompt, instruction_batch,
     RecordBatches, load_jsonl, make_classification_records, make_instruction_records, save_jsonl,

@@ -39,7 +39,7 @@ import os
 
 import numpy as np
 
-from minilora import corpus, gradcheck, lora, model, ops, plot, tasks
+from minilora import corpus, gradcheck, lora, model, ops, plot, tasks, tokenizer
 from minilora.evaluation import exact_match
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
@@ -174,7 +174,7 @@ base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else P
 print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['wall_s']:.0f} s" if pretrained_now
       else f"loaded tutorial 02's model from {os.path.join(RUNS, 'pretrain')}")
 base_copy = {n: p.copy() for n, p in base.items()}  # to prove later that fine-tuning left W untouched
-tok = corpus.CharTokenizer()
+tok = tokenizer.CharTokenizer()
 _, val_text = corpus.train_val_text(0, 50 if FAST else 200, seed=PretrainConfig().data_seed)
 val_data = tok.encode(val_text)  # pretraining-corpus text, to measure forgetting
 

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from minilora import corpus, gradcheck, model, plot, prompt, tasks
+from minilora import corpus, gradcheck, model, plot, prompt, tasks, tokenizer
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 
@@ -31,7 +31,7 @@ FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if 
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 rng = np.random.default_rng(0)
-tok = corpus.CharTokenizer()
+tok = tokenizer.CharTokenizer()
 
 
 base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),

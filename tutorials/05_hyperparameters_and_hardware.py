@@ -31,7 +31,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from minilora import backend, corpus, lora, model, plot
+from minilora import backend, corpus, lora, model, plot, tokenizer
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.model import count_params
 from minilora.pretrain import PretrainConfig, load_or_pretrain
@@ -42,7 +42,7 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
+tok = tokenizer.CharTokenizer()
 
 
 base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),

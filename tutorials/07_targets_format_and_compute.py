@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from threadpoolctl import threadpool_info
 
-from minilora import corpus, lora, model, optim, plot, tasks
+from minilora import lora, model, optim, plot, tasks, tokenizer
 from minilora.evaluation import corpus_val_data, exact_match, strided_val_loss
 from minilora.finetune import DEFAULT_LR, FinetuneConfig, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain
@@ -46,7 +46,7 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
+tok = tokenizer.CharTokenizer()
 
 base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
                                             os.path.join(RUNS, "pretrain"))

@@ -11,13 +11,13 @@ import os
 
 import numpy as np
 
-from minilora import corpus, gradcheck, lora, model, optim, tasks
+from minilora import gradcheck, lora, model, optim, tasks, tokenizer
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 rng = np.random.default_rng(0)
-tok = corpus.CharTokenizer()
+tok = tokenizer.CharTokenizer()
 base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 records, _ = tasks.task_splits("subject", 8, 0, seed=0)
 x, y, mask = tasks.instruction_batch(records, tok, mc.context_length)

@@ -13,14 +13,14 @@ import os
 
 import numpy as np
 
-from minilora import corpus, lora, model, tasks
+from minilora import corpus, lora, model, tasks, tokenizer
 from minilora.evaluation import strided_val_loss
 from minilora.finetune import FinetuneConfig, finetune, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
+tok = tokenizer.CharTokenizer()
 base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 
 # %% [markdown]

@@ -12,14 +12,14 @@ import os
 
 import numpy as np
 
-from minilora import corpus, lora, model, ops, optim, tasks
+from minilora import lora, model, ops, optim, tasks, tokenizer
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.prompt import add_prompt
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
+tok = tokenizer.CharTokenizer()
 base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 C, F, L, V = mc.d_model, mc.d_ff, mc.n_layers, mc.vocab_size
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 from matplotlib.figure import Figure
 
-from minilora import corpus, lora, model, plot, tasks
+from minilora import corpus, lora, model, plot, tasks, tokenizer
 from minilora.evaluation import exact_match
 from minilora.finetune import DEFAULT_LR, FinetuneConfig, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain
@@ -29,7 +29,7 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
+tok = tokenizer.CharTokenizer()
 base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 
 STEPS = 3 if FAST else 150
