@@ -5,7 +5,8 @@ parameter random and far from zero (the key bias included: dropping it must
 change nothing), saved with save_pretrained and read back by minilora; minilora
 models go out and are loaded by AutoModelForCausalLM, AutoTokenizer and
 PeftModel. Logits must agree to 1e-10 relative in float64 (only the order of
-summation differs) and 1e-5 in float32.
+summation differs) and 1e-5 in float32. They skip only where transformers,
+peft or torch are not installed, and never in CI (MINILORA_REQUIRE_HF=1).
 """
 
 import json
@@ -14,10 +15,10 @@ import warnings
 
 import numpy as np
 import pytest
+from hf_clients import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+torch, transformers, peft = require("torch"), require("transformers"), require("peft")
+require("safetensors"), require("tokenizers")
 
 from minilora import bridge, cli, corpus, hf, lora, model, optim, peft_io  # noqa: E402
 from minilora.lora import LoraConfig  # noqa: E402

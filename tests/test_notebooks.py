@@ -10,6 +10,7 @@ import glob
 import os
 
 import pytest
+from hf_clients import require_for
 
 jupytext = pytest.importorskip("jupytext", reason="the test extras install jupytext")
 nbclient = pytest.importorskip("nbclient", reason="the test extras install nbclient")
@@ -21,6 +22,7 @@ TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py"))
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
 def test_tutorial_runs_as_a_notebook(path, tmp_path, monkeypatch):
+    require_for(path)  # tutorial 08 needs transformers and peft
     notebook = jupytext.read(path)  # the percent format, read as jupytext does when Jupyter opens the file
     kinds = [cell.cell_type for cell in notebook.cells]
     assert kinds[0] == "markdown" and kinds.count("code") >= 3, kinds
