@@ -6,6 +6,7 @@ import math
 import os
 
 import pytest
+from clients import require
 
 from minilora.model import SIZES, param_shapes
 
@@ -13,8 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_gpt2_small_size_has_gpt2_smalls_parameters_less_the_key_biases():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch, transformers = require("torch"), require("transformers")
     with torch.device("meta"):  # shapes only, nothing allocated
         m = transformers.GPT2LMHeadModel(transformers.GPT2Config())
     theirs = sum(p.numel() for p in m.parameters())  # the tied head counted once
@@ -25,7 +25,7 @@ def test_the_gpt2_small_size_has_gpt2_smalls_parameters_less_the_key_biases():
 
 
 def test_the_benchmark_runs_at_a_tiny_size_and_reports_memory_per_strategy(tmp_path, monkeypatch):
-    pytest.importorskip("torch")
+    require("torch")
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     spec = importlib.util.spec_from_file_location("gpt2_small", os.path.join(ROOT, "benchmarks", "gpt2_small.py"))
     bench = importlib.util.module_from_spec(spec)

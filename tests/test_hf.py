@@ -6,7 +6,7 @@ change nothing), saved with save_pretrained and read back by minilora; minilora
 models go out and are loaded by AutoModelForCausalLM, AutoTokenizer and
 PeftModel. Logits must agree to 1e-10 relative in float64 (only the order of
 summation differs) and 1e-5 in float32. They skip only where transformers,
-peft or torch are not installed, and never in CI (MINILORA_REQUIRE_HF=1).
+peft or torch are not installed, and never in CI (tests/clients.py).
 """
 
 import json
@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hf_clients import require
+from clients import require
 
 torch, transformers, peft = require("torch"), require("transformers"), require("peft")
 require("safetensors"), require("tokenizers")

@@ -10,11 +10,12 @@ import glob
 import os
 
 import pytest
-from hf_clients import require_for
 
-jupytext = pytest.importorskip("jupytext", reason="the test extras install jupytext")
-nbclient = pytest.importorskip("nbclient", reason="the test extras install nbclient")
-pytest.importorskip("ipykernel", reason="the test extras install ipykernel")
+import clients
+
+jupytext = clients.require("jupytext", reason="the test extras install jupytext")
+nbclient = clients.require("nbclient", reason="the test extras install nbclient")
+clients.require("ipykernel", reason="the test extras install ipykernel")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py")))
@@ -22,7 +23,7 @@ TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py"))
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
 def test_tutorial_runs_as_a_notebook(path, tmp_path, monkeypatch):
-    require_for(path)  # tutorial 08 needs transformers and peft
+    clients.require_for(path)  # tutorial 08 needs transformers and peft
     notebook = jupytext.read(path)  # the percent format, read as jupytext does when Jupyter opens the file
     kinds = [cell.cell_type for cell in notebook.cells]
     assert kinds[0] == "markdown" and kinds.count("code") >= 3, kinds

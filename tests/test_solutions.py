@@ -16,7 +16,8 @@ import subprocess
 import sys
 
 import pytest
-from hf_clients import require_for
+
+import clients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py")))
@@ -87,7 +88,7 @@ def test_solution_is_percent_format(solution):
 
 @pytest.mark.parametrize("solution", SOLUTIONS, ids=os.path.basename)
 def test_solution_runs_in_fast_mode(solution, tmp_path):
-    require_for(solution)  # tutorial 08's solutions need transformers and peft
+    clients.require_for(solution)  # tutorial 08's solutions need transformers and peft
     proc = subprocess.run([sys.executable, solution], env=fast_env(tmp_path), cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, f"{os.path.basename(solution)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -98,12 +99,12 @@ def test_solution_runs_in_fast_mode(solution, tmp_path):
 
 @pytest.mark.parametrize("solution", SOLUTIONS, ids=os.path.basename)
 def test_solution_runs_as_a_notebook(solution, tmp_path, monkeypatch):
-    require_for(solution)
+    clients.require_for(solution)
     # as tests/test_notebooks.py does for the tutorials: jupytext reads the percent format,
     # nbclient runs it cell by cell in a fresh kernel, in fast mode
-    jupytext = pytest.importorskip("jupytext", reason="the test extras install jupytext")
-    nbclient = pytest.importorskip("nbclient", reason="the test extras install nbclient")
-    pytest.importorskip("ipykernel", reason="the test extras install ipykernel")
+    jupytext = clients.require("jupytext", reason="the test extras install jupytext")
+    nbclient = clients.require("nbclient", reason="the test extras install nbclient")
+    clients.require("ipykernel", reason="the test extras install ipykernel")
     notebook = jupytext.read(solution)
     for name, value in {**fast_env(tmp_path), "OPENBLAS_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(name, value)
@@ -122,7 +123,7 @@ def full_mode_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("solution", SOLUTIONS, ids=os.path.basename)
 def test_solution_full_mode_claims_hold(solution, tmp_path, full_mode_runs):
-    require_for(solution)
+    clients.require_for(solution)
     # full mode: the solutions' `if not FAST` asserts (the answers that need real training) run here
     env = {k: v for k, v in os.environ.items() if k != "MINILORA_FAST"}
     env.update({"MINILORA_FIGURES": str(tmp_path / "figures"), "MINILORA_RUNS": str(full_mode_runs),

@@ -43,12 +43,15 @@ from matplotlib.figure import Figure
 
 import peft
 from minilora import bridge, hf, lora, model, peft_io, plot
+from minilora.backend import limit_blas_threads
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.lora import LoraConfig
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.tokenizer import CharTokenizer
 from minilora.train import TrainConfig
 
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
+torch.set_num_threads(1)  # and torch likewise
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")

@@ -17,9 +17,12 @@ import transformers
 
 import peft
 from minilora import hf, lora, model, peft_io
+from minilora.backend import limit_blas_threads
 from minilora.lora import LoraConfig
 from minilora.model import ModelConfig
 
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
+torch.set_num_threads(1)  # and torch likewise
 FAST = os.environ.get("MINILORA_FAST") == "1"
 OUT = tempfile.mkdtemp(prefix="minilora-08-solutions-")
 warnings.filterwarnings("ignore", module="peft")
