@@ -22,7 +22,7 @@ import os
 from . import hf, peft_io
 from .corpus import NEWLINE_ID, VOCAB
 from .lora import lora_names
-from .tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, check_vocab_size
+from .tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, check_vocab_size, make_tokenizer
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 ADAPTER_DIR = "adapter"
@@ -62,10 +62,10 @@ def hf_tokenizer(folder, vocab_size):
         if vocab_size != len(VOCAB):
             raise ValueError(f"{folder}: expected a {TOKENIZER_FILE} (vocab_size {vocab_size} is not the character "
                              f"tokenizer's {len(VOCAB)}), got none; save the model's tokenizer beside it")
-        return CharTokenizer()
+        return make_tokenizer()  # the character tokenizer
     tokenizer = BPETokenizer.from_file(path, option=path)
     if json.loads(tokenizer.data) == json.loads(char_tokenizer_json()):
-        tokenizer = CharTokenizer()  # exported by minilora: the same ids, and the entropy floor applies
+        tokenizer = make_tokenizer()  # the character one, exported by minilora: the same ids, and the floor applies
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(f"{path}: expected a vocabulary of {vocab_size} tokens (the weights' wte rows), "
                          f"got {tokenizer.vocab_size}; the tokenizer and the weights are from different models")

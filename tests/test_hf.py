@@ -438,3 +438,70 @@ def test_a_peft_adapter_of_other_shapes_is_refused(saved32, tmp_path, capsys):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**ac, "base_model_name_or_path": "elsewhere"}))
     _refused(capsys, ["merge", str(saved32[1]), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m.npz")],
              tmp_path / "m.npz", ["another base"])
+
+
+# ---- the package's dependencies, and a GPT-2 folder where a checkpoint goes
+
+
+def test_the_package_never_imports_torch_transformers_or_peft_and_the_hf_libraries_only_when_used():
+    import ast
+    import pathlib
+
+    package = pathlib.Path(bridge.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                roots = {n.split(".")[0] for n in names}
+                assert not roots & {"torch", "transformers", "peft"}, (path.name, node.lineno)
+        top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        for node in top_level:  # the [hf] extra is optional: imported inside the functions that need it
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            assert not {n.split(".")[0] for n in names} & {"safetensors", "tokenizers"}, (path.name, node.lineno)
+
+
+def test_finetune_continues_from_a_gpt2_folder_given_as_the_checkpoint(tmp_path, capsys):
+    torch.manual_seed(4)
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(hf_config(n_positions=128)).save_pretrained(path)  # room for the task's records
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--method", "lora", "--checkpoint", str(path), "--out", str(out), "--steps", "2",
+                     "--batch-size", "4"]) == 0
+    params, config, _, tokenizer = load_model(out)
+    assert config.lora is not None and tokenizer.kind == "char"
+    # and the LoRA run goes back out, its adapter a PEFT folder on the exported base
+    assert cli.main(["export", str(out), "--out", str(tmp_path / "back")]) == 0
+    pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back"),
+                                        str(tmp_path / "back" / "adapter")).eval()
+    ids = ids_for()
+    assert rel(torch_logits(pm, ids), our_logits(params, config, ids)) < RTOL32
+
+
+def test_a_bpe_tokenizer_crosses_both_ways_and_encodes_as_the_runs(tmp_path, capsys):
+    import tokenizers
+
+    # a BPE trained here on the toy corpus, and a random GPT-2 with one embedding row per token
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    bpe.decoder = tokenizers.decoders.Fuse()
+    bpe.train_from_iterator([corpus.make_text(400, seed=1)],
+                            tokenizers.trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]"]))
+    n = bpe.get_vocab_size()
+    torch.manual_seed(3)
+    m = transformers.GPT2LMHeadModel(hf_config(vocab_size=n)).eval()
+    folder = tmp_path / "bpe-gpt2"
+    m.save_pretrained(folder)
+    bpe.save(str(folder / "tokenizer.json"))
+    run = tmp_path / "run"
+    assert cli.main(["import-hf", str(folder), "--out", str(run)]) == 0
+    assert "bpe tokenizer" in capsys.readouterr().out
+    params, config, _, tokenizer = load_model(run)
+    assert tokenizer.kind == "bpe" and config.vocab_size == n
+    text = "the cat saw the dog.\n"
+    ids = tokenizer.encode(text)
+    assert len(ids) < len(text) and tokenizer.decode(ids) == text  # merges, and a round trip
+    assert rel(our_logits(params, config, ids[None]), torch_logits(m, ids[None])) < RTOL32
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "back")]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    for s in (text, corpus.make_text(20, seed=2)):
+        assert theirs.encode(s) == tokenizer.encode(s).tolist()
