@@ -157,7 +157,8 @@ def main(argv=None):
         result["strategies"][strategy] = {"step_s": medians, "memory": memory}
         mib = 2 ** 20
         print(f"{strategy:5s} step: " + ", ".join(f"{k} {v:.2f} s" for k, v in medians.items())
-              + f" | memory: formula {memory['formula_total'] / mib:,.0f} MiB, measured peak {memory['peak_total'] / mib:,.0f} MiB "
+              + f" | memory: formula {memory['formula_total'] / mib:,.0f} MiB, "
+              f"measured peak {memory['peak_total'] / mib:,.0f} MiB "
               f"(weights {memory['weights'] / mib:,.0f}, grads {memory['gradients'] / mib:,.0f}, "
               f"AdamW {memory['optimizer'] / mib:,.0f}, activations {memory['activations'] / mib:,.0f}, of which "
               f"attention probabilities {memory['attention_probabilities'] / mib:,.0f}) MiB; at T 1024 batch 8 the "

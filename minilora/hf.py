@@ -245,8 +245,8 @@ def read_gpt2(folder, dtype=np.float32):
     except ValueError:
         raise
     except Exception as e:  # safetensors' own errors: a truncated file, a bad header, an unknown dtype
-        raise ValueError(f"{path}: expected a readable safetensors file, got one that is truncated or corrupt "
-                         f"({' '.join(str(e).split()) or type(e).__name__})") from e
+        raise ValueError(f"{path}: expected a readable safetensors file, got one that is truncated, corrupt or "
+                         f"of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
     return params, config, metadata.get(FINGERPRINT_KEY)
 
 
@@ -274,8 +274,8 @@ def read_fingerprint(folder):
         with safetensors.safe_open(path, framework="numpy") as f:
             recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
     except Exception as e:
-        raise ValueError(f"{path}: expected a readable safetensors file, got one that is truncated or corrupt "
-                         f"({' '.join(str(e).split()) or type(e).__name__})") from e
+        raise ValueError(f"{path}: expected a readable safetensors file, got one that is truncated, corrupt or "
+                         f"of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
     if recorded is not None:
         return recorded
     return weights_fingerprint(read_gpt2(folder)[0])

@@ -189,8 +189,8 @@ def read_peft(folder, base_params, base_config):
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:
-        raise ValueError(f"adapter: {weights}: expected a readable safetensors file, got one that is truncated or "
-                         f"corrupt ({' '.join(str(e).split()) or type(e).__name__})") from e
+        raise ValueError(f"adapter: {weights}: expected a readable safetensors file, got one that is truncated, "
+                         f"corrupt or of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
     _check_base(folder, ac, metadata, base_params)
     pairs = _pairs(weights, tensors, base_config)
     rslora = bool(ac.get("use_rslora", False))

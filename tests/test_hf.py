@@ -356,7 +356,7 @@ def test_import_refuses_a_truncated_or_corrupt_safetensors_file(saved32, tmp_pat
     data = data[:len(data) // 2] if damage == "truncated" else data[:8] + b"{not json" + data[17:]
     (folder / "model.safetensors").write_bytes(data)
     _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
-             ["model.safetensors", "truncated or corrupt"])
+             ["model.safetensors", "truncated, corrupt"])
 
 
 def word_level_tokenizer_json(n):
