@@ -50,7 +50,7 @@ from dataclasses import replace
 import numpy as np
 
 from .backend import array_module, to_numpy
-from .hf import FINGERPRINT_KEY, _read_json, _safetensors, read_fingerprint, weights_fingerprint
+from .hf import FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, read_fingerprint, weights_fingerprint
 from .lora import TARGETS, LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -283,8 +283,8 @@ def _check_base(folder, ac, metadata, base_params):
     """The adapter's base must be base_params: compare fingerprints when the adapter lets us know its base's."""
     expected = metadata.get(FINGERPRINT_KEY)
     base_path = ac.get("base_model_name_or_path")
-    if expected is None and isinstance(base_path, str) and os.path.isdir(base_path):
-        expected = read_fingerprint(base_path)
+    if expected is None and isinstance(base_path, str) and os.path.isfile(os.path.join(base_path, WEIGHTS_FILE)):
+        expected = read_fingerprint(base_path)  # the local base it names, read as minilora reads it
     if expected is None:
         return
     got = weights_fingerprint(base_params)
