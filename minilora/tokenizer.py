@@ -17,8 +17,10 @@ with the model, as picoGPT loads its encoder with the weights:
   recorded, and was made by the character tokenizer.
 
 Both classes have the same surface: encode(text) -> int64 ids (N,),
-decode(ids) -> text, vocab_size, kind, describe(), save(run_dir), and
-problem(text) (why text cannot be encoded, or None).
+decode(ids) -> text, vocab_size, kind, describe(), save(run_dir),
+problem(text) (why text cannot be encoded, or None) and token_lengths() (the
+characters each token stands for, to turn nats per token into nats per
+character).
 
 The `tokenizers` package is optional (`pip install 'minilora[hf]'`); it is
 imported only when a BPE tokenizer is read.
@@ -92,6 +94,10 @@ class CharTokenizer:
         """Why text cannot be encoded (its characters outside VOCAB), or None."""
         return out_of_vocab_report(text)
 
+    def token_lengths(self):
+        """(V,) int64: the characters each token stands for, all 1."""
+        return np.ones(self.vocab_size, dtype=np.int64)
+
     def describe(self):
         """The JSON a checkpoint's metadata stores under "tokenizer"."""
         return dict(CHAR_DESCRIPTION)
@@ -136,6 +142,7 @@ class BPETokenizer:
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         unk = getattr(self._tokenizer.model, "unk_token", None)
         self._unk_id = self._tokenizer.token_to_id(unk) if unk else None
+        self._lengths = None
 
     @classmethod
     def from_file(cls, path, option="--tokenizer"):
@@ -183,6 +190,18 @@ class BPETokenizer:
         if not unknown:
             return None
         return f"{len(unknown)} piece(s) the tokenizer cannot encode (its unknown token), e.g. {unknown[0]!r}"
+
+    def token_lengths(self):
+        """(V,) int64: the characters of each token's text, decoded alone.
+
+        Their sum over a token stream is the length of its text whenever its
+        tokens decode one by one (every token of ASCII text does).
+        """
+        if self._lengths is None:
+            decode = self._tokenizer.decode
+            self._lengths = np.array([len(decode([i], skip_special_tokens=False)) for i in range(self.vocab_size)],
+                                     dtype=np.int64)
+        return self._lengths
 
     def describe(self):
         """The JSON a checkpoint's metadata stores under "tokenizer"."""

@@ -402,7 +402,7 @@ def test_exact_match_decodes_as_long_as_the_longest_reference(monkeypatch):
     monkeypatch.setattr(evaluation, "decode", decode_the_reference)
     records = [{"instruction": "Say it.", "input": "", "output": r} for r in references]
     config = model.ModelConfig(d_model=16, n_heads=2, n_layers=1)
-    acc, preds = evaluation.exact_match(model.init_params(config, 0), config, records)
+    acc, preds = evaluation.exact_match(model.init_params(config, 0), config, tokenizer.CharTokenizer(), records)
     assert acc == 1.0 and preds == references
 
 
@@ -418,7 +418,7 @@ def test_exact_match_decodes_the_prompts_a_render_writes(monkeypatch):
     monkeypatch.setattr(evaluation, "decode", record_prompts)
     config = model.ModelConfig(d_model=16, n_heads=2, n_layers=1)
     records = [{"instruction": "Name the subject.", "input": "the cat runs.", "output": "cat"}]
-    acc, _ = evaluation.exact_match(model.init_params(config, 0), config, records,
+    acc, _ = evaluation.exact_match(model.init_params(config, 0), config, tok, records,
                                     render=lambda ins, inp: f"{ins} | {inp} -> ")
     assert acc == 1.0 and seen == ["Name the subject. | the cat runs. -> "]
 

@@ -50,7 +50,7 @@ def test_load_jsonl_accepts_a_valid_file_or_names_the_problem_in_one_line(tmp_pa
     path = tmp_path / "data.jsonl"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + end.join(lines).encode("utf-8"))
     try:
-        records = load_jsonl(path, kind, context, n_prompt)
+        records = load_jsonl(path, kind, CharTokenizer(), context, n_prompt)
     except ValueError as e:
         assert _one_line(str(e)).startswith("load_jsonl: ")
         return
@@ -65,7 +65,7 @@ def test_load_jsonl_accepts_a_valid_file_or_names_the_problem_in_one_line(tmp_pa
 def test_load_jsonl_and_load_text_file_on_any_bytes(tmp_path, data):
     path = tmp_path / "any"
     path.write_bytes(data)
-    for read in (lambda: load_jsonl(path, "instruction"), lambda: load_text_file(path)):
+    for read in (lambda: load_jsonl(path, "instruction", CharTokenizer()), lambda: load_text_file(path)):
         try:
             read()
         except ValueError as e:

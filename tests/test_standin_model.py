@@ -209,7 +209,7 @@ def test_finetuning_matches_numpy(xp, pretrained_tiny, method, task):
 
     def run(module):
         cfg = finetune.FinetuneConfig(method=method, task=task, n_train=16, n_test=8, n_prompt=4, train=train)
-        params, _, trainable, summary = finetune.finetune(model.params_to(base, module), mc, cfg)
+        params, _, trainable, summary = finetune.finetune(model.params_to(base, module), mc, tokenizer.CharTokenizer(), cfg)
         assert all(backend.array_module(params[n]) is module for n in trainable)
         return summary
 
@@ -239,9 +239,9 @@ def test_evaluation_matches_numpy(xp, pretrained_tiny):
     np.testing.assert_allclose(evaluation.strided_val_loss(params, mc, val, batch_size=8),
                                evaluation.strided_val_loss(base, mc, val, batch_size=8), rtol=1e-5)
     records = tasks.task_splits("subject", 4, 6, 0)[1]
-    assert evaluation.exact_match(params, mc, records) == evaluation.exact_match(base, mc, records)
+    assert evaluation.exact_match(params, mc, tok, records) == evaluation.exact_match(base, mc, tok, records)
     headed_np = model.add_head(base, len(tasks.CLASS_NAMES), seed=0)
     headed = model.params_to(headed_np, xp)
     crecords = tasks.task_splits("kind", 4, 10, 0)[1]
-    assert evaluation.classification_accuracy(headed, mc, crecords, batch_size=4) == \
-        evaluation.classification_accuracy(headed_np, mc, crecords, batch_size=4)
+    assert evaluation.classification_accuracy(headed, mc, tok, crecords, batch_size=4) == \
+        evaluation.classification_accuracy(headed_np, mc, tok, crecords, batch_size=4)

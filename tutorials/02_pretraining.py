@@ -156,7 +156,7 @@ assert abs(loss0 - np.log(96)) < 0.05
 
 # %%
 run_dir = os.path.join(RUNS, "pretrain")
-params, mc, summary = load_or_pretrain(config, run_dir)
+params, mc, summary, tok = load_or_pretrain(config, run_dir)  # the model comes with its tokenizer
 if summary is not None:
     print(f"pretrained {summary['steps']} steps in {summary['wall_s']:.0f} s")
 
