@@ -22,7 +22,7 @@ import os
 from . import hf, peft_io
 from .corpus import NEWLINE_ID, VOCAB
 from .lora import lora_names
-from .tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, check_vocab_size, make_tokenizer
+from .tokenizer import CHAR_DESCRIPTION, TOKENIZER_FILE, check_vocab_size, make_tokenizer
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 ADAPTER_DIR = "adapter"
@@ -63,7 +63,7 @@ def hf_tokenizer(folder, vocab_size):
             raise ValueError(f"{folder}: expected a {TOKENIZER_FILE} (vocab_size {vocab_size} is not the character "
                              f"tokenizer's {len(VOCAB)}), got none; save the model's tokenizer beside it")
         return make_tokenizer()  # the character tokenizer
-    tokenizer = BPETokenizer.from_file(path, option=path)
+    tokenizer = make_tokenizer(path, option=path)  # a BPETokenizer over the file
     if json.loads(tokenizer.data) == json.loads(char_tokenizer_json()):
         tokenizer = make_tokenizer()  # the character one, exported by minilora: the same ids, and the floor applies
     if tokenizer.vocab_size != vocab_size:
@@ -85,7 +85,7 @@ def read_hf_model(folder, dtype=None):
 
 def tokenizer_json(tokenizer):
     """A run's tokenizer as tokenizer.json text: the character one converted, a BPE one as it was read."""
-    if tokenizer.kind == CharTokenizer.kind:
+    if tokenizer.describe() == CHAR_DESCRIPTION:
         return char_tokenizer_json()
     return tokenizer.data.decode("utf-8")
 
@@ -107,7 +107,7 @@ def export_model(out, params, config, tokenizer, overwrite=False):
     Inputs:
     - out: the folder to create (see hf.write_folder_atomically)
     - params, config: a plain model, or one with LoRA adapters (config.lora)
-    - tokenizer: the model's (tokenizer.CharTokenizer or BPETokenizer, as runs.load_model returns it)
+    - tokenizer: the model's (the character one or a BPETokenizer, as runs.load_model returns it)
     - overwrite: replace out if it exists
 
     Writes out/config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
@@ -118,7 +118,7 @@ def export_model(out, params, config, tokenizer, overwrite=False):
     check_exportable(params, config)
     check_vocab_size(tokenizer, config.vocab_size, what="tokenizer")
     text = tokenizer_json(tokenizer)
-    eos = NEWLINE_ID if tokenizer.kind == CharTokenizer.kind else 0
+    eos = NEWLINE_ID if tokenizer.describe() == CHAR_DESCRIPTION else 0
     adapters = set(lora_names(params))
     base = {k: v for k, v in params.items() if k not in adapters}
     base_config = config if config.lora is None else type(config).from_dict({**config.to_dict(), "lora": None})

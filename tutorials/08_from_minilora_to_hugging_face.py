@@ -47,7 +47,6 @@ from minilora.backend import limit_blas_threads
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.lora import LoraConfig
 from minilora.pretrain import PretrainConfig, load_or_pretrain
-from minilora.tokenizer import CharTokenizer
 from minilora.train import TrainConfig
 
 limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
@@ -61,7 +60,6 @@ OUT = tempfile.mkdtemp(prefix="minilora-08-")  # the exported folders; nothing h
 warnings.filterwarnings("ignore", module="peft")
 transformers.logging.set_verbosity_error()
 rng = np.random.default_rng(0)
-tok = CharTokenizer()
 
 # %% [markdown]
 # ## A LoRA run to take across
@@ -70,12 +68,13 @@ tok = CharTokenizer()
 # task, as tutorial 03 did: a real adapter, B no longer zero.
 
 # %%
-base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
+base, mc, _, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
+assert tok.kind == "char"  # the run's own tokenizer: the character one
 steps = 5 if FAST else 100
 ft = FinetuneConfig(method="lora", lora=LoraConfig(rank=4, alpha=8.0), n_train=200, n_test=20,
                     train=TrainConfig(steps=steps, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=2,
                                       weight_decay=0.0, eval_every=steps, checkpoint_every=0))
-params, config, trainable, summary = finetune(base, mc, ft)
+params, config, trainable, summary = finetune(base, mc, tok, ft)
 print(f"LoRA r={config.lora.rank} on {config.lora.targets}: {summary['trainable_params']:,} trainable, "
       f"exact match {summary['metric_before']:.2f} -> {summary['metric']:.2f}")
 assert np.abs(params["h.0.attn.q.lora_B"]).max() > 0
