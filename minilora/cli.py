@@ -40,6 +40,8 @@ from .model import ModelConfig
 from .train import TrainConfig
 
 MODEL, TRAIN, LORA = ModelConfig(), TrainConfig(), LoraConfig()
+GENERATE_PROMPT = "the "  # generate's start text: the toy corpus's sentences start so
+SAMPLE_SEPARATOR = "---"  # printed between generate's samples
 
 
 # Every character str.splitlines() breaks a line at, written as its escape: an error stays one line
@@ -244,24 +246,45 @@ def _load_model(path, option, xp=None, adapter=None):
 
 def _cmd_generate(args):
     from .sampling import decode
+    from .tasks import format_prompt
     from .tokenizer import single_token_id
 
-    prompt = args.prompt.replace("\\n", "\n")  # lets a newline be typed on a shell as \n; nothing else is unescaped
+    if args.input is not None and args.instruction is None:
+        raise ValueError("--input: expected --instruction too (the input is the instruction's data), got --input alone")
+    if args.instruction is not None and args.prompt is not None:
+        raise ValueError("--prompt: expected either --prompt or --instruction, got both")
+    params, config, meta, tok = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
+    if args.instruction is not None:
+        # ask a fine-tuned run in its own format: the prompt it was trained on, up to "### Response\n",
+        # and the answer ends at the run's end marker, which is not printed
+        if "cls.W" in params:
+            raise ValueError(f"--instruction: {args.checkpoint} is a classification run (a head, no generated "
+                             f"answer); score it with minilora evaluate")
+        option = "--instruction" if args.input is None else "--input"
+        prompt = format_prompt(args.instruction.replace("\\n", "\n"), (args.input or "").replace("\\n", "\n"))
+        end = meta.get("finetune", {}).get("end_marker", "\n")
+        stop, shown = single_token_id(tok, end, "end_marker"), ""
+    else:
+        option = "--prompt"
+        prompt = (args.prompt if args.prompt is not None else GENERATE_PROMPT).replace("\\n", "\n")
+        # \n typed on a shell is a newline; nothing else is unescaped
+        stop = single_token_id(tok, "\n", "--stop-at-newline") if args.stop_at_newline else None
+        shown = prompt
     if not prompt:
         raise ValueError("--prompt: expected at least one character to start from, got ''")
-    params, config, _, tok = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
     problem = tok.problem(prompt)
     if problem is not None:
-        raise ValueError(f"--prompt: {prompt!r} has {problem}")
+        raise ValueError(f"{option}: {prompt!r} has {problem}")
     ids = tok.encode(prompt)
     if len(ids) == 0:
-        raise ValueError(f"--prompt: {prompt!r} encodes to no token of the model's tokenizer; give other text")
-    stop = single_token_id(tok, "\n", "--stop-at-newline") if args.stop_at_newline else None
+        raise ValueError(f"{option}: {prompt!r} encodes to no token of the model's tokenizer; give other text")
     rng = np.random.default_rng(args.seed)
     samples = decode(params, config, [ids] * args.num_samples, args.max_new_tokens,
                      args.temperature, args.top_k, rng, stop, batch_size=args.num_samples)
-    for ids in samples:
-        print(prompt + tok.decode(ids))
+    for i, out in enumerate(samples):
+        if i:
+            print(SAMPLE_SEPARATOR)
+        print(shown + tok.decode(out))
     return 0
 
 
@@ -578,13 +601,18 @@ def build_parser():
     s = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint (or a run folder)")
     s.add_argument("--checkpoint", default="runs/pretrain", help="a run folder or checkpoint file")
     s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) to apply on top of --checkpoint")
-    s.add_argument("--prompt", default="the ", help='start text; "\\n" is a newline')
+    s.add_argument("--prompt", default=None, help=f'start text; "\\n" is a newline (default: {GENERATE_PROMPT!r})')
+    s.add_argument("--instruction", default=None,
+                   help="ask a fine-tuned run: the text after '### Instruction'; the prompt is written in the "
+                        "run's own format (### Instruction / ### Input / ### Response) and the answer stops at "
+                        "the run's end marker")
+    s.add_argument("--input", default=None, help="with --instruction: the text after '### Input'")
     s.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="tokens to sample after the prompt")
     s.add_argument("--temperature", type=_number(0.0), default=1.0, help="0 is greedy")
     s.add_argument("--top-k", type=POSITIVE, default=None, help="sample among the k likeliest tokens only")
     s.add_argument("--num-samples", type=POSITIVE, default=1, help="independent samples of the same prompt")
     s.add_argument("--stop-at-newline", action="store_true",
-                   help="end each sample at its first newline (a fine-tuned answer ends with one)")
+                   help="end each sample at its first newline (with --instruction the run's own end marker is used)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=0)
     s.set_defaults(func=_cmd_generate)
 

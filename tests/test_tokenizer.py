@@ -305,3 +305,16 @@ def test_the_run_files_include_the_tokenizer(bpe_run):
     assert plot.toy_corpus_floor([{"meta": header}]) == 0.532  # a log from before tokenizers were recorded
     assert plot.toy_corpus_floor([{"meta": {**header, "tokenizer": {"kind": "char"}}}]) == 0.532
     assert plot.toy_corpus_floor([{"meta": {**header, "tokenizer": log[0]["meta"]["tokenizer"]}}]) is None
+
+
+def test_a_bpe_run_on_the_toy_corpus_meets_the_floor_per_character(bpe_file, tmp_path):
+    from minilora.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig.fast()
+    config.train.steps = 2
+    tok = make_tokenizer(str(bpe_file))
+    _, s = pretrain(config, run_dir=str(tmp_path / "r"), tokenizer=tok)
+    assert s["floor"] == corpus.entropy_per_char() and s["bigram_loss"] is not None
+    # more characters than tokens: the same total nats spread over more characters
+    assert 0 < s["val_loss_per_char"] < s["val_loss"]
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.npz")[1]["model"]["vocab_size"] == tok.vocab_size
