@@ -600,7 +600,8 @@ def build_parser():
 
     s = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint (or a run folder)")
     s.add_argument("--checkpoint", default="runs/pretrain", help="a run folder or checkpoint file")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) to apply on top of --checkpoint")
+    s.add_argument("--adapter", default=None,
+                   help="a LoRA adapter.npz (or PEFT folder) to apply on top of --checkpoint")
     s.add_argument("--prompt", default=None, help=f'start text; "\\n" is a newline (default: {GENERATE_PROMPT!r})')
     s.add_argument("--instruction", default=None,
                    help="ask a fine-tuned run: the text after '### Instruction'; the prompt is written in the "
