@@ -248,18 +248,20 @@ def dequantize_nf4(q, shape, dtype=None, block_size=BLOCK_SIZE, absmax_block_siz
         _fail("shape", f"a shape of {2 * codes.shape[0]} weights (the codes' count)", tuple(shape))
     _check_block_sizes(n, block_size, absmax_block_size)
     absmax = dequantize_absmax(q["absmax_q"], q["absmax_scale"], q["absmax_mean"], absmax_block_size)
-    levels = xp.asarray(_nf4_table())
+    levels = _nf4_table(xp)
     W = levels[unpack_codes(codes)].reshape(-1, block_size)  # (n_blocks, block_size) in [-1, 1]
     W *= absmax[:, None]
     W = W.reshape(shape)
     return W if dtype is None else W.astype(dtype)
 
 
-@functools.lru_cache(maxsize=1)
-def _nf4_table():
-    """nf4_levels() as float32, computed once: the table dequantize_nf4 indexes (read-only)."""
-    table = nf4_levels().astype(np.float32)
-    table.setflags(write=False)
+@functools.lru_cache(maxsize=None)
+def _nf4_table(xp):
+    """nf4_levels() as float32 on module xp: the table dequantize_nf4 indexes, computed and moved
+    once per array module (not uploaded again at every layer of every step)."""
+    table = xp.asarray(nf4_levels().astype(np.float32))
+    if xp is np:
+        table.setflags(write=False)
     return table
 
 
