@@ -175,3 +175,59 @@ def merge_weights(params, prefixes, shapes, scale, block_size=nf4.BLOCK_SIZE,
         out[p + ".W"] = W
     return out
 
+
+
+def qlora_shared_input_forward(x, layers, scale, block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE):
+    """QLoRA linears that read the same input x (attention's q, k, v), their A products as one.
+
+    lora.lora_shared_input_forward with NF4 bases:
+
+        xa  = x @ [A_1; ...; A_n].T             (N, n r)
+        y_i = x @ deq(Q_i).T + b_i + s * xa_i @ B_i.T
+
+    Inputs: x (N..., in); layers, a list of (q_i, shape_i, b_i, A_i, B_i), all with the same r.
+    Returns ys, a list of n outputs (N..., out_i), and a cache (codes, not deq(Q_i)).
+    """
+    xp = array_module(x)
+    A_all = xp.concatenate([A for *_, A, _ in layers])  # (n r, in)
+    r = layers[0][3].shape[0]
+    xa = x.reshape(-1, x.shape[-1]) @ A_all.T  # (N, n r), one product for the n adapters
+    ys, caches = [], []
+    for i, (q, shape, b, A, B) in enumerate(layers):
+        if A.shape[0] != r:
+            ops._fail("A", f"rank r = {r} for every layer (the first layer's)", f"shape {tuple(A.shape)}")
+        y, c = nf4_linear_forward(x, q, shape, b, block_size, absmax_block_size)  # one layer dequantized
+        y += ((xa[:, i * r:(i + 1) * r] * scale) @ B.T).reshape(y.shape)
+        ys.append(y)
+        caches.append((c, B))
+    return ys, (x, xa, A_all, caches, float(scale))
+
+
+def qlora_shared_input_backward(douts, cache, input_grad=True):
+    """Returns (dx, dAs, dBs), as lora.lora_shared_input_backward, each base's dx through deq(Q_i).
+
+        dB_i = s * dout_i^T xa_i,   dxa = [s dout_1 B_1, ..., s dout_n B_n]   (N, n r)
+        [dA_1; ...; dA_n] = dxa^T x
+        dx = sum_i dout_i @ deq(Q_i) + dxa @ [A_1; ...; A_n]
+    """
+    x, xa, A_all, caches, s = cache
+    xp = array_module(xa)
+    r = A_all.shape[0] // len(caches)
+    dBs, dxas = [], []
+    for i, (dout, (_, B)) in enumerate(zip(douts, caches)):
+        dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out_i)
+        # in the forward pass this was: y_i += s * xa_i @ B_i.T
+        dBs.append((dout2.T @ xa[:, i * r:(i + 1) * r]) * s)  # (out_i, r)
+        dxas.append(dout2 @ B)  # (N, r)
+    dxa = xp.concatenate(dxas, axis=1)  # (N, n r)
+    dxa *= s
+    # and xa = x @ A_all.T
+    dA_all = dxa.T @ x.reshape(-1, x.shape[-1])  # (n r, in)
+    dAs = [dA_all[i * r:(i + 1) * r] for i in range(len(caches))]
+    if not input_grad:
+        return None, dAs, dBs
+    # x fans out to the n bases and the n adapters: dx sums them all
+    dx = (dxa @ A_all).reshape(x.shape)  # (N..., in), ours
+    for dout, (c, _) in zip(douts, caches):
+        dx += nf4_linear_backward(dout, c)  # y_i = x @ deq(Q_i).T + b_i gives dx only
+    return dx, dAs, dBs

@@ -139,3 +139,24 @@ def test_stored_bits_per_param_of_quantized_linears():
     out = qlora.quantize_linears(params, list(shapes))
     bits = qlora.bits_per_param(out, list(shapes), shapes)
     assert 4.127 <= bits <= 4.2
+
+
+def test_shared_input_qkv_equals_three_separate_qlora_linears(xp):
+    rng = np.random.default_rng(8)
+    layers = [_layer(rng) for _ in range(3)]
+    x = rng.standard_normal((2, 4, IN))
+    dev = lambda a: backend.to_device(a, xp)  # noqa: E731
+    xd = dev(x)
+    shared_layers = [(_on(xp, q), (OUT, IN), dev(b), dev(A), dev(B)) for _, q, b, A, B in layers]
+    ys, cache = qlora.qlora_shared_input_forward(xd, shared_layers, 0.4, block_size=32)
+    douts = [dev(rng.standard_normal(y.shape)) for y in ys]
+    dx, dAs, dBs = qlora.qlora_shared_input_backward(douts, cache)
+    dx_sum = 0
+    for (q, shape, b, A, B), y, dout, dA, dB in zip(shared_layers, ys, douts, dAs, dBs):
+        y1, c1 = qlora.qlora_linear_forward(xd, q, shape, b, A, B, 0.4, block_size=32)
+        dx1, dA1, dB1 = qlora.qlora_linear_backward(dout, c1)
+        for a, ref in ((y, y1), (dA, dA1), (dB, dB1)):
+            np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(ref), rtol=1e-12, atol=1e-12)
+        dx_sum = dx_sum + backend.to_numpy(dx1)
+    np.testing.assert_allclose(backend.to_numpy(dx), dx_sum, rtol=1e-12, atol=1e-12)
+    assert _float_matrices_in(cache, (OUT, IN)) == []
