@@ -50,7 +50,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from minilora import lora, model, optim, prompt
+from minilora import model, optim
+from minilora.methods import lora, prompt
 
 # ---- every call into the package sits in these three functions (easy to port) ----
 

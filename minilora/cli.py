@@ -32,7 +32,8 @@ from dataclasses import fields, replace
 
 import numpy as np
 
-from .lora import LoraConfig
+from . import methods
+from .methods.lora import LoraConfig
 from .model import ModelConfig
 from .train import TrainConfig
 
@@ -219,11 +220,19 @@ def _finetune_config(args, saved_train=None):
 
     d = _finetune_defaults(args.method)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    # the adapter settings' class is the method's own (DoraConfig for dora); a variant's flags are its fields
+    settings = methods.ADAPTER_CONFIGS.get(args.method, LoraConfig)
+    for cls in methods.ADAPTER_CONFIGS.values():
+        for flag in getattr(cls, "FLAGS", {}):
+            if getattr(args, flag) and cls is not settings:
+                raise ValueError(f"--{flag.replace('_', '-')}: expected --method {cls.method} (a {cls.label} "
+                                 f"setting), got --method {args.method}")
+    variant = {flag: getattr(args, flag) for flag in getattr(settings, "FLAGS", {})}
     return FinetuneConfig(
         method=args.method, task=args.task, data_file=args.data, train_on_prompt=args.train_on_prompt,
-        lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-                        targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, rslora=args.rslora,
-                        init=args.lora_init),
+        lora=settings(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                      targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, rslora=args.rslora,
+                      init=args.lora_init, **variant),
         n_prompt=args.n_prompt, prompt_init=args.prompt_init,
         train=replace(d.train, steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
                       warmup_steps=_warmup(args, d.train.warmup_steps, saved_train), eval_every=args.steps,
@@ -256,7 +265,8 @@ def _cmd_finetune(args):
     print(f"{config.method} on {name}: metric {s['metric_before']:.3f} -> {s['metric']:.3f}; "
           f"pretraining-corpus loss {s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}; "
           f"optimizer state {s['optimizer_state_bytes']:,} bytes; {s['wall_s']:.1f} s")
-    print(f"run: {out}" + (f"  adapter: {os.path.join(out, 'adapter.npz')}" if config.method == "lora" else ""))
+    saves_adapter = methods.method(config.method).saves_adapter
+    print(f"run: {out}" + (f"  adapter: {os.path.join(out, 'adapter.npz')}" if saves_adapter else ""))
     return 0
 
 
@@ -326,15 +336,15 @@ def _check_new_file(path, overwrite, option="--out"):
 
 def _cmd_merge(args):
     from .checkpoint import save_checkpoint
-    from .lora import lora_names, merge
+    from .methods.lora import adapted_layers
 
     params, config, meta = _load_model(args.run, "run", _xp(args), args.adapter)
-    if config.lora is None or not lora_names(params):
-        raise ValueError(f"run: expected a LoRA model (a LoRA run, or a base checkpoint with --adapter), "
-                         f"got {args.run} without adapters")
+    if config.lora is None:
+        raise ValueError(f"run: expected a LoRA model (a LoRA or DoRA run, or a base checkpoint with "
+                         f"--adapter), got {args.run} without adapters")
     _check_new_file(args.out, args.overwrite)
-    n_adapters, scale = len(lora_names(params)) // 2, config.lora.scale
-    merged, merged_config = merge(params, config)
+    n_adapters, scale = len(adapted_layers(config, config.lora)), config.lora.scale
+    merged, merged_config = methods.method(config.lora.method).merge(params, config)
     extra = sorted(n for n in merged if n.startswith("cls."))
     save_checkpoint(args.out, merged, {**{k: v for k, v in meta.items() if k not in ("rng", "base_fingerprint")},
                                        "model": merged_config.to_dict(), "kind": "merged",
@@ -495,7 +505,8 @@ def build_parser():
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("finetune", parents=[common], help="phase 2: fine-tune a pretrained checkpoint")
-    s.add_argument("--method", choices=["full", "lora", "prompt"], default=ft.method)
+    s.add_argument("--method", choices=list(methods.METHODS), default=ft.method,
+                   help="; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values()))
     s.add_argument("--task", default=ft.task, choices=["subject", "plural", "kind"])
     s.add_argument("--data", default=None, help="your own JSON-lines records (instruction/input/output, "
                    "or text/label with --task kind)")
@@ -504,7 +515,8 @@ def build_parser():
                    "with -2, -3, ... when that folder holds a run; or the --resume run's folder")
     s.add_argument("--steps", type=POSITIVE, default=ft.train.steps)
     s.add_argument("--batch-size", type=POSITIVE, default=ft.train.batch_size)
-    s.add_argument("--lr", type=RATE, default=None, help="default: the forgetting study's choice, full 3e-4, lora 3e-3, prompt 1e-2")
+    s.add_argument("--lr", type=RATE, default=None, help="default: the forgetting study's choice, "
+                   + ", ".join(f"{m.name} {m.default_lr:g}" for m in methods.METHODS.values()))
     s.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
                    help=f"default: {ft.train.warmup_steps} (at most steps / 10), or the resumed run's")
     s.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=ft.train.checkpoint_every,
@@ -517,6 +529,9 @@ def build_parser():
     s.add_argument("--lora-dropout", type=PROBABILITY, default=LORA.dropout)
     s.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(r) instead of alpha / r")
     s.add_argument("--lora-init", choices=["kaiming", "gaussian"], default=LORA.init)
+    for cls in methods.ADAPTER_CONFIGS.values():  # a LoRA variant's own settings (DoRA's --detach-norm)
+        for flag, help_text in getattr(cls, "FLAGS", {}).items():
+            s.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help=help_text)
     s.add_argument("--n-prompt", type=POSITIVE, default=ft.n_prompt)
     s.add_argument("--prompt-init", choices=["vocab", "random", "text"], default=ft.prompt_init)
     s.add_argument("--seed", type=NON_NEGATIVE, default=ft.seed)

@@ -22,8 +22,9 @@ import tempfile
 
 from .backend import get_backend
 from .checkpoint import check_params_match, load_checkpoint
-from .lora import ADAPTER_KIND, TARGETS, load_adapter
-from .model import ModelConfig, param_shapes, params_to
+from . import methods
+from .methods.lora import ADAPTER_KIND, load_adapter
+from .model import ModelConfig, params_to
 
 CHECKPOINT = "checkpoint.npz"
 ADAPTER = "adapter.npz"
@@ -82,27 +83,13 @@ def checkpoint_path(path, name=CHECKPOINT):
 
 
 def expected_shapes(config, params):
-    """name -> shape every array of a model with this config must have.
+    """name -> shape every array of a model with this config must have (methods.expected_shapes).
 
     The base model's names come from config; adapters from config.lora; a soft
     prompt (P, C) and a classification head (K, C), (K,) may be present with
     any P and K.
     """
-    shapes = dict(param_shapes(config))
-    if config.lora is not None:
-        r = config.lora.rank
-        for i in range(config.n_layers):
-            for t in config.lora.targets:
-                prefix = f"h.{i}.{TARGETS[t]}"
-                d_out, d_in = shapes[prefix + ".W"]
-                shapes[prefix + ".lora_A"], shapes[prefix + ".lora_B"] = (r, d_in), (d_out, r)
-    C = config.d_model
-    if "prompt" in params:
-        shapes["prompt"] = (params["prompt"].shape[0], C)
-    if "cls.W" in params:
-        K = params["cls.W"].shape[0]
-        shapes["cls.W"], shapes["cls.b"] = (K, C), (K,)
-    return shapes
+    return methods.expected_shapes(config, params)
 
 
 def load_model(path, xp=None, adapter=None):

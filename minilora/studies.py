@@ -17,9 +17,11 @@ import os
 
 import numpy as np
 
+from . import methods
 from .sweep import Cell, read_results
 
-LRS = {"full": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2, 3e-2), "prompt": (1e-2, 3e-2, 1e-1, 3e-1)}
+# each method's learning rates for the forgetting study (and prompt's for the prompt study): its own
+LRS = {name: m.study_lrs for name, m in methods.METHODS.items() if m.study_lrs}
 # Steps per cell. The method comparisons (forgetting, format) train as long as the demo (600 steps,
 # evaluated every 50), long enough for every method to reach its plateau; the within-method
 # studies (rank, prompt, scale, hyper) use 250 steps (every 25) to afford their larger grids.
@@ -72,7 +74,7 @@ def best_lr(out_dir, method):
 
 def forgetting(out_dir, seeds):
     return [Cell("forgetting", method=m, lr=lr, seed=s, steps=LONG_STEPS, eval_every=LONG_EVAL)
-            for m in ("full", "lora", "prompt") for lr in LRS[m] for s in range(seeds)]
+            for m in LRS for lr in LRS[m] for s in range(seeds)]
 
 
 FORMATS = {"baseline": ("\n", 0.0), "end marker": ("~", 0.0), "replay 25%": ("\n", 0.25),

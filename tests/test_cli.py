@@ -17,7 +17,7 @@ def test_gradcheck_passes_and_covers_every_op(capsys):
     assert cli.main(["gradcheck"]) == 0
     out = capsys.readouterr().out
     for op in ("embedding", "linear", "layer_norm", "gelu", "softmax", "attention", "dropout", "cross_entropy",
-               "lora_linear", "model: full, LM", "model: LoRA, LM", "model: prompt, classifier"):
+               "lora_linear", "model: full, LM", "model: lora, LM", "model: prompt, classifier"):
         assert f"\n{op} " in out, op
     assert " 0 failed" in out and "FAIL" not in out
 

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from minilora import corpus, evaluation, finetune, lora, model, tasks
-from minilora.lora import LoraConfig
+from minilora import corpus, evaluation, finetune, model, tasks
+from minilora.methods import lora
+from minilora.methods.lora import LoraConfig
 from minilora.model import ModelConfig
 from minilora.train import TrainConfig, train
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import standin as sp
-from minilora import corpus, evaluation, lora, model, ops, optim, sampling, tasks
+from minilora import corpus, evaluation, model, ops, optim, sampling, tasks
+from minilora.methods import lora
 from minilora.model import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)

@@ -21,7 +21,8 @@ import os
 
 import numpy as np
 
-from minilora import corpus, gradcheck, model, plot, prompt, tasks
+from minilora import corpus, gradcheck, model, plot, tasks
+from minilora.methods import prompt
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 

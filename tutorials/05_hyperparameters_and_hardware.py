@@ -31,11 +31,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from minilora import backend, corpus, lora, model, plot
+from minilora import backend, corpus, model, plot
+from minilora.methods import lora
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.model import count_params
 from minilora.pretrain import PretrainConfig, load_or_pretrain
-from minilora.prompt import add_prompt
+from minilora.methods.prompt import add_prompt
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones

@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from minilora import corpus, gradcheck, lora, model, optim, tasks
+from minilora import corpus, gradcheck, model, optim, tasks
+from minilora.methods import lora
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 
 FAST = os.environ.get("MINILORA_FAST") == "1"

@@ -12,10 +12,11 @@ import os
 
 import numpy as np
 
-from minilora import corpus, lora, model, ops, optim, tasks
+from minilora import corpus, model, ops, optim, tasks
+from minilora.methods import lora
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
-from minilora.prompt import add_prompt
+from minilora.methods.prompt import add_prompt
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
