@@ -30,7 +30,7 @@ import subprocess
 
 import numpy as np
 
-from minilora import nf4
+from minilora.methods import nf4
 from minilora.evaluation import corpus_val_data, strided_val_loss
 from minilora.sweep import load_base
 

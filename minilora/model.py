@@ -143,11 +143,12 @@ def add_head(params, n_classes, seed=0):
 
 
 def params_to(params, xp, dtype=None):
-    """A new dict with every array moved to module xp (and cast to dtype if given)."""
+    """A new dict with every array moved to module xp, and every floating one cast to dtype if given
+    (integer arrays, QLoRA's 4-bit codes, keep their type)."""
     out = {}
     for name, p in params.items():
         p = to_device(p, xp)
-        out[name] = p.astype(dtype) if dtype is not None else p
+        out[name] = p.astype(dtype) if dtype is not None and p.dtype.kind == "f" else p
     return out
 
 

@@ -8,7 +8,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from minilora import nf4
+from minilora.methods import nf4
 
 
 def test_normal_quantile_matches_the_standard_library():

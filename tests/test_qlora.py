@@ -7,7 +7,8 @@ merging gives a plain float model computing the same function."""
 import numpy as np
 import pytest
 
-from minilora import backend, gradcheck, lora, nf4, ops, qlora
+from minilora import backend, gradcheck, ops
+from minilora.methods import lora, nf4, qlora
 
 OUT, IN, R = 12, 16, 3  # 192 weights: blocks of 32 (the test's block size) divide it
 

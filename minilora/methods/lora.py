@@ -167,6 +167,7 @@ def lora_shared_input_backward(douts, cache, input_grad=True):
 class LoraConfig:
     method: ClassVar[str] = "lora"  # the LinearPair that computes its target linears (methods.LINEARS)
     label: ClassVar[str] = "LoRA"  # how reports name the method
+    base_pair: ClassVar[str] = "plain"  # the LinearPair of every block linear its targets do not name
     rank: int = 8  # r: the rank of the update B A (the seed's table: 8-64)
     alpha: float = 16.0  # the update is scaled by alpha / r (the seed: alpha = 2r)
     targets: tuple = field(default_factory=lambda: ("q", "k", "v", "o"))  # which linears get adapters
@@ -198,6 +199,14 @@ class LoraConfig:
     def count_formula(self, d, k):
         """(the formula as text, its value): trainable scalars of one adapted d x k matrix."""
         return f"r (d + k) = {self.rank} x ({d} + {k})", lora_param_count(d, k, self.rank)
+
+    def n_weights(self, params, config):
+        """The model's parameter count (the report's "all params"): every array's size."""
+        return int(sum(p.size for p in params.values()))
+
+    def report_lines(self, params, config):
+        """More lines for count_report (a variant's own; none for LoRA)."""
+        return []
 
     def layer_shapes(self, d_out, d_in):
         """suffix -> shape of what one adapted (d_out, d_in) linear gets beside its W."""
@@ -336,15 +345,19 @@ def count_report(params, trainable, config):
     (count_formula). Returns the report as text. Raises AssertionError if the adapters' size is not
     what the formula says.
     """
-    n_train = int(sum(params[n].size for n in trainable))
-    n_all = int(sum(p.size for p in params.values()))
-    lines = [f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / n_all:.4f}"]
+    from ..model import param_shapes
+
     settings = config.lora
+    n_train = int(sum(params[n].size for n in trainable))
+    # a quantized base (QLoRA) holds its weights packed: count weights, not stored array elements
+    n_all = settings.n_weights(params, config) if settings is not None else int(sum(p.size for p in params.values()))
+    lines = [f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / n_all:.4f}"]
     if settings is not None:
+        shapes = param_shapes(config)  # W's shape from the config: a quantized base holds no float W
         adapted = sorted(adapted_layers(config, settings))
-        total = sum(settings.count_formula(*params[prefix + ".W"].shape)[1] for prefix in adapted)
+        total = sum(settings.count_formula(*shapes[prefix + ".W"])[1] for prefix in adapted)
         counted = int(sum(params[n].size for n in adapter_names(config) if n in trainable))
-        d, k = params[adapted[0] + ".W"].shape
+        d, k = shapes[adapted[0] + ".W"]
         formula, per_matrix = settings.count_formula(d, k)
         lines.append(f"{settings.label}: {formula} = {per_matrix:,} per adapted matrix "
                      f"({d * k:,} for W itself), {len(adapted)} matrices: {total:,} "
@@ -352,6 +365,7 @@ def count_report(params, trainable, config):
         if total != counted:
             raise AssertionError(f"{settings.label} parameter count {counted} does not match the formula "
                                  f"{formula.split(' = ')[0]}: {total}")
+        lines += settings.report_lines(params, config)
     return "\n".join(lines)
 
 

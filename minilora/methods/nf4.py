@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from .backend import array_module
+from ..backend import array_module
 
 BLOCK_SIZE = 64  # weights per absmax block (the paper's block size)
 ABSMAX_BLOCK_SIZE = 256  # absmax constants per block of the double quantization (the paper's)
@@ -119,12 +119,18 @@ def int4_levels():
     return np.arange(-7, 8) / 7.0
 
 
-def _check_block_sizes(n, block_size, absmax_block_size):
+def check_block_settings(block_size, absmax_block_size):
+    """Raise ValueError (one line) unless both are positive integers and block_size is even."""
     for name, value in (("block_size", block_size), ("absmax_block_size", absmax_block_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(name, "a positive integer", repr(value))
     if block_size % 2:
         _fail("block_size", "an even number (two 4-bit codes share a byte)", block_size)
+
+
+def check_block_sizes(n, block_size, absmax_block_size):
+    """check_block_settings, and block_size must divide n, the number of weights."""
+    check_block_settings(block_size, absmax_block_size)
     if n % block_size:
         _fail("block_size", f"a divisor of the number of weights {n}", block_size)
 
@@ -146,7 +152,7 @@ def quantize_blockwise(x, levels, block_size=BLOCK_SIZE):
     x = np.asarray(x)
     if x.dtype.kind != "f":
         _fail("x", "a floating-point array", x.dtype)
-    _check_block_sizes(x.size, block_size, ABSMAX_BLOCK_SIZE)
+    check_block_sizes(x.size, block_size, ABSMAX_BLOCK_SIZE)
     blocks = x.astype(np.float64).reshape(-1, block_size)  # (n_blocks, block_size)
     absmax = np.abs(blocks).max(axis=1).astype(np.float32)  # (n_blocks,), stored as float32
     safe = np.where(absmax > 0, absmax, 1.0).astype(np.float64)  # a zero block divides by 1
@@ -227,7 +233,7 @@ def quantize_nf4(W, block_size=BLOCK_SIZE, absmax_block_size=ABSMAX_BLOCK_SIZE):
     if W.dtype.kind != "f" or not np.isfinite(W).all():
         _fail("W", "a floating-point array of finite values", f"{W.dtype} array" if W.dtype.kind != "f"
               else f"{int((~np.isfinite(W)).sum())} non-finite values")
-    _check_block_sizes(W.size, block_size, absmax_block_size)
+    check_block_sizes(W.size, block_size, absmax_block_size)
     codes, absmax = quantize_blockwise(W, nf4_levels(), block_size)
     absmax_q, absmax_scale, absmax_mean = quantize_absmax(absmax, absmax_block_size)
     return {"codes": pack_codes(codes), "absmax_q": absmax_q, "absmax_scale": absmax_scale,
@@ -246,7 +252,7 @@ def dequantize_nf4(q, shape, dtype=None, block_size=BLOCK_SIZE, absmax_block_siz
     n = math.prod(shape)
     if codes.shape != (n // 2,):
         _fail("shape", f"a shape of {2 * codes.shape[0]} weights (the codes' count)", tuple(shape))
-    _check_block_sizes(n, block_size, absmax_block_size)
+    check_block_sizes(n, block_size, absmax_block_size)
     absmax = dequantize_absmax(q["absmax_q"], q["absmax_scale"], q["absmax_mean"], absmax_block_size)
     levels = _nf4_table(xp)
     W = levels[unpack_codes(codes)].reshape(-1, block_size)  # (n_blocks, block_size) in [-1, 1]
