@@ -561,7 +561,7 @@ def build_parser():
     s.set_defaults(func=_cmd_plot)
 
     s = sub.add_parser("sweep", parents=[common], help="run a study's grid of fine-tuning cells (resumable)")
-    s.add_argument("study", help="forgetting | format | rank | prompt | scale | hyper")
+    s.add_argument("study", help="forgetting | format | rank | prompt | scale | hyper | qlora")
     s.add_argument("--out", required=True, help="the study's folder; results.jsonl gets one line per cell")
     s.add_argument("--workers", type=int, default=1, help="worker processes; BLAS threads are split between them")
     s.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the study's own)")

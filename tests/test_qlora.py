@@ -161,3 +161,82 @@ def test_shared_input_qkv_equals_three_separate_qlora_linears(xp):
         dx_sum = dx_sum + backend.to_numpy(dx1)
     np.testing.assert_allclose(backend.to_numpy(dx), dx_sum, rtol=1e-12, atol=1e-12)
     assert _float_matrices_in(cache, (OUT, IN)) == []
+
+
+# the whole model under QLoRA
+
+from minilora import finetune, methods, model  # noqa: E402
+from minilora.model import ModelConfig  # noqa: E402
+
+SMALL = ModelConfig(vocab_size=11, context_length=7, d_model=16, n_heads=2, n_layers=2, d_ff=40)
+
+
+def _qlora_model(dtype=np.float64):
+    base = model.init_params(SMALL, seed=0, dtype=dtype)
+    params, config, trainable = finetune.setup_strategy(base, SMALL, finetune.FinetuneConfig(method="qlora"))
+    rng = np.random.default_rng(1)
+    for n in trainable:  # away from B = 0
+        params[n] = (params[n] + 0.1 * rng.standard_normal(params[n].shape)).astype(dtype)
+    x = rng.integers(0, SMALL.vocab_size, (3, SMALL.context_length))
+    return base, params, config, trainable, {"x": x, "y": np.roll(x, -1, axis=1)}
+
+
+def test_the_qlora_model_holds_and_caches_no_float_block_weight():
+    base, params, config, trainable, batch = _qlora_model()
+    w_shapes = {s for n, s in model.param_shapes(SMALL).items() if n.startswith("h.") and n.endswith(".W")}
+    assert not any(n.startswith("h.") and n.endswith(".W") for n in params)
+    assert params["wte"] is base["wte"] and params["wte"].dtype == np.float64  # embeddings stay float
+    _, cache = model.forward(params, config, batch["x"], trainable=trainable)
+    for shape in w_shapes:
+        assert _float_matrices_in(cache, shape) == [], shape  # no dequantized W kept for the backward
+
+
+def test_each_linear_is_dequantized_for_its_own_products_only(monkeypatch):
+    """One dequantization per linear in the forward and one per dx in the backward: the base is never
+    dequantized whole. Block 0's q, k, v need no dx (nothing below them trains): 12 + 9 calls."""
+    _, params, config, trainable, batch = _qlora_model()
+    calls, real = [], nf4.dequantize_nf4
+
+    def counted(q, shape, *args, **kwargs):
+        calls.append(tuple(shape))
+        return real(q, shape, *args, **kwargs)
+
+    monkeypatch.setattr(nf4, "dequantize_nf4", counted)
+    model.loss_and_grads(params, config, batch, trainable)
+    assert len(calls) == 12 + 9
+
+
+def test_merged_qlora_model_computes_the_same_loss():
+    _, params, config, trainable, batch = _qlora_model()
+    loss, _ = model.loss_and_grads(params, config, batch, trainable)
+    merged, merged_config = methods.method("qlora").merge(params, config)
+    assert merged_config.lora is None
+    assert set(merged) == set(model.param_shapes(SMALL))  # a plain float model
+    merged_loss, _ = model.loss_and_grads(merged, merged_config, batch, set())
+    assert merged_loss == pytest.approx(loss, rel=1e-12)
+
+
+def test_qlora_count_report_counts_weights_and_stored_bits():
+    base = model.init_params(ModelConfig(), seed=0)
+    params, config, trainable = finetune.setup_strategy(base, ModelConfig(), finetune.FinetuneConfig(method="qlora"))
+    report = lora.count_report(params, trainable, config)
+    n = 2 * 4 * 8 * (128 + 128)
+    assert f"trainable params: {n:,} || all params: {model.count_params(base) + n:,}" in report
+    assert "NF4 base: 12 block linears, 393,216 weights in 202,896 bytes = 4.128 bits each" in report
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: qlora.QLoraConfig(block_size=63), "block_size: expected an even number"),
+    (lambda: qlora.QLoraConfig(absmax_block_size=0), "absmax_block_size: expected a positive integer, got 0"),
+    (lambda: qlora.add_qlora(model.init_params(SMALL), SMALL, lora.LoraConfig()),
+     "qlora_config: expected a QLoraConfig, got a LoraConfig"),
+    (lambda: methods.method("qlora").check(ModelConfig(d_model=8, n_heads=2, d_ff=12), finetune.FinetuneConfig(
+        method="qlora", lora=lora.LoraConfig(rank=2)), 10),
+     "block_size: expected a divisor of the number of weights 96, got 64 (h.0.mlp.fc.W, shape (12, 8))"),
+    (lambda: methods.method("qlora").merge(model.init_params(SMALL), SMALL),
+     "config: expected the config of a QLoRA model (a QLoraConfig in config.lora), got None"),
+])
+def test_bad_qlora_settings_are_one_clear_line(make, message):
+    with pytest.raises(ValueError) as e:
+        make()
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
