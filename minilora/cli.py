@@ -535,7 +535,8 @@ def build_parser():
 
     s = sub.add_parser("finetune", parents=[common], help="phase 2: fine-tune a pretrained checkpoint")
     s.add_argument("--method", choices=list(methods.METHODS), default=ft.method,
-                   help="; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values()))
+                   help="which weights are trained: " + "; ".join(f"{m.name}: {m.summary}"
+                                                                 for m in methods.METHODS.values()))
     s.add_argument("--task", default=ft.task, choices=["subject", "plural", "kind"],
                    help="a built-in task (kind: classification with a head); ignored with --data")
     s.add_argument("--data", default=None, help="your own JSON-lines records (instruction/input/output, "

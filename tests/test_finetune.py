@@ -37,6 +37,7 @@ def test_a_strategy_is_extra_parameters_and_trainable_names(method, n_classes):
     assert set(params) - set(base) == added
     if method in ("lora", "dora", "qlora"):
         assert len({n for n in adapters if n.endswith((".lora_A", ".lora_B"))}) == 2 * 4 * TINY.n_layers
+        assert len(adapters) == (3 if method == "dora" else 2) * 4 * TINY.n_layers  # DoRA adds m per target
     if method == "full":
         params["wte"] += 1.0  # full fine-tuning trains copies: the pretrained weights stay as they were
     for name in base:

@@ -51,7 +51,7 @@ base_copy = {n: a.copy() for n, a in base.items()}
 #
 #     x = [prompt_1, ..., prompt_P, wte[id_1] + wpe[0], ..., wte[id_T] + wpe[T-1]]
 #
-# Positions (see `minilora/prompt.py`): the prompt vectors get **no** position
+# Positions (see `minilora/methods/prompt.py`): the prompt vectors get **no** position
 # embedding (they are free vectors and can learn any position signal), and the real
 # tokens keep positions 0..T-1, exactly as in pretraining. The prompt's own output
 # states are dropped before the head, so the output still has T rows and the loss

@@ -17,10 +17,12 @@ How a method plugs in
    pairs with the derivation in their docstrings, its add_* and its merge where one exists.
 2. If it changes how a linear computes (LoRA, DoRA, a quantized base), give it an adapter config: a
    LoraConfig subclass with a class attribute `method = "NAME"` and `layer_shapes(d_out, d_in)`, the
-   names it adds beside each target's W. That config rides in ModelConfig.lora, so the config that came
-   with the parameters says which pair computes each linear. Register its pair in LINEARS:
+   names it adds beside each target's W (and `count_formula`, `label`; variant settings as fields,
+   listed in FLAGS for the CLI and the sweep). That config rides in ModelConfig.lora, so the config that
+   came with the parameters says which pair computes each linear. Register the pair and the config:
 
-       LINEARS["NAME"] = LinearPair(forward, backward[, shared_forward, shared_backward])
+       register(Method(...), pair=LinearPair("NAME", forward, backward, shared_forward, shared_backward, delta),
+                config_type=NameConfig)
 
    forward(params, prefix, x, settings, train, rng, trainable) -> (y, cache)
    backward(dout, cache, prefix, trainable, input_grad) -> (dx or None, {suffix: gradient})
@@ -28,10 +30,10 @@ How a method plugs in
    shared_backward(douts, cache, input_grad) -> (dx or None, [{suffix: gradient} per prefix])
 
    model.py asks `linear_pair(config, prefix)` once per linear, in one place, and runs what it returns;
-   the backward of a frozen W must form no dW (tests/test_model.py counts them for every method).
+   the backward of a frozen W must form no dW (tests/test_frozen_products.py counts them for every method).
 3. Register a `Method` in METHODS (below): its name, default learning rate, setup, checks, shapes and
    merge. finetune, the CLI's --method choices, runs.load_model's name check, the sweep's delta norms,
-   the report and gradcheck all read it from there.
+   the report and gradcheck all read it from there. Add the module to the import at the bottom of this file.
 
 The API other modules use: METHODS, method(name), linear_pair(config, prefix), adapter_config_from_dict(d),
 expected_shapes(config, params), base_fingerprint(params), check_trainable(params, trainable, config).
