@@ -138,8 +138,8 @@ def main():
     if args.fast:
         args.base, args.bases_dir = "tiny", "runs/bases"
         args.out, args.figure = "runs/nf4_fast.json", "figures/fast/nf4_error.png"
-    params, config = load_base(args.base, args.bases_dir)
-    result = measure(params, config, corpus_val_data())
+    params, config, tokenizer = load_base(args.base, args.bases_dir)
+    result = measure(params, config, corpus_val_data(tokenizer))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"date": datetime.date.today().isoformat(), "commit": commit, "base": args.base,
               "model": config.to_dict(), "block_size": nf4.BLOCK_SIZE,

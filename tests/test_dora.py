@@ -10,6 +10,7 @@ from minilora import cli, finetune, gradcheck, model, runs, sweep
 from minilora.methods import dora, lora
 from minilora.methods.dora import MAGNITUDE, DoraConfig
 from minilora.model import ModelConfig
+from minilora.tokenizer import CharTokenizer
 from test_frozen_products import Recorded
 
 TINY = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)
@@ -190,10 +191,10 @@ def test_a_finetune_run_writes_a_dora_adapter_that_loads_onto_its_base(tmp_path)
     save_checkpoint(str(tmp_path / "base.npz"), base, {"model": mc.to_dict()})
     cfg = finetune.FinetuneConfig(method="dora", n_train=16, n_test=4, lora=DoraConfig(rank=2, detach_norm=True),
                                   train=TrainConfig(steps=2, batch_size=4, warmup_steps=0, eval_every=2))
-    params, ft_config, trainable, s = finetune.finetune(base, mc, cfg, run_dir=str(tmp_path))
+    params, ft_config, trainable, s = finetune.finetune(base, mc, CharTokenizer(), cfg, run_dir=str(tmp_path))
     assert trainable == set(lora.adapter_names(ft_config)) and isinstance(ft_config.lora, DoraConfig)
     assert "DoRA: r (d + k) + d" in s["report"]
-    loaded, config, _ = runs.load_model(str(tmp_path / "base.npz"), adapter=str(tmp_path))
+    loaded, config, _, _ = runs.load_model(str(tmp_path / "base.npz"), adapter=str(tmp_path))
     assert config == ft_config and config.lora.detach_norm
     x = np.zeros((1, 5), int)
     np.testing.assert_array_equal(model.next_token_logits(loaded, config, x),

@@ -12,6 +12,7 @@ import pytest
 
 from minilora import finetune, methods, model
 from minilora.model import ModelConfig
+from minilora.tokenizer import CharTokenizer
 
 CONFIG = ModelConfig(vocab_size=11, context_length=7, d_model=16, n_heads=2, n_layers=2, d_ff=40)
 
@@ -44,7 +45,7 @@ def _setup(name):
     base = model.init_params(CONFIG, seed=0, dtype=np.float64)
     ft = finetune.FinetuneConfig(method=name, n_prompt=3, seed=1)
     ft.lora.rank, ft.lora.targets = 2, ("q", "k", "v", "o", "fc")  # mlp.proj stays a plain frozen linear
-    params, config, trainable = finetune.setup_strategy(base, CONFIG, ft)
+    params, config, trainable = finetune.setup_strategy(base, CONFIG, CharTokenizer(), ft)
     # a non-zero point: B = 0 at the start would hide nothing here, but is not where training runs
     rng = np.random.default_rng(2)
     for n in trainable:

@@ -16,6 +16,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from minilora import evaluation, finetune, model, studies, sweep
+from minilora.tokenizer import CharTokenizer
 from minilora.model import ModelConfig
 from minilora.train import TrainConfig
 
@@ -48,12 +49,12 @@ def measurements():
     with threadpool_limits(limits=1, user_api="blas"):
         base = model.init_params(BASE_CONFIG, seed=5)
         for name, cell in CELLS.items():
-            record, _, _ = sweep.run_cell_on(cell, base, BASE_CONFIG)
+            record, _, _ = sweep.run_cell_on(cell, base, BASE_CONFIG, CharTokenizer())
             out["cell " + name] = (_digest({k: record.get(k) for k in CELL_NUMBERS}), record["train_loss"],
                                    record["key"])
         for method in ("full", "lora", "prompt"):
-            _, _, _, s = finetune.finetune(base, BASE_CONFIG, _finetune_config(method),
-                                           val_data=evaluation.corpus_val_data(8))
+            _, _, _, s = finetune.finetune(base, BASE_CONFIG, CharTokenizer(), _finetune_config(method),
+                                           val_data=evaluation.corpus_val_data(CharTokenizer(), 8))
             out["finetune " + method] = (_digest({k: s[k] for k in SUMMARY_NUMBERS}), s["final_train_loss"],
                                          s["val_loss_after"])
     return out

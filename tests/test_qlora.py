@@ -167,13 +167,15 @@ def test_shared_input_qkv_equals_three_separate_qlora_linears(xp):
 
 from minilora import finetune, methods, model  # noqa: E402
 from minilora.model import ModelConfig  # noqa: E402
+from minilora.tokenizer import CharTokenizer  # noqa: E402
 
 SMALL = ModelConfig(vocab_size=11, context_length=7, d_model=16, n_heads=2, n_layers=2, d_ff=40)
 
 
 def _qlora_model(dtype=np.float64):
     base = model.init_params(SMALL, seed=0, dtype=dtype)
-    params, config, trainable = finetune.setup_strategy(base, SMALL, finetune.FinetuneConfig(method="qlora"))
+    params, config, trainable = finetune.setup_strategy(base, SMALL, CharTokenizer(),
+                                                        finetune.FinetuneConfig(method="qlora"))
     rng = np.random.default_rng(1)
     for n in trainable:  # away from B = 0
         params[n] = (params[n] + 0.1 * rng.standard_normal(params[n].shape)).astype(dtype)
@@ -218,7 +220,8 @@ def test_merged_qlora_model_computes_the_same_loss():
 
 def test_qlora_count_report_counts_weights_and_stored_bits():
     base = model.init_params(ModelConfig(), seed=0)
-    params, config, trainable = finetune.setup_strategy(base, ModelConfig(), finetune.FinetuneConfig(method="qlora"))
+    params, config, trainable = finetune.setup_strategy(base, ModelConfig(), CharTokenizer(),
+                                                          finetune.FinetuneConfig(method="qlora"))
     report = lora.count_report(params, trainable, config)
     n = 2 * 4 * 8 * (128 + 128)
     assert f"trainable params: {n:,} || all params: {model.count_params(base) + n:,}" in report

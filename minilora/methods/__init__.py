@@ -66,7 +66,7 @@ class Method:
 
     - name, summary: the --method choice and its one-line help
     - default_lr: the peak learning rate the forgetting study chose for it
-    - setup(base_params, model_config, ft_config) -> (params, model_config, trainable): the method's
+    - setup(base_params, model_config, ft_config, tokenizer) -> (params, model_config, trainable): the method's
       parameters added beside the base (never modifying it), the config that now describes them, and
       the names it trains (a classification head is added by finetune, under every method)
     - check(model_config, ft_config, longest): raise ValueError naming a bad setting, before any work

@@ -336,7 +336,7 @@ def _adapter_config(config):
     return DoraConfig(**asdict(config.lora))
 
 
-def _setup(base_params, model_config, config):
+def _setup(base_params, model_config, config, tokenizer=None):
     params, model_config = add_dora(base_params, model_config, config.lora, seed=config.seed)
     return params, model_config, set(adapter_names(model_config))
 

@@ -40,7 +40,7 @@ def plain_delta(params, config, base, prefix):
 PLAIN = LinearPair("plain", plain_forward, plain_backward, delta=plain_delta)
 
 
-def setup(base_params, model_config, config):
+def setup(base_params, model_config, config, tokenizer=None):
     """Copies of every base array (the base itself is never written), all trainable."""
     params = {n: p.copy() for n, p in base_params.items()}
     return params, model_config, set(params)

@@ -461,7 +461,7 @@ def _adapter_config(config):
     return config.lora
 
 
-def _setup(base_params, model_config, config):
+def _setup(base_params, model_config, config, tokenizer=None):
     params, model_config = add_lora(base_params, model_config, config.lora, seed=config.seed)
     return params, model_config, set(adapter_names(model_config))
 

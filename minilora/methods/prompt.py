@@ -51,10 +51,9 @@ def add_prompt(params, n_prompt, init="vocab", seed=0, init_ids=None):
 # the seam (methods/__init__.py): prompt tuning as finetune and the tools see it
 
 
-def _setup(base_params, model_config, config):
-    from ..corpus import CharTokenizer
-
-    init_ids = CharTokenizer().encode(config.prompt_init_text) if config.prompt_init == "text" else None
+def _setup(base_params, model_config, config, tokenizer):
+    """tokenizer: the base model's, which encodes prompt_init_text for init="text"."""
+    init_ids = tokenizer.encode(config.prompt_init_text) if config.prompt_init == "text" else None
     params = add_prompt(base_params, config.n_prompt, config.prompt_init, config.seed, init_ids)
     return params, model_config, {"prompt"}
 

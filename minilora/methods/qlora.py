@@ -415,7 +415,7 @@ def _adapter_config(config):
     return QLoraConfig(**asdict(config.lora))
 
 
-def _setup(base_params, model_config, config):
+def _setup(base_params, model_config, config, tokenizer=None):
     params, model_config = add_qlora(base_params, model_config, config.lora, seed=config.seed)
     return params, model_config, set(adapter_names(model_config))
 
