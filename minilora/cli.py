@@ -7,6 +7,8 @@
     minilora finetune      phase 2: --method full | lora | prompt
     minilora evaluate      a fine-tuned run's task score on its own held-out split, and forgetting
     minilora merge         fold a LoRA run's adapters into W, save a plain model
+    minilora import-hf     a Hugging Face GPT-2 folder as a run
+    minilora export        a run as a transformers model folder (and a PEFT adapter folder)
     minilora plot          loss curves from run logs
     minilora sweep         a study's grid of fine-tuning runs, resumable, in parallel workers
     minilora report        a finished study's tables and figures
@@ -438,6 +440,37 @@ def _cmd_merge(args):
     return 0
 
 
+def _cmd_import_hf(args):
+    from .bridge import read_hf_model
+    from .checkpoint import save_checkpoint
+    from .runs import CHECKPOINT, prepare_run_dir
+
+    # every tensor and the tokenizer are read and checked before the run folder is touched:
+    # a refusal writes nothing
+    params, config, tokenizer = read_hf_model(args.dir)
+    prepare_run_dir(args.out, overwrite=args.overwrite)
+    tokenizer.save(args.out)
+    save_checkpoint(os.path.join(args.out, CHECKPOINT), params,
+                    {"kind": "imported", "model": config.to_dict(), "tokenizer": tokenizer.describe(),
+                     "imported_from": os.path.abspath(args.dir)})
+    n = sum(p.size for p in params.values())
+    print(f"imported GPT-2 {config.n_layers} x {config.d_model} (vocab {config.vocab_size}, context "
+          f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters; "
+          f"wrote {os.path.join(args.out, CHECKPOINT)}")
+    return 0
+
+
+def _cmd_export(args):
+    from .bridge import export_model
+
+    params, config, _, tokenizer = _load_model(args.run, "run", None, args.adapter)
+    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite)
+    print(f"wrote {written[0]} (transformers: AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained)"
+          + (f" and {written[1]} (PEFT: PeftModel.from_pretrained(model, {written[1]!r}))" if len(written) > 1
+             else ""))
+    return 0
+
+
 def _cmd_plot(args):
     from .plot import plot_run_logs, read_log, save_figure
 
@@ -577,7 +610,8 @@ def build_parser():
 
     s = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint (or a run folder)")
     s.add_argument("--checkpoint", default="runs/pretrain", help="a run folder or checkpoint file")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to apply on top of --checkpoint")
+    s.add_argument("--adapter", default=None,
+                   help="a LoRA adapter.npz (or PEFT folder) to apply on top of --checkpoint")
     s.add_argument("--prompt", default=None, help=f'start text; "\\n" is a newline (default: {GENERATE_PROMPT!r})')
     s.add_argument("--instruction", default=None,
                    help="ask a fine-tuned run: the text after '### Instruction'; the prompt is written in the "
@@ -631,17 +665,32 @@ def build_parser():
     s = sub.add_parser("evaluate", parents=[common],
                        help="score a run on its own held-out split, and its pretraining-corpus loss")
     s.add_argument("run", help="a run folder or checkpoint (with --adapter: the base model)")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to apply on top of the model")
+    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) to apply on top of the model")
     s.add_argument("--data", default=None, help="score every record of this JSON-lines file instead")
     s.add_argument("--show", type=NON_NEGATIVE, default=5, help="print this many predictions")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("merge", parents=[common], help="fold a LoRA run's W + (alpha/r) B A into a plain checkpoint")
     s.add_argument("run", help="a LoRA run folder or checkpoint (with --adapter: the base model)")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to merge into the model")
+    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) to merge into the model")
     s.add_argument("--out", required=True, help="the merged checkpoint to write (.npz)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=_cmd_merge)
+
+    s = sub.add_parser("import-hf", parents=[common],
+                       help="a Hugging Face GPT-2 folder (config.json, model.safetensors) as a minilora run")
+    s.add_argument("dir", help="the folder (config.json, model.safetensors, optionally tokenizer.json)")
+    s.add_argument("--out", required=True, help="the run folder to write")
+    s.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    s.set_defaults(func=_cmd_import_hf)
+
+    s = sub.add_parser("export", parents=[common],
+                       help="a run as a transformers model folder (and a PEFT adapter folder for LoRA)")
+    s.add_argument("run", help="a pretraining, full, merged or LoRA run folder or checkpoint")
+    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) on top of the model")
+    s.add_argument("--out", required=True, help="the folder to create (a LoRA run's adapter goes to OUT/adapter)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("plot", parents=[common], help="loss curves from run logs (log.jsonl files or run folders)")
     s.add_argument("logs", nargs="+", metavar="LOG",
