@@ -22,14 +22,14 @@ import time
 import numpy as np
 
 from . import corpus, plot
-from .checkpoint import load_checkpoint
+from . import lock
 from .evaluation import corpus_val_data
 from .finetune import FinetuneConfig, check_settings, finetune, finished_summary, load_records, run_meta
 from .pretrain import PretrainConfig, load_or_pretrain
 from .runs import CHECKPOINT, RUN_FILES, check_writable
 from .sampling import decode
 from .tasks import record_positions
-from .train import resume_problem
+from .train import load_resume, resume_problem
 
 GENERATIVE_STEPS = 600
 CLASSIFICATION_STEPS = 600
@@ -107,7 +107,7 @@ def _finetune_run(params, model_config, config, data, run_dir, val_data, overwri
         return summary
     ckpt, resume = os.path.join(run_dir, CHECKPOINT), None
     if os.path.exists(ckpt):
-        meta = load_checkpoint(ckpt)[1]
+        meta = load_resume(ckpt)[1]
         if resume_problem(meta, config.train, run_meta(params, model_config, config, data[2])) is None:
             resume = ckpt
             log(f"{label}: resuming {run_dir} from step {meta['step']}")
@@ -130,8 +130,16 @@ def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, ta
     other settings is refused (ValueError) unless overwrite.
     """
     log = log or (lambda text: None)
+    check_writable(out_dir, "out_dir")
+    if figures_dir:
+        check_writable(figures_dir, "figures_dir")  # before the demo runs, not after it
+    with lock.hold(out_dir, "out_dir"):  # one demo per folder
+        return _run_demo(out_dir, figures_dir, backend, fast, task, log, overwrite)
+
+
+def _run_demo(out_dir, figures_dir, backend, fast, task, log, overwrite):
+    """run_demo with out_dir's lock held."""
     t0 = time.perf_counter()
-    check_writable(out_dir)
     pre_config = PretrainConfig.fast() if fast else PretrainConfig()
     runs = _finetune_configs(pre_config.model, task, fast, log)  # every run's data checked before any work
     pre_dir = os.path.join(out_dir, "pretrain")

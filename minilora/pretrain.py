@@ -14,11 +14,11 @@ import numpy as np
 
 from . import corpus
 from .backend import get_backend
-from .checkpoint import load_checkpoint
 from .evaluation import VAL_SEED, VAL_SENTENCES, strided_val_loss
 from .model import ModelConfig, init_params, params_to
 from .runs import CHECKPOINT, load_model
-from .train import TrainConfig, resume_problem, train
+from .train import TrainConfig, load_resume, resume_problem, train
+from .validate import read_input
 
 
 @dataclass
@@ -64,6 +64,8 @@ def pretrain_meta(config, text_file=None, floor=None):
     """What every checkpoint of a pretraining run stores about it; a resume must match it exactly."""
     return {"kind": "pretrain", "model": config.model.to_dict(), "floor": floor,
             "corpus": "toy grammar" if text_file is None else os.path.basename(str(text_file)),
+            # what it trained on, by content: the bytes read (once: a pipe cannot be read again)
+            "text_sha256": None if text_file is None else read_input(text_file, "text_file")[1],
             "pretrain": {k: v for k, v in asdict(config).items() if k not in ("model", "train")}}
 
 
@@ -82,7 +84,7 @@ def load_or_pretrain(config=None, run_dir="runs/pretrain", backend=None, overwri
     ckpt = os.path.join(run_dir, CHECKPOINT)
     resume = None
     if os.path.exists(ckpt):
-        _, meta, _ = load_checkpoint(ckpt)
+        _, meta, _ = load_resume(ckpt)
         if resume_problem(meta, config.train, pretrain_meta(config, floor=corpus.entropy_per_char())) is None:
             if meta["step"] == config.train.steps:
                 params, model_config, _ = load_model(ckpt, get_backend(backend))
@@ -116,8 +118,11 @@ def pretrain_data(config, text_file=None):
     T = config.model.context_length
     for name, text in (("training", train_text), ("validation", val_text)):
         if len(text) < T + 2:
+            if text_file is None:  # the toy corpus is what it is: the context is too long for it
+                raise ValueError(f"context_length: expected at most {len(text) - 2} (the toy corpus's {name} "
+                                 f"text has {len(text)} characters), got {T}")
             raise ValueError(f"text_file: expected at least {T + 2} characters of {name} text "
-                             f"(context_length={T}), got {len(text)}")
+                             f"(context_length={T}; or give a smaller context length), got {len(text)}")
     return tok.encode(train_text), tok.encode(val_text), train_text, val_text, floor
 
 
