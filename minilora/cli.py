@@ -696,12 +696,12 @@ def _resume_hint(args):
     except (ValueError, KeyError, TypeError):
         step = steps = None
     if step is not None and step == steps:
-        what = f"training finished (step {step}); this scores the run and writes its summary"
+        what = f"training had finished (step {step} of {steps}), so resuming only scores the run and saves it"
     elif step is not None:
-        what = f"this continues from step {step} of {steps}"
+        what = f"resuming continues from step {step} of {steps}"
     else:
-        what = "this continues from its checkpoint"
-    return f"to resume ({what}): " + shlex.join(["minilora", *argv, "--resume", run_dir])
+        what = "resuming continues from its checkpoint"
+    return f"{what}; to resume: " + shlex.join(["minilora", *argv, "--resume", run_dir])
 
 
 def _interrupted(args, error):

@@ -254,7 +254,11 @@ def read_results(path):
     for i, r in enumerate(read_jsonl(path, "study results")):
         where = f"record {i + 1}"
         key = field(r, "key", path, "str", where)
-        field(r, "cell", path, "dict", where)
+        cell = field(r, "cell", path, "dict", where)
+        for name, kind in (("study", "str"), ("method", "str"), ("lr", "number"), ("seed", "int"),
+                           ("steps", "int")):
+            field(cell, name, path, kind, f"{where}: cell")
+        field(r, "wall_s", path, "number", where, optional=True)
         evals = field(r, "evals", path, "list", where)
         if not evals:
             raise FileError(path, "expected at least one evaluation, got none", f"{where}: evals")
