@@ -115,14 +115,13 @@ _INPUTS = {}  # what read_input read: key -> (bytes, sha256)
 
 def _input_key(path):
     """A regular file is read again when it changed (size, time, inode); a pipe or FIFO is read once only."""
-    real = os.path.realpath(path)
     try:
-        s = os.stat(real)
+        s = os.stat(path)  # what the path leads to (/dev/fd/63 of `<(cat f)` leads to a pipe, not a file)
     except OSError:
         return None
     if stat.S_ISREG(s.st_mode):
-        return (real, s.st_ino, s.st_size, s.st_mtime_ns)
-    return (real,)
+        return (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns)
+    return (os.path.abspath(path), s.st_dev, s.st_ino)
 
 
 def read_input(path, option):
