@@ -121,18 +121,24 @@ def _finetune_run(params, model_config, config, data, run_dir, val_data, overwri
     return finetune(params, model_config, config, run_dir, val_data, resume=resume, data=data)[3]
 
 
-def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, task="subject", log=None,
+def run_demo(out_dir="runs", figures_dir=None, backend=None, fast=False, task="subject", log=None,
              overwrite=False):
     """Pretrain, fine-tune six ways, write figures; returns the summary dict (rows, pretraining, samples).
+
+    figures_dir: where the PNGs go; None puts them beside the runs (out_dir/figures),
+    '' writes none. The repository's committed figures/ are written only when asked
+    (benchmarks/demo_benchmark.py does), never by default.
 
     log(text), when given, receives a line of progress at each stage. Finished
     runs in out_dir are reused and interrupted ones resumed; one made with
     other settings is refused (ValueError) unless overwrite.
     """
     log = log or (lambda text: None)
-    check_writable(out_dir, "out_dir")
+    if figures_dir is None:
+        figures_dir = os.path.join(out_dir, "figures")
     if figures_dir:
-        check_writable(figures_dir, "figures_dir")  # before the demo runs, not after it
+        check_writable(figures_dir, "--figures")  # before the work, not after it
+    check_writable(out_dir, "out_dir")
     with lock.hold(out_dir, "out_dir"):  # one demo per folder
         return _run_demo(out_dir, figures_dir, backend, fast, task, log, overwrite)
 
