@@ -2,7 +2,7 @@
 
 Fault injection on a real `minilora sweep` (tests/sweep_runner.py: 6 tiny cells, 2 workers),
 stopped at random moments by Ctrl-C (SIGINT to the whole process group, as a terminal sends it),
-SIGTERM (to the parent alone) and SIGKILL (the parent alone). After each:
+SIGINT to the parent alone, SIGTERM (the parent alone) and SIGKILL (the parent alone). After each:
 
 - Ctrl-C / SIGTERM: exit 130 / 143 within seconds, one line, no traceback, naming the cells kept;
 - every cell the sweep reported as finished is in results.jsonl, every line is whole, no cell twice;
@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "tests", "sweep_runner.py")
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 N_CELLS = 6
-# (signal, trials): each trial stops the sweep at a random moment of its run (about 2 cells per second)
-TRIALS = [(signal.SIGINT, 2), (signal.SIGTERM, 2), (signal.SIGKILL, 2)]
+# (signal, to the whole process group?, trials): each trial stops the sweep at a random moment of its run
+TRIALS = [(signal.SIGINT, True, 2), (signal.SIGINT, False, 1), (signal.SIGTERM, False, 2),
+          (signal.SIGKILL, False, 2)]
 
 
 def test_interrupted_and_the_sweep_errors_survive_pickling():
@@ -88,13 +89,14 @@ def _run(out, **kw):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the workers")
-@pytest.mark.parametrize("sig, trials", TRIALS, ids=[signal.Signals(s).name for s, _ in TRIALS])
-def test_a_sweep_stopped_at_a_random_moment_keeps_every_finished_cell_and_resumes(work, sig, trials):
-    rng = np.random.default_rng(int(sig))
+@pytest.mark.parametrize("sig, group, trials", TRIALS,
+                         ids=[signal.Signals(s).name + ("-group" if g else "-parent") for s, g, _ in TRIALS])
+def test_a_sweep_stopped_at_a_random_moment_keeps_every_finished_cell_and_resumes(work, sig, group, trials):
+    rng = np.random.default_rng(int(sig) + 100 * group)
     grid_keys = {c.key() for c in sweep_runner.grid(N_CELLS)}
     stopped_mid_grid = 0
     for trial in range(trials):
-        out = str(work / f"{signal.Signals(sig).name}-{trial}")
+        out = str(work / f"{signal.Signals(sig).name}-{group}-{trial}")
         results = os.path.join(out, "results.jsonl")
         proc = subprocess.Popen([sys.executable, RUNNER, out, str(N_CELLS)], env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -103,10 +105,10 @@ def test_a_sweep_stopped_at_a_random_moment_keeps_every_finished_cell_and_resume
             workers |= _children(proc.pid)
             time.sleep(0.02)
         if proc.poll() is None:
-            if sig == signal.SIGINT:
-                os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
+            if group:
+                os.killpg(proc.pid, sig)  # Ctrl-C: the terminal signals the whole process group
             else:
-                proc.send_signal(sig)
+                proc.send_signal(sig)  # the parent alone
         t0 = time.monotonic()
         stdout, stderr = proc.communicate(timeout=60)
         stopped_in = time.monotonic() - t0
