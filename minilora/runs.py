@@ -2,14 +2,16 @@
 
 A run folder holds what one command wrote:
 
-    runs/pretrain/                 checkpoint.npz, log.jsonl
+    runs/pretrain/                 checkpoint.npz, log.jsonl (and tokenizer.json for a BPE run)
     runs/finetune-subject-lora/    checkpoint.npz, log.jsonl, summary.json, adapter.npz
 
 `load_model` takes a folder or a file, everywhere alike: a full checkpoint
 (pretraining, any fine-tuning run, a merged model), or a base checkpoint plus
 an adapter file. The config stored with the arrays describes them whole
 (LoRA settings included), and every array's name and shape is checked
-against it before anything is returned.
+against it before anything is returned. The model comes with its tokenizer
+(tokenizer.tokenizer_from_meta: the checkpoint's own, the character one for a
+checkpoint that records none), whose vocabulary must be the rows of wte.
 
 No run overwrites another: `free_run_dir` picks a folder name that holds no
 run yet (a counter after the name), and `prepare_run_dir` refuses a folder
@@ -32,6 +34,7 @@ from .backend import get_backend
 from .checkpoint import check_params_match, load_checkpoint
 from .lora import ADAPTER_KIND, TARGETS, load_adapter
 from .model import ModelConfig, param_shapes, params_to
+from .tokenizer import TOKENIZER_FILE, check_vocab_size, tokenizer_from_meta
 from .validate import FileError, check_arrays, field
 
 CHECKPOINT = "checkpoint.npz"
@@ -39,7 +42,7 @@ ADAPTER = "adapter.npz"
 LOG = "log.jsonl"
 SUMMARY = "summary.json"
 # What a run writes; a folder holding a checkpoint or a log is a run.
-RUN_FILES = (CHECKPOINT, LOG, SUMMARY, ADAPTER)
+RUN_FILES = (CHECKPOINT, LOG, SUMMARY, ADAPTER, TOKENIZER_FILE)
 
 
 def is_run_dir(path):
@@ -141,7 +144,7 @@ def expected_shapes(config, params):
 
 
 def load_model(path, xp=None, adapter=None):
-    """Load a model: returns (params on xp, ModelConfig, meta).
+    """Load a model with its tokenizer: returns (params on xp, ModelConfig, meta, tokenizer).
 
     Inputs:
     - path: a run folder or a .npz checkpoint (pretraining, fine-tuning or merged)
@@ -150,6 +153,9 @@ def load_model(path, xp=None, adapter=None):
       of the model at path; its base fingerprint must match
 
     meta is the checkpoint's (or, with an adapter, the adapter's) metadata.
+    tokenizer is the one the model at path was trained with (an adapter keeps
+    its base's); a tokenizer whose vocabulary size is not the weights' is
+    refused, as is a BPE run whose tokenizer.json is missing or changed.
     Raises validate.FileError naming the file and field; its .source is
     "model" or "adapter", which of the two inputs failed.
     """
@@ -167,10 +173,17 @@ def load_model(path, xp=None, adapter=None):
 
     try:
         saved, meta, _ = load_checkpoint(path, check)
+        config = found["config"]
+        try:
+            tokenizer = tokenizer_from_meta(meta, os.path.dirname(path) or ".")
+            check_vocab_size(tokenizer, config.vocab_size, what="checkpoint")
+        except FileError:
+            raise
+        except ValueError as e:
+            raise FileError(path, str(e).removeprefix("checkpoint: "), "meta.json: tokenizer") from e
     except FileError as e:
         e.source = "model"
         raise
-    config = found["config"]
     params = params_to(saved, xp)
     if adapter is not None:
         adapter_file = checkpoint_path(adapter, ADAPTER)
@@ -184,7 +197,7 @@ def load_model(path, xp=None, adapter=None):
             raise
         except ValueError as e:
             raise FileError(adapter_file, str(e).removeprefix("adapter: "), source="adapter") from e
-    return params, config, meta
+    return params, config, meta, tokenizer
 
 
 def model_config_of(meta, path):

@@ -40,6 +40,7 @@ from .validate import FLOAT_DTYPES, FileError, check_arrays, field, from_dict, r
 # The largest peak learning rate a run accepts: AdamW moves every trained weight by about lr per step,
 # so a rate of 1e30 (or 1e300) turns float32 weights into inf within a step or two.
 MAX_LR = 10.0
+from .tokenizer import CHAR_DESCRIPTION
 
 
 class TrainingDiverged(RuntimeError):
@@ -179,6 +180,8 @@ def resume_problem(saved_meta, config, meta=None):
     if meta and "kind" in meta and saved_meta.get("kind") != meta["kind"]:
         return (f"it is a checkpoint of kind {saved_meta.get('kind')!r}, not of a {meta['kind']!r} run; "
                 f"--resume continues a run of the same command")
+    # a checkpoint written before tokenizers were recorded was made by the character tokenizer
+    saved_meta = {"tokenizer": CHAR_DESCRIPTION, **saved_meta}
     wanted = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
     had = {k: v for k, v in saved_meta["train"].items() if k not in RESUMABLE_CHANGES}
     diff = _differences(had, _jsonable(wanted))

@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-from minilora import cli, finetune, ops, tasks
+from minilora import cli, finetune, ops, tasks, tokenizer
 from minilora.checkpoint import load_checkpoint
 
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
@@ -400,20 +400,20 @@ def test_exact_match_decodes_as_long_as_the_longest_reference(monkeypatch):
     from minilora import corpus, evaluation, model
 
     def decode_the_reference(params, config, prompts, max_new_tokens, **kwargs):
-        return [corpus.CharTokenizer().encode(reference)[:max_new_tokens] for reference in references]
+        return [tokenizer.CharTokenizer().encode(reference)[:max_new_tokens] for reference in references]
 
     references = ["a twenty-char answer", "short"]
     monkeypatch.setattr(evaluation, "decode", decode_the_reference)
     records = [{"instruction": "Say it.", "input": "", "output": r} for r in references]
     config = model.ModelConfig(d_model=16, n_heads=2, n_layers=1)
-    acc, preds = evaluation.exact_match(model.init_params(config, 0), config, records)
+    acc, preds = evaluation.exact_match(model.init_params(config, 0), config, tokenizer.CharTokenizer(), records)
     assert acc == 1.0 and preds == references
 
 
 def test_exact_match_decodes_the_prompts_a_render_writes(monkeypatch):
     from minilora import corpus, evaluation, model
 
-    tok, seen = corpus.CharTokenizer(), []
+    tok, seen = tokenizer.CharTokenizer(), []
 
     def record_prompts(params, config, prompts, max_new_tokens, **kwargs):
         seen.extend(tok.decode(p) for p in prompts)
@@ -422,7 +422,7 @@ def test_exact_match_decodes_the_prompts_a_render_writes(monkeypatch):
     monkeypatch.setattr(evaluation, "decode", record_prompts)
     config = model.ModelConfig(d_model=16, n_heads=2, n_layers=1)
     records = [{"instruction": "Name the subject.", "input": "the cat runs.", "output": "cat"}]
-    acc, _ = evaluation.exact_match(model.init_params(config, 0), config, records,
+    acc, _ = evaluation.exact_match(model.init_params(config, 0), config, tok, records,
                                     render=lambda ins, inp: f"{ins} | {inp} -> ")
     assert acc == 1.0 and seen == ["Name the subject. | the cat runs. -> "]
 
