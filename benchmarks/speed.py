@@ -154,7 +154,7 @@ def gemm_peak(threads, n=2048, repeats=5):
 # ---- the same GPT in PyTorch eager (imported only here, never by minilora) ----
 
 
-def torch_stepper(config, strategy, threads):
+def torch_stepper(config, strategy, threads, batch=None):
     import torch
     import torch.nn.functional as Fn
 
@@ -228,7 +228,7 @@ def torch_stepper(config, strategy, threads):
     no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
-    batch = make_batch(config)
+    batch = make_batch(config) if batch is None else batch  # {"x", "y", "mask"} as make_batch gives
     x, y = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
     m = torch.from_numpy(batch["mask"])
 

@@ -7,6 +7,8 @@
     minilora finetune      phase 2: --method full | lora | prompt
     minilora evaluate      a fine-tuned run's task score on its own held-out split, and forgetting
     minilora merge         fold a LoRA run's adapters into W, save a plain model
+    minilora import-hf     a Hugging Face GPT-2 folder as a run
+    minilora export        a run as a transformers model folder (and a PEFT adapter folder)
     minilora plot          loss curves from run logs
     minilora sweep         a study's grid of fine-tuning runs, resumable, in parallel workers
     minilora report        a finished study's tables and figures
@@ -39,6 +41,8 @@ from .model import ModelConfig
 from .train import TrainConfig
 
 MODEL, TRAIN, LORA = ModelConfig(), TrainConfig(), LoraConfig()
+GENERATE_PROMPT = "the "  # generate's start text: the toy corpus's sentences start so
+SAMPLE_SEPARATOR = "---"  # printed between generate's samples
 
 
 # Every character str.splitlines() breaks a line at, written as its escape: an error stays one line
@@ -267,24 +271,45 @@ def _load_model(path, option, xp=None, adapter=None):
 
 def _cmd_generate(args):
     from .sampling import decode
+    from .tasks import format_prompt
     from .tokenizer import single_token_id
 
-    prompt = args.prompt.replace("\\n", "\n")  # lets a newline be typed on a shell as \n; nothing else is unescaped
+    if args.input is not None and args.instruction is None:
+        raise ValueError("--input: expected --instruction too (the input is the instruction's data), got --input alone")
+    if args.instruction is not None and args.prompt is not None:
+        raise ValueError("--prompt: expected either --prompt or --instruction, got both")
+    params, config, meta, tok = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
+    if args.instruction is not None:
+        # ask a fine-tuned run in its own format: the prompt it was trained on, up to "### Response\n",
+        # and the answer ends at the run's end marker, which is not printed
+        if "cls.W" in params:
+            raise ValueError(f"--instruction: {args.checkpoint} is a classification run (a head, no generated "
+                             f"answer); score it with minilora evaluate")
+        option = "--instruction" if args.input is None else "--input"
+        prompt = format_prompt(args.instruction.replace("\\n", "\n"), (args.input or "").replace("\\n", "\n"))
+        end = meta.get("finetune", {}).get("end_marker", "\n")
+        stop, shown = single_token_id(tok, end, "end_marker"), ""
+    else:
+        option = "--prompt"
+        prompt = (args.prompt if args.prompt is not None else GENERATE_PROMPT).replace("\\n", "\n")
+        # \n typed on a shell is a newline; nothing else is unescaped
+        stop = single_token_id(tok, "\n", "--stop-at-newline") if args.stop_at_newline else None
+        shown = prompt
     if not prompt:
         raise ValueError("--prompt: expected at least one character to start from, got ''")
-    params, config, _, tok = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
     problem = tok.problem(prompt)
     if problem is not None:
-        raise ValueError(f"--prompt: {prompt!r} has {problem}")
+        raise ValueError(f"{option}: {prompt!r} has {problem}")
     ids = tok.encode(prompt)
     if len(ids) == 0:
-        raise ValueError(f"--prompt: {prompt!r} encodes to no token of the model's tokenizer; give other text")
-    stop = single_token_id(tok, "\n", "--stop-at-newline") if args.stop_at_newline else None
+        raise ValueError(f"{option}: {prompt!r} encodes to no token of the model's tokenizer; give other text")
     rng = np.random.default_rng(args.seed)
     samples = decode(params, config, [ids] * args.num_samples, args.max_new_tokens,
                      args.temperature, args.top_k, rng, stop, batch_size=args.num_samples)
-    for ids in samples:
-        print(prompt + tok.decode(ids))
+    for i, out in enumerate(samples):
+        if i:
+            print(SAMPLE_SEPARATOR)
+        print(shown + tok.decode(out))
     return 0
 
 
@@ -450,6 +475,37 @@ def _cmd_merge(args):
     return 0
 
 
+def _cmd_import_hf(args):
+    from .bridge import read_hf_model
+    from .checkpoint import save_checkpoint
+    from .runs import CHECKPOINT, claim_run_dir
+
+    # every tensor and the tokenizer are read and checked before the run folder is touched:
+    # a refusal writes nothing
+    params, config, tokenizer = read_hf_model(args.dir)
+    with claim_run_dir(args.out, overwrite=args.overwrite):  # one writer at a time
+        tokenizer.save(args.out)
+        save_checkpoint(os.path.join(args.out, CHECKPOINT), params,
+                        {"kind": "imported", "model": config.to_dict(), "tokenizer": tokenizer.describe(),
+                         "imported_from": os.path.abspath(args.dir)})
+    n = sum(p.size for p in params.values())
+    print(f"imported GPT-2 {config.n_layers} x {config.d_model} (vocab {config.vocab_size}, context "
+          f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters; "
+          f"wrote {os.path.join(args.out, CHECKPOINT)}")
+    return 0
+
+
+def _cmd_export(args):
+    from .bridge import export_model
+
+    params, config, _, tokenizer = _load_model(args.run, "run", None, args.adapter)
+    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite)
+    print(f"wrote {written[0]} (transformers: AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained)"
+          + (f" and {written[1]} (PEFT: PeftModel.from_pretrained(model, {written[1]!r}))" if len(written) > 1
+             else ""))
+    return 0
+
+
 def _cmd_plot(args):
     from .plot import plot_run_logs, read_log, save_figure
 
@@ -592,14 +648,20 @@ def build_parser():
 
     s = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint (or a run folder)")
     s.add_argument("--checkpoint", type=_path, default="runs/pretrain", help="a run folder or checkpoint file")
-    s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz to apply on top of --checkpoint")
-    s.add_argument("--prompt", default="the ", help='start text; "\\n" is a newline')
+    s.add_argument("--adapter", type=_path, default=None,
+                   help="a LoRA adapter.npz (or PEFT folder) to apply on top of --checkpoint")
+    s.add_argument("--prompt", default=None, help=f'start text; "\\n" is a newline (default: {GENERATE_PROMPT!r})')
+    s.add_argument("--instruction", default=None,
+                   help="ask a fine-tuned run: the text after '### Instruction'; the prompt is written in the "
+                        "run's own format (### Instruction / ### Input / ### Response) and the answer stops at "
+                        "the run's end marker")
+    s.add_argument("--input", default=None, help="with --instruction: the text after '### Input'")
     s.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="tokens to sample after the prompt")
     s.add_argument("--temperature", type=_number(0.0), default=1.0, help="0 is greedy")
     s.add_argument("--top-k", type=POSITIVE, default=None, help="sample among the k likeliest tokens only")
     s.add_argument("--num-samples", type=POSITIVE, default=1, help="independent samples of the same prompt")
     s.add_argument("--stop-at-newline", action="store_true",
-                   help="end each sample at its first newline (a fine-tuned answer ends with one)")
+                   help="end each sample at its first newline (with --instruction the run's own end marker is used)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=0)
     s.set_defaults(func=_cmd_generate)
 
@@ -637,17 +699,32 @@ def build_parser():
     s = sub.add_parser("evaluate", parents=[common],
                        help="score a run on its own held-out split, and its pretraining-corpus loss")
     s.add_argument("run", help="a run folder or checkpoint (with --adapter: the base model)")
-    s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz to apply on top of the model")
+    s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz (or PEFT folder) to apply on top of the model")
     s.add_argument("--data", type=_path, default=None, help="score every record of this JSON-lines file instead")
     s.add_argument("--show", type=NON_NEGATIVE, default=5, help="print this many predictions")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("merge", parents=[common], help="fold a LoRA run's W + (alpha/r) B A into a plain checkpoint")
     s.add_argument("run", help="a LoRA run folder or checkpoint (with --adapter: the base model)")
-    s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz to merge into the model")
+    s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz (or PEFT folder) to merge into the model")
     s.add_argument("--out", type=_path, required=True, help="the merged checkpoint to write (.npz)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=_cmd_merge)
+
+    s = sub.add_parser("import-hf", parents=[common],
+                       help="a Hugging Face GPT-2 folder (config.json, model.safetensors) as a minilora run")
+    s.add_argument("dir", help="the folder (config.json, model.safetensors, optionally tokenizer.json)")
+    s.add_argument("--out", type=_path, required=True, help="the run folder to write")
+    s.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    s.set_defaults(func=_cmd_import_hf)
+
+    s = sub.add_parser("export", parents=[common],
+                       help="a run as a transformers model folder (and a PEFT adapter folder for LoRA)")
+    s.add_argument("run", help="a pretraining, full, merged or LoRA run folder or checkpoint")
+    s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz (or PEFT folder) on top of the model")
+    s.add_argument("--out", type=_path, required=True, help="the folder to create (a LoRA run's adapter goes to OUT/adapter)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("plot", parents=[common], help="loss curves from run logs (log.jsonl files or run folders)")
     s.add_argument("logs", nargs="+", metavar="LOG",

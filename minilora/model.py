@@ -69,6 +69,15 @@ class ModelConfig:
         return from_dict(cls, d, "model")
 
 
+# Named sizes. "gpt2-small" has GPT-2 small's shapes (124M parameters; hf.py imports its weights
+# exactly), large enough that a GPU step pays for itself (benchmarks/gpt2_small.py, gpu_steps.py).
+SIZES = {
+    "default": ModelConfig(),
+    "gpt2-small": ModelConfig(vocab_size=50257, context_length=1024, d_model=768, n_heads=12, n_layers=12,
+                              d_ff=3072),
+}
+
+
 def param_shapes(config):
     """name -> shape of every base parameter of the model."""
     C, F = config.d_model, config.d_ff

@@ -32,8 +32,10 @@ import tempfile
 from . import lock
 from .backend import get_backend
 from .checkpoint import check_params_match, load_checkpoint
+from .hf import is_hf_folder
 from .lora import ADAPTER_KIND, TARGETS, load_adapter
 from .model import ModelConfig, param_shapes, params_to
+from .peft_io import is_peft_folder
 from .tokenizer import TOKENIZER_FILE, check_vocab_size, tokenizer_from_meta
 from .validate import FileError, check_arrays, field
 
@@ -147,10 +149,12 @@ def load_model(path, xp=None, adapter=None):
     """Load a model with its tokenizer: returns (params on xp, ModelConfig, meta, tokenizer).
 
     Inputs:
-    - path: a run folder or a .npz checkpoint (pretraining, fine-tuning or merged)
+    - path: a run folder or a .npz checkpoint (pretraining, fine-tuning or merged),
+      or a Hugging Face GPT-2 folder (config.json + model.safetensors, read by hf.py)
     - xp: the array module (None: numpy)
-    - adapter: an adapter.npz (or a LoRA run folder holding one) to put on top
-      of the model at path; its base fingerprint must match
+    - adapter: an adapter.npz (or a LoRA run folder holding one), or a PEFT LoRA
+      folder (adapter_config.json, read by peft_io.py), to put on top of the
+      model at path; its base fingerprint must match
 
     meta is the checkpoint's (or, with an adapter, the adapter's) metadata.
     tokenizer is the one the model at path was trained with (an adapter keeps
@@ -160,38 +164,63 @@ def load_model(path, xp=None, adapter=None):
     "model" or "adapter", which of the two inputs failed.
     """
     xp = xp if xp is not None else get_backend("numpy")
-    path = checkpoint_path(path)
     found = {}
+    if is_hf_folder(path):
+        from .bridge import read_hf_model
 
-    def check(saved, meta, _):
-        kind = field(meta, "kind", path, "str", optional=True)
-        if kind == ADAPTER_KIND:
-            raise FileError(path, f"expected a model, got a LoRA adapter file; give the base model's checkpoint "
-                                  f"and the adapter with --adapter {path}")
-        found["config"] = config = model_config_of(meta, path)
-        check_model_arrays(saved, config, path)
-
-    try:
-        saved, meta, _ = load_checkpoint(path, check)
-        config = found["config"]
         try:
-            tokenizer = tokenizer_from_meta(meta, os.path.dirname(path) or ".")
-            check_vocab_size(tokenizer, config.vocab_size, what="checkpoint")
-        except FileError:
+            saved, config, tokenizer = read_hf_model(path)  # the tokenizer checked against the weights
+            check_model_arrays(saved, config, path)
+        except FileError as e:
+            e.source = "model"
             raise
         except ValueError as e:
-            raise FileError(path, str(e).removeprefix("checkpoint: "), "meta.json: tokenizer") from e
-    except FileError as e:
-        e.source = "model"
-        raise
+            raise FileError(path, str(e).removeprefix("checkpoint: "), source="model") from e
+        meta = {"kind": "imported", "model": config.to_dict(), "imported_from": os.path.abspath(path),
+                "tokenizer": tokenizer.describe()}
+    else:
+        path = checkpoint_path(path)
+
+        def check(saved, meta, _):
+            kind = field(meta, "kind", path, "str", optional=True)
+            if kind == ADAPTER_KIND:
+                raise FileError(path, f"expected a model, got a LoRA adapter file; give the base model's "
+                                      f"checkpoint and the adapter with --adapter {path}")
+            found["config"] = config = model_config_of(meta, path)
+            check_model_arrays(saved, config, path)
+
+        try:
+            saved, meta, _ = load_checkpoint(path, check)
+            config = found["config"]
+            try:
+                tokenizer = tokenizer_from_meta(meta, os.path.dirname(path) or ".")
+                check_vocab_size(tokenizer, config.vocab_size, what="checkpoint")
+            except FileError:
+                raise
+            except ValueError as e:
+                raise FileError(path, str(e).removeprefix("checkpoint: "), "meta.json: tokenizer") from e
+        except FileError as e:
+            e.source = "model"
+            raise
     params = params_to(saved, xp)
     if adapter is not None:
-        adapter_file = checkpoint_path(adapter, ADAPTER)
+        base = params
+        adapter_file = adapter if is_peft_folder(adapter) else checkpoint_path(adapter, ADAPTER)
         try:
-            if os.path.isdir(adapter) and not os.path.isfile(adapter_file):
-                raise FileError(adapter, f"expected a LoRA run folder holding {ADAPTER} or an adapter file, "
-                                         f"got a folder without {ADAPTER}")
-            params, config, meta = load_adapter(adapter_file, params, config)
+            if is_peft_folder(adapter):
+                from .peft_io import read_peft
+
+                params, config, meta = read_peft(adapter, params, config)
+                # a PEFT adapter, too, only adds names: no base array is replaced
+                replaced = sorted(n for n in base if params[n] is not base[n])
+                if replaced:
+                    raise FileError(adapter, f"expected only adapter names, got base weights {replaced[:5]}")
+                check_model_arrays(params, config, adapter)
+            else:
+                if os.path.isdir(adapter) and not os.path.isfile(adapter_file):
+                    raise FileError(adapter, f"expected a LoRA run folder holding {ADAPTER} or an adapter file, "
+                                             f"got a folder without {ADAPTER}")
+                params, config, meta = load_adapter(adapter_file, params, config)
         except FileError as e:
             e.source = "adapter"
             raise
