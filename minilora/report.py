@@ -376,7 +376,7 @@ def report(study_dir, figures_dir=None, title_note=""):
     if not records:
         raise ValueError(f"DIR: expected a study folder with results.jsonl, got {study_dir} without results")
     parent = os.path.dirname(os.path.abspath(study_dir))
-    wall = sum(r["wall_s"] for r in records)
+    wall = sum(r.get("wall_s") or 0.0 for r in records)
     text = [f"## {study}: {len(records)} cells, {wall / 60:.1f} min of cell time"]
     figs = {}
     if study in ("forgetting", "qlora"):
