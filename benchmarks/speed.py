@@ -51,7 +51,7 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from minilora import model, optim
-from minilora.methods import lora, prompt
+from minilora.methods import lora, prompt, qlora
 
 # ---- every call into the package sits in these three functions (easy to port) ----
 
@@ -65,11 +65,16 @@ def build(config, strategy, seed=0):
         lora_config = lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o"))
         params, config = lora.add_lora(params, config, lora_config, seed=seed)
         trainable = sorted(n for n in params if ".lora_" in n)
+    elif strategy == "qlora":
+        # the same adapters on a base whose 12 block linears are NF4 (dequantized per product)
+        qlora_config = qlora.QLoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o"))
+        params, config = qlora.add_qlora(params, config, qlora_config, seed=seed)
+        trainable = sorted(n for n in params if ".lora_" in n)
     elif strategy == "prompt":
         params = prompt.add_prompt(params, N_PROMPT, seed=seed)
         trainable = ["prompt"]
     else:
-        raise ValueError(f"strategy: expected full, lora or prompt, got {strategy!r}")
+        raise ValueError(f"strategy: expected full, lora, qlora or prompt, got {strategy!r}")
     return params, trainable, config
 
 

@@ -8,12 +8,18 @@ Layout of the file (a zip of .npy arrays, readable with plain numpy.load):
                      step, RNG state, anything JSON can hold
 
 Nothing is pickled, so loading uses allow_pickle=False and a checkpoint can never
-run code. Writing goes to a temporary file in the same directory that is then
+run code. meta.json also holds "sha256", a seal over the rest of meta.json and
+every array (names, dtypes, shapes, bytes). A file is loaded only as it was
+written: a config edited by hand (n_heads 2 -> 4 still fits the arrays' shapes,
+but it is another model) or an array swapped in breaks the seal, and loading
+refuses it, after the fields have been checked (validate.py), so a field of
+the wrong type is named as such. Writing goes to a temporary file in the same directory that is then
 renamed over the target (os.replace is atomic on POSIX and Windows), so a crash
 mid-save leaves the previous checkpoint intact rather than half-written.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -21,9 +27,11 @@ import tempfile
 import numpy
 
 from .backend import to_numpy
+from .validate import FileError
 
 PARAM_PREFIX = "param."
 META_KEY = "meta.json"
+SEAL = "sha256"  # the field of meta.json that holds the seal
 
 
 @contextlib.contextmanager
@@ -92,7 +100,8 @@ def save_checkpoint(path, params, meta, arrays=None):
     if not isinstance(meta, dict):
         raise ValueError(f"meta: expected a dict, got {type(meta).__name__}")
     try:
-        meta_json = json.dumps(meta, default=_json_default, allow_nan=True)
+        meta = json.loads(json.dumps({k: v for k, v in meta.items() if k != SEAL}, default=_json_default,
+                                     allow_nan=True))  # as it will read back: tuples are lists, ...
     except (TypeError, ValueError) as e:
         raise ValueError(f"meta: expected JSON-serialisable values, got {e}") from e
     arrays = {} if arrays is None else arrays
@@ -104,17 +113,31 @@ def save_checkpoint(path, params, meta, arrays=None):
 
     payload = {PARAM_PREFIX + name: to_numpy(p) for name, p in params.items()}
     payload.update({name: to_numpy(a) for name, a in arrays.items()})
+    meta_json = json.dumps({**meta, SEAL: seal(meta, payload)}, allow_nan=True)
     payload[META_KEY] = numpy.array(meta_json)  # 0-d '<U..' array: no pickle needed
 
     with atomic_open(path) as f:
         numpy.savez(f, **payload)  # a file object, not a name: numpy.savez would append ".npz" to a name
 
 
-def load_checkpoint(path):
+def seal(meta, arrays):
+    """SHA-256 of meta (as JSON, keys sorted) and of every array's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, allow_nan=True).encode())
+    for name in sorted(arrays):
+        a = numpy.ascontiguousarray(arrays[name])
+        h.update(f"\0{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def load_checkpoint(path, check=None):
     """Read a checkpoint written by save_checkpoint.
 
     Inputs:
     - path: the .npz file
+    - check(params, meta, arrays): the caller's checks of the fields it will
+      use (validate.py), run before the seal is verified, so a field of the
+      wrong type is named as such rather than reported as an edit
 
     Returns (params, meta, arrays):
     - params: dict name -> NumPy array (the "param." prefix removed); move them to
@@ -122,33 +145,49 @@ def load_checkpoint(path):
     - meta: the dict that was saved
     - arrays: dict of the other named arrays (e.g. optimizer moments)
 
-    Raises ValueError when the file is missing, unreadable or corrupt, or is not
-    a minilora checkpoint (has no "meta.json").
+    Raises validate.FileError (a ValueError naming the file) when the file is
+    missing, unreadable or corrupt, is not a minilora checkpoint (has no
+    "meta.json" object), fails check, or was changed after it was saved.
     """
+    path = str(path)
     if not os.path.isfile(path):
-        raise ValueError(f"path: expected an existing checkpoint file, got {path!r} (no such file)")
+        raise FileError(path, "expected an existing checkpoint file, got none there (no such file)")
     try:
         loaded = numpy.load(path, allow_pickle=False)
     except Exception as e:  # not a zip nor .npy, or pickled content
-        raise ValueError(f"path: {str(path)!r} is not a minilora checkpoint (expected an .npz file of arrays; "
-                         f"{_why_unreadable(e, 'it is not one')})") from e
+        raise FileError(path, f"is not a minilora checkpoint (expected an .npz file of arrays; "
+                              f"{_why_unreadable(e, 'it is not one')})") from e
     if not hasattr(loaded, "files"):
         # numpy.load returned a single array: the file was a .npy, not an .npz
-        raise ValueError(f"path: expected a minilora checkpoint (.npz), got a single-array .npy file {path!r}")
+        raise FileError(path, "expected a minilora checkpoint (.npz), got a single-array .npy file")
     try:
         with loaded:
             contents = {key: loaded[key] for key in loaded.files}
     except Exception as e:  # truncated data, CRC errors, an array of Python objects
-        raise ValueError(f"path: {str(path)!r} is not a readable minilora checkpoint "
-                         f"({_why_unreadable(e, 'it holds pickled Python objects')})") from e
+        raise FileError(path, "is not a readable minilora checkpoint "
+                              f"({_why_unreadable(e, 'it holds pickled Python objects')})") from e
     if META_KEY not in contents:
-        raise ValueError(f"path: expected a minilora checkpoint with a {META_KEY!r} entry, got {path!r} without one")
+        raise FileError(path, f"expected a minilora checkpoint with a {META_KEY!r} entry, got a file without one")
+    entry = contents.pop(META_KEY)
     try:
-        meta = json.loads(contents.pop(META_KEY).item())
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"path: expected valid JSON in {META_KEY!r} of {path!r}, got {e}") from e
+        meta = json.loads(entry.item() if entry.shape == () and entry.dtype.kind == "U" else None)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise FileError(path, f"expected a JSON text, got {entry.dtype} {entry.shape} that is not one ({e})",
+                        META_KEY) from e
+    if not isinstance(meta, dict):
+        raise FileError(path, f"expected a JSON object, got a JSON {type(meta).__name__}", META_KEY)
+    stored = meta.pop(SEAL, None)
     params = {k[len(PARAM_PREFIX):]: a for k, a in contents.items() if k.startswith(PARAM_PREFIX)}
     arrays = {k: a for k, a in contents.items() if not k.startswith(PARAM_PREFIX)}
+    if check is not None:
+        check(params, meta, arrays)
+    if not isinstance(stored, str):
+        raise FileError(path, f"expected the seal save_checkpoint writes, got {stored!r}: a file not written by "
+                              "minilora's save_checkpoint is not loaded", f"{META_KEY}: {SEAL}")
+    if stored != seal(meta, contents):
+        raise FileError(path, "the file was changed after it was saved (its seal does not match meta.json and "
+                              "the arrays); a checkpoint is loaded only as written: an edited config, even one "
+                              "that fits the arrays' shapes, is another model", f"{META_KEY}: {SEAL}")
     return params, meta, arrays
 
 

@@ -25,6 +25,7 @@ next step and prints, on one line, the command that resumes it.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -117,6 +118,14 @@ def _number(low=None, high=None, low_open=False):
     return parse
 
 
+def _path(text):
+    """An argparse type: a non-empty path ('' would silently mean the working folder or a default)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return text
+
+
+_path.__name__ = "path"
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 RATE, PROBABILITY = _number(0.0, low_open=True), _number(0.0, 1.0)
 
@@ -150,12 +159,28 @@ def _cmd_gradcheck(args):
 
 
 def _saved_train(resume):
-    """The training settings stored in the checkpoint a run resumes from (None when not resuming)."""
+    """The training settings stored in the checkpoint a run resumes from (None when not resuming).
+
+    The checkpoint is read and checked whole here (train.load_resume), so any problem with it is
+    reported as --resume's.
+    """
     if resume is None:
         return None
-    from .checkpoint import load_checkpoint
+    from .train import load_resume
 
-    return load_checkpoint(resume)[1].get("train")
+    with _named("--resume"):
+        return load_resume(resume)[1]["train"]
+
+
+@contextlib.contextmanager
+def _named(option):
+    """Errors about a file read in the block are reported as option's: '--resume: FILE: field: problem'."""
+    from .validate import FileError
+
+    try:
+        yield
+    except FileError as e:
+        raise ValueError(f"{option}: {e}") from e
 
 
 def _warmup(args, default, saved_train=None):
@@ -187,17 +212,19 @@ def _pretrain_tokenizer(args, resume):
 
     if args.tokenizer is not None or resume is None:
         return make_tokenizer(args.tokenizer)
-    from .checkpoint import load_checkpoint
+    from .train import load_resume
 
+    with _named("--resume"):
+        meta = load_resume(resume)[1]
     try:
-        return tokenizer_from_meta(load_checkpoint(resume)[1], os.path.dirname(resume) or ".")
+        return tokenizer_from_meta(meta, os.path.dirname(resume) or ".")
     except ValueError as e:
         raise ValueError(f"--resume: {resume}: {str(e).removeprefix('checkpoint: ')}") from e
 
 
 def _cmd_pretrain(args):
     from .pretrain import pretrain, pretrain_data, pretrain_meta, with_tokenizer
-    from .runs import prepare_run_dir
+    from .runs import claim_run_dir
     from .train import check_resume
 
     resume, out, same = _resume_and_out(args, "runs/pretrain")
@@ -213,10 +240,11 @@ def _cmd_pretrain(args):
     config = with_tokenizer(replace(d, model=model, train=tc, init_seed=args.seed), tokenizer)
     data = pretrain_data(config, args.text, tokenizer)
     if resume is not None:
-        check_resume(resume, config.train, pretrain_meta(config, tokenizer, args.text, data[4]))
-    prepare_run_dir(out, resume=same, overwrite=args.overwrite)
-    _, s = pretrain(config, run_dir=out, text_file=args.text, backend=args.backend, resume=resume, data=data,
-                    tokenizer=tokenizer)
+        with _named("--resume"):
+            check_resume(resume, config.train, pretrain_meta(config, tokenizer, args.text, data[4]))
+    with claim_run_dir(out, resume=same, overwrite=args.overwrite):  # held until the run ends
+        _, s = pretrain(config, run_dir=out, text_file=args.text, backend=args.backend, resume=resume, data=data,
+                        tokenizer=tokenizer)
     # a character is a token of the character tokenizer; a BPE run's loss is per token, and per character
     # (total nats / total characters of the validation text) where it meets the floor and the bigram
     loss = f"{s['val_loss']:.4f} nats/char" if tokenizer.kind == "char" else \
@@ -232,17 +260,14 @@ def _cmd_pretrain(args):
 
 
 def _load_model(path, option, xp=None, adapter=None):
-    """runs.load_model, its errors naming the option the path came from."""
+    """runs.load_model, its errors naming the option the failing file came from (option, or --adapter)."""
     from .runs import load_model
+    from .validate import FileError
 
     try:
         return load_model(path, xp, adapter)
-    except ValueError as e:
-        message = str(e)
-        for prefix in ("path: ", "checkpoint: "):
-            if message.startswith(prefix):
-                raise ValueError(f"{option}: {message[len(prefix):]}") from e
-        raise
+    except FileError as e:
+        raise ValueError(f"{'--adapter' if e.source == 'adapter' else option}: {e}") from e
 
 
 def _cmd_generate(args):
@@ -317,7 +342,7 @@ def _finetune_config(args, saved_train=None):
 def _cmd_finetune(args):
     from .evaluation import corpus_val_data
     from .finetune import finetune, load_data, run_meta
-    from .runs import free_run_dir, prepare_run_dir
+    from .runs import claim_run_dir, free_run_dir
     from .train import check_resume
 
     config = _finetune_config(args)
@@ -331,14 +356,15 @@ def _cmd_finetune(args):
     params, model_config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args))
     data = load_data(model_config, tokenizer, config)
     if resume is not None:
-        check_resume(resume, config.train, run_meta(params, model_config, tokenizer, config, data[2]))
-    prepare_run_dir(out, resume=same, overwrite=args.overwrite)
-    if config.data_file is not None:
-        n_train, n_test = len(data[0]), len(data[1])
-        print(f"data: {config.data_file}, {n_train + n_test} records: {n_train} to train on, {n_test} held out "
-              f"for the score (a tenth, chosen by --seed {config.seed})")
-    ft_params, ft_config, trainable, s = finetune(params, model_config, tokenizer, config, out,
-                                                  corpus_val_data(tokenizer), resume=resume, data=data)
+        with _named("--resume"):
+            check_resume(resume, config.train, run_meta(params, model_config, tokenizer, config, data[2]))
+    with claim_run_dir(out, resume=same, overwrite=args.overwrite):  # held until the run ends
+        if config.data_file is not None:
+            n_train, n_test = len(data[0]), len(data[1])
+            print(f"data: {config.data_file}, {n_train + n_test} records: {n_train} to train on, {n_test} held "
+                  f"out for the score (a tenth, chosen by --seed {config.seed})")
+        ft_params, ft_config, trainable, s = finetune(params, model_config, tokenizer, config, out,
+                                                      corpus_val_data(tokenizer), resume=resume, data=data)
     print(f"[{config.method}] " + s["report"].replace("\n", f"\n[{config.method}] "))
     metric = "accuracy" if config.is_classification else "exact match"
     print(f"{config.method} on {name}: {metric} on {s['n_test']} held-out records, metric {s['metric_before']:.3f} "
@@ -366,9 +392,11 @@ def _cmd_evaluate(args):
         what = f"records of {args.data}"
         names = meta.get("class_names") if kind == "classification" else None
     elif "finetune" in meta:
-        # rebuild exactly the run's own held-out split from its metadata
-        _check_data_unchanged(meta["finetune"])
-        _, test, names = load_records(config_from_description(meta["finetune"]), tokenizer, config.context_length)
+        # rebuild exactly the run's own held-out split from its metadata (its fields checked first)
+        with _named("run"):
+            description = _run_description(meta, args.run)
+        _check_data_unchanged(description)
+        _, test, names = load_records(config_from_description(description), tokenizer, config.context_length)
         what = "held-out records"
     val_data = corpus_val_data(tokenizer)
     val = strided_val_loss(params, config, val_data)
@@ -389,19 +417,36 @@ def _cmd_evaluate(args):
     return 0
 
 
+def _run_description(meta, run):
+    """meta["finetune"] of a run, checked: the split-defining fields evaluate rebuilds the split from."""
+    from .finetune import config_from_description
+    from .validate import FileError, field
+
+    d = field(meta, "finetune", run, "dict")
+    for name, kind in (("data_file", "str"), ("data_sha256", "str")):
+        field(d, name, run, kind, "meta.json: finetune", optional=True)
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise FileError(run, f"expected a list of class names, got {names!r}", "meta.json: class_names")
+    try:
+        config_from_description(d)
+    except (ValueError, TypeError) as e:
+        raise FileError(run, str(e), "meta.json: finetune") from e
+    return d
+
+
 def _check_data_unchanged(description):
     """A run's data file must be the one it was trained on, or its held-out split is not its own."""
-    import hashlib
+    from .validate import read_input
 
     path = description.get("data_file")
     if path is None:
         return
     try:
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-    except OSError as e:
-        raise ValueError(f"run: its data file {path!r} cannot be read ({e.strerror}); give the records to score "
-                         f"with --data") from e
+        digest = read_input(path, "run")[1]
+    except ValueError as e:
+        raise ValueError(f"run: its data file {path!r} cannot be read ({str(e).split(': ')[-1]}); give the "
+                         f"records to score with --data") from e
     if digest != description.get("data_sha256"):
         raise ValueError(f"run: its data file {path!r} changed since the run was trained (sha256 {digest[:12]}, "
                          f"was {description.get('data_sha256', '?')[:12]}), so its held-out split cannot be "
@@ -443,16 +488,16 @@ def _cmd_merge(args):
 def _cmd_import_hf(args):
     from .bridge import read_hf_model
     from .checkpoint import save_checkpoint
-    from .runs import CHECKPOINT, prepare_run_dir
+    from .runs import CHECKPOINT, claim_run_dir
 
     # every tensor and the tokenizer are read and checked before the run folder is touched:
     # a refusal writes nothing
     params, config, tokenizer = read_hf_model(args.dir)
-    prepare_run_dir(args.out, overwrite=args.overwrite)
-    tokenizer.save(args.out)
-    save_checkpoint(os.path.join(args.out, CHECKPOINT), params,
-                    {"kind": "imported", "model": config.to_dict(), "tokenizer": tokenizer.describe(),
-                     "imported_from": os.path.abspath(args.dir)})
+    with claim_run_dir(args.out, overwrite=args.overwrite):  # one writer at a time
+        tokenizer.save(args.out)
+        save_checkpoint(os.path.join(args.out, CHECKPOINT), params,
+                        {"kind": "imported", "model": config.to_dict(), "tokenizer": tokenizer.describe(),
+                         "imported_from": os.path.abspath(args.dir)})
     n = sum(p.size for p in params.values())
     print(f"imported GPT-2 {config.n_layers} x {config.d_model} (vocab {config.vocab_size}, context "
           f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters; "
@@ -508,7 +553,8 @@ def _cmd_sweep(args):
     from .studies import cells
     from .sweep import dask_executor, run_sweep
 
-    grid = cells(args.study, args.out, args.seeds)
+    with _named("--out"):  # a sibling study's results.jsonl this study builds on
+        grid = cells(args.study, args.out, args.seeds)
     executor = dask_executor(args.scheduler) if args.scheduler else None
 
     def progress(record, done, total):
@@ -517,7 +563,8 @@ def _cmd_sweep(args):
               f"test {record['test_metric']:.3f}, forgetting {record['evals'][-1]['forgetting']:+.3f} "
               f"({record['wall_s']:.0f} s)", flush=True)
 
-    results = run_sweep(grid, args.out, workers=args.workers, executor=executor, on_result=progress)
+    with _named("--out"):
+        results = run_sweep(grid, args.out, workers=args.workers, executor=executor, on_result=progress)
     print(f"{args.study}: {len(results)} cells run, {len(grid) - len(results)} already in "
           f"{os.path.join(args.out, 'results.jsonl')}")
     return 0
@@ -526,7 +573,8 @@ def _cmd_sweep(args):
 def _cmd_report(args):
     from .report import report
 
-    text, figs = report(args.dir, args.figures, " [fast: a smoke test, not a result]" if args.fast_note else "")
+    with _named("dir"):
+        text, figs = report(args.dir, args.figures, " [fast: a smoke test, not a result]" if args.fast_note else "")
     print(text)
     if args.figures:
         print("wrote " + ", ".join(os.path.join(args.figures, name) for name in figs))
@@ -558,7 +606,7 @@ def _model_options(s):
 
 def _run_options(s, what):
     """--resume and --overwrite: the two ways to write into a folder that already holds a run."""
-    s.add_argument("--resume", default=None, metavar="RUN",
+    s.add_argument("--resume", type=_path, default=None, metavar="RUN",
                    help=f"continue {what} from this run folder or checkpoint (with the same settings); "
                         "it ends exactly where an uninterrupted run would")
     s.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder")
@@ -574,7 +622,7 @@ def build_parser():
 
     s = sub.add_parser("demo", parents=[common],
                        help="pretrain, fine-tune three ways, print a comparison, write figures")
-    s.add_argument("--out", default=None, help="folder for runs (default runs/, or runs/fast/ with --fast); "
+    s.add_argument("--out", type=_path, default=None, help="folder for runs (default runs/, or runs/fast/ with --fast); "
                    "run again, the demo reuses finished runs there and resumes interrupted ones")
     s.add_argument("--figures", default=None,
                    help="folder for the PNG figures ('' for none; default: OUT/figures, beside the runs)")
@@ -590,9 +638,9 @@ def build_parser():
     s.set_defaults(func=_cmd_gradcheck)
 
     s = sub.add_parser("pretrain", parents=[common], help="phase 1: next-token training on the toy corpus")
-    s.add_argument("--out", default=None, help="the run folder (default: runs/pretrain, or the --resume run's)")
-    s.add_argument("--text", default=None, help="pretrain on this UTF-8 text file instead of the toy corpus")
-    s.add_argument("--tokenizer", default=None, metavar="TOKENIZER_JSON",
+    s.add_argument("--out", type=_path, default=None, help="the run folder (default: runs/pretrain, or the --resume run's)")
+    s.add_argument("--text", type=_path, default=None, help="pretrain on this UTF-8 text file instead of the toy corpus")
+    s.add_argument("--tokenizer", type=_path, default=None, metavar="TOKENIZER_JSON",
                    help="a BPE tokenizer.json (Hugging Face tokenizers) to read the text with, copied into the run "
                         "folder (default: one token per character; or the --resume run's)")
     s.add_argument("--steps", type=POSITIVE, default=pre.train.steps, help="optimizer steps")
@@ -609,8 +657,8 @@ def build_parser():
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint (or a run folder)")
-    s.add_argument("--checkpoint", default="runs/pretrain", help="a run folder or checkpoint file")
-    s.add_argument("--adapter", default=None,
+    s.add_argument("--checkpoint", type=_path, default="runs/pretrain", help="a run folder or checkpoint file")
+    s.add_argument("--adapter", type=_path, default=None,
                    help="a LoRA adapter.npz (or PEFT folder) to apply on top of --checkpoint")
     s.add_argument("--prompt", default=None, help=f'start text; "\\n" is a newline (default: {GENERATE_PROMPT!r})')
     s.add_argument("--instruction", default=None,
@@ -633,10 +681,11 @@ def build_parser():
                                                                  for m in methods.METHODS.values()))
     s.add_argument("--task", default=ft.task, choices=["subject", "plural", "kind"],
                    help="a built-in task (kind: classification with a head); ignored with --data")
-    s.add_argument("--data", default=None, help="your own JSON-lines records (instruction/input/output, "
+    s.add_argument("--data", type=_path, default=None, help="your own JSON-lines records (instruction/input/output, "
                    "or text/label with --task kind)")
-    s.add_argument("--checkpoint", default="runs/pretrain", help="a pretraining run folder or checkpoint file")
-    s.add_argument("--out", default=None, help="default: runs/finetune-TASK-METHOD (TASK: the data file's name), "
+    s.add_argument("--checkpoint", type=_path, default="runs/pretrain",
+                   help="a pretraining run folder or checkpoint file")
+    s.add_argument("--out", type=_path, default=None, help="default: runs/finetune-TASK-METHOD (TASK: the data file's name), "
                    "with -2, -3, ... when that folder holds a run; or the --resume run's folder")
     s.add_argument("--steps", type=POSITIVE, default=ft.train.steps, help="optimizer steps")
     s.add_argument("--batch-size", type=POSITIVE, default=ft.train.batch_size, help="records per step")
@@ -665,37 +714,37 @@ def build_parser():
     s = sub.add_parser("evaluate", parents=[common],
                        help="score a run on its own held-out split, and its pretraining-corpus loss")
     s.add_argument("run", help="a run folder or checkpoint (with --adapter: the base model)")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) to apply on top of the model")
-    s.add_argument("--data", default=None, help="score every record of this JSON-lines file instead")
+    s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz (or PEFT folder) to apply on top of the model")
+    s.add_argument("--data", type=_path, default=None, help="score every record of this JSON-lines file instead")
     s.add_argument("--show", type=NON_NEGATIVE, default=5, help="print this many predictions")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("merge", parents=[common], help="fold a LoRA run's W + (alpha/r) B A into a plain checkpoint")
     s.add_argument("run", help="a LoRA run folder or checkpoint (with --adapter: the base model)")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) to merge into the model")
-    s.add_argument("--out", required=True, help="the merged checkpoint to write (.npz)")
+    s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz (or PEFT folder) to merge into the model")
+    s.add_argument("--out", type=_path, required=True, help="the merged checkpoint to write (.npz)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("import-hf", parents=[common],
                        help="a Hugging Face GPT-2 folder (config.json, model.safetensors) as a minilora run")
     s.add_argument("dir", help="the folder (config.json, model.safetensors, optionally tokenizer.json)")
-    s.add_argument("--out", required=True, help="the run folder to write")
+    s.add_argument("--out", type=_path, required=True, help="the run folder to write")
     s.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     s.set_defaults(func=_cmd_import_hf)
 
     s = sub.add_parser("export", parents=[common],
                        help="a run as a transformers model folder (and a PEFT adapter folder for LoRA)")
     s.add_argument("run", help="a pretraining, full, merged or LoRA run folder or checkpoint")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) on top of the model")
-    s.add_argument("--out", required=True, help="the folder to create (a LoRA run's adapter goes to OUT/adapter)")
+    s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz (or PEFT folder) on top of the model")
+    s.add_argument("--out", type=_path, required=True, help="the folder to create (a LoRA run's adapter goes to OUT/adapter)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("plot", parents=[common], help="loss curves from run logs (log.jsonl files or run folders)")
     s.add_argument("logs", nargs="+", metavar="LOG",
                    help="run folders or log.jsonl files, one curve each (pretraining and fine-tuning alike)")
-    s.add_argument("--out", required=True, help="PNG to write")
+    s.add_argument("--out", type=_path, required=True, help="PNG to write")
     s.add_argument("--title", default=None, help="the figure's title (default: one that fits the runs plotted)")
     s.add_argument("--no-floor", action="store_true",
                    help="omit the toy corpus's entropy floor (drawn only when every run is a pretraining run on the "
@@ -704,10 +753,11 @@ def build_parser():
     s.set_defaults(func=_cmd_plot)
 
     s = sub.add_parser("sweep", parents=[common], help="run a study's grid of fine-tuning cells (resumable)")
-    s.add_argument("study", help="forgetting | format | rank | prompt | scale | hyper")
-    s.add_argument("--out", required=True, help="the study's folder; results.jsonl gets one line per cell")
-    s.add_argument("--workers", type=int, default=1, help="worker processes; BLAS threads are split between them")
-    s.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the study's own)")
+    s.add_argument("study", help="forgetting | format | rank | prompt | scale | hyper | qlora")
+    s.add_argument("--out", type=_path, required=True,
+                   help="the study's folder; results.jsonl gets one line per cell")
+    s.add_argument("--workers", type=POSITIVE, default=1, help="worker processes; BLAS threads are split between them")
+    s.add_argument("--seeds", type=POSITIVE, default=None, help="seeds per setting (default: the study's own)")
     s.add_argument("--scheduler", default=None, help="run on a Dask cluster at this address (tcp://HOST:PORT)")
     s.set_defaults(func=_cmd_sweep)
 
@@ -755,7 +805,8 @@ def parse_args(argv=None):
 
 # Library messages start with the setting they are about; the CLI names the option instead.
 _OPTION_OF = {"data_file": "--data", "text_file": "--text", "dropout": "--lora-dropout", "init": "--lora-init",
-              "run_dir": "--out"}
+              "run_dir": "--out", "out_dir": "--out", "figures_dir": "--figures", "bases_dir": "--out",
+              "workers": "--workers", "seeds": "--seeds"}
 
 
 def _one_line(message, args):
@@ -772,12 +823,10 @@ def _one_line(message, args):
 
 
 def _resume_hint(args):
-    """How to continue after an interruption: the same command, resuming the run folder's checkpoint."""
+    """What to run after an interruption, and what it will do."""
     run_dir = getattr(args, "run_dir", None)
-    if args.command == "demo":
+    if args.command in ("demo", "sweep"):
         return "run the same command again to resume: " + shlex.join(["minilora", *args.argv])
-    if run_dir is None or not os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
-        return "nothing was saved"
     argv, skip = [], False
     for token in args.argv:  # the same options, less --overwrite and any earlier --resume
         if skip:
@@ -786,16 +835,41 @@ def _resume_hint(args):
             skip = True
         elif token != "--overwrite" and not token.startswith("--resume="):
             argv.append(token)
-    return "to resume: " + shlex.join(["minilora", *argv, "--resume", run_dir])
+    ckpt = os.path.join(run_dir, "checkpoint.npz") if run_dir else None
+    if ckpt is None or not os.path.exists(ckpt):
+        from .runs import is_run_dir
+
+        if run_dir and is_run_dir(run_dir):  # a log, no checkpoint: nothing to continue from
+            return "nothing was saved; to start over: " + shlex.join(["minilora", *argv, "--overwrite"])
+        return "nothing was saved; run the same command again to start over"
+    try:
+        from .checkpoint import load_checkpoint
+
+        meta = load_checkpoint(ckpt)[1]
+        step, steps = int(meta["step"]), int(meta["train"]["steps"])
+    except (ValueError, KeyError, TypeError):
+        step = steps = None
+    if step is not None and step == steps:
+        what = f"training had finished (step {step} of {steps}), so resuming only scores the run and saves it"
+    elif step is not None:
+        what = f"resuming continues from step {step} of {steps}"
+    else:
+        what = "resuming continues from its checkpoint"
+    return f"{what}; to resume: " + shlex.join(["minilora", *argv, "--resume", run_dir])
 
 
 def _interrupted(args, error):
     """The one line Ctrl-C (or SIGTERM) prints, and the exit code a shell expects (130, or 143)."""
+    from .sweep import SweepInterrupted
     from .train import Interrupted
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C cannot cut this line short
     try:
-        if isinstance(error, Interrupted):
+        if isinstance(error, SweepInterrupted):
+            what, code = signal.Signals(error.signum).name, error.exit_code
+            where = (f"{error.kept} of the {error.total} cells to run finished and are kept in {error.path}, "
+                     f"{error.total - error.kept} left")
+        elif isinstance(error, Interrupted):
             what = signal.Signals(error.signum).name
             where = (f"after step {error.step}, checkpoint saved" if error.step is not None and error.checkpoint
                      else "at once, nothing saved since the last checkpoint")
@@ -808,6 +882,29 @@ def _interrupted(args, error):
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """For the whole command, SIGTERM stops it as Ctrl-C does (one line, exit 143), not silently.
+
+    train() and run_sweep() put their own handlers in place while they run; outside them (loading,
+    scoring before and after training) SIGTERM raises train.Interrupted where the command is.
+    """
+    from .train import Interrupted
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv=None):
     """Run one `minilora` command; returns the exit code (2: bad input, 1: failure, 130 / 143: interrupted)."""
     try:
@@ -815,18 +912,20 @@ def main(argv=None):
     except SystemExit as e:  # argparse has printed its one line (or the help)
         return e.code
     from .backend import BackendError
+    from .sweep import WorkerLost
     from .train import TrainingDiverged
 
     try:
-        if args.threads is not None:
-            from threadpoolctl import threadpool_limits
+        with _sigterm_interrupts():
+            if args.threads is not None:
+                from threadpoolctl import threadpool_limits
 
-            with threadpool_limits(limits=args.threads, user_api="blas"):
-                return args.func(args)
-        return args.func(args)
-    except KeyboardInterrupt as e:  # train.Interrupted too: SIGINT or SIGTERM
+                with threadpool_limits(limits=args.threads, user_api="blas"):
+                    return args.func(args)
+            return args.func(args)
+    except KeyboardInterrupt as e:  # train.Interrupted and sweep.SweepInterrupted too: SIGINT or SIGTERM
         return _interrupted(args, e)
-    except (ValueError, BackendError, TrainingDiverged, OSError, MemoryError) as e:
+    except (ValueError, BackendError, TrainingDiverged, WorkerLost, OSError, MemoryError) as e:
         message = str(e) or type(e).__name__
         if isinstance(e, MemoryError):
             message = "out of memory: the settings ask for more memory than this machine has"

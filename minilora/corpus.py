@@ -58,10 +58,13 @@ def load_text_file(path, problem=out_of_vocab_report):
     Returns:
     - text: str, every character of it encodable.
     """
+    from .validate import read_input  # read once: a pipe or FIFO cannot be read again to hash it
+
+    data, _ = read_input(path, "load_text_file")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
+        # universal newlines, as open(..., encoding="utf-8") reads them
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
         raise ValueError(f"load_text_file: cannot read path {str(path)!r} as UTF-8 text: {e}") from e
     if not text:
         raise ValueError(f"load_text_file: path {str(path)!r} is empty; expected some text to train on")

@@ -21,8 +21,7 @@ import time
 
 import numpy as np
 
-from . import corpus, methods, plot
-from .checkpoint import load_checkpoint
+from . import corpus, lock, methods, plot
 from .evaluation import corpus_val_data
 from .finetune import FinetuneConfig, check_settings, finetune, finished_summary, load_records, run_meta
 from .pretrain import PretrainConfig, load_or_pretrain
@@ -30,7 +29,7 @@ from .runs import CHECKPOINT, RUN_FILES, check_writable
 from .sampling import decode
 from .tasks import record_positions
 from .tokenizer import make_tokenizer, single_token_id
-from .train import resume_problem
+from .train import load_resume, resume_problem
 
 # the seed's three answers to "which weights get updated?": all of them, low-rank adapters, or none
 DEMO_METHODS = ("full", "lora", "prompt")
@@ -112,7 +111,7 @@ def _finetune_run(params, model_config, tokenizer, config, data, run_dir, val_da
         return summary
     ckpt, resume = os.path.join(run_dir, CHECKPOINT), None
     if os.path.exists(ckpt):
-        meta = load_checkpoint(ckpt)[1]
+        meta = load_resume(ckpt)[1]
         if resume_problem(meta, config.train, run_meta(params, model_config, tokenizer, config, data[2])) is None:
             resume = ckpt
             log(f"{label}: resuming {run_dir} from step {meta['step']}")
@@ -139,12 +138,18 @@ def run_demo(out_dir="runs", figures_dir=None, backend=None, fast=False, task="s
     other settings is refused (ValueError) unless overwrite.
     """
     log = log or (lambda text: None)
-    t0 = time.perf_counter()
     if figures_dir is None:
         figures_dir = os.path.join(out_dir, "figures")
-    check_writable(out_dir)
     if figures_dir:
         check_writable(figures_dir, "--figures")  # before the work, not after it
+    check_writable(out_dir, "out_dir")
+    with lock.hold(out_dir, "out_dir"):  # one demo per folder
+        return _run_demo(out_dir, figures_dir, backend, fast, task, log, overwrite)
+
+
+def _run_demo(out_dir, figures_dir, backend, fast, task, log, overwrite):
+    """run_demo with out_dir's lock held."""
+    t0 = time.perf_counter()
     pre_config = PretrainConfig.fast() if fast else PretrainConfig()
     tokenizer = make_tokenizer()  # the demo's model reads characters
     runs = _finetune_configs(pre_config.model, tokenizer, task, fast, log)  # every run's data checked before any work

@@ -21,7 +21,6 @@ LoRA rank fits every adapted matrix, the soft prompt and the longest record
 fit the context together.
 """
 
-import hashlib
 import json
 import os
 import time
@@ -38,6 +37,7 @@ from .optim import optimizer_state_bytes
 from .runs import ADAPTER, LOG, SUMMARY
 from .tokenizer import single_token_id
 from .train import TrainConfig, train
+from .validate import read_input, read_jsonl
 
 METHODS = tuple(methods.METHODS)
 # Each method's default peak learning rate: the one the forgetting study chose on the
@@ -252,8 +252,7 @@ def _last_logged_loss(run_dir):
     """The last train_loss in run_dir's log (a run resumed at its final step trains no step itself)."""
     if run_dir is None or not os.path.exists(os.path.join(run_dir, LOG)):
         return None
-    with open(os.path.join(run_dir, LOG)) as f:
-        losses = [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
+    losses = [r["train_loss"] for r in read_jsonl(os.path.join(run_dir, LOG), "a run log") if "train_loss" in r]
     return losses[-1] if losses else None
 
 
@@ -285,8 +284,8 @@ def run_description(config):
     d = {k: v for k, v in asdict(config).items() if k not in ("lora", "train")}
     if config.data_file is not None:
         d["data_file"] = os.path.abspath(config.data_file)
-        with open(config.data_file, "rb") as f:
-            d["data_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        # the bytes load_records read (once: a pipe or FIFO cannot be read again)
+        d["data_sha256"] = read_input(config.data_file, "data_file")[1]
         # a file is split 90/10 by the seed: a built-in task's sizes do not apply, nor its name
         # (only "kind" stays: it says the records are classification records)
         del d["n_train"], d["n_test"]

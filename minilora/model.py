@@ -35,6 +35,7 @@ import numpy as np
 from . import methods, ops
 from .backend import array_module, to_device
 from .methods.lora import LoraConfig
+from .validate import from_dict
 
 
 @dataclass
@@ -57,7 +58,8 @@ class ModelConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={self.d_model}, got {self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if isinstance(self.lora, dict):
             self.lora = methods.adapter_config_from_dict(self.lora)
@@ -72,7 +74,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
-        return cls(**d)
+        """The config to_dict wrote; ValueError naming the field for an unknown key or a bad value."""
+        return from_dict(cls, d, "model")
 
 
 # Named sizes. "gpt2-small" has GPT-2 small's shapes (124M parameters; hf.py imports its weights
@@ -152,11 +155,12 @@ def add_head(params, n_classes, seed=0):
 
 
 def params_to(params, xp, dtype=None):
-    """A new dict with every array moved to module xp (and cast to dtype if given)."""
+    """A new dict with every array moved to module xp, and every floating one cast to dtype if given
+    (integer arrays, QLoRA's 4-bit codes, keep their type)."""
     out = {}
     for name, p in params.items():
         p = to_device(p, xp)
-        out[name] = p.astype(dtype) if dtype is not None else p
+        out[name] = p.astype(dtype) if dtype is not None and p.dtype.kind == "f" else p
     return out
 
 

@@ -21,12 +21,12 @@ import numpy as np
 
 from . import corpus
 from .backend import get_backend
-from .checkpoint import load_checkpoint
 from .evaluation import VAL_SEED, VAL_SENTENCES, strided_val_loss
 from .model import ModelConfig, init_params, params_to
 from .runs import CHECKPOINT, load_model
 from .tokenizer import make_tokenizer
-from .train import TrainConfig, resume_problem, train
+from .train import TrainConfig, load_resume, resume_problem, train
+from .validate import read_input
 
 
 @dataclass
@@ -77,6 +77,8 @@ def pretrain_meta(config, tokenizer, text_file=None, floor=None):
     """What every checkpoint of a pretraining run stores about it; a resume must match it exactly."""
     return {"kind": "pretrain", "model": config.model.to_dict(), "tokenizer": tokenizer.describe(), "floor": floor,
             "corpus": "toy grammar" if text_file is None else os.path.basename(str(text_file)),
+            # what it trained on, by content: the bytes read (once: a pipe cannot be read again)
+            "text_sha256": None if text_file is None else read_input(text_file, "text_file")[1],
             "pretrain": {k: v for k, v in asdict(config).items() if k not in ("model", "train")}}
 
 
@@ -96,7 +98,7 @@ def load_or_pretrain(config=None, run_dir="runs/pretrain", backend=None, overwri
     ckpt = os.path.join(run_dir, CHECKPOINT)
     resume = None
     if os.path.exists(ckpt):
-        _, meta, _ = load_checkpoint(ckpt)
+        _, meta, _ = load_resume(ckpt)
         wanted = pretrain_meta(config, tokenizer, floor=corpus.entropy_per_char())
         if resume_problem(meta, config.train, wanted) is None:
             if meta["step"] == config.train.steps:
@@ -134,8 +136,11 @@ def pretrain_data(config, text_file=None, tokenizer=None):
     train_data, val_data = tokenizer.encode(train_text), tokenizer.encode(val_text)
     for name, data in (("training", train_data), ("validation", val_data)):
         if len(data) < T + 2:
+            if text_file is None:  # the toy corpus is what it is: the context is too long for it
+                raise ValueError(f"context_length: expected at most {len(data) - 2} (the toy corpus's {name} "
+                                 f"text has {len(data)} tokens), got {T}")
             raise ValueError(f"text_file: expected at least {T + 2} tokens of {name} text "
-                             f"(context_length={T}), got {len(data)}")
+                             f"(context_length={T}; or give a smaller context length), got {len(data)}")
     return train_data, val_data, train_text, val_text, floor
 
 

@@ -376,14 +376,15 @@ def report(study_dir, figures_dir=None, title_note=""):
     if not records:
         raise ValueError(f"DIR: expected a study folder with results.jsonl, got {study_dir} without results")
     parent = os.path.dirname(os.path.abspath(study_dir))
-    wall = sum(r["wall_s"] for r in records)
+    wall = sum(r.get("wall_s") or 0.0 for r in records)
     text = [f"## {study}: {len(records)} cells, {wall / 60:.1f} min of cell time"]
     figs = {}
-    if study == "forgetting":
+    if study in ("forgetting", "qlora"):
         table, _ = method_rows(records)
         text.append(table)
         text.append(skill_rows(records))
-        figs["study_forgetting.png"] = figure_forgetting(records, title_note)
+        note = " (LoRA on the float32 base vs on its NF4 quantization)" if study == "qlora" else ""
+        figs[f"study_{study}.png"] = figure_forgetting(records, note + title_note)
     elif study == "format":
         text.append(format_rows(records))
         figs["study_format.png"] = figure_format(records, title_note)

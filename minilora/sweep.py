@@ -18,26 +18,40 @@ split between them so N workers on N cores never oversubscribe, and appends
 one JSON line per finished cell to DIR/results.jsonl. A rerun skips the cells
 already there, so an interrupted sweep resumes. Any concurrent.futures
 Executor works, a Dask cluster's included (sweep.dask_executor).
+
+Stopping cleanly: one sweep holds a study folder at a time (lock.py). Each
+local worker writes its own cell's line the moment the cell is done, so a
+finished cell is kept whatever happens to the parent afterwards. Workers
+ignore Ctrl-C (the terminal sends it to the whole process group); the parent
+takes SIGINT or SIGTERM, tells the workers to stop (they exit within 0.2 s,
+never in the middle of a line) and raises SweepInterrupted. A worker whose
+parent is gone (SIGKILL) notices within 0.2 s and exits too.
 """
 
+import contextlib
 import json
+import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 
 import numpy as np
 
-from . import corpus, tasks
-from .checkpoint import atomic_open
+from . import corpus, lock, tasks
 from .evaluation import corpus_val_data, strided_val_loss
 from . import methods
 from .finetune import DEFAULT_LR, FinetuneConfig, score, setup_strategy
 from .methods.lora import TARGETS, LoraConfig
 from .model import ModelConfig
 from .pretrain import PretrainConfig, load_or_pretrain
-from .train import TrainConfig, train
+from .train import Interrupted, TrainConfig, train
+from .validate import FileError, field, read_jsonl
 
 # the pretrained bases a cell can start from: name -> how to pretrain it
 BASES = {
@@ -172,9 +186,16 @@ _BASE_CACHE = {}
 
 def load_base(name, bases_dir):
     """The pretrained base `name` as (params, config, tokenizer) (pretrained into bases_dir/name on first use,
-    then reused)."""
+    then reused).
+
+    Sweeps of several studies share bases_dir: the one that finds a base missing pretrains it while
+    holding its folder's lock, and the others wait for it (lock.py).
+    """
+    if name not in BASES:
+        raise ValueError(f"base: expected one of {sorted(BASES)}, got {name!r}")
     if (name, bases_dir) not in _BASE_CACHE:
-        params, config, _, tokenizer = load_or_pretrain(BASES[name], os.path.join(bases_dir, name))
+        with lock.hold(os.path.join(bases_dir, name), "bases_dir", wait=float("inf")):
+            params, config, _, tokenizer = load_or_pretrain(BASES[name], os.path.join(bases_dir, name))
         _BASE_CACHE[(name, bases_dir)] = (params, config, tokenizer)
     return _BASE_CACHE[(name, bases_dir)]
 
@@ -245,42 +266,42 @@ def _blas_threads():
 
 
 def read_results(path):
-    """The records of a results.jsonl. A last line cut short by an interruption (no
-    newline at its end) is ignored; any other bad line is an error naming it."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # the last write was cut short: that cell runs again
-                continue
-            raise ValueError(f"{path}, line {i + 1}: expected a JSON result record ({e.msg})") from e
+    """The records of a results.jsonl, one per distinct cell (the first of any repeated key).
+
+    A last line cut short by an interruption is ignored; any other bad line, or a
+    record whose key, cell, evals or test_metric is missing or of the wrong type,
+    is a FileError naming the file and line. Counting lines would count a cell
+    twice if it was ever appended twice; counting keys cannot.
+    """
+    records, seen = [], set()
+    for i, r in enumerate(read_jsonl(path, "study results")):
+        where = f"record {i + 1}"
+        key = field(r, "key", path, "str", where)
+        cell = field(r, "cell", path, "dict", where)
+        for name, kind in (("study", "str"), ("method", "str"), ("lr", "number"), ("seed", "int"),
+                           ("steps", "int")):
+            field(cell, name, path, kind, f"{where}: cell")
+        field(r, "wall_s", path, "number", where, optional=True)
+        evals = field(r, "evals", path, "list", where)
+        if not evals:
+            raise FileError(path, "expected at least one evaluation, got none", f"{where}: evals")
+        for j, e in enumerate(evals):
+            for name in ("val_metric", "forgetting"):
+                field(e, name, path, "number", f"{where}: evals[{j}]")
+        field(r, "test_metric", path, "number", where, optional=True)
+        if key not in seen:
+            seen.add(key)
+            records.append(r)
     return records
 
 
-def _drop_partial_line(path):
-    """Cut a last line that an interrupted write left without its newline."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        with atomic_open(path, "wb") as f:
-            f.write(data[: data.rfind(b"\n") + 1])
+_APPENDING = threading.Lock()  # a worker stops (watchdog) only between appends, never in one
 
 
 def _append(path, record):
-    """One line per finished cell, flushed to disk before the next is reported."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """One line per finished cell, on disk before the cell is reported (lock.append_line)."""
+    with _APPENDING:
+        lock.append_line(path, json.dumps(record))
 
 
 def _limit_threads(threads):
@@ -288,6 +309,76 @@ def _limit_threads(threads):
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=threads, user_api="blas")
+
+
+def _watch_parent(parent_pid, stop):
+    """A worker's watchdog thread: exit when the parent asks (stop) or is gone (killed, even by SIGKILL)."""
+    while not stop.wait(0.2) and os.getppid() == parent_pid:
+        pass
+    with _APPENDING:  # a line being written is finished first
+        os._exit(1)
+
+
+def _worker_init(threads, parent_pid, stop):
+    """Set up a local worker: ignore Ctrl-C (the parent handles it), watch the parent, limit BLAS threads."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    lock.forget_inherited()  # the study folder's lock belongs to the parent
+    threading.Thread(target=_watch_parent, args=(parent_pid, stop), daemon=True).start()
+    _limit_threads(threads)
+
+
+def run_cell_into(path, cell, bases_dir, threads=None):
+    """run_cell, then append its record to path at once (a local worker's task); returns the record."""
+    record = run_cell(cell, bases_dir, threads)
+    _append(path, record)
+    return record
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a sweep. Attributes: signum, kept (cells of this call in results.jsonl),
+    total (cells this call was to run), path (results.jsonl), exit_code (128 + signum)."""
+
+    def __init__(self, signum, kept, total, path):
+        self.signum, self.kept, self.total, self.path = signum, kept, total, path
+        self.exit_code = 128 + int(signum)
+        super().__init__(f"{signal.Signals(signum).name}: {kept} of {total} cells finished, kept in {path}")
+
+    def __reduce__(self):
+        return (SweepInterrupted, (self.signum, self.kept, self.total, self.path))
+
+
+class WorkerLost(RuntimeError):
+    """A worker process died (killed from outside, out of memory); the finished cells are kept."""
+
+
+def check_cells(cells):
+    """Raise ValueError, naming the setting, unless every cell's settings are valid (before any work)."""
+    for c in cells:
+        if not isinstance(c, Cell):
+            raise ValueError(f"cells: expected Cell objects, got {type(c).__name__}")
+        if c.base not in BASES:
+            raise ValueError(f"base: expected one of {sorted(BASES)}, got {c.base!r}")
+        if not 0.0 <= c.replay < 1.0:
+            raise ValueError(f"replay: expected a fraction in [0, 1), got {c.replay!r}")
+        c.finetune_config()  # every fine-tuning setting's own checks
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM interrupts like SIGINT (a KeyboardInterrupt in the main thread) while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def run_sweep(cells, out_dir, workers=1, executor=None, bases_dir=None, threads=None, on_result=None):
@@ -301,11 +392,24 @@ def run_sweep(cells, out_dir, workers=1, executor=None, bases_dir=None, threads=
       are submitted to it as run_cell(cell, bases_dir, threads)
     - bases_dir: where pretrained bases live (default out_dir/../bases)
     - on_result(record, done, total): called as each cell finishes
+
+    Every cell is checked before out_dir is claimed. Raises lock.FolderInUse
+    when another sweep holds out_dir, SweepInterrupted after SIGINT / SIGTERM
+    (every finished cell is in results.jsonl; a rerun runs the rest), and
+    WorkerLost when a local worker died.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    check_cells(cells)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+    lock.check_folder_name(out_dir, "out_dir")
+    with lock.hold(out_dir, "out_dir"), _signals_interrupt():
+        return _run_sweep(cells, out_dir, workers, executor, bases_dir, threads, on_result)
+
+
+def _run_sweep(cells, out_dir, workers, executor, bases_dir, threads, on_result):
+    """run_sweep with out_dir's lock held."""
     path = os.path.join(out_dir, "results.jsonl")
     bases_dir = bases_dir or os.path.join(os.path.dirname(os.path.abspath(out_dir)), "bases")
-    _drop_partial_line(path)
     done = {r["key"] for r in read_results(path)}
     todo, seen = [], set()
     for c in cells:
@@ -316,23 +420,47 @@ def run_sweep(cells, out_dir, workers=1, executor=None, bases_dir=None, threads=
         return []
     cores = os.cpu_count() or 1
     threads = threads or max(1, cores // max(1, workers))
-    for name in sorted({c.base for c in todo}):
-        load_base(name, bases_dir)  # pretrain each base once, here, before the workers start
-    own = executor is None
-    if own:
-        executor = ProcessPoolExecutor(max_workers=workers, initializer=_limit_threads, initargs=(threads,))
     results = []
+
+    def kept():
+        keys = {r["key"] for r in read_results(path)}
+        return sum(c.key() in keys for c in todo)
+
+    own = executor is None
+    stop = None
     try:
-        futures = [executor.submit(run_cell, c, bases_dir, threads) for c in todo]
+        for name in sorted({c.base for c in todo}):
+            load_base(name, bases_dir)  # pretrain each base once, here, before the workers start
+        if own:
+            # fork where there is one (fast, and a worker's parent is this process: the watchdog's test)
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            stop = context.Event()
+            executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                                           initargs=(threads, os.getpid(), stop))
+            futures = [executor.submit(run_cell_into, path, c, bases_dir, threads) for c in todo]
+        else:
+            futures = [executor.submit(run_cell, c, bases_dir, threads) for c in todo]
         for f in as_completed(futures):
             record = f.result()
-            _append(path, record)
+            if not own:
+                _append(path, record)
             results.append(record)
             if on_result is not None:
                 on_result(record, len(results), len(todo))
+    except KeyboardInterrupt as e:  # SIGINT, SIGTERM (_signals_interrupt), or train's Interrupted for a base
+        if stop is not None:
+            stop.set()
+        raise SweepInterrupted(getattr(e, "signum", signal.SIGINT), kept(), len(todo), path) from None
+    except BrokenProcessPool as e:
+        raise WorkerLost(f"a worker process died ({e}); the {kept()} finished cells of {len(todo)} are kept in "
+                         f"{path}; run the same sweep again to run the others") from None
+    except BaseException:  # a cell's error: the other workers stop now rather than finish their cells
+        if stop is not None:
+            stop.set()
+        raise
     finally:
-        if own:
-            executor.shutdown(cancel_futures=True)
+        if own and executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
     return results
 
 

@@ -230,12 +230,13 @@ def load_jsonl(path, kind, tokenizer, context_length=None, n_prompt=0):
     """
     if kind not in _FIELDS:
         raise ValueError(f"load_jsonl: kind must be one of {list(_FIELDS)}, got {kind!r}")
+    from .validate import read_input  # read once: a pipe or FIFO cannot be read again to hash it
+
+    data, _ = read_input(path, "load_jsonl")
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            lines = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ValueError(f"load_jsonl: cannot read path {str(path)!r} as UTF-8 text: {reason}") from e
+        lines = data.decode("utf-8-sig").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"load_jsonl: cannot read path {str(path)!r} as UTF-8 text: {e}") from e
     records = []
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():

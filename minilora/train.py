@@ -30,10 +30,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import lock
 from .backend import array_module, to_device, to_numpy
 from .model import loss_and_grads
 from .checkpoint import atomic_open, load_checkpoint, save_checkpoint
 from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at, state_from_arrays, state_to_arrays
+from .validate import FLOAT_DTYPES, FileError, check_arrays, field, from_dict, read_jsonl, rng_state
+
+# The largest peak learning rate a run accepts: AdamW moves every trained weight by about lr per step,
+# so a rate of 1e30 (or 1e300) turns float32 weights into inf within a step or two.
+MAX_LR = 10.0
 from .tokenizer import CHAR_DESCRIPTION
 
 
@@ -62,6 +68,11 @@ class Interrupted(KeyboardInterrupt):
         else:
             what = f"stopped after step {step}, checkpoint saved to {checkpoint}"
         super().__init__(f"{name}: {what}")
+
+    def __reduce__(self):
+        # KeyboardInterrupt pickles as cls(*self.args), one message string: rebuild from the fields instead,
+        # so an Interrupted raised in a sweep worker reaches the parent process whole
+        return (Interrupted, (self.signum, self.step, self.checkpoint))
 
 
 @dataclass
@@ -94,6 +105,15 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
         if self.lr == 0:
             raise ValueError("lr: expected a positive learning rate, got 0")
+        if self.lr > MAX_LR:
+            raise ValueError(f"lr: expected a learning rate of at most {MAX_LR:g} (AdamW moves each weight by "
+                             f"about lr per step; more overflows float32), got {self.lr!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: expected at most lr={self.lr:g}, got {self.min_lr!r}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps: expected at most steps={self.steps}, got {self.warmup_steps}")
+        if not 0.0 <= self.beta2 < 1.0:
+            raise ValueError(f"beta2: expected a number in [0, 1), got {self.beta2!r}")
 
 
 def _write_log(path, record):
@@ -102,16 +122,28 @@ def _write_log(path, record):
 
 
 def _truncate_log(path, step):
-    """Drop the records after `step` (a crashed run logged them; the resumed run logs them again)."""
-    with open(path) as f:
-        lines = [line for line in f if "step" not in (r := json.loads(line)) or r["step"] <= step]
+    """Drop the records after `step` (a crashed run logged them; the resumed run logs them again).
+
+    A last line torn by a full disk or a kill is dropped (validate.read_jsonl); any other bad line is an
+    error naming the log and the line.
+    """
+    kept = []
+    for i, r in enumerate(read_jsonl(path, "a run log")):
+        if "step" in r:
+            field(r, "step", path, "int", where=f"record {i + 1}", low=0)
+            if r["step"] > step:
+                continue
+        kept.append(json.dumps(r) + "\n")
     with atomic_open(path, "w") as f:
-        f.writelines(lines)
+        f.writelines(kept)
 
 
-# What a resumed run may change: how long it runs and how often it evaluates or
-# saves. Everything else shapes the trajectory, so it must be what the checkpoint had.
-RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "checkpoint_seconds")
+# What a resumed run may change: how often it evaluates or saves. Everything else
+# shapes the trajectory, so it must be what the checkpoint had; the number of steps
+# too, because the learning-rate schedule is laid out over it.
+RESUMABLE_CHANGES = ("eval_every", "checkpoint_every", "checkpoint_seconds")
+# Names of inputs, not inputs: what a run trained on is compared by its SHA-256.
+NAME_ONLY = ("data_file", "corpus")
 
 
 def _jsonable(x):
@@ -123,6 +155,8 @@ def _differences(saved, wanted, prefix=""):
     """'key: saved here vs wanted' for every key whose value differs (nested dicts expanded)."""
     out = []
     for key in sorted(set(saved) | set(wanted), key=str):
+        if key in NAME_ONLY:
+            continue
         a, b = saved.get(key, "(absent)"), wanted.get(key, "(absent)")
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
@@ -135,26 +169,51 @@ def resume_problem(saved_meta, config, meta=None):
     """Why a checkpoint's metadata cannot continue a run of config and meta exactly; None if it can.
 
     Inputs:
-    - saved_meta: the meta dict of the checkpoint (load_checkpoint's second value)
+    - saved_meta: the meta dict of the checkpoint (load_resume's second value, fields checked)
     - config: the TrainConfig of the run that would continue it
     - meta: the run's description that train() stores in every checkpoint
+
+    Every difference is listed at once, so the advice never leads to a second refusal.
     """
     if not {"step", "rng", "train"} <= set(saved_meta):
         return "it is not a training checkpoint (it has no step, RNG state or training settings)"
+    if meta and "kind" in meta and saved_meta.get("kind") != meta["kind"]:
+        return (f"it is a checkpoint of kind {saved_meta.get('kind')!r}, not of a {meta['kind']!r} run; "
+                f"--resume continues a run of the same command")
     # a checkpoint written before tokenizers were recorded was made by the character tokenizer
     saved_meta = {"tokenizer": CHAR_DESCRIPTION, **saved_meta}
-    step = saved_meta["step"]
-    if step > config.steps:
-        return (f"it holds step {step}, more than the {config.steps} steps asked for; give --steps {step} "
-                f"or more to continue it (the checkpoint is left as it was)")
     wanted = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
     had = {k: v for k, v in saved_meta["train"].items() if k not in RESUMABLE_CHANGES}
     diff = _differences(had, _jsonable(wanted))
     diff += _differences({k: saved_meta.get(k, "(absent)") for k in (meta or {})}, _jsonable(meta or {}))
     if diff:
-        return ("it was made with other settings, so a resumed run would not be the run it continues: "
+        return ("it was made with other settings, so a resumed run would not be the run it continues "
+                "(give the settings it was made with; steps too, as the learning-rate schedule spans them): "
                 + "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else ""))
     return None
+
+
+def check_training_state(path):
+    """The check load_checkpoint runs on a checkpoint a run resumes from (see load_resume)."""
+    def check(saved, meta, arrays):
+        train_settings = field(meta, "train", path, "dict")
+        try:
+            saved_config = from_dict(TrainConfig, train_settings, "train")
+        except ValueError as e:
+            raise FileError(path, str(e), "meta.json") from e
+        field(meta, "step", path, "int", low=0, high=saved_config.steps)
+        rng_state(meta.get("rng"), path)
+        if "opt.step" not in arrays or arrays["opt.step"].shape != () or arrays["opt.step"].dtype.kind not in "iu":
+            raise FileError(path, "expected the optimizer's step count, an integer array", "opt.step")
+        check_arrays(saved, path)
+        check_arrays({k: a for k, a in arrays.items() if k.startswith(("opt.m.", "opt.v."))}, path,
+                     "optimizer moment")
+    return check
+
+
+def load_resume(path):
+    """load_checkpoint for a resume: step, RNG state, training settings and moments checked (FileError)."""
+    return load_checkpoint(path, check_training_state(path))
 
 
 def check_resume(path, config, meta=None):
@@ -162,7 +221,7 @@ def check_resume(path, config, meta=None):
 
     Reads only; the checkpoint is left as it was. Returns its metadata.
     """
-    _, saved_meta, _ = load_checkpoint(path)
+    _, saved_meta, _ = load_resume(path)
     problem = resume_problem(saved_meta, config, meta)
     if problem is not None:
         raise ValueError(f"resume: {path}: {problem}")
@@ -189,7 +248,9 @@ def _stop_requests():
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process ignores stays ignored (a sweep's workers leave Ctrl-C to their parent)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield received
     finally:
@@ -223,8 +284,23 @@ def train(params, trainable, model_config, batches, config, evaluate=None, run_d
     Raises TrainingDiverged if the loss stops being finite; the last checkpoint
     on disk is then the last good one. Raises Interrupted after SIGINT or
     SIGTERM, with the checkpoint it wrote at the next step boundary; the
-    signal handlers in place before the call are restored.
+    signal handlers in place before the call are restored. Raises ValueError
+    before any step when a parameter is not a finite float32 / float64 array,
+    and lock.FolderInUse when another process holds run_dir (lock.py): the
+    lock is held for the whole call.
     """
+    if run_dir is None:
+        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc)
+    with lock.hold(run_dir, "run_dir"):
+        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc)
+
+
+def _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc):
+    """train() with run_dir's lock held."""
+    bad = _bad_params(params)
+    if bad:
+        raise ValueError(f"params: expected finite float32 or float64 arrays, got {bad}; the model given is "
+                         f"broken before any training step")
     trainable = sorted(trainable)
     rng = np.random.default_rng(config.seed)
     state = adamw_init(params, trainable)
@@ -235,7 +311,7 @@ def train(params, trainable, model_config, batches, config, evaluate=None, run_d
         ckpt_path = os.path.join(run_dir, "checkpoint.npz")
         log_path = os.path.join(run_dir, "log.jsonl")
     if resume is not None:
-        saved, saved_meta, arrays = load_checkpoint(resume)
+        saved, saved_meta, arrays = load_resume(resume)
         problem = resume_problem(saved_meta, config, meta)
         if problem is None:
             problem = _params_problem(saved, params, trainable)
@@ -274,8 +350,9 @@ def train(params, trainable, model_config, batches, config, evaluate=None, run_d
                 bar.close()
                 kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path) \
                     else "no checkpoint was written"
-                raise TrainingDiverged(f"step {step}: the loss is {loss} at learning rate {config.lr:g}; {kept}. "
-                                       f"A lower learning rate (e.g. {config.lr / 3:.2g}) usually helps")
+                raise TrainingDiverged(f"step {step}: the loss is {loss}; "
+                                       f"{divergence_cause(params, trainable, model_config, config, step - start)}; "
+                                       f"{kept}")
             if config.grad_clip > 0:
                 clip_grad_norm(grads, config.grad_clip)
             adamw_step(params, grads, state, lr, beta2=config.beta2, weight_decay=config.weight_decay)
@@ -304,6 +381,40 @@ def train(params, trainable, model_config, batches, config, evaluate=None, run_d
         if start < config.steps:
             save(config.steps)  # a resume at the final step changes nothing, so writes nothing
     return history, state
+
+
+def _bad_params(params):
+    """'name (why)' of the first parameters that are not finite float32 / float64 arrays ('' if none)."""
+    bad = []
+    for name in sorted(params):
+        a = params[name]
+        if a.dtype not in FLOAT_DTYPES:
+            bad.append(f"{name} ({a.dtype})")
+        elif not bool(array_module(a).isfinite(a).all()):
+            bad.append(f"{name} (NaN or inf)")
+    return ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+
+
+def divergence_cause(params, trainable, model_config, config, steps_done):
+    """What is known about a non-finite loss, most specific first; the learning rate is blamed last.
+
+    - frozen weights that are no longer finite: the base, not training (never happens after train's checks)
+    - the first step of the call, on weights train() checked finite: the batch or a setting overflowed
+    - a LoRA scale s = alpha / r far above 1 multiplies every update
+    - else the trained weights grew: the learning rate
+    """
+    frozen = {n: p for n, p in params.items() if n not in set(trainable)}
+    if _bad_params(frozen):
+        return f"the frozen weights are not finite ({_bad_params(frozen)}): the base model is broken"
+    if steps_done == 0:
+        return ("it is not finite at the first step, on finite weights, before any update: the input or a "
+                "setting overflows (not the learning rate)")
+    lora = getattr(model_config, "lora", None)
+    if lora is not None and lora.scale > 100 and any(n.endswith(".lora_B") for n in trainable):
+        return (f"the LoRA scale alpha / r = {lora.scale:g} multiplies every update of B A; a smaller alpha "
+                f"(or a lower learning rate than {config.lr:g}) usually helps")
+    return (f"after {steps_done} updates at learning rate {config.lr:g} the trained weights diverged; a lower "
+            f"learning rate (e.g. {config.lr / 3:.2g}) usually helps")
 
 
 def _params_problem(saved, params, trainable):

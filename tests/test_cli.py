@@ -17,7 +17,8 @@ def test_gradcheck_passes_and_covers_every_op(capsys):
     assert cli.main(["gradcheck"]) == 0
     out = capsys.readouterr().out
     for op in ("embedding", "linear", "layer_norm", "gelu", "softmax", "attention", "dropout", "cross_entropy",
-               "lora_linear", "model: full, LM", "model: lora, LM", "model: prompt, classifier"):
+               "lora_linear", "qlora_linear", "nf4_linear (frozen)", "model: full, LM", "model: lora, LM",
+               "model: qlora, LM", "model: prompt, classifier"):
         assert f"\n{op} " in out, op
     assert " 0 failed" in out and "FAIL" not in out
 
@@ -51,7 +52,7 @@ def test_generate_prints_text(pretrained, capsys):
     assert out.startswith("the ") and len(out.rstrip("\n")) >= 4
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "prompt"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt"])
 def test_finetune_evaluate_and_merge(pretrained, tmp_path, method, capsys):
     run = tmp_path / method
     assert cli.main(["finetune", "--checkpoint", str(pretrained / "checkpoint.npz"), "--method", method,
@@ -62,11 +63,13 @@ def test_finetune_evaluate_and_merge(pretrained, tmp_path, method, capsys):
     assert "trainable params:" in out
     assert cli.main(["evaluate", str(run)]) == 0
     assert f"exact match on {finetune.FinetuneConfig().n_test} held-out records" in capsys.readouterr().out
-    if method == "lora":
-        assert os.path.exists(run / "adapter.npz")
+    if method in ("lora", "qlora"):
+        # a QLoRA run saves no adapter file: its checkpoint is the NF4 base and the adapters together
+        assert os.path.exists(run / "adapter.npz") == (method == "lora")
         assert cli.main(["merge", str(run), "--out", str(tmp_path / "merged.npz")]) == 0
         merged, meta, _ = load_checkpoint(tmp_path / "merged.npz")
-        assert not any("lora" in n for n in merged) and meta["kind"] == "merged"
+        assert not any("lora" in n or ".nf4." in n for n in merged) and meta["kind"] == "merged"
+        assert merged["h.0.attn.q.W"].dtype == np.float32 and merged["h.0.mlp.fc.W"].shape == (64, 16)
         assert cli.main(["generate", "--checkpoint", str(tmp_path / "merged.npz"), "--max-new-tokens", "3"]) == 0
     else:
         assert cli.main(["merge", str(run), "--out", str(tmp_path / "merged.npz")]) == 2
@@ -269,13 +272,17 @@ def test_pretraining_never_clobbers_a_run_and_resume_is_exact_or_refused(tmp_pat
     _one_line_error(capsys, "--out: 'runs/pretrain' already holds a run")
     # issue 13: --resume with fewer --steps crashed, and rewrote the step-4 weights as step 2
     assert cli.main([*argv[:1], "--steps", "2", *argv[3:], "--resume", "runs/pretrain"]) == 2
-    _one_line_error(capsys, "--resume: runs/pretrain/checkpoint.npz: it holds step 4, more than the 2 steps",
-                    "--steps 4")
+    _one_line_error(capsys, "--resume: runs/pretrain/checkpoint.npz: it was made with other settings",
+                    "steps 4 in the checkpoint, 2 now")
     assert cli.main([*argv, "--lr", "0.01", "--resume", "runs/pretrain"]) == 2
     _one_line_error(capsys, "other settings", "lr 0.003 in the checkpoint, 0.01 now")
+    # issue 19: more --steps is refused too: the learning-rate schedule spans the steps, so the run would not end
+    # where an uninterrupted run of that length would
+    assert cli.main([*argv[:1], "--steps", "6", *argv[3:], "--resume", "runs/pretrain"]) == 2
+    _one_line_error(capsys, "other settings", "steps 4 in the checkpoint, 6 now")
     assert ckpt.read_bytes() == before
-    assert cli.main([*argv[:1], "--steps", "6", *argv[3:], "--resume", "runs/pretrain"]) == 0
-    assert load_checkpoint(ckpt)[1]["step"] == 6
+    assert cli.main([*argv, "--resume", "runs/pretrain"]) == 0  # at its final step: nothing to train
+    assert load_checkpoint(ckpt)[1]["step"] == 4
     assert cli.main([*argv, "--overwrite"]) == 0
     assert load_checkpoint(ckpt)[1]["step"] == 4
 
@@ -316,7 +323,7 @@ BAD = [  # (argv, what the one-line error names); {p}: the pretrained run, {t}: 
     (["generate", "--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1, got 0"),
     (["generate", "--seed", "-1"], "argument --seed"),
     (["generate", "--prompt", "café "], "--prompt: 'café ' has 1 distinct character(s) outside the vocabulary"),
-    (["generate", "--checkpoint", "{t}/my.txt"], "--checkpoint: '{t}/my.txt' is not a minilora checkpoint"),
+    (["generate", "--checkpoint", "{t}/my.txt"], "--checkpoint: {t}/my.txt: is not a minilora checkpoint"),
     (["evaluate", "{p}", "--data", "{t}/long.jsonl"], "long.jsonl' line 31"),
     (["evaluate", "{p}", "--n-test", "0"], "unrecognized arguments: --n-test 0"),
     (["--steps", "0", "finetune"], "argument --steps"),
@@ -393,7 +400,7 @@ def test_evaluate_scores_a_data_run_on_its_own_held_out_records(pretrained, tmp_
 
 def test_exact_match_decodes_as_long_as_the_longest_reference(monkeypatch):
     # issue 13: exact match decoded at most 12 characters, so a longer output could never match
-    from minilora import corpus, evaluation, model
+    from minilora import evaluation, model
 
     def decode_the_reference(params, config, prompts, max_new_tokens, **kwargs):
         return [tokenizer.CharTokenizer().encode(reference)[:max_new_tokens] for reference in references]
@@ -407,7 +414,7 @@ def test_exact_match_decodes_as_long_as_the_longest_reference(monkeypatch):
 
 
 def test_exact_match_decodes_the_prompts_a_render_writes(monkeypatch):
-    from minilora import corpus, evaluation, model
+    from minilora import evaluation, model
 
     tok, seen = tokenizer.CharTokenizer(), []
 

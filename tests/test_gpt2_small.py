@@ -5,7 +5,6 @@ import json
 import math
 import os
 
-import pytest
 from clients import require
 
 from minilora.model import SIZES, param_shapes

@@ -241,9 +241,14 @@ def test_resuming_a_bpe_run_keeps_its_tokenizer(bpe_run, tmp_path, capsys):
     run.mkdir()
     for name in ("checkpoint.npz", "tokenizer.json"):
         (run / name).write_bytes((bpe_run / name).read_bytes())
-    assert cli.main(["pretrain", "--resume", str(run), "--steps", "6", "--eval-every", "2", "--batch-size", "4",
-                     "--text", str(bpe_run.parent / "corpus.txt"), *TINY]) == 0
-    assert load_checkpoint(run / "checkpoint.npz")[1]["step"] == 6
+    argv = ["pretrain", "--resume", str(run), "--eval-every", "2", "--batch-size", "4",
+            "--text", str(bpe_run.parent / "corpus.txt"), *TINY]
+    # issue 19: more steps than the run had is refused (its learning-rate schedule spans its steps)
+    assert cli.main([*argv, "--steps", "6"]) == 2
+    assert "steps 4 in the checkpoint, 6 now" in capsys.readouterr().err
+    assert cli.main([*argv, "--steps", "4"]) == 0  # the same run, at its last step: its tokenizer is kept
+    meta = load_checkpoint(run / "checkpoint.npz")[1]
+    assert meta["step"] == 4 and meta["tokenizer"]["kind"] == "bpe"
 
 
 def test_a_vocabulary_mismatch_is_refused_in_one_line_with_nothing_written(bpe_run, tmp_path, capsys):
@@ -288,12 +293,13 @@ def test_a_checkpoint_written_before_tokenizers_were_recorded_loads_as_character
     _, _, _, tok = runs.load_model(run)
     assert isinstance(tok, CharTokenizer)
     assert cli.main(["generate", "--checkpoint", str(run), "--max-new-tokens", "3"]) == 0
-    # it is reused as the finished character run it is, and resumes as one
+    # it is reused as the finished character run it is (its missing tokenizer read as characters)
     _, _, summary, tok = load_or_pretrain(config, str(run))
     assert summary is None and isinstance(tok, CharTokenizer)
+    # issue 19: more steps is another run (the learning-rate schedule spans the steps), refused unless overwritten
     config.train.steps = 3
-    _, _, summary, _ = load_or_pretrain(config, str(run))
-    assert summary["resumed_from"] == 2 and load_checkpoint(run / "checkpoint.npz")[1]["step"] == 3
+    with pytest.raises(ValueError, match="holds another pretraining run"):
+        load_or_pretrain(config, str(run))
 
 
 def test_the_run_files_include_the_tokenizer(bpe_run):

@@ -11,7 +11,6 @@ import math
 from dataclasses import replace
 
 import numpy as np
-import pytest
 
 import clients
 

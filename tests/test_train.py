@@ -237,7 +237,7 @@ def test_resume_with_fewer_steps_is_refused_and_leaves_the_checkpoint_as_it_was(
     train(params, list(params), TINY, BATCHES, small_train_config(steps=30), run_dir=tmp_path)
     ckpt, log = tmp_path / "checkpoint.npz", tmp_path / "log.jsonl"
     before, log_before = ckpt.read_bytes(), log.read_bytes()
-    with pytest.raises(ValueError, match=r"holds step 30, more than the 20 steps.*--steps 30"):
+    with pytest.raises(ValueError, match=r"other settings.*steps 30 in the checkpoint, 20 now"):
         train(params, list(params), TINY, BATCHES, small_train_config(steps=20), run_dir=tmp_path, resume=ckpt)
     assert ckpt.read_bytes() == before and log.read_bytes() == log_before
 
@@ -257,9 +257,11 @@ def test_resume_with_other_settings_or_another_base_is_refused(tmp_path):
     train(adapted, names, config, BATCHES, small_train_config(steps=10), run_dir=tmp_path / "lora")
     other, _ = lora.add_lora(model.init_params(TINY, 1), TINY, lora.LoraConfig(rank=2))
     with pytest.raises(ValueError, match="frozen"):
-        train(other, names, config, BATCHES, small_train_config(steps=20), run_dir=tmp_path / "lora",
+        train(other, names, config, BATCHES, small_train_config(steps=10), run_dir=tmp_path / "lora",
               resume=tmp_path / "lora" / "checkpoint.npz")
-    # more steps with the same settings is allowed, and a resume at the final step writes nothing
+    # issue 19: more steps is refused as well (the schedule spans them); a resume at the final step writes nothing
+    with pytest.raises(ValueError, match=r"other settings.*steps 10 in the checkpoint, 20 now"):
+        train(params, list(params), TINY, BATCHES, small_train_config(steps=20), run_dir=tmp_path, resume=ckpt)
     train(params, list(params), TINY, BATCHES, small_train_config(steps=10), run_dir=tmp_path, resume=ckpt)
     assert ckpt.read_bytes() == before
 

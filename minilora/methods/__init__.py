@@ -3,6 +3,8 @@
     full.py     full fine-tuning: every name trains; also the plain linear pair, the base path of every method
     lora.py     LoRA: W' = W + s B A, with A (r, in) and B (out, r) beside a frozen W
     dora.py     DoRA: W' = m * (W + s B A) / ||W + s B A|| per output row, a LoRA variant (lora_A, lora_B, m)
+    qlora.py    QLoRA: LoRA on a frozen base whose block linears are stored in 4 bits (NF4, nf4.py)
+    nf4.py      the NF4 data type by hand: levels, blockwise absmax, double quantization, packing
     prompt.py   prompt tuning: P trainable vectors put before the input
 
 Why a folder of small modules: every method is the same kind of thing (names, shapes, an op pair, add,
@@ -76,6 +78,8 @@ class Method:
     - saves_adapter: a finished run also writes adapter.npz (the trained names only)
     - fit(model_config, ft_config, longest): shrink a setting of ft_config so that it fits the context
       beside the longest record; returns a note saying what changed, or None (the demo uses it)
+    - replaces(config): base names its parameters do not hold, because it stores them otherwise (QLoRA:
+      every block linear's W, replaced by its NF4 codes and scales, which extra_shapes names)
     - study_lrs: the learning rates the forgetting study sweeps for it (studies.forgetting)
     - color: its matplotlib colour in the report's figures
     - gradcheck_setup(params, config, rng) -> (params, config, trainable): the method at a random,
@@ -97,6 +101,7 @@ class Method:
     op_checks: object = None
     fit: object = None
     study_lrs: tuple = ()
+    replaces: object = None  # (config) -> the base names it holds in another form (QLoRA: each block W as NF4)
     color: str = "tab:gray"  # its colour in every figure of the report
 
 
@@ -128,13 +133,17 @@ def linear_pair(config, prefix):
     """The one question the model asks of a linear: which forward/backward pair computes it.
 
     The answer comes from config.lora, the adapter settings that came with the parameters: a linear its
-    targets name runs that config's method's pair; every other linear (and every linear of a model
-    without adapters) runs the plain pair, frozen or trained.
+    targets name runs that config's method's pair; every other block linear runs the config's base pair
+    (plain for LoRA and DoRA, the frozen NF4 linear for QLoRA), and every linear of a model without
+    adapters (and the LM head) the plain pair, frozen or trained.
     """
     settings = config.lora
-    if settings is not None and prefix.split(".", 2)[-1] in settings.target_layers:
+    if settings is None:
+        return LINEARS["plain"]
+    if prefix.split(".", 2)[-1] in settings.target_layers:
         return LINEARS[settings.method]
-    return LINEARS["plain"]
+    # a linear its targets do not name: plain, or the settings' own frozen base (QLoRA's NF4 linear)
+    return LINEARS[settings.base_pair] if prefix.startswith("h.") else LINEARS["plain"]
 
 
 def adapter_config_from_dict(d):
@@ -157,6 +166,9 @@ def expected_shapes(config, params):
 
     shapes = dict(param_shapes(config))
     for m in METHODS.values():
+        if m.replaces is not None:
+            for name in m.replaces(config):
+                del shapes[name]
         if m.extra_shapes is not None:
             shapes.update(m.extra_shapes(config, params))
     shapes.update(head_shapes(config, params))
@@ -206,4 +218,4 @@ def check_trainable(params, trainable, config):
 
 
 # each registers itself (the order is the CLI's order of --method choices)
-from . import full, lora, dora, prompt  # noqa: E402,F401  (they use the names above)
+from . import full, lora, dora, qlora, prompt  # noqa: E402,F401  (they use the names above)

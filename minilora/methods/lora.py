@@ -24,6 +24,7 @@ import numpy as np
 from .. import ops
 from ..backend import array_module
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..validate import FileError, check_arrays, field as meta_field, from_dict
 from . import LinearPair, Method, base_fingerprint, register
 
 # target name -> the linear layer it adapts inside every block
@@ -31,13 +32,22 @@ TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o", "fc": "ml
 INITS = ("kaiming", "gaussian")
 
 
+MIN_SCALE, MAX_SCALE = 1e-6, 1e4  # the scales s = alpha / r a float32 update can carry
+
+
 def lora_scale(rank, alpha, rslora=False):
     """The factor s in W' = W + s B A: alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         ops._fail("rank", "a positive integer", rank)
-    if not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
         ops._fail("alpha", "a positive number", alpha)
-    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+    s = float(alpha) / (math.sqrt(rank) if rslora else rank)
+    if not MIN_SCALE <= s <= MAX_SCALE:
+        # s B A in float32: a scale of 1e300 overflows to inf at the first update, one of 1e-300 is 0
+        ops._fail("alpha", f"alpha / {'sqrt(r)' if rslora else 'r'} in [{MIN_SCALE:g}, {MAX_SCALE:g}] "
+                           f"(r = {rank}: the scale s of s B A; outside it float32 overflows or the update "
+                           f"vanishes)", alpha)
+    return s
 
 
 def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_mask=None):
@@ -167,6 +177,7 @@ def lora_shared_input_backward(douts, cache, input_grad=True):
 class LoraConfig:
     method: ClassVar[str] = "lora"  # the LinearPair that computes its target linears (methods.LINEARS)
     label: ClassVar[str] = "LoRA"  # how reports name the method
+    base_pair: ClassVar[str] = "plain"  # the LinearPair of every block linear its targets do not name
     rank: int = 8  # r: the rank of the update B A (the seed's table: 8-64)
     alpha: float = 16.0  # the update is scaled by alpha / r (the seed: alpha = 2r)
     targets: tuple = field(default_factory=lambda: ("q", "k", "v", "o"))  # which linears get adapters
@@ -175,7 +186,13 @@ class LoraConfig:
     init: str = "kaiming"  # how A starts: "kaiming" (uniform, PEFT's default) or "gaussian"
 
     def __post_init__(self):
+        if not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets):
+            raise ValueError(f"targets: expected a list of names from {sorted(TARGETS)}, got {self.targets!r}")
         self.targets = tuple(self.targets)
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora: expected true or false, got {self.rslora!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         lora_scale(self.rank, self.alpha, self.rslora)  # validates rank and alpha
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
@@ -199,6 +216,14 @@ class LoraConfig:
         """(the formula as text, its value): trainable scalars of one adapted d x k matrix."""
         return f"r (d + k) = {self.rank} x ({d} + {k})", lora_param_count(d, k, self.rank)
 
+    def n_weights(self, params, config):
+        """The model's parameter count (the report's "all params"): every array's size."""
+        return int(sum(p.size for p in params.values()))
+
+    def report_lines(self, params, config):
+        """More lines for count_report (a variant's own; none for LoRA)."""
+        return []
+
     def layer_shapes(self, d_out, d_in):
         """suffix -> shape of what one adapted (d_out, d_in) linear gets beside its W."""
         return {"lora_A": (self.rank, d_in), "lora_B": (d_out, self.rank)}
@@ -212,7 +237,8 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d):
-        return cls(**d)
+        """The config to_dict wrote; ValueError naming the field for an unknown key or a bad value."""
+        return from_dict(cls, d, "lora")
 
 
 def adapted_layers(model_config, lora_config):
@@ -288,7 +314,7 @@ def adapter_names(model_config):
 
 def _check_plain_lora(config, what):
     if config.lora is None:
-        raise ValueError(f"config: expected the config of a LoRA model (config.lora set), got config.lora = None")
+        raise ValueError("config: expected the config of a LoRA model (config.lora set), got config.lora = None")
     if config.lora.method != LoraConfig.method:
         raise ValueError(f"config: lora.{what} takes plain LoRA adapters, got {config.lora.method} adapters "
                          f"(use methods.{config.lora.method}.{what})")
@@ -336,15 +362,19 @@ def count_report(params, trainable, config):
     (count_formula). Returns the report as text. Raises AssertionError if the adapters' size is not
     what the formula says.
     """
-    n_train = int(sum(params[n].size for n in trainable))
-    n_all = int(sum(p.size for p in params.values()))
-    lines = [f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / n_all:.4f}"]
+    from ..model import param_shapes
+
     settings = config.lora
+    n_train = int(sum(params[n].size for n in trainable))
+    # a quantized base (QLoRA) holds its weights packed: count weights, not stored array elements
+    n_all = settings.n_weights(params, config) if settings is not None else int(sum(p.size for p in params.values()))
+    lines = [f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / n_all:.4f}"]
     if settings is not None:
+        shapes = param_shapes(config)  # W's shape from the config: a quantized base holds no float W
         adapted = sorted(adapted_layers(config, settings))
-        total = sum(settings.count_formula(*params[prefix + ".W"].shape)[1] for prefix in adapted)
+        total = sum(settings.count_formula(*shapes[prefix + ".W"])[1] for prefix in adapted)
         counted = int(sum(params[n].size for n in adapter_names(config) if n in trainable))
-        d, k = params[adapted[0] + ".W"].shape
+        d, k = shapes[adapted[0] + ".W"]
         formula, per_matrix = settings.count_formula(d, k)
         lines.append(f"{settings.label}: {formula} = {per_matrix:,} per adapted matrix "
                      f"({d * k:,} for W itself), {len(adapted)} matrices: {total:,} "
@@ -352,6 +382,7 @@ def count_report(params, trainable, config):
         if total != counted:
             raise AssertionError(f"{settings.label} parameter count {counted} does not match the formula "
                                  f"{formula.split(' = ')[0]}: {total}")
+        lines += settings.report_lines(params, config)
     return "\n".join(lines)
 
 
@@ -371,28 +402,59 @@ def load_adapter(path, base_params, base_config):
     """Load an adapter file onto base_params.
 
     Returns (params, config, meta): a new dict with the adapter (and any head)
-    added, and the config with its LoRA settings. Raises ValueError if the file
-    is not an adapter, or was trained on other base weights (the message names
-    both fingerprints).
+    added, and the config with its LoRA settings. An adapter only adds names:
+    the lora_A / lora_B of exactly the layers its config targets (shapes (r, in),
+    (out, r)) and optionally a head cls.W (K, C), cls.b (K,); any other name
+    (param.wte, a base W) is refused, never put over the base. Raises
+    validate.FileError naming the file and field if the file is not an
+    adapter, holds another name or shape, a non-finite value, or was trained
+    on other base weights (the message names both fingerprints).
     """
-    small, meta, _ = load_checkpoint(path)
-    if meta.get("kind") != ADAPTER_KIND:
-        raise ValueError(f"adapter: expected a LoRA adapter file, got {path} of kind {meta.get('kind')!r}")
-    expected, got = meta["base_fingerprint"], base_fingerprint(base_params)
-    if expected != got:
-        raise ValueError(f"adapter: {path} was trained on base weights with fingerprint {expected}, "
-                         f"but the base given has fingerprint {got}; load the checkpoint it was trained from")
-    saved_config = type(base_config).from_dict(meta["model"])
-    if replace(saved_config, lora=None) != replace(base_config, lora=None):
-        raise ValueError(f"adapter: {path} was trained on a model {meta['model']}, "
-                         f"not on this base {base_config.to_dict()}")
+    found = {}
+
+    def check(small, meta, _):
+        kind = meta_field(meta, "kind", path, "str", optional=True)
+        if kind != ADAPTER_KIND:
+            raise FileError(path, f"expected a LoRA adapter file (kind {ADAPTER_KIND!r}), got kind {kind!r}")
+        expected = meta_field(meta, "base_fingerprint", path, "str")
+        try:
+            saved_config = type(base_config).from_dict(meta_field(meta, "model", path, "dict"))
+        except ValueError as e:
+            raise FileError(path, str(e), "meta.json: model") from e
+        if saved_config.lora is None:
+            raise FileError(path, "expected the LoRA settings of the adapter, got none", "meta.json: model.lora")
+        if replace(saved_config, lora=None) != replace(base_config, lora=None):
+            raise FileError(path, f"expected the base model's config {base_config.to_dict()}, got "
+                                  f"{meta['model']}", "meta.json: model")
+        allowed = adapter_shapes(saved_config)
+        C = base_params["wte"].shape[1]
+        if "cls.W" in small:
+            K = small["cls.W"].shape[0]
+            allowed.update({"cls.W": (K, C), "cls.b": (K,)})
+        wrong = sorted(n for n in small if n not in allowed)
+        if wrong:
+            raise FileError(path, f"expected only adapter names (the lora_A / lora_B of the layers its config "
+                                  f"targets, and a head cls.W, cls.b), got {', '.join(wrong[:5])}: an adapter "
+                                  f"never replaces the base weights")
+        missing = sorted(n for n in allowed if n not in small)
+        shapes = [f"{n} {small[n].shape} (expected {allowed[n]})" for n in sorted(small)
+                  if tuple(small[n].shape) != tuple(allowed[n])]
+        if missing or shapes:
+            raise FileError(path, "expected every adapter of its config at its shape, got "
+                                  + "; ".join((["missing " + ", ".join(missing[:5])] if missing else []) + shapes[:5]))
+        check_arrays(small, path)
+        got = base_fingerprint(base_params)
+        if expected != got:
+            raise FileError(path, f"was trained on base weights with fingerprint {expected}, but the base given "
+                                  f"has fingerprint {got}; load the checkpoint it was trained from")
+        found["config"] = saved_config
+
+    small, meta, _ = load_checkpoint(path, check)
     xp = array_module(base_params["wte"])
     out = dict(base_params)
     for name, a in small.items():
-        if name.startswith("h.") and name.rsplit(".", 1)[0] + ".W" not in base_params:
-            raise ValueError(f"adapter: {name} adapts a layer the base model does not have")
         out[name] = xp.asarray(a)
-    return out, saved_config, meta
+    return out, found["config"], meta
 
 
 # the seam (methods/__init__.py): LoRA's pair for the model, and the method for finetune and the tools
