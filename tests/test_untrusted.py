@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from minilora import cli, lora, model, runs
+from minilora import cli, model, runs
+from minilora.methods import lora
 from minilora.checkpoint import load_checkpoint, save_checkpoint
 from minilora.train import TrainConfig, check_resume, divergence_cause, load_resume, train
 from minilora.validate import FileError, read_jsonl
