@@ -126,7 +126,8 @@ def check_site(site, screenshots=None, only=None):
 
                 def on_console(message, problems=problems):
                     if message.type == "error":
-                        problems.append(f"console error: {message.text}")
+                        where = (message.location or {}).get("url", "")
+                        problems.append(f"console error: {message.text}" + (f" ({where})" if where else ""))
 
                 def on_error(error, problems=problems):
                     problems.append(f"uncaught exception: {error}")
