@@ -1,6 +1,6 @@
 """Benchmark: each tutorial's wall time in full mode, run the way a learner runs them, in order.
 
-    python benchmarks/tutorial_times.py [--threads 2] [--runs DIR] [--figures figures]
+    python benchmarks/tutorial_times.py [--threads N] [--runs DIR] [--figures figures]
                                         [--out benchmarks/tutorial_times.json]
 
 Run by hand, not by the tests (about 15 minutes on 2 cores). Every tutorial runs as a
@@ -8,8 +8,10 @@ plain script (`python tutorials/NN_*.py`) in full mode, one after the other, sha
 fresh runs folder, exactly as a learner working through them shares `runs/`: tutorial 02
 pretrains the model into RUNS/pretrain, and the later tutorials load it from there. So
 02's time includes pretraining, and the others' times are with its model already saved
-(a later tutorial run first pays that pretraining on top). BLAS threads are pinned through OPENBLAS_NUM_THREADS / OMP_NUM_THREADS
-and written to the JSON with the machine and the date. A tutorial that fails stops the
+(a later tutorial run first pays that pretraining on top). Each tutorial pins its own BLAS
+threads as the `minilora` command does (backend.limit_blas_threads: 1, or $MINILORA_THREADS,
+which --threads sets), so these are the times of `python tutorials/NN_*.py` as written; the
+count is written to the JSON with the machine and the date. Time on an otherwise idle machine. A tutorial that fails stops the
 benchmark with its output. The figures go to --figures (default: figures/, the
 committed ones).
 """
@@ -25,12 +27,16 @@ import sys
 import tempfile
 import time
 
+from minilora.backend import DEFAULT_THREADS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=2, help="BLAS threads for every tutorial (default 2)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help=f"BLAS threads for every tutorial, through MINILORA_THREADS (default {DEFAULT_THREADS}, "
+                        "what a tutorial uses when run as written)")
     p.add_argument("--runs", default=None, help="the shared runs folder (default: a fresh temporary folder)")
     p.add_argument("--figures", default=os.path.join(ROOT, "figures"), help="where the tutorials' figures go")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "tutorial_times.json"))
@@ -44,8 +50,7 @@ def main(argv=None):
         wanted = set(args.only.split(","))
         tutorials = [t for t in tutorials if os.path.basename(t)[:2] in wanted]
     env = {k: v for k, v in os.environ.items() if k != "MINILORA_FAST"}
-    env.update({"OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
-                "MKL_NUM_THREADS": str(args.threads), "MPLBACKEND": "Agg", "MINILORA_BACKEND": "numpy",
+    env.update({"MINILORA_THREADS": str(args.threads), "MPLBACKEND": "Agg", "MINILORA_BACKEND": "numpy",
                 "MINILORA_RUNS": runs, "MINILORA_FIGURES": args.figures,
                 "MINILORA_STUDIES": os.path.join(ROOT, "benchmarks", "studies")})
     times = {}

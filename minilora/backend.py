@@ -192,3 +192,32 @@ def scatter_add(target, indices, values):
     else:
         b.scatter_add(target, indices, values)
     return target
+
+
+# One BLAS thread by default: two runs side by side then share 2 cores fairly (2.02x one run alone),
+# where two 2-thread runs fight for the cores and ran 30x slower (benchmarks/speed.json, "concurrency").
+DEFAULT_THREADS = 1
+
+
+def limit_blas_threads(threads=None):
+    """Pin this process's BLAS pool, as the `minilora` command does (its --threads); returns the count.
+
+    threads: None reads $MINILORA_THREADS, else DEFAULT_THREADS. The tutorials call
+    this first, so a tutorial computes, and takes the time, that the same work takes
+    through the command. Float32 sums depend on the thread count, so two runs agree
+    bit for bit only at the same count.
+    """
+    from threadpoolctl import threadpool_limits
+
+    if threads is None:
+        text = os.environ.get("MINILORA_THREADS", str(DEFAULT_THREADS))
+        try:
+            threads = int(text)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"MINILORA_THREADS: expected a positive integer, got {text!r}")
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected a positive integer, got {threads!r}")
+    threadpool_limits(limits=threads, user_api="blas")
+    return threads

@@ -32,14 +32,12 @@ from dataclasses import fields, replace
 
 import numpy as np
 
+from .backend import DEFAULT_THREADS
 from .lora import LoraConfig
 from .model import ModelConfig
 from .train import TrainConfig
 
 MODEL, TRAIN, LORA = ModelConfig(), TrainConfig(), LoraConfig()
-# One BLAS thread by default: two runs side by side then share 2 cores fairly (2.02x one run alone),
-# where two 2-thread runs fight for the cores and ran 30x slower (benchmarks/speed.json, "concurrency").
-DEFAULT_THREADS = 1
 
 
 # Every character str.splitlines() breaks a line at, written as its escape: an error stays one line
@@ -47,8 +45,36 @@ DEFAULT_THREADS = 1
 _LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
+def _shows_default(action):
+    """An option that takes a value, is not required and has a default to show."""
+    return (bool(action.option_strings) and action.nargs != 0 and not action.required
+            and action.default is not argparse.SUPPRESS)
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that ends every option's line with its default, unless the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if _shows_default(action) and "default" not in text:
+            shown = "none" if action.default is None else "%(default)s"
+            text = f"{text} (default: {shown})" if text else f"default: {shown}"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `minilora CMD: error: MESSAGE (see minilora CMD --help)`."""
+    """argparse with one-line errors: `minilora CMD: error: MESSAGE (see minilora CMD --help)`,
+    and every option's default in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsShown)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and _shows_default(action):  # argparse prints no line for an option with no help
+            action.help = "default: none" if action.default is None else "default: %(default)s"
+        return action
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message.translate(_LINE_BREAKS)} (see {self.prog} --help)\n")
@@ -345,8 +371,7 @@ def _cmd_merge(args):
 
 
 def _cmd_plot(args):
-    from .corpus import entropy_per_char
-    from .plot import plot_loss_curves, read_log, save_figure
+    from .plot import plot_run_logs, read_log, save_figure
 
     _check_new_file(args.out, overwrite=True)
     paths = [os.path.join(p, "log.jsonl") if os.path.isdir(p) else p for p in args.logs]
@@ -360,8 +385,7 @@ def _cmd_plot(args):
     labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) or p for p in paths]
     labels = [lab if labels.count(lab) == 1 else os.path.dirname(p) or p for lab, p in zip(labels, paths)]
     runs = {label: read_log(path) for label, path in zip(labels, paths)}
-    floor = None if args.no_floor else entropy_per_char()
-    save_figure(plot_loss_curves(runs, floor=floor, title=args.title, logy=args.logy), args.out)
+    save_figure(plot_run_logs(runs, show_floor=not args.no_floor, title=args.title, logy=args.logy), args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -369,11 +393,9 @@ def _cmd_plot(args):
 def _cmd_demo(args):
     from .demo import format_table, run_demo
 
-    figures = args.figures if args.figures is not None else os.path.join("figures", "fast") if args.fast \
-        else "figures"
     out = args.out if args.out is not None else os.path.join("runs", "fast") if args.fast else "runs"
     args.run_dir = out
-    result = run_demo(out_dir=out, figures_dir=figures, backend=args.backend, fast=args.fast,
+    result = run_demo(out_dir=out, figures_dir=args.figures, backend=args.backend, fast=args.fast,
                       task=args.task, log=print, overwrite=args.overwrite)
     print()
     print(format_table(result["rows"]))
@@ -454,7 +476,7 @@ def build_parser():
     s.add_argument("--out", default=None, help="folder for runs (default runs/, or runs/fast/ with --fast); "
                    "run again, the demo reuses finished runs there and resumes interrupted ones")
     s.add_argument("--figures", default=None,
-                   help="folder for the PNG figures ('' for none; default figures/, or figures/fast/ with --fast)")
+                   help="folder for the PNG figures ('' for none; default: OUT/figures, beside the runs)")
     s.add_argument("--task", default="subject", choices=["subject", "plural"], help="the generative task")
     s.add_argument("--fast", action="store_true", help="a few steps of everything (a smoke test, not results)")
     s.add_argument("--overwrite", action="store_true", help="replace runs in --out made with other settings")
@@ -469,12 +491,12 @@ def build_parser():
     s = sub.add_parser("pretrain", parents=[common], help="phase 1: next-token training on the toy corpus")
     s.add_argument("--out", default=None, help="the run folder (default: runs/pretrain, or the --resume run's)")
     s.add_argument("--text", default=None, help="pretrain on this UTF-8 text file instead of the toy corpus")
-    s.add_argument("--steps", type=POSITIVE, default=pre.train.steps)
-    s.add_argument("--batch-size", type=POSITIVE, default=pre.train.batch_size)
-    s.add_argument("--lr", type=RATE, default=pre.train.lr)
+    s.add_argument("--steps", type=POSITIVE, default=pre.train.steps, help="optimizer steps")
+    s.add_argument("--batch-size", type=POSITIVE, default=pre.train.batch_size, help="windows per step")
+    s.add_argument("--lr", type=RATE, default=pre.train.lr, help="peak learning rate (cosine decay to lr / 10)")
     s.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
                    help=f"default: {pre.train.warmup_steps} (at most steps / 10), or the resumed run's")
-    s.add_argument("--eval-every", type=POSITIVE, default=pre.train.eval_every)
+    s.add_argument("--eval-every", type=POSITIVE, default=pre.train.eval_every, help="steps between validation losses")
     s.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=pre.train.checkpoint_every,
                    help=f"steps between checkpoints (also every {pre.train.checkpoint_seconds:g} s)")
     _run_options(s, "pretraining")
@@ -486,24 +508,27 @@ def build_parser():
     s.add_argument("--checkpoint", default="runs/pretrain", help="a run folder or checkpoint file")
     s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to apply on top of --checkpoint")
     s.add_argument("--prompt", default="the ", help='start text; "\\n" is a newline')
-    s.add_argument("--max-new-tokens", type=POSITIVE, default=200)
+    s.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="tokens to sample after the prompt")
     s.add_argument("--temperature", type=_number(0.0), default=1.0, help="0 is greedy")
-    s.add_argument("--top-k", type=POSITIVE, default=None)
-    s.add_argument("--num-samples", type=POSITIVE, default=1)
-    s.add_argument("--stop-at-newline", action="store_true")
+    s.add_argument("--top-k", type=POSITIVE, default=None, help="sample among the k likeliest tokens only")
+    s.add_argument("--num-samples", type=POSITIVE, default=1, help="independent samples of the same prompt")
+    s.add_argument("--stop-at-newline", action="store_true",
+                   help="end each sample at its first newline (a fine-tuned answer ends with one)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=0)
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("finetune", parents=[common], help="phase 2: fine-tune a pretrained checkpoint")
-    s.add_argument("--method", choices=["full", "lora", "prompt"], default=ft.method)
-    s.add_argument("--task", default=ft.task, choices=["subject", "plural", "kind"])
+    s.add_argument("--method", choices=["full", "lora", "prompt"], default=ft.method,
+                   help="which weights are trained: all, LoRA adapters, or a soft prompt")
+    s.add_argument("--task", default=ft.task, choices=["subject", "plural", "kind"],
+                   help="a built-in task (kind: classification with a head); ignored with --data")
     s.add_argument("--data", default=None, help="your own JSON-lines records (instruction/input/output, "
                    "or text/label with --task kind)")
     s.add_argument("--checkpoint", default="runs/pretrain", help="a pretraining run folder or checkpoint file")
     s.add_argument("--out", default=None, help="default: runs/finetune-TASK-METHOD (TASK: the data file's name), "
                    "with -2, -3, ... when that folder holds a run; or the --resume run's folder")
-    s.add_argument("--steps", type=POSITIVE, default=ft.train.steps)
-    s.add_argument("--batch-size", type=POSITIVE, default=ft.train.batch_size)
+    s.add_argument("--steps", type=POSITIVE, default=ft.train.steps, help="optimizer steps")
+    s.add_argument("--batch-size", type=POSITIVE, default=ft.train.batch_size, help="records per step")
     s.add_argument("--lr", type=RATE, default=None, help="default: the forgetting study's choice, full 3e-4, lora 3e-3, prompt 1e-2")
     s.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
                    help=f"default: {ft.train.warmup_steps} (at most steps / 10), or the resumed run's")
@@ -511,13 +536,13 @@ def build_parser():
                    help=f"steps between checkpoints (also every {ft.train.checkpoint_seconds:g} s)")
     _run_options(s, "fine-tuning")
     s.add_argument("--train-on-prompt", action="store_true", help="count the loss on prompt tokens too")
-    s.add_argument("--rank", type=POSITIVE, default=LORA.rank)
+    s.add_argument("--rank", type=POSITIVE, default=LORA.rank, help="LoRA's r")
     s.add_argument("--alpha", type=RATE, default=None, help="default: 2 x rank")
     s.add_argument("--targets", default=",".join(LORA.targets), help="comma list from q,k,v,o,fc,proj")
     s.add_argument("--lora-dropout", type=PROBABILITY, default=LORA.dropout)
     s.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(r) instead of alpha / r")
     s.add_argument("--lora-init", choices=["kaiming", "gaussian"], default=LORA.init)
-    s.add_argument("--n-prompt", type=POSITIVE, default=ft.n_prompt)
+    s.add_argument("--n-prompt", type=POSITIVE, default=ft.n_prompt, help="soft-prompt vectors (--method prompt)")
     s.add_argument("--prompt-init", choices=["vocab", "random", "text"], default=ft.prompt_init)
     s.add_argument("--seed", type=NON_NEGATIVE, default=ft.seed)
     s.set_defaults(func=_cmd_finetune)
@@ -538,11 +563,14 @@ def build_parser():
     s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("plot", parents=[common], help="loss curves from run logs (log.jsonl files or run folders)")
-    s.add_argument("logs", nargs="+")
+    s.add_argument("logs", nargs="+", metavar="LOG",
+                   help="run folders or log.jsonl files, one curve each (pretraining and fine-tuning alike)")
     s.add_argument("--out", required=True, help="PNG to write")
-    s.add_argument("--title", default=None)
-    s.add_argument("--no-floor", action="store_true", help="omit the toy corpus's entropy floor")
-    s.add_argument("--logy", action="store_true")
+    s.add_argument("--title", default=None, help="the figure's title (default: one that fits the runs plotted)")
+    s.add_argument("--no-floor", action="store_true",
+                   help="omit the toy corpus's entropy floor (drawn only when every run is a pretraining run on the "
+                        "toy grammar)")
+    s.add_argument("--logy", action="store_true", help="a logarithmic loss axis")
     s.set_defaults(func=_cmd_plot)
 
     s = sub.add_parser("sweep", parents=[common], help="run a study's grid of fine-tuning cells (resumable)")

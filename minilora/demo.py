@@ -121,9 +121,13 @@ def _finetune_run(params, model_config, config, data, run_dir, val_data, overwri
     return finetune(params, model_config, config, run_dir, val_data, resume=resume, data=data)[3]
 
 
-def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, task="subject", log=None,
+def run_demo(out_dir="runs", figures_dir=None, backend=None, fast=False, task="subject", log=None,
              overwrite=False):
     """Pretrain, fine-tune six ways, write figures; returns the summary dict (rows, pretraining, samples).
+
+    figures_dir: where the PNGs go; None puts them beside the runs (out_dir/figures),
+    '' writes none. The repository's committed figures/ are written only when asked
+    (benchmarks/demo_benchmark.py does), never by default.
 
     log(text), when given, receives a line of progress at each stage. Finished
     runs in out_dir are reused and interrupted ones resumed; one made with
@@ -131,7 +135,11 @@ def run_demo(out_dir="runs", figures_dir="figures", backend=None, fast=False, ta
     """
     log = log or (lambda text: None)
     t0 = time.perf_counter()
+    if figures_dir is None:
+        figures_dir = os.path.join(out_dir, "figures")
     check_writable(out_dir)
+    if figures_dir:
+        check_writable(figures_dir, "--figures")  # before the work, not after it
     pre_config = PretrainConfig.fast() if fast else PretrainConfig()
     runs = _finetune_configs(pre_config.model, task, fast, log)  # every run's data checked before any work
     pre_dir = os.path.join(out_dir, "pretrain")

@@ -102,19 +102,54 @@ def plot_loss_curves(runs, floor=None, title=None, smooth=0.9, logy=False, ylabe
     - ylabel: the loss's unit ("loss (nats per example)" for a classification head)
 
     Returns a matplotlib Figure. Each run keeps one colour: train loss as a line,
-    validation loss as circles joined by a line.
+    validation loss as circles joined by a line. Runs whose curves are identical
+    share one curve and one legend entry that names them all.
     """
+    _check_runs(runs, smooth)
+    fig = _new_figure((7.5, 4.5))
+    ax = fig.add_subplot()
+    _draw_loss_curves(ax, runs, floor, smooth, logy, ylabel)
+    if title is None:
+        title = ("Loss falls toward the entropy floor: the gap left is what the model has not learned"
+                 if floor is not None else _default_title(runs))
+    ax.set_title(title, fontsize=11)
+    return fig
+
+
+def _check_runs(runs, smooth):
     if not runs:
         raise ValueError("runs: expected a dict label -> list of records with at least one run, got none")
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"smooth: expected an EMA coefficient in [0, 1), got {smooth}")
-    fig = _new_figure((7.5, 4.5))
-    ax = fig.add_subplot()
-    for i, (label, records) in enumerate(runs.items()):
-        colour = f"C{i % 10}"
-        steps, train = _series(records, "train_loss")
-        if not steps:
+    for label, records in runs.items():
+        if not _series(records, "train_loss")[0]:
             raise ValueError(f"runs[{label!r}]: expected records with 'step' and 'train_loss', got none")
+
+
+def _default_title(runs):
+    """A title that promises only the curves drawn: validation is named only when a run logged it."""
+    if any(_series(records, "val_loss")[0] for records in runs.values()):
+        return "Training and validation loss: curves should fall and stay together"
+    return "Training loss per step: it should fall (each step sees new batches, so it also measures fit)"
+
+
+def _same_curves(a, b):
+    return _series(a, "train_loss") == _series(b, "train_loss") and _series(a, "val_loss") == _series(b, "val_loss")
+
+
+def _draw_loss_curves(ax, runs, floor, smooth, logy, ylabel):
+    """Draw runs on ax; identical runs are drawn once, their labels joined."""
+    groups = []  # [labels, records]: a run equal to an earlier one joins its group
+    for label, records in runs.items():
+        twin = next((g for g in groups if _same_curves(g[1], records)), None)
+        if twin is None:
+            groups.append([[label], records])
+        else:
+            twin[0].append(label)
+    for i, (labels, records) in enumerate(groups):
+        colour = f"C{i % 10}"
+        label = " = ".join(labels) + (" (identical)" if len(labels) > 1 else "")
+        steps, train = _series(records, "train_loss")
         if smooth > 0.0:
             ax.plot(steps, train, color=colour, alpha=0.25, linewidth=0.8)
             ax.plot(steps, ema(train, smooth), color=colour, linewidth=1.6, label=f"{label} train (EMA {smooth:g})")
@@ -134,12 +169,67 @@ def plot_loss_curves(runs, floor=None, title=None, smooth=0.9, logy=False, ylabe
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    if title is None:
-        title = ("Loss falls toward the entropy floor: the gap left is what the model has not learned"
-                 if floor is not None else "Training and validation loss: curves should fall and stay together")
-    ax.set_title(title, fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def log_meta(records):
+    """The {"meta": ...} header of a run log ({} when it has none)."""
+    meta = next((r["meta"] for r in records if isinstance(r.get("meta"), dict)), {})
+    return meta
+
+
+def loss_unit(records):
+    """What a run's loss is per: "example" for a classification head, "token" for next-token losses."""
+    meta = log_meta(records)
+    return "example" if meta.get("class_names") or meta.get("task") == "kind" else "token"
+
+
+def toy_corpus_floor(records):
+    """The entropy floor a run's loss can be compared with: only a pretraining run on the toy grammar has one."""
+    meta = log_meta(records)
+    if meta.get("kind") == "pretrain" and meta.get("corpus") == "toy grammar":
+        floor = meta.get("floor")
+        return float(floor) if isinstance(floor, (int, float)) and not isinstance(floor, bool) else None
+    return None
+
+
+def plot_run_logs(runs, show_floor=True, title=None, logy=False, smooth=0.9):
+    """Loss curves of any run logs, drawn as their headers say (what `minilora plot` draws).
+
+    Runs are grouped by the unit of their loss (nats per token for next-token
+    losses, nats per example for a classification head), one panel per unit, so
+    two kinds of loss never share an axis. The entropy floor is drawn only when
+    every run of a panel is a pretraining run on the toy grammar, the one source
+    whose exact entropy is known, and show_floor is set; the title follows.
+
+    Inputs: runs, dict label -> log records (read_log); show_floor; title (None: one
+    that fits the runs); logy; smooth. Returns a matplotlib Figure.
+    """
+    _check_runs(runs, smooth)
+    panels = {}
+    for label, records in runs.items():
+        panels.setdefault(loss_unit(records), {})[label] = records
+    fig = _new_figure((7.5 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    titles = []
+    for ax, (unit, group) in zip(axes, sorted(panels.items(), key=lambda kv: kv[0] != "token")):
+        floors = [toy_corpus_floor(records) for records in group.values()]
+        floor = floors[0] if show_floor and None not in floors else None
+        _draw_loss_curves(ax, group, floor, smooth, logy, f"loss (nats per {unit})")
+        if floor is not None:
+            titles.append("Loss falls toward the entropy floor: the gap left is what the model has not learned")
+        elif all(log_meta(r).get("kind") == "finetune" for r in group.values()):
+            titles.append(f"Fine-tuning loss (nats per {unit}) on the task's training batches: it should fall")
+        else:
+            titles.append(_default_title(group))
+    if title is not None:
+        fig.suptitle(title, fontsize=11)
+    elif len(titles) == 1:
+        axes[0].set_title(titles[0], fontsize=11)
+    else:
+        for ax, text in zip(axes, titles):
+            ax.set_title(text, fontsize=9)
     return fig
 
 

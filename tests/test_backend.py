@@ -44,3 +44,35 @@ def test_to_numpy_and_to_device_roundtrip():
     x = np.arange(3.0)
     assert backend.to_numpy(x) is x or np.array_equal(backend.to_numpy(x), x)
     assert backend.to_device(x, np) is x
+
+
+def test_limit_blas_threads_pins_the_pool_as_the_command_does(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from minilora.backend import DEFAULT_THREADS, limit_blas_threads
+
+    def blas_threads():
+        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    with threadpool_limits(limits=None):  # restores this process's pool afterwards
+        monkeypatch.delenv("MINILORA_THREADS", raising=False)
+        assert limit_blas_threads() == DEFAULT_THREADS == blas_threads()
+        monkeypatch.setenv("MINILORA_THREADS", "2")
+        assert limit_blas_threads() == 2 == blas_threads()
+        for bad in ("0", "two"):
+            monkeypatch.setenv("MINILORA_THREADS", bad)
+            with pytest.raises(ValueError, match="MINILORA_THREADS: expected a positive integer"):
+                limit_blas_threads()
+        with pytest.raises(ValueError, match="threads: expected a positive integer"):
+            limit_blas_threads(0)
+
+
+def test_every_tutorial_and_solution_pins_its_blas_threads_first():
+    import glob
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    scripts = glob.glob(str(root / "tutorials" / "[0-9][0-9]_*.py")) + glob.glob(str(root / "tutorials" / "solutions" / "*.py"))
+    assert scripts
+    for path in scripts:
+        assert "\nlimit_blas_threads()" in pathlib.Path(path).read_text(), path

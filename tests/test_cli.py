@@ -468,3 +468,22 @@ def test_a_read_only_out_fails_before_any_work(pretrained, tmp_path, capsys, no_
         _one_line_error(capsys, "--out: cannot write to the folder", "Permission denied")
     finally:
         locked.chmod(0o700)
+
+
+def test_every_subcommands_help_shows_every_options_default(capsys):
+    """Each option that takes a value and is not required says its default in --help (issue 17)."""
+    import re
+
+    parser = cli.build_parser()
+    for name, sub in cli._subparsers(parser).items():
+        assert cli.main([name, "--help"]) == 0
+        text = capsys.readouterr().out
+        blocks = re.split(r"\n(?=  -)", text.split("options:", 1)[1])  # one block per option
+        for action in sub._actions:
+            if not cli._shows_default(action):
+                continue
+            block = next(b for b in blocks if b.lstrip().startswith(action.option_strings[0]))
+            assert "default" in block, (name, action.option_strings)
+        for action in sub._actions:
+            if not action.option_strings:  # positional arguments say what they are
+                assert action.help, (name, action.dest)

@@ -118,3 +118,60 @@ def test_save_figure_writes_png_atomically(tmp_path):
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["cmp.png", "loss.png"]  # no temp left
     with pytest.raises(ValueError, match="path.*png"):
         save_figure(Figure(), tmp_path / "x.pdf")
+
+
+def _run_log(kind, corpus="toy grammar", classification=False, seed=0, val=True):
+    """A log as a run writes it: its header says what kind of run it was."""
+    meta = {"kind": kind, "floor": 0.532, "corpus": corpus} if kind == "pretrain" else \
+        {"kind": kind, "task": "kind" if classification else "subject",
+         "class_names": ["animal", "person", "thing"] if classification else None}
+    records = _log(seed=seed)
+    if not val:
+        records = [{k: v for k, v in r.items() if k != "val_loss"} for r in records]
+    return [{"meta": meta}, *[r for r in records[1:] if "train_loss" in r or val]]
+
+
+def _floors(ax):
+    return [line for line in ax.get_lines() if "entropy floor" in line.get_label()]
+
+
+def test_plot_run_logs_draws_the_floor_only_for_toy_corpus_pretraining():
+    from minilora.plot import plot_run_logs
+
+    (ax,) = plot_run_logs({"pre": _run_log("pretrain")}).axes
+    assert len(_floors(ax)) == 1 and "entropy floor" in ax.get_title()
+    for runs in ({"text": _run_log("pretrain", corpus="my.txt")},  # another text: its entropy is unknown
+                 {"ft": _run_log("finetune", val=False)},
+                 {"pre": _run_log("pretrain"), "ft": _run_log("finetune", val=False, seed=1)}):
+        (ax,) = plot_run_logs(runs).axes
+        assert not _floors(ax) and "floor" not in ax.get_title(), list(runs)
+    (ax,) = plot_run_logs({"pre": _run_log("pretrain")}, show_floor=False).axes
+    assert not _floors(ax) and "floor" not in ax.get_title()
+
+
+def test_plot_run_logs_titles_promise_only_what_is_drawn():
+    from minilora.plot import plot_run_logs
+
+    (ax,) = plot_run_logs({"ft": _run_log("finetune", val=False)}).axes
+    assert "validation" not in ax.get_title().lower() and "Fine-tuning" in ax.get_title()
+    (ax,) = plot_run_logs({"text": _run_log("pretrain", corpus="my.txt")}).axes
+    assert "validation" in ax.get_title().lower()  # the run logged val_loss
+    fig = plot_run_logs({"ft": _run_log("finetune", val=False)}, title="mine")
+    assert fig._suptitle.get_text() == "mine"
+
+
+def test_plot_run_logs_never_puts_two_kinds_of_loss_on_one_axis():
+    from minilora.plot import plot_run_logs
+
+    fig = plot_run_logs({"lm": _run_log("finetune", val=False), "cls": _run_log("finetune", classification=True)})
+    assert sorted(ax.get_ylabel() for ax in fig.axes) == ["loss (nats per example)", "loss (nats per token)"]
+
+
+def test_identical_runs_share_one_curve_and_one_legend_entry():
+    from minilora.plot import plot_run_logs
+
+    (ax,) = plot_run_logs({"a": _run_log("finetune", val=False), "b": _run_log("finetune", val=False),
+                           "c": _run_log("finetune", val=False, seed=2)}).axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["a = b (identical) train (EMA 0.9)", "c train (EMA 0.9)"]
+    assert len([line for line in ax.get_lines() if not line.get_label().startswith("_")]) == len(labels)

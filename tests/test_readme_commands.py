@@ -22,7 +22,7 @@ MARKER = "<!-- tests/test_readme_commands.py runs every line of this block"
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2"]
 # appended to each subcommand: a smoke-test size of the same command
 OVERRIDES = {
-    "demo": ["--fast", "--out", "runs", "--figures", "figures/fast"],  # runs/pretrain, as the full demo writes
+    "demo": ["--fast", "--out", "runs"],  # runs/pretrain, as the full demo writes; figures beside them
     "gradcheck": ["--groups", "ops"],
     "pretrain": ["--steps", "3", "--batch-size", "2", "--eval-every", "3", *TINY],
     "generate": ["--max-new-tokens", "5"],
@@ -59,6 +59,9 @@ def test_the_commands_section_runs_top_to_bottom_with_the_results_it_promises(tm
             assert "corpus loss after" in out
             for run in ("pretrain", "finetune-subject-full", "finetune-subject-lora", "finetune-kind-prompt"):
                 assert (tmp_path / "runs" / run / "checkpoint.npz").exists(), run
+            # the demo writes under its --out only: run in a clone, it leaves `git status` clean
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["my.jsonl", "my.txt", "runs"]
+            assert (tmp_path / "runs" / "figures" / "finetune_loss.png").exists()
         elif command == "gradcheck":
             assert " 0 failed" in out
         elif command == "pretrain":

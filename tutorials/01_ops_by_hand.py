@@ -23,6 +23,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from minilora import gradcheck, ops, plot
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones

@@ -33,6 +33,9 @@ from minilora.model import count_params, init_params, loss_and_grads, param_shap
 from minilora.evaluation import strided_val_loss
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.sampling import decode
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones

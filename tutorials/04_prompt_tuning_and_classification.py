@@ -24,6 +24,9 @@ import numpy as np
 from minilora import corpus, gradcheck, model, plot, prompt, tasks
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones

@@ -36,6 +36,9 @@ from minilora.finetune import FinetuneConfig, finetune
 from minilora.model import count_params
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.prompt import add_prompt
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones

@@ -13,6 +13,9 @@ import os
 import numpy as np
 
 from minilora import gradcheck, ops
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 rng = np.random.default_rng(0)

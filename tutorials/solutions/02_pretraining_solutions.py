@@ -20,6 +20,9 @@ from minilora.model import init_params, next_token_logits
 from minilora.pretrain import PretrainConfig, WindowBatches, load_or_pretrain, pretrain_data
 from minilora.sampling import decode
 from minilora.train import TrainConfig, train
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")

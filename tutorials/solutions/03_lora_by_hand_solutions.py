@@ -13,6 +13,9 @@ import numpy as np
 
 from minilora import corpus, gradcheck, lora, model, optim, tasks
 from minilora.pretrain import PretrainConfig, load_or_pretrain
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 RUNS = os.environ.get("MINILORA_RUNS", "runs")

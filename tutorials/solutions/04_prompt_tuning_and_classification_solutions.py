@@ -17,6 +17,9 @@ from minilora import corpus, lora, model, tasks
 from minilora.evaluation import strided_val_loss
 from minilora.finetune import FinetuneConfig, finetune, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 RUNS = os.environ.get("MINILORA_RUNS", "runs")

@@ -17,6 +17,9 @@ from matplotlib.figure import Figure
 from minilora import lora, model, optim, plot, report, studies, sweep, tasks
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")

@@ -24,6 +24,9 @@ from minilora.finetune import DEFAULT_LR, FinetuneConfig, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.sweep import Cell, splits
 from minilora.train import train
+from minilora.backend import limit_blas_threads
+
+limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
