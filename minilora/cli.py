@@ -276,10 +276,16 @@ def _cmd_finetune(args):
     if resume is not None:
         check_resume(resume, config.train, run_meta(params, model_config, config, data[2]))
     prepare_run_dir(out, resume=same, overwrite=args.overwrite)
+    if config.data_file is not None:
+        n_train, n_test = len(data[0]), len(data[1])
+        print(f"data: {config.data_file}, {n_train + n_test} records: {n_train} to train on, {n_test} held out "
+              f"for the score (a tenth, chosen by --seed {config.seed})")
     ft_params, ft_config, trainable, s = finetune(params, model_config, config, out, corpus_val_data(),
                                                   resume=resume, data=data)
     print(f"[{config.method}] " + s["report"].replace("\n", f"\n[{config.method}] "))
-    print(f"{config.method} on {name}: metric {s['metric_before']:.3f} -> {s['metric']:.3f}; "
+    metric = "accuracy" if config.is_classification else "exact match"
+    print(f"{config.method} on {name}: {metric} on {s['n_test']} held-out records, metric {s['metric_before']:.3f} "
+          f"-> {s['metric']:.3f}; "
           f"pretraining-corpus loss {s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}; "
           f"optimizer state {s['optimizer_state_bytes']:,} bytes; {s['wall_s']:.1f} s")
     print(f"run: {out}" + (f"  adapter: {os.path.join(out, 'adapter.npz')}" if config.method == "lora" else ""))
@@ -299,7 +305,7 @@ def _cmd_evaluate(args):
 
         kind = "classification" if "cls.W" in params else "instruction"
         test = load_jsonl(args.data, kind, config.context_length, n_prompt)
-        what = f"the {args.data} records"
+        what = f"records of {args.data}"
         names = meta.get("class_names") if kind == "classification" else None
     elif "finetune" in meta:
         # rebuild exactly the run's own held-out split from its metadata

@@ -155,10 +155,15 @@ def load_data(model_config, config):
     return train_records, test_records, class_names
 
 
+def task_name(config):
+    """The built-in task a run trains on; None for a file of instruction records ("kind" for a file of labels)."""
+    return config.task if config.data_file is None or config.is_classification else None
+
+
 def run_meta(base_params, model_config, config, class_names):
     """What every checkpoint of a fine-tuning run stores about it; a resume must match it exactly."""
     ft_config = replace(model_config, lora=config.lora) if config.method == "lora" else model_config
-    return {"kind": "finetune", "model": ft_config.to_dict(), "method": config.method, "task": config.task,
+    return {"kind": "finetune", "model": ft_config.to_dict(), "method": config.method, "task": task_name(config),
             "finetune": run_description(config), "class_names": class_names,
             "base_fingerprint": base_fingerprint(base_params)}
 
@@ -208,7 +213,11 @@ def finetune(base_params, model_config, config, run_dir=None, val_data=None, res
     val_after = strided_val_loss(params, ft_config, val_data) if val_data is not None else None
     n_trainable = count_params(params, trainable)
     summary = {
-        "method": config.method, "task": config.task, "report": report,
+        "method": config.method, "report": report,
+        # what was trained on: a built-in task, or the user's file and its own 90/10 split
+        "task": task_name(config),
+        "data_file": os.path.abspath(config.data_file) if config.data_file is not None else None,
+        "n_train": len(train_records), "n_test": len(test_records),
         "trainable_params": n_trainable, "total_params": count_params(params),
         "optimizer_state_bytes": optimizer_state_bytes(state),
         "metric_before": metric_before, "metric": metric,
@@ -265,6 +274,10 @@ def run_description(config):
         d["data_file"] = os.path.abspath(config.data_file)
         with open(config.data_file, "rb") as f:
             d["data_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        # a file is split 90/10 by the seed: a built-in task's sizes do not apply, nor its name
+        # (only "kind" stays: it says the records are classification records)
+        del d["n_train"], d["n_test"]
+        d["task"] = task_name(config)
     return d
 
 

@@ -345,7 +345,7 @@ def figure_hyper(records, title_note=""):
     cx.set_xlabel("alpha (r = 8, so s = alpha / 8)")
     cx.set_title("Alpha at fixed rank")
     cx.legend(fontsize=8)
-    fig.suptitle("The seed's hyperparameter table, measured (LoRA)" + title_note)
+    fig.suptitle("The post's hyperparameter table, measured (LoRA)" + title_note)
     return fig
 
 

@@ -374,10 +374,17 @@ def test_evaluate_scores_a_data_run_on_its_own_held_out_records(pretrained, tmp_
     run = tmp_path / "run"
     assert cli.main(["finetune", "--checkpoint", str(pretrained), "--data", str(data), "--steps", "2",
                      "--batch-size", "4", "--out", str(run)]) == 0
-    capsys.readouterr()
-    assert cli.main(["evaluate", str(run)]) == 0
+    out = capsys.readouterr().out
+    # issue 17: the run says what it held out, and its summary names its file and its counts
+    assert f"data: {data}, 40 records: 36 to train on, 4 held out for the score" in out
+    assert "exact match on 4 held-out records, metric" in out
     summary = json.load(open(run / "summary.json"))
+    assert (summary["data_file"], summary["task"], summary["n_train"], summary["n_test"]) == (str(data), None, 36, 4)
+    assert "n_train" not in summary["config"]["finetune"] and summary["config"]["finetune"]["task"] is None
+    assert cli.main(["evaluate", str(run)]) == 0
     assert f"exact match on 4 held-out records: {summary['metric']:.3f}" in capsys.readouterr().out
+    assert cli.main(["evaluate", str(run), "--data", str(data)]) == 0
+    assert f"exact match on 40 records of {data}: " in capsys.readouterr().out
     with open(data, "a") as f:  # the file changed since: its held-out split is no longer the run's
         f.write(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
     assert cli.main(["evaluate", str(run)]) == 2

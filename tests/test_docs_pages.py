@@ -25,6 +25,15 @@ def committed_studies():
                   for p in glob.glob(os.path.join(ROOT, "benchmarks", "studies", "*", "results.jsonl")))
 
 
+def test_the_pages_speak_to_a_reader_not_to_the_project():
+    """README's rule (tests/test_readme.py), on the pages its text moved to."""
+    for path in glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True):
+        text = open(path, encoding="utf-8").read().lower()
+        for words in ("the seed", "seed section", "seed's", "earlier round", "this round", "was not lent", "demo_run",
+                      "demo_times"):
+            assert words not in text, (os.path.relpath(path, ROOT), words)
+
+
 def test_the_demo_page_quotes_the_benchmark_results():
     demo = page("demo.md")
     pre = RESULTS["pretrain"]

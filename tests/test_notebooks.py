@@ -11,9 +11,11 @@ import os
 
 import pytest
 
-jupytext = pytest.importorskip("jupytext", reason="the test extras install jupytext")
-nbclient = pytest.importorskip("nbclient", reason="the test extras install nbclient")
-pytest.importorskip("ipykernel", reason="the test extras install ipykernel")
+import clients
+
+jupytext = clients.require("jupytext", reason="the test extras install jupytext")
+nbclient = clients.require("nbclient", reason="the test extras install nbclient")
+clients.require("ipykernel", reason="the test extras install ipykernel")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py")))

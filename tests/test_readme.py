@@ -14,13 +14,31 @@ def _setup_commands():
     return re.findall(r"```bash\n(.*?)\n```", section, re.S)
 
 
-def test_exactly_two_setup_commands_and_ci_runs_the_second():
+def test_exactly_two_setup_commands_and_ci_runs_both_as_written():
+    import subprocess
+    import sys
+
     demo, tests = _setup_commands()
     assert "\n" not in demo and "\n" not in tests
     assert demo.endswith("pip install . && minilora demo")
     assert tests.endswith("pip install '.[test]' && python -m pytest")
+    # each makes its own virtual environment, so neither depends on the other having run
+    venvs = [re.match(r"python3 -m venv (\S+) && \. \1/bin/activate && ", c).group(1) for c in (demo, tests)]
+    assert venvs[0] != venvs[1]
+    # CI runs what the README says, read from it, not a copy
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install --quiet '.[test]'" in ci and "python -m pytest" in ci
+    assert "readme_command.py test" in ci and "readme_command.py demo" in ci and "git status --porcelain" in ci
+    for which, expected in (("demo", demo), ("test", tests)):
+        printed = subprocess.run([sys.executable, str(ROOT / ".ci" / "readme_command.py"), which],
+                                 capture_output=True, text=True, check=True).stdout
+        assert printed == expected + "\n"
+
+
+def test_readme_speaks_to_a_reader_not_to_the_project():
+    """No word a newcomer cannot know (issue 17): the post is named as the post, and no project history."""
+    text = README.lower()
+    for words in ("the seed", "seed section", "seed's", "earlier round", "this round", "was not lent", "demo_run", "demo_times"):
+        assert words not in text, words
 
 
 def test_readme_quotes_the_benchmark_results():

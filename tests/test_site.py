@@ -87,6 +87,44 @@ def test_the_smoke_site_has_every_page_and_says_it_is_a_smoke_build(smoke_site):
 
 
 NO_FAVICON = '<link rel="icon" href="data:,">'  # else Chromium asks for /favicon.ico, a 404 on the first page
+def _table_rows(html_text):
+    """Every table row of an HTML page, as a tuple of its cells' text."""
+    import html
+    import re
+
+    rows = []
+    for row in re.findall(r"<tr[^>]*>(.*?)</tr>", html_text, re.S):
+        cells = re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)
+        rows.append(tuple(html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in cells))
+    return rows
+
+
+def test_the_study_pages_show_the_reports_tables_and_link_their_results(smoke_site):
+    from minilora_site import committed_studies
+
+    from minilora.report import report
+
+    for study in committed_studies():
+        html_text = open(os.path.join(smoke_site, "studies", f"{study}.html"), encoding="utf-8").read()
+        shown = set(_table_rows(html_text))
+        text, _ = report(os.path.join(ROOT, "benchmarks", "studies", study))
+        rows = [tuple(c.strip() for c in line.strip()[2:-2].split(" | "))
+                for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+        assert rows, study
+        missing = [row for row in rows if row not in shown]
+        assert not missing, (study, missing[:3])
+        assert "_downloads/" in html_text and "results.jsonl" in html_text, f"{study}: no link to its results file"
+
+
+def test_the_tutorials_link_to_the_code_they_explain(smoke_site):
+    html_text = open(os.path.join(smoke_site, "tutorials", "03_lora_by_hand.html"), encoding="utf-8").read()
+    assert 'href="../api/minilora.lora.html#minilora.lora.lora_linear_forward"' in html_text
+    story = open(os.path.join(smoke_site, "story.html"), encoding="utf-8").read()
+    assert 'href="_modules/minilora/lora.html"' in story and 'href="tutorials/03_lora_by_hand.html"' in story
+    api = open(os.path.join(smoke_site, "api", "minilora.lora.html"), encoding="utf-8").read()
+    assert "../_modules/minilora/lora.html#lora_linear_forward" in api, "the API entry links to its source"
+
+
 BROKEN_PAGE = f"""<!doctype html><html><head><title>broken</title>{NO_FAVICON}</head><body>
 <p>Raw maths: $W' = W + BA$ never typeset.</p>
 <img src="missing.png">

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+import clients
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py")))
 STUDIES = os.path.join(ROOT, "benchmarks", "studies")  # the committed results tutorial 06 reads (a non-editable install has none)
@@ -98,9 +100,9 @@ def test_solution_runs_in_fast_mode(solution, tmp_path):
 def test_solution_runs_as_a_notebook(solution, tmp_path, monkeypatch):
     # as tests/test_notebooks.py does for the tutorials: jupytext reads the percent format,
     # nbclient runs it cell by cell in a fresh kernel, in fast mode
-    jupytext = pytest.importorskip("jupytext", reason="the test extras install jupytext")
-    nbclient = pytest.importorskip("nbclient", reason="the test extras install nbclient")
-    pytest.importorskip("ipykernel", reason="the test extras install ipykernel")
+    jupytext = clients.require("jupytext", reason="the test extras install jupytext")
+    nbclient = clients.require("nbclient", reason="the test extras install nbclient")
+    clients.require("ipykernel", reason="the test extras install ipykernel")
     notebook = jupytext.read(solution)
     for name, value in {**fast_env(tmp_path), "OPENBLAS_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(name, value)

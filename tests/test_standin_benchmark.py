@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 
+import clients
+
 from minilora import model
 from minilora.model import ModelConfig
 
@@ -36,7 +38,7 @@ def test_gpu_steps_prints_one_table_on_the_cpu(capsys, monkeypatch):
 
 
 def test_the_benchmarks_torch_gpt_is_miniloras_gpt():
-    torch = pytest.importorskip("torch")
+    torch = clients.require("torch")
     gpu_steps = _load()
     config = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)
     x, y = gpu_steps._batch(config, 3, 0)

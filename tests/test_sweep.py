@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+import clients
+
 from minilora import report, studies, sweep
 
 TINY = dict(study="t", base="tiny", steps=6, eval_every=3, n_train=40, n_val=6, n_test=6, corpus_sentences=40,
@@ -108,7 +110,7 @@ def test_records_from_different_thread_counts_are_never_compared_bit_for_bit(bas
 
 
 def test_a_dask_cluster_gives_the_same_results_as_local_workers(bases, tmp_path):
-    distributed = pytest.importorskip("distributed", reason="the 'dist' extra is not installed")
+    distributed = clients.require("distributed", reason="the 'dist' extra is not installed")
     cells = [sweep.Cell(**TINY, method=m) for m in ("lora", "prompt")]
     sweep.run_sweep(cells, str(tmp_path / "local"), bases_dir=bases)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,

@@ -13,7 +13,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import clients
+
+torch = clients.require("torch")
 F = torch.nn.functional
 
 from minilora import lora, model, prompt  # noqa: E402
