@@ -2,7 +2,8 @@
 
 - The two builds. `MINILORA_FAST=1` makes the smoke build: the tutorials run in fast mode, their figures go
   to figures/fast/, and every page carries a banner saying so. Without it, the full build. Each mode keeps
-  its own execution cache (build/jupyter_cache/MODE), so a prose edit re-executes nothing.
+  its own execution cache (build/jupyter_cache/MODE-HASH), so a prose edit re-executes nothing; a change
+  to the package's source (HASH) starts a new cache and re-reads every page.
 - The tutorials and their solutions are linked into docs/tutorials/ (symlinks: the .py files stay the only
   source) and read through jupytext by `read_tutorial`, which adds one hidden cell that shows, under the cell
   that saved it, every figure a tutorial writes (the tutorials only write PNGs).
@@ -109,9 +110,9 @@ def _api_pages():
                           f"{title}\n{'=' * len(title)}\n\n.. automodule:: minilora.{name}\n   :members:\n")
 
 
-def _vendor_mathjax():
+def _vendor_mathjax(build):
     """The folder whose mathjax/ holds MathJax 3's es5 build, installed from the npm registry on first use."""
-    base = os.path.join(ROOT, "build", "mathjax", MATHJAX_VERSION)
+    base = os.path.join(build, "mathjax", MATHJAX_VERSION)
     static = os.path.join(base, "static")
     if os.path.exists(os.path.join(static, "mathjax", "tex-chtml.js")):
         return static
@@ -127,20 +128,35 @@ def _vendor_mathjax():
     return static
 
 
+def _package_fingerprint():
+    """A hash of the package's source. The execution cache is keyed on the notebooks' code cells only, so a
+    change to the library would otherwise keep outputs that the new code no longer gives."""
+    import hashlib
+
+    import minilora
+
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(minilora.__file__), "*.py"))):
+        digest.update(open(path, "rb").read())
+    return digest.hexdigest()[:12]
+
+
 def _config_inited(app, config):
     mode = site_mode()
-    config.site_mode = mode
-    # the kernels that execute the tutorials inherit this environment
-    build = os.path.join(ROOT, "build")
+    fingerprint = _package_fingerprint()
+    config.site_mode = f"{mode}-{fingerprint}"  # a config value that re-reads every page when it changes
+    # the kernels that execute the tutorials inherit this environment; MINILORA_SITE_WORK moves the runs, the
+    # execution cache and MathJax's install out of build/ (benchmarks/site_time.py times a build from nothing)
+    build = os.environ.get("MINILORA_SITE_WORK", os.path.join(ROOT, "build"))
     env = {"MINILORA_RUNS": os.path.join(build, "site-runs", mode),
            "MINILORA_FIGURES": os.path.join(ROOT, "figures", "fast") if mode == "smoke"
            else os.path.join(build, "site-figures"),
            "MINILORA_STUDIES": STUDIES, "MPLBACKEND": "Agg"}
     os.environ.update(env)
-    config.nb_execution_cache_path = os.path.join(build, "jupyter_cache", mode)
+    config.nb_execution_cache_path = os.path.join(build, "jupyter_cache", f"{mode}-{fingerprint}")
     if mode == "smoke":
         config.html_theme_options = {**config.html_theme_options, "announcement": SMOKE_BANNER}
-    config.html_static_path = [*config.html_static_path, _vendor_mathjax()]
+    config.html_static_path = [*config.html_static_path, _vendor_mathjax(build)]
     config.mathjax_path = "mathjax/tex-chtml.js"
     _sync_links(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py"), os.path.join(DOCS, "tutorials"), 2)
     _sync_links(os.path.join(ROOT, "tutorials", "solutions", "[0-9][0-9]_*_solutions.py"),
