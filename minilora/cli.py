@@ -38,6 +38,8 @@ from .model import ModelConfig
 from .train import TrainConfig
 
 MODEL, TRAIN, LORA = ModelConfig(), TrainConfig(), LoraConfig()
+GENERATE_PROMPT = "the "  # generate's start text: the toy corpus's sentences start so
+SAMPLE_SEPARATOR = "---"  # printed between generate's samples
 
 
 # Every character str.splitlines() breaks a line at, written as its escape: an error stays one line
@@ -176,8 +178,22 @@ def _resume_and_out(args, default_out):
     return resume, out, same
 
 
+def _pretrain_tokenizer(args, resume):
+    """--tokenizer's BPE file; else the resumed run's own tokenizer; else the character one."""
+    from .tokenizer import make_tokenizer, tokenizer_from_meta
+
+    if args.tokenizer is not None or resume is None:
+        return make_tokenizer(args.tokenizer)
+    from .checkpoint import load_checkpoint
+
+    try:
+        return tokenizer_from_meta(load_checkpoint(resume)[1], os.path.dirname(resume) or ".")
+    except ValueError as e:
+        raise ValueError(f"--resume: {resume}: {str(e).removeprefix('checkpoint: ')}") from e
+
+
 def _cmd_pretrain(args):
-    from .pretrain import PretrainConfig, pretrain, pretrain_data, pretrain_meta
+    from .pretrain import pretrain, pretrain_data, pretrain_meta, with_tokenizer
     from .runs import prepare_run_dir
     from .train import check_resume
 
@@ -189,18 +205,26 @@ def _cmd_pretrain(args):
     tc = replace(d.train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
                  warmup_steps=_warmup(args, d.train.warmup_steps, _saved_train(resume)),
                  eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed)
-    config = replace(d, model=model, train=tc, init_seed=args.seed)
-    # everything is checked before any work: the text, the resumed checkpoint, the output folder
-    data = pretrain_data(config, args.text)
+    # everything is checked before any work: the tokenizer, the text, the resumed checkpoint, the output folder
+    tokenizer = _pretrain_tokenizer(args, resume)
+    config = with_tokenizer(replace(d, model=model, train=tc, init_seed=args.seed), tokenizer)
+    data = pretrain_data(config, args.text, tokenizer)
     if resume is not None:
-        check_resume(resume, config.train, pretrain_meta(config, args.text, data[4]))
+        check_resume(resume, config.train, pretrain_meta(config, tokenizer, args.text, data[4]))
     prepare_run_dir(out, resume=same, overwrite=args.overwrite)
-    _, s = pretrain(config, run_dir=out, text_file=args.text, backend=args.backend, resume=resume, data=data)
-    print(f"pretrained {s['steps']} steps in {s['wall_s']:.1f} s: val loss {s['val_loss']:.4f} nats/char"
-          + (f", entropy floor {s['floor']:.4f} ({100 * (s['val_loss'] / s['floor'] - 1):.1f}% above)"
+    _, s = pretrain(config, run_dir=out, text_file=args.text, backend=args.backend, resume=resume, data=data,
+                    tokenizer=tokenizer)
+    # a character is a token of the character tokenizer; a BPE run's loss is per token, and per character
+    # (total nats / total characters of the validation text) where it meets the floor and the bigram
+    loss = f"{s['val_loss']:.4f} nats/char" if tokenizer.kind == "char" else \
+        f"{s['val_loss']:.4f} nats/token ({s['val_loss_per_char']:.4f} nats/char, {tokenizer.vocab_size} tokens)"
+    per_char = s["val_loss_per_char"]
+    print(f"pretrained {s['steps']} steps in {s['wall_s']:.1f} s: val loss {loss}"
+          + (f", entropy floor {s['floor']:.4f} ({100 * (per_char / s['floor'] - 1):.1f}% above)"
              if s["floor"] else "")
-          + f", character bigram {s['bigram_loss']:.4f}")
-    print(f"checkpoint: {os.path.join(out, 'checkpoint.npz')}  log: {os.path.join(out, 'log.jsonl')}")
+          + (f", character bigram {s['bigram_loss']:.4f}" if s["bigram_loss"] is not None else ""))
+    print(f"checkpoint: {os.path.join(out, 'checkpoint.npz')}  log: {os.path.join(out, 'log.jsonl')}"
+          + (f"  tokenizer: {os.path.join(out, 'tokenizer.json')}" if tokenizer.kind != "char" else ""))
     return 0
 
 
@@ -219,24 +243,46 @@ def _load_model(path, option, xp=None, adapter=None):
 
 
 def _cmd_generate(args):
-    from .corpus import NEWLINE_ID, CharTokenizer
     from .sampling import decode
+    from .tasks import format_prompt
+    from .tokenizer import single_token_id
 
-    tok = CharTokenizer()
-    prompt = args.prompt.replace("\\n", "\n")  # lets a newline be typed on a shell as \n; nothing else is unescaped
+    if args.input is not None and args.instruction is None:
+        raise ValueError("--input: expected --instruction too (the input is the instruction's data), got --input alone")
+    if args.instruction is not None and args.prompt is not None:
+        raise ValueError("--prompt: expected either --prompt or --instruction, got both")
+    params, config, meta, tok = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
+    if args.instruction is not None:
+        # ask a fine-tuned run in its own format: the prompt it was trained on, up to "### Response\n",
+        # and the answer ends at the run's end marker, which is not printed
+        if "cls.W" in params:
+            raise ValueError(f"--instruction: {args.checkpoint} is a classification run (a head, no generated "
+                             f"answer); score it with minilora evaluate")
+        option = "--instruction" if args.input is None else "--input"
+        prompt = format_prompt(args.instruction.replace("\\n", "\n"), (args.input or "").replace("\\n", "\n"))
+        end = meta.get("finetune", {}).get("end_marker", "\n")
+        stop, shown = single_token_id(tok, end, "end_marker"), ""
+    else:
+        option = "--prompt"
+        prompt = (args.prompt if args.prompt is not None else GENERATE_PROMPT).replace("\\n", "\n")
+        # \n typed on a shell is a newline; nothing else is unescaped
+        stop = single_token_id(tok, "\n", "--stop-at-newline") if args.stop_at_newline else None
+        shown = prompt
     if not prompt:
         raise ValueError("--prompt: expected at least one character to start from, got ''")
-    try:
-        tok.encode(prompt)
-    except ValueError as e:
-        raise ValueError(f"--prompt: {prompt!r} {str(e).removeprefix('encode: text ')}") from e
-    params, config, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
+    problem = tok.problem(prompt)
+    if problem is not None:
+        raise ValueError(f"{option}: {prompt!r} has {problem}")
+    ids = tok.encode(prompt)
+    if len(ids) == 0:
+        raise ValueError(f"{option}: {prompt!r} encodes to no token of the model's tokenizer; give other text")
     rng = np.random.default_rng(args.seed)
-    samples = decode(params, config, [tok.encode(prompt)] * args.num_samples, args.max_new_tokens,
-                     args.temperature, args.top_k, rng, NEWLINE_ID if args.stop_at_newline else None,
-                     batch_size=args.num_samples)
-    for ids in samples:
-        print(prompt + tok.decode(ids))
+    samples = decode(params, config, [ids] * args.num_samples, args.max_new_tokens,
+                     args.temperature, args.top_k, rng, stop, batch_size=args.num_samples)
+    for i, out in enumerate(samples):
+        if i:
+            print(SAMPLE_SEPARATOR)
+        print(shown + tok.decode(out))
     return 0
 
 
@@ -271,17 +317,17 @@ def _cmd_finetune(args):
     if resume is not None:
         config = _finetune_config(args, _saved_train(resume))
     # everything is checked before any work: the model, the data against it, the resumed checkpoint, the folder
-    params, model_config, _ = _load_model(args.checkpoint, "--checkpoint", _xp(args))
-    data = load_data(model_config, config)
+    params, model_config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args))
+    data = load_data(model_config, tokenizer, config)
     if resume is not None:
-        check_resume(resume, config.train, run_meta(params, model_config, config, data[2]))
+        check_resume(resume, config.train, run_meta(params, model_config, tokenizer, config, data[2]))
     prepare_run_dir(out, resume=same, overwrite=args.overwrite)
     if config.data_file is not None:
         n_train, n_test = len(data[0]), len(data[1])
         print(f"data: {config.data_file}, {n_train + n_test} records: {n_train} to train on, {n_test} held out "
               f"for the score (a tenth, chosen by --seed {config.seed})")
-    ft_params, ft_config, trainable, s = finetune(params, model_config, config, out, corpus_val_data(),
-                                                  resume=resume, data=data)
+    ft_params, ft_config, trainable, s = finetune(params, model_config, tokenizer, config, out,
+                                                  corpus_val_data(tokenizer), resume=resume, data=data)
     print(f"[{config.method}] " + s["report"].replace("\n", f"\n[{config.method}] "))
     metric = "accuracy" if config.is_classification else "exact match"
     print(f"{config.method} on {name}: {metric} on {s['n_test']} held-out records, metric {s['metric_before']:.3f} "
@@ -296,7 +342,7 @@ def _cmd_evaluate(args):
     from .evaluation import classification_accuracy, corpus_val_data, exact_match, strided_val_loss
     from .finetune import config_from_description, load_records
 
-    params, config, meta = _load_model(args.run, "run", _xp(args), args.adapter)
+    params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
     n_prompt = params["prompt"].shape[0] if "prompt" in params else 0
     # the records first: a bad file fails before any scoring
     if args.data is not None:
@@ -304,22 +350,27 @@ def _cmd_evaluate(args):
         from .tasks import load_jsonl
 
         kind = "classification" if "cls.W" in params else "instruction"
-        test = load_jsonl(args.data, kind, config.context_length, n_prompt)
+        test = load_jsonl(args.data, kind, tokenizer, config.context_length, n_prompt)
         what = f"records of {args.data}"
         names = meta.get("class_names") if kind == "classification" else None
     elif "finetune" in meta:
         # rebuild exactly the run's own held-out split from its metadata
         _check_data_unchanged(meta["finetune"])
-        _, test, names = load_records(config_from_description(meta["finetune"]), config.context_length)
+        _, test, names = load_records(config_from_description(meta["finetune"]), tokenizer, config.context_length)
         what = "held-out records"
-    val = strided_val_loss(params, config, corpus_val_data())
-    print(f"pretraining-corpus validation loss: {val:.4f} nats/char")
+    val_data = corpus_val_data(tokenizer)
+    val = strided_val_loss(params, config, val_data)
+    if tokenizer.kind == "char":
+        print(f"pretraining-corpus validation loss: {val:.4f} nats/char")
+    else:  # nats per token, and per character: total nats / total characters of the same text
+        per_char = strided_val_loss(params, config, val_data, token_lengths=tokenizer.token_lengths())
+        print(f"pretraining-corpus validation loss: {val:.4f} nats/token ({per_char:.4f} nats/char)")
     if args.data is None and "finetune" not in meta:
         return 0
     if names:
-        print(f"accuracy on {len(test)} {what}: {classification_accuracy(params, config, test, names):.3f}")
+        print(f"accuracy on {len(test)} {what}: {classification_accuracy(params, config, tokenizer, test, names):.3f}")
     else:
-        acc, preds = exact_match(params, config, test)
+        acc, preds = exact_match(params, config, tokenizer, test)
         print(f"exact match on {len(test)} {what}: {acc:.3f}")
         for r, p in list(zip(test, preds))[:args.show]:
             print(f"  {r.get('input', '')!r:48} -> {p!r:12} (expected {r['output']!r})")
@@ -360,7 +411,7 @@ def _cmd_merge(args):
     from .checkpoint import save_checkpoint
     from .lora import lora_names, merge
 
-    params, config, meta = _load_model(args.run, "run", _xp(args), args.adapter)
+    params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
     if config.lora is None or not lora_names(params):
         raise ValueError(f"run: expected a LoRA model (a LoRA run, or a base checkpoint with --adapter), "
                          f"got {args.run} without adapters")
@@ -368,9 +419,10 @@ def _cmd_merge(args):
     n_adapters, scale = len(lora_names(params)) // 2, config.lora.scale
     merged, merged_config = merge(params, config)
     extra = sorted(n for n in merged if n.startswith("cls."))
+    tokenizer.save(os.path.dirname(args.out) or ".")  # a BPE model's tokenizer.json goes beside it
     save_checkpoint(args.out, merged, {**{k: v for k, v in meta.items() if k not in ("rng", "base_fingerprint")},
-                                       "model": merged_config.to_dict(), "kind": "merged",
-                                       "merged_from": str(args.run)})
+                                       "model": merged_config.to_dict(), "tokenizer": tokenizer.describe(),
+                                       "kind": "merged", "merged_from": str(args.run)})
     print(f"merged {n_adapters} adapters into W (scale {scale:g}); wrote {args.out}"
           + (f" (with head {extra})" if extra else ""))
     return 0
@@ -497,6 +549,9 @@ def build_parser():
     s = sub.add_parser("pretrain", parents=[common], help="phase 1: next-token training on the toy corpus")
     s.add_argument("--out", default=None, help="the run folder (default: runs/pretrain, or the --resume run's)")
     s.add_argument("--text", default=None, help="pretrain on this UTF-8 text file instead of the toy corpus")
+    s.add_argument("--tokenizer", default=None, metavar="TOKENIZER_JSON",
+                   help="a BPE tokenizer.json (Hugging Face tokenizers) to read the text with, copied into the run "
+                        "folder (default: one token per character; or the --resume run's)")
     s.add_argument("--steps", type=POSITIVE, default=pre.train.steps, help="optimizer steps")
     s.add_argument("--batch-size", type=POSITIVE, default=pre.train.batch_size, help="windows per step")
     s.add_argument("--lr", type=RATE, default=pre.train.lr, help="peak learning rate (cosine decay to lr / 10)")
@@ -513,13 +568,18 @@ def build_parser():
     s = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint (or a run folder)")
     s.add_argument("--checkpoint", default="runs/pretrain", help="a run folder or checkpoint file")
     s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to apply on top of --checkpoint")
-    s.add_argument("--prompt", default="the ", help='start text; "\\n" is a newline')
+    s.add_argument("--prompt", default=None, help=f'start text; "\\n" is a newline (default: {GENERATE_PROMPT!r})')
+    s.add_argument("--instruction", default=None,
+                   help="ask a fine-tuned run: the text after '### Instruction'; the prompt is written in the "
+                        "run's own format (### Instruction / ### Input / ### Response) and the answer stops at "
+                        "the run's end marker")
+    s.add_argument("--input", default=None, help="with --instruction: the text after '### Input'")
     s.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="tokens to sample after the prompt")
     s.add_argument("--temperature", type=_number(0.0), default=1.0, help="0 is greedy")
     s.add_argument("--top-k", type=POSITIVE, default=None, help="sample among the k likeliest tokens only")
     s.add_argument("--num-samples", type=POSITIVE, default=1, help="independent samples of the same prompt")
     s.add_argument("--stop-at-newline", action="store_true",
-                   help="end each sample at its first newline (a fine-tuned answer ends with one)")
+                   help="end each sample at its first newline (with --instruction the run's own end marker is used)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=0)
     s.set_defaults(func=_cmd_generate)
 

@@ -1,4 +1,4 @@
-"""The toy language the model is pretrained on, its exact entropy, and the tokenizer.
+"""The toy language the model is pretrained on, its exact entropy, and its character vocabulary.
 
 A tiny probabilistic grammar writes short English-like sentences such as
 
@@ -16,8 +16,9 @@ derivation and P(sentence) is the product of the probabilities of the choices
 that made it. That is what lets us compute the entropy of the language exactly,
 and so know the lowest loss any model could reach, before training anything.
 
-The corpus is sentences, each followed by "\\n". Text is tokenized one character
-at a time over a fixed 96-symbol vocabulary: newline plus printable ASCII.
+The corpus is sentences, each followed by "\\n", written in a fixed 96-symbol
+vocabulary, VOCAB: newline plus printable ASCII. tokenizer.CharTokenizer reads
+it one character per token (the entropy floor below is per character).
 """
 
 import bisect
@@ -29,12 +30,8 @@ import numpy as np
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
 NEWLINE_ID = 0
 
-# Code point -> token id, -1 where the character is not in VOCAB.
-_ID_OF_CODE = np.full(128, -1, dtype=np.int64)
-_ID_OF_CODE[[ord(ch) for ch in VOCAB]] = np.arange(len(VOCAB))
 
-
-def _out_of_vocab_report(text):
+def out_of_vocab_report(text):
     """Describe the characters of text outside VOCAB, or return None if there are none."""
     bad = sorted({ch for ch in text if ch not in VOCAB})
     if not bad:
@@ -49,56 +46,17 @@ def _out_of_vocab_report(text):
     )
 
 
-class CharTokenizer:
-    """One token per character of VOCAB: token id i is the character VOCAB[i]."""
-
-    vocab_size = len(VOCAB)
-
-    def encode(self, text):
-        """
-        Inputs:
-        - text: str made only of characters in VOCAB.
-
-        Returns:
-        - ids: int64 array of shape (len(text),).
-        """
-        if not isinstance(text, str):
-            raise ValueError(f"encode: text must be a str, got {type(text).__name__}")
-        report = _out_of_vocab_report(text)
-        if report is not None:
-            raise ValueError(f"encode: text has {report}")
-        codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
-        return _ID_OF_CODE[codes]
-
-    def decode(self, ids):
-        """
-        Inputs:
-        - ids: integer sequence or array of shape (N,), each in [0, vocab_size).
-
-        Returns:
-        - text: str of length N.
-        """
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"decode: ids must be a 1-D integer array, got dtype {ids.dtype} shape {ids.shape}")
-        out_of_range = ids[(ids < 0) | (ids >= self.vocab_size)]
-        if out_of_range.size:
-            raise ValueError(
-                f"decode: ids must lie in [0, {self.vocab_size}), got {out_of_range.size} outside, "
-                f"e.g. {int(out_of_range[0])}"
-            )
-        return "".join(VOCAB[i] for i in ids.tolist())
-
-
-def load_text_file(path):
+def load_text_file(path, problem=out_of_vocab_report):
     """Read a user's plain-text file for pretraining.
 
     Inputs:
     - path: str or os.PathLike of a UTF-8 text file. Windows line endings are
       read as "\\n" (Python's universal newlines).
+    - problem: problem(text) -> why the run's tokenizer cannot encode text, or
+      None (tokenizer.problem); by default, the characters outside VOCAB.
 
     Returns:
-    - text: str, every character in VOCAB.
+    - text: str, every character of it encodable.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -107,7 +65,7 @@ def load_text_file(path):
         raise ValueError(f"load_text_file: cannot read path {str(path)!r} as UTF-8 text: {e}") from e
     if not text:
         raise ValueError(f"load_text_file: path {str(path)!r} is empty; expected some text to train on")
-    report = _out_of_vocab_report(text)
+    report = problem(text)
     if report is not None:
         raise ValueError(f"load_text_file: path {str(path)!r} has {report}")
     return text
@@ -490,9 +448,12 @@ def bigram_loss(train_text, val_text, smoothing=0.1):
     for name, text in (("train_text", train_text), ("val_text", val_text)):
         if not isinstance(text, str) or len(text) < 2:
             raise ValueError(f"bigram_loss: {name} must be a str of at least 2 characters, got {text!r:.40}")
-    tokenizer = CharTokenizer()
-    V = tokenizer.vocab_size
-    train, val = tokenizer.encode(train_text), tokenizer.encode(val_text)
+        report = out_of_vocab_report(text)
+        if report is not None:
+            raise ValueError(f"bigram_loss: {name} has {report}")
+    V = len(VOCAB)
+    # character c is row VOCAB.index(c): the ids the character tokenizer gives it
+    train, val = (np.array([VOCAB.index(c) for c in text], dtype=np.int64) for text in (train_text, val_text))
     counts = np.bincount(train[:-1] * V + train[1:], minlength=V * V).reshape(V, V).astype(np.float64)
     probs = (counts + smoothing) / (counts.sum(axis=1, keepdims=True) + smoothing * V)  # (V, V), rows sum to 1
     return float(-np.log(probs[val[:-1], val[1:]]).mean())

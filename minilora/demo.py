@@ -29,23 +29,26 @@ from .pretrain import PretrainConfig, load_or_pretrain
 from .runs import CHECKPOINT, RUN_FILES, check_writable
 from .sampling import decode
 from .tasks import record_positions
+from .tokenizer import make_tokenizer, single_token_id
 from .train import resume_problem
 
 GENERATIVE_STEPS = 600
 CLASSIFICATION_STEPS = 600
 
 
-def sample_report(params, model_config, n=100, seed=0):
+def sample_report(params, model_config, tokenizer, n=100, seed=0):
     """Sample n sentences at temperature 1 from a fresh line; how many are in the toy language?
 
-    Returns (fraction that parse, the sampled sentences). A sentence parses when
-    corpus.sentence_log_prob accepts it: every word in its place, agreement right.
+    The model is params, model_config and its tokenizer; a sentence ends at the
+    newline's token. Returns (fraction that parse, the sampled sentences). A
+    sentence parses when corpus.sentence_log_prob accepts it: every word in its
+    place, agreement right.
     """
-    tok = corpus.CharTokenizer()
+    newline = single_token_id(tokenizer, "\n", "newline")
     rng = np.random.default_rng(seed)
-    outs = decode(params, model_config, [tok.encode("\n")] * n, 60, temperature=1.0, rng=rng,
-                  stop_id=corpus.NEWLINE_ID, batch_size=n)
-    sentences = [tok.decode(o) for o in outs]
+    outs = decode(params, model_config, [np.array([newline])] * n, 60, temperature=1.0, rng=rng,
+                  stop_id=newline, batch_size=n)
+    sentences = [tokenizer.decode(o) for o in outs]
     return sum(map(_parses, sentences)) / n, sentences
 
 
@@ -75,7 +78,7 @@ def format_table(rows):
     return "\n".join(out)
 
 
-def _finetune_configs(model_config, task, fast, log):
+def _finetune_configs(model_config, tokenizer, task, fast, log):
     """The six fine-tuning runs as (FinetuneConfig, its checked data); a soft prompt is shortened, with a
     note, when the default one and the task's longest record would not fit the context together."""
     runs = []
@@ -85,20 +88,21 @@ def _finetune_configs(model_config, task, fast, log):
             config.train.steps = 6 if fast else steps
             if fast:
                 config.train.warmup_steps = 1
-            data = load_records(config, model_config.context_length)
+            data = load_records(config, tokenizer, model_config.context_length)
             if method == "prompt":
                 kind = "classification" if config.is_classification else "instruction"
-                room = model_config.context_length - max(record_positions(r, kind) for r in data[0] + data[1])
+                longest = max(record_positions(r, kind, tokenizer) for r in data[0] + data[1])
+                room = model_config.context_length - longest
                 if room < config.n_prompt:
                     log(f"[prompt] {t}: {room} soft-prompt vectors instead of {config.n_prompt}, so that they "
                         f"and the longest record fit the {model_config.context_length}-character context")
                     config.n_prompt = room
-            check_settings(model_config, config, data[0], data[1])
+            check_settings(model_config, tokenizer, config, data[0], data[1])
             runs.append((config, data))
     return runs
 
 
-def _finetune_run(params, model_config, config, data, run_dir, val_data, overwrite, log):
+def _finetune_run(params, model_config, tokenizer, config, data, run_dir, val_data, overwrite, log):
     """One fine-tuning run of the demo: reused when finished, resumed when interrupted, else trained."""
     summary = finished_summary(run_dir, params, config)
     label = f"[{config.method}] {config.task}"
@@ -108,7 +112,7 @@ def _finetune_run(params, model_config, config, data, run_dir, val_data, overwri
     ckpt, resume = os.path.join(run_dir, CHECKPOINT), None
     if os.path.exists(ckpt):
         meta = load_checkpoint(ckpt)[1]
-        if resume_problem(meta, config.train, run_meta(params, model_config, config, data[2])) is None:
+        if resume_problem(meta, config.train, run_meta(params, model_config, tokenizer, config, data[2])) is None:
             resume = ckpt
             log(f"{label}: resuming {run_dir} from step {meta['step']}")
         elif not overwrite:
@@ -118,7 +122,7 @@ def _finetune_run(params, model_config, config, data, run_dir, val_data, overwri
         for name in RUN_FILES:  # a run stopped before its first checkpoint, or one being overwritten
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
-    return finetune(params, model_config, config, run_dir, val_data, resume=resume, data=data)[3]
+    return finetune(params, model_config, tokenizer, config, run_dir, val_data, resume=resume, data=data)[3]
 
 
 def run_demo(out_dir="runs", figures_dir=None, backend=None, fast=False, task="subject", log=None,
@@ -141,24 +145,26 @@ def run_demo(out_dir="runs", figures_dir=None, backend=None, fast=False, task="s
     if figures_dir:
         check_writable(figures_dir, "--figures")  # before the work, not after it
     pre_config = PretrainConfig.fast() if fast else PretrainConfig()
-    runs = _finetune_configs(pre_config.model, task, fast, log)  # every run's data checked before any work
+    tokenizer = make_tokenizer()  # the demo's model reads characters
+    runs = _finetune_configs(pre_config.model, tokenizer, task, fast, log)  # every run's data checked before any work
     pre_dir = os.path.join(out_dir, "pretrain")
-    params, model_config, pre_summary = load_or_pretrain(pre_config, pre_dir, backend, overwrite)
+    params, model_config, pre_summary, tokenizer = load_or_pretrain(pre_config, pre_dir, backend, overwrite,
+                                                                    tokenizer)
     if pre_summary is None:
         log(f"reusing the pretrained model in {pre_dir}")
     else:
         resumed = f" (resumed from step {pre_summary['resumed_from']})" if pre_summary["resumed_from"] else ""
         log(f"pretrained{resumed} in {pre_summary['wall_s']:.0f} s: val loss {pre_summary['val_loss']:.4f} "
             f"nats/char, entropy floor {pre_summary['floor']:.4f}, bigram {pre_summary['bigram_loss']:.4f}")
-    val_data = corpus_val_data(100 if fast else pre_config.n_val_sentences, pre_config.data_seed)
-    grammatical, samples = sample_report(params, model_config, n=20 if fast else 200)
+    val_data = corpus_val_data(tokenizer, 100 if fast else pre_config.n_val_sentences, pre_config.data_seed)
+    grammatical, samples = sample_report(params, model_config, tokenizer, n=20 if fast else 200)
     log(f"samples from the pretrained model ({100 * grammatical:.0f}% of {len(samples)} are sentences "
         "of the toy language):\n" + "\n".join(f"  {s}" for s in samples[:5]))
     rows, logs = [], {}
     for config, data in runs:
         t, method = config.task, config.method
         run_dir = os.path.join(out_dir, f"finetune-{t}-{method}")
-        summary = _finetune_run(params, model_config, config, data, run_dir, val_data, overwrite, log)
+        summary = _finetune_run(params, model_config, tokenizer, config, data, run_dir, val_data, overwrite, log)
         rows.append(summary)
         logs[(t, method)] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
         log(f"[{method}] {t}: metric {summary['metric_before']:.3f} -> {summary['metric']:.3f}, "

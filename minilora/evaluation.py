@@ -1,6 +1,6 @@
 """How good is a model? The scores both phases use.
 
-    strided_val_loss          nats per character on a token stream (pretraining, forgetting)
+    strided_val_loss          nats per token on a token stream (pretraining, forgetting), or per character
     exact_match               greedy answers to instruction records, compared whole
     classification_accuracy   argmax of the head against the labels
     corpus_val_data           the toy corpus's validation stream, made the one way
@@ -12,28 +12,35 @@ from . import corpus, tasks
 from .backend import to_numpy
 from .model import class_logits, loss_and_grads
 from .sampling import decode
+from .tokenizer import single_token_id
 
 # the pretraining validation split of the toy corpus (PretrainConfig's defaults); forgetting is measured on it
 VAL_SENTENCES = 1_000
 VAL_SEED = 0
 
 
-def corpus_val_data(n_sentences=VAL_SENTENCES, seed=VAL_SEED):
-    """Token ids (N,) of the toy corpus's validation text (the one pretraining validates on)."""
+def corpus_val_data(tokenizer, n_sentences=VAL_SENTENCES, seed=VAL_SEED):
+    """Token ids (N,) of the toy corpus's validation text (the one pretraining validates on), by the run's tokenizer."""
     _, val_text = corpus.train_val_text(0, n_sentences, seed)
-    return corpus.CharTokenizer().encode(val_text)
+    return tokenizer.encode(val_text)
 
 
-def strided_val_loss(params, config, data, batch_size=64):
-    """Mean loss per character over a token stream, each counted once, with context.
+def strided_val_loss(params, config, data, batch_size=64, token_lengths=None):
+    """Mean loss per token over a token stream, each counted once, with context; or per character.
 
     Windows of T = context_length start every T/2 tokens, and only the second
-    half of each window is counted (the loss mask), so every counted character
-    sees at least T/2 characters before it. Every target from position T/2 to
+    half of each window is counted (the loss mask), so every counted token
+    sees at least T/2 tokens before it. Every target from position T/2 to
     the end of the last whole window is counted exactly once (the first T/2
-    and the last few, under T/2, are not). When T/2 exceeds the longest
-    sentence, every prediction conditions on its whole sentence so far: the
-    loss a perfect model gets here is the exact entropy floor.
+    and the last few, under T/2, are not). For the character tokenizer a token
+    is a character: when T/2 exceeds the longest sentence, every prediction
+    conditions on its whole sentence so far, and the loss a perfect model gets
+    here is the exact entropy floor.
+
+    token_lengths: None for nats per token; or tokenizer.token_lengths(), the
+    (V,) characters each token stands for, for nats per character: the total
+    nats of the counted targets over the total characters of the same targets,
+    the unit the entropy floor is in.
     """
     T = config.context_length
     half = T // 2
@@ -51,41 +58,44 @@ def strided_val_loss(params, config, data, batch_size=64):
         loss, _ = loss_and_grads(params, config, {"x": data[idx], "y": data[idx + 1], "mask": m})
         n = float(m.sum())
         total += loss * n
-        count += n
+        # the mean over the counted targets times their count is their total; divide by tokens or characters
+        count += n if token_lengths is None else float((token_lengths[data[idx + 1]] * m).sum())
     return total / count
 
 
-def exact_match(params, config, records, max_new_tokens=None, end="\n", render=tasks.format_prompt):
+def exact_match(params, config, tokenizer, records, max_new_tokens=None, end="\n", render=tasks.format_prompt):
     """Greedy-decode every record's prompt; the fraction whose response equals the output exactly.
 
-    Decoding stops at `end`, the character fine-tuning taught to end a response.
-    render(instruction, input) writes the prompt (tasks.format_prompt, the format trained on, by default).
+    The model is params, config and tokenizer (the run's). Decoding stops at
+    the token of `end`, the text fine-tuning taught to end a response (one
+    token of the tokenizer). render(instruction, input) writes the prompt
+    (tasks.format_prompt, the format trained on, by default).
 
-    max_new_tokens defaults to the longest reference output plus its newline
-    and a margin of 4, so no reference is too long to be matched.
+    max_new_tokens defaults to the longest reference output's tokens plus its
+    end token and a margin of 4, so no reference is too long to be matched.
 
     Returns (accuracy, predictions as strings).
     """
-    tok = corpus.CharTokenizer()
-    prompts = [tok.encode(render(r["instruction"], r.get("input", ""))) for r in records]
+    stop_id = single_token_id(tokenizer, end, "end")
+    prompts = [tokenizer.encode(render(r["instruction"], r.get("input", ""))) for r in records]
+    outputs = [len(tokenizer.encode(r["output"])) for r in records]  # tokens of each reference
     if max_new_tokens is None:
-        max_new_tokens = max(len(r["output"]) for r in records) + 1 + 4
-    for r, p in zip(records, prompts):
-        if len(p) + len(r["output"]) + 1 > config.context_length + 1:
-            raise ValueError(f"records: the record {r!r:.80} needs {len(p) + len(r['output']) + 1} tokens, "
+        max_new_tokens = max(outputs) + 1 + 4
+    for r, p, n in zip(records, prompts, outputs):
+        if len(p) + n + 1 > config.context_length + 1:
+            raise ValueError(f"records: the record {r!r:.80} needs {len(p) + n + 1} tokens, "
                              f"more than the context_length + 1 = {config.context_length + 1} the model reads")
-    outs = decode(params, config, prompts, max_new_tokens, stop_id=int(tok.encode(end)[0]))
-    preds = [tok.decode(o) for o in outs]
+    outs = decode(params, config, prompts, max_new_tokens, stop_id=stop_id)
+    preds = [tokenizer.decode(o) for o in outs]
     acc = float(np.mean([p == r["output"] for p, r in zip(preds, records)]))
     return acc, preds
 
 
-def classification_accuracy(params, config, records, class_names=tasks.CLASS_NAMES, batch_size=256):
-    """Fraction of records whose argmax class is the label."""
-    tok = corpus.CharTokenizer()
+def classification_accuracy(params, config, tokenizer, records, class_names=tasks.CLASS_NAMES, batch_size=256):
+    """Fraction of records whose argmax class is the label (texts encoded by the run's tokenizer)."""
     correct = 0
     for i in range(0, len(records), batch_size):
-        x, last, labels = tasks.classification_batch(records[i:i + batch_size], tok, config.context_length,
+        x, last, labels = tasks.classification_batch(records[i:i + batch_size], tokenizer, config.context_length,
                                                      class_names)
         logits = to_numpy(class_logits(params, config, x, last))  # one transfer per batch
         correct += int((logits.argmax(axis=-1) == labels).sum())

@@ -10,9 +10,12 @@ A strategy is only (a) which extra parameters exist and (b) which names are trai
 
 Everything else, the forward, the backward, the optimizer and the loop, is shared.
 
-Every setting is checked against the data before any work (load_data): each
-record fits the context, the LoRA rank fits every adapted matrix, the soft
-prompt and the longest record fit the context together.
+The model is three things that travel together: its parameters, its
+ModelConfig and its tokenizer (runs.load_model returns all three). Every
+setting is checked against the data before any work (load_data): each record
+fits the context (in the tokenizer's tokens), the end marker is one token, the
+LoRA rank fits every adapted matrix, the soft prompt and the longest record
+fit the context together.
 """
 
 import hashlib
@@ -23,13 +26,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from . import corpus, tasks
+from . import tasks
 from .evaluation import classification_accuracy, exact_match, strided_val_loss
 from .lora import LoraConfig, add_lora, base_fingerprint, check_rank, count_report, lora_names, save_adapter
 from .model import add_head, count_params, param_shapes
 from .optim import optimizer_state_bytes
 from .prompt import add_prompt
 from .runs import ADAPTER, LOG, SUMMARY
+from .tokenizer import single_token_id
 from .train import TrainConfig, train
 
 METHODS = ("full", "lora", "prompt")
@@ -47,7 +51,7 @@ class FinetuneConfig:
     n_test: int = 300  # held-out records scored after training
     data_file: str = None  # a JSON-lines file of the user's own records instead of a built-in task
     train_on_prompt: bool = False  # count the loss on the prompt tokens too
-    end_marker: str = "\n"  # the character that ends a response ("~" never occurs in the corpus)
+    end_marker: str = "\n"  # the text that ends a response, one token of the run's tokenizer ("~" is not in the corpus)
     lora: LoraConfig = field(default_factory=LoraConfig)
     n_prompt: int = 16  # soft-prompt vectors (prompt tuning)
     prompt_init: str = "vocab"  # vocab | random | text
@@ -58,8 +62,9 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.end_marker, str) or len(self.end_marker) != 1 or self.end_marker not in corpus.VOCAB:
-            raise ValueError(f"end_marker: expected one character of the vocabulary, got {self.end_marker!r}")
+        if not isinstance(self.end_marker, str) or not self.end_marker:
+            raise ValueError(f"end_marker: expected a non-empty str (one token of the run's tokenizer), "
+                             f"got {self.end_marker!r}")
         if self.data_file is None and self.task not in tasks.TASKS:
             raise ValueError(f"task: expected one of {list(tasks.TASKS)}, got {self.task!r}")
         if self.train is None:
@@ -76,8 +81,10 @@ class FinetuneConfig:
         return self.task == "kind"
 
 
-def setup_strategy(base_params, model_config, config, n_classes=None):
+def setup_strategy(base_params, model_config, tokenizer, config, n_classes=None):
     """The parameters, config and trainable names of a strategy, from the pretrained weights.
+
+    tokenizer (the base's) encodes prompt_init_text for a prompt initialised from text.
 
     Returns (params, model_config, trainable). base_params is never modified:
     full fine-tuning trains copies, LoRA and prompt tuning share the frozen arrays.
@@ -89,7 +96,7 @@ def setup_strategy(base_params, model_config, config, n_classes=None):
         params, model_config = add_lora(base_params, model_config, config.lora, seed=config.seed)
         trainable = set(lora_names(params))
     else:
-        init_ids = corpus.CharTokenizer().encode(config.prompt_init_text) if config.prompt_init == "text" else None
+        init_ids = tokenizer.encode(config.prompt_init_text) if config.prompt_init == "text" else None
         params = add_prompt(base_params, config.n_prompt, config.prompt_init, config.seed, init_ids)
         trainable = {"prompt"}
     if n_classes is not None:
@@ -98,15 +105,17 @@ def setup_strategy(base_params, model_config, config, n_classes=None):
     return params, model_config, trainable
 
 
-def load_records(config, context_length=None):
+def load_records(config, tokenizer, context_length=None):
     """(train_records, test_records, class_names or None) for a config.
 
-    With context_length, every record must fit it: a file's records are
-    checked as they are read (an error names the line), a task's after.
+    A file's values must be text the run's tokenizer encodes. With
+    context_length, every record must fit it, counted in the tokenizer's
+    tokens: a file's records are checked as they are read (an error names the
+    line), a task's after.
     """
     kind = "classification" if config.is_classification else "instruction"
     if config.data_file is not None:
-        records = tasks.load_jsonl(config.data_file, kind, context_length)
+        records = tasks.load_jsonl(config.data_file, kind, tokenizer, context_length)
         if len(records) < 2:
             raise ValueError(f"data_file: expected at least 2 records (some to train on, some to test), "
                              f"got {len(records)}")
@@ -119,22 +128,26 @@ def load_records(config, context_length=None):
         return train_records, test_records, names
     train_records, test_records = tasks.task_splits(config.task, config.n_train, config.n_test, config.seed)
     if context_length is not None:
-        tasks.check_records_fit(train_records + test_records, kind, context_length, where=f"task {config.task}")
+        tasks.check_records_fit(train_records + test_records, kind, tokenizer, context_length,
+                                where=f"task {config.task}")
     return train_records, test_records, list(tasks.CLASS_NAMES) if config.is_classification else None
 
 
-def check_settings(model_config, config, train_records, test_records):
+def check_settings(model_config, tokenizer, config, train_records, test_records):
     """Raise ValueError, naming the setting, unless config makes sense for this model and data.
 
+    - end_marker: one token of the model's tokenizer (decoding stops at that token)
     - rank: at most min(out, in) of every adapted W (a larger rank is not low-rank)
     - n_prompt: the soft prompt and the longest record fit the context together
     - batch_size: at most the number of training records
     """
+    if not config.is_classification:
+        single_token_id(tokenizer, config.end_marker, "end_marker")
     if config.method == "lora":
         check_rank(param_shapes(model_config), model_config, config.lora)
     if config.method == "prompt":
         kind = "classification" if config.is_classification else "instruction"
-        longest = max(tasks.record_positions(r, kind) for r in train_records + test_records)
+        longest = max(tasks.record_positions(r, kind, tokenizer) for r in train_records + test_records)
         room = model_config.context_length - longest
         if config.n_prompt > room:
             raise ValueError(f"n_prompt: expected at most context_length - longest record = "
@@ -145,13 +158,13 @@ def check_settings(model_config, config, train_records, test_records):
         raise ValueError(f"batch_size: expected at most the {len(train_records)} training records, got {B}")
 
 
-def load_data(model_config, config):
+def load_data(model_config, tokenizer, config):
     """load_records with every record checked against the context, then check_settings: all before any work.
 
     Returns (train_records, test_records, class_names or None).
     """
-    train_records, test_records, class_names = load_records(config, model_config.context_length)
-    check_settings(model_config, config, train_records, test_records)
+    train_records, test_records, class_names = load_records(config, tokenizer, model_config.context_length)
+    check_settings(model_config, tokenizer, config, train_records, test_records)
     return train_records, test_records, class_names
 
 
@@ -160,56 +173,63 @@ def task_name(config):
     return config.task if config.data_file is None or config.is_classification else None
 
 
-def run_meta(base_params, model_config, config, class_names):
+def run_meta(base_params, model_config, tokenizer, config, class_names):
     """What every checkpoint of a fine-tuning run stores about it; a resume must match it exactly."""
     ft_config = replace(model_config, lora=config.lora) if config.method == "lora" else model_config
-    return {"kind": "finetune", "model": ft_config.to_dict(), "method": config.method, "task": task_name(config),
+    return {"kind": "finetune", "model": ft_config.to_dict(), "tokenizer": tokenizer.describe(),
+            "method": config.method, "task": task_name(config),
             "finetune": run_description(config), "class_names": class_names,
             "base_fingerprint": base_fingerprint(base_params)}
 
 
-def score(params, model_config, records, class_names, end="\n"):
+def score(params, model_config, tokenizer, records, class_names, end="\n"):
     """The task metric: accuracy with a head (class_names given), else exact match."""
     if class_names:
-        return classification_accuracy(params, model_config, records, class_names)
-    return exact_match(params, model_config, records, end=end)[0]
+        return classification_accuracy(params, model_config, tokenizer, records, class_names)
+    return exact_match(params, model_config, tokenizer, records, end=end)[0]
 
 
-def finetune(base_params, model_config, config, run_dir=None, val_data=None, resume=None, data=None):
+def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_data=None, resume=None, data=None):
     """Fine-tune with one strategy and score it.
 
     Inputs:
     - base_params: the pretrained weights (left unchanged)
     - model_config: their ModelConfig
+    - tokenizer: their tokenizer (runs.load_model's); a run folder gets a copy
+      of its files, and the run's metadata its description
     - config: FinetuneConfig
     - run_dir: where to write log.jsonl and checkpoint.npz, and at the end
       summary.json (and adapter.npz for LoRA)
-    - val_data: pretraining-corpus validation tokens, to measure forgetting
+    - val_data: pretraining-corpus validation tokens (corpus_val_data(tokenizer)),
+      to measure forgetting, in nats per token (per character for the
+      character tokenizer)
     - resume: a checkpoint of this same run to continue (see train.check_resume)
-    - data: what load_data(model_config, config) returned, if already called
+    - data: what load_data(model_config, tokenizer, config) returned, if already called
 
     Returns (params, model_config, trainable, summary): the fine-tuned model,
     the config it now comes with (LoRA settings included), the names that
     were trained, and a summary dict (the parameter report under "report").
     """
-    train_records, test_records, class_names = data or load_data(model_config, config)
+    train_records, test_records, class_names = data or load_data(model_config, tokenizer, config)
     n_classes = len(class_names) if class_names else None
-    params, ft_config, trainable = setup_strategy(base_params, model_config, config, n_classes)
+    params, ft_config, trainable = setup_strategy(base_params, model_config, tokenizer, config, n_classes)
     report = count_report(params, trainable, ft_config)
-    batches = tasks.RecordBatches(train_records, config.train.batch_size, model_config.context_length, class_names,
-                                  config.train_on_prompt, config.end_marker)
+    batches = tasks.RecordBatches(train_records, tokenizer, config.train.batch_size, model_config.context_length,
+                                  class_names, config.train_on_prompt, config.end_marker)
 
     # the pretrained model's task score and corpus loss, before any fine-tuning
-    before_params, before_config, _ = setup_strategy(base_params, model_config, config, n_classes)
-    metric_before = score(before_params, before_config, test_records, class_names, config.end_marker)
+    before_params, before_config, _ = setup_strategy(base_params, model_config, tokenizer, config, n_classes)
+    metric_before = score(before_params, before_config, tokenizer, test_records, class_names, config.end_marker)
     val_before = strided_val_loss(base_params, model_config, val_data) if val_data is not None else None
 
-    meta = run_meta(base_params, model_config, config, class_names)
+    meta = run_meta(base_params, model_config, tokenizer, config, class_names)
+    if run_dir is not None:
+        tokenizer.save(run_dir)  # the run folder holds what its checkpoint's ids mean
     t0 = time.perf_counter()
     history, state = train(params, trainable, ft_config, batches, config.train, run_dir=run_dir, meta=meta,
                            resume=resume, desc=f"finetune {config.method}")
     wall = time.perf_counter() - t0
-    metric = score(params, ft_config, test_records, class_names, config.end_marker)
+    metric = score(params, ft_config, tokenizer, test_records, class_names, config.end_marker)
     val_after = strided_val_loss(params, ft_config, val_data) if val_data is not None else None
     n_trainable = count_params(params, trainable)
     summary = {

@@ -34,7 +34,7 @@ from .lora import LoraConfig
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 96  # characters: newline + printable ASCII (corpus.VOCAB)
+    vocab_size: int = 96  # V, the tokenizer's size (96: the character one); pretraining sets it from the run's
     context_length: int = 128  # Tmax, the longest sequence of real tokens
     d_model: int = 128  # C, the width of the residual stream
     n_heads: int = 4  # NH; head size hs = C / NH

@@ -186,9 +186,14 @@ def loss_unit(records):
 
 
 def toy_corpus_floor(records):
-    """The entropy floor a run's loss can be compared with: only a pretraining run on the toy grammar has one."""
+    """The entropy floor a run's loss can be compared with: only a pretraining run on the toy grammar has one.
+
+    The floor is in nats per character, the unit of a character-tokenizer run's loss (per token); a BPE run's
+    curves are per token, so they get none. A log that records no tokenizer is a character run's.
+    """
     meta = log_meta(records)
-    if meta.get("kind") == "pretrain" and meta.get("corpus") == "toy grammar":
+    per_character = meta.get("tokenizer", {"kind": "char"}).get("kind") == "char"
+    if meta.get("kind") == "pretrain" and meta.get("corpus") == "toy grammar" and per_character:
         floor = meta.get("floor")
         return float(floor) if isinstance(floor, (int, float)) and not isinstance(floor, bool) else None
     return None

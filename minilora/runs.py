@@ -2,14 +2,16 @@
 
 A run folder holds what one command wrote:
 
-    runs/pretrain/                 checkpoint.npz, log.jsonl
+    runs/pretrain/                 checkpoint.npz, log.jsonl (and tokenizer.json for a BPE run)
     runs/finetune-subject-lora/    checkpoint.npz, log.jsonl, summary.json, adapter.npz
 
 `load_model` takes a folder or a file, everywhere alike: a full checkpoint
 (pretraining, any fine-tuning run, a merged model), or a base checkpoint plus
 an adapter file. The config stored with the arrays describes them whole
 (LoRA settings included), and every array's name and shape is checked
-against it before anything is returned.
+against it before anything is returned. The model comes with its tokenizer
+(tokenizer.tokenizer_from_meta: the checkpoint's own, the character one for a
+checkpoint that records none), whose vocabulary must be the rows of wte.
 
 No run overwrites another: `free_run_dir` picks a folder name that holds no
 run yet (a counter after the name), and `prepare_run_dir` refuses a folder
@@ -24,13 +26,14 @@ from .backend import get_backend
 from .checkpoint import check_params_match, load_checkpoint
 from .lora import ADAPTER_KIND, TARGETS, load_adapter
 from .model import ModelConfig, param_shapes, params_to
+from .tokenizer import TOKENIZER_FILE, check_vocab_size, tokenizer_from_meta
 
 CHECKPOINT = "checkpoint.npz"
 ADAPTER = "adapter.npz"
 LOG = "log.jsonl"
 SUMMARY = "summary.json"
 # What a run writes; a folder holding a checkpoint or a log is a run.
-RUN_FILES = (CHECKPOINT, LOG, SUMMARY, ADAPTER)
+RUN_FILES = (CHECKPOINT, LOG, SUMMARY, ADAPTER, TOKENIZER_FILE)
 
 
 def is_run_dir(path):
@@ -106,7 +109,7 @@ def expected_shapes(config, params):
 
 
 def load_model(path, xp=None, adapter=None):
-    """Load a model: returns (params on xp, ModelConfig, meta).
+    """Load a model with its tokenizer: returns (params on xp, ModelConfig, meta, tokenizer).
 
     Inputs:
     - path: a run folder or a .npz checkpoint (pretraining, fine-tuning or merged)
@@ -115,6 +118,10 @@ def load_model(path, xp=None, adapter=None):
       of the model at path; its base fingerprint must match
 
     meta is the checkpoint's (or, with an adapter, the adapter's) metadata.
+    tokenizer is the one the model at path was trained with (an adapter keeps
+    its base's); a tokenizer whose vocabulary size is not the weights' is
+    refused (ValueError), as is a BPE run whose tokenizer.json is missing or
+    changed.
     """
     xp = xp if xp is not None else get_backend("numpy")
     path = checkpoint_path(path)
@@ -126,9 +133,11 @@ def load_model(path, xp=None, adapter=None):
         raise ValueError(f"checkpoint: {path} has no model config; expected a minilora checkpoint")
     config = ModelConfig.from_dict(meta["model"])
     check_params_match(saved, expected_shapes(config, saved), what=path)
+    tokenizer = tokenizer_from_meta(meta, os.path.dirname(path) or ".")
+    check_vocab_size(tokenizer, config.vocab_size, what=f"checkpoint: {path}")
     params = params_to(saved, xp)
     if adapter is not None:
         adapter = checkpoint_path(adapter, ADAPTER)
         params, config, meta = load_adapter(adapter, params, config)
         check_params_match(params, expected_shapes(config, params), what=adapter)
-    return params, config, meta
+    return params, config, meta, tokenizer

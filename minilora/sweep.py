@@ -104,12 +104,12 @@ class ReplayBatches:
     with their response mask. Both kinds have the instruction rows' length T.
     """
 
-    def __init__(self, records, batch_size, context_length, corpus_data, fraction, end="\n"):
+    def __init__(self, records, tokenizer, batch_size, context_length, corpus_data, fraction, end="\n"):
         self.n_replay = int(round(fraction * batch_size))
         if not 0 <= self.n_replay < batch_size:
             raise ValueError(f"replay: expected a fraction that leaves at least one task row in a batch of "
                              f"{batch_size}, got {fraction}")
-        self.records = tasks.RecordBatches(records, batch_size - self.n_replay, context_length, end=end)
+        self.records = tasks.RecordBatches(records, tokenizer, batch_size - self.n_replay, context_length, end=end)
         self.data = corpus_data
 
     def sample(self, rng):
@@ -139,10 +139,10 @@ def delta_norms(params, config, base):
     return out
 
 
-def _evaluate(params, config, base, val, class_names, end, corpus_data, corpus_before):
+def _evaluate(params, config, tokenizer, base, val, class_names, end, corpus_data, corpus_before):
     """What a cell logs at each evaluation."""
     loss = strided_val_loss(params, config, corpus_data)
-    return {"val_metric": score(params, config, val, class_names, end), "corpus_loss": loss,
+    return {"val_metric": score(params, config, tokenizer, val, class_names, end), "corpus_loss": loss,
             "forgetting": loss - corpus_before, "delta": delta_norms(params, config, base)}
 
 
@@ -150,10 +150,11 @@ _BASE_CACHE = {}
 
 
 def load_base(name, bases_dir):
-    """The pretrained base `name` (pretrained into bases_dir/name on first use, then reused)."""
+    """The pretrained base `name` as (params, config, tokenizer) (pretrained into bases_dir/name on first use,
+    then reused)."""
     if (name, bases_dir) not in _BASE_CACHE:
-        params, config, _ = load_or_pretrain(BASES[name], os.path.join(bases_dir, name))
-        _BASE_CACHE[(name, bases_dir)] = (params, config)
+        params, config, _, tokenizer = load_or_pretrain(BASES[name], os.path.join(bases_dir, name))
+        _BASE_CACHE[(name, bases_dir)] = (params, config, tokenizer)
     return _BASE_CACHE[(name, bases_dir)]
 
 
@@ -164,13 +165,13 @@ def run_cell(cell, bases_dir, threads=None):
 
         with threadpool_limits(limits=threads, user_api="blas"):
             return run_cell(cell, bases_dir)
-    base, model_config = load_base(cell.base, bases_dir)
-    record, _, _ = run_cell_on(cell, base, model_config)
+    base, model_config, tokenizer = load_base(cell.base, bases_dir)
+    record, _, _ = run_cell_on(cell, base, model_config, tokenizer)
     return record
 
 
-def run_cell_on(cell, base, model_config):
-    """Fine-tune one cell from the given base model (cell.base is not read).
+def run_cell_on(cell, base, model_config, tokenizer):
+    """Fine-tune one cell from the given base model (its params, config and tokenizer; cell.base is not read).
 
     Returns (record, params, config): the result record run_cell writes, and the
     fine-tuned parameters with their ModelConfig (tutorial 06 runs cells live on
@@ -180,21 +181,22 @@ def run_cell_on(cell, base, model_config):
     config = cell.finetune_config()
     train_records, val, test = splits(cell)
     class_names = list(tasks.CLASS_NAMES) if cell.task == "kind" else None
-    params, ft_config, trainable = setup_strategy(base, model_config, config,
+    params, ft_config, trainable = setup_strategy(base, model_config, tokenizer, config,
                                                   len(class_names) if class_names else None)
     T = model_config.context_length
     if cell.replay:
         if class_names:
             raise ValueError("replay: expected a generative task (a classification batch has no next tokens)")
         replay_text, _ = corpus.train_val_text(REPLAY_TEXT_SENTENCES, 0, seed=1)
-        batches = ReplayBatches(train_records, cell.batch_size, T, corpus.CharTokenizer().encode(replay_text),
+        batches = ReplayBatches(train_records, tokenizer, cell.batch_size, T, tokenizer.encode(replay_text),
                                 cell.replay, cell.end_marker)
     else:
-        batches = tasks.RecordBatches(train_records, cell.batch_size, T, class_names, end=cell.end_marker)
-    corpus_data = corpus_val_data(cell.corpus_sentences)
+        batches = tasks.RecordBatches(train_records, tokenizer, cell.batch_size, T, class_names, end=cell.end_marker)
+    corpus_data = corpus_val_data(tokenizer, cell.corpus_sentences)
     corpus_before = strided_val_loss(base, model_config, corpus_data)
-    evaluate = partial(_evaluate, config=ft_config, base=base, val=val, class_names=class_names,
-                       end=cell.end_marker, corpus_data=corpus_data, corpus_before=corpus_before)
+    evaluate = partial(_evaluate, config=ft_config, tokenizer=tokenizer, base=base, val=val,
+                       class_names=class_names, end=cell.end_marker, corpus_data=corpus_data,
+                       corpus_before=corpus_before)
     evals = [{"step": 0, **evaluate(params)}]
     history, _ = train(params, trainable, ft_config, batches, config.train, evaluate=evaluate,
                        desc=f"{cell.study} {cell.method}")
@@ -203,7 +205,7 @@ def run_cell_on(cell, base, model_config):
               for r in history if "val_metric" in r]
     record = {"key": cell.key(), "cell": asdict(cell), "evals": evals, "corpus_before": corpus_before,
               "train_loss": [r["train_loss"] for r in history],
-              "test_metric": score(params, ft_config, test, class_names, cell.end_marker),
+              "test_metric": score(params, ft_config, tokenizer, test, class_names, cell.end_marker),
               "trainable_params": int(sum(params[n].size for n in trainable))}
     if cell.method == "full":
         record["singular_values"] = {

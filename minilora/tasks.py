@@ -22,14 +22,16 @@ Tasks built from the toy language of corpus.py:
 A model pretrained on plain sentences has never seen the format or the questions,
 so it cannot do any of them until it is fine-tuned.
 
-Dimensions: B batch, T time (characters).
+Positions are tokens of the run's tokenizer (the tokenizer argument), which
+for the character tokenizer are characters. Dimensions: B batch, T time (tokens).
 """
 
 import json
 
 import numpy as np
 
-from minilora.corpus import NEWLINE_ID, VOCAB, CharTokenizer, sample_sentences
+from minilora.corpus import NEWLINE_ID, sample_sentences
+from minilora.tokenizer import single_token_id
 
 # Short instructions keep the longest example (longest sentence, output "children")
 # inside the 128-character pretraining context: the prompt template alone is 43
@@ -146,8 +148,11 @@ def task_splits(task, n_train, n_test, seed=0):
     return [_record(task, d) for d in train], [_record(task, d) for d in test]
 
 
-def _check_record_fields(record, kind):
-    """Return a description of what is wrong with a record, or None if it is well formed."""
+def _check_record_fields(record, kind, tokenizer):
+    """Return a description of what is wrong with a record, or None if it is well formed.
+
+    Every value must be text the run's tokenizer can encode (tokenizer.problem).
+    """
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     required, optional = _FIELDS[kind]
@@ -160,31 +165,33 @@ def _check_record_fields(record, kind):
     for key, value in record.items():
         if not isinstance(value, str):
             return f"key {key!r} must hold a string, got {type(value).__name__} {value!r:.40}"
-        bad = sorted(set(value) - set(VOCAB))
-        if bad:
-            return f"key {key!r} has characters outside the vocabulary (newline + printable ASCII): {bad[:10]}"
+        problem = tokenizer.problem(value)
+        if problem is not None:
+            return f"key {key!r} has {problem}"
     if kind == "instruction" and "\n" in record["output"]:
         return "key 'output' holds a newline, but a newline ends the response (it is the stop token)"
     return None
 
 
-def record_positions(record, kind):
+def record_positions(record, kind, tokenizer):
     """How many positions of the context a record takes: the tokens the model reads.
 
-    An instruction record is trained on prompt + output + "\\n" shifted by one, so
-    the model reads len(prompt) + len(output) positions; a classification record
-    reads its text.
+    An instruction record is trained on the tokens of prompt, then of output,
+    then the one end token, shifted by one, so the model reads
+    len(encode(prompt)) + len(encode(output)) positions; a classification
+    record reads the tokens of its text. (The character tokenizer: characters.)
     """
     if kind == "instruction":
-        return len(format_prompt(record["instruction"], record.get("input", ""))) + len(record["output"])
-    return len(record["text"])
+        prompt = format_prompt(record["instruction"], record.get("input", ""))
+        return len(tokenizer.encode(prompt)) + len(tokenizer.encode(record["output"]))
+    return len(tokenizer.encode(record["text"]))
 
 
-def _fit_problem(record, kind, context_length, n_prompt=0):
+def _fit_problem(record, kind, tokenizer, context_length, n_prompt=0):
     """What keeps a record from fitting the context (with n_prompt soft-prompt vectors before it), or None."""
-    n = record_positions(record, kind)
+    n = record_positions(record, kind, tokenizer)
     if kind == "classification" and n == 0:
-        return "key 'text' is empty; a classifier needs at least one character to read"
+        return "key 'text' is empty; a classifier needs at least one token to read"
     if n_prompt + n > context_length:
         what = ("the prompt template, instruction, input and output" if kind == "instruction" else "its text")
         prompt = f" after {n_prompt} soft-prompt vectors" if n_prompt else ""
@@ -193,15 +200,15 @@ def _fit_problem(record, kind, context_length, n_prompt=0):
     return None
 
 
-def check_records_fit(records, kind, context_length, n_prompt=0, where="records"):
+def check_records_fit(records, kind, tokenizer, context_length, n_prompt=0, where="records"):
     """Raise ValueError naming the first record (where[i]) that does not fit the context; see _fit_problem."""
     for i, record in enumerate(records):
-        problem = _fit_problem(record, kind, context_length, n_prompt)
+        problem = _fit_problem(record, kind, tokenizer, context_length, n_prompt)
         if problem is not None:
             raise ValueError(f"{where}[{i}]: {problem}")
 
 
-def load_jsonl(path, kind, context_length=None, n_prompt=0):
+def load_jsonl(path, kind, tokenizer, context_length=None, n_prompt=0):
     """Read fine-tuning records from a JSON-lines file, one JSON object per line.
 
     Inputs:
@@ -210,6 +217,8 @@ def load_jsonl(path, kind, context_length=None, n_prompt=0):
       JSON string, so they do not split a line.
     - kind: "instruction" (keys "instruction", "output" and optional "input") or
       "classification" (keys "text", "label"). All values are strings.
+    - tokenizer: the run's tokenizer; every value must be text it can encode,
+      and a record's positions are its tokens
     - context_length: when given, every record must fit it (after n_prompt
       soft-prompt vectors), so a record too long fails here, named by its line,
       before any training.
@@ -238,9 +247,9 @@ def load_jsonl(path, kind, context_length=None, n_prompt=0):
             raise ValueError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from e
         except RecursionError as e:
             raise ValueError(f"{where}: not a record: nested too deeply") from e
-        problem = _check_record_fields(record, kind)
+        problem = _check_record_fields(record, kind, tokenizer)
         if problem is None and context_length is not None:
-            problem = _fit_problem(record, kind, context_length, n_prompt)
+            problem = _fit_problem(record, kind, tokenizer, context_length, n_prompt)
         if problem is not None:
             raise ValueError(f"{where}: {problem}")
         if kind == "instruction":
@@ -267,8 +276,8 @@ def _check_batch_args(records, context_length, where):
         raise ValueError(f"{where}: context_length must be an int >= 1, got {context_length!r}")
 
 
-def _check_batch_record(record, kind, i, where):
-    problem = _check_record_fields(record, kind)
+def _check_batch_record(record, kind, i, where, tokenizer):
+    problem = _check_record_fields(record, kind, tokenizer)
     if problem is not None:
         raise ValueError(f"{where}: records[{i}]: {problem}")
 
@@ -276,18 +285,22 @@ def _check_batch_record(record, kind, i, where):
 def instruction_batch(records, tokenizer, context_length, train_on_prompt=False, end="\n", render=format_prompt):
     """Next-token inputs, targets and loss mask for a batch of instruction records.
 
-    Each example is the tokens of prompt + output + "\\n", of length L <= context_length + 1.
+    Each example is the tokens of the prompt, then of the output, then the one
+    token of end, of length L <= context_length + 1. The prompt is encoded on
+    its own, as decoding will read it, so a merge of a BPE tokenizer never
+    straddles the prompt and the response.
     Row b holds x[b, t] = tokens[t] and y[b, t] = tokens[t + 1] for t < L - 1, then padding
-    (NEWLINE_ID, with mask 0). T is the longest L in the batch minus 1, so a batch of
-    short examples costs less than a full context.
+    (NEWLINE_ID = 0, an id in every vocabulary, with mask 0). T is the longest L in the batch
+    minus 1, so a batch of short examples costs less than a full context.
 
     Inputs:
     - records: list of B dicts with "instruction", "output" and optional "input".
-    - tokenizer: has encode(str) -> int array.
+    - tokenizer: the run's tokenizer (encode(str) -> int array).
     - context_length: the model's maximum T.
     - train_on_prompt: if True the mask covers every real target, prompt included.
-    - end: the character that ends a response ("\n" by default; a character that
-      never occurs in the corpus, such as "~", makes the response unlike corpus text).
+    - end: the text that ends a response, one token of the tokenizer ("\n" by
+      default; a character that never occurs in the corpus, such as "~", makes
+      the response unlike corpus text).
     - render: render(instruction, input) -> the prompt; format_prompt by default
       (tutorial 07 passes broken formats to measure what the format is worth).
 
@@ -298,16 +311,17 @@ def instruction_batch(records, tokenizer, context_length, train_on_prompt=False,
       its final "\\n"), 0.0 on prompt targets and padding.
     """
     _check_batch_args(records, context_length, "instruction_batch")
+    end_id = single_token_id(tokenizer, end, "end")
     examples = []
     for i, record in enumerate(records):
-        _check_batch_record(record, "instruction", i, "instruction_batch")
-        prompt = render(record["instruction"], record.get("input", ""))
-        tokens = tokenizer.encode(prompt + record["output"] + end)
+        _check_batch_record(record, "instruction", i, "instruction_batch", tokenizer)
+        prompt = tokenizer.encode(render(record["instruction"], record.get("input", "")))
+        tokens = np.concatenate([prompt, tokenizer.encode(record["output"]), [end_id]])
         if len(tokens) > context_length + 1:
             raise ValueError(
                 f"instruction_batch: records[{i}] is {len(tokens)} tokens (prompt {len(prompt)} "
-                f"characters + output + newline), more than context_length + 1 = {context_length + 1}")
-        examples.append((tokens, len(tokenizer.encode(prompt))))
+                f"tokens + output + end), more than context_length + 1 = {context_length + 1}")
+        examples.append((tokens, len(prompt)))
     B, T = len(examples), max(len(tokens) for tokens, _ in examples) - 1
     x = np.full((B, T), NEWLINE_ID, dtype=np.int64)
     y = np.full((B, T), NEWLINE_ID, dtype=np.int64)
@@ -325,12 +339,12 @@ def instruction_batch(records, tokenizer, context_length, train_on_prompt=False,
 def classification_batch(records, tokenizer, context_length, class_names=CLASS_NAMES):
     """Right-padded inputs, the position to classify at, and label indices.
 
-    A causal model has read the whole text only at its last character, so the
+    A causal model has read the whole text only at its last token, so the
     classifier head reads the hidden state at index last[b].
 
     Inputs:
     - records: list of B dicts with "text" (1 to context_length tokens) and "label".
-    - tokenizer: has encode(str) -> int array.
+    - tokenizer: the run's tokenizer (encode(str) -> int array).
     - context_length: the model's maximum T.
     - class_names: sequence of label names; a label's index in it is its class id.
 
@@ -343,7 +357,7 @@ def classification_batch(records, tokenizer, context_length, class_names=CLASS_N
     class_names = list(class_names)
     rows, labels = [], []
     for i, record in enumerate(records):
-        _check_batch_record(record, "classification", i, "classification_batch")
+        _check_batch_record(record, "classification", i, "classification_batch", tokenizer)
         if record["label"] not in class_names:
             raise ValueError(f"classification_batch: records[{i}] has label {record['label']!r}; "
                              f"expected one of {class_names}")
@@ -364,13 +378,15 @@ class RecordBatches:
     """The fine-tuning batch source: B records drawn without replacement, as a batch.
 
     batches.sample(rng) returns {"x", "y", "mask"} for instruction records
-    (class_names None) or {"x", "last", "labels"} for classification.
+    (class_names None) or {"x", "last", "labels"} for classification, encoded
+    by tokenizer (the run's).
     """
 
-    def __init__(self, records, batch_size, context_length, class_names=None, train_on_prompt=False, end="\n"):
+    def __init__(self, records, tokenizer, batch_size, context_length, class_names=None, train_on_prompt=False,
+                 end="\n"):
         self.records, self.batch_size, self.context_length = records, batch_size, context_length
         self.class_names, self.train_on_prompt, self.end = class_names, train_on_prompt, end
-        self.tokenizer = CharTokenizer()
+        self.tokenizer = tokenizer
 
     def sample(self, rng):
         chosen = [self.records[i] for i in rng.choice(len(self.records), self.batch_size, replace=False)]

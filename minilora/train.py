@@ -34,6 +34,7 @@ from .backend import array_module, to_device, to_numpy
 from .model import loss_and_grads
 from .checkpoint import atomic_open, load_checkpoint, save_checkpoint
 from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at, state_from_arrays, state_to_arrays
+from .tokenizer import CHAR_DESCRIPTION
 
 
 class TrainingDiverged(RuntimeError):
@@ -140,6 +141,8 @@ def resume_problem(saved_meta, config, meta=None):
     """
     if not {"step", "rng", "train"} <= set(saved_meta):
         return "it is not a training checkpoint (it has no step, RNG state or training settings)"
+    # a checkpoint written before tokenizers were recorded was made by the character tokenizer
+    saved_meta = {"tokenizer": CHAR_DESCRIPTION, **saved_meta}
     step = saved_meta["step"]
     if step > config.steps:
         return (f"it holds step {step}, more than the {config.steps} steps asked for; give --steps {step} "

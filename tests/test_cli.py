@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-from minilora import cli, finetune, ops, tasks
+from minilora import cli, finetune, ops, tasks, tokenizer
 from minilora.checkpoint import load_checkpoint
 
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
@@ -396,20 +396,20 @@ def test_exact_match_decodes_as_long_as_the_longest_reference(monkeypatch):
     from minilora import corpus, evaluation, model
 
     def decode_the_reference(params, config, prompts, max_new_tokens, **kwargs):
-        return [corpus.CharTokenizer().encode(reference)[:max_new_tokens] for reference in references]
+        return [tokenizer.CharTokenizer().encode(reference)[:max_new_tokens] for reference in references]
 
     references = ["a twenty-char answer", "short"]
     monkeypatch.setattr(evaluation, "decode", decode_the_reference)
     records = [{"instruction": "Say it.", "input": "", "output": r} for r in references]
     config = model.ModelConfig(d_model=16, n_heads=2, n_layers=1)
-    acc, preds = evaluation.exact_match(model.init_params(config, 0), config, records)
+    acc, preds = evaluation.exact_match(model.init_params(config, 0), config, tokenizer.CharTokenizer(), records)
     assert acc == 1.0 and preds == references
 
 
 def test_exact_match_decodes_the_prompts_a_render_writes(monkeypatch):
     from minilora import corpus, evaluation, model
 
-    tok, seen = corpus.CharTokenizer(), []
+    tok, seen = tokenizer.CharTokenizer(), []
 
     def record_prompts(params, config, prompts, max_new_tokens, **kwargs):
         seen.extend(tok.decode(p) for p in prompts)
@@ -418,7 +418,7 @@ def test_exact_match_decodes_the_prompts_a_render_writes(monkeypatch):
     monkeypatch.setattr(evaluation, "decode", record_prompts)
     config = model.ModelConfig(d_model=16, n_heads=2, n_layers=1)
     records = [{"instruction": "Name the subject.", "input": "the cat runs.", "output": "cat"}]
-    acc, _ = evaluation.exact_match(model.init_params(config, 0), config, records,
+    acc, _ = evaluation.exact_match(model.init_params(config, 0), config, tok, records,
                                     render=lambda ins, inp: f"{ins} | {inp} -> ")
     assert acc == 1.0 and seen == ["Name the subject. | the cat runs. -> "]
 
@@ -494,3 +494,37 @@ def test_every_subcommands_help_shows_every_options_default(capsys):
         for action in sub._actions:
             if not action.option_strings:  # positional arguments say what they are
                 assert action.help, (name, action.dest)
+
+
+def test_generate_asks_a_fine_tuned_run_in_its_own_format(pretrained, tmp_path, capsys, monkeypatch):
+    """--instruction/--input write the run's prompt and stop at its end marker; samples are separated (issue 17)."""
+    from minilora import sampling, tasks
+    from minilora.finetune import FinetuneConfig, finetune
+    from minilora.runs import load_model
+
+    params, config, _, tok = load_model(pretrained)
+    run = tmp_path / "tilde"
+    # a run taught to end its answers with "~" (study 2's end marker), not a newline
+    ft = FinetuneConfig(method="lora", n_train=40, n_test=4, end_marker="~")
+    ft.train.steps, ft.train.batch_size, ft.train.warmup_steps = 2, 4, 0
+    finetune(params, config, tok, ft, str(run))
+    seen = []
+
+    def fake_decode(params, config, prompts, max_new_tokens, temperature, top_k, rng, stop_id, batch_size):
+        seen.append((prompts, stop_id))
+        return [tok.encode("dog"), tok.encode("cat")][:len(prompts)]
+
+    monkeypatch.setattr(sampling, "decode", fake_decode)
+    assert cli.main(["generate", "--checkpoint", str(run), "--instruction", "Name the subject of the sentence.",
+                     "--input", "the dog sleeps.", "--num-samples", "2"]) == 0
+    (prompts, stop_id), = seen
+    expected = tasks.format_prompt("Name the subject of the sentence.", "the dog sleeps.")
+    assert all(tok.decode(p) == expected for p in prompts) and stop_id == int(tok.encode("~")[0])
+    assert capsys.readouterr().out == f"dog\n{cli.SAMPLE_SEPARATOR}\ncat\n"  # the answers, one per sample
+    # plain sampling keeps its prompt in the output, and --input needs an instruction
+    assert cli.main(["generate", "--checkpoint", str(pretrained), "--num-samples", "2"]) == 0
+    assert capsys.readouterr().out == f"the dog\n{cli.SAMPLE_SEPARATOR}\nthe cat\n"
+    assert cli.main(["generate", "--checkpoint", str(pretrained), "--input", "x"]) == 2
+    _one_line_error(capsys, "expected --instruction too", "--input")
+    assert cli.main(["generate", "--checkpoint", str(pretrained), "--prompt", "a", "--instruction", "b"]) == 2
+    _one_line_error(capsys, "either --prompt or --instruction", "--prompt")

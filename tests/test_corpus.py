@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from minilora.corpus import (
-    GRAMMAR, NEWLINE_ID, VOCAB, CharTokenizer, Grammar, bigram_loss, entropy_per_char,
+    GRAMMAR, NEWLINE_ID, VOCAB, Grammar, bigram_loss, entropy_per_char,
     expected_sentence_length, load_text_file, longest_sentence_length, make_text, render,
     sample_sentence, sample_sentences, sentence_log_prob, train_val_text,
 )
+from minilora.tokenizer import CharTokenizer
 
 # Small enough to list every sentence (24 noun phrases, 1776 sentences), and "the"
 # serves both numbers, as in the full grammar.

@@ -4,6 +4,7 @@ import pytest
 
 from minilora import cli, evaluation, finetune, tasks
 from minilora.checkpoint import load_checkpoint
+from minilora.tokenizer import CharTokenizer
 
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
 
@@ -21,13 +22,13 @@ def _scored_records(monkeypatch, argv):
     seen = []
     real_exact, real_acc = evaluation.exact_match, evaluation.classification_accuracy
 
-    def exact(params, config, records, *a, **k):
+    def exact(params, config, tokenizer, records, *a, **k):
         seen.extend(records)
-        return real_exact(params, config, records, *a, **k)
+        return real_exact(params, config, tokenizer, records, *a, **k)
 
-    def accuracy(params, config, records, *a, **k):
+    def accuracy(params, config, tokenizer, records, *a, **k):
         seen.extend(records)
-        return real_acc(params, config, records, *a, **k)
+        return real_acc(params, config, tokenizer, records, *a, **k)
 
     monkeypatch.setattr(evaluation, "exact_match", exact)
     monkeypatch.setattr(evaluation, "classification_accuracy", accuracy)
@@ -48,12 +49,13 @@ def test_evaluate_never_scores_a_training_record(pretrained, tmp_path, monkeypat
     assert cli.main(argv) == 0
     _, meta, _ = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     assert meta["finetune"]["seed"] == 5
-    train, test, _ = finetune.load_records(finetune.config_from_description(meta["finetune"]))
+    train, test, _ = finetune.load_records(finetune.config_from_description(meta["finetune"]), CharTokenizer())
     scored = _scored_records(monkeypatch, ["evaluate", str(tmp_path / "run")])
     key = "text" if task == "kind" else "input"
     trained_on = {r[key] for r in train}
     assert scored == test and len(scored) > 0
     assert not any(r[key] in trained_on for r in scored)
     # the defaults' split (seed 0) would have scored records this run trained on
-    default_test = finetune.load_records(finetune.config_from_description({**meta["finetune"], "seed": 0}))[1]
+    default_test = finetune.load_records(finetune.config_from_description({**meta["finetune"], "seed": 0}),
+                                  CharTokenizer())[1]
     assert any(r[key] in trained_on for r in default_test)

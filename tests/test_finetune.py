@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 
-from minilora import corpus, evaluation, finetune, lora, model, tasks
+from minilora import corpus, evaluation, finetune, lora, model, tasks, tokenizer
 from minilora.lora import LoraConfig
 from minilora.model import ModelConfig
 from minilora.train import TrainConfig, train
 
 TINY = ModelConfig(context_length=128, d_model=16, n_heads=2, n_layers=2, d_ff=32)
+CHAR = tokenizer.CharTokenizer()
 
 
 def _copy(params):
@@ -20,7 +21,7 @@ def _copy(params):
 def test_a_strategy_is_extra_parameters_and_trainable_names(method, n_classes):
     base = model.init_params(TINY, 0)
     before = _copy(base)
-    params, config, trainable = finetune.setup_strategy(base, TINY, finetune.FinetuneConfig(method=method),
+    params, config, trainable = finetune.setup_strategy(base, TINY, CHAR, finetune.FinetuneConfig(method=method),
                                                         n_classes)
     assert (config.lora is not None) == (method == "lora")  # the config describes the params whole
     head = {"cls.W", "cls.b"} if n_classes else set()
@@ -42,7 +43,7 @@ def test_a_strategy_is_extra_parameters_and_trainable_names(method, n_classes):
 def test_trainable_report_matches_the_lora_formula():
     config = ModelConfig()  # d_model 128, 2 layers
     base = model.init_params(config, 0)
-    params, adapted, trainable = finetune.setup_strategy(base, config, finetune.FinetuneConfig(method="lora"))
+    params, adapted, trainable = finetune.setup_strategy(base, config, CHAR, finetune.FinetuneConfig(method="lora"))
     report = lora.count_report(params, trainable, adapted)
     n = 2 * 4 * 8 * (128 + 128)  # layers x targets x r (d + k)
     assert f"trainable params: {n:,} || all params: {model.count_params(base) + n:,}" in report
@@ -55,11 +56,11 @@ def test_finetune_on_users_instruction_file_leaves_the_base_untouched(tmp_path):
     tasks.save_jsonl(records, tmp_path / "mine.jsonl")
     base = model.init_params(TINY, 0)
     before = _copy(base)
-    val = corpus.CharTokenizer().encode(corpus.make_text(20, 5))
+    val = CHAR.encode(corpus.make_text(20, 5))
     for method in finetune.METHODS:
         config = finetune.FinetuneConfig(method=method, data_file=str(tmp_path / "mine.jsonl"),
                                          train=TrainConfig(steps=3, batch_size=4, warmup_steps=1, lr=1e-3))
-        params, _, trainable, s = finetune.finetune(base, TINY, config, run_dir=tmp_path / method, val_data=val)
+        params, _, trainable, s = finetune.finetune(base, TINY, CHAR, config, run_dir=tmp_path / method, val_data=val)
         assert 0.0 <= s["metric"] <= 1.0 and s["trainable_params"] == model.count_params(params, trainable)
         assert s["optimizer_state_bytes"] == 2 * 4 * s["trainable_params"]  # AdamW: two float32 moments each
         assert np.isfinite(s["val_loss_before"]) and np.isfinite(s["val_loss_after"])
@@ -73,7 +74,7 @@ def test_finetune_classification_from_a_users_file(tmp_path):
     tasks.save_jsonl(records, tmp_path / "cls.jsonl")
     config = finetune.FinetuneConfig(method="lora", task="kind", data_file=str(tmp_path / "cls.jsonl"),
                                      train=TrainConfig(steps=2, batch_size=4, warmup_steps=1))
-    params, _, trainable, s = finetune.finetune(model.init_params(TINY, 0), TINY, config)
+    params, _, trainable, s = finetune.finetune(model.init_params(TINY, 0), TINY, CHAR, config)
     assert params["cls.W"].shape == (2, TINY.d_model)  # the labels found in the file: neg, pos
     assert {"cls.W", "cls.b"} <= trainable
 
@@ -83,17 +84,17 @@ def test_malformed_user_file_names_the_line(tmp_path):
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
     config = finetune.FinetuneConfig(data_file=str(path))
     with pytest.raises(ValueError, match="line 2"):
-        finetune.load_records(config)
+        finetune.load_records(config, CHAR)
 
 
 def test_lora_dropout_uses_the_rng():
     base = model.init_params(TINY, 0)
     config = finetune.FinetuneConfig(method="lora", lora=LoraConfig(dropout=0.5))
-    params, adapted, trainable = finetune.setup_strategy(base, TINY, config)
+    params, adapted, trainable = finetune.setup_strategy(base, TINY, CHAR, config)
     for name in trainable:
         if name.endswith("lora_B"):
             params[name] = np.random.default_rng(0).standard_normal(params[name].shape).astype(np.float32)
-    x, y, mask = tasks.instruction_batch(tasks.make_instruction_records("subject", 4, 0), corpus.CharTokenizer(), 128)
+    x, y, mask = tasks.instruction_batch(tasks.make_instruction_records("subject", 4, 0), CHAR, 128)
     batch = {"x": x, "y": y, "mask": mask}
     losses = {model.loss_and_grads(params, adapted, batch, trainable, np.random.default_rng(s), train=True)[0]
               for s in (0, 1)}
@@ -112,22 +113,21 @@ def test_bad_config_values_are_named():
 def test_exact_match_scores_greedy_decoding():
     base = model.init_params(TINY, 0)
     records = tasks.make_instruction_records("subject", 6, 0)
-    acc, preds = evaluation.exact_match(base, TINY, records, max_new_tokens=3)
+    acc, preds = evaluation.exact_match(base, TINY, CHAR, records, max_new_tokens=3)
     assert acc == 0.0 and len(preds) == 6 and all(isinstance(p, str) and len(p) <= 3 for p in preds)
 
 
 @pytest.mark.parametrize("method", finetune.METHODS)
 def test_every_strategy_can_fit_a_small_batch(method):
     # the machinery learns: each strategy alone drives the loss on 4 fixed examples well down
-    tok = corpus.CharTokenizer()
-    x, y, mask = tasks.instruction_batch(tasks.make_instruction_records("subject", 4, 0), tok, 128)
+    x, y, mask = tasks.instruction_batch(tasks.make_instruction_records("subject", 4, 0), CHAR, 128)
     # weights 10x GPT-2's init, closer to a trained model's: at std 0.02 attention is near
     # uniform and tiny, and a frozen model barely responds to its prompt or adapters
     base = {n: p * 10.0 if p.ndim == 2 else p for n, p in model.init_params(TINY, 0).items()}
     lr = {"full": 3e-3, "lora": 1e-2, "prompt": 1e-1}[method]
     config = finetune.FinetuneConfig(method=method, train=TrainConfig(steps=80, batch_size=4, lr=lr, min_lr=lr,
                                                                       warmup_steps=0, weight_decay=0.0))
-    params, ft_config, trainable = finetune.setup_strategy(base, TINY, config)
+    params, ft_config, trainable = finetune.setup_strategy(base, TINY, CHAR, config)
 
     class SameBatch:
         def sample(self, rng):

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minilora import cli
-from minilora.corpus import VOCAB, CharTokenizer, load_text_file
+from minilora.corpus import VOCAB, load_text_file
+from minilora.tokenizer import CharTokenizer
 from minilora.tasks import _FIELDS, load_jsonl
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -49,7 +50,7 @@ def test_load_jsonl_accepts_a_valid_file_or_names_the_problem_in_one_line(tmp_pa
     path = tmp_path / "data.jsonl"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + end.join(lines).encode("utf-8"))
     try:
-        records = load_jsonl(path, kind, context, n_prompt)
+        records = load_jsonl(path, kind, CharTokenizer(), context, n_prompt)
     except ValueError as e:
         assert _one_line(str(e)).startswith("load_jsonl: ")
         return
@@ -64,7 +65,7 @@ def test_load_jsonl_accepts_a_valid_file_or_names_the_problem_in_one_line(tmp_pa
 def test_load_jsonl_and_load_text_file_on_any_bytes(tmp_path, data):
     path = tmp_path / "any"
     path.write_bytes(data)
-    for read in (lambda: load_jsonl(path, "instruction"), lambda: load_text_file(path)):
+    for read in (lambda: load_jsonl(path, "instruction", CharTokenizer()), lambda: load_text_file(path)):
         try:
             read()
         except ValueError as e:

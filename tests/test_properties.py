@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora import corpus, lora, ops, optim, tasks
+from minilora import corpus, lora, ops, optim, tasks, tokenizer
 from minilora.lora import LoraConfig, merge, unmerge
 from minilora.model import ModelConfig
 
@@ -15,7 +15,7 @@ finite = st.floats(-50, 50, allow_nan=False, allow_infinity=False)
 @FAST
 @given(st.text(alphabet=corpus.VOCAB, max_size=200))
 def test_tokenizer_roundtrip(text):
-    tok = corpus.CharTokenizer()
+    tok = tokenizer.CharTokenizer()
     ids = tok.encode(text)
     assert ids.dtype == np.int64 and ids.shape == (len(text),)
     assert tok.decode(ids) == text
@@ -82,7 +82,7 @@ words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz ", min_size=1, max_size=12)
 @given(st.lists(st.tuples(words, words, words), min_size=1, max_size=4), st.booleans())
 def test_loss_mask_covers_exactly_the_response(triples, train_on_prompt):
     records = [{"instruction": i, "input": x, "output": o} for i, x, o in triples]
-    tok = corpus.CharTokenizer()
+    tok = tokenizer.CharTokenizer()
     x, y, mask = tasks.instruction_batch(records, tok, 256, train_on_prompt)
     for b, r in enumerate(records):
         prompt = tasks.format_prompt(r["instruction"], r["input"])

@@ -48,7 +48,7 @@ def test_the_commands_section_runs_top_to_bottom_with_the_results_it_promises(tm
     printed_metric = {}  # run folder -> the metric its fine-tune printed
     commands = commands_section()
     assert [c[1] for c in commands] == ["demo", "gradcheck", "pretrain", "pretrain", "generate", "finetune",
-                                        "finetune", "evaluate", "merge", "plot"]
+                                        "finetune", "generate", "evaluate", "merge", "plot"]
     for argv in commands:
         assert argv[0] == "minilora"
         command = argv[1]
@@ -69,6 +69,8 @@ def test_the_commands_section_runs_top_to_bottom_with_the_results_it_promises(tm
             meta = load_checkpoint(run / "checkpoint.npz")[1]
             assert meta["step"] == 3 and (run / "log.jsonl").exists()
             assert meta["corpus"] == ("my.txt" if "--text" in argv else "toy grammar")
+        elif command == "generate" and "--instruction" in argv:
+            assert "###" not in out and len(out.splitlines()) == 1  # the answer alone, ended at the end marker
         elif command == "generate":
             assert len(out.splitlines()) >= 5 and out.startswith("the ")
         elif command == "finetune":

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from minilora import backend, checkpoint, corpus, evaluation, finetune, gradcheck, lora, model, optim, prompt, runs, \
-    sampling, tasks
+    sampling, tasks, tokenizer
 from minilora.model import ModelConfig
 from minilora.pretrain import PretrainConfig, pretrain
 from minilora.train import TrainConfig
@@ -183,7 +183,7 @@ def test_a_short_pretraining_run_matches_numpy(xp, tmp_path):
     params, summary = pretrain(config, run_dir=str(tmp_path / "xp"), backend=xp.__name__)
     assert all(backend.array_module(p) is xp for p in params.values())
     np.testing.assert_allclose(summary["val_loss"], ref["val_loss"], rtol=1e-3)
-    loaded, _, _ = runs.load_model(str(tmp_path / "xp"), xp)
+    loaded, _, _, _ = runs.load_model(str(tmp_path / "xp"), xp)
     for n, p in loaded.items():
         np.testing.assert_array_equal(host(p), host(params[n]))
 
@@ -209,7 +209,7 @@ def test_finetuning_matches_numpy(xp, pretrained_tiny, method, task):
 
     def run(module):
         cfg = finetune.FinetuneConfig(method=method, task=task, n_train=16, n_test=8, n_prompt=4, train=train)
-        params, _, trainable, summary = finetune.finetune(model.params_to(base, module), mc, cfg)
+        params, _, trainable, summary = finetune.finetune(model.params_to(base, module), mc, tokenizer.CharTokenizer(), cfg)
         assert all(backend.array_module(params[n]) is module for n in trainable)
         return summary
 
@@ -221,7 +221,7 @@ def test_finetuning_matches_numpy(xp, pretrained_tiny, method, task):
 def test_sampling_and_decoding_match_numpy(xp, pretrained_tiny):
     base, mc = pretrained_tiny
     params = model.params_to(base, xp)
-    tok = corpus.CharTokenizer()
+    tok = tokenizer.CharTokenizer()
     prompts = [tok.encode(p) for p in ("the ", "the ", "a cat ", "the dog ", "a cow ")]
     for temperature, top_k in ((0.0, None), (1.0, 5)):
         ref = sampling.decode(base, mc, prompts, 6, temperature, top_k, np.random.default_rng(0),
@@ -234,14 +234,14 @@ def test_sampling_and_decoding_match_numpy(xp, pretrained_tiny):
 def test_evaluation_matches_numpy(xp, pretrained_tiny):
     base, mc = pretrained_tiny
     params = model.params_to(base, xp)
-    tok = corpus.CharTokenizer()
+    tok = tokenizer.CharTokenizer()
     val = tok.encode(corpus.train_val_text(10, 20, 1)[1])
     np.testing.assert_allclose(evaluation.strided_val_loss(params, mc, val, batch_size=8),
                                evaluation.strided_val_loss(base, mc, val, batch_size=8), rtol=1e-5)
     records = tasks.task_splits("subject", 4, 6, 0)[1]
-    assert evaluation.exact_match(params, mc, records) == evaluation.exact_match(base, mc, records)
+    assert evaluation.exact_match(params, mc, tok, records) == evaluation.exact_match(base, mc, tok, records)
     headed_np = model.add_head(base, len(tasks.CLASS_NAMES), seed=0)
     headed = model.params_to(headed_np, xp)
     crecords = tasks.task_splits("kind", 4, 10, 0)[1]
-    assert evaluation.classification_accuracy(headed, mc, crecords, batch_size=4) == \
-        evaluation.classification_accuracy(headed_np, mc, crecords, batch_size=4)
+    assert evaluation.classification_accuracy(headed, mc, tok, crecords, batch_size=4) == \
+        evaluation.classification_accuracy(headed_np, mc, tok, crecords, batch_size=4)

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 import standin as sp
-from minilora import corpus, evaluation, lora, model, ops, optim, sampling, tasks
+from minilora import corpus, evaluation, lora, model, ops, optim, sampling, tasks, tokenizer
 from minilora.model import ModelConfig
+
+CHAR = tokenizer.CharTokenizer()
 
 CONFIG = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)
 B, T = 3, 8
@@ -166,7 +168,7 @@ def test_classification_accuracy_crosses_a_fixed_number_of_times_per_batch():
     mc = ModelConfig(context_length=128, d_model=16, n_heads=2, n_layers=1, d_ff=32)
     params = model.params_to(model.add_head(model.init_params(mc, 0), len(tasks.CLASS_NAMES)), sp)
     records = tasks.task_splits("kind", 4, 12, 0)[1]
-    two, four = [_counted(lambda k=k: evaluation.classification_accuracy(params, mc, records, batch_size=12 // k))
+    two, four = [_counted(lambda k=k: evaluation.classification_accuracy(params, mc, CHAR, records, batch_size=12 // k))
                  .to_host for k in (2, 4)]
     assert four == 2 * two and two > 0
 
@@ -176,9 +178,9 @@ def test_exact_match_decodes_through_decode():
     mc = ModelConfig(context_length=128, d_model=16, n_heads=2, n_layers=1, d_ff=32)
     params = model.params_to(model.init_params(mc, 0), sp)
     records = tasks.task_splits("subject", 4, 3, 0)[1]
-    prompts = [corpus.CharTokenizer().encode(tasks.format_prompt(r["instruction"], r.get("input", "")))
+    prompts = [CHAR.encode(tasks.format_prompt(r["instruction"], r.get("input", "")))
                for r in records]
     n = max(len(r["output"]) for r in records) + 1 + 4  # exact_match's default
     decode = _counted(lambda: sampling.decode(params, mc, prompts, n, stop_id=corpus.NEWLINE_ID))
-    match = _counted(lambda: evaluation.exact_match(params, mc, records))
+    match = _counted(lambda: evaluation.exact_match(params, mc, CHAR, records))
     assert match.to_host == decode.to_host

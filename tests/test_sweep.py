@@ -9,6 +9,7 @@ import pytest
 import clients
 
 from minilora import report, studies, sweep
+from minilora.tokenizer import CharTokenizer
 
 TINY = dict(study="t", base="tiny", steps=6, eval_every=3, n_train=40, n_val=6, n_test=6, corpus_sentences=40,
             batch_size=4)
@@ -41,8 +42,8 @@ def test_a_cell_evaluates_on_validation_while_it_trains(bases):
 
 def test_a_cell_runs_the_same_on_a_base_given_directly(bases):
     cell = sweep.Cell(**TINY, method="lora", lr=1e-2)
-    base, model_config = sweep.load_base(cell.base, bases)
-    record, params, config = sweep.run_cell_on(cell, base, model_config)
+    base, model_config, tok = sweep.load_base(cell.base, bases)
+    record, params, config = sweep.run_cell_on(cell, base, model_config, tok)
     assert _without_timing(record) == _without_timing(sweep.run_cell(cell, bases))
     assert config.lora is not None and any(params[n].any() for n in params if n.endswith("lora_B"))
 
@@ -58,12 +59,12 @@ def test_validation_test_and_training_splits_are_disjoint():
 def test_replay_mixes_corpus_windows_into_every_batch():
     records = sweep.splits(sweep.Cell(study="t", n_train=40, n_val=1, n_test=1))[0]
     data = np.arange(1000) % 90
-    batches = sweep.ReplayBatches(records, 8, 128, data, 0.25, end="~")
+    batches = sweep.ReplayBatches(records, CharTokenizer(), 8, 128, data, 0.25, end="~")
     b = batches.sample(np.random.default_rng(0))
     assert b["x"].shape[0] == 8 and (b["mask"][-2:] == 1).all()  # 2 corpus rows, every target counted
     assert np.array_equal(b["y"][-2:, :-1], b["x"][-2:, 1:])
     with pytest.raises(ValueError, match="replay"):
-        sweep.ReplayBatches(records, 4, 128, data, 1.0)
+        sweep.ReplayBatches(records, CharTokenizer(), 4, 128, data, 1.0)
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(bases, tmp_path):

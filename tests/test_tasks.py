@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from minilora.corpus import GRAMMAR, NEWLINE_ID, CharTokenizer, longest_sentence_length
+from minilora.corpus import GRAMMAR, NEWLINE_ID, longest_sentence_length
+from minilora.tokenizer import CharTokenizer
 from minilora.tasks import (
     CLASS_NAMES, GENERATIVE_TASKS, TASKS, classification_batch, format_prompt, instruction_batch,
     RecordBatches, load_jsonl, make_classification_records, make_instruction_records, save_jsonl,
@@ -139,9 +140,9 @@ def test_jsonl_roundtrip_and_default_input(tmp_path):
     path = tmp_path / "data.jsonl"
     records = make_instruction_records("subject", 5, seed=0)
     save_jsonl(records, path)
-    assert load_jsonl(path, "instruction") == records
+    assert load_jsonl(path, "instruction", TOKENIZER) == records
     path.write_text('\n{"instruction": "Say hi.", "output": "hi"}\n\n')
-    assert load_jsonl(path, "instruction") == [{"instruction": "Say hi.", "output": "hi", "input": ""}]
+    assert load_jsonl(path, "instruction", TOKENIZER) == [{"instruction": "Say hi.", "output": "hi", "input": ""}]
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -157,29 +158,29 @@ def test_jsonl_errors_name_file_and_line(tmp_path, line, problem):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n\n' + line + "\n")
     with pytest.raises(ValueError, match=f"bad.jsonl' line 3: .*{problem}"):
-        load_jsonl(path, "instruction")
+        load_jsonl(path, "instruction", TOKENIZER)
 
 
 def test_jsonl_rejects_empty_file_wrong_kind_and_missing_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n  \n")
     with pytest.raises(ValueError, match="empty.jsonl' has no records"):
-        load_jsonl(path, "classification")
+        load_jsonl(path, "classification", TOKENIZER)
     with pytest.raises(ValueError, match=r"kind must be one of \['instruction', 'classification'\], got 'labels'"):
-        load_jsonl(path, "labels")
+        load_jsonl(path, "labels", TOKENIZER)
     with pytest.raises(ValueError, match="nope.jsonl"):
-        load_jsonl(tmp_path / "nope.jsonl", "instruction")
+        load_jsonl(tmp_path / "nope.jsonl", "instruction", TOKENIZER)
     path.write_text(json.dumps({"text": "the cat runs.", "label": "animal"}) + "\n")
-    assert load_jsonl(path, "classification") == [{"text": "the cat runs.", "label": "animal"}]
+    assert load_jsonl(path, "classification", TOKENIZER) == [{"text": "the cat runs.", "label": "animal"}]
 
 
 def test_record_batches_draw_distinct_records_and_pick_the_head():
     records = make_instruction_records("subject", 20, seed=0)
-    batch = RecordBatches(records, 5, 128).sample(np.random.default_rng(0))
+    batch = RecordBatches(records, TOKENIZER, 5, 128).sample(np.random.default_rng(0))
     assert set(batch) == {"x", "y", "mask"} and batch["x"].shape[0] == 5
     inputs = [TOKENIZER.decode(row).split("### Input\n")[1].split("\n")[0] for row in batch["x"]]
     assert len(set(inputs)) == 5  # drawn without replacement
-    cls = RecordBatches(make_classification_records(20, seed=0), 4, 128, list(CLASS_NAMES))
+    cls = RecordBatches(make_classification_records(20, seed=0), TOKENIZER, 4, 128, list(CLASS_NAMES))
     assert set(cls.sample(np.random.default_rng(0))) == {"x", "last", "labels"}
 
 
@@ -188,7 +189,7 @@ def test_jsonl_accepts_a_byte_order_mark_and_windows_line_ends(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" b'{"instruction": "Say hi.", "output": "hi"}\r\n'
                      b'{"instruction": "Go.", "output": "ok"}\r\n')
-    assert [r["output"] for r in load_jsonl(path, "instruction")] == ["hi", "ok"]
+    assert [r["output"] for r in load_jsonl(path, "instruction", TOKENIZER)] == ["hi", "ok"]
 
 
 def test_jsonl_reads_a_raw_line_separator_inside_a_string_as_json(tmp_path):
@@ -196,12 +197,12 @@ def test_jsonl_reads_a_raw_line_separator_inside_a_string_as_json(tmp_path):
     path = tmp_path / "sep.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "input": "x\u2028y", "output": "b"}\n'
                     '{"instruction": "a", "output": "b"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"sep.jsonl' line 2: key 'input' has characters outside the vocabulary") as e:
-        load_jsonl(path, "instruction")
+    with pytest.raises(ValueError, match=r"sep.jsonl' line 2: key 'input' has 1 distinct character\(s\) outside the vocabulary") as e:
+        load_jsonl(path, "instruction", TOKENIZER)
     assert "\\u2028" in str(e.value) and "Unterminated" not in str(e.value)
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"\u2029}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="sep.jsonl' line 2: not valid JSON"):  # outside a string it is no JSON
-        load_jsonl(path, "instruction")
+        load_jsonl(path, "instruction", TOKENIZER)
 
 
 def test_a_record_too_long_for_the_context_is_named_by_its_line(tmp_path):
@@ -209,12 +210,12 @@ def test_a_record_too_long_for_the_context_is_named_by_its_line(tmp_path):
     path = tmp_path / "long.jsonl"
     short = {"instruction": "Say hi.", "output": "hi"}
     save_jsonl([short, short, {"instruction": "Say hi.", "input": "x" * 40, "output": "hi"}, short], path)
-    assert len(load_jsonl(path, "instruction")) == 4  # without a context, no length limit
+    assert len(load_jsonl(path, "instruction", TOKENIZER)) == 4  # without a context, no length limit
     with pytest.raises(ValueError, match=r"long.jsonl' line 3: the record takes 92 positions .* context_length 64"):
-        load_jsonl(path, "instruction", context_length=64)
+        load_jsonl(path, "instruction", TOKENIZER, context_length=64)
     with pytest.raises(ValueError, match=r"line 1: .*after 40 soft-prompt vectors"):
-        load_jsonl(path, "instruction", context_length=64, n_prompt=40)
+        load_jsonl(path, "instruction", TOKENIZER, context_length=64, n_prompt=40)
     cls = tmp_path / "cls.jsonl"
     save_jsonl([{"text": "the cat runs.", "label": "animal"}, {"text": "", "label": "thing"}], cls)
     with pytest.raises(ValueError, match="cls.jsonl' line 2: key 'text' is empty"):
-        load_jsonl(cls, "classification", context_length=64)
+        load_jsonl(cls, "classification", TOKENIZER, context_length=64)

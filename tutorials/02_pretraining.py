@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from minilora import corpus, plot
+from minilora import corpus, plot, tokenizer
 from minilora.finetune import FinetuneConfig
 from minilora.model import count_params, init_params, loss_and_grads, param_shapes
 from minilora.evaluation import strided_val_loss
@@ -42,7 +42,7 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
+tok = tokenizer.CharTokenizer()
 
 # %% [markdown]
 # ## The corpus: a toy grammar
@@ -156,7 +156,7 @@ assert abs(loss0 - np.log(96)) < 0.05
 
 # %%
 run_dir = os.path.join(RUNS, "pretrain")
-params, mc, summary = load_or_pretrain(config, run_dir)
+params, mc, summary, tok = load_or_pretrain(config, run_dir)  # the model comes with its tokenizer
 if summary is not None:
     print(f"pretrained {summary['steps']} steps in {summary['wall_s']:.0f} s")
 

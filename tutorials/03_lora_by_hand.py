@@ -176,12 +176,11 @@ assert all(res.passed for res in results)
 # if there is none; the cell prints which).
 
 # %%
-base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
+base, mc, pretrained_now, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
                                             os.path.join(RUNS, "pretrain"))
 print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['wall_s']:.0f} s" if pretrained_now
       else f"loaded tutorial 02's model from {os.path.join(RUNS, 'pretrain')}")
 base_copy = {n: p.copy() for n, p in base.items()}  # to prove later that fine-tuning left W untouched
-tok = corpus.CharTokenizer()
 _, val_text = corpus.train_val_text(0, 50 if FAST else 200, seed=PretrainConfig().data_seed)
 val_data = tok.encode(val_text)  # pretraining-corpus text, to measure forgetting
 
@@ -264,7 +263,7 @@ for method in ("full", "lora"):
     config.train.warmup_steps = 1 if FAST else 20
     config.train.eval_every = steps
     run_dir = os.path.join(RUNS, f"03-finetune-subject-{method}")
-    params, ft_config, trainable, summary = finetune(base, mc, config, run_dir, val_data)
+    params, ft_config, trainable, summary = finetune(base, mc, tok, config, run_dir, val_data)
     summaries[method], finetuned[method] = summary, (params, ft_config)
     if not FAST:
         assert summary["metric"] > summary["metric_before"]
@@ -296,7 +295,7 @@ assert ratio == summaries["full"]["trainable_params"] / summaries["lora"]["train
 
 # %%
 _, test_records = tasks.task_splits("subject", 0, 6, seed=123)
-acc, preds = exact_match(*finetuned["lora"], test_records)
+acc, preds = exact_match(*finetuned["lora"], tok, test_records)
 for rec, pred in zip(test_records, preds):
     print(f"{rec['input']:45s} expected {rec['output']!r:12s} got {pred!r}")
 

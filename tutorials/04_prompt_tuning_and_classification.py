@@ -34,10 +34,9 @@ FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if 
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 rng = np.random.default_rng(0)
-tok = corpus.CharTokenizer()
 
 
-base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
+base, mc, pretrained_now, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
                                             os.path.join(RUNS, "pretrain"))
 print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['wall_s']:.0f} s" if pretrained_now
       else f"loaded tutorial 02's model from {os.path.join(RUNS, 'pretrain')}")
@@ -205,7 +204,7 @@ for method in ("full", "lora", "prompt"):
     config.train.warmup_steps = 1 if FAST else 20
     config.train.eval_every = steps
     run_dir = os.path.join(RUNS, f"04-finetune-kind-{method}")
-    *_, summary = finetune(base, mc, config, run_dir, val_data)
+    *_, summary = finetune(base, mc, tok, config, run_dir, val_data)
     rows.append(summary)
     logs[method] = plot.read_log(os.path.join(run_dir, "log.jsonl"))
     print(f"[{method}] accuracy {summary['metric_before']:.3f} -> {summary['metric']:.3f}; "
@@ -257,7 +256,7 @@ print("wrote", path)
 # LoRA (r = 8 on q, k, v, o) and prompt tuning (P = 16), each with its head, for this
 # tutorial's model (C = 128, L = 2 in full mode). Then check each against
 # `model.count_params(params, trainable)` with `params, _, trainable =
-# finetune.setup_strategy(base, mc, FinetuneConfig(method=..., task="kind", ...),
+# finetune.setup_strategy(base, mc, tok, FinetuneConfig(method=..., task="kind", ...),
 # n_classes=3)`. Which strategy's count does the head dominate?
 #
 # ### Exercise 4.2 (run and read): which targets the loss counts
@@ -279,7 +278,7 @@ print("wrote", path)
 #
 # ### Exercise 4.4 (predict, then check): forgetting with W unchanged
 #
-# Fine-tune LoRA on "kind" for 300 steps (`finetune(base, mc, config, None,
+# Fine-tune LoRA on "kind" for 300 steps (`finetune(base, mc, tok, config, None,
 # val_data)`). Predict the corpus loss (`strided_val_loss`) of three models against
 # the loss before: (a) the fine-tuned model, adapters attached; (b) the same
 # parameters with the adapters dropped (`lora_A` and `lora_B` removed, and

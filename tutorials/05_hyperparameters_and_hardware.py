@@ -45,10 +45,9 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
 
 
-base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
+base, mc, pretrained_now, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
                                             os.path.join(RUNS, "pretrain"))
 print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['wall_s']:.0f} s" if pretrained_now
       else f"loaded tutorial 02's model from {os.path.join(RUNS, 'pretrain')}")
@@ -67,7 +66,7 @@ def run(method, lr=None, rank=None, tag=""):
     config.train.eval_every = STEPS
     if lr is not None:
         config.train.lr, config.train.min_lr = lr, lr / 10
-    params, ft_config, _, summary = finetune(base, mc, config, os.path.join(RUNS, f"05-{tag}"), val_data)
+    params, ft_config, _, summary = finetune(base, mc, tok, config, os.path.join(RUNS, f"05-{tag}"), val_data)
     return summary, params, ft_config
 
 

@@ -53,7 +53,7 @@ RUNS = os.environ.get("MINILORA_RUNS", "runs")
 # the committed study results (a notebook has no __file__, so they are looked for: see the function)
 STUDIES = studies.committed_results_dir()  # benchmarks/studies of this clone ($MINILORA_STUDIES overrides)
 # tutorial 02's model: reused from RUNS/pretrain, pretrained there (about a minute) if missing
-base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
+base, mc, pretrained_now, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
                                             os.path.join(RUNS, "pretrain"))
 print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['wall_s']:.0f} s" if pretrained_now
       else f"loaded tutorial 02's model from {os.path.join(RUNS, 'pretrain')}")
@@ -611,7 +611,7 @@ frozen = {n: base[n].copy() for n in base}
 live = {}
 for lr in LIVE_LRS:
     t0, c0 = time.perf_counter(), time.process_time()
-    live[lr], live_params, live_config = sweep.run_cell_on(live_cell(lr), base, mc)
+    live[lr], live_params, live_config = sweep.run_cell_on(live_cell(lr), base, mc, tok)
     # CPU time (summed over threads): with one BLAS thread, the wall time on an idle core
     print(f"live cell at lr {lr:g}: {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU")
     study = committed_curve(lr, LIVE_ALPHA)

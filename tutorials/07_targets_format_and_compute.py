@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from threadpoolctl import threadpool_info
 
-from minilora import corpus, lora, model, optim, plot, tasks
+from minilora import lora, model, optim, plot, tasks
 from minilora.evaluation import corpus_val_data, exact_match, strided_val_loss
 from minilora.finetune import DEFAULT_LR, FinetuneConfig, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain
@@ -49,9 +49,8 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
 
-base, mc, pretrained_now = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
+base, mc, pretrained_now, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
                                             os.path.join(RUNS, "pretrain"))
 print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['wall_s']:.0f} s" if pretrained_now
       else f"loaded tutorial 02's model from {os.path.join(RUNS, 'pretrain')}")
@@ -63,7 +62,7 @@ LR = DEFAULT_LR["lora"]
 # train / validation / test records of the "subject" task: three disjoint sets of sentences, split as the studies do
 train_records, val_records, test_records = splits(
     Cell(study="07", n_train=64 if FAST else 2000, n_val=8 if FAST else 64, n_test=8 if FAST else 100))
-corpus_data = corpus_val_data(50 if FAST else 200)  # pretraining-corpus text: forgetting is measured on it
+corpus_data = corpus_val_data(tok, 50 if FAST else 200)  # pretraining-corpus text: forgetting is measured on it
 corpus_before = strided_val_loss(base, mc, corpus_data)
 blas_threads = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=None)
 print(f"model: d_model {mc.d_model}, {mc.n_layers} layers, {model.count_params(base):,} parameters; "
@@ -93,10 +92,10 @@ def finetune_lora(targets, seed, steps=STEPS, lr=LR, rank=RANK, start=None):
                             seed=seed)
     tc = replace(config.train, steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(20, max(1, steps // 10)),
                  eval_every=steps, seed=seed, checkpoint_seconds=0)
-    params, ft_mc, trainable = setup_strategy(base, mc, config)
+    params, ft_mc, trainable = setup_strategy(base, mc, tok, config)
     if start is not None:
         params.update({n: start[0][n].copy() for n in trainable})
-    batches = tasks.RecordBatches(train_records, tc.batch_size, mc.context_length)
+    batches = tasks.RecordBatches(train_records, tok, tc.batch_size, mc.context_length)
     t0 = time.perf_counter()
     train(params, trainable, ft_mc, batches, tc)
     return params, ft_mc, trainable, time.perf_counter() - t0
@@ -142,7 +141,7 @@ for name, targets in TARGET_SETS.items():
     rows = []
     for seed in SEEDS:
         params, ft_mc, trainable, wall = finetune_lora(targets, seed)
-        rows.append({"em": exact_match(params, ft_mc, val_records)[0],
+        rows.append({"em": exact_match(params, ft_mc, tok, val_records)[0],
                      "loss": response_loss(params, ft_mc, val_records),
                      "forgetting": strided_val_loss(params, ft_mc, corpus_data) - corpus_before, "wall": wall})
         trained[name, seed] = (params, ft_mc)
@@ -269,14 +268,14 @@ FORMATS = {
 FORMAT_STEPS = 3 if FAST else 2 * STEPS
 fmt_params, fmt_mc, _, _ = finetune_lora(TARGET_SETS["attention q,k,v,o"], SEEDS[0] + 100, steps=FORMAT_STEPS,
                                          start=trained["attention q,k,v,o", SEEDS[0]])  # seed: new batches
-fmt_val = exact_match(fmt_params, fmt_mc, val_records)[0]
+fmt_val = exact_match(fmt_params, fmt_mc, tok, val_records)[0]
 print(f"LoRA q,k,v,o, seed {SEEDS[0]}: validation exact match {results['attention q,k,v,o']['em'][0]:.3f} after "
       f"{STEPS} steps, {fmt_val:.3f} after {FORMAT_STEPS} more")
 if not FAST:
     assert fmt_val > results["attention q,k,v,o"]["em"][0]  # still learning after the section-1 budget
 fmt_results = {}
 for name, render in FORMATS.items():
-    em, preds = exact_match(fmt_params, fmt_mc, test_records, render=render)
+    em, preds = exact_match(fmt_params, fmt_mc, tok, test_records, render=render)
     fmt_results[name] = {"em": em, "loss": response_loss(fmt_params, fmt_mc, test_records, render), "pred": preds[0]}
 print(f"test records: {len(test_records)}; first record: {test_records[0]['input']!r} -> {test_records[0]['output']!r}")
 print(f"{'format at test time':26s} {'exact match':>11s} {'response loss':>14s}   first answer")

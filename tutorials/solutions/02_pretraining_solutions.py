@@ -28,9 +28,8 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
 config = PretrainConfig.fast() if FAST else PretrainConfig()
-params, mc, _ = load_or_pretrain(config, os.path.join(RUNS, "pretrain"))
+params, mc, _, tok = load_or_pretrain(config, os.path.join(RUNS, "pretrain"))
 train_text, val_text = corpus.train_val_text(config.n_train_sentences, config.n_val_sentences, config.data_seed)
 H = corpus.entropy_per_char()
 

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from minilora import corpus, gradcheck, lora, model, optim, tasks
+from minilora import gradcheck, lora, model, optim, tasks
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.backend import limit_blas_threads
 
@@ -20,8 +20,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 FAST = os.environ.get("MINILORA_FAST") == "1"
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 rng = np.random.default_rng(0)
-tok = corpus.CharTokenizer()
-base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
+base, mc, _, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 records, _ = tasks.task_splits("subject", 8, 0, seed=0)
 x, y, mask = tasks.instruction_batch(records, tok, mc.context_length)
 batch = {"x": x, "y": y, "mask": mask}

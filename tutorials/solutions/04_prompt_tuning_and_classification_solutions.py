@@ -23,8 +23,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
-base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
+base, mc, _, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 
 # %% [markdown]
 # ## Exercise 4.1: what each strategy trains, by hand
@@ -45,7 +44,7 @@ head = K * C + K
 by_hand = {"full": model.count_params(base) + head, "lora": 8 * L * r * C + head, "prompt": P * C + head}
 for method, expected in by_hand.items():
     cfg = FinetuneConfig(method=method, task="kind", lora=lora.LoraConfig(rank=r, alpha=2.0 * r), n_prompt=P)
-    params, _, trainable = setup_strategy(base, mc, cfg, n_classes=K)
+    params, _, trainable = setup_strategy(base, mc, tok, cfg, n_classes=K)
     counted = model.count_params(params, trainable)
     print(f"{method:6s} by hand {expected:>9,}   counted {counted:>9,}")
     assert counted == expected
@@ -124,7 +123,7 @@ val_data = tok.encode(val_text)
 steps = 4 if FAST else 300
 config = FinetuneConfig(method="lora", task="kind", n_train=64 if FAST else 2000, n_test=16 if FAST else 300)
 config.train.steps, config.train.warmup_steps, config.train.eval_every = steps, 1 if FAST else 20, steps
-params, ft_config, _, summary = finetune(base, mc, config, None, val_data)
+params, ft_config, _, summary = finetune(base, mc, tok, config, None, val_data)
 before = strided_val_loss(base, mc, val_data)
 attached = strided_val_loss(params, ft_config, val_data)
 names = set(lora.lora_names(params))

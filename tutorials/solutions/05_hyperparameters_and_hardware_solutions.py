@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from minilora import corpus, lora, model, ops, optim, tasks
+from minilora import lora, model, ops, optim, tasks
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.prompt import add_prompt
@@ -22,8 +22,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
-base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
+base, mc, _, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 C, F, L, V = mc.d_model, mc.d_ff, mc.n_layers, mc.vocab_size
 
 # %% [markdown]
@@ -143,7 +142,7 @@ for n_train in ((16, 64) if FAST else (16, 2000)):
     # same held-out stream (task_splits draws the training records first, whatever n_test)
     config = FinetuneConfig(method="lora", task="subject", n_train=n_train, n_test=1)
     config.train.steps, config.train.warmup_steps, config.train.eval_every = steps, 1 if FAST else 10, steps
-    params, ft_config, _, summary = finetune(base, mc, config, None, None)
+    params, ft_config, _, summary = finetune(base, mc, tok, config, None, None)
     train_records, test_records = tasks.task_splits("subject", n_train, n_test, seed=config.seed)
     train_loss = response_loss(params, ft_config, train_records[:200])
     test_loss = response_loss(params, ft_config, test_records)

@@ -26,7 +26,7 @@ FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if 
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 STUDIES = studies.committed_results_dir()  # benchmarks/studies of this clone ($MINILORA_STUDIES overrides)
-base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
+base, mc, _, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 results = {name: sweep.read_results(os.path.join(STUDIES, name, "results.jsonl")) for name in ("forgetting", "rank")}
 assert all(results.values())
 
@@ -56,7 +56,7 @@ def live_cell(lr, alpha=16.0):
 live = {}
 for lr in (1e-2, 3e-2):
     study = cells_where(results["rank"], rank=8, rslora=False, lr=lr)[0]
-    live[lr], live_params, live_config = sweep.run_cell_on(live_cell(lr), base, mc)
+    live[lr], live_params, live_config = sweep.run_cell_on(live_cell(lr), base, mc, tok)
     for name, rec in (("study", study), ("live ", live[lr])):
         at = report.forgetting_at_skill(rec)
         print(f"{name} lr {lr:g}: final val {studies.final_val(rec):.3f}   final forgetting "
@@ -163,7 +163,7 @@ def energy_rank(delta, fraction=0.9):
 P = "h.0.attn.q"
 config = FinetuneConfig(method="full", task="subject", n_train=32 if FAST else 2000, n_test=4 if FAST else 50)
 config.train.steps, config.train.warmup_steps, config.train.eval_every = (4, 1, 4) if FAST else (60, 6, 60)
-tuned, *_ = finetune(base, mc, config)
+tuned, *_ = finetune(base, mc, tok, config)
 delta = (tuned[P + ".W"] - base[P + ".W"]).astype(np.float64)
 k90, s = energy_rank(delta)
 assert k90 == report.energy_ranks(s)
@@ -206,7 +206,7 @@ assert lora_k90 <= r and ls[r:].max() <= 1e-6 * ls[0]
 
 # %%
 recs, _ = tasks.task_splits("subject", 64, 1, 0)
-batches = tasks.RecordBatches(recs, 4 if FAST else 16, mc.context_length)
+batches = tasks.RecordBatches(recs, tok, 4 if FAST else 16, mc.context_length)
 
 
 EPS = 1e-30  # Adam's eps, tiny so that g / (|g| + eps) is sign(g) to float precision (the default 1e-8 blurs it)

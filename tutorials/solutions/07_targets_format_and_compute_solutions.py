@@ -32,8 +32,7 @@ FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
 NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
-tok = corpus.CharTokenizer()
-base, mc, _ = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
+base, mc, _, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
 
 STEPS = 3 if FAST else 150
 RANK = 8
@@ -49,10 +48,10 @@ def finetune_lora(targets, seed, steps=STEPS, lr=LR, rank=RANK, start=None, batc
                             seed=seed)
     tc = replace(config.train, steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(20, max(1, steps // 10)),
                  eval_every=steps, seed=seed, checkpoint_seconds=0)
-    params, ft_mc, trainable = setup_strategy(base, mc, config)
+    params, ft_mc, trainable = setup_strategy(base, mc, tok, config)
     if start is not None:
         params.update({n: start[0][n].copy() for n in trainable})
-    train(params, trainable, ft_mc, batches or tasks.RecordBatches(train_records, tc.batch_size, mc.context_length), tc)
+    train(params, trainable, ft_mc, batches or tasks.RecordBatches(train_records, tok, tc.batch_size, mc.context_length), tc)
     return params, ft_mc, trainable
 
 
@@ -80,7 +79,7 @@ def response_loss(params, config, records, render=tasks.format_prompt):
 
 
 def exact_match_rendered(params, config, records, render):
-    return exact_match(params, config, records, render=render)[0]
+    return exact_match(params, config, tok, records, render=render)[0]
 
 
 FORMATS = {
@@ -167,7 +166,7 @@ for name, (targets, rank) in rows.items():
         runs[targets, LR, rank] = finetune_lora(targets, 0, rank=rank)
     p, c, tr = runs[targets, LR, rank]
     print(f"{name:18s} r = {rank}: {model.count_params(p, tr):6,d} numbers   "
-          f"val exact match {exact_match(p, c, val_records)[0]:.3f}   val response loss "
+          f"val exact match {exact_match(p, c, tok, val_records)[0]:.3f}   val response loss "
           f"{response_loss(p, c, val_records):.3f}   (one seed)")
     assert model.count_params(p, tr) == adapter_count(targets, rank)
 
