@@ -1,4 +1,4 @@
-"""Step times of one training step on NumPy, CuPy and PyTorch eager, at three model sizes.
+"""Step times of one training step on NumPy, CuPy and PyTorch eager, at four model sizes.
 
 One step is what the training loop does: the loss and the gradients of every
 parameter (forward and backward), global-norm clipping and AdamW, in float32,
@@ -7,7 +7,7 @@ untimed warm-up step (CuPy compiles its kernels and PyTorch picks its cuBLAS
 algorithms there). Rows that cannot run say why: CuPy absent or no GPU, torch
 absent or without CUDA.
 
-    python benchmarks/gpu_steps.py                        # all three configs
+    python benchmarks/gpu_steps.py                        # all four configs
     python benchmarks/gpu_steps.py --configs default --steps 2 --max-seconds 5   # a CPU smoke run
 
 Expected output (the numbers depend on the machine; "-" and a note where a
@@ -22,6 +22,7 @@ are "-"):
     default  128      2       4      128      16     0.43M   ... (10)     ... (10)   ... (10)
     bench    256      4       4      256      16     3.2M    ... (10)     ... (10)   ... (10)
     big      1024     8       16     512      16     101M    ... (2)      ... (10)   ... (10)
+    gpt2-small 768    12      12     1024     4      124M    ... (1)      ... (10)   ... (10)
 
 The same GPT is written in plain torch below (pre-LayerNorm blocks, tanh GELU,
 explicit masked-softmax attention, tied head, torch.optim.AdamW and
@@ -42,12 +43,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minilora import model, optim  # noqa: E402
-from minilora.model import ModelConfig  # noqa: E402
+from minilora.model import SIZES, ModelConfig  # noqa: E402
 
 CONFIGS = {
     "default": (ModelConfig(), 16),  # the package default model, batch 16
     "bench": (ModelConfig(d_model=256, n_layers=4, n_heads=4, context_length=256, d_ff=1024), 16),
     "big": (ModelConfig(d_model=1024, n_layers=8, n_heads=16, context_length=512, d_ff=4096), 16),
+    "gpt2-small": (SIZES["gpt2-small"], 4),  # GPT-2 small's shapes, 124M, T = 1024, batch 4
 }
 LR, CLIP, WD = 1e-3, 1.0, 0.1
 

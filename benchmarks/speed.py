@@ -50,7 +50,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from minilora import lora, model, optim, prompt
+from minilora import model, optim
+from minilora.methods import lora, prompt, qlora
 
 # ---- every call into the package sits in these three functions (easy to port) ----
 
@@ -64,11 +65,16 @@ def build(config, strategy, seed=0):
         lora_config = lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o"))
         params, config = lora.add_lora(params, config, lora_config, seed=seed)
         trainable = sorted(n for n in params if ".lora_" in n)
+    elif strategy == "qlora":
+        # the same adapters on a base whose 12 block linears are NF4 (dequantized per product)
+        qlora_config = qlora.QLoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o"))
+        params, config = qlora.add_qlora(params, config, qlora_config, seed=seed)
+        trainable = sorted(n for n in params if ".lora_" in n)
     elif strategy == "prompt":
         params = prompt.add_prompt(params, N_PROMPT, seed=seed)
         trainable = ["prompt"]
     else:
-        raise ValueError(f"strategy: expected full, lora or prompt, got {strategy!r}")
+        raise ValueError(f"strategy: expected full, lora, qlora or prompt, got {strategy!r}")
     return params, trainable, config
 
 
@@ -154,7 +160,7 @@ def gemm_peak(threads, n=2048, repeats=5):
 # ---- the same GPT in PyTorch eager (imported only here, never by minilora) ----
 
 
-def torch_stepper(config, strategy, threads):
+def torch_stepper(config, strategy, threads, batch=None):
     import torch
     import torch.nn.functional as Fn
 
@@ -228,7 +234,7 @@ def torch_stepper(config, strategy, threads):
     no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
-    batch = make_batch(config)
+    batch = make_batch(config) if batch is None else batch  # {"x", "y", "mask"} as make_batch gives
     x, y = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
     m = torch.from_numpy(batch["mask"])
 

@@ -7,6 +7,8 @@
     minilora finetune      phase 2: --method full | lora | prompt
     minilora evaluate      a fine-tuned run's task score on its own held-out split, and forgetting
     minilora merge         fold a LoRA run's adapters into W, save a plain model
+    minilora import-hf     a Hugging Face GPT-2 folder as a run
+    minilora export        a run as a transformers model folder (and a PEFT adapter folder)
     minilora plot          loss curves from run logs
     minilora sweep         a study's grid of fine-tuning runs, resumable, in parallel workers
     minilora report        a finished study's tables and figures
@@ -32,8 +34,9 @@ from dataclasses import fields, replace
 
 import numpy as np
 
+from . import methods
 from .backend import DEFAULT_THREADS
-from .lora import LoraConfig
+from .methods.lora import LoraConfig
 from .model import ModelConfig
 from .train import TrainConfig
 
@@ -291,11 +294,19 @@ def _finetune_config(args, saved_train=None):
 
     d = _finetune_defaults(args.method)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    # the adapter settings' class is the method's own (DoraConfig for dora); a variant's flags are its fields
+    settings = methods.ADAPTER_CONFIGS.get(args.method, LoraConfig)
+    for cls in methods.ADAPTER_CONFIGS.values():
+        for flag in getattr(cls, "FLAGS", {}):
+            if getattr(args, flag) and cls is not settings:
+                raise ValueError(f"--{flag.replace('_', '-')}: expected --method {cls.method} (a {cls.label} "
+                                 f"setting), got --method {args.method}")
+    variant = {flag: getattr(args, flag) for flag in getattr(settings, "FLAGS", {})}
     return FinetuneConfig(
         method=args.method, task=args.task, data_file=args.data, train_on_prompt=args.train_on_prompt,
-        lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-                        targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, rslora=args.rslora,
-                        init=args.lora_init),
+        lora=settings(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                      targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, rslora=args.rslora,
+                      init=args.lora_init, **variant),
         n_prompt=args.n_prompt, prompt_init=args.prompt_init,
         train=replace(d.train, steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
                       warmup_steps=_warmup(args, d.train.warmup_steps, saved_train), eval_every=args.steps,
@@ -334,7 +345,8 @@ def _cmd_finetune(args):
           f"-> {s['metric']:.3f}; "
           f"pretraining-corpus loss {s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}; "
           f"optimizer state {s['optimizer_state_bytes']:,} bytes; {s['wall_s']:.1f} s")
-    print(f"run: {out}" + (f"  adapter: {os.path.join(out, 'adapter.npz')}" if config.method == "lora" else ""))
+    saves_adapter = methods.method(config.method).saves_adapter
+    print(f"run: {out}" + (f"  adapter: {os.path.join(out, 'adapter.npz')}" if saves_adapter else ""))
     return 0
 
 
@@ -409,15 +421,15 @@ def _check_new_file(path, overwrite, option="--out"):
 
 def _cmd_merge(args):
     from .checkpoint import save_checkpoint
-    from .lora import lora_names, merge
+    from .methods.lora import adapted_layers
 
     params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
-    if config.lora is None or not lora_names(params):
-        raise ValueError(f"run: expected a LoRA model (a LoRA run, or a base checkpoint with --adapter), "
-                         f"got {args.run} without adapters")
+    if config.lora is None:
+        raise ValueError(f"run: expected a LoRA model (a LoRA or DoRA run, or a base checkpoint with "
+                         f"--adapter), got {args.run} without adapters")
     _check_new_file(args.out, args.overwrite)
-    n_adapters, scale = len(lora_names(params)) // 2, config.lora.scale
-    merged, merged_config = merge(params, config)
+    n_adapters, scale = len(adapted_layers(config, config.lora)), config.lora.scale
+    merged, merged_config = methods.method(config.lora.method).merge(params, config)
     extra = sorted(n for n in merged if n.startswith("cls."))
     tokenizer.save(os.path.dirname(args.out) or ".")  # a BPE model's tokenizer.json goes beside it
     save_checkpoint(args.out, merged, {**{k: v for k, v in meta.items() if k not in ("rng", "base_fingerprint")},
@@ -425,6 +437,37 @@ def _cmd_merge(args):
                                        "kind": "merged", "merged_from": str(args.run)})
     print(f"merged {n_adapters} adapters into W (scale {scale:g}); wrote {args.out}"
           + (f" (with head {extra})" if extra else ""))
+    return 0
+
+
+def _cmd_import_hf(args):
+    from .bridge import read_hf_model
+    from .checkpoint import save_checkpoint
+    from .runs import CHECKPOINT, prepare_run_dir
+
+    # every tensor and the tokenizer are read and checked before the run folder is touched:
+    # a refusal writes nothing
+    params, config, tokenizer = read_hf_model(args.dir)
+    prepare_run_dir(args.out, overwrite=args.overwrite)
+    tokenizer.save(args.out)
+    save_checkpoint(os.path.join(args.out, CHECKPOINT), params,
+                    {"kind": "imported", "model": config.to_dict(), "tokenizer": tokenizer.describe(),
+                     "imported_from": os.path.abspath(args.dir)})
+    n = sum(p.size for p in params.values())
+    print(f"imported GPT-2 {config.n_layers} x {config.d_model} (vocab {config.vocab_size}, context "
+          f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters; "
+          f"wrote {os.path.join(args.out, CHECKPOINT)}")
+    return 0
+
+
+def _cmd_export(args):
+    from .bridge import export_model
+
+    params, config, _, tokenizer = _load_model(args.run, "run", None, args.adapter)
+    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite)
+    print(f"wrote {written[0]} (transformers: AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained)"
+          + (f" and {written[1]} (PEFT: PeftModel.from_pretrained(model, {written[1]!r}))" if len(written) > 1
+             else ""))
     return 0
 
 
@@ -567,7 +610,8 @@ def build_parser():
 
     s = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint (or a run folder)")
     s.add_argument("--checkpoint", default="runs/pretrain", help="a run folder or checkpoint file")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to apply on top of --checkpoint")
+    s.add_argument("--adapter", default=None,
+                   help="a LoRA adapter.npz (or PEFT folder) to apply on top of --checkpoint")
     s.add_argument("--prompt", default=None, help=f'start text; "\\n" is a newline (default: {GENERATE_PROMPT!r})')
     s.add_argument("--instruction", default=None,
                    help="ask a fine-tuned run: the text after '### Instruction'; the prompt is written in the "
@@ -584,8 +628,9 @@ def build_parser():
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("finetune", parents=[common], help="phase 2: fine-tune a pretrained checkpoint")
-    s.add_argument("--method", choices=["full", "lora", "prompt"], default=ft.method,
-                   help="which weights are trained: all, LoRA adapters, or a soft prompt")
+    s.add_argument("--method", choices=list(methods.METHODS), default=ft.method,
+                   help="which weights are trained: " + "; ".join(f"{m.name}: {m.summary}"
+                                                                 for m in methods.METHODS.values()))
     s.add_argument("--task", default=ft.task, choices=["subject", "plural", "kind"],
                    help="a built-in task (kind: classification with a head); ignored with --data")
     s.add_argument("--data", default=None, help="your own JSON-lines records (instruction/input/output, "
@@ -595,7 +640,8 @@ def build_parser():
                    "with -2, -3, ... when that folder holds a run; or the --resume run's folder")
     s.add_argument("--steps", type=POSITIVE, default=ft.train.steps, help="optimizer steps")
     s.add_argument("--batch-size", type=POSITIVE, default=ft.train.batch_size, help="records per step")
-    s.add_argument("--lr", type=RATE, default=None, help="default: the forgetting study's choice, full 3e-4, lora 3e-3, prompt 1e-2")
+    s.add_argument("--lr", type=RATE, default=None, help="default: the forgetting study's choice, "
+                   + ", ".join(f"{m.name} {m.default_lr:g}" for m in methods.METHODS.values()))
     s.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
                    help=f"default: {ft.train.warmup_steps} (at most steps / 10), or the resumed run's")
     s.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=ft.train.checkpoint_every,
@@ -608,6 +654,9 @@ def build_parser():
     s.add_argument("--lora-dropout", type=PROBABILITY, default=LORA.dropout)
     s.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(r) instead of alpha / r")
     s.add_argument("--lora-init", choices=["kaiming", "gaussian"], default=LORA.init)
+    for cls in methods.ADAPTER_CONFIGS.values():  # a LoRA variant's own settings (DoRA's --detach-norm)
+        for flag, help_text in getattr(cls, "FLAGS", {}).items():
+            s.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help=help_text)
     s.add_argument("--n-prompt", type=POSITIVE, default=ft.n_prompt, help="soft-prompt vectors (--method prompt)")
     s.add_argument("--prompt-init", choices=["vocab", "random", "text"], default=ft.prompt_init)
     s.add_argument("--seed", type=NON_NEGATIVE, default=ft.seed)
@@ -616,17 +665,32 @@ def build_parser():
     s = sub.add_parser("evaluate", parents=[common],
                        help="score a run on its own held-out split, and its pretraining-corpus loss")
     s.add_argument("run", help="a run folder or checkpoint (with --adapter: the base model)")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to apply on top of the model")
+    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) to apply on top of the model")
     s.add_argument("--data", default=None, help="score every record of this JSON-lines file instead")
     s.add_argument("--show", type=NON_NEGATIVE, default=5, help="print this many predictions")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("merge", parents=[common], help="fold a LoRA run's W + (alpha/r) B A into a plain checkpoint")
     s.add_argument("run", help="a LoRA run folder or checkpoint (with --adapter: the base model)")
-    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz to merge into the model")
+    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) to merge into the model")
     s.add_argument("--out", required=True, help="the merged checkpoint to write (.npz)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=_cmd_merge)
+
+    s = sub.add_parser("import-hf", parents=[common],
+                       help="a Hugging Face GPT-2 folder (config.json, model.safetensors) as a minilora run")
+    s.add_argument("dir", help="the folder (config.json, model.safetensors, optionally tokenizer.json)")
+    s.add_argument("--out", required=True, help="the run folder to write")
+    s.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    s.set_defaults(func=_cmd_import_hf)
+
+    s = sub.add_parser("export", parents=[common],
+                       help="a run as a transformers model folder (and a PEFT adapter folder for LoRA)")
+    s.add_argument("run", help="a pretraining, full, merged or LoRA run folder or checkpoint")
+    s.add_argument("--adapter", default=None, help="a LoRA adapter.npz (or PEFT folder) on top of the model")
+    s.add_argument("--out", required=True, help="the folder to create (a LoRA run's adapter goes to OUT/adapter)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("plot", parents=[common], help="loss curves from run logs (log.jsonl files or run folders)")
     s.add_argument("logs", nargs="+", metavar="LOG",
@@ -640,7 +704,7 @@ def build_parser():
     s.set_defaults(func=_cmd_plot)
 
     s = sub.add_parser("sweep", parents=[common], help="run a study's grid of fine-tuning cells (resumable)")
-    s.add_argument("study", help="forgetting | format | rank | prompt | scale | hyper")
+    s.add_argument("study", help="forgetting | format | rank | prompt | scale | hyper | qlora")
     s.add_argument("--out", required=True, help="the study's folder; results.jsonl gets one line per cell")
     s.add_argument("--workers", type=int, default=1, help="worker processes; BLAS threads are split between them")
     s.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the study's own)")

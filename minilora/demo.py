@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from . import corpus, plot
+from . import corpus, methods, plot
 from .checkpoint import load_checkpoint
 from .evaluation import corpus_val_data
 from .finetune import FinetuneConfig, check_settings, finetune, finished_summary, load_records, run_meta
@@ -32,6 +32,8 @@ from .tasks import record_positions
 from .tokenizer import make_tokenizer, single_token_id
 from .train import resume_problem
 
+# the seed's three answers to "which weights get updated?": all of them, low-rank adapters, or none
+DEMO_METHODS = ("full", "lora", "prompt")
 GENERATIVE_STEPS = 600
 CLASSIFICATION_STEPS = 600
 
@@ -83,20 +85,19 @@ def _finetune_configs(model_config, tokenizer, task, fast, log):
     note, when the default one and the task's longest record would not fit the context together."""
     runs = []
     for t, steps in ((task, GENERATIVE_STEPS), ("kind", CLASSIFICATION_STEPS)):
-        for method in ("full", "lora", "prompt"):
+        for method in DEMO_METHODS:
             config = FinetuneConfig(method=method, task=t, n_train=200 if fast else 2000, n_test=40 if fast else 300)
             config.train.steps = 6 if fast else steps
             if fast:
                 config.train.warmup_steps = 1
             data = load_records(config, tokenizer, model_config.context_length)
-            if method == "prompt":
+            fit = methods.method(method).fit
+            if fit is not None:
                 kind = "classification" if config.is_classification else "instruction"
                 longest = max(record_positions(r, kind, tokenizer) for r in data[0] + data[1])
-                room = model_config.context_length - longest
-                if room < config.n_prompt:
-                    log(f"[prompt] {t}: {room} soft-prompt vectors instead of {config.n_prompt}, so that they "
-                        f"and the longest record fit the {model_config.context_length}-character context")
-                    config.n_prompt = room
+                note = fit(model_config, config, longest)
+                if note:
+                    log(f"[{method}] {t}: {note}")
             check_settings(model_config, tokenizer, config, data[0], data[1])
             runs.append((config, data))
     return runs
@@ -186,7 +187,7 @@ def _write_figures(out_dir, figures_dir, task, rows, logs, fast):
     plot.save_figure(plot.plot_loss_curves({"pretrain": pre_log}, floor=corpus.entropy_per_char(), logy=True,
                                            title=("Pretraining loss against the entropy floor" + note)),
                      os.path.join(figures_dir, "pretrain_loss.png"))
-    gen = {m: logs[(task, m)] for m in ("full", "lora", "prompt")}
+    gen = {m: logs[(task, m)] for m in DEMO_METHODS}
     plot.save_figure(plot.plot_loss_curves(gen, title=f"Fine-tuning loss on the '{task}' task "
                                                       f"(response tokens only){note}"),
                      os.path.join(figures_dir, "finetune_loss.png"))

@@ -1,12 +1,15 @@
-"""Phase 2: fine-tune the pretrained weights three ways, with one loop and one model.
+"""Phase 2: fine-tune the pretrained weights, any method of minilora/methods/, with one loop and one model.
 
 A strategy is only (a) which extra parameters exist and (b) which names are trainable:
 
     method   extra parameters                     trainable
     full     -                                    every parameter
     lora     <linear>.lora_A, <linear>.lora_B     the adapters
+    dora     the same, and <linear>.lora_magnitude_vector (out,)   the adapters and magnitudes
     prompt   prompt (P, C)                        the soft prompt
     (a classification task adds cls.W, cls.b, trainable under every method)
+
+Each method says this itself (methods.METHODS): this module asks it, and names none.
 
 Everything else, the forward, the backward, the optimizer and the loop, is shared.
 
@@ -26,33 +29,33 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from . import tasks
+from . import methods, tasks
 from .evaluation import classification_accuracy, exact_match, strided_val_loss
-from .lora import LoraConfig, add_lora, base_fingerprint, check_rank, count_report, lora_names, save_adapter
-from .model import add_head, count_params, param_shapes
+from .methods import base_fingerprint
+from .methods.lora import LoraConfig, count_report, save_adapter
+from .model import add_head, count_params
 from .optim import optimizer_state_bytes
-from .prompt import add_prompt
 from .runs import ADAPTER, LOG, SUMMARY
 from .tokenizer import single_token_id
 from .train import TrainConfig, train
 
-METHODS = ("full", "lora", "prompt")
+METHODS = tuple(methods.METHODS)
 # Each method's default peak learning rate: the one the forgetting study chose on the
 # validation split (best validation exact match after 600 steps, 3 seeds, 4 rates each;
 # benchmarks/studies/forgetting, README "What holds up").
-DEFAULT_LR = {"full": 3e-4, "lora": 3e-3, "prompt": 1e-2}
+DEFAULT_LR = {name: m.default_lr for name, m in methods.METHODS.items()}
 
 
 @dataclass
 class FinetuneConfig:
-    method: str = "lora"  # full | lora | prompt
+    method: str = "lora"  # a name of methods.METHODS: full | lora | dora | prompt
     task: str = "subject"  # a generative task of tasks.GENERATIVE_TASKS, or "kind" (classification)
     n_train: int = 2000  # training records (ignored with data_file)
     n_test: int = 300  # held-out records scored after training
     data_file: str = None  # a JSON-lines file of the user's own records instead of a built-in task
     train_on_prompt: bool = False  # count the loss on the prompt tokens too
     end_marker: str = "\n"  # the text that ends a response, one token of the run's tokenizer ("~" is not in the corpus)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the adapters' settings (a DoraConfig for dora)
     n_prompt: int = 16  # soft-prompt vectors (prompt tuning)
     prompt_init: str = "vocab"  # vocab | random | text
     prompt_init_text: str = "Name the subject of the sentence."
@@ -60,8 +63,9 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        m = methods.method(self.method)  # ValueError naming the choices
+        if m.adapter_config is not None:
+            self.lora = m.adapter_config(self)  # a variant's own settings class, from the LoRA ones given
         if not isinstance(self.end_marker, str) or not self.end_marker:
             raise ValueError(f"end_marker: expected a non-empty str (one token of the run's tokenizer), "
                              f"got {self.end_marker!r}")
@@ -89,16 +93,8 @@ def setup_strategy(base_params, model_config, tokenizer, config, n_classes=None)
     Returns (params, model_config, trainable). base_params is never modified:
     full fine-tuning trains copies, LoRA and prompt tuning share the frozen arrays.
     """
-    if config.method == "full":
-        params = {n: p.copy() for n, p in base_params.items()}
-        trainable = set(params)
-    elif config.method == "lora":
-        params, model_config = add_lora(base_params, model_config, config.lora, seed=config.seed)
-        trainable = set(lora_names(params))
-    else:
-        init_ids = tokenizer.encode(config.prompt_init_text) if config.prompt_init == "text" else None
-        params = add_prompt(base_params, config.n_prompt, config.prompt_init, config.seed, init_ids)
-        trainable = {"prompt"}
+    params, model_config, trainable = methods.method(config.method).setup(base_params, model_config, config,
+                                                                           tokenizer)
     if n_classes is not None:
         params = add_head(params, n_classes, seed=config.seed)
         trainable |= {"cls.W", "cls.b"}
@@ -137,22 +133,17 @@ def check_settings(model_config, tokenizer, config, train_records, test_records)
     """Raise ValueError, naming the setting, unless config makes sense for this model and data.
 
     - end_marker: one token of the model's tokenizer (decoding stops at that token)
-    - rank: at most min(out, in) of every adapted W (a larger rank is not low-rank)
-    - n_prompt: the soft prompt and the longest record fit the context together
+    - the method's own (methods.Method.check): e.g. a LoRA rank at most min(out, in) of
+      every adapted W, a soft prompt that fits the context beside the longest record
     - batch_size: at most the number of training records
     """
     if not config.is_classification:
         single_token_id(tokenizer, config.end_marker, "end_marker")
-    if config.method == "lora":
-        check_rank(param_shapes(model_config), model_config, config.lora)
-    if config.method == "prompt":
+    m = methods.method(config.method)
+    if m.check is not None:
         kind = "classification" if config.is_classification else "instruction"
         longest = max(tasks.record_positions(r, kind, tokenizer) for r in train_records + test_records)
-        room = model_config.context_length - longest
-        if config.n_prompt > room:
-            raise ValueError(f"n_prompt: expected at most context_length - longest record = "
-                             f"{model_config.context_length} - {longest} = {room} soft-prompt vectors, "
-                             f"got {config.n_prompt}")
+        m.check(model_config, config, longest)
     B = config.train.batch_size
     if len(train_records) < B:
         raise ValueError(f"batch_size: expected at most the {len(train_records)} training records, got {B}")
@@ -175,7 +166,8 @@ def task_name(config):
 
 def run_meta(base_params, model_config, tokenizer, config, class_names):
     """What every checkpoint of a fine-tuning run stores about it; a resume must match it exactly."""
-    ft_config = replace(model_config, lora=config.lora) if config.method == "lora" else model_config
+    adapter_config = methods.method(config.method).adapter_config
+    ft_config = replace(model_config, lora=adapter_config(config)) if adapter_config else model_config
     return {"kind": "finetune", "model": ft_config.to_dict(), "tokenizer": tokenizer.describe(),
             "method": config.method, "task": task_name(config),
             "finetune": run_description(config), "class_names": class_names,
@@ -248,7 +240,7 @@ def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_dat
         "config": describe(config), "base_fingerprint": meta["base_fingerprint"],
     }
     if run_dir is not None:
-        if config.method == "lora":
+        if methods.method(config.method).saves_adapter:
             save_adapter(os.path.join(run_dir, ADAPTER), params, trainable, ft_config, base_params,
                          {"finetune": meta["finetune"]})
         with open(os.path.join(run_dir, SUMMARY), "w") as f:  # last: a run with a summary is finished
@@ -268,7 +260,8 @@ def _last_logged_loss(run_dir):
 def describe(config):
     """Everything that defines a fine-tuning run (its split, its strategy, its training), as JSON."""
     return json.loads(json.dumps({"finetune": run_description(config), "train": asdict(config.train),
-                                  "lora": asdict(config.lora) if config.method == "lora" else None}))
+                                  "lora": config.lora.to_dict() if methods.method(config.method).adapter_config
+                                  else None}))
 
 
 def finished_summary(run_dir, base_params, config):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import lora, ops
+from . import methods, ops
 from .backend import array_module, to_device, to_numpy
 
 TOLERANCE = 1e-6
@@ -187,15 +187,9 @@ def _op_checks(rng, xp=np):
     mask = dev(mask)
     res += check_op("cross_entropy", lambda z: ops.cross_entropy_forward(z, targets, mask),
                     ops.cross_entropy_backward, {"logits": 2.0 * n((B, T, V))}, {"logits": 0}, rng)
-    r, out_f = 3, 6
-    lmask = dev(rng.random((B, T, C)) >= 0.25)
-    s = lora.lora_scale(r, 2.0 * r)
-    # B is random, not zero: at B = 0 dA is exactly zero and its check would pass trivially
-    res += check_op("lora_linear",
-                    lambda x, W, b, A, Bm: lora.lora_linear_forward(x, W, b, A, Bm, s, 0.25, dropout_mask=lmask),
-                    lora.lora_linear_backward,
-                    {"x": n((B, T, C)), "W": n((out_f, C)), "b": n(out_f), "A": n((r, C)), "B": n((out_f, r))},
-                    {"x": 0, "A": 1, "B": 2}, rng)
+    for m in methods.METHODS.values():  # each method's own op pairs (LoRA's linear, ...)
+        if m.op_checks is not None:
+            res += m.op_checks(rng, xp)
     return res
 
 
@@ -245,9 +239,8 @@ def check_model(op, loss_fn, params, trainable, rng):
 
 
 def _model_checks(rng, xp=np):
-    """The whole model: every parameter, under every strategy, for both heads (parameters moved to xp)."""
-    from . import lora as lora_mod
-    from . import model, prompt
+    """The whole model: every parameter, under every method, for both heads (parameters moved to xp)."""
+    from . import model
 
     config, base = tiny_model(rng)
     B, T = 3, TINY["context_length"]
@@ -257,36 +250,22 @@ def _model_checks(rng, xp=np):
     mask[:, -1] = 1.0
     last = rng.integers(1, T, B)
     labels = rng.integers(0, 3, B)
-
-    lm_batch = {"x": x, "y": y, "mask": mask}
-    cls_batch = {"x": x, "last": last, "labels": labels}
+    with_head = model.add_head(base, 3, seed=1)
+    with_head["cls.b"] = 0.4 * rng.standard_normal(3)
 
     def loss(cfg, batch):
         return lambda p, tr: model.loss_and_grads(p, cfg, batch, tr)
 
-    def on_xp(params):
-        return model.params_to(params, xp)
-
-    res = check_model("model: full, LM", loss(config, lm_batch), on_xp(base), set(base), rng)
-    with_head = model.add_head(base, 3, seed=1)
-    with_head["cls.b"] = 0.4 * rng.standard_normal(3)
-    res += check_model("model: full, classifier", loss(config, cls_batch), on_xp(with_head), set(with_head), rng)
-
-    lcfg = lora_mod.LoraConfig(rank=2, alpha=3.0, targets=tuple(lora_mod.TARGETS))
-    adapted, adapted_config = lora_mod.add_lora(with_head, config, lcfg, seed=2)
-    for name in lora_mod.lora_names(adapted):
-        # B = 0 at init makes dA exactly zero: check at B != 0
-        adapted[name] = 0.5 * rng.standard_normal(adapted[name].shape)
-    adapters = set(lora_mod.lora_names(adapted))
-    res += check_model("model: LoRA, LM", loss(adapted_config, lm_batch), on_xp(adapted), adapters, rng)
-    res += check_model("model: LoRA, classifier", loss(adapted_config, cls_batch), on_xp(adapted),
-                       adapters | {"cls.W", "cls.b"}, rng)
-
-    prompted = prompt.add_prompt(with_head, 3, init="random", seed=3)
-    prompted["prompt"] = 0.5 * rng.standard_normal(prompted["prompt"].shape)
-    res += check_model("model: prompt, LM", loss(config, lm_batch), on_xp(prompted), {"prompt"}, rng)
-    res += check_model("model: prompt, classifier", loss(config, cls_batch), on_xp(prompted),
-                       {"prompt", "cls.W", "cls.b"}, rng)
+    res = []
+    for name, m in methods.METHODS.items():
+        # each method at its own random non-degenerate point (e.g. LoRA's B != 0), on a model with a head;
+        # the LM loss never reads the head, so the LM check trains the method's names only
+        params, cfg, trainable = m.gradcheck_setup(dict(with_head), config, rng)
+        params = model.params_to(params, xp)
+        res += check_model(f"model: {name}, LM", loss(cfg, {"x": x, "y": y, "mask": mask}), params,
+                           trainable - set(model.HEAD_NAMES), rng)
+        res += check_model(f"model: {name}, classifier", loss(cfg, {"x": x, "last": last, "labels": labels}),
+                           params, trainable | set(model.HEAD_NAMES), rng)
     return res
 
 

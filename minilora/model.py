@@ -12,14 +12,19 @@ Parameters are one flat dict, name -> array, with GPT-2's names:
     h.{i}.mlp.proj.W     (C, F), .b (C,)     MLP down-projection
     ln_f.g / .b          (C,)          final LayerNorm
 
-Fine-tuning strategies only add names beside these (lora.py, prompt.py, add_head):
+Fine-tuning methods (minilora/methods/) only add names beside these, e.g.
 
     <linear>.lora_A (r, in), <linear>.lora_B (out, r)   LoRA adapter of a linear
     prompt               (P, C)        soft prompt vectors
-    cls.W (K, C), cls.b (K,)           classification head on the last token
+    cls.W (K, C), cls.b (K,)           classification head on the last token (add_head)
 
 and say which names are trainable. The backward computes a gradient for a
 name only if it is in `trainable`: a frozen weight never gets one.
+
+Which op pair computes a linear is asked in one place, `_linear_forward`, of
+methods.linear_pair(config, prefix): the adapter settings in config.lora (the
+config that came with the parameters) name the pair of every adapted linear;
+every other linear is the plain pair. The backward runs the pair the forward chose.
 """
 
 import math
@@ -27,9 +32,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import lora, ops
+from . import methods, ops
 from .backend import array_module, to_device
-from .lora import LoraConfig
+from .methods.lora import LoraConfig
 
 
 @dataclass
@@ -41,7 +46,9 @@ class ModelConfig:
     n_layers: int = 2  # transformer blocks
     d_ff: int = 512  # F, the MLP's hidden width (4 C as in GPT-2)
     dropout: float = 0.0  # on embeddings and residual branches, training only
-    lora: LoraConfig = None  # the adapters' settings when params hold LoRA adapters (lora.add_lora sets it)
+    # the adapters' settings when params hold adapters: a LoraConfig, or a variant's subclass (DoraConfig);
+    # its `method` names the pair that computes every linear it targets (lora.add_lora sets it)
+    lora: LoraConfig = None
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "d_ff"):
@@ -53,17 +60,28 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if isinstance(self.lora, dict):
-            self.lora = LoraConfig.from_dict(self.lora)
+            self.lora = methods.adapter_config_from_dict(self.lora)
         if self.lora is not None and not isinstance(self.lora, LoraConfig):
             raise ValueError(f"lora: expected a LoraConfig or None, got {type(self.lora).__name__}")
 
     def to_dict(self):
         """A JSON-able dict that from_dict turns back into this config, adapters' settings included."""
-        return asdict(self)
+        d = asdict(self)
+        d["lora"] = None if self.lora is None else self.lora.to_dict()  # a variant's dict names its method
+        return d
 
     @classmethod
     def from_dict(cls, d):
         return cls(**d)
+
+
+# Named sizes. "gpt2-small" has GPT-2 small's shapes (124M parameters; hf.py imports its weights
+# exactly), large enough that a GPU step pays for itself (benchmarks/gpt2_small.py, gpu_steps.py).
+SIZES = {
+    "default": ModelConfig(),
+    "gpt2-small": ModelConfig(vocab_size=50257, context_length=1024, d_model=768, n_heads=12, n_layers=12,
+                              d_ff=3072),
+}
 
 
 def param_shapes(config):
@@ -110,6 +128,17 @@ def init_params(config, seed=0, dtype=np.float32):
     return params
 
 
+HEAD_NAMES = ("cls.W", "cls.b")
+
+
+def head_shapes(config, params):
+    """name -> shape of a classification head in params (any K classes), or {} without one."""
+    if "cls.W" not in params:
+        return {}
+    K = params["cls.W"].shape[0]
+    return {"cls.W": (K, config.d_model), "cls.b": (K,)}
+
+
 def add_head(params, n_classes, seed=0):
     """A new dict: params (shared) plus the classification head cls.W (K, C) ~ N(0, 0.02), cls.b (K,) = 0."""
     if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
@@ -123,11 +152,12 @@ def add_head(params, n_classes, seed=0):
 
 
 def params_to(params, xp, dtype=None):
-    """A new dict with every array moved to module xp (and cast to dtype if given)."""
+    """A new dict with every array moved to module xp, and every floating one cast to dtype if given
+    (integer arrays, QLoRA's 4-bit codes, keep their type)."""
     out = {}
     for name, p in params.items():
         p = to_device(p, xp)
-        out[name] = p.astype(dtype) if dtype is not None else p
+        out[name] = p.astype(dtype) if dtype is not None and p.dtype.kind == "f" else p
     return out
 
 
@@ -137,20 +167,14 @@ def count_params(params, names=None):
 
 
 def _linear_forward(params, config, prefix, x, rng, train, trainable=None):
-    """A linear, or a LoRA linear when `prefix.lora_A` exists (its scale and dropout come from config.lora).
+    """The linear at prefix, computed by the pair methods.linear_pair chooses from config (the one place).
 
-    trainable: when given, a plain linear whose W and b are not in it keeps no input in its cache.
+    trainable: when given, a frozen linear keeps no input in its cache (only its dW would read it).
+    Returns y and a cache that carries the pair, so the backward runs its mirror.
     """
-    W, b = params[prefix + ".W"], params.get(prefix + ".b")
-    if prefix + ".lora_A" in params:
-        if config.lora is None:
-            raise ValueError(f"config: {prefix} has a LoRA adapter, so config.lora must describe it; got None "
-                             "(use the config that lora.add_lora returned)")
-        A, B = params[prefix + ".lora_A"], params[prefix + ".lora_B"]
-        p = config.lora.dropout if train else 0.0
-        return lora.lora_linear_forward(x, W, b, A, B, config.lora.scale, p, rng)
-    frozen = trainable is not None and prefix + ".W" not in trainable and prefix + ".b" not in trainable
-    return ops.linear_forward(x, W, b, frozen=frozen)
+    pair = methods.linear_pair(config, prefix)
+    y, cache = pair.forward(params, prefix, x, config.lora, train, rng, trainable)
+    return y, (pair, cache)
 
 
 def _linear_backward(dout, cache, prefix, params, grads, trainable, input_grad=True):
@@ -158,16 +182,9 @@ def _linear_backward(dout, cache, prefix, params, grads, trainable, input_grad=T
 
     input_grad=False: nothing below this layer is trained, so dx is not computed (returns None).
     """
-    if prefix + ".lora_A" in params:
-        # a LoRA linear: W and b are frozen, the backward has no dW at all
-        dx, dA, dB = lora.lora_linear_backward(dout, cache, input_grad=input_grad)
-        _keep(grads, trainable, prefix, lora_A=dA, lora_B=dB)
-        return dx
-    wanted = prefix + ".W" in trainable or prefix + ".b" in trainable
-    if not (wanted or input_grad):
-        return None  # frozen, and nothing below needs its dx: no product at all
-    dx, dW, db = ops.linear_backward(dout, cache, param_grads=wanted, input_grad=input_grad)
-    _keep(grads, trainable, prefix, W=dW, b=db)
+    pair, cache = cache
+    dx, named = pair.backward(dout, cache, prefix, trainable, input_grad)
+    _keep(grads, trainable, prefix, **named)
     return dx
 
 
@@ -197,19 +214,19 @@ def _add(grads, name, g):
 def _qkv_forward(params, config, p, a, rng, train, trainable):
     """q, k, v = the three projections of a (B, T, C), and their caches.
 
-    When all three have LoRA adapters and no adapter dropout applies, they read
-    exactly the same input, so lora_shared_input_forward forms their three x A^T
-    with one product (and the backward their dA and dx shares likewise).
-    Otherwise each is its own (LoRA) linear.
+    When one pair computes all three and it has a shared form (LoRA without
+    adapter dropout), they read exactly the same input, so one product forms
+    all their x A^T (and the backward their dA and dx likewise). Otherwise
+    each is its own linear.
     """
     names = [p + "attn." + n for n in ("q", "k", "v")]
-    # (config.lora None with adapters present: each linear below raises the error that explains it)
-    no_dropout = config.lora is not None and (not train or config.lora.dropout == 0.0)
-    if no_dropout and all(name + ".lora_A" in params for name in names):
-        layers = [(params[n + ".W"], params.get(n + ".b"), params[n + ".lora_A"], params[n + ".lora_B"])
-                  for n in names]
-        qkv, cache = lora.lora_shared_input_forward(a, layers, config.lora.scale)
-        return qkv, ("shared", cache)
+    pairs = [methods.linear_pair(config, n) for n in names]
+    pair = pairs[0]
+    if pair.shared_forward is not None and all(other is pair for other in pairs):
+        shared = pair.shared_forward(params, names, a, config.lora, train)
+        if shared is not None:
+            qkv, cache = shared
+            return qkv, ("shared", (pair, cache))
     outs, caches = zip(*(_linear_forward(params, config, n, a, rng, train, trainable) for n in names))
     return outs, ("each", caches)
 
@@ -219,9 +236,10 @@ def _qkv_backward(dqkv, c_qkv, p, params, grads, trainable, input_grad=True):
     names = [p + "attn." + n for n in ("q", "k", "v")]
     kind, cache = c_qkv
     if kind == "shared":
-        da, dAs, dBs = lora.lora_shared_input_backward(dqkv, cache, input_grad=input_grad)
-        for name, dA, dB in zip(names, dAs, dBs):
-            _keep(grads, trainable, name, lora_A=dA, lora_B=dB)
+        pair, cache = cache
+        da, named = pair.shared_backward(dqkv, cache, input_grad)
+        for name, g in zip(names, named):
+            _keep(grads, trainable, name, **g)
         return da
     if not input_grad:
         for d, c, name in zip(dqkv, cache, names):
@@ -387,16 +405,6 @@ def _check_ids_on_host(name, ids, n):
         raise ValueError(f"{name}: expected ids in [0, {n}), got ids in [{int(ids.min())}, {int(ids.max())}]")
 
 
-def check_trainable(params, trainable):
-    """trainable must name existing parameters, and no W that has a LoRA adapter."""
-    unknown = sorted(set(trainable) - set(params))
-    if unknown:
-        raise ValueError(f"trainable: expected names of parameters, got unknown names {unknown[:5]}")
-    for name in trainable:
-        if name.endswith((".W", ".b")) and name.rsplit(".", 1)[0] + ".lora_A" in params:
-            raise ValueError(f"trainable: {name} has a LoRA adapter and stays frozen; train its lora_A/lora_B")
-
-
 def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
     """The loss of a batch and the gradients of the trainable names: the one model call.
 
@@ -415,7 +423,7 @@ def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
     Returns (loss, grads): loss a Python float (mean nats per counted token, or
     per example), grads a dict holding exactly the trainable names.
     """
-    check_trainable(params, trainable)
+    methods.check_trainable(params, trainable, config)
     trainable = set(trainable)
     if "labels" in batch:
         loss, grads = _classifier(params, config, batch, trainable, rng, train)
@@ -473,7 +481,7 @@ def _class_head(params, config, x, last, rng, train, trainable=None):
     h, cache = forward(params, config, x, rng, train, trainable)  # (B, T, C)
     last = to_device(last, xp)
     rows = xp.arange(h.shape[0])
-    logits, c_head = ops.linear_forward(h[rows, last], params["cls.W"], params["cls.b"])  # (B, K)
+    logits, c_head = _linear_forward(params, config, "cls", h[rows, last], rng, train)  # (B, K), plain
     return logits, (h, cache, rows, last, c_head)
 
 

@@ -12,7 +12,7 @@ Dimension legend (as in llm.c):
 Weight layout: a linear layer stores W as (out, in) and computes
 y = x @ W.T + b, as the LoRA paper, PyTorch and llm.c do. Then the seed's
 W' = W + B A, with B (out, r) and A (r, in), is literally `W + B @ A`.
-The LoRA linear, built from these ops, lives with everything else LoRA in lora.py.
+The LoRA linear, built from these ops, lives with everything else LoRA in methods/lora.py.
 
 No function here imports numpy: each takes its array module from its inputs,
 `xp = array_module(x)`, so the same lines run on NumPy or CuPy. Scalars are

@@ -12,10 +12,17 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
+from . import methods
 from .studies import FORMATS, MATCHED_SKILL, best_setting, final_val
 from .sweep import read_results
 
-METHOD_COLORS = {"full": "tab:blue", "lora": "tab:orange", "prompt": "tab:green"}
+METHOD_COLORS = {name: m.color for name, m in methods.METHODS.items()}
+
+
+def methods_in(records):
+    """The methods the records hold, in methods.METHODS' order (the order of every table and legend)."""
+    present = {r["cell"]["method"] for r in records}
+    return [m for m in methods.METHODS if m in present]
 
 
 def mean_spread(values, digits=3):
@@ -63,7 +70,7 @@ def _mean_delta(record):
 def method_rows(records):
     """Per method: the learning rate chosen on validation and its results over seeds."""
     rows, chosen = [], {}
-    for m in ("full", "lora", "prompt"):
+    for m in methods_in(records):
         lr = best_setting(records, lambda c, m=m: c["method"] == m, lambda c: c["lr"])
         if lr is None:
             continue
@@ -83,7 +90,7 @@ def skill_rows(records):
     """Every (method, lr): how many seeds reached the skill level, when, and what they had forgotten by then."""
     rows = []
     for (m, lr), rs in sorted(_group(records, lambda c: (c["method"], c["lr"])).items(),
-                              key=lambda kv: (["full", "lora", "prompt"].index(kv[0][0]), kv[0][1])):
+                              key=lambda kv: (list(methods.METHODS).index(kv[0][0]), kv[0][1])):
         at = [forgetting_at_skill(r) for r in rs]
         steps = [steps_to_skill(r) for r in rs]
         rows.append((m, f"{lr:g}", f"{sum(a is not None for a in at)}/{len(at)}", mean_spread(steps, 0),
@@ -96,7 +103,8 @@ def figure_forgetting(records, title_note=""):
     """Learning against forgetting at every evaluation, one colour per method (Biderman et al. 2024's plot)."""
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax, bx = fig.subplots(1, 2)
-    for m, color in METHOD_COLORS.items():
+    for m in methods_in(records):
+        color = METHOD_COLORS[m]
         rs = [r for r in records if r["cell"]["method"] == m]
         lrs = sorted({r["cell"]["lr"] for r in rs})
         for r in rs:
@@ -112,7 +120,7 @@ def figure_forgetting(records, title_note=""):
     ax.set_title("Every evaluation of every run")
     ax.legend(fontsize=7, loc="lower right")
     _, chosen = method_rows(records)
-    names = [m for m in ("full", "lora", "prompt") if m in chosen]
+    names = [m for m in methods_in(records) if m in chosen]
     for i, m in enumerate(names):
         rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["lr"] == chosen[m]]
         at = [a for a in (forgetting_at_skill(r) for r in rs) if a is not None]
@@ -133,7 +141,7 @@ def figure_forgetting(records, title_note=""):
 
 def format_rows(records):
     rows = []
-    for m in ("full", "lora"):
+    for m in methods_in(records):
         for name, (end, replay) in FORMATS.items():
             rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["end_marker"] == end
                   and r["cell"]["replay"] == replay]
@@ -152,7 +160,7 @@ def figure_format(records, title_note=""):
     ax, bx = fig.subplots(1, 2)
     names = list(FORMATS)
     markers = dict(zip(names, "os^D"))
-    for i, m in enumerate(("full", "lora")):
+    for i, m in enumerate(methods_in(records)):
         for j, name in enumerate(names):
             end, replay = FORMATS[name]
             rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["end_marker"] == end
@@ -278,7 +286,7 @@ def figure_prompt(records, title_note=""):
 def scale_rows(records):
     rows = []
     for base in ("small", "default", "large"):
-        for m in ("full", "lora", "prompt"):
+        for m in methods_in(records):
             rs = [r for r in records if r["cell"]["base"] == base and r["cell"]["method"] == m]
             if rs:
                 rows.append((base, m, f"{rs[0]['cell']['lr']:g}", rs[0]["trainable_params"],
@@ -290,7 +298,8 @@ def scale_rows(records):
 def figure_scale(records, sizes, title_note=""):
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    for m, color in METHOD_COLORS.items():
+    for m in methods_in(records):
+        color = METHOD_COLORS[m]
         xs, ys = [], []
         for base in ("small", "default", "large"):
             rs = [r["test_metric"] for r in records if r["cell"]["base"] == base and r["cell"]["method"] == m]
@@ -370,11 +379,12 @@ def report(study_dir, figures_dir=None, title_note=""):
     wall = sum(r["wall_s"] for r in records)
     text = [f"## {study}: {len(records)} cells, {wall / 60:.1f} min of cell time"]
     figs = {}
-    if study == "forgetting":
+    if study in ("forgetting", "qlora"):
         table, _ = method_rows(records)
         text.append(table)
         text.append(skill_rows(records))
-        figs["study_forgetting.png"] = figure_forgetting(records, title_note)
+        note = " (LoRA on the float32 base vs on its NF4 quantization)" if study == "qlora" else ""
+        figs[f"study_{study}.png"] = figure_forgetting(records, note + title_note)
     elif study == "format":
         text.append(format_rows(records))
         figs["study_format.png"] = figure_format(records, title_note)

@@ -24,8 +24,11 @@ import tempfile
 
 from .backend import get_backend
 from .checkpoint import check_params_match, load_checkpoint
-from .lora import ADAPTER_KIND, TARGETS, load_adapter
-from .model import ModelConfig, param_shapes, params_to
+from . import methods
+from .hf import is_hf_folder
+from .methods.lora import ADAPTER_KIND, load_adapter
+from .model import ModelConfig, params_to
+from .peft_io import is_peft_folder
 from .tokenizer import TOKENIZER_FILE, check_vocab_size, tokenizer_from_meta
 
 CHECKPOINT = "checkpoint.npz"
@@ -85,37 +88,25 @@ def checkpoint_path(path, name=CHECKPOINT):
 
 
 def expected_shapes(config, params):
-    """name -> shape every array of a model with this config must have.
+    """name -> shape every array of a model with this config must have (methods.expected_shapes).
 
     The base model's names come from config; adapters from config.lora; a soft
     prompt (P, C) and a classification head (K, C), (K,) may be present with
     any P and K.
     """
-    shapes = dict(param_shapes(config))
-    if config.lora is not None:
-        r = config.lora.rank
-        for i in range(config.n_layers):
-            for t in config.lora.targets:
-                prefix = f"h.{i}.{TARGETS[t]}"
-                d_out, d_in = shapes[prefix + ".W"]
-                shapes[prefix + ".lora_A"], shapes[prefix + ".lora_B"] = (r, d_in), (d_out, r)
-    C = config.d_model
-    if "prompt" in params:
-        shapes["prompt"] = (params["prompt"].shape[0], C)
-    if "cls.W" in params:
-        K = params["cls.W"].shape[0]
-        shapes["cls.W"], shapes["cls.b"] = (K, C), (K,)
-    return shapes
+    return methods.expected_shapes(config, params)
 
 
 def load_model(path, xp=None, adapter=None):
     """Load a model with its tokenizer: returns (params on xp, ModelConfig, meta, tokenizer).
 
     Inputs:
-    - path: a run folder or a .npz checkpoint (pretraining, fine-tuning or merged)
+    - path: a run folder or a .npz checkpoint (pretraining, fine-tuning or merged),
+      or a Hugging Face GPT-2 folder (config.json + model.safetensors, read by hf.py)
     - xp: the array module (None: numpy)
-    - adapter: an adapter.npz (or a LoRA run folder holding one) to put on top
-      of the model at path; its base fingerprint must match
+    - adapter: an adapter.npz (or a LoRA run folder holding one), or a PEFT LoRA
+      folder (adapter_config.json, read by peft_io.py), to put on top of the
+      model at path; its base fingerprint must match
 
     meta is the checkpoint's (or, with an adapter, the adapter's) metadata.
     tokenizer is the one the model at path was trained with (an adapter keeps
@@ -124,20 +115,32 @@ def load_model(path, xp=None, adapter=None):
     changed.
     """
     xp = xp if xp is not None else get_backend("numpy")
-    path = checkpoint_path(path)
-    saved, meta, _ = load_checkpoint(path)
-    if meta.get("kind") == ADAPTER_KIND:
-        raise ValueError(f"checkpoint: {path} is a LoRA adapter file, not a model; give the base model's "
-                         f"checkpoint and the adapter with --adapter {path}")
-    if "model" not in meta:
-        raise ValueError(f"checkpoint: {path} has no model config; expected a minilora checkpoint")
-    config = ModelConfig.from_dict(meta["model"])
+    if is_hf_folder(path):
+        from .bridge import read_hf_model
+
+        saved, config, tokenizer = read_hf_model(path)  # the tokenizer checked against the weights
+        meta = {"kind": "imported", "model": config.to_dict(), "imported_from": os.path.abspath(path),
+                "tokenizer": tokenizer.describe()}
+    else:
+        path = checkpoint_path(path)
+        saved, meta, _ = load_checkpoint(path)
+        if meta.get("kind") == ADAPTER_KIND:
+            raise ValueError(f"checkpoint: {path} is a LoRA adapter file, not a model; give the base model's "
+                             f"checkpoint and the adapter with --adapter {path}")
+        if "model" not in meta:
+            raise ValueError(f"checkpoint: {path} has no model config; expected a minilora checkpoint")
+        config = ModelConfig.from_dict(meta["model"])
+        tokenizer = tokenizer_from_meta(meta, os.path.dirname(path) or ".")
     check_params_match(saved, expected_shapes(config, saved), what=path)
-    tokenizer = tokenizer_from_meta(meta, os.path.dirname(path) or ".")
     check_vocab_size(tokenizer, config.vocab_size, what=f"checkpoint: {path}")
     params = params_to(saved, xp)
     if adapter is not None:
-        adapter = checkpoint_path(adapter, ADAPTER)
-        params, config, meta = load_adapter(adapter, params, config)
+        if is_peft_folder(adapter):
+            from .peft_io import read_peft
+
+            params, config, meta = read_peft(adapter, params, config)
+        else:
+            adapter = checkpoint_path(adapter, ADAPTER)
+            params, config, meta = load_adapter(adapter, params, config)
         check_params_match(params, expected_shapes(config, params), what=adapter)
     return params, config, meta, tokenizer

@@ -6,6 +6,7 @@
     prompt       prompt tuning, tuned: learning rate x prompt length, then the three inits
     scale        the best prompt setting, LoRA and full at three model sizes
     hyper        the seed's hyperparameter table: epochs on small datasets, batch size, alpha
+    qlora        LoRA on the float32 base against LoRA on its NF4 quantization (QLoRA), each at its own lr
 
 A study that builds on another (format, scale and hyper use the learning rates
 the forgetting study chose) reads that study's results from the same parent
@@ -17,9 +18,11 @@ import os
 
 import numpy as np
 
+from . import methods
 from .sweep import Cell, read_results
 
-LRS = {"full": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2, 3e-2), "prompt": (1e-2, 3e-2, 1e-1, 3e-1)}
+# each method's learning rates for the forgetting study (and prompt's for the prompt study): its own
+LRS = {name: m.study_lrs for name, m in methods.METHODS.items() if m.study_lrs}
 # Steps per cell. The method comparisons (forgetting, format) train as long as the demo (600 steps,
 # evaluated every 50), long enough for every method to reach its plateau; the within-method
 # studies (rank, prompt, scale, hyper) use 250 steps (every 25) to afford their larger grids.
@@ -72,7 +75,7 @@ def best_lr(out_dir, method):
 
 def forgetting(out_dir, seeds):
     return [Cell("forgetting", method=m, lr=lr, seed=s, steps=LONG_STEPS, eval_every=LONG_EVAL)
-            for m in ("full", "lora", "prompt") for lr in LRS[m] for s in range(seeds)]
+            for m in LRS for lr in LRS[m] for s in range(seeds)]
 
 
 FORMATS = {"baseline": ("\n", 0.0), "end marker": ("~", 0.0), "replay 25%": ("\n", 0.25),
@@ -136,9 +139,20 @@ def hyper(out_dir, seeds):
     return cells
 
 
+# The learning rate the forgetting study chose for LoRA on validation (of 4), for both: the committed
+# run had time for one rate (and 2 seeds of LoRA at 1e-3); add rates here to tune QLoRA on its own.
+QLORA_LRS = (3e-3,)
+
+
+def qlora_study(out_dir, seeds):
+    """The same LoRA cells on the float32 base and on the NF4 base (QLoRA): what the 4-bit base costs."""
+    return [Cell("qlora", method=m, lr=lr, seed=s, steps=LONG_STEPS, eval_every=LONG_EVAL)
+            for m in ("lora", "qlora") for lr in QLORA_LRS for s in range(seeds)]
+
+
 STUDIES = {"forgetting": forgetting, "format": format_study, "rank": rank, "prompt": prompt, "scale": scale,
-           "hyper": hyper}
-DEFAULT_SEEDS = {"forgetting": 3, "format": 3, "rank": 1, "prompt": 1, "scale": 1, "hyper": 1}
+           "hyper": hyper, "qlora": qlora_study}
+DEFAULT_SEEDS = {"forgetting": 3, "format": 3, "rank": 1, "prompt": 1, "scale": 1, "hyper": 1, "qlora": 3}
 
 
 def committed_results_dir():

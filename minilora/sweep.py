@@ -1,14 +1,14 @@
 """Experiments as grids of cells: each cell one fine-tuning run, evaluated as it trains.
 
 A cell is a method and its settings (learning rate, seed, rank, alpha, rsLoRA,
-targets, prompt length and init, steps, dataset size, batch size, replay
+DoRA's detached norm, targets, prompt length and init, steps, dataset size, batch size, replay
 fraction, end marker, base model). `run_cell` fine-tunes the pretrained base
 with the one training loop and, every `eval_every` steps (and at step 0):
 
     val_metric    the task metric on a validation split (never the test split)
     corpus_loss   the pretraining-corpus loss of the model as it now is
     forgetting    corpus_loss minus the base model's
-    delta         ||Delta W||_F / ||W||_F per linear (full: W - W0; LoRA: s B A)
+    delta         ||Delta W||_F / ||W||_F per linear (full: W - W0; LoRA: s B A; DoRA: W' - W0)
 
 and at the end the test metric (reported, never used to choose anything) and,
 for full fine-tuning, the singular values of every Delta W.
@@ -24,7 +24,7 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 
 import numpy as np
@@ -32,8 +32,9 @@ import numpy as np
 from . import corpus, tasks
 from .checkpoint import atomic_open
 from .evaluation import corpus_val_data, strided_val_loss
+from . import methods
 from .finetune import DEFAULT_LR, FinetuneConfig, score, setup_strategy
-from .lora import TARGETS, LoraConfig
+from .methods.lora import TARGETS, LoraConfig
 from .model import ModelConfig
 from .pretrain import PretrainConfig, load_or_pretrain
 from .train import TrainConfig, train
@@ -51,7 +52,7 @@ REPLAY_TEXT_SENTENCES = 5_000  # pretraining-corpus text that replay batches are
 @dataclass(frozen=True)
 class Cell:
     study: str  # which study the cell belongs to (a name, also part of its key)
-    method: str = "lora"  # full | lora | prompt
+    method: str = "lora"  # a name of methods.METHODS: full | lora | dora | prompt
     task: str = "subject"
     lr: float = DEFAULT_LR["lora"]  # LoRA's default, chosen by the forgetting study
     seed: int = 0  # adapters / prompt init, batches, the split
@@ -71,19 +72,42 @@ class Cell:
     base: str = "default"  # a key of BASES
     eval_every: int = 25
     corpus_sentences: int = 200  # validation sentences the corpus loss (forgetting) is measured on
+    detach_norm: bool = False  # DoRA: the backward treats the row norm as a constant (a later field: see key)
 
     def key(self):
-        """A string that names the cell exactly: equal settings, equal key."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """A string that names the cell exactly: equal settings, equal key.
+
+        Every field of the first grid is always in it; a field added since (KEY_FIELDS lists the
+        first ones) only when it differs from its default, so adding a setting leaves the key of
+        every finished cell, and so the runner's memory of it, unchanged.
+        """
+        defaults = {f.name: f.default for f in fields(self)}
+        d = {k: v for k, v in asdict(self).items() if k in KEY_FIELDS or v != defaults[k]}
+        return json.dumps(d, sort_keys=True)
 
     def finetune_config(self):
-        lora = LoraConfig(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets), rslora=self.rslora)
+        # the method's own adapter settings class (DoraConfig for dora), with its variant's fields
+        settings = methods.ADAPTER_CONFIGS.get(self.method, LoraConfig)
+        variant = {f: getattr(self, f) for f in getattr(settings, "FLAGS", {})}
+        for cls in methods.ADAPTER_CONFIGS.values():
+            for f in getattr(cls, "FLAGS", {}):
+                if cls is not settings and getattr(self, f) != getattr(Cell, f):
+                    raise ValueError(f"{f}: expected method {cls.method!r} (a {cls.label} setting), "
+                                     f"got method {self.method!r}")
+        lora = settings(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets), rslora=self.rslora,
+                        **variant)
         tc = TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, min_lr=self.lr / 10,
                          warmup_steps=min(20, self.steps // 10), weight_decay=0.0, eval_every=self.eval_every,
                          seed=self.seed)
         return FinetuneConfig(method=self.method, task=self.task, n_train=self.n_train, n_test=self.n_test,
                               lora=lora, n_prompt=self.n_prompt, prompt_init=self.prompt_init,
                               end_marker=self.end_marker, train=tc, seed=self.seed)
+
+
+# the fields Cell had when results were first recorded: always part of a key (see Cell.key)
+KEY_FIELDS = ("study", "method", "task", "lr", "seed", "steps", "batch_size", "n_train", "n_val", "n_test", "rank",
+              "alpha", "rslora", "targets", "n_prompt", "prompt_init", "replay", "end_marker", "base", "eval_every",
+              "corpus_sentences")
 
 
 def splits(cell):
@@ -125,17 +149,14 @@ class ReplayBatches:
 
 
 def delta_norms(params, config, base):
-    """||Delta W||_F / ||W0||_F for every base linear: W - W0 (full) or s B A (LoRA)."""
+    """||Delta W||_F / ||W0||_F for every base linear, Delta W as the pair that computes it says
+    (methods.LinearPair.delta): W - W0 for a plain linear, s B A for a LoRA one."""
     out = {}
     for i in range(config.n_layers):
         for t, layer in TARGETS.items():
             prefix = f"h.{i}.{layer}"
-            W0 = base[prefix + ".W"]
-            if prefix + ".lora_A" in params:
-                delta = config.lora.scale * (params[prefix + ".lora_B"] @ params[prefix + ".lora_A"])
-            else:
-                delta = params[prefix + ".W"] - W0
-            out[prefix] = float(np.linalg.norm(delta) / np.linalg.norm(W0))
+            delta = methods.linear_pair(config, prefix).delta(params, config, base, prefix)
+            out[prefix] = float(np.linalg.norm(delta) / np.linalg.norm(base[prefix + ".W"]))
     return out
 
 

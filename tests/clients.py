@@ -20,3 +20,14 @@ def require(name, reason=None):
         except ImportError as e:
             pytest.fail(f"MINILORA_REQUIRE_CLIENTS=1 but {name} cannot be imported ({e})", pytrace=False)
     return pytest.importorskip(name, reason=reason or f"{name} is not installed (CI installs it)")
+
+
+def require_for(path):
+    """Skip (or fail, in CI) a tutorial or solutions file that imports torch, transformers or peft, where one is
+    missing: tutorial 08 drives the real Hugging Face clients."""
+    import re
+
+    text = open(path, encoding="utf-8").read()
+    if re.search(r"^import (transformers|peft|torch)\b", text, flags=re.M):
+        for name in ("torch", "transformers", "peft", "safetensors", "tokenizers"):
+            require(name, reason=f"{os.path.basename(path)} needs {name} (pip install torch transformers peft)")

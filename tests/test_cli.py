@@ -17,7 +17,8 @@ def test_gradcheck_passes_and_covers_every_op(capsys):
     assert cli.main(["gradcheck"]) == 0
     out = capsys.readouterr().out
     for op in ("embedding", "linear", "layer_norm", "gelu", "softmax", "attention", "dropout", "cross_entropy",
-               "lora_linear", "model: full, LM", "model: LoRA, LM", "model: prompt, classifier"):
+               "lora_linear", "qlora_linear", "nf4_linear (frozen)", "model: full, LM", "model: lora, LM",
+               "model: qlora, LM", "model: prompt, classifier"):
         assert f"\n{op} " in out, op
     assert " 0 failed" in out and "FAIL" not in out
 
@@ -51,7 +52,7 @@ def test_generate_prints_text(pretrained, capsys):
     assert out.startswith("the ") and len(out.rstrip("\n")) >= 4
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "prompt"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt"])
 def test_finetune_evaluate_and_merge(pretrained, tmp_path, method, capsys):
     run = tmp_path / method
     assert cli.main(["finetune", "--checkpoint", str(pretrained / "checkpoint.npz"), "--method", method,
@@ -62,11 +63,13 @@ def test_finetune_evaluate_and_merge(pretrained, tmp_path, method, capsys):
     assert "trainable params:" in out
     assert cli.main(["evaluate", str(run)]) == 0
     assert f"exact match on {finetune.FinetuneConfig().n_test} held-out records" in capsys.readouterr().out
-    if method == "lora":
-        assert os.path.exists(run / "adapter.npz")
+    if method in ("lora", "qlora"):
+        # a QLoRA run saves no adapter file: its checkpoint is the NF4 base and the adapters together
+        assert os.path.exists(run / "adapter.npz") == (method == "lora")
         assert cli.main(["merge", str(run), "--out", str(tmp_path / "merged.npz")]) == 0
         merged, meta, _ = load_checkpoint(tmp_path / "merged.npz")
-        assert not any("lora" in n for n in merged) and meta["kind"] == "merged"
+        assert not any("lora" in n or ".nf4." in n for n in merged) and meta["kind"] == "merged"
+        assert merged["h.0.attn.q.W"].dtype == np.float32 and merged["h.0.mlp.fc.W"].shape == (64, 16)
         assert cli.main(["generate", "--checkpoint", str(tmp_path / "merged.npz"), "--max-new-tokens", "3"]) == 0
     else:
         assert cli.main(["merge", str(run), "--out", str(tmp_path / "merged.npz")]) == 2

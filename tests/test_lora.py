@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from minilora import lora, model
+from minilora import model, runs
+from minilora.methods import lora
 from minilora.checkpoint import load_checkpoint, save_checkpoint
-from minilora.lora import LoraConfig
+from minilora.methods.lora import LoraConfig
 from minilora.model import ModelConfig
 
 TINY = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)
@@ -127,11 +128,16 @@ def test_adapted_model_at_init_equals_the_base_model_exactly():
             == model.loss_and_grads(params, adapted, {"x": x, "y": y})[0])
 
 
-def test_adapted_model_needs_its_lora_config():
+def test_adapted_model_needs_its_lora_config(tmp_path):
+    # the config, not the names present, says which pair computes a linear: the names are checked
+    # against it where a model is loaded, and training adapters it does not describe is refused
     params, _ = lora.add_lora(model.init_params(TINY, 0), TINY, LoraConfig(rank=2))
-    x, _ = _batch()
-    with pytest.raises(ValueError, match="config.lora"):
-        model.forward(params, TINY, x)
+    x, y = _batch()
+    with pytest.raises(ValueError, match="config: expected the config that came with these parameters"):
+        model.loss_and_grads(params, TINY, {"x": x, "y": y}, trainable=lora.lora_names(params))
+    save_checkpoint(str(tmp_path / "m.npz"), params, {"model": TINY.to_dict()})
+    with pytest.raises(ValueError, match="unexpected: h.0.attn.k.lora_A"):
+        runs.load_model(str(tmp_path / "m.npz"))
 
 
 def test_a_rank_above_min_out_in_is_rejected():

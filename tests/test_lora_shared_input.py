@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import standin as sp
-from minilora import gradcheck, lora
+from minilora import gradcheck
+from minilora.methods import lora
 
 N_B, T, IN, R = 2, 3, 5, 2
 OUTS = (4, 7, 4)  # the outputs may differ (none equal to N = 6 tokens); the rank is shared

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from minilora import gradcheck, lora, model, ops, prompt
+from minilora import gradcheck, methods, model, ops
+from minilora.methods import lora, prompt
 from minilora.model import ModelConfig
 
 TINY = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)
@@ -25,15 +26,21 @@ def test_model_gradient_checks_cover_every_parameter_and_strategy():
         by_op.setdefault(r.op, set()).add(r.argument)
     config = ModelConfig(**gradcheck.TINY)
     base_names = set(model.param_shapes(config))
+    head = {"cls.W", "cls.b"}
+    assert set(by_op) == {f"model: {m}, {h}" for m in methods.METHODS for h in ("LM", "classifier")}
     assert by_op["model: full, LM"] == base_names
-    assert by_op["model: full, classifier"] == base_names | {"cls.W", "cls.b"}
+    assert by_op["model: full, classifier"] == base_names | head
     every_target = lora.LoraConfig(rank=2, targets=tuple(lora.TARGETS))
     adapter_names = {f"{prefix}.lora_{m}" for prefix in lora.adapted_layers(config, every_target) for m in "AB"}
     assert len(adapter_names) == 2 * 6 * config.n_layers
-    assert by_op["model: LoRA, LM"] == adapter_names
-    assert by_op["model: LoRA, classifier"] == adapter_names | {"cls.W", "cls.b"}
+    assert by_op["model: lora, LM"] == adapter_names
+    assert by_op["model: lora, classifier"] == adapter_names | head
     assert by_op["model: prompt, LM"] == {"prompt"}
-    assert by_op["model: prompt, classifier"] == {"prompt", "cls.W", "cls.b"}
+    assert by_op["model: prompt, classifier"] == {"prompt"} | head
+    for name, m in methods.METHODS.items():  # every method: every name it trains is checked
+        _, _, trainable = m.gradcheck_setup(gradcheck.tiny_model(np.random.default_rng(0))[1], config,
+                                            np.random.default_rng(0))
+        assert by_op[f"model: {name}, LM"] == trainable - head, name
 
 
 def _batch(config, B=3, T=None, seed=0):

@@ -23,6 +23,7 @@ TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py"))
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
 def test_tutorial_runs_as_a_notebook(path, tmp_path, monkeypatch):
+    clients.require_for(path)  # tutorial 08 needs transformers and peft
     notebook = jupytext.read(path)  # the percent format, read as jupytext does when Jupyter opens the file
     kinds = [cell.cell_type for cell in notebook.cells]
     assert kinds[0] == "markdown" and kinds.count("code") >= 3, kinds

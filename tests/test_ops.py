@@ -6,7 +6,8 @@ import inspect
 import numpy as np
 import pytest
 
-from minilora import gradcheck, lora, ops
+from minilora import gradcheck, ops
+from minilora.methods import lora
 
 OP_RESULTS = [r for seed in (0, 1, 2) for r in gradcheck.run_checks(["ops"], seed=seed)]
 

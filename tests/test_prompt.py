@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from minilora import model, prompt
+from minilora import model
+from minilora.methods import prompt
 from minilora.model import ModelConfig
 
 TINY = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)

@@ -4,8 +4,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora import corpus, lora, ops, optim, tasks, tokenizer
-from minilora.lora import LoraConfig, merge, unmerge
+from minilora import corpus, ops, optim, tasks, tokenizer
+from minilora.methods import lora
+from minilora.methods.lora import LoraConfig, merge, unmerge
 from minilora.model import ModelConfig
 
 FAST = settings(max_examples=40, deadline=None)
@@ -60,7 +61,7 @@ def test_clipping_never_leaves_a_norm_above_the_maximum(values, max_norm):
 @given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**31 - 1), st.booleans())
 def test_merge_then_unmerge_gives_back_W(d_out, d_in, r, seed, rslora):
     rng = np.random.default_rng(seed)
-    cfg = LoraConfig(rank=r, alpha=2.0 * r, rslora=rslora)
+    cfg = LoraConfig(rank=r, alpha=2.0 * r, rslora=rslora, targets=("q",))  # the config describes the adapters
     params = {"h.0.attn.q.W": rng.standard_normal((d_out, d_in)),
               "h.0.attn.q.lora_A": rng.standard_normal((r, d_in)),
               "h.0.attn.q.lora_B": rng.standard_normal((d_out, r))}

@@ -10,7 +10,8 @@ the other names' gradients must not change by a single bit.
 import numpy as np
 import pytest
 
-from minilora import lora, model, ops
+from minilora import model, ops
+from minilora.methods import lora
 from minilora.model import ModelConfig
 
 TINY = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=3, d_ff=24)
@@ -117,7 +118,7 @@ def _cached_arrays(cache):
 
 @pytest.mark.parametrize("strategy", ["lora", "prompt"])
 def test_forward_given_trainable_keeps_less_and_backward_gives_the_same_gradients(strategy):
-    from minilora import prompt
+    from minilora.methods import prompt
     params = model.init_params(TINY, 0, dtype=np.float64)
     config = TINY
     if strategy == "lora":

@@ -88,6 +88,7 @@ def test_solution_is_percent_format(solution):
 
 @pytest.mark.parametrize("solution", SOLUTIONS, ids=os.path.basename)
 def test_solution_runs_in_fast_mode(solution, tmp_path):
+    clients.require_for(solution)  # tutorial 08's solutions need transformers and peft
     proc = subprocess.run([sys.executable, solution], env=fast_env(tmp_path), cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, f"{os.path.basename(solution)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -98,6 +99,7 @@ def test_solution_runs_in_fast_mode(solution, tmp_path):
 
 @pytest.mark.parametrize("solution", SOLUTIONS, ids=os.path.basename)
 def test_solution_runs_as_a_notebook(solution, tmp_path, monkeypatch):
+    clients.require_for(solution)
     # as tests/test_notebooks.py does for the tutorials: jupytext reads the percent format,
     # nbclient runs it cell by cell in a fresh kernel, in fast mode
     jupytext = clients.require("jupytext", reason="the test extras install jupytext")
@@ -121,6 +123,7 @@ def full_mode_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("solution", SOLUTIONS, ids=os.path.basename)
 def test_solution_full_mode_claims_hold(solution, tmp_path, full_mode_runs):
+    clients.require_for(solution)
     # full mode: the solutions' `if not FAST` asserts (the answers that need real training) run here
     env = {k: v for k, v in os.environ.items() if k != "MINILORA_FAST"}
     env.update({"MINILORA_FIGURES": str(tmp_path / "figures"), "MINILORA_RUNS": str(full_mode_runs),

@@ -14,8 +14,9 @@ weights and data, and must agree. Tolerances:
 import numpy as np
 import pytest
 
-from minilora import backend, checkpoint, corpus, evaluation, finetune, gradcheck, lora, model, optim, prompt, runs, \
-    sampling, tasks, tokenizer
+from minilora import backend, checkpoint, corpus, evaluation, finetune, gradcheck, model, optim, runs, sampling, \
+    tasks, tokenizer
+from minilora.methods import dora, lora, prompt, qlora
 from minilora.model import ModelConfig
 from minilora.pretrain import PretrainConfig, pretrain
 from minilora.train import TrainConfig
@@ -23,7 +24,7 @@ from minilora.train import TrainConfig
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-4, atol=1e-5)}
 CONFIG = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)
 B, T, K = 3, 8, 3
-STRATEGIES = ("full", "lora", "prompt", "classifier")
+STRATEGIES = ("full", "lora", "dora", "qlora", "prompt", "classifier")
 
 
 def host(a):
@@ -58,6 +59,20 @@ def strategy(name, dtype, xp):
         for n in lora.lora_names(params):
             params[n] = (0.5 * rng.standard_normal(params[n].shape)).astype(dtype)  # B != 0
         trainable = set(lora.lora_names(params))
+    elif name == "dora":
+        dcfg = dora.DoraConfig(rank=2, alpha=3.0, targets=tuple(lora.TARGETS))
+        params, config = dora.add_dora(params, CONFIG, dcfg, seed=2)
+        trainable = set(lora.adapter_names(config))
+        for n in trainable:  # B != 0, and m away from the row norms
+            params[n] = (params[n] * (1.0 + 0.2 * rng.standard_normal(params[n].shape)) if n.endswith("vector")
+                         else 0.5 * rng.standard_normal(params[n].shape)).astype(dtype)
+    elif name == "qlora":
+        # adapters on q, k, v (their shared form) and fc; o and proj are frozen NF4 linears (the nf4 pair)
+        qcfg = qlora.QLoraConfig(rank=2, alpha=3.0, targets=("q", "k", "v", "fc"))
+        params, config = qlora.add_qlora(params, CONFIG, qcfg, seed=2)
+        trainable = set(lora.adapter_names(config))
+        for n in trainable:  # B != 0
+            params[n] = (0.5 * rng.standard_normal(params[n].shape)).astype(dtype)
     elif name == "prompt":
         params = prompt.add_prompt(params, 3, init="random", seed=3)
         trainable = {"prompt"}
@@ -202,7 +217,7 @@ def pretrained_tiny():
 
 
 @pytest.mark.parametrize("method,task", [("full", "subject"), ("lora", "subject"), ("prompt", "subject"),
-                                         ("lora", "kind")])
+                                         ("lora", "kind"), ("dora", "subject")])
 def test_finetuning_matches_numpy(xp, pretrained_tiny, method, task):
     base, mc = pretrained_tiny
     train = TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, eval_every=3, weight_decay=0.0)

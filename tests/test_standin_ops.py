@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import standin as sp
-from minilora import backend, gradcheck, lora, ops
+from minilora import backend, gradcheck, ops
+from minilora.methods import lora
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-4, atol=1e-5)}
 B, T, C, V, NH, R, OUT = 2, 5, 8, 11, 2, 3, 6

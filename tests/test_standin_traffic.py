@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import standin as sp
-from minilora import corpus, evaluation, lora, model, ops, optim, sampling, tasks, tokenizer
+from minilora import corpus, evaluation, model, ops, optim, sampling, tasks, tokenizer
+from minilora.methods import lora
 from minilora.model import ModelConfig
 
 CHAR = tokenizer.CharTokenizer()

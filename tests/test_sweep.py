@@ -128,8 +128,10 @@ def test_a_dask_cluster_gives_the_same_results_as_local_workers(bases, tmp_path)
 def test_every_study_is_a_grid_of_valid_cells(tmp_path):
     out = tmp_path / "studies"
     grid = studies.cells("forgetting", str(out / "forgetting"))
-    assert len(grid) == 3 * 4 * 3 and {c.method for c in grid} == {"full", "lora", "prompt"}
-    assert all(len({c.lr for c in grid if c.method == m}) == 4 for m in ("full", "lora", "prompt"))
+    # every method with learning rates to sweep (methods.Method.study_lrs), 4 of them, 3 seeds
+    swept = ("full", "lora", "dora", "qlora", "prompt")
+    assert len(grid) == len(swept) * 4 * 3 and {c.method for c in grid} == set(swept)
+    assert all(len({c.lr for c in grid if c.method == m}) == 4 for m in swept)
     with pytest.raises(ValueError, match="minilora sweep forgetting"):
         studies.cells("format", str(out / "format"))  # it needs the forgetting study's learning rates
     # fake forgetting results: the learning rate with the best validation metric is chosen

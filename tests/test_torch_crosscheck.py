@@ -18,7 +18,8 @@ import clients
 torch = clients.require("torch")
 F = torch.nn.functional
 
-from minilora import lora, model, prompt  # noqa: E402
+from minilora import model  # noqa: E402
+from minilora.methods import lora, prompt  # noqa: E402
 from minilora.model import ModelConfig  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=2, d_ff=24)

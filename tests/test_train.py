@@ -8,7 +8,8 @@ import signal
 import numpy as np
 import pytest
 
-from minilora import evaluation, lora, model, pretrain, prompt
+from minilora import evaluation, model, pretrain
+from minilora.methods import lora, prompt
 from minilora import train as train_module
 from minilora.checkpoint import load_checkpoint
 from minilora.model import ModelConfig

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+import clients
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py")))
 
@@ -35,6 +37,7 @@ def test_tutorial_is_percent_format(path):
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
 def test_tutorial_runs_in_fast_mode(path, tmp_path):
+    clients.require_for(path)  # tutorial 08 needs transformers and peft
     figures = tmp_path / "figures"
     env = {**os.environ, "MINILORA_FAST": "1", "MINILORA_FIGURES": str(figures),
            "MINILORA_RUNS": str(tmp_path / "runs"), "MPLBACKEND": "Agg", "MINILORA_BACKEND": "numpy",
@@ -67,6 +70,7 @@ def test_fast_mode_from_the_repository_root_leaves_the_committed_figures_alone(t
 @pytest.mark.slow
 @pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
 def test_tutorial_full_mode_claims_hold(path, tmp_path):
+    clients.require_for(path)
     # full mode: the tutorials' `if not FAST` asserts (the claims that need real training) run here
     env = {k: v for k, v in os.environ.items() if k != "MINILORA_FAST"}
     env.update({"MINILORA_FIGURES": str(tmp_path / "figures"), "MINILORA_RUNS": str(tmp_path / "runs"),

@@ -39,7 +39,8 @@ import os
 
 import numpy as np
 
-from minilora import corpus, gradcheck, lora, model, ops, plot, tasks
+from minilora import corpus, gradcheck, model, ops, plot, tasks
+from minilora.methods import lora
 from minilora.evaluation import exact_match
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain

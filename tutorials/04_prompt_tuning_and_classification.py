@@ -21,7 +21,8 @@ import os
 
 import numpy as np
 
-from minilora import corpus, gradcheck, model, plot, prompt, tasks
+from minilora import corpus, gradcheck, model, plot, tasks
+from minilora.methods import prompt
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.backend import limit_blas_threads
@@ -49,7 +50,7 @@ base_copy = {n: a.copy() for n, a in base.items()}
 #
 # $$x = [\text{prompt}_1, \dots, \text{prompt}_P,\ \text{wte}[\text{id}_1] + \text{wpe}[0], \dots, \text{wte}[\text{id}_T] + \text{wpe}[T-1]]$$
 #
-# Positions (see `minilora/prompt.py`): the prompt vectors get **no** position
+# Positions (see `minilora/methods/prompt.py`): the prompt vectors get **no** position
 # embedding (they are free vectors and can learn any position signal), and the real
 # tokens keep positions 0..T-1, exactly as in pretraining. The prompt's own output
 # states are dropped before the head, so the output still has T rows and the loss

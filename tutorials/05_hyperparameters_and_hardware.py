@@ -31,11 +31,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from minilora import backend, corpus, lora, model, plot
+from minilora import backend, corpus, model, plot
+from minilora.methods import lora, nf4
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.model import count_params
 from minilora.pretrain import PretrainConfig, load_or_pretrain
-from minilora.prompt import add_prompt
+from minilora.methods.prompt import add_prompt
 from minilora.backend import limit_blas_threads
 
 limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)
@@ -232,6 +233,21 @@ for name, n_train in (("full", n_base), ("LoRA r=16", n_lora)):
     gigabytes[name] = (2 * n_base + (2 + 4 + 8) * n_train) / 1e9  # weights + (grads, master, m and v)
     print(f"{name:10s} trainable {n_train:>13,}   weights + grads + master + AdamW = {gigabytes[name]:6.1f} GB")
 assert gigabytes["full"] > 80 > gigabytes["LoRA r=16"]  # only LoRA fits one 80 GB GPU (before activations)
+
+# %% [markdown]
+# QLoRA stores the frozen linears in 4 bits instead of 16 (NF4, `minilora/methods/nf4.py`): 4 bits a
+# weight, one 8-bit absmax per block of 64, one float32 scale per 256 absmax constants, about 4.127 bits
+# in all (Dettmers et al. 2023; the default model's base measures 4.128, README). The embeddings, the
+# LM head and the norms stay 16-bit; the adapters' state is LoRA's.
+
+# %%
+n_linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # q, k, v, o and a LLaMA-style gated MLP per block
+nf4_bits = 4 + 8 / nf4.BLOCK_SIZE + 32 / (nf4.BLOCK_SIZE * nf4.ABSMAX_BLOCK_SIZE)
+weights_nf4 = n_linear * nf4_bits / 8 + 2 * (n_base - n_linear)  # bytes
+gigabytes["QLoRA r=16"] = (weights_nf4 + (2 + 4 + 8) * n_lora) / 1e9
+print(f"{n_linear:,} weights in linears at {nf4_bits:.3f} bits: {weights_nf4 / 1e9:.1f} GB of weights "
+      f"instead of {2 * n_base / 1e9:.1f}; QLoRA r=16 in all: {gigabytes['QLoRA r=16']:.1f} GB")
+assert gigabytes["QLoRA r=16"] < 8 < gigabytes["LoRA r=16"]  # QLoRA fits an 8 GB GPU (before activations)
 
 # %% [markdown]
 # The activations do not vanish at scale. For a GPT-style block, Korthikanti et al.

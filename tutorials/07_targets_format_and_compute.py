@@ -34,7 +34,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from threadpoolctl import threadpool_info
 
-from minilora import lora, model, optim, plot, tasks
+from minilora import model, optim, plot, tasks
+from minilora.methods import lora
 from minilora.evaluation import corpus_val_data, exact_match, strided_val_loss
 from minilora.finetune import DEFAULT_LR, FinetuneConfig, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain

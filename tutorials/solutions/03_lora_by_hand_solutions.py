@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from minilora import gradcheck, lora, model, optim, tasks
+from minilora import gradcheck, model, optim, tasks
+from minilora.methods import lora
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.backend import limit_blas_threads
 

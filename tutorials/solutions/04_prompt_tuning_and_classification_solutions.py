@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from minilora import corpus, lora, model, tasks
+from minilora import corpus, model, tasks
+from minilora.methods import lora
 from minilora.evaluation import strided_val_loss
 from minilora.finetune import FinetuneConfig, finetune, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain

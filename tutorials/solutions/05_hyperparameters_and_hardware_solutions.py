@@ -12,10 +12,11 @@ import os
 
 import numpy as np
 
-from minilora import lora, model, ops, optim, tasks
+from minilora import model, ops, optim, tasks
+from minilora.methods import lora
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
-from minilora.prompt import add_prompt
+from minilora.methods.prompt import add_prompt
 from minilora.backend import limit_blas_threads
 
 limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_THREADS=2 on an idle machine)

@@ -14,7 +14,8 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from minilora import lora, model, optim, plot, report, studies, sweep, tasks
+from minilora import model, optim, plot, report, studies, sweep, tasks
+from minilora.methods import lora
 from minilora.finetune import FinetuneConfig, finetune
 from minilora.pretrain import PretrainConfig, load_or_pretrain
 from minilora.backend import limit_blas_threads

@@ -18,7 +18,8 @@ from dataclasses import replace
 import numpy as np
 from matplotlib.figure import Figure
 
-from minilora import corpus, lora, model, plot, tasks
+from minilora import corpus, model, plot, tasks
+from minilora.methods import lora
 from minilora.evaluation import exact_match
 from minilora.finetune import DEFAULT_LR, FinetuneConfig, setup_strategy
 from minilora.pretrain import PretrainConfig, load_or_pretrain

@@ -15,16 +15,16 @@ update into W for inference at the base model's cost; `unmerge` takes it out.
 Both return new dicts: nothing here changes an array it was given.
 """
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 
-from . import ops
-from .backend import array_module, to_numpy
-from .checkpoint import load_checkpoint, save_checkpoint
+from .. import ops
+from ..backend import array_module
+from ..checkpoint import load_checkpoint, save_checkpoint
+from . import LinearPair, Method, base_fingerprint, register
 
 # target name -> the linear layer it adapts inside every block
 TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o", "fc": "mlp.fc", "proj": "mlp.proj"}
@@ -165,6 +165,9 @@ def lora_shared_input_backward(douts, cache, input_grad=True):
 
 @dataclass
 class LoraConfig:
+    method: ClassVar[str] = "lora"  # the LinearPair that computes its target linears (methods.LINEARS)
+    label: ClassVar[str] = "LoRA"  # how reports name the method
+    base_pair: ClassVar[str] = "plain"  # the LinearPair of every block linear its targets do not name
     rank: int = 8  # r: the rank of the update B A (the seed's table: 8-64)
     alpha: float = 16.0  # the update is scaled by alpha / r (the seed: alpha = 2r)
     targets: tuple = field(default_factory=lambda: ("q", "k", "v", "o"))  # which linears get adapters
@@ -188,8 +191,33 @@ class LoraConfig:
         """s in W' = W + s B A."""
         return lora_scale(self.rank, self.alpha, self.rslora)
 
+    @property
+    def target_layers(self):
+        """The adapted linears inside a block, e.g. ("attn.q", "attn.k")."""
+        return tuple(TARGETS[t] for t in self.targets)
+
+    def count_formula(self, d, k):
+        """(the formula as text, its value): trainable scalars of one adapted d x k matrix."""
+        return f"r (d + k) = {self.rank} x ({d} + {k})", lora_param_count(d, k, self.rank)
+
+    def n_weights(self, params, config):
+        """The model's parameter count (the report's "all params"): every array's size."""
+        return int(sum(p.size for p in params.values()))
+
+    def report_lines(self, params, config):
+        """More lines for count_report (a variant's own; none for LoRA)."""
+        return []
+
+    def layer_shapes(self, d_out, d_in):
+        """suffix -> shape of what one adapted (d_out, d_in) linear gets beside its W."""
+        return {"lora_A": (self.rank, d_in), "lora_B": (d_out, self.rank)}
+
     def to_dict(self):
-        return asdict(self)
+        """A JSON-able dict; a variant (a subclass) adds its "method", plain LoRA's dict has none."""
+        d = asdict(self)
+        if self.method != LoraConfig.method:
+            d["method"] = self.method
+        return d
 
     @classmethod
     def from_dict(cls, d):
@@ -247,9 +275,32 @@ def lora_names(params):
     return [n for n in params if n.endswith((".lora_A", ".lora_B"))]
 
 
-def _adapted_prefixes(params):
-    """'h.0.attn.q' for every 'h.0.attn.q.lora_A' in params: the one place the suffix is parsed."""
-    return [name[: -len(".lora_A")] for name in params if name.endswith(".lora_A")]
+def adapter_shapes(model_config):
+    """name -> shape of every name the adapters described by model_config.lora add (none without them)."""
+    from ..model import param_shapes
+
+    settings = model_config.lora
+    if settings is None:
+        return {}
+    base = param_shapes(model_config)
+    shapes = {}
+    for prefix in adapted_layers(model_config, settings):
+        for suffix, shape in settings.layer_shapes(*base[prefix + ".W"]).items():
+            shapes[f"{prefix}.{suffix}"] = shape
+    return shapes
+
+
+def adapter_names(model_config):
+    """The adapters' names, from the config (sorted): what a LoRA-family method trains."""
+    return sorted(adapter_shapes(model_config))
+
+
+def _check_plain_lora(config, what):
+    if config.lora is None:
+        raise ValueError(f"config: expected the config of a LoRA model (config.lora set), got config.lora = None")
+    if config.lora.method != LoraConfig.method:
+        raise ValueError(f"config: lora.{what} takes plain LoRA adapters, got {config.lora.method} adapters "
+                         f"(use methods.{config.lora.method}.{what})")
 
 
 def merge(params, config):
@@ -260,12 +311,11 @@ def merge(params, config):
 
     Returns (params, config): a new dict and config with .lora = None.
     """
-    if config.lora is None:
-        raise ValueError("config: expected the config of a LoRA model (config.lora set), got config.lora = None")
+    _check_plain_lora(config, "merge")
     s = config.lora.scale
-    adapters = set(lora_names(params))
+    adapters = set(adapter_names(config))
     out = {n: p for n, p in params.items() if n not in adapters}
-    for prefix in _adapted_prefixes(params):
+    for prefix in adapted_layers(config, config.lora):
         out[prefix + ".W"] = params[prefix + ".W"] + s * (params[prefix + ".lora_B"] @ params[prefix + ".lora_A"])
     return out, replace(config, lora=None)
 
@@ -277,7 +327,7 @@ def unmerge(merged, config, adapters, lora_config):
     """
     s = lora_config.scale
     out = dict(merged)
-    for prefix in _adapted_prefixes(adapters):
+    for prefix in adapted_layers(config, lora_config):
         out[prefix + ".W"] = merged[prefix + ".W"] - s * (adapters[prefix + ".lora_B"] @ adapters[prefix + ".lora_A"])
     out.update(adapters)
     return out, replace(config, lora=lora_config)
@@ -289,44 +339,34 @@ def lora_param_count(d, k, r):
 
 
 def count_report(params, trainable, config):
-    """PEFT's print_trainable_parameters line, plus LoRA's r (d + k) per adapted matrix, checked.
+    """PEFT's print_trainable_parameters line, plus the adapters' formula per adapted matrix, checked.
 
-    Returns the report as text. Raises AssertionError if the adapters' size is
-    not what the formula says.
+    For LoRA the formula is r (d + k) per adapted d x k matrix; a variant's adapter config gives its own
+    (count_formula). Returns the report as text. Raises AssertionError if the adapters' size is not
+    what the formula says.
     """
+    from ..model import param_shapes
+
+    settings = config.lora
     n_train = int(sum(params[n].size for n in trainable))
-    n_all = int(sum(p.size for p in params.values()))
+    # a quantized base (QLoRA) holds its weights packed: count weights, not stored array elements
+    n_all = settings.n_weights(params, config) if settings is not None else int(sum(p.size for p in params.values()))
     lines = [f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / n_all:.4f}"]
-    adapted = sorted(_adapted_prefixes(params))
-    if adapted and config.lora is not None:
-        r = config.lora.rank
-        total = sum(lora_param_count(*params[prefix + ".W"].shape, r) for prefix in adapted)
-        counted = int(sum(params[n].size for n in lora_names(params) if n in trainable))
-        d, k = params[adapted[0] + ".W"].shape
-        lines.append(f"LoRA: r (d + k) = {r} x ({d} + {k}) = {lora_param_count(d, k, r):,} per adapted matrix "
+    if settings is not None:
+        shapes = param_shapes(config)  # W's shape from the config: a quantized base holds no float W
+        adapted = sorted(adapted_layers(config, settings))
+        total = sum(settings.count_formula(*shapes[prefix + ".W"])[1] for prefix in adapted)
+        counted = int(sum(params[n].size for n in adapter_names(config) if n in trainable))
+        d, k = shapes[adapted[0] + ".W"]
+        formula, per_matrix = settings.count_formula(d, k)
+        lines.append(f"{settings.label}: {formula} = {per_matrix:,} per adapted matrix "
                      f"({d * k:,} for W itself), {len(adapted)} matrices: {total:,} "
                      + ("= the count above (adapters only)" if total == counted else f"!= counted {counted:,}"))
         if total != counted:
-            raise AssertionError(f"LoRA parameter count {counted} does not match the formula r(d+k): {total}")
+            raise AssertionError(f"{settings.label} parameter count {counted} does not match the formula "
+                                 f"{formula.split(' = ')[0]}: {total}")
+        lines += settings.report_lines(params, config)
     return "\n".join(lines)
-
-
-def base_fingerprint(params):
-    """A short hash of the base (non-adapter, non-head, non-prompt) weights.
-
-    An adapter only makes sense on the weights it was trained on; this is how
-    loading one onto a different base fails clearly.
-    """
-    h = hashlib.sha256()
-    for name in sorted(params):
-        if name.endswith((".lora_A", ".lora_B")) or name.startswith(("cls.", "prompt")):
-            continue
-        a = np.ascontiguousarray(to_numpy(params[name]))
-        h.update(name.encode())
-        h.update(str(a.dtype).encode())
-        h.update(json.dumps(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 ADAPTER_KIND = "lora_adapter"
@@ -363,7 +403,110 @@ def load_adapter(path, base_params, base_config):
     xp = array_module(base_params["wte"])
     out = dict(base_params)
     for name, a in small.items():
-        if name.endswith((".lora_A", ".lora_B")) and name.rsplit(".", 1)[0] + ".W" not in base_params:
+        if name.startswith("h.") and name.rsplit(".", 1)[0] + ".W" not in base_params:
             raise ValueError(f"adapter: {name} adapts a layer the base model does not have")
         out[name] = xp.asarray(a)
     return out, saved_config, meta
+
+
+# the seam (methods/__init__.py): LoRA's pair for the model, and the method for finetune and the tools
+
+
+def _pair_forward(params, prefix, x, settings, train, rng, trainable):
+    p = settings.dropout if train else 0.0
+    return lora_linear_forward(x, params[prefix + ".W"], params.get(prefix + ".b"), params[prefix + ".lora_A"],
+                               params[prefix + ".lora_B"], settings.scale, p, rng)
+
+
+def _pair_backward(dout, cache, prefix, trainable, input_grad):
+    # W and b are frozen: the backward has no dW at all
+    dx, dA, dB = lora_linear_backward(dout, cache, input_grad=input_grad)
+    return dx, {"lora_A": dA, "lora_B": dB}
+
+
+def _shared_forward(params, prefixes, x, settings, train):
+    """q, k, v as one op, or None when adapter dropout gives each its own input."""
+    if train and settings.dropout != 0.0:
+        return None
+    layers = [(params[n + ".W"], params.get(n + ".b"), params[n + ".lora_A"], params[n + ".lora_B"])
+              for n in prefixes]
+    return lora_shared_input_forward(x, layers, settings.scale)
+
+
+def _shared_backward(douts, cache, input_grad):
+    dx, dAs, dBs = lora_shared_input_backward(douts, cache, input_grad=input_grad)
+    return dx, [{"lora_A": dA, "lora_B": dB} for dA, dB in zip(dAs, dBs)]
+
+
+def _delta(params, config, base, prefix):
+    """s B A, the update the adapter adds to W (W itself never changes)."""
+    return config.lora.scale * (params[prefix + ".lora_B"] @ params[prefix + ".lora_A"])
+
+
+LORA_PAIR = LinearPair("lora", _pair_forward, _pair_backward, _shared_forward, _shared_backward, _delta)
+
+
+def adapter_methods_extra_shapes(method):
+    """extra_shapes for a method whose adapter config rides in ModelConfig.lora: its names, from the config."""
+    def extra_shapes(config, params):
+        return adapter_shapes(config) if config.lora is not None and config.lora.method == method else {}
+    return extra_shapes
+
+
+def _adapter_config(config):
+    """The settings a `--method lora` run puts in ModelConfig.lora: config.lora, a plain LoraConfig."""
+    if type(config.lora) is not LoraConfig:
+        raise ValueError(f"lora: expected a LoraConfig for method 'lora', got a {type(config.lora).__name__} "
+                         f"(whose method is {config.lora.method!r})")
+    return config.lora
+
+
+def _setup(base_params, model_config, config, tokenizer=None):
+    params, model_config = add_lora(base_params, model_config, config.lora, seed=config.seed)
+    return params, model_config, set(adapter_names(model_config))
+
+
+def _check(model_config, config, longest):
+    from ..model import param_shapes
+
+    check_rank(param_shapes(model_config), model_config, config.lora)
+
+
+def _gradcheck_setup(params, config, rng, lora_config=None):
+    """Adapters on every linear with rank 2, at B != 0 (B = 0, the init, makes dA exactly zero)."""
+    settings = lora_config or LoraConfig(rank=2, alpha=3.0, targets=tuple(TARGETS))
+    adapted, adapted_config = add_lora(params, config, settings, seed=2)
+    for name in adapter_names(adapted_config):
+        adapted[name] = 0.5 * rng.standard_normal(adapted[name].shape)
+    return adapted, adapted_config, set(adapter_names(adapted_config))
+
+
+def _op_checks(rng, xp=np):
+    """lora_linear against finite differences: x, A, B, with adapter dropout, at B != 0."""
+    from ..backend import to_device
+    from ..gradcheck import check_op
+
+    def n(shape):
+        return to_device(rng.standard_normal(shape), xp)
+
+    N, T, C, r, out_f = 2, 5, 8, 3, 6
+    lmask = to_device(rng.random((N, T, C)) >= 0.25, xp)
+    s = lora_scale(r, 2.0 * r)
+    # B is random, not zero: at B = 0 dA is exactly zero and its check would pass trivially
+    return check_op("lora_linear",
+                    lambda x, W, b, A, Bm: lora_linear_forward(x, W, b, A, Bm, s, 0.25, dropout_mask=lmask),
+                    lora_linear_backward,
+                    {"x": n((N, T, C)), "W": n((out_f, C)), "b": n(out_f), "A": n((r, C)), "B": n((out_f, r))},
+                    {"x": 0, "A": 1, "B": 2}, rng)
+
+
+def owns_lora_name(name):
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+LORA = register(
+    Method("lora", "low-rank adapters B A beside frozen target linears", 3e-3, _setup, check=_check,
+           adapter_config=_adapter_config, extra_shapes=adapter_methods_extra_shapes("lora"),
+           owns=owns_lora_name, merge=merge, saves_adapter=True, study_lrs=(1e-3, 3e-3, 1e-2, 3e-2),
+           gradcheck_setup=_gradcheck_setup, op_checks=_op_checks, color="tab:orange"),
+    pair=LORA_PAIR, config_type=LoraConfig)

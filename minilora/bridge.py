@@ -1,0 +1,140 @@
+"""Whole models across the bridge: a Hugging Face GPT-2 folder into a minilora run, a run out to one.
+
+    minilora import-hf DIR --out RUN     config.json + model.safetensors (+ tokenizer.json) -> RUN/checkpoint.npz
+    minilora export RUN --out DIR        -> DIR/config.json, model.safetensors, tokenizer files
+                                            (+ DIR/adapter/ for a LoRA run: a PEFT adapter folder)
+
+The weights' mapping is hf.py's, the adapters' peft_io.py's; this module adds
+the tokenizer and the checks that span them: the tokenizer's vocabulary must
+be the weights' (a mismatch would give garbage without an error), and what
+has no exact counterpart in transformers is refused, never approximated.
+
+minilora's character tokenizer goes out as a `tokenizers` model that encodes
+exactly as it does: a WordLevel vocabulary of its 96 characters behind a
+pre-tokenizer that splits text into single characters. A character outside
+the vocabulary is an error there too (the vocabulary has no unknown token).
+Needs safetensors and tokenizers (`pip install 'minilora[hf]'`).
+"""
+
+import json
+import os
+
+from . import hf, peft_io
+from .corpus import NEWLINE_ID, VOCAB
+from .methods.lora import lora_names
+from .tokenizer import CHAR_DESCRIPTION, TOKENIZER_FILE, check_vocab_size, make_tokenizer
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+ADAPTER_DIR = "adapter"
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ValueError("tokenizers: expected the tokenizers package for Hugging Face tokenizers, got none "
+                         "installed; pip install 'minilora[hf]'") from e
+    return tokenizers
+
+
+def char_tokenizer_json():
+    """The character tokenizer (corpus.VOCAB, token i = VOCAB[i]) as a tokenizers-library tokenizer.json string."""
+    tk = _tokenizers()
+    model = tk.models.WordLevel({ch: i for i, ch in enumerate(VOCAB)}, unk_token="<unk>")  # <unk> not in vocab
+    tokenizer = tk.Tokenizer(model)
+    # every character its own piece ([\s\S] matches any character, the newline included)
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = tk.decoders.Fuse()  # ids back to text with nothing between the characters
+    return tokenizer.to_str()
+
+
+def hf_tokenizer(folder, vocab_size):
+    """The tokenizer of a GPT-2 folder, checked against the weights' vocab_size.
+
+    Its tokenizer.json, read with the `tokenizers` library (the character
+    tokenizer when it is exactly the one char_tokenizer_json writes); with no
+    tokenizer.json, the character tokenizer if vocab_size is its 96, as a
+    minilora checkpoint that records no tokenizer. Raises ValueError otherwise,
+    and when the vocabulary differs from the weights'.
+    """
+    path = os.path.join(folder, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        if vocab_size != len(VOCAB):
+            raise ValueError(f"{folder}: expected a {TOKENIZER_FILE} (vocab_size {vocab_size} is not the character "
+                             f"tokenizer's {len(VOCAB)}), got none; save the model's tokenizer beside it")
+        return make_tokenizer()  # the character tokenizer
+    tokenizer = make_tokenizer(path, option=path)  # a BPETokenizer over the file
+    if json.loads(tokenizer.data) == json.loads(char_tokenizer_json()):
+        tokenizer = make_tokenizer()  # the character one, exported by minilora: the same ids, and the floor applies
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{path}: expected a vocabulary of {vocab_size} tokens (the weights' wte rows), "
+                         f"got {tokenizer.vocab_size}; the tokenizer and the weights are from different models")
+    return tokenizer
+
+
+def read_hf_model(folder, dtype=None):
+    """A GPT-2 folder as (params, config, tokenizer): hf.read_gpt2 and hf_tokenizer.
+
+    dtype: None gives float32 (minilora trains in float32).
+    """
+    import numpy as np
+
+    params, config, _ = hf.read_gpt2(folder, dtype=np.float32 if dtype is None else dtype)
+    return params, config, hf_tokenizer(folder, config.vocab_size)
+
+
+def tokenizer_json(tokenizer):
+    """A run's tokenizer as tokenizer.json text: the character one converted, a BPE one as it was read."""
+    if tokenizer.describe() == CHAR_DESCRIPTION:
+        return char_tokenizer_json()
+    return tokenizer.data.decode("utf-8")
+
+
+def check_exportable(params, config):
+    """Raise ValueError, saying why, for what has no exact transformers/PEFT counterpart."""
+    if "prompt" in params:
+        raise ValueError("run: a prompt-tuning run has no exact export: PEFT's prompt tuning gives the virtual "
+                         "tokens positions 0..P-1 and shifts the real tokens after them, while minilora keeps the "
+                         "real tokens at positions 0..T-1")
+    if "cls.W" in params:
+        raise ValueError("run: a classification run has no exact export: transformers' GPT2ForSequenceClassification "
+                         "head has no bias and reads the last non-padding token, minilora's cls.W, cls.b has a bias")
+
+
+def export_model(out, params, config, tokenizer, overwrite=False):
+    """Write a model (and its LoRA adapters, if any) as a Hugging Face folder, atomically.
+
+    Inputs:
+    - out: the folder to create (see hf.write_folder_atomically)
+    - params, config: a plain model, or one with LoRA adapters (config.lora)
+    - tokenizer: the model's (the character one or a BPETokenizer, as runs.load_model returns it)
+    - overwrite: replace out if it exists
+
+    Writes out/config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+    and for a LoRA model the base (adapters left out) there and the adapters as
+    a PEFT folder in out/adapter, whose base_model_name_or_path is out.
+    Returns the list of folders written (out, and out/adapter for LoRA).
+    """
+    check_exportable(params, config)
+    check_vocab_size(tokenizer, config.vocab_size, what="tokenizer")
+    text = tokenizer_json(tokenizer)
+    eos = NEWLINE_ID if tokenizer.describe() == CHAR_DESCRIPTION else 0
+    adapters = set(lora_names(params))
+    base = {k: v for k, v in params.items() if k not in adapters}
+    base_config = config if config.lora is None else type(config).from_dict({**config.to_dict(), "lora": None})
+    final = os.path.abspath(out)
+
+    def write(tmp):
+        hf.write_gpt2(tmp, base, base_config, eos_token_id=eos)
+        with open(os.path.join(tmp, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+            f.write(text)
+        with open(os.path.join(tmp, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                       "model_max_length": config.context_length}, f, indent=2)
+        if config.lora is not None:
+            os.mkdir(os.path.join(tmp, ADAPTER_DIR))
+            peft_io.write_peft(os.path.join(tmp, ADAPTER_DIR), params, config, final, base)
+
+    hf.write_folder_atomically(out, write, overwrite=overwrite)
+    return [out] + ([os.path.join(out, ADAPTER_DIR)] if config.lora is not None else [])
+

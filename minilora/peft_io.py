@@ -1,0 +1,293 @@
+"""minilora's LoRA adapters as PEFT adapter folders, and back, exactly.
+
+A PEFT LoRA folder holds adapter_config.json and adapter_model.safetensors with
+one (A, B) pair per adapted GPT-2 module, named like
+
+    base_model.model.transformer.h.0.attn.c_attn.lora_A.weight   (r, in)
+    base_model.model.transformer.h.0.attn.c_attn.lora_B.weight   (out, r)
+
+and adds scale * B A to that module's weight, with scale = lora_alpha / r
+(or lora_alpha / sqrt(r), use_rslora). A and B have the (r, in), (out, r)
+layout of minilora's lora_A, lora_B even on GPT-2's Conv1D modules;
+fan_in_fan_out=True only tells PEFT to transpose B A when it merges into the
+Conv1D's (in, out) weight.
+
+The one mapping that is not a renaming is attention's. GPT-2 computes q, k
+and v with one fused module, c_attn: W_c = [W_q; W_k; W_v] (3C, C). minilora's
+adapters of rank r on q, k and v add [s B_q A_q; s B_k A_k; s B_v A_v]; with
+
+    A_c = [A_q; A_k; A_v]                 (3r, C)   the A's stacked
+    B_c = [[B_q, 0, 0],
+           [0, B_k, 0],
+           [0, 0, B_v]]                   (3C, 3r)  block-diagonal
+
+B_c A_c = [B_q A_q; B_k A_k; B_v A_v], so one PEFT adapter on c_attn of rank
+3r (n r when n of q, k, v are targeted; a missing one's rows of B_c are zero)
+is the same update, if its scale is still s: alpha_c / (3r) = alpha / r, so
+alpha_c = 3 alpha (rsLoRA: alpha_c / sqrt(3r) = alpha / sqrt(r), alpha_c =
+sqrt(3) alpha). PEFT's rank_pattern and alpha_pattern carry both per module.
+
+The other way, a PEFT c_attn adapter of rank r' is q, k and v adapters of rank
+r' that all use its A, each taking its third of B's rows. minilora's adapters
+each own their A, so the shared A is copied into the three: the same function,
+and further fine-tuning then trains the three copies apart.
+
+The other targets map one to one: o -> attn.c_proj, fc -> mlp.c_fc,
+proj -> mlp.c_proj. minilora's LoraConfig has one rank and one scale for every
+adapter: on the way in, adapters of a smaller rank are padded with zero rows of
+A and zero columns of B (the padded directions add nothing, and stay zero in
+training, since each one's gradient is a product with the other's zero), and a
+module whose PEFT scale differs from the common one has the ratio folded into B.
+Needs safetensors (`pip install 'minilora[hf]'`).
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import replace
+
+import numpy as np
+
+from .backend import array_module, to_numpy
+from .hf import FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, read_fingerprint, weights_fingerprint
+from .methods.lora import TARGETS, LoraConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model.transformer."
+# minilora target -> (GPT-2 module inside a block, the rows of its output this target owns: 0, 1, 2 = q, k, v)
+MODULE_OF = {"q": ("attn.c_attn", 0), "k": ("attn.c_attn", 1), "v": ("attn.c_attn", 2),
+             "o": ("attn.c_proj", None), "fc": ("mlp.c_fc", None), "proj": ("mlp.c_proj", None)}
+QKV = ("q", "k", "v")
+
+
+def is_peft_folder(path):
+    """True when path is a folder holding a PEFT adapter_config.json."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def _peft_scale(alpha, r, rslora):
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def to_peft(params, config, base_path):
+    """A LoRA model's adapters as PEFT's (adapter_config dict, tensors dict).
+
+    Inputs:
+    - params, config: a model with LoRA adapters (config.lora set)
+    - base_path: the folder of the exported base model (base_model_name_or_path)
+
+    Returns the adapter_config.json dict and name -> numpy array for
+    adapter_model.safetensors. The adapters' dropout is written as lora_dropout.
+    """
+    lc = config.lora
+    if lc is None:
+        raise ValueError("config: expected a LoRA model (config.lora set), got config.lora = None")
+    r, C = lc.rank, config.d_model
+    qkv = [t for t in QKV if t in lc.targets]
+    tensors, modules = {}, []
+    for i in range(config.n_layers):
+        p = f"h.{i}."
+        if qkv:
+            A_c = np.concatenate([to_numpy(params[p + f"attn.{t}.lora_A"]) for t in qkv])  # (n r, C)
+            B_c = np.zeros((3 * C, len(qkv) * r), A_c.dtype)  # (3C, n r), block-diagonal
+            for j, t in enumerate(qkv):
+                row = QKV.index(t)
+                B_c[row * C:(row + 1) * C, j * r:(j + 1) * r] = to_numpy(params[p + f"attn.{t}.lora_B"])
+            tensors.update(_pair(i, "attn.c_attn", A_c, B_c))
+        for t in lc.targets:
+            if t not in QKV:
+                module = MODULE_OF[t][0]
+                tensors.update(_pair(i, module, to_numpy(params[p + TARGETS[t] + ".lora_A"]),
+                                     to_numpy(params[p + TARGETS[t] + ".lora_B"])))
+    modules = (["attn.c_attn"] if qkv else []) + [MODULE_OF[t][0] for t in lc.targets if t not in QKV]
+    n = len(qkv)
+    rank_pattern, alpha_pattern = {}, {}
+    if n > 1:
+        # alpha_c / (n r) = alpha / r, or alpha_c / sqrt(n r) = alpha / sqrt(r) with rsLoRA
+        rank_pattern["attn.c_attn"] = n * r
+        alpha_pattern["attn.c_attn"] = lc.alpha * (math.sqrt(n) if lc.rslora else n)
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
+        "r": r, "lora_alpha": lc.alpha, "use_rslora": lc.rslora, "lora_dropout": lc.dropout,
+        "target_modules": modules, "fan_in_fan_out": True, "bias": "none",
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "use_dora": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+    }
+    return adapter_config, tensors
+
+
+def _pair(i, module, A, B):
+    name = f"{PREFIX}h.{i}.{module}"
+    return {name + ".lora_A.weight": np.ascontiguousarray(A), name + ".lora_B.weight": np.ascontiguousarray(B)}
+
+
+def write_peft(folder, params, config, base_path, base_params):
+    """Write adapter_config.json and adapter_model.safetensors into folder (existing, empty).
+
+    The safetensors metadata records base_params' fingerprint, checked when the
+    adapter is loaded again.
+    """
+    safetensors = _safetensors()
+    adapter_config, tensors = to_peft(params, config, base_path)
+    with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(adapter_config, f, indent=2)
+    safetensors.numpy.save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS),
+                                metadata={"format": "pt", FINGERPRINT_KEY: weights_fingerprint(base_params)})
+
+
+# What a PEFT LoRA config may say for minilora to compute it exactly: field -> the values allowed.
+_SUPPORTED = {"use_dora": (False, None), "lora_bias": (False, None), "modules_to_save": (None, []),
+              "layers_to_transform": (None,), "layer_replication": (None,), "bias": ("none", None),
+              "trainable_token_indices": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,)}
+
+
+def _pattern_value(patterns, module, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module's name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_peft(folder, base_params, base_config):
+    """Load a PEFT LoRA folder trained on GPT-2 onto minilora base parameters.
+
+    Inputs:
+    - folder: holds adapter_config.json (peft_type LORA) and adapter_model.safetensors
+    - base_params, base_config: the base model (no adapters), numpy or device arrays
+
+    Returns (params, config, meta): base_params plus lora_A, lora_B for every
+    adapted linear, the config with its LoraConfig, and meta (the adapter's
+    config). Raises ValueError for another peft_type, DoRA or any other option
+    minilora does not compute, a target outside q, k, v, o, fc, proj or not in
+    every block, and a base whose shapes or fingerprint differ (the fingerprint
+    is checked when the file records one, or base_model_name_or_path names a
+    local folder).
+    """
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise ValueError(f"adapter: expected a PEFT folder with {ADAPTER_CONFIG}, got {folder!r} without one")
+    ac = _read_json(path)
+    if ac.get("peft_type") != "LORA":
+        raise ValueError(f"adapter: {path}: peft_type: expected 'LORA', got {ac.get('peft_type')!r} "
+                         "(minilora maps LoRA adapters only)")
+    for name, allowed in _SUPPORTED.items():
+        if ac.get(name) not in allowed:
+            raise ValueError(f"adapter: {path}: {name}: expected {allowed[0]!r} (minilora does not compute "
+                             f"{name}), got {ac.get(name)!r}")
+    if base_config.lora is not None:
+        raise ValueError("adapter: expected a base model without adapters, got one with adapters already")
+    weights = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise ValueError(f"adapter: expected {ADAPTER_WEIGHTS} in {folder!r} (adapter_model.bin is a pickle and is "
+                         "never unpickled), got none")
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(weights, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:
+        raise ValueError(f"adapter: {weights}: expected a readable safetensors file, got one that is truncated, "
+                         f"corrupt or of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
+    _check_base(folder, ac, metadata, base_params)
+    pairs = _pairs(weights, tensors, base_config)
+    rslora = bool(ac.get("use_rslora", False))
+    r_default, alpha_default = ac.get("r", 8), ac.get("lora_alpha", 8)
+    # every adapted linear: minilora prefix -> (A, B, PEFT scale)
+    adapters = {}
+    for (i, module), (A, B) in pairs.items():
+        full = f"transformer.h.{i}.{module}"
+        r = A.shape[0]
+        if r != _pattern_value(ac.get("rank_pattern"), full, r_default):
+            raise ValueError(f"adapter: {weights}: {full} has rank {r}, but {ADAPTER_CONFIG} says "
+                             f"{_pattern_value(ac.get('rank_pattern'), full, r_default)}")
+        s = _peft_scale(_pattern_value(ac.get("alpha_pattern"), full, alpha_default), r, rslora)
+        d_in, d_out = _module_shape(module, base_config)
+        if A.shape[1] != d_in or B.shape[0] != d_out:
+            raise ValueError(f"adapter: {weights}: {full} expects A (r, {d_in}) and B ({d_out}, r) on this base, "
+                             f"got {tuple(A.shape)} and {tuple(B.shape)}; it was trained on another base")
+        if module == "attn.c_attn":
+            C = base_config.d_model
+            for row, t in enumerate(QKV):
+                # one shared A, each target its third of B's rows
+                adapters[f"h.{i}.{TARGETS[t]}"] = (A, B[row * C:(row + 1) * C], s)
+        else:
+            target = next(t for t, (m, _) in MODULE_OF.items() if m == module)
+            adapters[f"h.{i}.{TARGETS[target]}"] = (A, B, s)
+    targets = _targets(adapters, base_config, weights)
+    R = max(A.shape[0] for A, _, _ in adapters.values())
+    s = next(iter(adapters.values()))[2]  # the common scale; other modules fold theirs into B
+    alpha = s * (math.sqrt(R) if rslora else R)
+    lora_config = LoraConfig(rank=R, alpha=alpha, targets=targets, dropout=float(ac.get("lora_dropout", 0.0)),
+                             rslora=rslora)
+    xp = array_module(base_params["wte"])
+    dtype = base_params["wte"].dtype
+    out = dict(base_params)
+    for prefix, (A, B, s_m) in adapters.items():
+        r = A.shape[0]
+        A_pad = np.zeros((R, A.shape[1]), np.float64)
+        B_pad = np.zeros((B.shape[0], R), np.float64)
+        A_pad[:r] = A
+        B_pad[:, :r] = B * (s_m / lora_config.scale)  # exactly 1 unless this module's PEFT scale differs
+        out[prefix + ".lora_A"] = xp.asarray(A_pad.astype(dtype))
+        out[prefix + ".lora_B"] = xp.asarray(B_pad.astype(dtype))
+    return out, replace(base_config, lora=lora_config), {"kind": "peft_adapter", "peft": ac, "path": folder}
+
+
+def _module_shape(module, config):
+    """(in, out) of a GPT-2 module inside a block of this config."""
+    C, F = config.d_model, config.d_ff
+    return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, F), "mlp.c_proj": (F, C)}[module]
+
+
+def _pairs(weights, tensors, config):
+    """(block, module) -> (A, B) from PEFT's tensor names; ValueError for any other tensor."""
+    pattern = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc"
+                         r"|mlp\.c_proj)\.lora_(A|B)\.weight$")
+    found = {}
+    for name, t in tensors.items():
+        m = pattern.match(name)
+        if m is None or int(m.group(1)) >= config.n_layers:
+            raise ValueError(f"adapter: {weights}: {name}: expected LoRA A/B tensors of GPT-2's c_attn, attn.c_proj, "
+                             "mlp.c_fc or mlp.c_proj in this base's blocks, got this tensor too")
+        if t.dtype.kind != "f" or not np.isfinite(t).all():
+            raise ValueError(f"adapter: {weights}: {name}: expected finite floating-point values")
+        found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t.astype(np.float64)
+    pairs = {}
+    for key, ab in found.items():
+        if set(ab) != {"A", "B"} or ab["A"].ndim != 2 or ab["B"].ndim != 2 or ab["A"].shape[0] != ab["B"].shape[1]:
+            raise ValueError(f"adapter: {weights}: h.{key[0]}.{key[1]}: expected lora_A (r, in) and lora_B (out, r), "
+                             f"got {({k: tuple(v.shape) for k, v in ab.items()})}")
+        pairs[key] = (ab["A"], ab["B"])
+    if not pairs:
+        raise ValueError(f"adapter: {weights}: expected LoRA tensors, got none")
+    return pairs
+
+
+def _targets(adapters, config, weights):
+    """minilora's targets, each of which must be adapted in every block (LoraConfig has one target list)."""
+    targets = []
+    for t, layer in TARGETS.items():
+        blocks = [i for i in range(config.n_layers) if f"h.{i}.{layer}" in adapters]
+        if blocks and len(blocks) != config.n_layers:
+            raise ValueError(f"adapter: {weights}: {MODULE_OF[t][0]} is adapted in blocks {blocks} only; minilora "
+                             f"adapts a target in every block")
+        if blocks:
+            targets.append(t)
+    return tuple(targets)
+
+
+def _check_base(folder, ac, metadata, base_params):
+    """The adapter's base must be base_params: compare fingerprints when the adapter lets us know its base's."""
+    expected = metadata.get(FINGERPRINT_KEY)
+    base_path = ac.get("base_model_name_or_path")
+    if expected is None and isinstance(base_path, str) and os.path.isfile(os.path.join(base_path, WEIGHTS_FILE)):
+        expected = read_fingerprint(base_path)  # the local base it names, read as minilora reads it
+    if expected is None:
+        return
+    got = weights_fingerprint(base_params)
+    if expected != got:
+        raise ValueError(f"adapter: {folder} was trained on base weights with fingerprint {expected}, but the base "
+                         f"given has fingerprint {got}; give the base it was trained on ({base_path})")
