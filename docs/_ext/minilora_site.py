@@ -100,7 +100,7 @@ def _api_pages():
     import minilora
 
     folder = os.path.join(DOCS, "api")
-    names = sorted(m.name for m in pkgutil.iter_modules(minilora.__path__))
+    names = sorted(m.name[len("minilora."):] for m in pkgutil.walk_packages(minilora.__path__, "minilora."))
     for old in glob.glob(os.path.join(folder, "minilora.*.rst")):
         if os.path.basename(old)[len("minilora."):-len(".rst")] not in names:
             os.remove(old)
@@ -217,7 +217,7 @@ class CodeLinks(SphinxPostTransform):
     def run(self, **kwargs):
         import minilora
 
-        modules = {m.name for m in pkgutil.iter_modules(minilora.__path__)}
+        modules = {m.name for m in pkgutil.iter_modules(minilora.__path__)}  # files named in the prose: top level
         objects = self.env.get_domain("py").objects
         for literal in list(self.document.findall(nodes.literal)):
             if isinstance(literal.parent, (nodes.reference, nodes.literal_block, nodes.title)):
@@ -241,9 +241,9 @@ class CodeLinks(SphinxPostTransform):
         m = self.DOTTED.match(text)
         if m and "." in m.group(1):
             dotted = m.group(1)
-            full = dotted if dotted.startswith("minilora.") else f"minilora.{dotted}"
-            if full in objects:
-                return objects[full].docname, objects[full].node_id
+            for full in ([dotted] if dotted.startswith("minilora.") else [f"minilora.{dotted}", f"minilora.methods.{dotted}"]):
+                if full in objects:
+                    return objects[full].docname, objects[full].node_id
         return None
 
 
