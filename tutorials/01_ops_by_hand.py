@@ -13,8 +13,8 @@
 #     grads      = op_backward(dout, cache)   # one gradient per input, in forward order
 #
 # `dout` is dL/d(out), the gradient arriving from everything after the op. The
-# backward returns dL/d(input) = the **vector-Jacobian product** dout^T J. It never
-# builds the Jacobian J itself.
+# backward returns $\partial L / \partial \text{input}$ = the **vector-Jacobian product**
+# $\text{dout}^\top J$. It never builds the Jacobian $J$ itself.
 
 # %%
 import os
@@ -39,7 +39,7 @@ rng = np.random.default_rng(0)
 # How do we test a backward without a real loss? Pick a random `dout` and define the
 # scalar
 #
-#     L(x) = sum(op(x) * dout).
+# $$L(x) = \sum \mathrm{op}(x) \odot \text{dout}.$$
 #
 # Its gradient with respect to `out` is exactly `dout`, so dL/dx is exactly what
 # `op_backward(dout, cache)` must return. A finite difference of this one scalar
@@ -64,11 +64,15 @@ assert abs(dL_dout_12 - dout[1, 2]) < 1e-6
 # LoRA update of tutorial 03, `W' = W + B A` with `B (out, r)` and `A (r, in)`, is
 # literally `W + B @ A`.
 #
-# Backward. Each y[n, o] = sum_i x[n, i] W[o, i] + b[o], so
+# Backward. Each $y_{no} = \sum_i x_{ni} W_{oi} + b_o$, so
 #
-#     dx = dout @ W              (N, in)
-#     dW = dout^T @ x            (out, in), summed over N
-#     db = sum_N dout            (out,)
+# $$
+# \begin{aligned}
+# dx &= \text{dout}\, W && (N, \text{in}) \\
+# dW &= \text{dout}^\top x && (\text{out}, \text{in}), \text{ summed over } N \\
+# db &= \textstyle\sum_N \text{dout} && (\text{out},)
+# \end{aligned}
+# $$
 #
 # Shapes are the quickest check of a derivation: every gradient has its input's shape.
 
@@ -87,9 +91,9 @@ assert dx.shape == x.shape and dW.shape == W.shape and db.shape == b.shape
 # Now the gradient check. `gradcheck.check_op` perturbs every coordinate of each
 # input by +-h and +-2h, evaluates the fake loss, and applies the five-point stencil
 #
-#     f'(x) ~ (-f(x+2h) + 8 f(x+h) - 8 f(x-h) + f(x-2h)) / 12h,    error O(h^4).
+# $$f'(x) \approx \frac{-f(x+2h) + 8 f(x+h) - 8 f(x-h) + f(x-2h)}{12h}, \qquad \text{error } O(h^4).$$
 #
-# It reports `rel_error = max |a - n| / max(|a| + |n|, 1e-8)` between the analytic
+# It reports `rel_error` $= \max |a - n| / \max(|a| + |n|, 10^{-8})$ between the analytic
 # gradient `a` and the numerical one `n`. In float64 a correct backward lands orders of
 # magnitude below 1e-6; a wrong one typically gives 1e-2 or more. We assert <= 1e-6
 # (`gradcheck.TOLERANCE`).
@@ -111,8 +115,12 @@ check("linear", ops.linear_forward, ops.linear_backward, {"x": x, "W": W, "b": b
 #
 # Over the last axis (C channels) of each row:
 #
-#     mean = (1/C) sum_i x_i,   var = (1/C) sum_i (x_i - mean)^2,   rstd = 1 / sqrt(var + eps)
-#     norm_i = (x_i - mean) * rstd,      out_i = norm_i * g_i + b_i
+# $$
+# \begin{aligned}
+# \text{mean} &= \tfrac{1}{C} \textstyle\sum_i x_i, \quad \text{var} = \tfrac{1}{C} \sum_i (x_i - \text{mean})^2, \quad \text{rstd} = 1 / \sqrt{\text{var} + \epsilon} \\
+# \text{norm}_i &= (x_i - \text{mean})\, \text{rstd}, \qquad \text{out}_i = \text{norm}_i\, g_i + b_i
+# \end{aligned}
+# $$
 #
 # The gain and bias gradients are immediate: dg = sum_N dout * norm, db = sum_N dout.
 #
@@ -120,11 +128,11 @@ check("linear", ops.linear_forward, ops.linear_backward, {"x": x, "W": W, "b": b
 # through the mean, and through rstd. Using d(mean)/dx_j = 1/C and
 # d(rstd)/dx_j = -rstd^3 (x_j - mean) / C = -rstd^2 norm_j / C:
 #
-#     d norm_i / d x_j = rstd (delta_ij - 1/C - norm_i norm_j / C)
+# $$\frac{\partial\, \text{norm}_i}{\partial x_j} = \text{rstd} \left(\delta_{ij} - \frac{1}{C} - \frac{\text{norm}_i\, \text{norm}_j}{C}\right)$$
 #
 # Contract with dnorm_i (sum over i) and the (C, C) Jacobian disappears:
 #
-#     dx_j = rstd * (dnorm_j - mean_i(dnorm_i) - norm_j * mean_i(dnorm_i norm_i))
+# $$dx_j = \text{rstd} \left(\text{dnorm}_j - \text{mean}_i(\text{dnorm}_i) - \text{norm}_j\, \text{mean}_i(\text{dnorm}_i\, \text{norm}_i)\right)$$
 #
 # Two row means and an elementwise product: O(C) per row instead of O(C^2).
 # The cell below checks the forward (each row of `norm` has mean 0 and variance 1)
@@ -144,13 +152,13 @@ check("layer_norm", ops.layer_norm_forward, ops.layer_norm_backward, {"x": x, "g
 # %% [markdown]
 # ## Softmax, and masking with -inf
 #
-#     p_i = exp(x_i - max_j x_j) / sum_k exp(x_k - max_j x_j)
+# $$p_i = \frac{\exp(x_i - \max_j x_j)}{\sum_k \exp(x_k - \max_j x_j)}$$
 #
 # Subtracting the row max changes nothing mathematically (it cancels) and keeps
 # `exp` from overflowing. A score of `-inf` gets `exp(-inf) = 0`: probability exactly
 # zero, with no magic constant such as `-1e10`.
 #
-# Backward: dp_i/dx_j = p_i (delta_ij - p_j), so dx_j = p_j (dout_j - sum_i dout_i p_i).
+# Backward: $\partial p_i / \partial x_j = p_i (\delta_{ij} - p_j)$, so $dx_j = p_j \left(\text{dout}_j - \sum_i \text{dout}_i\, p_i\right)$.
 
 # %%
 scores = np.array([[1000.0, 1001.0, -np.inf, 999.0]])  # naive exp(1000) would overflow
@@ -164,13 +172,21 @@ check("softmax", ops.softmax_forward, ops.softmax_backward, {"x": 2.0 * rng.stan
 #
 # Per head, with q, k, v of shape (T, hs):
 #
-#     S = q k^T / sqrt(hs),   S[t, u] = -inf for u > t   (no peeking at the future)
-#     P = softmax(S),         out = P v
+# $$
+# \begin{aligned}
+# S &= q k^\top / \sqrt{hs}, \qquad S_{tu} = -\infty \text{ for } u > t \quad \text{(no peeking at the future)} \\
+# P &= \mathrm{softmax}(S), \qquad \text{out} = P v
+# \end{aligned}
+# $$
 #
 # Backward, in mirror order:
 #
-#     dP = dout v^T,   dv = P^T dout,   dS = softmax_backward(dP),
-#     dq = dS k / sqrt(hs),   dk = dS^T q / sqrt(hs)
+# $$
+# \begin{aligned}
+# dP &= \text{dout}\, v^\top, \qquad dv = P^\top \text{dout}, \qquad dS = \mathtt{softmax\_backward}(dP), \\
+# dq &= dS\, k / \sqrt{hs}, \qquad dk = dS^\top q / \sqrt{hs}
+# \end{aligned}
+# $$
 #
 # Masked entries have P = 0, so their dS is 0: no gradient leaks into the future.
 # The cell below checks causality directly: changing the *last* token's q, k, v
@@ -195,10 +211,14 @@ check("attention", lambda q, k, v: ops.attention_forward(q, k, v, NH), ops.atten
 # %% [markdown]
 # ## GELU
 #
-#     gelu(x) = 0.5 x (1 + tanh(u)),   u = sqrt(2/pi) (x + 0.044715 x^3)
-#     gelu'(x) = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+# $$
+# \begin{aligned}
+# \mathrm{gelu}(x) &= 0.5\, x\, (1 + \tanh u), \qquad u = \sqrt{2/\pi}\, (x + 0.044715\, x^3) \\
+# \mathrm{gelu}'(x) &= 0.5\, (1 + \tanh u) + 0.5\, x\, (1 - \tanh^2 u) \sqrt{2/\pi}\, (1 + 3 \cdot 0.044715\, x^2)
+# \end{aligned}
+# $$
 #
-# (product rule, and d tanh(u) = (1 - tanh^2 u) du). `gradcheck` avoids x near
+# (product rule, and $d \tanh u = (1 - \tanh^2 u)\, du$). `gradcheck` avoids x near
 # -0.75246, where gelu' = 0 for this tanh form (the erf form's zero is at -0.7518),
 # and any relative error is pure noise.
 

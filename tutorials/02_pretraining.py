@@ -64,11 +64,11 @@ for d in corpus.sample_sentences(6, rng):
 # that made it. The entropy of a sentence is then the expected sum of the entropies
 # of those choices, and spread over its characters (plus the newline):
 #
-#     H = H(sentence) / E[len(sentence) + 1]     nats per character.
+# $$H = \frac{H(\text{sentence})}{\mathbb{E}[\text{len}(\text{sentence}) + 1]} \quad \text{nats per character.}$$
 #
 # Why nothing beats it: a model q's expected cross-entropy on text from p is
 #
-#     E_p[-log q] = H(p) + KL(p || q)   and   KL >= 0,
+# $$\mathbb{E}_p[-\log q] = H(p) + \mathrm{KL}(p \,\|\, q) \quad \text{and} \quad \mathrm{KL} \ge 0,$$
 #
 # with equality only when q = p. So the loss curve below can approach H but never go
 # under it (on average over fresh text). The cell below prints H, and checks it
@@ -113,7 +113,7 @@ assert bigram > H
 # flat dict with GPT-2's names. The cell below lists them and checks the total
 # against the formula
 #
-#     V C + Tmax C + L (4 C^2 + 3 C [q, v, o biases] + 2 C F + F + C + 4 C [two LNs]) + 2 C
+# $$V C + T_{\max} C + L \big(4 C^2 + \underbrace{3 C}_{q,\,v,\,o \text{ biases}} + 2 C F + F + C + \underbrace{4 C}_{\text{two LNs}}\big) + 2 C$$
 
 # %%
 mc = config.model
@@ -144,7 +144,7 @@ assert abs(loss0 - np.log(96)) < 0.05
 #
 # The objective is next-token cross-entropy,
 #
-#     L = -(1/T) sum_t log p_theta(x_t | x_<t),
+# $$L = -\frac{1}{T} \sum_t \log p_\theta(x_t \mid x_{<t}),$$
 #
 # minimised with AdamW (warmup, then cosine decay) on random 128-character windows of
 # the corpus. Every parameter is trainable. `pretrain.pretrain` writes a JSON-lines

@@ -21,12 +21,12 @@
 # Weight updates during fine-tuning tend to have low intrinsic rank, so LoRA learns
 # the update of a d x k matrix as a product of two thin matrices:
 #
-#     W' = W + Delta W = W + (alpha / r) B A,    B in R^{d x r},  A in R^{r x k},  r << min(d, k)
+# $$W' = W + \Delta W = W + \frac{\alpha}{r} B A, \qquad B \in \mathbb{R}^{d \times r},\ A \in \mathbb{R}^{r \times k},\ r \ll \min(d, k)$$
 #
 # With our layout W (out, in) = (d, k), so `B (out, r)`, `A (r, in)` and the update is
-# literally `W + s * B @ A`, with s = alpha / r. A starts random, **B starts at zero**,
-# so at initialisation W' = W exactly: fine-tuning starts from the pretrained model.
-# Only A and B are trained: r (d + k) numbers instead of d k.
+# literally `W + s * B @ A`, with $s = \alpha / r$. A starts random, **B starts at zero**,
+# so at initialisation $W' = W$ exactly: fine-tuning starts from the pretrained model.
+# Only A and B are trained: $r (d + k)$ numbers instead of $d k$.
 #
 # **This tutorial fine-tunes tutorial 02's pretrained model**, which tutorial 02 saves
 # in `runs/pretrain` (the folder `minilora pretrain` also writes, and tutorials 04 to 07
@@ -70,7 +70,7 @@ assert (n_lora, n_full) == (131_072, 16_777_216) and n_lora / n_full < 0.01
 # %% [markdown]
 # ## The LoRA linear: forward
 #
-#     y = x W^T + b + s (x A^T) B^T
+# $$y = x W^\top + b + s\, (x A^\top) B^\top$$
 #
 # `lora.lora_linear_forward` computes it **unmerged**: x A^T is (N, r), then times
 # B^T gives (N, out). The (out, in) matrix B A is never formed; the update costs
@@ -93,13 +93,17 @@ print("unmerged forward == merged formula; with B = 0 it equals the base layer e
 # %% [markdown]
 # ## The LoRA linear: backward, derived
 #
-# Name the intermediate xa = x A^T (N, r). The forward is y = x W^T + b + s xa B^T.
-# Walking back, with dy = dL/dy (N, out):
+# Name the intermediate $\mathit{xa} = x A^\top$ (N, r). The forward is $y = x W^\top + b + s\, \mathit{xa} B^\top$.
+# Walking back, with $dy = \partial L / \partial y$ (N, out):
 #
-#     dB  = s dy^T xa            (out, r)     from y += s xa B^T
-#     dxa = s dy B               (N, r)
-#     dA  = dxa^T x              (r, in)      from xa = x A^T
-#     dx  = dy W + dxa A         (N, in)      base path plus adapter path
+# $$
+# \begin{aligned}
+# dB &= s\, dy^\top \mathit{xa} && (\text{out}, r) && \text{from } y \mathrel{+}= s\, \mathit{xa} B^\top \\
+# d\mathit{xa} &= s\, dy\, B && (N, r) \\
+# dA &= d\mathit{xa}^\top x && (r, \text{in}) && \text{from } \mathit{xa} = x A^\top \\
+# dx &= dy\, W + d\mathit{xa} A && (N, \text{in}) && \text{base path plus adapter path}
+# \end{aligned}
+# $$
 #
 # and **no dW**: W is frozen, so the (out, in) product dy^T x is never computed. The
 # cell below writes these four lines in NumPy and compares them with
@@ -142,7 +146,7 @@ for res in results:
 # Fine-tuning uses the same loss as pretraining, next-token cross-entropy, counted
 # only on the response tokens (tutorial 04 shows the mask m, 1 on a response token):
 #
-#     L = -(1 / sum_{b,t} m_bt) sum_{b,t} m_bt log p_theta(x_bt | x_b,<t)
+# $$L = -\frac{1}{\sum_{b,t} m_{bt}} \sum_{b,t} m_{bt} \log p_\theta(x_{bt} \mid x_{b,<t})$$
 #
 # The divisor is the number of counted tokens in the whole batch, not T: every
 # response token weighs the same, however long its example.

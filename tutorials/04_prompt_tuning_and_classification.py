@@ -48,7 +48,7 @@ base_copy = {n: a.copy() for n, a in base.items()}
 #
 # The prompt is one parameter, `prompt` of shape (P, C). `model.forward` builds
 #
-#     x = [prompt_1, ..., prompt_P, wte[id_1] + wpe[0], ..., wte[id_T] + wpe[T-1]]
+# $$x = [\text{prompt}_1, \dots, \text{prompt}_P,\ \text{wte}[\text{id}_1] + \text{wpe}[0], \dots, \text{wte}[\text{id}_T] + \text{wpe}[T-1]]$$
 #
 # Positions (see `minilora/methods/prompt.py`): the prompt vectors get **no** position
 # embedding (they are free vectors and can learn any position signal), and the real
@@ -117,7 +117,7 @@ print("-" * 40)
 # 1 only where the target is a response token (the output and its newline). The
 # prompt is context, not something to imitate; padding is masked too. The loss is
 #
-#     L = - sum_t m_t log p(y_t | x_<=t) / sum_t m_t.
+# $$L = -\frac{\sum_t m_t \log p(y_t \mid x_{\le t})}{\sum_t m_t}.$$
 #
 # The cell below decodes the targets the mask selects, and asserts they are exactly
 # the response.
@@ -143,7 +143,7 @@ print(row[-40:])
 # person or thing. A causal model has read the whole sentence only at its **last**
 # character, so the head reads the hidden state there:
 #
-#     logits = h[b, last_b] W_cls^T + b_cls        W_cls (K, C), b_cls (K,)
+# $$\text{logits}_b = h[b, \text{last}_b]\, W_\text{cls}^\top + b_\text{cls}, \qquad W_\text{cls}\ (K, C),\ b_\text{cls}\ (K,)$$
 #
 # Rows are right-padded to a common length; `last` points at each row's last real
 # token. Because attention is causal, padding after `last` cannot change h there. The

@@ -1,0 +1,62 @@
+"""Time the site's full build from nothing, and a rebuild after a prose edit; write benchmarks/site_time.json.
+
+    python benchmarks/site_time.py            # the full build (every tutorial and solution in full mode)
+    python benchmarks/site_time.py --smoke    # the smoke build (fast mode), as CI runs it
+
+The build runs as README says (`sphinx-build -b html docs OUT`), with 1 BLAS thread as the tutorials use,
+in a fresh work folder (MINILORA_SITE_WORK: no runs, no execution cache, MathJax installed from npm again),
+so nothing an earlier build left helps it. The rebuild (`sphinx-build -E`: every page read again) then takes
+every tutorial's outputs from the execution cache, as a rebuild after an edit to the prose does. Run it on an
+otherwise idle machine: the times move with the load.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed_build(out, env, fresh_env=False):
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", *(["-E"] if fresh_env else []),
+                    os.path.join(ROOT, "docs"), out], cwd=ROOT, env=env, check=True)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="time the smoke build (MINILORA_FAST=1) instead")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "site_time.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        env = {**os.environ, "MINILORA_SITE_WORK": work, "PYTHONPATH": ROOT, "MPLBACKEND": "Agg",
+               "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MINILORA_THREADS": "1"}
+        env.pop("MINILORA_FAST", None)
+        if args.smoke:
+            env["MINILORA_FAST"] = "1"
+        out = os.path.join(work, "site")
+        clean = timed_build(out, env)
+        rebuild = timed_build(out, env, fresh_env=True)
+    mode = "smoke" if args.smoke else "full"
+    record = {"date": time.strftime("%Y-%m-%d"), "mode": mode,
+              "command": f"{'MINILORA_FAST=1 ' if args.smoke else ''}sphinx-build -b html docs build/site{'-smoke' if args.smoke else ''}",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+              "threads": 1, "clean_build_s": round(clean, 1), "rebuild_after_prose_edit_s": round(rebuild, 1)}
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    previous[mode] = record
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(previous, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, args.out)
+    print(f"{mode} build from nothing: {clean:.0f} s; rebuild after a prose edit: {rebuild:.0f} s (wrote {args.out})")
+
+
+if __name__ == "__main__":
+    main()

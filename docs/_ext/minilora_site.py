@@ -1,0 +1,285 @@
+"""The site's Sphinx extension: every page that comes from the repository is made here, at build time.
+
+- The two builds. `MINILORA_FAST=1` makes the smoke build: the tutorials run in fast mode, their figures go
+  to figures/fast/, and every page carries a banner saying so. Without it, the full build. Each mode keeps
+  its own execution cache (build/jupyter_cache/MODE-HASH), so a prose edit re-executes nothing; a change
+  to the package's source (HASH) starts a new cache and re-reads every page.
+- The tutorials and their solutions are linked into docs/tutorials/ (symlinks: the .py files stay the only
+  source) and read through jupytext by `read_tutorial`, which adds one hidden cell that shows, under the cell
+  that saved it, every figure a tutorial writes (the tutorials only write PNGs).
+- `{study} NAME`: a study's tables and figure, made from its committed results.jsonl by minilora.report, the
+  command that regenerates them, and a link to the results file.
+- The API reference: one autodoc page per module of the package, so a new module gets its page.
+- Code links: an inline literal in the prose that names a minilora object (`lora.lora_linear_forward`) or a
+  file (`minilora/lora.py`, `tutorials/03_lora_by_hand.py`, `benchmarks/studies/rank/results.jsonl`) becomes
+  a link to its API entry, its source page (viewcode), its tutorial page or its study page.
+- MathJax 3 is installed from the npm registry into build/ and copied into the site's _static: the site
+  never fetches anything, so it works offline.
+"""
+
+import glob
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+
+from docutils import nodes
+from sphinx.transforms.post_transforms import SphinxPostTransform
+from sphinx.util.docutils import SphinxDirective
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DOCS = os.path.join(ROOT, "docs")
+STUDIES = os.path.join(ROOT, "benchmarks", "studies")
+MATHJAX_VERSION = "3.2.2"
+SMOKE_BANNER = ("Smoke build: the tutorials ran in fast mode (a few steps, tiny data), so their numbers and "
+                "figures are a test that the code runs, not results.")
+
+
+def site_mode():
+    """'smoke' when MINILORA_FAST=1 (the tutorials' own switch), else 'full'."""
+    return "smoke" if os.environ.get("MINILORA_FAST") == "1" else "full"
+
+
+# the hidden first cell of every tutorial page: the tutorials save their figures and do not display them
+SHOW_FIGURES = '''\
+import IPython.display as _display
+import minilora.plot as _plot
+
+_save_figure = _plot.save_figure
+
+
+def _save_and_show(fig, path, *args, **kwargs):
+    _save_figure(fig, path, *args, **kwargs)
+    _display.display(_display.Image(filename=str(path)))
+
+
+_plot.save_figure = _save_and_show
+'''
+
+
+def read_tutorial(text):
+    """A percent-format tutorial as a notebook (jupytext), with the hidden figure cell first."""
+    import jupytext
+    import nbformat
+
+    notebook = jupytext.reads(text, fmt="py:percent")
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(SHOW_FIGURES, metadata={"tags": ["remove-cell"]}))
+    return notebook
+
+
+def _sync_links(pattern, folder, depth):
+    """Symlink every file matching pattern into folder (relative links, depth levels up); drop stale ones."""
+    os.makedirs(folder, exist_ok=True)
+    wanted = {os.path.basename(p): p for p in sorted(glob.glob(pattern))}
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.islink(path) and name not in wanted:
+            os.remove(path)
+    for name, source in wanted.items():
+        link = os.path.join(folder, name)
+        target = os.path.join(*[os.pardir] * depth, os.path.relpath(source, ROOT))
+        if os.path.islink(link) and os.readlink(link) == target:
+            continue
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(target, link)
+
+
+def _write_if_changed(path, text):
+    """Write text to path unless it holds it already (an unchanged file is not read again)."""
+    if os.path.exists(path) and open(path, encoding="utf-8").read() == text:
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _api_pages():
+    """docs/api/minilora.MODULE.rst for every module of the package."""
+    import minilora
+
+    folder = os.path.join(DOCS, "api")
+    names = sorted(m.name[len("minilora."):] for m in pkgutil.walk_packages(minilora.__path__, "minilora."))
+    for old in glob.glob(os.path.join(folder, "minilora.*.rst")):
+        if os.path.basename(old)[len("minilora."):-len(".rst")] not in names:
+            os.remove(old)
+    for name in names:
+        title = f"``minilora.{name}``"
+        _write_if_changed(os.path.join(folder, f"minilora.{name}.rst"),
+                          f"{title}\n{'=' * len(title)}\n\n.. automodule:: minilora.{name}\n   :members:\n")
+
+
+def _vendor_mathjax(build):
+    """The folder whose mathjax/ holds MathJax 3's es5 build, installed from the npm registry on first use."""
+    base = os.path.join(build, "mathjax", MATHJAX_VERSION)
+    static = os.path.join(base, "static")
+    if os.path.exists(os.path.join(static, "mathjax", "tex-chtml.js")):
+        return static
+    if shutil.which("npm") is None:
+        raise RuntimeError("the site serves MathJax itself and installs it with npm: install Node.js and npm "
+                           "(Debian: apt-get install -y npm), then build again")
+    os.makedirs(base, exist_ok=True)
+    subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", base,
+                    f"mathjax@{MATHJAX_VERSION}"], check=True)
+    es5 = os.path.join(base, "node_modules", "mathjax", "es5")
+    shutil.rmtree(static, ignore_errors=True)
+    shutil.copytree(es5, os.path.join(static, "mathjax"))
+    return static
+
+
+def _package_fingerprint():
+    """A hash of the package's source. The execution cache is keyed on the notebooks' code cells only, so a
+    change to the library would otherwise keep outputs that the new code no longer gives."""
+    import hashlib
+
+    import minilora
+
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(minilora.__file__), "*.py"))):
+        digest.update(open(path, "rb").read())
+    return digest.hexdigest()[:12]
+
+
+def _config_inited(app, config):
+    mode = site_mode()
+    fingerprint = _package_fingerprint()
+    config.site_mode = f"{mode}-{fingerprint}"  # a config value that re-reads every page when it changes
+    # the kernels that execute the tutorials inherit this environment; MINILORA_SITE_WORK moves the runs, the
+    # execution cache and MathJax's install out of build/ (benchmarks/site_time.py times a build from nothing)
+    build = os.environ.get("MINILORA_SITE_WORK", os.path.join(ROOT, "build"))
+    env = {"MINILORA_RUNS": os.path.join(build, "site-runs", mode),
+           "MINILORA_FIGURES": os.path.join(ROOT, "figures", "fast") if mode == "smoke"
+           else os.path.join(build, "site-figures"),
+           "MINILORA_STUDIES": STUDIES, "MPLBACKEND": "Agg"}
+    os.environ.update(env)
+    config.nb_execution_cache_path = os.path.join(build, "jupyter_cache", f"{mode}-{fingerprint}")
+    if mode == "smoke":
+        config.html_theme_options = {**config.html_theme_options, "announcement": SMOKE_BANNER}
+    config.html_static_path = [*config.html_static_path, _vendor_mathjax(build)]
+    config.mathjax_path = "mathjax/tex-chtml.js"
+    _sync_links(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py"), os.path.join(DOCS, "tutorials"), 2)
+    _sync_links(os.path.join(ROOT, "tutorials", "solutions", "[0-9][0-9]_*_solutions.py"),
+                os.path.join(DOCS, "tutorials", "solutions"), 3)
+    _api_pages()
+
+
+def committed_studies():
+    """The names of the studies with a committed results.jsonl."""
+    return sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(STUDIES, "*", "results.jsonl")))
+
+
+class StudyDirective(SphinxDirective):
+    """```{study} NAME```: the study's report (tables, figure) from its committed results, and how to redo it."""
+
+    required_arguments = 1
+
+    def run(self):
+        from minilora.plot import save_figure
+        from minilora.report import report
+
+        name = self.arguments[0]
+        results = os.path.join(STUDIES, name, "results.jsonl")
+        if not os.path.exists(results):
+            raise self.error(f"study: expected a committed {os.path.relpath(results, ROOT)}, found none")
+        for path in glob.glob(os.path.join(STUDIES, "*", "results.jsonl")):  # rank reads forgetting's too
+            self.env.note_dependency(path)
+        text, figures = report(os.path.join(STUDIES, name))
+        heading, _, body = text.partition("\n\n")
+        # a norm's bars (||dW||) inside a table cell would end the cell: escape them, as GFM tables allow
+        body = "\n".join(line.replace("||", r"\|\|") if line.startswith("| ") else line for line in body.splitlines())
+        lines = [f"**From `benchmarks/studies/{name}/results.jsonl`** ({heading.lstrip('# ')}), by "
+                 f"`minilora report`:", "", body, ""]
+        folder = os.path.join(self.env.srcdir, "_generated", "studies")
+        os.makedirs(folder, exist_ok=True)
+        for figure_name, figure in figures.items():
+            save_figure(figure, os.path.join(folder, figure_name))
+            lines += [f"![{name}: the report's figure](/_generated/studies/{figure_name})", ""]
+        here = os.path.dirname(self.env.doc2path(self.env.docname))
+        lines += ["Regenerate the records, then these tables and the figure (into `figures/`):", "",
+                  "```bash", f"minilora sweep {name} --out benchmarks/studies/{name} --workers 2",
+                  f"minilora report benchmarks/studies/{name} --figures figures", "```", "",
+                  f"The records, one JSON line per cell: {{download}}`results.jsonl <{os.path.relpath(results, here)}>`."]
+        return self.parse_text_to_nodes("\n".join(lines))
+
+
+class CodeLinks(SphinxPostTransform):
+    """Inline literals that name minilora code, a tutorial or a study's results become links to their pages."""
+
+    default_priority = 900
+    builders = ("html", "dirhtml")
+
+    MODULE_FILE = re.compile(r"^(?:minilora/)?(\w+)\.py$")
+    TUTORIAL_FILE = re.compile(r"^tutorials/((?:solutions/)?\d\d_\w+)\.py$")
+    RESULTS_FILE = re.compile(r"^benchmarks/studies/(\w+)/results\.jsonl$")
+    DOTTED = re.compile(r"^((?:minilora\.)?[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\(.*\))?$")
+
+    def run(self, **kwargs):
+        import minilora
+
+        modules = {m.name for m in pkgutil.iter_modules(minilora.__path__)}  # files named in the prose: top level
+        objects = self.env.get_domain("py").objects
+        for literal in list(self.document.findall(nodes.literal)):
+            if isinstance(literal.parent, (nodes.reference, nodes.literal_block, nodes.title)):
+                continue
+            target = self._target(literal.astext().strip(), modules, objects)
+            if target:
+                uri, anchor = target
+                refuri = self.app.builder.get_relative_uri(self.env.docname, uri) + (f"#{anchor}" if anchor else "")
+                literal.replace_self(nodes.reference("", "", literal.deepcopy(), refuri=refuri, internal=True))
+
+    def _target(self, text, modules, objects):
+        m = self.MODULE_FILE.match(text)
+        if m and m.group(1) in modules and (text.startswith("minilora/") or "/" not in text):
+            return f"_modules/minilora/{m.group(1)}", None
+        m = self.TUTORIAL_FILE.match(text)
+        if m and f"tutorials/{m.group(1)}" in self.env.all_docs:
+            return f"tutorials/{m.group(1)}", None
+        m = self.RESULTS_FILE.match(text)
+        if m and f"studies/{m.group(1)}" in self.env.all_docs:
+            return f"studies/{m.group(1)}", None
+        m = self.DOTTED.match(text)
+        if m and "." in m.group(1):
+            dotted = m.group(1)
+            for full in ([dotted] if dotted.startswith("minilora.") else [f"minilora.{dotted}", f"minilora.methods.{dotted}"]):
+                if full in objects:
+                    return objects[full].docname, objects[full].node_id
+        return None
+
+
+INLINE_LITERAL = re.compile(r"(``.+?``|`[^`]+`)")
+
+
+def _plain_text_docstrings(app, what, name, obj, options, lines):
+    """The docstrings are plain text in the CS231n shape; make them valid reST without changing what they say.
+
+    A '- x: ...' list right under 'Inputs:' gets the blank line reST wants; outside inline literals, '|'
+    (as in |a - n|) and a word's trailing '_' are escaped, so they stay text instead of substitutions or links.
+    """
+    out = []
+    for line in lines:
+        parts = INLINE_LITERAL.split(line)
+        for i in range(0, len(parts), 2):
+            parts[i] = re.sub(r"(\w)_(?=\W|$)", r"\1\\_", parts[i].replace("|", "\\|"))
+        line = "".join(parts)
+        if line.lstrip().startswith("- ") and out and out[-1].strip() and not out[-1].lstrip().startswith("- ") \
+                and len(out[-1]) - len(out[-1].lstrip()) >= len(line) - len(line.lstrip()):
+            out.append("")
+        out.append(line)
+    lines[:] = out
+
+
+def _check_every_study_has_a_page(app, env):
+    missing = [s for s in committed_studies() if f"studies/{s}" not in env.all_docs]
+    if missing:
+        raise RuntimeError(f"docs/studies: every committed study needs a page; missing {missing}")
+
+
+def setup(app):
+    app.add_config_value("site_mode", "full", "env")
+    app.connect("config-inited", _config_inited)
+    app.connect("autodoc-process-docstring", _plain_text_docstrings)
+    app.connect("env-updated", lambda app, env: _check_every_study_has_a_page(app, env))
+    app.add_directive("study", StudyDirective)
+    app.add_post_transform(CodeLinks)
+    return {"parallel_read_safe": False, "parallel_write_safe": True}

@@ -1,0 +1,94 @@
+"""The site's pages (docs/) say what the code and the benchmarks say: the checks that moved with the text
+from README.md when it became a front page (issue 22).
+
+The study pages' tables and figures are not written by hand: the `{study}` directive makes them from the
+committed results.jsonl at build time (tests/test_site.py checks the built pages). What is written by hand,
+the prose around them, must quote the report's numbers as the report prints them.
+"""
+
+import glob
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+RESULTS = json.load(open(os.path.join(ROOT, "benchmarks", "results.json")))
+
+
+def page(name):
+    return open(os.path.join(DOCS, name), encoding="utf-8").read()
+
+
+def committed_studies():
+    return sorted(os.path.basename(os.path.dirname(p))
+                  for p in glob.glob(os.path.join(ROOT, "benchmarks", "studies", "*", "results.jsonl")))
+
+
+def test_the_pages_speak_to_a_reader_not_to_the_project():
+    """README's rule (tests/test_readme.py), on the pages its text moved to."""
+    for path in glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True):
+        text = open(path, encoding="utf-8").read().lower()
+        for words in ("the seed", "seed section", "seed's", "earlier round", "this round", "was not lent", "demo_run",
+                      "demo_times"):
+            assert words not in text, (os.path.relpath(path, ROOT), words)
+
+
+def test_the_demo_page_quotes_the_benchmark_results():
+    demo = page("demo.md")
+    pre = RESULTS["pretrain"]
+    for number in (f"{pre['val_loss']:.4f}", f"{pre['floor']:.4f}", f"{pre['bigram_loss']:.4f}",
+                   f"{pre['wall_s']:.0f} s", f"{RESULTS['pretrain_gap_percent']:.2f}%",
+                   f"{RESULTS['demo_wall_s']:.0f} s", f"{100 * RESULTS['grammatical_fraction']:.0f}% of 200"):
+        assert number in demo, number
+    for row in RESULTS["rows"]:
+        line = next(l for l in demo.splitlines() if l.startswith(f"| {row['task']} | {row['method'].replace('lora', 'LoRA')}"))
+        for number in (f"{row['trainable_params']:,}", f"{row['metric']:.3f}", f"{row['val_loss_after']:.4f}"):
+            assert number in line, (row["task"], row["method"], number)
+    assert f"{100 * RESULTS['lora_over_full_metric']:.1f}%" in demo
+    assert f"{100 * RESULTS['lora_trainable_fraction']:.2f}%" in demo
+
+
+def test_every_figure_a_page_shows_is_committed():
+    shown = 0
+    for path in glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True):
+        for figure in re.findall(r"\]\(((?:\.\./)+figures/[^)]+\.png)\)", open(path, encoding="utf-8").read()):
+            with open(os.path.normpath(os.path.join(os.path.dirname(path), figure)), "rb") as f:
+                assert f.read(4) == b"\x89PNG", (path, figure)
+            shown += 1
+    assert shown >= 4
+
+
+def test_every_committed_study_has_a_page_made_from_its_results_whose_prose_quotes_the_report():
+    from minilora.report import report
+
+    studies = committed_studies()
+    assert studies, "no committed study results"
+    for study in studies:
+        text = page(os.path.join("studies", f"{study}.md"))
+        assert f"```{{study}} {study}\n```" in text, f"docs/studies/{study}.md does not make its tables with {{study}}"
+        prose = text.split("```{study}")[0]
+        assert not re.search(r"^\|.*\|\s*$", prose, re.M), f"docs/studies/{study}.md: a hand-written table; the report makes them"
+        printed, figures = report(os.path.join(ROOT, "benchmarks", "studies", study))
+        quoted = re.findall(r"\d+\.\d+ ± \d+\.\d+", prose)
+        for number in quoted:
+            assert number in printed, f"docs/studies/{study}.md quotes {number}, which the report does not print"
+        for name in figures:  # the regenerate command writes figures/NAME; the committed one is there
+            with open(os.path.join(ROOT, "figures", name), "rb") as f:
+                assert f.read(4) == b"\x89PNG", name
+    index = page(os.path.join("studies", "index.md"))
+    assert all(f"\n{s}\n" in index for s in studies), "docs/studies/index.md lists every study"
+
+
+def test_the_tutorials_page_lists_every_tutorial_with_its_measured_full_mode_time():
+    times = json.load(open(os.path.join(ROOT, "benchmarks", "tutorial_times.json")))
+    tutorials = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py")))
+    assert sorted(times["seconds"]) == tutorials, "benchmarks/tutorial_times.py ran every tutorial"
+    section = page(os.path.join("tutorials", "index.md"))
+    for name in tutorials:
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{name}` |"))
+        exercises = len(re.findall(r"^# ### Exercise ", open(os.path.join(ROOT, "tutorials", name)).read(), re.M))
+        assert f"| {exercises} |" in row, (name, exercises)
+        assert row.endswith(f"| {times['seconds'][name]:.0f} s |"), (name, times["seconds"][name])
+        assert times["seconds"][name] < 180, f"{name}: over 3 minutes in full mode"
+    assert f"{times['threads']} BLAS thread" in section and times["date"] in section

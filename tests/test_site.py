@@ -1,0 +1,147 @@
+"""The site (issue 22): the smoke build, served on 127.0.0.1 and opened page by page in headless Chromium.
+
+The checks themselves are docs/_ext/site_browser.py's (console errors, images, internal links, typeset
+maths, the code cells' outputs); here they must find nothing on any page, and they must find each planted
+fault on a broken page. Building the site takes minutes, so these tests are marked `site` and left out of
+the default run; `.ci/run` runs them with `python -m pytest -m site tests/test_site.py`. Where Sphinx,
+Playwright or Chromium is missing they skip, except in CI (CI=true), where they fail.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "build", "site-smoke")  # the smoke build's documented folder (its cache is beside it)
+sys.path.insert(0, os.path.join(ROOT, "docs", "_ext"))
+
+pytestmark = pytest.mark.site
+
+
+def _require(ok, what):
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI runs the browser test, but {what}: .ci/run installs the docs extra and chromium")
+        pytest.skip(what)
+
+
+def _browser():
+    for module in ("sphinx", "myst_nb", "jupytext", "playwright"):
+        try:
+            __import__(module)
+        except ImportError:
+            _require(False, f"{module} is not installed (pip install '.[docs]')")
+    import site_browser
+
+    _require(os.path.exists(site_browser.CHROMIUM), f"no Chromium at {site_browser.CHROMIUM} (apt-get install chromium)")
+    return site_browser
+
+
+@pytest.fixture(scope="module")
+def smoke_site():
+    _browser()
+    env = {**os.environ, "MINILORA_FAST": "1", "MPLBACKEND": "Agg", "PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "docs", SMOKE], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, f"the smoke build failed:\n{done.stderr[-4000:]}"
+    return SMOKE
+
+
+def test_every_page_of_the_smoke_site_passes_in_chromium(smoke_site):
+    site_browser = _browser()
+    shots = os.path.join(ROOT, "build", "site-smoke-screenshots")
+    shutil.rmtree(shots, ignore_errors=True)
+    report = site_browser.check_site(smoke_site, screenshots=shots)
+    assert not report, "\n".join(f"{page}: {p}" for page, problems in report.items() for p in problems)
+    for name in ("site_front.png", "site_tutorial.png"):
+        with open(os.path.join(shots, name), "rb") as f:
+            assert f.read(4) == b"\x89PNG", name
+
+
+def test_the_smoke_site_has_every_page_and_says_it_is_a_smoke_build(smoke_site):
+    from minilora_site import SMOKE_BANNER, committed_studies
+
+    import minilora
+
+    expected = [f"tutorials/{os.path.basename(p)[:-3]}.html" for p in
+                glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py"))]
+    expected += [f"tutorials/solutions/{os.path.basename(p)[:-3]}.html" for p in
+                 glob.glob(os.path.join(ROOT, "tutorials", "solutions", "[0-9][0-9]_*_solutions.py"))]
+    expected += [f"studies/{s}.html" for s in committed_studies()]
+    expected += [f"api/minilora.{os.path.basename(p)[:-3]}.html" for p in
+                 glob.glob(os.path.join(os.path.dirname(minilora.__file__), "[a-z]*.py"))]
+    assert len(expected) >= 7 + 7 + 6 + 15
+    pages = _browser().pages(smoke_site)
+    assert not set(expected) - set(pages), sorted(set(expected) - set(pages))
+    for page in pages:
+        html = open(os.path.join(smoke_site, page), encoding="utf-8").read()
+        assert SMOKE_BANNER in html, f"{page} has no smoke-build banner"
+        assert "<script src=\"http" not in html and "cdn" not in html.lower(), f"{page} loads a script from the network"
+    assert os.path.isfile(os.path.join(smoke_site, "_static", "mathjax", "tex-chtml.js")), "MathJax is served by the site"
+    # the smoke build's figures go to the fast folder (its tutorials ran with MINILORA_FAST=1)
+    assert glob.glob(os.path.join(ROOT, "figures", "fast", "0[1-7]_*.png"))
+
+
+NO_FAVICON = '<link rel="icon" href="data:,">'  # else Chromium asks for /favicon.ico, a 404 on the first page
+def _table_rows(html_text):
+    """Every table row of an HTML page, as a tuple of its cells' text."""
+    import html
+    import re
+
+    rows = []
+    for row in re.findall(r"<tr[^>]*>(.*?)</tr>", html_text, re.S):
+        cells = re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)
+        rows.append(tuple(html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in cells))
+    return rows
+
+
+def test_the_study_pages_show_the_reports_tables_and_link_their_results(smoke_site):
+    from minilora_site import committed_studies
+
+    from minilora.report import report
+
+    for study in committed_studies():
+        html_text = open(os.path.join(smoke_site, "studies", f"{study}.html"), encoding="utf-8").read()
+        shown = set(_table_rows(html_text))
+        text, _ = report(os.path.join(ROOT, "benchmarks", "studies", study))
+        rows = [tuple(c.strip() for c in line.strip()[2:-2].split(" | "))
+                for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+        assert rows, study
+        missing = [row for row in rows if row not in shown]
+        assert not missing, (study, missing[:3])
+        assert "_downloads/" in html_text and "results.jsonl" in html_text, f"{study}: no link to its results file"
+
+
+def test_the_tutorials_link_to_the_code_they_explain(smoke_site):
+    html_text = open(os.path.join(smoke_site, "tutorials", "03_lora_by_hand.html"), encoding="utf-8").read()
+    assert 'href="../api/minilora.finetune.html#minilora.finetune.finetune"' in html_text
+    story = open(os.path.join(smoke_site, "story.html"), encoding="utf-8").read()
+    assert 'href="_modules/minilora/' in story and 'href="tutorials/03_lora_by_hand.html"' in story
+    api = open(os.path.join(smoke_site, "api", "minilora.methods.lora.html"), encoding="utf-8").read()
+    assert "../_modules/minilora/methods/lora.html#lora_linear_forward" in api, "the API entry links to its source"
+
+
+BROKEN_PAGE = f"""<!doctype html><html><head><title>broken</title>{NO_FAVICON}</head><body>
+<p>Raw maths: $W' = W + BA$ never typeset.</p>
+<img src="missing.png">
+<a href="nowhere.html">a dead link</a> <a href="index.html#no-such-anchor">a dead anchor</a>
+<div class="cell"><div class="cell_input"><pre>print("hello")</pre></div></div>
+<script>console.error("planted error")</script>
+</body></html>"""
+
+
+def test_the_checks_find_every_planted_fault(tmp_path):
+    site_browser = _browser()
+    (tmp_path / "index.html").write_text(BROKEN_PAGE)
+    (tmp_path / "good.html").write_text(f"<!doctype html><html><head>{NO_FAVICON}</head><body><p>fine, $5 only once</p>"
+                                        "<a href='index.html'>home</a></body></html>")
+    report = site_browser.check_site(str(tmp_path))
+    problems = "\n".join(report["index.html"])
+    for expected in ("console error: planted error", "image not loaded", "missing file", "missing anchor",
+                     "raw maths left in the text", "a code cell that prints has no output"):
+        assert expected in problems, (expected, problems)
+    assert "good.html" not in report, report.get("good.html")
