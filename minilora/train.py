@@ -385,9 +385,13 @@ def _train(params, trainable, model_config, batches, config, evaluate, run_dir, 
 
 def _bad_params(params):
     """'name (why)' of the first parameters that are not finite float32 / float64 arrays ('' if none)."""
+    from .methods import is_stored_code
+
     bad = []
     for name in sorted(params):
         a = params[name]
+        if is_stored_code(name) and a.dtype.kind in "iu":
+            continue  # integer codes by design (QLoRA's 4-bit W), never trained
         if a.dtype not in FLOAT_DTYPES:
             bad.append(f"{name} ({a.dtype})")
         elif not bool(array_module(a).isfinite(a).all()):

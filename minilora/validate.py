@@ -98,6 +98,10 @@ def check_arrays(arrays, path, what="parameter"):
     A float16 (or integer) checkpoint is refused rather than trained: float16 overflows at 65504, so its
     first steps end in inf and NaN. A NaN or inf anywhere makes every output NaN, so it is refused too.
     """
+    from .methods import is_stored_code
+
+    codes = {n for n, a in arrays.items() if is_stored_code(n) and a.dtype.kind in "iu"}  # QLoRA's NF4 codes
+    arrays = {n: a for n, a in arrays.items() if n not in codes}
     bad_dtype = sorted(f"{n} ({a.dtype})" for n, a in arrays.items() if a.dtype not in FLOAT_DTYPES)
     if bad_dtype:
         raise FileError(path, f"expected float32 or float64 arrays (minilora computes in float32), got "

@@ -102,6 +102,7 @@ class Method:
     fit: object = None
     study_lrs: tuple = ()
     replaces: object = None  # (config) -> the base names it holds in another form (QLoRA: each block W as NF4)
+    stores_codes: object = None  # (name) -> True for an integer array it stores by design (QLoRA's NF4 codes)
     color: str = "tab:gray"  # its colour in every figure of the report
 
 
@@ -173,6 +174,11 @@ def expected_shapes(config, params):
             shapes.update(m.extra_shapes(config, params))
     shapes.update(head_shapes(config, params))
     return shapes
+
+
+def is_stored_code(name):
+    """True when a method stores this name as integer codes (QLoRA's 4-bit W): not a float parameter."""
+    return any(m.stores_codes is not None and m.stores_codes(name) for m in METHODS.values())
 
 
 def is_base_name(name):

@@ -471,7 +471,8 @@ def _op_checks(rng, xp=np):
 QLORA = register(
     Method("qlora", "QLoRA: LoRA on a frozen NF4 base (every block linear in 4 bits, dequantized per product)",
            3e-3, _setup, check=_check, adapter_config=_adapter_config, extra_shapes=extra_shapes,
-           owns=owns_lora_name, merge=merge, saves_adapter=False, replaces=replaced_names, study_lrs=(1e-3, 3e-3, 1e-2, 3e-2),
+           owns=owns_lora_name, merge=merge, saves_adapter=False, replaces=replaced_names,
+           stores_codes=lambda name: name.endswith((".nf4.codes", ".nf4.absmax_q")), study_lrs=(1e-3, 3e-3, 1e-2, 3e-2),
            gradcheck_setup=_gradcheck_setup, op_checks=_op_checks, color="tab:purple"),
     pair=QLORA_PAIR, config_type=QLoraConfig)
 register(pair=NF4_PAIR)
