@@ -90,5 +90,5 @@ def test_the_tutorials_page_lists_every_tutorial_with_its_measured_full_mode_tim
         exercises = len(re.findall(r"^# ### Exercise ", open(os.path.join(ROOT, "tutorials", name)).read(), re.M))
         assert f"| {exercises} |" in row, (name, exercises)
         assert row.endswith(f"| {times['seconds'][name]:.0f} s |"), (name, times["seconds"][name])
-        assert times["seconds"][name] < 180, f"{name}: over 3 minutes in full mode"
+        assert times["seconds"][name] < 300, f"{name}: over 5 minutes in full mode"
     assert f"{times['threads']} BLAS thread" in section and times["date"] in section
