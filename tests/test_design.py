@@ -40,3 +40,18 @@ def test_only_the_cli_prints():
 def test_nothing_writes_the_environment():
     for path in sorted(PACKAGE.glob("*.py")):
         assert "os.environ[" not in path.read_text(), path.name
+
+
+def test_the_install_takes_every_subpackage():
+    """A non-editable install (the README's) must carry minilora.methods too: setuptools finds every package."""
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["packages"]["find"]["include"] == ["minilora*"]
+    from setuptools import find_packages
+
+    found = set(find_packages(str(root), include=["minilora*"]))
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "minilora").rglob("__init__.py")}
+    assert on_disk <= found and "minilora.methods" in found
