@@ -100,10 +100,17 @@ def test_a_sweep_stopped_at_a_random_moment_keeps_every_finished_cell_and_resume
         results = os.path.join(out, "results.jsonl")
         proc = subprocess.Popen([sys.executable, RUNNER, out, str(N_CELLS)], env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
-        workers, deadline = set(), time.monotonic() + rng.uniform(1.5, 5.0)
+        # a random moment while the grid runs, whatever the machine's speed: once `target` cells (0 to N-2) are
+        # in results.jsonl and the workers are up, after a random jitter
+        target, jitter = int(rng.integers(0, N_CELLS - 1)), rng.uniform(0.0, 0.3)
+        workers, deadline, fire_at = set(), time.monotonic() + 60, None
         while time.monotonic() < deadline and proc.poll() is None:
             workers |= _children(proc.pid)
-            time.sleep(0.02)
+            if fire_at is None and workers and max(len(_lines(results)) - 1, 0) >= target:
+                fire_at = time.monotonic() + jitter
+            if fire_at is not None and time.monotonic() >= fire_at:
+                break
+            time.sleep(0.01)
         if proc.poll() is None:
             if group:
                 os.killpg(proc.pid, sig)  # Ctrl-C: the terminal signals the whole process group
