@@ -187,7 +187,7 @@ def read_jsonl(path, what="a JSON-lines file"):
 
 
 def from_dict(cls, d, what):
-    """cls(**d) for a config dataclass read from a file: d must be a JSON object of cls's fields only.
+    """``cls(**d)`` for a config dataclass read from a file: d must be a JSON object of cls's fields only.
 
     Raises ValueError '<what>: ...' naming the unknown or missing key, or the field cls's checks refuse.
     """
