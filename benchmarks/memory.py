@@ -1,6 +1,7 @@
-"""Memory of one training step per strategy (full, LoRA, QLoRA, prompt) at the default config.
+"""Memory of one training step per strategy (full, LoRA, QLoRA, prompt, IA3) at the default config.
 
-    python benchmarks/memory.py [--out benchmarks/memory.json]
+    python benchmarks/memory.py [--out benchmarks/memory.json] [--strategies full,lora,qlora,prompt,ia3]
+                                 [--config default]   (--config tiny: only to check that it runs)
 
 For each strategy it reports, in bytes:
 - weights: every parameter the model holds (adapters and prompt included); for QLoRA the bytes
@@ -25,7 +26,9 @@ import numpy as np
 
 from minilora import model, ops, optim
 
-from speed import BATCH, build, loss_and_grads, make_batch, update
+from speed import BATCH, build, loss_and_grads, make_batch, model_config, update
+
+STRATEGIES = ("full", "lora", "qlora", "prompt", "ia3")
 
 
 def forward_cache(params, config, batch, trainable):
@@ -90,9 +93,11 @@ def report(strategy, config):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/memory.json")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--config", default="default", choices=["default", "bench", "tiny"])
     args = ap.parse_args()
-    config = model.ModelConfig()
-    rows = {s: report(s, config) for s in ("full", "lora", "qlora", "prompt")}
+    config = model_config(args.config)
+    rows = {s: report(s, config) for s in args.strategies.split(",")}
     print(f"{'strategy':8s} " + " ".join(f"{k:>14s}" for k in next(iter(rows.values())) if k != "trainable_params"))
     for s, r in rows.items():
         print(f"{s:8s} " + " ".join(f"{v / 2**20:11.2f} MiB" for k, v in r.items() if k != "trainable_params"))

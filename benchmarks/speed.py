@@ -4,8 +4,9 @@
                                [--no-concurrency] [--out benchmarks/speed.json] [--figure figures/speed.png]
 
 Run by hand, not by the tests. For each config (default: d 128, 2 layers, 4 heads,
-T 128, batch 16; bench: d 256, 4 layers, 4 heads, T 256, batch 16, d_ff 1024) and
-each strategy (full; LoRA r=8 on q,k,v,o; prompt tuning with 16 vectors) it times
+T 128, batch 16; bench: d 256, 4 layers, 4 heads, T 256, batch 16, d_ff 1024; tiny:
+d 32, 1 layer, T 32, only to check that a strategy runs) and each strategy (full;
+LoRA r=8 on q,k,v,o; prompt tuning with 16 vectors; IA3's l_k, l_v, l_ff) it times
 one step = loss + backward + gradient clipping (norm 1.0) + AdamW, the median of
 `--repeats` steps after two warm-up steps. When PyTorch is importable the same
 architecture (pre-LN blocks, tied LM head, no key bias, tanh GELU, AdamW, clipping)
@@ -21,11 +22,11 @@ FLOP counting (multiply-add = 2 FLOPs; elementwise work is not counted):
   below the diagonal: 5/8 of the square at T = 256, 3/4 at T = 128);
   tokens and T include the 16 prompt positions for prompt tuning, except at the head;
 - backward, full fine-tuning: 2x the forward (dx and dW for every product);
-- backward, LoRA and prompt tuning: 1x the forward of the linears and the head (dx
-  only: a frozen W gets no dW), 2x the forward of attention (dq, dk, dv all
-  needed), plus the adapters' own products (forward 2 r (in + out) per token
-  and adapter, backward twice that). Under LoRA, block 0's dx products of q, k
-  and v are also skipped (nothing below them is trained); the count keeps them.
+- backward, LoRA, IA3 and prompt tuning: 1x the forward of the linears and the head (dx
+  only: a frozen W gets no dW; IA3's scalings are elementwise, not counted), 2x the
+  forward of attention (dq, dk, dv all needed), plus LoRA's own products (forward
+  2 r (in + out) per token and adapter, backward twice that). Under LoRA and IA3, block 0's dx products of q,
+  k and v are also skipped (nothing below them is trained); the count keeps them.
 The achieved GFLOP/s is that count over the measured step time, against the
 float32 GEMM peak measured here with a 2048^3 `a @ b` on the same threads.
 
@@ -51,7 +52,7 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from minilora import model, optim
-from minilora.methods import lora, prompt, qlora
+from minilora.methods import ia3, lora, prompt, qlora
 
 # ---- every call into the package sits in these three functions (easy to port) ----
 
@@ -73,8 +74,12 @@ def build(config, strategy, seed=0):
     elif strategy == "prompt":
         params = prompt.add_prompt(params, N_PROMPT, seed=seed)
         trainable = ["prompt"]
+    elif strategy == "ia3":
+        # the vectors l_k, l_v (C,) and l_ff (F,) of every block, at ones
+        params, config = ia3.add_ia3(params, config)
+        trainable = sorted(n for n in params if n.endswith(".ia3_l"))
     else:
-        raise ValueError(f"strategy: expected full, lora, qlora or prompt, got {strategy!r}")
+        raise ValueError(f"strategy: expected full, lora, qlora, prompt or ia3, got {strategy!r}")
     return params, trainable, config
 
 
@@ -92,6 +97,8 @@ def update(params, grads, state, lr=3e-4):
 def model_config(name):
     if name == "default":
         return model.ModelConfig()
+    if name == "tiny":  # for checking that a strategy runs, never for timing
+        return model.ModelConfig(d_model=32, n_layers=1, n_heads=2, context_length=32, d_ff=64)
     return model.ModelConfig(d_model=256, n_layers=4, n_heads=4, context_length=256, d_ff=1024)
 
 
@@ -103,7 +110,7 @@ def adamw_init(params, trainable):
 
 BATCH = 16
 N_PROMPT = 16
-STRATEGIES = ("full", "lora", "prompt")
+STRATEGIES = ("full", "lora", "prompt", "ia3")
 
 
 def make_batch(config, seed=0):
@@ -170,31 +177,39 @@ def torch_stepper(config, strategy, threads, batch=None):
                          config.d_ff, config.context_length)
 
     class Linear(torch.nn.Module):
-        """y = x W^T + b, optionally plus a LoRA update s (x A^T) B^T with W frozen."""
+        """y = x W^T + b, optionally plus a LoRA update s (x A^T) B^T, or with IA3's vector l scaling its
+        output ("out": l * y) or its input ("in": (l * x) W^T + b), W frozen."""
 
-        def __init__(self, d_in, d_out, bias=True, rank=0):
+        def __init__(self, d_in, d_out, bias=True, rank=0, ia3=None):
             super().__init__()
             self.lin = torch.nn.Linear(d_in, d_out, bias=bias)
-            self.rank = rank
+            self.rank, self.ia3 = rank, ia3
             if rank:
                 self.A = torch.nn.Parameter(torch.empty(rank, d_in).uniform_(-d_in**-0.5, d_in**-0.5))
                 self.B = torch.nn.Parameter(torch.zeros(d_out, rank))
+            if ia3:
+                self.l = torch.nn.Parameter(torch.ones(d_out if ia3 == "out" else d_in))
 
         def forward(self, x):
+            if self.ia3 == "in":
+                x = x * self.l
             y = self.lin(x)
             if self.rank:
                 y = y + (x @ self.A.T) @ self.B.T * 2.0
+            if self.ia3 == "out":
+                y = y * self.l
             return y
 
     rank = 8 if strategy == "lora" else 0
+    out, inp = ("out", "in") if strategy == "ia3" else (None, None)
 
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.ln_1, self.ln_2 = torch.nn.LayerNorm(C), torch.nn.LayerNorm(C)
-            self.q, self.k = Linear(C, C, rank=rank), Linear(C, C, bias=False, rank=rank)
-            self.v, self.o = Linear(C, C, rank=rank), Linear(C, C, rank=rank)
-            self.fc, self.proj = Linear(C, F), Linear(F, C)
+            self.q, self.k = Linear(C, C, rank=rank), Linear(C, C, bias=False, rank=rank, ia3=out)
+            self.v, self.o = Linear(C, C, rank=rank, ia3=out), Linear(C, C, rank=rank)
+            self.fc, self.proj = Linear(C, F), Linear(F, C, ia3=inp)
 
         def forward(self, x):
             B_, T_, _ = x.shape
@@ -229,6 +244,8 @@ def torch_stepper(config, strategy, threads, batch=None):
             p.requires_grad_(name.endswith((".A", ".B")))
         elif strategy == "prompt":
             p.requires_grad_(name == "prompt")
+        elif strategy == "ia3":
+            p.requires_grad_(name.endswith(".l"))
     trainable = [p for p in net.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]

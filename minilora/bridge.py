@@ -2,7 +2,7 @@
 
     minilora import-hf DIR --out RUN     config.json + model.safetensors (+ tokenizer.json) -> RUN/checkpoint.npz
     minilora export RUN --out DIR        -> DIR/config.json, model.safetensors, tokenizer files
-                                            (+ DIR/adapter/ for a LoRA run: a PEFT adapter folder)
+                                            (+ DIR/adapter/ for a LoRA or IA3 run: a PEFT folder)
 
 The weights' mapping is hf.py's, the adapters' peft_io.py's; this module adds
 the tokenizer and the checks that span them: the tokenizer's vocabulary must
@@ -21,7 +21,7 @@ import os
 
 from . import hf, peft_io
 from .corpus import NEWLINE_ID, VOCAB
-from .methods.lora import lora_names
+from .methods.lora import adapter_names, lora_names
 from .tokenizer import CHAR_DESCRIPTION, TOKENIZER_FILE, check_vocab_size, make_tokenizer
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -99,6 +99,9 @@ def check_exportable(params, config):
     if "cls.W" in params:
         raise ValueError("run: a classification run has no exact export: transformers' GPT2ForSequenceClassification "
                          "head has no bias and reads the last non-padding token, minilora's cls.W, cls.b has a bias")
+    if config.lora is not None and config.lora.method not in peft_io.EXPORTED:
+        raise ValueError(f"run: a {config.lora.label} run has no PEFT export here (minilora writes LoRA and IA3 "
+                         "adapters only); merge it (minilora merge) and export the merged model")
 
 
 def export_model(out, params, config, tokenizer, overwrite=False):
@@ -119,7 +122,7 @@ def export_model(out, params, config, tokenizer, overwrite=False):
     check_vocab_size(tokenizer, config.vocab_size, what="tokenizer")
     text = tokenizer_json(tokenizer)
     eos = NEWLINE_ID if tokenizer.describe() == CHAR_DESCRIPTION else 0
-    adapters = set(lora_names(params))
+    adapters = set(lora_names(params)) | (set(adapter_names(config)) if config.lora is not None else set())
     base = {k: v for k, v in params.items() if k not in adapters}
     base_config = config if config.lora is None else type(config).from_dict({**config.to_dict(), "lora": None})
     final = os.path.abspath(out)

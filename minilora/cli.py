@@ -37,7 +37,7 @@ import numpy as np
 
 from . import methods
 from .backend import DEFAULT_THREADS
-from .methods.lora import LoraConfig
+from .methods.lora import LoraConfig, settings_class
 from .model import ModelConfig
 from .train import TrainConfig
 
@@ -320,7 +320,7 @@ def _finetune_config(args, saved_train=None):
     d = _finetune_defaults(args.method)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     # the adapter settings' class is the method's own (DoraConfig for dora); a variant's flags are its fields
-    settings = methods.ADAPTER_CONFIGS.get(args.method, LoraConfig)
+    settings = settings_class(args.method)
     for cls in methods.ADAPTER_CONFIGS.values():
         for flag in getattr(cls, "FLAGS", {}):
             if getattr(args, flag) and cls is not settings:
@@ -470,17 +470,19 @@ def _cmd_merge(args):
 
     params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
     if config.lora is None:
-        raise ValueError(f"run: expected a LoRA model (a LoRA or DoRA run, or a base checkpoint with "
-                         f"--adapter), got {args.run} without adapters")
+        raise ValueError(f"run: expected a model with adapters (a LoRA, DoRA or IA3 run, or a base checkpoint "
+                         f"with --adapter), got {args.run} without adapters")
     _check_new_file(args.out, args.overwrite)
-    n_adapters, scale = len(adapted_layers(config, config.lora)), config.lora.scale
+    n_adapters = len(adapted_layers(config, config.lora))
+    # LoRA and its variants scale B A by s; IA3 has no scale
+    how = f"scale {config.lora.scale:g}" if isinstance(config.lora, LoraConfig) else config.lora.label
     merged, merged_config = methods.method(config.lora.method).merge(params, config)
     extra = sorted(n for n in merged if n.startswith("cls."))
     tokenizer.save(os.path.dirname(args.out) or ".")  # a BPE model's tokenizer.json goes beside it
     save_checkpoint(args.out, merged, {**{k: v for k, v in meta.items() if k not in ("rng", "base_fingerprint")},
                                        "model": merged_config.to_dict(), "tokenizer": tokenizer.describe(),
                                        "kind": "merged", "merged_from": str(args.run)})
-    print(f"merged {n_adapters} adapters into W (scale {scale:g}); wrote {args.out}"
+    print(f"merged {n_adapters} adapters into W ({how}); wrote {args.out}"
           + (f" (with head {extra})" if extra else ""))
     return 0
 

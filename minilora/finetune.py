@@ -7,6 +7,7 @@ A strategy is only (a) which extra parameters exist and (b) which names are trai
     lora     <linear>.lora_A, <linear>.lora_B     the adapters
     dora     the same, and <linear>.lora_magnitude_vector (out,)   the adapters and magnitudes
     prompt   prompt (P, C)                        the soft prompt
+    ia3      <linear>.ia3_l beside k, v (C,), proj (F,)   the vectors
     (a classification task adds cls.W, cls.b, trainable under every method)
 
 Each method says this itself (methods.METHODS): this module asks it, and names none.

@@ -15,6 +15,7 @@ Parameters are one flat dict, name -> array, with GPT-2's names:
 Fine-tuning methods (minilora/methods/) only add names beside these, e.g.
 
     <linear>.lora_A (r, in), <linear>.lora_B (out, r)   LoRA adapter of a linear
+    <linear>.ia3_l (out,) or (in,)     IA3 vector scaling the output of k, v or the input of proj
     prompt               (P, C)        soft prompt vectors
     cls.W (K, C), cls.b (K,)           classification head on the last token (add_head)
 
@@ -47,8 +48,9 @@ class ModelConfig:
     n_layers: int = 2  # transformer blocks
     d_ff: int = 512  # F, the MLP's hidden width (4 C as in GPT-2)
     dropout: float = 0.0  # on embeddings and residual branches, training only
-    # the adapters' settings when params hold adapters: a LoraConfig, or a variant's subclass (DoraConfig);
-    # its `method` names the pair that computes every linear it targets (lora.add_lora sets it)
+    # the adapters' settings when params hold adapters: a LoraConfig, a variant's subclass (DoraConfig), or
+    # another method's adapter config (ia3.Ia3Config); its `method` names the pair that computes every linear
+    # it targets (lora.add_lora, ia3.add_ia3 set it)
     lora: LoraConfig = None
 
     def __post_init__(self):
@@ -63,8 +65,10 @@ class ModelConfig:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if isinstance(self.lora, dict):
             self.lora = methods.adapter_config_from_dict(self.lora)
-        if self.lora is not None and not isinstance(self.lora, LoraConfig):
-            raise ValueError(f"lora: expected a LoraConfig or None, got {type(self.lora).__name__}")
+        kinds = tuple(methods.ADAPTER_CONFIGS.values())  # LoraConfig, its variants', Ia3Config
+        if self.lora is not None and not isinstance(self.lora, kinds):
+            raise ValueError(f"lora: expected an adapter config ({', '.join(k.__name__ for k in kinds)}) or None, "
+                             f"got {type(self.lora).__name__}")
 
     def to_dict(self):
         """A JSON-able dict that from_dict turns back into this config, adapters' settings included."""

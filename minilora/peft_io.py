@@ -38,6 +38,9 @@ adapter: on the way in, adapters of a smaller rank are padded with zero rows of
 A and zero columns of B (the padded directions add nothing, and stay zero in
 training, since each one's gradient is a product with the other's zero), and a
 module whose PEFT scale differs from the common one has the ratio folded into B.
+
+An IA3 model goes out as PEFT's IA3 (ia3_to_peft, export only): one ia3_l per module, c_attn's (3C, 1)
+scaling its output [q; k; v] by [1; l_k; l_v], mlp.c_proj's (1, F) its input by l_ff.
 Needs safetensors (`pip install 'minilora[hf]'`).
 """
 
@@ -53,6 +56,7 @@ from .backend import array_module, to_numpy
 from .hf import FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, read_fingerprint, weights_fingerprint
 from .methods.lora import TARGETS, LoraConfig
 
+EXPORTED = ("lora", "ia3")  # the adapter configs' methods write_peft writes exactly (to_peft, ia3_to_peft)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model.transformer."
@@ -118,6 +122,32 @@ def to_peft(params, config, base_path):
     return adapter_config, tensors
 
 
+def ia3_to_peft(params, config, base_path):
+    """An IA3 model's vectors as PEFT's IA3 (adapter_config dict, tensors dict).
+
+    PEFT scales the output of c_attn, the fused q, k, v (3C,): its ia3_l (3C, 1) is [1; l_k; l_v], ones
+    on q's rows, so q is unchanged; and the input of mlp.c_proj, a feedforward module: ia3_l (1, F) = l_ff.
+    Output scaling multiplies the bias too, as minilora's l * (W x + b) (GPT-2's key bias is written
+    as zeros, and stays zero). Returns the adapter_config.json dict and name -> numpy array.
+    """
+    if config.lora is None or config.lora.method != "ia3":
+        raise ValueError("config: expected an IA3 model (an Ia3Config in config.lora), got "
+                         f"{'no adapters' if config.lora is None else config.lora.method + ' adapters'}")
+    tensors = {}
+    for i in range(config.n_layers):
+        p = f"h.{i}."
+        l_k, l_v = to_numpy(params[p + "attn.k.ia3_l"]), to_numpy(params[p + "attn.v.ia3_l"])
+        l_c = np.concatenate([np.ones_like(l_k), l_k, l_v])  # (3C,): q, k, v's rows of c_attn
+        tensors[f"{PREFIX}h.{i}.attn.c_attn.ia3_l"] = np.ascontiguousarray(l_c[:, None])  # (3C, 1)
+        tensors[f"{PREFIX}h.{i}.mlp.c_proj.ia3_l"] = np.ascontiguousarray(to_numpy(params[p + "mlp.proj.ia3_l"])[None])
+    adapter_config = {
+        "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
+        "target_modules": ["attn.c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"],
+        "fan_in_fan_out": True, "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None,
+    }
+    return adapter_config, tensors
+
+
 def _pair(i, module, A, B):
     name = f"{PREFIX}h.{i}.{module}"
     return {name + ".lora_A.weight": np.ascontiguousarray(A), name + ".lora_B.weight": np.ascontiguousarray(B)}
@@ -130,7 +160,8 @@ def write_peft(folder, params, config, base_path, base_params):
     adapter is loaded again.
     """
     safetensors = _safetensors()
-    adapter_config, tensors = to_peft(params, config, base_path)
+    # IA3 has its own PEFT type; every LoRA-shaped config goes out as LoRA pairs
+    adapter_config, tensors = (ia3_to_peft if config.lora.method == "ia3" else to_peft)(params, config, base_path)
     with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         json.dump(adapter_config, f, indent=2)
     safetensors.numpy.save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS),

@@ -47,7 +47,7 @@ from . import corpus, lock, tasks
 from .evaluation import corpus_val_data, strided_val_loss
 from . import methods
 from .finetune import DEFAULT_LR, FinetuneConfig, score, setup_strategy
-from .methods.lora import TARGETS, LoraConfig
+from .methods.lora import TARGETS, settings_class
 from .model import ModelConfig
 from .pretrain import PretrainConfig, load_or_pretrain
 from .train import Interrupted, TrainConfig, train
@@ -101,7 +101,7 @@ class Cell:
 
     def finetune_config(self):
         # the method's own adapter settings class (DoraConfig for dora), with its variant's fields
-        settings = methods.ADAPTER_CONFIGS.get(self.method, LoraConfig)
+        settings = settings_class(self.method)
         variant = {f: getattr(self, f) for f in getattr(settings, "FLAGS", {})}
         for cls in methods.ADAPTER_CONFIGS.values():
             for f in getattr(cls, "FLAGS", {}):

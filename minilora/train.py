@@ -414,7 +414,8 @@ def divergence_cause(params, trainable, model_config, config, steps_done):
         return ("it is not finite at the first step, on finite weights, before any update: the input or a "
                 "setting overflows (not the learning rate)")
     lora = getattr(model_config, "lora", None)
-    if lora is not None and lora.scale > 100 and any(n.endswith(".lora_B") for n in trainable):
+    # B trained: LoRA-family settings, which have a scale (IA3's have none)
+    if lora is not None and any(n.endswith(".lora_B") for n in trainable) and lora.scale > 100:
         return (f"the LoRA scale alpha / r = {lora.scale:g} multiplies every update of B A; a smaller alpha "
                 f"(or a lower learning rate than {config.lr:g}) usually helps")
     return (f"after {steps_done} updates at learning rate {config.lr:g} the trained weights diverged; a lower "

@@ -73,7 +73,7 @@ def test_finetune_evaluate_and_merge(pretrained, tmp_path, method, capsys):
         assert cli.main(["generate", "--checkpoint", str(tmp_path / "merged.npz"), "--max-new-tokens", "3"]) == 0
     else:
         assert cli.main(["merge", str(run), "--out", str(tmp_path / "merged.npz")]) == 2
-        assert "expected a LoRA model" in capsys.readouterr().err
+        assert "expected a model with adapters" in capsys.readouterr().err
 
 
 def test_plot_writes_png(pretrained, tmp_path):

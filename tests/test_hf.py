@@ -21,7 +21,7 @@ torch, transformers, peft = require("torch"), require("transformers"), require("
 require("safetensors"), require("tokenizers")
 
 from minilora import bridge, cli, corpus, hf, model, optim, peft_io  # noqa: E402
-from minilora.methods import lora  # noqa: E402
+from minilora.methods import dora, ia3, lora  # noqa: E402
 from minilora.methods.lora import LoraConfig  # noqa: E402
 from minilora.model import ModelConfig  # noqa: E402
 from minilora.runs import load_model  # noqa: E402
@@ -506,3 +506,43 @@ def test_a_bpe_tokenizer_crosses_both_ways_and_encodes_as_the_runs(tmp_path, cap
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     for s in (text, corpus.make_text(20, seed=2)):
         assert theirs.encode(s) == tokenizer.encode(s).tolist()
+
+
+# ---- IA3 out to PEFT's IA3
+
+
+def trained_ia3(base, seed=3):
+    """base plus IA3 vectors away from the ones they start at (a trained IA3)."""
+    params, config = ia3.add_ia3(base, CONFIG)
+    rng = np.random.default_rng(seed)
+    return {n: 1.0 + 0.5 * rng.standard_normal(a.shape) if n.endswith(".ia3_l") else a
+            for n, a in params.items()}, config
+
+
+def test_an_ia3_export_is_peft_ia3_with_the_vectors_written_equal_logits_and_merge(tmp_path):
+    base = random_minilora(CONFIG)
+    params, config = trained_ia3(base)
+    out = tmp_path / "export"
+    bridge.export_model(out, params, config, CharTokenizer())
+    ac = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert ac["peft_type"] == "IA3" and ac["feedforward_modules"] == ["mlp.c_proj"]
+    pm = load_peft(out)
+    # PEFT holds what was written: c_attn's output scaled by [1; l_k; l_v] (q unchanged), c_proj's input by l_ff
+    block = pm.base_model.model.transformer.h[1]
+    c_attn = block.attn.c_attn.ia3_l["default"].detach().numpy().ravel()
+    np.testing.assert_array_equal(c_attn, np.concatenate([np.ones(C), params["h.1.attn.k.ia3_l"],
+                                                          params["h.1.attn.v.ia3_l"]]))
+    np.testing.assert_array_equal(block.mlp.c_proj.ia3_l["default"].detach().numpy().ravel(),
+                                  params["h.1.mlp.proj.ia3_l"])
+    assert not hasattr(block.attn.c_proj, "ia3_l")  # attention's output projection is not scaled
+    ids = ids_for()
+    assert rel(torch_logits(pm, ids), our_logits(params, config, ids)) < RTOL64
+    merged, merged_config = ia3.merge(params, config)
+    assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
+
+
+def test_export_refuses_a_dora_run_in_one_line_saying_why(tmp_path):
+    params, config = dora.add_dora(random_minilora(CONFIG), CONFIG, dora.DoraConfig(rank=2))
+    with pytest.raises(ValueError, match=r"a DoRA run has no PEFT export here .* merge it") as e:
+        bridge.export_model(tmp_path / "out", params, config, CharTokenizer())
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@
     qlora.py    QLoRA: LoRA on a frozen base whose block linears are stored in 4 bits (NF4, nf4.py)
     nf4.py      the NF4 data type by hand: levels, blockwise absmax, double quantization, packing
     prompt.py   prompt tuning: P trainable vectors put before the input
+    ia3.py      IA3: learned vectors l_k, l_v, l_ff rescale the keys, the values and the MLP's activation
 
 Why a folder of small modules: every method is the same kind of thing (names, shapes, an op pair, add,
 merge), so each gets one file of the same shape, read on its own, as PEFT keeps tuners/lora/,
@@ -18,7 +19,10 @@ How a method plugs in
 2. If it changes how a linear computes (LoRA, DoRA, a quantized base), give it an adapter config: a
    LoraConfig subclass with a class attribute `method = "NAME"` and `layer_shapes(d_out, d_in)`, the
    names it adds beside each target's W (and `count_formula`, `label`; variant settings as fields,
-   listed in FLAGS for the CLI and the sweep). That config rides in ModelConfig.lora, so the config that
+   listed in FLAGS for the CLI and the sweep). A method with none of LoRA's settings (IA3) gives its own
+   class instead, with the same `method`, `label`, `base_pair`, `targets`, `target_layers`, and
+   `adapter_shapes(model_config)`, `n_weights(params, config)`, `count_lines(params, trainable, config)`
+   for its names and the report (ia3.Ia3Config). That config rides in ModelConfig.lora, so the config that
    came with the parameters says which pair computes each linear. Register the pair and the config:
 
        register(Method(...), pair=LinearPair("NAME", forward, backward, shared_forward, shared_backward, delta),
@@ -224,4 +228,4 @@ def check_trainable(params, trainable, config):
 
 
 # each registers itself (the order is the CLI's order of --method choices)
-from . import full, lora, dora, qlora, prompt  # noqa: E402,F401  (they use the names above)
+from . import full, lora, dora, qlora, prompt, ia3  # noqa: E402,F401  (they use the names above)

@@ -241,6 +241,18 @@ class LoraConfig:
         return from_dict(cls, d, "lora")
 
 
+def settings_class(method_name):
+    """The class whose fields --rank, --alpha, ... (and a variant's FLAGS) fill for a method.
+
+    A LoRA variant's own settings class (DoraConfig, QLoraConfig); LoraConfig for any other method
+    (full and prompt ignore it; IA3's adapter_config refuses a LoRA setting away from its default).
+    """
+    from . import ADAPTER_CONFIGS
+
+    cls = ADAPTER_CONFIGS.get(method_name, LoraConfig)
+    return cls if issubclass(cls, LoraConfig) else LoraConfig
+
+
 def adapted_layers(model_config, lora_config):
     """Prefixes of every linear that gets an adapter, e.g. ['h.0.attn.q', ...]."""
     return [f"h.{i}.{TARGETS[t]}" for i in range(model_config.n_layers) for t in lora_config.targets]
@@ -299,6 +311,8 @@ def adapter_shapes(model_config):
     settings = model_config.lora
     if settings is None:
         return {}
+    if not isinstance(settings, LoraConfig):
+        return settings.adapter_shapes(model_config)  # a method with its own names per layer (IA3: a vector)
     base = param_shapes(model_config)
     shapes = {}
     for prefix in adapted_layers(model_config, settings):
@@ -369,6 +383,8 @@ def count_report(params, trainable, config):
     # a quantized base (QLoRA) holds its weights packed: count weights, not stored array elements
     n_all = settings.n_weights(params, config) if settings is not None else int(sum(p.size for p in params.values()))
     lines = [f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / n_all:.4f}"]
+    if settings is not None and not isinstance(settings, LoraConfig):
+        return "\n".join(lines + settings.count_lines(params, trainable, config))  # its own formula (IA3)
     if settings is not None:
         shapes = param_shapes(config)  # W's shape from the config: a quantized base holds no float W
         adapted = sorted(adapted_layers(config, settings))
