@@ -129,7 +129,7 @@ def test_every_strategy_can_fit_a_small_batch(method):
     # weights 10x GPT-2's init, closer to a trained model's: at std 0.02 attention is near
     # uniform and tiny, and a frozen model barely responds to its prompt or adapters
     base = {n: p * 10.0 if p.ndim == 2 else p for n, p in model.init_params(TINY, 0).items()}
-    lr = {"full": 3e-3, "lora": 1e-2, "dora": 1e-2, "qlora": 1e-2, "prompt": 1e-1}[method]
+    lr = {"full": 3e-3, "lora": 1e-2, "dora": 1e-2, "qlora": 1e-2, "prompt": 1e-1, "ia3": 3e-1}[method]
     config = finetune.FinetuneConfig(method=method, train=TrainConfig(steps=80, batch_size=4, lr=lr, min_lr=lr,
                                                                       warmup_steps=0, weight_decay=0.0))
     params, ft_config, trainable = finetune.setup_strategy(base, TINY, CHAR, config)

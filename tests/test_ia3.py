@@ -244,7 +244,7 @@ def test_cli_refuses_a_setting_ia3_has_not_in_one_line(flags, message, capsys, t
 
 def test_the_sweep_runs_an_ia3_cell_and_the_forgetting_study_includes_it():
     cell = sweep.Cell("t", method="ia3", lr=3e-2, seed=1, steps=2, batch_size=4, n_train=16, n_val=4, n_test=4,
-                      eval_every=2, corpus_sentences=4)
+                      eval_every=2, corpus_sentences=8)
     assert isinstance(cell.finetune_config().lora, Ia3Config)
     mc = ModelConfig(vocab_size=96, context_length=128, d_model=16, n_heads=2, n_layers=2, d_ff=32)
     record, _, _ = sweep.run_cell_on(cell, model.init_params(mc, 5), mc, CharTokenizer())
