@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -166,13 +167,33 @@ def test_every_study_is_a_grid_of_valid_cells(tmp_path):
         studies.cells("nope", str(out))
 
 
+def test_the_kind_study_tunes_each_rate_on_seed_0_then_repeats_the_best(tmp_path):
+    out = tmp_path / "kind"
+    first = studies.cells("kind", str(out))
+    assert {c.seed for c in first} == {0} and {c.task for c in first} == {"kind"}
+    assert all({c.lr for c in first if c.method == m} == set(studies.LRS[m]) for m in studies.LRS)
+    # a method whose four seed-0 cells are done gets seeds 1 and 2 at the rate best on validation
+    out.mkdir()
+    with open(out / "results.jsonl", "w") as f:
+        for c in first:
+            if c.method == "lora":
+                val = 0.9 if c.lr == 1e-2 else 0.5
+                f.write(json.dumps({"key": c.key(), "cell": json.loads(c.key()),
+                                    "evals": [{"val_metric": val, "forgetting": 1.0}]}) + "\n")
+    grown = studies.cells("kind", str(out))
+    added = grown[len(first):]
+    assert grown[:len(first)] == first
+    assert [(c.method, c.lr, c.seed) for c in added] == [("lora", 1e-2, 1), ("lora", 1e-2, 2)]
+
+
 def test_report_draws_and_tabulates_a_finished_study(bases, tmp_path):
     out = tmp_path / "forgetting"
     cells = [sweep.Cell(**{**TINY, "study": "forgetting"}, method=m, lr=lr, seed=s)
              for m, lr in (("full", 1e-3), ("lora", 1e-2)) for s in (0, 1)]
     sweep.run_sweep(cells, str(out), bases_dir=bases)
     text, figs = report.report(str(out), str(tmp_path / "fig"), " [fast]")
-    assert "| full | 0.001 |" in text and "| lora | 0.01 |" in text and "(n=2)" in text
+    assert re.search(r"\| full \| [\d,]+ \| 0\.001 \|", text) and re.search(r"\| lora \| [\d,]+ \| 0\.01 \|", text)
+    assert "(n=2)" in text
     assert (tmp_path / "fig" / "study_forgetting.png").read_bytes()[:4] == b"\x89PNG"
     assert "[fast]" in figs["study_forgetting.png"]._suptitle.get_text()
 
