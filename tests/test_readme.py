@@ -66,6 +66,16 @@ def test_the_gpt2_small_table_is_the_benchmarks_numbers():
         assert row in README and row in hf_page, row
 
 
+def test_the_site_build_times_are_the_benchmarks():
+    """README's full-build times are benchmarks/site_time.json's (a full build, timed from nothing)."""
+    full = json.loads((ROOT / "benchmarks" / "site_time.json").read_text())["full"]
+    assert full["mode"] == "full" and full["threads"] == 1
+    assert f"**{round(full['clean_build_s'] / 60)} min from nothing** on {full['date']}" in README
+    assert f"**{round(full['rebuild_after_prose_edit_s'])} s** for a rebuild" in README
+    for shot in ("site_front.png", "site_tutorial.png"):
+        assert f"(figures/{shot})" in README
+
+
 def test_the_benchmark_met_the_issues_targets():
     assert RESULTS["pretrain"]["val_loss"] <= 1.05 * RESULTS["pretrain"]["floor"]
     assert RESULTS["pretrain"]["wall_s"] <= 180
