@@ -12,7 +12,7 @@ with the one training loop and, every `eval_every` steps (and at step 0):
 
 and at the end the test metric (reported, never used to choose anything) and,
 for full fine-tuning, the singular values of every Delta W. Every record also
-names what made it: `code`, the commit of the package's checkout (with
+names what made it: `code`, the last commit that changed minilora/ (with
 "+dirty" when minilora/ had uncommitted changes; None outside a git checkout),
 and `base_fingerprint`, the hash of the base weights it started from
 (methods.base_fingerprint), so rows of one table can be shown to share both.
@@ -270,21 +270,23 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @lru_cache(maxsize=4)
 def code_version(root=_PACKAGE_ROOT):
-    """The commit the package runs from: git HEAD of the checkout at root (the package's parent folder),
-    "+dirty" if its minilora/ has uncommitted changes; None when root is not the top of a git checkout (a
-    non-editable install) or git is missing."""
+    """The version of the code that ran: the last commit that changed minilora/ in the checkout at root (the
+    package's parent folder; commits to docs or results alone leave it unchanged), with "+dirty" if minilora/
+    has uncommitted changes; None when root is not the top of a git checkout (a non-editable install) or git
+    is missing."""
 
     def git(*args):
         return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
 
     try:
-        head = git("rev-parse", "--show-toplevel", "HEAD")
-        if head.returncode or os.path.realpath(head.stdout.split()[0]) != os.path.realpath(root):
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
             return None
+        last = git("log", "-1", "--format=%H", "--", "minilora").stdout.strip()
         dirty = git("status", "--porcelain", "--", "minilora").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return head.stdout.split()[1] + ("+dirty" if dirty else "")
+    return (last or None) and last + ("+dirty" if dirty else "")
 
 
 def _blas_threads():
