@@ -1,4 +1,4 @@
-"""Memory of one training step per strategy (full, LoRA, QLoRA, prompt) at the default config.
+"""Memory of one training step per strategy (full, LoRA, QLoRA, DoRA, prompt) at the default config.
 
     python benchmarks/memory.py [--out benchmarks/memory.json]
 
@@ -43,9 +43,10 @@ def _root(a):
     return a
 
 
-def cache_bytes(cache, exclude):
-    """Bytes of the distinct array buffers in a nested cache, leaving out those in `exclude` (ids)."""
-    seen, total, stack = set(), 0, [cache]
+def cache_buffers(cache):
+    """The distinct array buffers in a nested cache (tuples, lists, dicts of arrays): each view's base
+    array once, so q, k, v split into heads count as the (B, T, C) arrays they are views of."""
+    seen, stack = {}, [cache]
     while stack:
         item = stack.pop()
         if isinstance(item, (tuple, list)):
@@ -54,10 +55,13 @@ def cache_bytes(cache, exclude):
             stack.extend(item.values())
         elif isinstance(item, np.ndarray):
             root = _root(item)
-            if id(root) not in seen and id(root) not in exclude:
-                seen.add(id(root))
-                total += root.nbytes
-    return total
+            seen.setdefault(id(root), root)
+    return list(seen.values())
+
+
+def cache_bytes(cache, exclude):
+    """Bytes of the distinct array buffers in a nested cache, leaving out those in `exclude` (ids)."""
+    return sum(a.nbytes for a in cache_buffers(cache) if id(a) not in exclude)
 
 
 def report(strategy, config):
@@ -92,7 +96,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/memory.json")
     args = ap.parse_args()
     config = model.ModelConfig()
-    rows = {s: report(s, config) for s in ("full", "lora", "qlora", "prompt")}
+    rows = {s: report(s, config) for s in ("full", "lora", "qlora", "dora", "prompt")}
     print(f"{'strategy':8s} " + " ".join(f"{k:>14s}" for k in next(iter(rows.values())) if k != "trainable_params"))
     for s, r in rows.items():
         print(f"{s:8s} " + " ".join(f"{v / 2**20:11.2f} MiB" for k, v in r.items() if k != "trainable_params"))
