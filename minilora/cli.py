@@ -563,10 +563,18 @@ def _cmd_sweep(args):
               f"test {record['test_metric']:.3f}, forgetting {record['evals'][-1]['forgetting']:+.3f} "
               f"({record['wall_s']:.0f} s)", flush=True)
 
-    with _named("--out"):
-        results = run_sweep(grid, args.out, workers=args.workers, executor=executor, on_result=progress)
-    print(f"{args.study}: {len(results)} cells run, {len(grid) - len(results)} already in "
-          f"{os.path.join(args.out, 'results.jsonl')}")
+    ran = 0
+    while True:  # a grid that grows as its results come in (kind's second stage) runs until it stops growing
+        with _named("--out"):
+            results = run_sweep(grid, args.out, workers=args.workers, executor=executor, on_result=progress)
+        ran += len(results)
+        with _named("--out"):
+            grown = cells(args.study, args.out, args.seeds)
+        if len(grown) == len(grid):
+            break
+        grid = grown
+        print(f"{args.study}: the finished cells chose its next {len(grid)} cells' settings", flush=True)
+    print(f"{args.study}: {ran} cells run, {len(grid) - ran} already in {os.path.join(args.out, 'results.jsonl')}")
     return 0
 
 

@@ -77,11 +77,12 @@ def method_rows(records):
         chosen[m] = lr
         rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["lr"] == lr]
         at = [forgetting_at_skill(r) for r in rs]
-        rows.append((m, f"{lr:g}", mean_spread([final_val(r) for r in rs]), mean_spread([r["test_metric"] for r in rs]),
+        rows.append((m, f"{rs[0]['trainable_params']:,}", f"{lr:g}", mean_spread([final_val(r) for r in rs]),
+                     mean_spread([r["test_metric"] for r in rs]),
                      mean_spread([r["evals"][-1]["forgetting"] for r in rs]),
                      mean_spread(at) + f", reached {sum(a is not None for a in at)}/{len(at)}",
                      mean_spread([_mean_delta(r) for r in rs])))
-    head = ("method", "lr (chosen on val)", "val metric", "test metric", "forgetting at end",
+    head = ("method", "trainable", "lr (chosen on val)", "val metric", "test metric", "forgetting at end",
             f"forgetting at val >= {MATCHED_SKILL}", "mean ||dW||/||W||")
     return _table(head, rows), chosen
 
@@ -116,7 +117,7 @@ def figure_forgetting(records, title_note=""):
             ax.plot([], [], "-o", color=color, label=f"{m} (lr {', '.join(f'{x:g}' for x in lrs)}; darker = larger)")
     ax.axhline(MATCHED_SKILL, color="gray", ls=":", lw=1)
     ax.set_xlabel("forgetting: pretraining-corpus loss - base loss (nats/char)")
-    ax.set_ylabel("validation exact match")
+    ax.set_ylabel("validation accuracy" if records[0]["cell"]["task"] == "kind" else "validation exact match")
     ax.set_title("Every evaluation of every run")
     ax.legend(fontsize=7, loc="lower right")
     _, chosen = method_rows(records)
@@ -135,7 +136,7 @@ def figure_forgetting(records, title_note=""):
     bx.set_ylabel("forgetting (nats/char), mean ± sd over seeds")
     bx.set_title("Each method at its best learning rate (chosen on val)")
     bx.legend(fontsize=8)
-    fig.suptitle("Learning versus forgetting on 'subject'" + title_note)
+    fig.suptitle(f"Learning versus forgetting on '{records[0]['cell']['task']}'" + title_note)
     return fig
 
 
@@ -369,6 +370,77 @@ def hyper_rows(records):
                    "test", "forgetting"), sorted(rows))
 
 
+def budget_size(cell):
+    """What sizes a method in the budget study, as a label: P prompt vectors, P prefix positions, LoRA's rank."""
+    return {"prompt": f"P {cell['n_prompt']}", "prefix": f"P {cell.get('n_prefix')}",
+            "lora": f"r {cell['rank']}"}.get(cell["method"], "")
+
+
+def _budget_points(records):
+    """(method, size, trainable parameters, [test metrics over seeds]) per method and size, by parameters."""
+    groups = _group(records, lambda c: (c["method"], budget_size(c)))
+    points = [(m, size, rs[0]["trainable_params"], [r["test_metric"] for r in rs]) for (m, size), rs in groups.items()]
+    return sorted(points, key=lambda p: (list(methods.METHODS).index(p[0]), p[2]))
+
+
+def budget_rows(records):
+    """Per method and size: the trainable parameters, the learning rate (the forgetting study's) and the scores."""
+    rows = []
+    for m, size, n, tests in _budget_points(records):
+        rs = [r for r in records if r["cell"]["method"] == m and budget_size(r["cell"]) == size]
+        rows.append((m, size or "-", f"{n:,}", f"{rs[0]['cell']['lr']:g}", mean_spread([final_val(r) for r in rs]),
+                     mean_spread(tests), mean_spread([r["evals"][-1]["forgetting"] for r in rs])))
+    return _table(("method", "size", "trainable", "lr (forgetting study's)", "val metric", "test metric",
+                   "forgetting at end"), rows)
+
+
+def figure_budget(records, title_note=""):
+    """Test score against trainable parameters, one curve per method, each point a size (mean ± sd over seeds)."""
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    points = _budget_points(records)
+    for m in methods_in(records):
+        mine = [p for p in points if p[0] == m]
+        x = [p[2] for p in mine]
+        y = [np.mean(p[3]) for p in mine]
+        e = [np.std(p[3], ddof=1) if len(p[3]) > 1 else 0.0 for p in mine]
+        ax.errorbar(x, y, yerr=e, fmt="-o", color=METHOD_COLORS[m], capsize=3, label=m)
+        for xi, yi, (_, size, _, _) in zip(x, y, mine):
+            if size:
+                ax.annotate(size, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test exact match, mean ± sd over seeds")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("What each method learns of 'subject' at a given size" + title_note)
+    return fig
+
+
+def method_summary(studies_dir):
+    """One row per method across the comparison studies, for the front page: its trainable parameters and
+    test metric on `subject` (forgetting study, at its rate chosen on validation), its forgetting at matched
+    skill, and its test accuracy on `kind` (kind study, likewise). Returns (markdown table, rows)."""
+    forget = read_results(os.path.join(studies_dir, "forgetting", "results.jsonl"))
+    kind = read_results(os.path.join(studies_dir, "kind", "results.jsonl"))
+    _, chosen = method_rows(forget)
+    _, chosen_kind = method_rows(kind) if kind else (None, {})
+    rows = []
+    for m in methods_in(forget):
+        if m not in chosen:
+            continue
+        rs = [r for r in forget if r["cell"]["method"] == m and r["cell"]["lr"] == chosen[m]]
+        at = [forgetting_at_skill(r) for r in rs]
+        ks = [r for r in kind if r["cell"]["method"] == m and r["cell"]["lr"] == chosen_kind.get(m)]
+        rows.append((m, f"{rs[0]['trainable_params']:,}", f"{chosen[m]:g}", mean_spread([r["test_metric"] for r in rs]),
+                     mean_spread(at) + (f" ({sum(a is not None for a in at)}/{len(at)} reached it)"
+                                        if None in at else ""),
+                     mean_spread([r["test_metric"] for r in ks]) + (f", lr {chosen_kind[m]:g}" if ks else "")))
+    head = ("method", "trainable", "lr", "`subject` test exact match", f"forgetting at val >= {MATCHED_SKILL}",
+            "`kind` test accuracy")
+    return _table(head, rows), rows
+
+
 def report(study_dir, figures_dir=None, title_note=""):
     """Tables (markdown text) and figures of a finished study folder; returns (text, {name: Figure})."""
     study = os.path.basename(os.path.normpath(study_dir))
@@ -379,12 +451,15 @@ def report(study_dir, figures_dir=None, title_note=""):
     wall = sum(r.get("wall_s") or 0.0 for r in records)
     text = [f"## {study}: {len(records)} cells, {wall / 60:.1f} min of cell time"]
     figs = {}
-    if study in ("forgetting", "qlora"):
+    if study in ("forgetting", "qlora", "kind"):
         table, _ = method_rows(records)
         text.append(table)
         text.append(skill_rows(records))
         note = " (LoRA on the float32 base vs on its NF4 quantization)" if study == "qlora" else ""
         figs[f"study_{study}.png"] = figure_forgetting(records, note + title_note)
+    elif study == "budget":
+        text.append(budget_rows(records))
+        figs["study_budget.png"] = figure_budget(records, title_note)
     elif study == "format":
         text.append(format_rows(records))
         figs["study_format.png"] = figure_format(records, title_note)

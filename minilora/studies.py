@@ -6,7 +6,15 @@
     prompt       prompt tuning, tuned: learning rate x prompt length, then the three inits
     scale        the best prompt setting, LoRA and full at three model sizes
     hyper        the seed's hyperparameter table: epochs on small datasets, batch size, alpha
-    qlora        LoRA on the float32 base against LoRA on its NF4 quantization (QLoRA), each at its own lr
+    qlora        LoRA on the float32 base against LoRA on its NF4 quantization (QLoRA), at one lr
+    kind         every method on the classification task: 4 learning rates at seed 0, then more seeds at the best
+    budget       score against trainable parameters: prompt and prefix lengths, LoRA's rank, IA3
+
+Which method learns what, at equal cost: the forgetting study is the `subject`
+half (every method at its own 4 learning rates, 3 seeds, forgetting at matched
+skill); `kind` asks the same of the classification task; `budget` sizes each
+method (P prompt vectors, P prefix keys and values per layer, LoRA rank r) at
+the learning rate the forgetting study chose for it.
 
 A study that builds on another (format, scale and hyper use the learning rates
 the forgetting study chose) reads that study's results from the same parent
@@ -150,9 +158,47 @@ def qlora_study(out_dir, seeds):
             for m in ("lora", "qlora") for lr in QLORA_LRS for s in range(seeds)]
 
 
+def kind(out_dir, seeds):
+    """Every method on `kind`: its learning rates at seed 0, the best on validation, then seeds 1.. at it.
+
+    A two-stage grid: a method's second-stage cells appear once its first stage is in
+    out_dir/results.jsonl, so `minilora sweep kind` runs the grid again until it stops growing.
+    """
+    first = [Cell("kind", method=m, task="kind", lr=lr, seed=0, steps=STEPS) for m in LRS for lr in LRS[m]]
+    done = read_results(os.path.join(out_dir, "results.jsonl"))
+    second = []
+    for m in LRS:
+        mine = [r for r in done if r["cell"]["method"] == m and r["cell"]["seed"] == 0 and r["cell"]["study"] == "kind"]
+        if {r["cell"]["lr"] for r in mine} >= set(LRS[m]):
+            lr = best_setting(mine, lambda c: True, lambda c: c["lr"])
+            second += [Cell("kind", method=m, task="kind", lr=lr, seed=s, steps=STEPS) for s in range(1, seeds)]
+    return first + second
+
+
+# the sizes the budget study gives each method (trainable parameters on the default base, L = 2, C = 128)
+PROMPT_BUDGET = (4, 16, 32)  # P C: 512, 2,048, 4,096
+PREFIX_BUDGET = (1, 4, 16)  # 2 L P C: 512, 2,048, 8,192
+RANK_BUDGET = (1, 4, 8)  # LoRA on q, k, v, o: 8 L r C: 2,048, 8,192, 16,384 (alpha = 2 r keeps s = 2)
+
+
+def budget(out_dir, seeds):
+    """Score against trainable parameters: each method at several sizes, at the forgetting study's rate for it."""
+    cells = []
+    for s in range(seeds):
+        cells += [Cell("budget", method="prompt", lr=best_lr(out_dir, "prompt"), seed=s, steps=STEPS, n_prompt=p)
+                  for p in PROMPT_BUDGET]
+        cells += [Cell("budget", method="prefix", lr=best_lr(out_dir, "prefix"), seed=s, steps=STEPS, n_prefix=p)
+                  for p in PREFIX_BUDGET]
+        cells += [Cell("budget", method="lora", lr=best_lr(out_dir, "lora"), seed=s, steps=STEPS, rank=r,
+                       alpha=2.0 * r) for r in RANK_BUDGET]
+        cells += [Cell("budget", method="ia3", lr=best_lr(out_dir, "ia3"), seed=s, steps=STEPS)]
+    return cells
+
+
 STUDIES = {"forgetting": forgetting, "format": format_study, "rank": rank, "prompt": prompt, "scale": scale,
-           "hyper": hyper, "qlora": qlora_study}
-DEFAULT_SEEDS = {"forgetting": 3, "format": 3, "rank": 1, "prompt": 1, "scale": 1, "hyper": 1, "qlora": 3}
+           "hyper": hyper, "qlora": qlora_study, "kind": kind, "budget": budget}
+DEFAULT_SEEDS = {"forgetting": 3, "format": 3, "rank": 1, "prompt": 1, "scale": 1, "hyper": 1, "qlora": 3, "kind": 3,
+                 "budget": 3}
 
 
 def committed_results_dir():

@@ -52,6 +52,30 @@ def test_the_front_page_quotes_the_benchmarks_it_names():
     assert f"{speed['configs']['bench']['strategies']['full']['minilora_over_torch']:.2f} × PyTorch eager" in README
 
 
+def test_the_gpt2_small_table_is_the_benchmarks_numbers():
+    """README's and docs/hf.md's GPT-2-small rows are benchmarks/gpt2_small.json's, as printed."""
+    bench = json.loads((ROOT / "benchmarks" / "gpt2_small.json").read_text())
+    hf_page = (ROOT / "docs" / "hf.md").read_text()
+    assert bench["size"] == "gpt2-small" and bench["params"] > 124_000_000
+    for strategy in ("full", "lora"):
+        s = bench["strategies"][strategy]
+        memory = s["memory"]
+        cells = [f"{s['step_s']['minilora']:.2f} s", f"{s['step_s']['torch']:.2f} s",
+                 f"{memory['formula_total'] / 2 ** 20:,.0f} MiB", f"{memory['peak_total'] / 2 ** 20:,.0f} MiB"]
+        row = " | ".join(cells)
+        assert row in README and row in hf_page, row
+
+
+def test_the_site_build_times_are_the_benchmarks():
+    """README's full-build times are benchmarks/site_time.json's (a full build, timed from nothing)."""
+    full = json.loads((ROOT / "benchmarks" / "site_time.json").read_text())["full"]
+    assert full["mode"] == "full" and full["threads"] == 1
+    assert f"**{round(full['clean_build_s'] / 60)} min from nothing** on {full['date']}" in README
+    assert f"**{round(full['rebuild_after_prose_edit_s'])} s** for a rebuild" in README
+    for shot in ("site_front.png", "site_tutorial.png"):
+        assert f"(figures/{shot})" in README
+
+
 def test_the_benchmark_met_the_issues_targets():
     assert RESULTS["pretrain"]["val_loss"] <= 1.05 * RESULTS["pretrain"]["floor"]
     assert RESULTS["pretrain"]["wall_s"] <= 180

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -46,6 +47,22 @@ def test_a_cell_runs_the_same_on_a_base_given_directly(bases):
     record, params, config = sweep.run_cell_on(cell, base, model_config, tok)
     assert _without_timing(record) == _without_timing(sweep.run_cell(cell, bases))
     assert config.lora is not None and any(params[n].any() for n in params if n.endswith("lora_B"))
+
+
+def test_every_record_names_its_code_and_its_base(bases, tmp_path):
+    from minilora import methods
+
+    r = sweep.run_cell(sweep.Cell(**TINY, method="lora", lr=1e-2), bases)
+    base, _, _ = sweep.load_base("tiny", bases)
+    assert r["base_fingerprint"] == methods.base_fingerprint(base)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sweep.__file__)))
+    if os.path.exists(os.path.join(root, ".git")):
+        last = os.popen(f"git -C {root} log -1 --format=%H -- minilora").read().strip()
+        assert len(last) == 40 and r["code"] in (last, last + "+dirty")
+    else:  # a non-editable install: no checkout to name
+        assert r["code"] is None
+    # a package outside any git checkout names no commit, rather than a wrong one
+    assert sweep.code_version(str(tmp_path)) is None
 
 
 def test_validation_test_and_training_splits_are_disjoint():
@@ -150,13 +167,33 @@ def test_every_study_is_a_grid_of_valid_cells(tmp_path):
         studies.cells("nope", str(out))
 
 
+def test_the_kind_study_tunes_each_rate_on_seed_0_then_repeats_the_best(tmp_path):
+    out = tmp_path / "kind"
+    first = studies.cells("kind", str(out))
+    assert {c.seed for c in first} == {0} and {c.task for c in first} == {"kind"}
+    assert all({c.lr for c in first if c.method == m} == set(studies.LRS[m]) for m in studies.LRS)
+    # a method whose four seed-0 cells are done gets seeds 1 and 2 at the rate best on validation
+    out.mkdir()
+    with open(out / "results.jsonl", "w") as f:
+        for c in first:
+            if c.method == "lora":
+                val = 0.9 if c.lr == 1e-2 else 0.5
+                f.write(json.dumps({"key": c.key(), "cell": json.loads(c.key()),
+                                    "evals": [{"val_metric": val, "forgetting": 1.0}]}) + "\n")
+    grown = studies.cells("kind", str(out))
+    added = grown[len(first):]
+    assert grown[:len(first)] == first
+    assert [(c.method, c.lr, c.seed) for c in added] == [("lora", 1e-2, 1), ("lora", 1e-2, 2)]
+
+
 def test_report_draws_and_tabulates_a_finished_study(bases, tmp_path):
     out = tmp_path / "forgetting"
     cells = [sweep.Cell(**{**TINY, "study": "forgetting"}, method=m, lr=lr, seed=s)
              for m, lr in (("full", 1e-3), ("lora", 1e-2)) for s in (0, 1)]
     sweep.run_sweep(cells, str(out), bases_dir=bases)
     text, figs = report.report(str(out), str(tmp_path / "fig"), " [fast]")
-    assert "| full | 0.001 |" in text and "| lora | 0.01 |" in text and "(n=2)" in text
+    assert re.search(r"\| full \| [\d,]+ \| 0\.001 \|", text) and re.search(r"\| lora \| [\d,]+ \| 0\.01 \|", text)
+    assert "(n=2)" in text
     assert (tmp_path / "fig" / "study_forgetting.png").read_bytes()[:4] == b"\x89PNG"
     assert "[fast]" in figs["study_forgetting.png"]._suptitle.get_text()
 

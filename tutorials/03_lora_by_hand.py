@@ -59,7 +59,7 @@ rng = np.random.default_rng(0)
 # %% [markdown]
 # ## Counting: r (d + k) instead of d k
 #
-# The cell below evaluates the seed's example, an attention matrix with d = k = 4096
+# The cell below evaluates the post's example, an attention matrix with d = k = 4096
 # and r = 16, with `lora.lora_param_count(d, k, r)`.
 
 # %%
@@ -83,7 +83,7 @@ N, d_in, d_out, r = 10, 8, 6, 3
 x = rng.standard_normal((N, d_in))
 W, b = rng.standard_normal((d_out, d_in)), rng.standard_normal(d_out)
 A, B = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r))
-s = lora.lora_scale(r, 2.0 * r)  # alpha = 2 r, the seed's suggestion: s = 2
+s = lora.lora_scale(r, 2.0 * r)  # alpha = 2 r, the post's suggestion: s = 2
 y, cache = lora.lora_linear_forward(x, W, b, A, B, s)
 assert np.allclose(y, x @ (W + s * B @ A).T + b)
 y0, _ = lora.lora_linear_forward(x, W, b, A, np.zeros_like(B), s)
@@ -186,7 +186,7 @@ _, val_text = corpus.train_val_text(0, 50 if FAST else 200, seed=PretrainConfig(
 val_data = tok.encode(val_text)  # pretraining-corpus text, to measure forgetting
 
 # %% [markdown]
-# Add adapters to q, k, v, o of every block (the seed: LoRA is typically applied to
+# Add adapters to q, k, v, o of every block (the post: LoRA is typically applied to
 # the attention projections) with r = 8, alpha = 16. The cell below asserts that
 # every B is zero and that the adapted model's logits equal the base model's,
 # exactly.

@@ -217,7 +217,7 @@ for name in base:
     assert np.array_equal(base[name], base_copy[name])  # no strategy wrote into the pretrained W
 if not FAST:
     assert all(r["metric"] > r["metric_before"] for r in rows)
-    # the seed: prompt tuning "tends to underperform on tasks that require deeper adaptation"
+    # the post: prompt tuning "tends to underperform on tasks that require deeper adaptation"
     assert by["prompt"]["metric"] <= by["full"]["metric"]
 
 # %% [markdown]

@@ -94,7 +94,7 @@ if not FAST:
 # %% [markdown]
 # ## A LoRA rank sweep
 #
-# The seed's rule alpha = 2r keeps the scale s = alpha / r = 2 fixed. Trainable
+# The post's rule alpha = 2r keeps the scale s = alpha / r = 2 fixed. Trainable
 # parameters grow linearly in r: r (d + k) per adapted matrix. A fixed s does **not**
 # make the update's size independent of r, though. Adam moves every parameter by
 # about the learning rate per step, whatever its gradient's scale, so with more

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 06. What holds up: the seed's claims, measured
+# # 06. What holds up: the post's claims, measured
 #
 # The seed post makes claims that one run cannot test: the learning rate is the
 # most important hyperparameter and too high a rate causes catastrophic forgetting;
@@ -13,7 +13,7 @@
 # `benchmarks/studies/{forgetting,format,rank,prompt,scale,hyper}/results.jsonl`.
 # This tutorial reads those files: every number below is computed in a cell from
 # them (or from the live run at the end), and where the measurement disagrees with
-# the seed, the text says so.
+# the post, the text says so.
 #
 # **The model this tutorial trains.** The last section is a live run you can change.
 # It fine-tunes **tutorial 02's pretrained model**, read from `runs/pretrain`
@@ -192,12 +192,12 @@ plot.save_figure(fig, path)
 print("wrote", path)
 
 # %% [markdown]
-# What the cells above show, against the seed:
+# What the cells above show, against the post:
 #
 # - **"Too high causes catastrophic forgetting": holds, for either method.** Among
 #   the seeds that reach the skill level, a higher learning rate has forgotten more
 #   by then (asserted above), for full fine-tuning and for LoRA.
-# - **The seed's 1e-4 forgets least, but it is slow.** Full fine-tuning at 1e-4
+# - **The post's 1e-4 forgets least, but it is slow.** Full fine-tuning at 1e-4
 #   reaches matched skill with less forgetting than at 3e-4 on every seed, but
 #   later, and its test score after 600 steps is lower, so the validation split
 #   picks 3e-4. "Most impactful" is right for forgetting: across the four rates,
@@ -337,7 +337,7 @@ assert max(studies.RANKS, key=lambda r_: rank_table[False, r_]["test_metric"]) i
 # %% [markdown]
 # **Higher rank is not more capability when alpha stays fixed.** Standard LoRA
 # peaks at r = 8-16 and falls at r = 32 and 64; rsLoRA holds its score there. The
-# seed's alpha = 2r keeps s = 2 at every r, a third rule the rank study did not run.
+# post's alpha = 2r keeps s = 2 at every r, a third rule the rank study did not run.
 # What does alpha itself do? Under Adam each entry of A and B moves by about lr per
 # step whatever the gradient's size, so the update s B A moves by about s × lr
 # (exercise 4 proves it exactly for the first step): **alpha acts like a learning-rate
@@ -404,7 +404,7 @@ print("wrote", path)
 # and of alpha 16 at lr 1e-2 (s × lr 0.024 and 0.02) differ by under 0.2 nats/char
 # (printed above), and both series peak in score near s × lr of 0.01-0.02. Alpha
 # does what the learning rate does (to first order; exercise 4 shows where that
-# stops). So the seed's alpha = 2r is one choice of learning rate in disguise, not
+# stops). So the post's alpha = 2r is one choice of learning rate in disguise, not
 # a setting that is good by itself: at lr 3e-3 it scored below alpha = 32 (asserted
 # above). Tune alpha and lr together, or fix alpha and tune lr. One seed each:
 # trust the shape, not the third decimal.
@@ -475,7 +475,7 @@ plot.save_figure(fig, path)
 print("wrote", path)
 
 # %% [markdown]
-# **The seed's overfitting warning did not show up here, and the run says why.**
+# **The post's overfitting warning did not show up here, and the run says why.**
 # With 1,000 examples, validation exact match climbs to its plateau within a few
 # epochs and stays there while the training loss falls to zero: memorising the
 # training set did not hurt, because the held-out sentences come from the same
@@ -489,7 +489,7 @@ print("wrote", path)
 # batches won because they took more optimizer steps at the same learning rate, not
 # because of their gradient noise; a fair test of noise would retune the learning
 # rate per batch size (not done). The steps cost forgetting too: it grew with them
-# (asserted above), as it grows with the learning rate. Memory, the seed's other
+# (asserted above), as it grows with the learning rate. Memory, the post's other
 # point, is tutorial 05's: the activations it measures are proportional to batch ×
 # sequence length. One seed and at most 1,240 steps per setting: read these as
 # directions.
@@ -518,7 +518,7 @@ for b in ("small", "default", "large"):
 assert max(r["test_metric"] for r in prompt + cells_where(scale, method="prompt")) < 0.1
 
 # %% [markdown]
-# **Holds, more strongly than the seed says:** tuned, prompt tuning does not learn
+# **Holds, more strongly than the post says:** tuned, prompt tuning does not learn
 # this task on this model at all, and across the three toy sizes it does not catch
 # up (Lester et al. 2021 found the gap closes only at billions of parameters, far
 # beyond what a 12-fold range of toy sizes can test). It still "forgets" (section 1's
@@ -555,7 +555,7 @@ assert 0 < drop["full"] < drop["lora"]
 # end marker unlike corpus text lowers the mean forgetting at matched skill for both
 # methods, LoRA's by more. With 3 seeds and spreads this wide, that is a likely
 # effect, not a measured size, and most of the forgetting remains: the format is one
-# cause among others. The seed's "consistency in formatting
+# cause among others. The post's "consistency in formatting
 # matters" has a second side: the format also decides what the model unlearns.
 # Tutorial 07 is about the data format itself.
 

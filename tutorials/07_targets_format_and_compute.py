@@ -224,7 +224,7 @@ if n_seeds > 1:
 #   MLP's adapters hold more parameters than attention's at the same r (exercise 7.2
 #   equalises them).
 #
-# The seed's sentence describes a convention, not a law. The LoRA paper adapted
+# The post's sentence describes a convention, not a law. The LoRA paper adapted
 # only attention matrices (at a fixed parameter budget on GPT-3 it found spreading
 # the rank over W_q and W_v, or all four, better than one matrix) and left the MLP
 # to future work; QLoRA (Dettmers et al., 2023) found adapters on every linear layer
@@ -514,7 +514,7 @@ if not FAST:
 # about 2 N_params (LoRA: dx only), so a step costs about **6 N_params x tokens**
 # for full fine-tuning and about 4 N_params x tokens with LoRA. The cell below applies
 # it to a 7-billion-parameter model (32 blocks of width 4096) on a batch of
-# 16 sequences of 512 tokens (the seed's batch sizes are 4 to 32), prints how much
+# 16 sequences of 512 tokens (the post's batch sizes are 4 to 32), prints how much
 # the attention term the rule leaves out would add, and divides by two rates: what
 # our step achieved on this CPU (above), and a data-centre GPU at an assumed
 # utilisation.
