@@ -42,7 +42,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memory import _root, cache_bytes, forward_cache  # noqa: E402
+from memory import _root, cache_buffers, cache_bytes, forward_cache  # noqa: E402
 from speed import build, loss_and_grads, time_interleaved, torch_stepper, update  # noqa: E402
 
 from minilora import optim  # noqa: E402
@@ -57,19 +57,7 @@ def make_batch(config, batch, tokens, seed=0):
 
 def probability_bytes(cache, batch, n_heads, tokens):
     """Bytes of the (B, NH, T, T) attention probabilities in a forward cache (distinct buffers)."""
-    seen, total, stack = set(), 0, [cache]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, (tuple, list)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, np.ndarray):
-            root = _root(item)  # q, k, v split into heads are views of (B, T, C) arrays: not counted
-            if root.shape == (batch, n_heads, tokens, tokens) and id(root) not in seen:
-                seen.add(id(root))
-                total += root.nbytes
-    return total
+    return sum(a.nbytes for a in cache_buffers(cache) if a.shape == (batch, n_heads, tokens, tokens))
 
 
 def memory_report(config, strategy, batch):

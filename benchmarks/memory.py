@@ -1,6 +1,6 @@
-"""Memory of one training step per strategy (full, LoRA, QLoRA, prompt, IA3) at the default config.
+"""Memory of one training step per strategy (full, LoRA, QLoRA, DoRA, prompt, IA3) at the default config.
 
-    python benchmarks/memory.py [--out benchmarks/memory.json] [--strategies full,lora,qlora,prompt,ia3]
+    python benchmarks/memory.py [--out benchmarks/memory.json] [--strategies full,lora,qlora,dora,prompt,ia3]
                                  [--config default]   (--config tiny: only to check that it runs)
 
 For each strategy it reports, in bytes:
@@ -28,7 +28,7 @@ from minilora import model, ops, optim
 
 from speed import BATCH, build, loss_and_grads, make_batch, model_config, update
 
-STRATEGIES = ("full", "lora", "qlora", "prompt", "ia3")
+STRATEGIES = ("full", "lora", "qlora", "dora", "prompt", "ia3")
 
 
 def forward_cache(params, config, batch, trainable):
@@ -46,9 +46,10 @@ def _root(a):
     return a
 
 
-def cache_bytes(cache, exclude):
-    """Bytes of the distinct array buffers in a nested cache, leaving out those in `exclude` (ids)."""
-    seen, total, stack = set(), 0, [cache]
+def cache_buffers(cache):
+    """The distinct array buffers in a nested cache (tuples, lists, dicts of arrays): each view's base
+    array once, so q, k, v split into heads count as the (B, T, C) arrays they are views of."""
+    seen, stack = {}, [cache]
     while stack:
         item = stack.pop()
         if isinstance(item, (tuple, list)):
@@ -57,10 +58,13 @@ def cache_bytes(cache, exclude):
             stack.extend(item.values())
         elif isinstance(item, np.ndarray):
             root = _root(item)
-            if id(root) not in seen and id(root) not in exclude:
-                seen.add(id(root))
-                total += root.nbytes
-    return total
+            seen.setdefault(id(root), root)
+    return list(seen.values())
+
+
+def cache_bytes(cache, exclude):
+    """Bytes of the distinct array buffers in a nested cache, leaving out those in `exclude` (ids)."""
+    return sum(a.nbytes for a in cache_buffers(cache) if id(a) not in exclude)
 
 
 def report(strategy, config):

@@ -6,12 +6,16 @@
 Run by hand, not by the tests. For each config (default: d 128, 2 layers, 4 heads,
 T 128, batch 16; bench: d 256, 4 layers, 4 heads, T 256, batch 16, d_ff 1024; tiny:
 d 32, 1 layer, T 32, only to check that a strategy runs) and each strategy (full;
-LoRA r=8 on q,k,v,o; prompt tuning with 16 vectors; IA3's l_k, l_v, l_ff) it times
-one step = loss + backward + gradient clipping (norm 1.0) + AdamW, the median of
-`--repeats` steps after two warm-up steps. When PyTorch is importable the same
+LoRA r=8 on q,k,v,o; QLoRA, the same adapters on a base whose block linears are NF4;
+DoRA r=8 on q,k,v,o, exact backward; prompt tuning with 16 vectors; IA3's l_k, l_v,
+l_ff) it times one step = loss + backward + gradient clipping (norm 1.0) + AdamW,
+the median of `--repeats` steps after two warm-up steps. When PyTorch is importable the same
 architecture (pre-LN blocks, tied LM head, no key bias, tanh GELU, AdamW, clipping)
 is timed in eager mode, its steps interleaved one by one with minilora's so both
-see the same machine load. BLAS threads are fixed with threadpoolctl (and
+see the same machine load (for full, LoRA, DoRA and prompt tuning: PyTorch has no
+NF4 of its own, so QLoRA is timed for minilora only; the PyTorch DoRA forms the
+row norms from the dense W + s B A, as PEFT does, and autograd differentiates
+through them, the exact backward). BLAS threads are fixed with threadpoolctl (and
 torch.set_num_threads) and printed.
 
 FLOP counting (multiply-add = 2 FLOPs; elementwise work is not counted):
@@ -27,6 +31,10 @@ FLOP counting (multiply-add = 2 FLOPs; elementwise work is not counted):
   forward of attention (dq, dk, dv all needed), plus LoRA's own products (forward
   2 r (in + out) per token and adapter, backward twice that). Under LoRA and IA3, block 0's dx products of q,
   k and v are also skipped (nothing below them is trained); the count keeps them.
+  QLoRA counts as LoRA (dequantizing is elementwise). DoRA adds, once per step
+  and adapter, the row norms' products (methods/dora.py): W A^T, A A^T and B G
+  forward, 2 r (out in + r in + out r); backward dP^T W, dG A, B^T (dq B) and B G,
+  2 r (out in + r in + out r + out r).
 The achieved GFLOP/s is that count over the measured step time, against the
 float32 GEMM peak measured here with a 2048^3 `a @ b` on the same threads.
 
@@ -52,7 +60,7 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from minilora import model, optim
-from minilora.methods import ia3, lora, prompt, qlora
+from minilora.methods import dora, ia3, lora, prompt, qlora
 
 # ---- every call into the package sits in these three functions (easy to port) ----
 
@@ -71,6 +79,11 @@ def build(config, strategy, seed=0):
         qlora_config = qlora.QLoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o"))
         params, config = qlora.add_qlora(params, config, qlora_config, seed=seed)
         trainable = sorted(n for n in params if ".lora_" in n)
+    elif strategy == "dora":
+        # LoRA's A and B and the magnitude m beside q, k, v, o; the exact backward (through the norm)
+        dora_config = dora.DoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o"))
+        params, config = dora.add_dora(params, config, dora_config, seed=seed)
+        trainable = lora.adapter_names(config)
     elif strategy == "prompt":
         params = prompt.add_prompt(params, N_PROMPT, seed=seed)
         trainable = ["prompt"]
@@ -79,7 +92,7 @@ def build(config, strategy, seed=0):
         params, config = ia3.add_ia3(params, config)
         trainable = sorted(n for n in params if n.endswith(".ia3_l"))
     else:
-        raise ValueError(f"strategy: expected full, lora, qlora, prompt or ia3, got {strategy!r}")
+        raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     return params, trainable, config
 
 
@@ -110,7 +123,8 @@ def adamw_init(params, trainable):
 
 BATCH = 16
 N_PROMPT = 16
-STRATEGIES = ("full", "lora", "prompt", "ia3")
+STRATEGIES = ("full", "lora", "qlora", "dora", "prompt", "ia3")
+TORCH_STRATEGIES = ("full", "lora", "dora", "prompt", "ia3")  # the ones torch_stepper builds (PyTorch has no NF4)
 
 
 def make_batch(config, seed=0):
@@ -144,9 +158,14 @@ def flops_per_step(c, strategy, lora_rank=8, n_targets=4):
     if strategy == "full":
         return 3 * (fwd_lin + fwd_att)
     adapters = 0
-    if strategy == "lora":
+    if strategy in ("lora", "qlora", "dora"):
         adapters = L * n_targets * 2 * lora_rank * (C + C) * B * Tb  # forward of the adapters
-    return (fwd_lin + fwd_att + adapters) + (fwd_lin + 2 * fwd_att + 2 * adapters)
+    norms_fwd = norms_bwd = 0
+    if strategy == "dora":
+        r = lora_rank  # per step, not per token: each target is (C, C)
+        norms_fwd = L * n_targets * 2 * r * (C * C + r * C + C * r)  # W A^T, A A^T, B G
+        norms_bwd = L * n_targets * 2 * r * (C * C + r * C + C * r + C * r)  # dP^T W, dG A, B^T (dq B), B G
+    return (fwd_lin + fwd_att + adapters + norms_fwd) + (fwd_lin + 2 * fwd_att + 2 * adapters + norms_bwd)
 
 
 def gemm_peak(threads, n=2048, repeats=5):
@@ -177,8 +196,9 @@ def torch_stepper(config, strategy, threads, batch=None):
                          config.d_ff, config.context_length)
 
     class Linear(torch.nn.Module):
-        """y = x W^T + b, optionally plus a LoRA update s (x A^T) B^T, or with IA3's vector l scaling its
-        output ("out": l * y) or its input ("in": (l * x) W^T + b), W frozen."""
+        """y = x W^T + b, optionally plus a LoRA update s (x A^T) B^T with W frozen; under DoRA,
+        y = (m / n) (x W^T + s (x A^T) B^T) + b with n the row norms of W + s B A (formed densely, as PEFT);
+        under IA3, with the vector l scaling its output ("out": l * y) or its input ("in": (l * x) W^T + b)."""
 
         def __init__(self, d_in, d_out, bias=True, rank=0, ia3=None):
             super().__init__()
@@ -189,10 +209,17 @@ def torch_stepper(config, strategy, threads, batch=None):
                 self.B = torch.nn.Parameter(torch.zeros(d_out, rank))
             if ia3:
                 self.l = torch.nn.Parameter(torch.ones(d_out if ia3 == "out" else d_in))
+            if rank and strategy == "dora":
+                self.m = torch.nn.Parameter(self.lin.weight.detach().norm(dim=1))
 
         def forward(self, x):
             if self.ia3 == "in":
                 x = x * self.l
+            if self.rank and strategy == "dora":
+                z = x @ self.lin.weight.T + (x @ self.A.T) @ self.B.T * 2.0
+                n = (self.lin.weight + 2.0 * self.B @ self.A).norm(dim=1)  # autograd: the exact backward
+                z = z * (self.m / n)
+                return z if self.lin.bias is None else z + self.lin.bias
             y = self.lin(x)
             if self.rank:
                 y = y + (x @ self.A.T) @ self.B.T * 2.0
@@ -200,7 +227,7 @@ def torch_stepper(config, strategy, threads, batch=None):
                 y = y * self.l
             return y
 
-    rank = 8 if strategy == "lora" else 0
+    rank = 8 if strategy in ("lora", "dora") else 0
     out, inp = ("out", "in") if strategy == "ia3" else (None, None)
 
     class Block(torch.nn.Module):
@@ -242,6 +269,8 @@ def torch_stepper(config, strategy, threads, batch=None):
     for name, p in net.named_parameters():
         if strategy == "lora":
             p.requires_grad_(name.endswith((".A", ".B")))
+        elif strategy == "dora":
+            p.requires_grad_(name.endswith((".A", ".B", ".m")))
         elif strategy == "prompt":
             p.requires_grad_(name == "prompt")
         elif strategy == "ia3":
@@ -339,8 +368,10 @@ def speed_figure(result):
         xs = np.arange(len(rows))
         ml = [rows[s]["minilora_ms"] for s in rows]
         ax.bar(xs - 0.2, ml, 0.4, label="minilora (NumPy)")
-        if all(rows[s].get("torch_ms") for s in rows):
-            ax.bar(xs + 0.2, [rows[s]["torch_ms"] for s in rows], 0.4, label="PyTorch eager")
+        with_torch = [i for i, s in enumerate(rows) if rows[s].get("torch_ms")]  # QLoRA: minilora only
+        if with_torch:
+            ax.bar(xs[with_torch] + 0.2, [rows[s]["torch_ms"] for s in rows if rows[s].get("torch_ms")], 0.4,
+                   label="PyTorch eager")
         ax.set_xticks(xs, [f"{s}\n{rows[s]['minilora_pct_peak']:.0f}% of GEMM peak" for s in rows])
         ax.set_ylabel("time per training step (ms)")
         ax.set_title(f"{cfg} config")
@@ -392,7 +423,7 @@ def main():
         rows = {}
         for strategy in args.strategies.split(","):
             steppers = {"minilora": minilora_stepper(config, strategy)}
-            if torch_version:
+            if torch_version and strategy in TORCH_STRATEGIES:
                 steppers["torch"] = torch_stepper(config, strategy, args.threads)
             med, raw = time_interleaved(steppers, args.threads, args.repeats)
             flops = flops_per_step(config, strategy)
@@ -401,11 +432,11 @@ def main():
                    "minilora_gflops": flops / med["minilora"] / 1e9,
                    "minilora_pct_peak": 100 * flops / med["minilora"] / 1e9 / peak,
                    "raw_ms": {k: [round(1e3 * t, 2) for t in v] for k, v in raw.items()}}
-            if torch_version:
+            if "torch" in med:
                 row.update(torch_ms=1e3 * med["torch"], torch_gflops=flops / med["torch"] / 1e9,
                            minilora_over_torch=med["minilora"] / med["torch"])
             rows[strategy] = row
-            vs = f", torch {row['torch_ms']:.1f} ms, ratio {row['minilora_over_torch']:.2f}" if torch_version else ""
+            vs = f", torch {row['torch_ms']:.1f} ms, ratio {row['minilora_over_torch']:.2f}" if "torch" in med else ""
             print(f"{cfg_name:8s} {strategy:7s} minilora {row['minilora_ms']:.1f} ms, "
                   f"{row['minilora_tokens_per_s']:.0f} tok/s, {row['minilora_gflops']:.0f} GFLOP/s "
                   f"({row['minilora_pct_peak']:.0f}% of peak){vs}", flush=True)

@@ -409,6 +409,28 @@ def test_export_refuses_a_prompt_run_and_a_head_saying_why(tiny_runs, tmp_path, 
     _refused(capsys, ["export", str(tiny_runs / run), "--out", str(tmp_path / "out")], tmp_path / "out", words)
 
 
+def test_dora_and_qlora_runs_are_refused_as_peft_lora_and_export_exactly_once_merged(tmp_path, capsys):
+    """peft_io writes plain LoRA only: a DoRA run would lose m, a QLoRA base has no float W. Merged, each is a
+    plain GPT-2 that transformers computes exactly as minilora computed the adapted run."""
+    tiny = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
+    pre = tmp_path / "pre"
+    assert cli.main(["pretrain", "--out", str(pre), "--steps", "2", "--eval-every", "2", "--batch-size", "4",
+                     *tiny]) == 0
+    ids = np.random.default_rng(0).integers(0, 96, (2, 20))
+    for method, label in (("dora", "DoRA"), ("qlora", "QLoRA")):
+        run = tmp_path / method
+        assert cli.main(["finetune", "--method", method, "--checkpoint", str(pre), "--out", str(run),
+                         "--steps", "3", "--batch-size", "4", "--lr", "0.05"]) == 0
+        _refused(capsys, ["export", str(run), "--out", str(tmp_path / f"hf-{method}")], tmp_path / f"hf-{method}",
+                 [label, "minilora merge"])
+        assert cli.main(["merge", str(run), "--out", str(tmp_path / f"{method}.npz")]) == 0
+        assert cli.main(["export", str(tmp_path / f"{method}.npz"), "--out", str(tmp_path / f"hf-{method}")]) == 0
+        params, config, _, _ = load_model(run)
+        assert np.abs(params["h.0.attn.q.lora_B"]).max() > 0  # trained: the check is not of a zero update
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"hf-{method}").eval()
+        assert rel(torch_logits(theirs, ids), our_logits(params, config, ids)) < RTOL32, method
+
+
 def test_a_peft_adapter_on_another_base_or_with_dora_is_refused(saved32, saved64, tmp_path, capsys):
     base = random_minilora(CONFIG, dtype=np.float32)
     params, config = trained_lora(base, LORA_CASES["qkvo"])

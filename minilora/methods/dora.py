@@ -43,7 +43,7 @@ term through P and G, is dropped. It is then not the gradient of the loss: the f
 the exact backward matches finite differences and the detached one does not.
 """
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -51,8 +51,9 @@ import numpy as np
 from .. import ops
 from ..backend import array_module
 from . import LinearPair, Method, register
-from .lora import (TARGETS, LoraConfig, adapted_layers, adapter_methods_extra_shapes, adapter_names, add_lora,
-                   check_rank, lora_param_count, lora_scale)
+from .lora import (TARGETS, LoraConfig, adapted_layers, adapter_methods_extra_shapes, adapter_names, adapter_setup,
+                   add_lora, check_adapter, check_lora_settings, gradcheck_point, lora_param_count, lora_scale,
+                   variant_adapter_config)
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -149,13 +150,8 @@ def dora_linear_forward(x, W, b, A, B, m, scale, dropout_p=0.0, rng=None, dropou
 
     Returns y (N..., out) and a cache. Neither B A nor W + s B A is formed.
     """
-    ops._check_float("A", A, like=x)
-    ops._check_float("B", B, like=x)
+    check_adapter(x, A, B, *W.shape)
     ops._check_float("m", m, like=x)
-    if A.ndim != 2 or A.shape[1] != W.shape[1]:
-        ops._fail("A", f"shape (r, {W.shape[1]})", f"shape {tuple(A.shape)}")
-    if B.shape != (W.shape[0], A.shape[0]):
-        ops._fail("B", f"shape ({W.shape[0]}, {A.shape[0]}) = (out, r)", f"shape {tuple(B.shape)}")
     if m.shape != (W.shape[0],):
         ops._fail("m", f"shape ({W.shape[0]},) = (out,)", f"shape {tuple(m.shape)}")
     u, base_cache = ops.linear_forward(x, W, None, frozen=True)  # W frozen: its backward needs no x
@@ -326,35 +322,19 @@ def _delta(params, config, base, prefix):
 DORA_PAIR = LinearPair("dora", _pair_forward, _pair_backward, _shared_forward, _shared_backward, _delta)
 
 
-def _adapter_config(config):
-    """The DoraConfig of a `--method dora` run: config.lora as given, or LoRA's settings as a DoraConfig."""
-    if isinstance(config.lora, DoraConfig):
-        return config.lora
-    if type(config.lora) is not LoraConfig:
-        raise ValueError(f"lora: expected a LoraConfig or DoraConfig for method 'dora', "
-                         f"got a {type(config.lora).__name__}")
-    return DoraConfig(**asdict(config.lora))
+_adapter_config = variant_adapter_config(DoraConfig)  # config.lora as given, or LoRA's settings as a DoraConfig
+_setup = adapter_setup(add_dora)
 
 
-def _setup(base_params, model_config, config, tokenizer=None):
-    params, model_config = add_dora(base_params, model_config, config.lora, seed=config.seed)
-    return params, model_config, set(adapter_names(model_config))
-
-
-def _check(model_config, config, longest):
-    from ..model import param_shapes
-
-    check_rank(param_shapes(model_config), model_config, config.lora)
+def _magnitude_near_row_norms(name, array, noise):
+    """m away from the row norms (g != 1), every other adapter array the noise itself (B != 0)."""
+    return array * (1.0 + 0.5 * noise) if name.endswith(MAGNITUDE) else noise
 
 
 def _gradcheck_setup(params, config, rng, dora_config=None):
     """DoRA on every linear, rank 2, at a random point: B != 0 (else dA = 0), m away from the row norms."""
     settings = dora_config or DoraConfig(rank=2, alpha=3.0, targets=tuple(TARGETS))
-    adapted, adapted_config = add_dora(params, config, settings, seed=2)
-    for name in adapter_names(adapted_config):
-        noise = 0.5 * rng.standard_normal(adapted[name].shape)
-        adapted[name] = adapted[name] * (1.0 + 0.5 * noise) if name.endswith(MAGNITUDE) else noise
-    return adapted, adapted_config, set(adapter_names(adapted_config))
+    return gradcheck_point(add_dora, params, config, settings, rng, _magnitude_near_row_norms)
 
 
 def _op_checks(rng, xp=np):
@@ -379,7 +359,7 @@ def _op_checks(rng, xp=np):
 
 DORA = register(
     Method("dora", "DoRA: LoRA's update with a trained length m per output row (--detach-norm: the paper's "
-                   "cheaper backward)", 3e-3, _setup, check=_check, adapter_config=_adapter_config,
+                   "cheaper backward)", 3e-3, _setup, check=check_lora_settings, adapter_config=_adapter_config,
            extra_shapes=adapter_methods_extra_shapes("dora"), owns=lambda name: name.endswith(f".{MAGNITUDE}"),
            merge=merge, saves_adapter=True, study_lrs=(1e-3, 3e-3, 1e-2, 3e-2), gradcheck_setup=_gradcheck_setup,
            op_checks=_op_checks, color="tab:red"),

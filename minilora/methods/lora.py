@@ -50,6 +50,51 @@ def lora_scale(rank, alpha, rslora=False):
     return s
 
 
+def check_adapter(x, A, B, d_out, d_in):
+    """Raise ValueError (one line) unless A is (r, d_in) and B (d_out, r), float arrays like x."""
+    ops._check_float("A", A, like=x)
+    ops._check_float("B", B, like=x)
+    if A.ndim != 2 or A.shape[1] != d_in:
+        ops._fail("A", f"shape (r, {d_in})", f"shape {tuple(A.shape)}")
+    if B.shape != (d_out, A.shape[0]):
+        ops._fail("B", f"shape ({d_out}, {A.shape[0]}) = (out, r)", f"shape {tuple(B.shape)}")
+
+
+def adapter_forward(y, x, A, B, scale, dropout_p=0.0, rng=None, dropout_mask=None):
+    """The adapter's half of a LoRA linear, added into y: y += s * (drop(x) @ A.T) @ B.T.
+
+    Inputs: y (N..., out), the base's output (the caller's own buffer, written in place); x (N..., in);
+    A (r, in), B (out, r); scale s; dropout on the adapter's input only. LoRA and QLoRA share it:
+    they differ only in their frozen base.
+    Returns the adapter's cache (drop_cache, xd, xa, A, B, s) for adapter_backward.
+    """
+    xd, drop_cache = ops.dropout_forward(x, dropout_p, rng, dropout_mask)
+    # 2-D products, (N, in) @ (in, r) then (N, r) @ (r, out): one GEMM each
+    xa = xd.reshape(-1, xd.shape[-1]) @ A.T  # (N, r)
+    # s goes on the small (N, r) factor, and the sum goes into y's buffer
+    y += ((xa * scale) @ B.T).reshape(y.shape)
+    return drop_cache, xd, xa, A, B, float(scale)
+
+
+def adapter_backward(dout, cache, input_grad=True):
+    """The backward of adapter_forward: (dx_adapter (N..., in) or None, dA, dB).
+
+        dB = s * dout^T (drop(x) A^T)  (out, r)
+        dA = s * (dout B)^T drop(x)    (r, in)
+        dx_adapter = drop_backward(s * (dout B) A), the adapter's share of dx (the base adds its own)
+    """
+    drop_cache, xd, xa, A, B, s = cache
+    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out): every product below is one 2-D GEMM
+    # in the forward pass this was: y += s * xa @ B.T, with xa (N, r)
+    dB = (dout2.T @ xa) * s  # (out, r)
+    dxa = (dout2 @ B) * s  # (N, r)
+    # and xa = xd @ A.T
+    dA = dxa.T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
+    if not input_grad:
+        return None, dA, dB
+    return ops.dropout_backward((dxa @ A).reshape(xd.shape), drop_cache), dA, dB
+
+
 def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_mask=None):
     """A frozen linear layer plus a trainable low-rank update, never merged.
 
@@ -65,21 +110,10 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, dropout_m
     Returns y (N..., out) and a cache. B @ A (an (out, in) matrix) is never
     formed: the update costs r * (in + out) per token instead of in * out.
     """
-    base, base_cache = ops.linear_forward(x, W, b, frozen=True)  # W frozen: its backward needs no x
-    ops._check_float("A", A, like=x)
-    ops._check_float("B", B, like=x)
-    if A.ndim != 2 or A.shape[1] != W.shape[1]:
-        ops._fail("A", f"shape (r, {W.shape[1]})", f"shape {tuple(A.shape)}")
-    if B.shape != (W.shape[0], A.shape[0]):
-        ops._fail("B", f"shape ({W.shape[0]}, {A.shape[0]}) = (out, r)", f"shape {tuple(B.shape)}")
-    xd, drop_cache = ops.dropout_forward(x, dropout_p, rng, dropout_mask)
-    # 2-D products, (N, in) @ (in, r) then (N, r) @ (r, out): one GEMM each
-    xa = xd.reshape(-1, xd.shape[-1]) @ A.T  # (N, r)
-    # y = base + s * xa @ B.T; s goes on the small (N, r) factor, and the sum
-    # goes into base's buffer (ours, fresh from linear_forward)
-    y = base
-    y += ((xa * scale) @ B.T).reshape(base.shape)
-    return y, (base_cache, drop_cache, xd, xa, A, B, float(scale))
+    y, base_cache = ops.linear_forward(x, W, b, frozen=True)  # W frozen: its backward needs no x
+    check_adapter(x, A, B, *W.shape)
+    # y = base + s * (drop(x) @ A.T) @ B.T, in y's buffer (ours, fresh from linear_forward)
+    return y, (base_cache, adapter_forward(y, x, A, B, scale, dropout_p, rng, dropout_mask))
 
 
 def lora_linear_backward(dout, cache, input_grad=True):
@@ -92,48 +126,41 @@ def lora_linear_backward(dout, cache, input_grad=True):
     drop(x) is x itself when the adapter dropout is 0 (the default).
     input_grad=False (nothing below the layer is trained) skips dx and returns None for it.
     """
-    base_cache, drop_cache, xd, xa, A, B, s = cache
-    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out): every product below is one 2-D GEMM
-    # in the forward pass this was: y += s * xa @ B.T, with xa (N, r)
-    dB = (dout2.T @ xa) * s  # (out, r)
-    dxa = (dout2 @ B) * s  # (N, r)
-    # and xa = xd @ A.T
-    dA = dxa.T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
+    base_cache, adapter_cache = cache
+    dx_adapter, dA, dB = adapter_backward(dout, adapter_cache, input_grad)
     if not input_grad:
         return None, dA, dB
     # base path, frozen: y = x @ W.T + b gives dx only
     dx, _, _ = ops.linear_backward(dout, base_cache, param_grads=False)
-    dxd = (dxa @ A).reshape(dx.shape)  # (N..., in)
-    dx += ops.dropout_backward(dxd, drop_cache)  # dx is ours (fresh from linear_backward)
+    dx += dx_adapter  # dx is ours (fresh from linear_backward)
     return dx, dA, dB
 
 
-def lora_shared_input_forward(x, layers, scale):
-    """LoRA linears that read the same input x (attention's q, k and v), their A products as one.
+def shared_input_forward(x, bases, As, Bs, scale):
+    """Adapted linears that read the same input x (attention's q, k and v), their A products as one.
 
         xa  = x @ [A_1; ...; A_n].T        (N, n r): every adapter's x A_i^T, side by side
-        y_i = x @ W_i.T + b_i + s * xa_i @ B_i.T
-
-    The same numbers as n calls of lora_linear_forward without adapter dropout,
-    but x is read once for all the A's, and the backward below forms the A's
-    gradients and their share of dx with one product each instead of n.
+        y_i = base_i(x) + s * xa_i @ B_i.T
 
     Inputs:
     - x: (N..., in)
-    - layers: a list of (W_i, b_i, A_i, B_i), as lora_linear_forward takes them, all with the same r
+    - bases: n functions base_i(x) -> (y_i (N..., out_i), cache_i), each frozen base's forward
+      (a float W for LoRA, an NF4 one for QLoRA); y_i must be a fresh buffer (it is added into)
+    - As: n arrays A_i (r, in), all with the same r; Bs: n arrays B_i (out_i, r)
     - scale: s = alpha / r
 
-    Returns ys, a list of n outputs (N..., out_i), and a cache.
+    Returns ys, a list of n outputs (N..., out_i), and a cache for shared_input_backward.
     """
     xp = array_module(x)
-    A_all = xp.concatenate([A for _, _, A, _ in layers])  # (n r, in)
-    r = layers[0][2].shape[0]
-    xa = x.reshape(-1, x.shape[-1]) @ A_all.T  # (N, n r), one product for the n adapters
-    ys, caches = [], []
-    for i, (W, b, A, B) in enumerate(layers):
+    r = As[0].shape[0]
+    for A in As:
         if A.shape[0] != r:
             ops._fail("A", f"rank r = {r} for every layer (the first layer's)", f"shape {tuple(A.shape)}")
-        y, c = ops.linear_forward(x, W, b, frozen=True)  # the frozen base: no dW, so x is not kept twice
+    A_all = xp.concatenate(As)  # (n r, in)
+    xa = x.reshape(-1, x.shape[-1]) @ A_all.T  # (N, n r), one product for the n adapters
+    ys, caches = [], []
+    for i, (base, B) in enumerate(zip(bases, Bs)):
+        y, c = base(x)
         # y_i = base + s * xa_i @ B_i.T, summed in y's buffer (ours)
         y += ((xa[:, i * r:(i + 1) * r] * scale) @ B.T).reshape(y.shape)
         ys.append(y)
@@ -141,13 +168,15 @@ def lora_shared_input_forward(x, layers, scale):
     return ys, (x, xa, A_all, caches, float(scale))
 
 
-def lora_shared_input_backward(douts, cache, input_grad=True):
+def shared_input_backward(douts, cache, base_backward, input_grad=True):
     """Returns (dx, dAs, dBs): dx (N..., in) or None (input_grad=False), lists dA_i (r, in), dB_i (out_i, r).
 
-        dB_i = s * dout_i^T xa_i                         (out_i, r)
-        dxa_i = s * dout_i B_i, side by side as dxa      (N, n r)
-        [dA_1; ...; dA_n] = dxa^T x                      one product for the n adapters
-        dx = sum_i dout_i @ W_i + dxa @ [A_1; ...; A_n]  (the n adapters' share in one product)
+        dB_i = s * dout_i^T xa_i                                (out_i, r)
+        dxa_i = s * dout_i B_i, side by side as dxa             (N, n r)
+        [dA_1; ...; dA_n] = dxa^T x                             one product for the n adapters
+        dx = sum_i base_backward(dout_i) + dxa @ [A_1; ...; A_n]  (the adapters' share in one product)
+
+    base_backward(dout_i, cache_i) -> the frozen base's dx (N..., in): dout_i @ W_i, never a dW.
     """
     x, xa, A_all, caches, s = cache
     xp = array_module(xa)
@@ -168,9 +197,51 @@ def lora_shared_input_backward(douts, cache, input_grad=True):
     # x fans out to the n bases and the n adapters: dx sums them all
     dx = (dxa @ A_all).reshape(x.shape)  # (N..., in), ours
     for dout, (c, _) in zip(douts, caches):
-        # base path, frozen: y_i = x @ W_i.T + b_i gives dx only
-        dx += ops.linear_backward(dout, c, param_grads=False)[0]
+        dx += base_backward(dout, c)
     return dx, dAs, dBs
+
+
+def _frozen_linear(W, b):
+    """The frozen base y = x @ W.T + b as shared_input_forward takes it (no dW, so x is not kept twice)."""
+    return lambda x: ops.linear_forward(x, W, b, frozen=True)
+
+
+def _frozen_linear_dx(dout, cache):
+    """The frozen base's backward: y = x @ W.T + b gives dx only."""
+    return ops.linear_backward(dout, cache, param_grads=False)[0]
+
+
+def lora_shared_input_forward(x, layers, scale):
+    """LoRA linears that read the same input x (attention's q, k and v), their A products as one.
+
+        xa  = x @ [A_1; ...; A_n].T        (N, n r): every adapter's x A_i^T, side by side
+        y_i = x @ W_i.T + b_i + s * xa_i @ B_i.T
+
+    The same numbers as n calls of lora_linear_forward without adapter dropout,
+    but x is read once for all the A's, and the backward below forms the A's
+    gradients and their share of dx with one product each instead of n
+    (shared_input_forward / _backward, with the frozen float linear as every base).
+
+    Inputs:
+    - x: (N..., in)
+    - layers: a list of (W_i, b_i, A_i, B_i), as lora_linear_forward takes them, all with the same r
+    - scale: s = alpha / r
+
+    Returns ys, a list of n outputs (N..., out_i), and a cache.
+    """
+    return shared_input_forward(x, [_frozen_linear(W, b) for W, b, _, _ in layers], [A for *_, A, _ in layers],
+                                [B for *_, B in layers], scale)
+
+
+def lora_shared_input_backward(douts, cache, input_grad=True):
+    """Returns (dx, dAs, dBs): dx (N..., in) or None (input_grad=False), lists dA_i (r, in), dB_i (out_i, r).
+
+        dB_i = s * dout_i^T xa_i                         (out_i, r)
+        dxa_i = s * dout_i B_i, side by side as dxa      (N, n r)
+        [dA_1; ...; dA_n] = dxa^T x                      one product for the n adapters
+        dx = sum_i dout_i @ W_i + dxa @ [A_1; ...; A_n]  (the n adapters' share in one product)
+    """
+    return shared_input_backward(douts, cache, _frozen_linear_dx, input_grad)
 
 
 @dataclass
@@ -525,24 +596,56 @@ def _adapter_config(config):
     return config.lora
 
 
-def _setup(base_params, model_config, config, tokenizer=None):
-    params, model_config = add_lora(base_params, model_config, config.lora, seed=config.seed)
-    return params, model_config, set(adapter_names(model_config))
+def variant_adapter_config(config_type):
+    """Method.adapter_config of a LoRA variant (DoRA, QLoRA): the config_type a `--method` run puts in
+    ModelConfig.lora, config.lora as given, or LoRA's settings carried over into a config_type."""
+    def adapter_config(config):
+        if isinstance(config.lora, config_type):
+            return config.lora
+        if type(config.lora) is not LoraConfig:
+            raise ValueError(f"lora: expected a LoraConfig or {config_type.__name__} for method "
+                             f"{config_type.method!r}, got a {type(config.lora).__name__}")
+        return config_type(**asdict(config.lora))
+    return adapter_config
 
 
-def _check(model_config, config, longest):
+def adapter_setup(add):
+    """Method.setup of a LoRA-family method: add(base_params, model_config, config.lora, seed) adds its
+    adapters (add_lora, add_dora, add_qlora), and it trains exactly their names."""
+    def setup(base_params, model_config, config, tokenizer=None):
+        params, model_config = add(base_params, model_config, config.lora, seed=config.seed)
+        return params, model_config, set(adapter_names(model_config))
+    return setup
+
+
+_setup = adapter_setup(add_lora)
+
+
+def check_lora_settings(model_config, config, longest):
+    """Method.check of LoRA and DoRA: a rank at most min(out, in) for every target (one line, naming it)."""
     from ..model import param_shapes
 
     check_rank(param_shapes(model_config), model_config, config.lora)
 
 
+def gradcheck_point(add, params, config, settings, rng, draw=None):
+    """A LoRA-family model at a random, non-degenerate float64 point, for the whole-model gradient checks.
+
+    add(params, config, settings, seed=2) adds the adapters; then every adapter array is replaced by
+    draw(name, array, noise), noise = 0.5 N(0, 1) of its shape (by default the noise itself: B != 0,
+    since B = 0, the init, makes dA exactly zero). Returns (params, config, trainable names).
+    """
+    adapted, adapted_config = add(params, config, settings, seed=2)
+    for name in adapter_names(adapted_config):
+        noise = 0.5 * rng.standard_normal(adapted[name].shape)
+        adapted[name] = noise if draw is None else draw(name, adapted[name], noise)
+    return adapted, adapted_config, set(adapter_names(adapted_config))
+
+
 def _gradcheck_setup(params, config, rng, lora_config=None):
     """Adapters on every linear with rank 2, at B != 0 (B = 0, the init, makes dA exactly zero)."""
     settings = lora_config or LoraConfig(rank=2, alpha=3.0, targets=tuple(TARGETS))
-    adapted, adapted_config = add_lora(params, config, settings, seed=2)
-    for name in adapter_names(adapted_config):
-        adapted[name] = 0.5 * rng.standard_normal(adapted[name].shape)
-    return adapted, adapted_config, set(adapter_names(adapted_config))
+    return gradcheck_point(add_lora, params, config, settings, rng)
 
 
 def _op_checks(rng, xp=np):
@@ -569,8 +672,8 @@ def owns_lora_name(name):
 
 
 LORA = register(
-    Method("lora", "low-rank adapters B A beside frozen target linears", 3e-3, _setup, check=_check,
+    Method("lora", "low-rank adapters B A beside frozen target linears", 3e-3, _setup, check=check_lora_settings,
            adapter_config=_adapter_config, extra_shapes=adapter_methods_extra_shapes("lora"),
            owns=owns_lora_name, merge=merge, saves_adapter=True, study_lrs=(1e-3, 3e-3, 1e-2, 3e-2),
-           gradcheck_setup=_gradcheck_setup, op_checks=_op_checks, color="tab:orange"),
+           gradcheck_setup=_gradcheck_setup, op_checks=_op_checks, color="tab:orange", peft_export=True),
     pair=LORA_PAIR, config_type=LoraConfig)

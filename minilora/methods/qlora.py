@@ -28,7 +28,7 @@ that would round s B A away).
 """
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -36,8 +36,9 @@ import numpy as np
 from .. import ops
 from ..backend import array_module, to_numpy
 from . import LinearPair, Method, nf4, register
-from .lora import (TARGETS, LoraConfig, adapter_methods_extra_shapes, adapter_names, add_lora, check_rank,
-                   owns_lora_name)
+from .lora import (TARGETS, LoraConfig, adapter_backward, adapter_forward, adapter_methods_extra_shapes,
+                   adapter_names, add_lora, check_adapter, check_rank, gradcheck_point, owns_lora_name,
+                   shared_input_backward, shared_input_forward, variant_adapter_config, adapter_setup)
 
 FIELDS = nf4.NF4_FIELDS  # codes, absmax_q, absmax_scale, absmax_mean
 SUFFIXES = tuple("nf4." + f for f in FIELDS)
@@ -122,19 +123,10 @@ def qlora_linear_forward(x, q, shape, b, A, B, scale, dropout_p=0.0, rng=None, d
     Inputs as lora.lora_linear_forward, with W given as its NF4 record q and its shape (out, in).
     Returns y (N..., out) and a cache (codes, not deq(Q_W)). B @ A is never formed.
     """
-    d_out, d_in = shape
-    ops._check_float("A", A, like=x)
-    ops._check_float("B", B, like=x)
-    if A.ndim != 2 or A.shape[1] != d_in:
-        ops._fail("A", f"shape (r, {d_in})", f"shape {tuple(A.shape)}")
-    if B.shape != (d_out, A.shape[0]):
-        ops._fail("B", f"shape ({d_out}, {A.shape[0]}) = (out, r)", f"shape {tuple(B.shape)}")
+    check_adapter(x, A, B, *shape)
     y, base_cache = nf4_linear_forward(x, q, shape, b, block_size, absmax_block_size)
-    # the adapter, as in lora.lora_linear_forward: xa = drop(x) @ A.T, y += s * xa @ B.T
-    xd, drop_cache = ops.dropout_forward(x, dropout_p, rng, dropout_mask)
-    xa = xd.reshape(-1, xd.shape[-1]) @ A.T  # (N, r)
-    y += ((xa * scale) @ B.T).reshape(y.shape)
-    return y, (base_cache, drop_cache, xd, xa, A, B, float(scale))
+    # the adapter, exactly LoRA's (lora.adapter_forward): y += s * (drop(x) @ A.T) @ B.T
+    return y, (base_cache, adapter_forward(y, x, A, B, scale, dropout_p, rng, dropout_mask))
 
 
 def qlora_linear_backward(dout, cache, input_grad=True):
@@ -144,17 +136,12 @@ def qlora_linear_backward(dout, cache, input_grad=True):
         dA = s * (dout B)^T drop(x)                    (r, in)
         dx = dout @ deq(Q_W) + drop_backward(s * (dout B) A)
     """
-    base_cache, drop_cache, xd, xa, A, B, s = cache
-    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out)
-    # in the forward pass this was: y += s * xa @ B.T, with xa (N, r)
-    dB = (dout2.T @ xa) * s  # (out, r)
-    dxa = (dout2 @ B) * s  # (N, r)
-    # and xa = xd @ A.T
-    dA = dxa.T @ xd.reshape(-1, xd.shape[-1])  # (r, in)
+    base_cache, adapter_cache = cache
+    dx_adapter, dA, dB = adapter_backward(dout, adapter_cache, input_grad)  # LoRA's, line for line
     if not input_grad:
         return None, dA, dB
     dx = nf4_linear_backward(dout, base_cache)  # through deq(Q_W), dequantized again
-    dx += ops.dropout_backward((dxa @ A).reshape(dx.shape), drop_cache)
+    dx += dx_adapter
     return dx, dA, dB
 
 
@@ -183,11 +170,10 @@ def merge_weights(params, prefixes, shapes, scale, block_size=nf4.BLOCK_SIZE,
     return out
 
 
-
 def qlora_shared_input_forward(x, layers, scale, block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE):
     """QLoRA linears that read the same input x (attention's q, k, v), their A products as one.
 
-    lora.lora_shared_input_forward with NF4 bases:
+    lora.shared_input_forward with NF4 bases:
 
         xa  = x @ [A_1; ...; A_n].T             (N, n r)
         y_i = x @ deq(Q_i).T + b_i + s * xa_i @ B_i.T
@@ -195,19 +181,11 @@ def qlora_shared_input_forward(x, layers, scale, block_size=nf4.BLOCK_SIZE, absm
     Inputs: x (N..., in); layers, a list of (q_i, shape_i, b_i, A_i, B_i), all with the same r.
     Returns ys, a list of n outputs (N..., out_i), and a cache (codes, not deq(Q_i)).
     """
-    xp = array_module(x)
-    A_all = xp.concatenate([A for *_, A, _ in layers])  # (n r, in)
-    r = layers[0][3].shape[0]
-    xa = x.reshape(-1, x.shape[-1]) @ A_all.T  # (N, n r), one product for the n adapters
-    ys, caches = [], []
-    for i, (q, shape, b, A, B) in enumerate(layers):
-        if A.shape[0] != r:
-            ops._fail("A", f"rank r = {r} for every layer (the first layer's)", f"shape {tuple(A.shape)}")
-        y, c = nf4_linear_forward(x, q, shape, b, block_size, absmax_block_size)  # one layer dequantized
-        y += ((xa[:, i * r:(i + 1) * r] * scale) @ B.T).reshape(y.shape)
-        ys.append(y)
-        caches.append((c, B))
-    return ys, (x, xa, A_all, caches, float(scale))
+    def nf4_base(q, shape, b):  # one layer dequantized, just for its product
+        return lambda x: nf4_linear_forward(x, q, shape, b, block_size, absmax_block_size)
+
+    return shared_input_forward(x, [nf4_base(q, shape, b) for q, shape, b, _, _ in layers],
+                                [A for *_, A, _ in layers], [B for *_, B in layers], scale)
 
 
 def qlora_shared_input_backward(douts, cache, input_grad=True):
@@ -217,27 +195,7 @@ def qlora_shared_input_backward(douts, cache, input_grad=True):
         [dA_1; ...; dA_n] = dxa^T x
         dx = sum_i dout_i @ deq(Q_i) + dxa @ [A_1; ...; A_n]
     """
-    x, xa, A_all, caches, s = cache
-    xp = array_module(xa)
-    r = A_all.shape[0] // len(caches)
-    dBs, dxas = [], []
-    for i, (dout, (_, B)) in enumerate(zip(douts, caches)):
-        dout2 = dout.reshape(-1, dout.shape[-1])  # (N, out_i)
-        # in the forward pass this was: y_i += s * xa_i @ B_i.T
-        dBs.append((dout2.T @ xa[:, i * r:(i + 1) * r]) * s)  # (out_i, r)
-        dxas.append(dout2 @ B)  # (N, r)
-    dxa = xp.concatenate(dxas, axis=1)  # (N, n r)
-    dxa *= s
-    # and xa = x @ A_all.T
-    dA_all = dxa.T @ x.reshape(-1, x.shape[-1])  # (n r, in)
-    dAs = [dA_all[i * r:(i + 1) * r] for i in range(len(caches))]
-    if not input_grad:
-        return None, dAs, dBs
-    # x fans out to the n bases and the n adapters: dx sums them all
-    dx = (dxa @ A_all).reshape(x.shape)  # (N..., in), ours
-    for dout, (c, _) in zip(douts, caches):
-        dx += nf4_linear_backward(dout, c)  # y_i = x @ deq(Q_i).T + b_i gives dx only
-    return dx, dAs, dBs
+    return shared_input_backward(douts, cache, nf4_linear_backward, input_grad)
 
 
 @dataclass
@@ -396,6 +354,8 @@ def _nf4_backward(dout, cache, prefix, trainable, input_grad):
 
 
 QLORA_PAIR = LinearPair("qlora", _qlora_forward, _qlora_backward, _shared_forward, _shared_backward, _delta)
+
+
 def _nf4_delta(params, config, base, prefix):
     """Zero: fine-tuning never changes a frozen NF4 linear (the quantization error deq(Q_W) - W, about
     9% of ||W|| on the default base (benchmarks/nf4.json), is the base's, not a training change)."""
@@ -405,19 +365,8 @@ def _nf4_delta(params, config, base, prefix):
 NF4_PAIR = LinearPair("nf4", _nf4_forward, _nf4_backward, delta=_nf4_delta)
 
 
-def _adapter_config(config):
-    """The QLoraConfig of a `--method qlora` run: config.lora as given, or LoRA's settings as a QLoraConfig."""
-    if isinstance(config.lora, QLoraConfig):
-        return config.lora
-    if type(config.lora) is not LoraConfig:
-        raise ValueError(f"lora: expected a LoraConfig or QLoraConfig for method 'qlora', "
-                         f"got a {type(config.lora).__name__}")
-    return QLoraConfig(**asdict(config.lora))
-
-
-def _setup(base_params, model_config, config, tokenizer=None):
-    params, model_config = add_qlora(base_params, model_config, config.lora, seed=config.seed)
-    return params, model_config, set(adapter_names(model_config))
+_adapter_config = variant_adapter_config(QLoraConfig)  # config.lora as given, or LoRA's settings as a QLoraConfig
+_setup = adapter_setup(add_qlora)
 
 
 def _check(model_config, config, longest):
@@ -440,10 +389,7 @@ def _gradcheck_setup(params, config, rng, qlora_config=None):
     Adapters on q, k, v (their shared form) and fc; o and proj are frozen NF4 linears (the nf4 pair).
     """
     settings = qlora_config or QLoraConfig(rank=2, alpha=3.0, targets=("q", "k", "v", "fc"), block_size=32)
-    adapted, adapted_config = add_qlora(params, config, settings, seed=2)
-    for name in adapter_names(adapted_config):
-        adapted[name] = 0.5 * rng.standard_normal(adapted[name].shape)
-    return adapted, adapted_config, set(adapter_names(adapted_config))
+    return gradcheck_point(add_qlora, params, config, settings, rng)
 
 
 def _op_checks(rng, xp=np):
