@@ -1,9 +1,9 @@
-"""Memory of one training step per strategy (full, LoRA, QLoRA, prompt) at the default config.
+"""Memory of one training step per strategy (full, LoRA, QLoRA, prompt, prefix) at the default config.
 
     python benchmarks/memory.py [--out benchmarks/memory.json]
 
 For each strategy it reports, in bytes:
-- weights: every parameter the model holds (adapters and prompt included); for QLoRA the bytes
+- weights: every parameter the model holds (adapters, prompt and prefix included); for QLoRA the bytes
   stored: the blocks' linears as NF4 codes and scales, wte, wpe, LayerNorms and biases in float32;
 - gradients: the arrays the backward returns (trainable names only);
 - optimizer: AdamW's two moments (trainable names only);
@@ -92,7 +92,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/memory.json")
     args = ap.parse_args()
     config = model.ModelConfig()
-    rows = {s: report(s, config) for s in ("full", "lora", "qlora", "prompt")}
+    rows = {s: report(s, config) for s in ("full", "lora", "qlora", "prompt", "prefix")}
     print(f"{'strategy':8s} " + " ".join(f"{k:>14s}" for k in next(iter(rows.values())) if k != "trainable_params"))
     for s, r in rows.items():
         print(f"{s:8s} " + " ".join(f"{v / 2**20:11.2f} MiB" for k, v in r.items() if k != "trainable_params"))

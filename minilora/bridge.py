@@ -96,6 +96,10 @@ def check_exportable(params, config):
         raise ValueError("run: a prompt-tuning run has no exact export: PEFT's prompt tuning gives the virtual "
                          "tokens positions 0..P-1 and shifts the real tokens after them, while minilora keeps the "
                          "real tokens at positions 0..T-1")
+    if config.n_prefix:
+        raise ValueError("run: a prefix-tuning run has no exact export: PEFT's prefix tuning hands the prefix to GPT-2 "
+                         "as past_key_values, so GPT-2 numbers the real tokens P..P+T-1, while minilora keeps them "
+                         "at positions 0..T-1")
     if "cls.W" in params:
         raise ValueError("run: a classification run has no exact export: transformers' GPT2ForSequenceClassification "
                          "head has no bias and reads the last non-padding token, minilora's cls.W, cls.b has a bias")
