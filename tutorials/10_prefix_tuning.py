@@ -180,7 +180,8 @@ assert np.array_equal(model.forward(moved, pc, ids)[0], h)  # positions T.. are 
 changed = ids.copy()
 changed[0, 10] = tok.encode("z")[0]
 h2, _ = model.forward(params, pc, changed)
-assert np.array_equal(h2[:, :10], h[:, :10]) and not np.allclose(h2[:, 10], h[:, 10])
+assert np.allclose(h2[:, :10], h[:, :10], rtol=0, atol=1e-6)  # no earlier output moves (float32)
+assert not np.allclose(h2[:, 10], h[:, 10], rtol=0, atol=1e-3)  # the changed one does
 print(f"prefix of 8: positions 0..{Tn - 1} kept, the causal mask holds; trainable 2 L P C = "
       f"2 x {mc.n_layers} x 8 x {mc.d_model} = {prefix.prefix_param_count(pc):,}")
 

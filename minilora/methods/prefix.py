@@ -49,7 +49,8 @@ queries (ops._causal_blocks): block t0..t1-1 computes its P prefix columns and i
 only the real columns t0..t1-1 get the mask.
 
 Pruning. When nothing below a layer's attention trains (the lowest layer, when only prefixes train), its
-backward forms only dp and dw: dq, dk, dv and their products are skipped (input_grads=False).
+backward forms only dp and dw, from dS over the P prefix columns: dq, dk, dv, the real columns' dS and their
+products are skipped (input_grads=False).
 
 Reparametrisation. Li & Liang train the prefix through an MLP (P, C) -> (P, 2 L C) and drop it after, because
 optimising the prefix directly was unstable for their large models. It is left out here: P-tuning v2 trains
@@ -189,8 +190,8 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, n_heads):
 def prefix_attention_backward(dout, cache, input_grads=True):
     """Returns (dq, dk, dv, dprefix_k, dprefix_v): (B, T, C) three times, then (P, C) twice.
 
-    input_grads=False: dq, dk, dv are None and never computed (nothing below needs them); the prefix's
-    gradients are. The derivation is in the module docstring.
+    input_grads=False: dq, dk, dv are None and never computed (nothing below needs them), nor is dS over the
+    real columns: only the prefix columns' dS reaches a trained name. The derivation is in the module docstring.
     """
     qh, kk, vv, A, outh = cache
     B, NH, T, hs = qh.shape
@@ -205,28 +206,35 @@ def prefix_attention_backward(dout, cache, input_grads=True):
     dq = dk = dv = None
     if input_grads:
         dq, dk, dv = (xp.empty((B, T, NH * hs), dtype=dout.dtype) for _ in range(3))
-        dqh, dkh, dvh = split(dq), split(dk), split(dv)
+        dqh, dkh, dvh = split(dq), split(dk), split(dv)  # the products write the heads straight into dq, dk, dv
+        dS = xp.empty((NH, T, P + T), dtype=dout.dtype)  # one sequence's dS, reused
     dpkh = xp.zeros((NH, P, hs), dtype=dout.dtype)
     dpvh = xp.zeros((NH, P, hs), dtype=dout.dtype)
     # D[t] = sum_c dA[t, c] A[t, c] = dout_t . out_t (the prefix columns included: out holds their share)
     D = (douth * outh).sum(axis=-1, keepdims=True)  # (B, NH, T, 1)
     blocks = _causal_blocks(T)
-    dS = xp.empty((NH, T, P + T), dtype=dout.dtype)  # one sequence's dS, reused
     for b in range(B):
-        for t0, t1 in blocks:
-            Ab = A[b, :, t0:t1, :P + t1]
-            dSb = dS[:, t0:t1, :P + t1]
-            # in the forward pass this was: out = A [w; v], so dA = dout [w; v]^T
-            xp.matmul(douth[b, :, t0:t1], vv[b, :, :P + t1].transpose(0, 2, 1), out=dSb)
-            # A = softmax(S): dS = A * (dA - D); masked entries have A = 0, so their dS is 0
-            dSb -= D[b, :, t0:t1]
-            dSb *= Ab
-            dSb *= scale  # S = [q p^T, q k^T] * scale: the scale goes on dS once
-            if input_grads:
+        if input_grads:
+            for t0, t1 in blocks:
+                Ab = A[b, :, t0:t1, :P + t1]
+                dSb = dS[:, t0:t1, :P + t1]
+                # in the forward pass this was: out = A [w; v], so dA = dout [w; v]^T
+                xp.matmul(douth[b, :, t0:t1], vv[b, :, :P + t1].transpose(0, 2, 1), out=dSb)
+                # A = softmax(S): dS = A * (dA - D); masked entries have A = 0, so their dS is 0
+                dSb -= D[b, :, t0:t1]
+                dSb *= Ab
+                dSb *= scale  # S = [q p^T, q k^T] * scale: the scale goes on dS once
                 xp.matmul(dSb, kk[b, :, :P + t1], out=dqh[b, :, t0:t1])  # dq = dS [p; k]
+            dSp = dS[:, :, :P]  # (NH, T, P), the prefix columns
+        else:
+            # the same lines over the P prefix columns only: dA = dout w^T, dS = A * (dA - D) * scale
+            dSp = douth[b] @ vv[b, :, :P].transpose(0, 2, 1)  # (NH, T, P)
+            dSp -= D[b]
+            dSp *= A[b, :, :, :P]
+            dSp *= scale
         # the prefix columns are seen by every query: dp = dS[:, :P]^T q, dw = A[:, :P]^T dout,
         # summed over the sequences of the batch (one prefix serves them all)
-        dpkh += dS[:, :, :P].transpose(0, 2, 1) @ qh[b]
+        dpkh += dSp.transpose(0, 2, 1) @ qh[b]
         dpvh += A[b, :, :, :P].transpose(0, 2, 1) @ douth[b]
         if input_grads:
             for u0, u1 in blocks:
