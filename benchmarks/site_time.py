@@ -2,6 +2,7 @@
 
     python benchmarks/site_time.py            # the full build (every tutorial and solution in full mode)
     python benchmarks/site_time.py --smoke    # the smoke build (fast mode), as CI runs it
+    python benchmarks/site_time.py --keep build/site   # and keep the timed site (for the screenshots)
 
 The build runs as README says (`sphinx-build -b html docs OUT`), with 1 BLAS thread as the tutorials use,
 in a fresh work folder (MINILORA_SITE_WORK: no runs, no execution cache, MathJax installed from npm again),
@@ -11,9 +12,11 @@ otherwise idle machine: the times move with the load.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,8 +36,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="time the smoke build (MINILORA_FAST=1) instead")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "site_time.json"))
+    parser.add_argument("--work", metavar="DIR", help="the build's work folder (runs, execution cache, MathJax), kept "
+                        "afterwards; a missing or empty folder (default: a temporary one, removed)")
+    parser.add_argument("--keep", metavar="DIR", help="copy the timed site to DIR (replacing it) before the work "
+                        "folder is removed")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
+    if args.work and os.path.exists(args.work) and os.listdir(args.work):
+        parser.error(f"--work: expected a missing or empty folder (a build from nothing), got {args.work} with files")
+    with (contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory()) as work:
+        os.makedirs(work, exist_ok=True)
         env = {**os.environ, "MINILORA_SITE_WORK": work, "PYTHONPATH": ROOT, "MPLBACKEND": "Agg",
                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MINILORA_THREADS": "1"}
         env.pop("MINILORA_FAST", None)
@@ -43,6 +53,9 @@ def main():
         out = os.path.join(work, "site")
         clean = timed_build(out, env)
         rebuild = timed_build(out, env, fresh_env=True)
+        if args.keep:
+            shutil.rmtree(args.keep, ignore_errors=True)
+            shutil.copytree(out, args.keep)
     mode = "smoke" if args.smoke else "full"
     record = {"date": time.strftime("%Y-%m-%d"), "mode": mode,
               "command": f"{'MINILORA_FAST=1 ' if args.smoke else ''}sphinx-build -b html docs build/site{'-smoke' if args.smoke else ''}",

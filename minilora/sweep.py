@@ -11,7 +11,11 @@ with the one training loop and, every `eval_every` steps (and at step 0):
     delta         ||Delta W||_F / ||W||_F per linear (full: W - W0; LoRA: s B A; DoRA: W' - W0)
 
 and at the end the test metric (reported, never used to choose anything) and,
-for full fine-tuning, the singular values of every Delta W.
+for full fine-tuning, the singular values of every Delta W. Every record also
+names what made it: `code`, the commit of the package's checkout (with
+"+dirty" when minilora/ had uncommitted changes; None outside a git checkout),
+and `base_fingerprint`, the hash of the base weights it started from
+(methods.base_fingerprint), so rows of one table can be shown to share both.
 
 `run_sweep` runs a list of cells in worker processes, with the BLAS threads
 split between them so N workers on N cores never oversubscribe, and appends
@@ -33,13 +37,14 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -256,7 +261,31 @@ def run_cell_on(cell, base, model_config, tokenizer):
             for prefix in delta_norms(params, ft_config, base)}
     record["wall_s"] = time.perf_counter() - t0
     record["blas_threads"] = _blas_threads()
+    record["code"] = code_version()
+    record["base_fingerprint"] = methods.base_fingerprint(base)
     return record, params, ft_config
+
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@lru_cache(maxsize=4)
+def code_version(root=_PACKAGE_ROOT):
+    """The commit the package runs from: git HEAD of the checkout at root (the package's parent folder),
+    "+dirty" if its minilora/ has uncommitted changes; None when root is not the top of a git checkout (a
+    non-editable install) or git is missing."""
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--show-toplevel", "HEAD")
+        if head.returncode or os.path.realpath(head.stdout.split()[0]) != os.path.realpath(root):
+            return None
+        dirty = git("status", "--porcelain", "--", "minilora").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.split()[1] + ("+dirty" if dirty else "")
 
 
 def _blas_threads():
@@ -283,6 +312,8 @@ def read_results(path):
                            ("steps", "int")):
             field(cell, name, path, kind, f"{where}: cell")
         field(r, "wall_s", path, "number", where, optional=True)
+        field(r, "code", path, "str", where, optional=True)
+        field(r, "base_fingerprint", path, "str", where, optional=True)
         evals = field(r, "evals", path, "list", where)
         if not evals:
             raise FileError(path, "expected at least one evaluation, got none", f"{where}: evals")

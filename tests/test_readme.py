@@ -52,6 +52,20 @@ def test_the_front_page_quotes_the_benchmarks_it_names():
     assert f"{speed['configs']['bench']['strategies']['full']['minilora_over_torch']:.2f} × PyTorch eager" in README
 
 
+def test_the_gpt2_small_table_is_the_benchmarks_numbers():
+    """README's and docs/hf.md's GPT-2-small rows are benchmarks/gpt2_small.json's, as printed."""
+    bench = json.loads((ROOT / "benchmarks" / "gpt2_small.json").read_text())
+    hf_page = (ROOT / "docs" / "hf.md").read_text()
+    assert bench["size"] == "gpt2-small" and bench["params"] > 124_000_000
+    for strategy in ("full", "lora"):
+        s = bench["strategies"][strategy]
+        memory = s["memory"]
+        cells = [f"{s['step_s']['minilora']:.2f} s", f"{s['step_s']['torch']:.2f} s",
+                 f"{memory['formula_total'] / 2 ** 20:,.0f} MiB", f"{memory['peak_total'] / 2 ** 20:,.0f} MiB"]
+        row = " | ".join(cells)
+        assert row in README and row in hf_page, row
+
+
 def test_the_benchmark_met_the_issues_targets():
     assert RESULTS["pretrain"]["val_loss"] <= 1.05 * RESULTS["pretrain"]["floor"]
     assert RESULTS["pretrain"]["wall_s"] <= 180

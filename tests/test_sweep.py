@@ -48,6 +48,22 @@ def test_a_cell_runs_the_same_on_a_base_given_directly(bases):
     assert config.lora is not None and any(params[n].any() for n in params if n.endswith("lora_B"))
 
 
+def test_every_record_names_its_code_and_its_base(bases, tmp_path):
+    from minilora import methods
+
+    r = sweep.run_cell(sweep.Cell(**TINY, method="lora", lr=1e-2), bases)
+    base, _, _ = sweep.load_base("tiny", bases)
+    assert r["base_fingerprint"] == methods.base_fingerprint(base)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sweep.__file__)))
+    if os.path.exists(os.path.join(root, ".git")):
+        head = os.popen(f"git -C {root} rev-parse HEAD").read().strip()
+        assert r["code"].split("+")[0] == head and r["code"] in (head, head + "+dirty")
+    else:  # a non-editable install: no checkout to name
+        assert r["code"] is None
+    # a package outside any git checkout names no commit, rather than a wrong one
+    assert sweep.code_version(str(tmp_path)) is None
+
+
 def test_validation_test_and_training_splits_are_disjoint():
     cell = sweep.Cell(study="t", n_train=300, n_val=50, n_test=100, seed=7)
     train, val, test = sweep.splits(cell)
