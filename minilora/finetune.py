@@ -168,8 +168,10 @@ def task_name(config):
 
 def run_meta(base_params, model_config, tokenizer, config, class_names):
     """What every checkpoint of a fine-tuning run stores about it; a resume must match it exactly."""
-    adapter_config = methods.method(config.method).adapter_config
-    ft_config = replace(model_config, lora=adapter_config(config)) if adapter_config else model_config
+    m = methods.method(config.method)
+    ft_config = replace(model_config, lora=m.adapter_config(config)) if m.adapter_config else model_config
+    if m.model_settings is not None:  # a setting of ModelConfig beside .lora (prefix tuning's n_prefix)
+        ft_config = replace(ft_config, **m.model_settings(config))
     return {"kind": "finetune", "model": ft_config.to_dict(), "tokenizer": tokenizer.describe(),
             "method": config.method, "task": task_name(config),
             "finetune": run_description(config), "class_names": class_names,

@@ -122,6 +122,7 @@ class Method:
     stores_codes: object = None  # (name) -> True for an integer array it stores by design (QLoRA's NF4 codes)
     color: str = "tab:gray"  # its colour in every figure of the report
     count_line: object = None  # (params, trainable, config) -> its trainable count with the formula, checked
+    model_settings: object = None  # (ft_config) -> {ModelConfig field: value} it sets beside .lora (n_prefix)
 
 
 # filled in by the method modules imported at the bottom of this file
