@@ -1,10 +1,10 @@
-"""Memory of one training step per strategy (full, LoRA, QLoRA, DoRA, prompt, IA3) at the default config.
+"""Memory of one training step per strategy (full, LoRA, QLoRA, DoRA, prompt, prefix, IA3) at the default config.
 
-    python benchmarks/memory.py [--out benchmarks/memory.json] [--strategies full,lora,qlora,dora,prompt,ia3]
+    python benchmarks/memory.py [--out benchmarks/memory.json] [--strategies full,lora,qlora,dora,prompt,prefix,ia3]
                                  [--config default]   (--config tiny: only to check that it runs)
 
 For each strategy it reports, in bytes:
-- weights: every parameter the model holds (adapters and prompt included); for QLoRA the bytes
+- weights: every parameter the model holds (adapters, prompt and prefix included); for QLoRA the bytes
   stored: the blocks' linears as NF4 codes and scales, wte, wpe, LayerNorms and biases in float32;
 - gradients: the arrays the backward returns (trainable names only);
 - optimizer: AdamW's two moments (trainable names only);
@@ -28,7 +28,7 @@ from minilora import model, ops, optim
 
 from speed import BATCH, build, loss_and_grads, make_batch, model_config, update
 
-STRATEGIES = ("full", "lora", "qlora", "dora", "prompt", "ia3")
+STRATEGIES = ("full", "lora", "qlora", "dora", "prompt", "prefix", "ia3")
 
 
 def forward_cache(params, config, batch, trainable):

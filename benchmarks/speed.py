@@ -7,9 +7,10 @@ Run by hand, not by the tests. For each config (default: d 128, 2 layers, 4 head
 T 128, batch 16; bench: d 256, 4 layers, 4 heads, T 256, batch 16, d_ff 1024; tiny:
 d 32, 1 layer, T 32, only to check that a strategy runs) and each strategy (full;
 LoRA r=8 on q,k,v,o; QLoRA, the same adapters on a base whose block linears are NF4;
-DoRA r=8 on q,k,v,o, exact backward; prompt tuning with 16 vectors; IA3's l_k, l_v,
-l_ff) it times one step = loss + backward + gradient clipping (norm 1.0) + AdamW,
-the median of `--repeats` steps after two warm-up steps. When PyTorch is importable the same
+DoRA r=8 on q,k,v,o, exact backward; prompt tuning with 16 vectors; prefix tuning
+with 16 keys and values per layer; IA3's l_k, l_v, l_ff) it times one step = loss +
+backward + gradient clipping (norm 1.0) + AdamW, the median of `--repeats` steps
+after two warm-up steps. When PyTorch is importable the same
 architecture (pre-LN blocks, tied LM head, no key bias, tanh GELU, AdamW, clipping)
 is timed in eager mode, its steps interleaved one by one with minilora's so both
 see the same machine load (for full, LoRA, DoRA and prompt tuning: PyTorch has no
@@ -25,8 +26,9 @@ FLOP counting (multiply-add = 2 FLOPs; elementwise work is not counted):
   though minilora, like PyTorch's CPU attention, computes only the blocks at or
   below the diagonal: 5/8 of the square at T = 256, 3/4 at T = 128);
   tokens and T include the 16 prompt positions for prompt tuning, except at the head;
+  for prefix tuning each query is scored against T + 16 keys (the prefix columns);
 - backward, full fine-tuning: 2x the forward (dx and dW for every product);
-- backward, LoRA, IA3 and prompt tuning: 1x the forward of the linears and the head (dx
+- backward, LoRA, IA3, prompt and prefix tuning: 1x the forward of the linears and the head (dx
   only: a frozen W gets no dW; IA3's scalings are elementwise, not counted), 2x the
   forward of attention (dq, dk, dv all needed), plus LoRA's own products (forward
   2 r (in + out) per token and adapter, backward twice that). Under LoRA and IA3, block 0's dx products of q,
@@ -60,7 +62,7 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from minilora import model, optim
-from minilora.methods import dora, ia3, lora, prompt, qlora
+from minilora.methods import dora, ia3, lora, prefix, prompt, qlora
 
 # ---- every call into the package sits in these three functions (easy to port) ----
 
@@ -87,6 +89,9 @@ def build(config, strategy, seed=0):
     elif strategy == "prompt":
         params = prompt.add_prompt(params, N_PROMPT, seed=seed)
         trainable = ["prompt"]
+    elif strategy == "prefix":
+        params, config = prefix.add_prefix(params, config, N_PREFIX, seed=seed)
+        trainable = prefix.prefix_names(config)
     elif strategy == "ia3":
         # the vectors l_k, l_v (C,) and l_ff (F,) of every block, at ones
         params, config = ia3.add_ia3(params, config)
@@ -123,8 +128,9 @@ def adamw_init(params, trainable):
 
 BATCH = 16
 N_PROMPT = 16
-STRATEGIES = ("full", "lora", "qlora", "dora", "prompt", "ia3")
-TORCH_STRATEGIES = ("full", "lora", "dora", "prompt", "ia3")  # the ones torch_stepper builds (PyTorch has no NF4)
+N_PREFIX = 16  # prefix keys and values per layer (prefix tuning)
+STRATEGIES = ("full", "lora", "qlora", "dora", "prompt", "prefix", "ia3")
+TORCH_STRATEGIES = ("full", "lora", "dora", "prompt", "prefix", "ia3")  # the ones torch_stepper builds (PyTorch has no NF4)
 
 
 def make_batch(config, seed=0):
@@ -154,7 +160,8 @@ def flops_per_step(c, strategy, lora_rank=8, n_targets=4):
     Tb = T + (N_PROMPT if strategy == "prompt" else 0)  # positions the blocks see
     linear_w = L * (4 * C * C + 2 * C * F)
     fwd_lin = 2 * linear_w * B * Tb + 2 * V * C * B * T  # blocks + tied head
-    fwd_att = L * 2 * 2 * B * NH * Tb * Tb * (C // NH)
+    Tk = Tb + (N_PREFIX if strategy == "prefix" else 0)  # keys each query is scored against
+    fwd_att = L * 2 * 2 * B * NH * Tb * Tk * (C // NH)
     if strategy == "full":
         return 3 * (fwd_lin + fwd_att)
     adapters = 0
@@ -237,12 +244,25 @@ def torch_stepper(config, strategy, threads, batch=None):
             self.q, self.k = Linear(C, C, rank=rank), Linear(C, C, bias=False, rank=rank, ia3=out)
             self.v, self.o = Linear(C, C, rank=rank, ia3=out), Linear(C, C, rank=rank)
             self.fc, self.proj = Linear(C, F), Linear(F, C, ia3=inp)
+            # prefix tuning: P keys and values of this layer, (P, C) as minilora's prefix_k, prefix_v
+            self.pk = self.pv = None
+            if strategy == "prefix":
+                self.pk = torch.nn.Parameter(torch.randn(N_PREFIX, C) * 0.02)
+                self.pv = torch.nn.Parameter(torch.randn(N_PREFIX, C) * 0.02)
 
         def forward(self, x):
             B_, T_, _ = x.shape
             a = self.ln_1(x)
             q, k, v = (f(a).view(B_, T_, NH, C // NH).transpose(1, 2) for f in (self.q, self.k, self.v))
-            y = Fn.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if self.pk is None:
+                y = Fn.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # the prefix columns first, seen by every query; the causal mask among the real tokens
+                P = self.pk.shape[0]
+                k, v = (torch.cat([p.view(1, P, NH, C // NH).transpose(1, 2).expand(B_, -1, -1, -1), a], dim=2)
+                        for p, a in ((self.pk, k), (self.pv, v)))
+                see = torch.ones(T_, P + T_, dtype=torch.bool)
+                see[:, P:] = torch.tril(see[:, P:])
+                y = Fn.scaled_dot_product_attention(q, k, v, attn_mask=see)
             x = x + self.o(y.transpose(1, 2).reshape(B_, T_, C))
             return x + self.proj(Fn.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
 
@@ -275,6 +295,8 @@ def torch_stepper(config, strategy, threads, batch=None):
             p.requires_grad_(name == "prompt")
         elif strategy == "ia3":
             p.requires_grad_(name.endswith(".l"))
+        elif strategy == "prefix":
+            p.requires_grad_(name.endswith((".pk", ".pv")))
     trainable = [p for p in net.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]

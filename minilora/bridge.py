@@ -101,6 +101,10 @@ def check_exportable(params, config):
         # no float W to write; merging first gives a plain model, which exports exactly
         raise ValueError(f"run: a {config.lora.label} run has no exact export as a PEFT LoRA adapter (only plain "
                          f"LoRA's is); `minilora merge` it first, and export the merged plain model")
+    if config.n_prefix:
+        raise ValueError("run: a prefix-tuning run has no exact export: PEFT's prefix tuning hands the prefix to GPT-2 "
+                         "as past_key_values, so GPT-2 numbers the real tokens P..P+T-1, while minilora keeps them "
+                         "at positions 0..T-1")
     if "cls.W" in params:
         raise ValueError("run: a classification run has no exact export: transformers' GPT2ForSequenceClassification "
                          "head has no bias and reads the last non-padding token, minilora's cls.W, cls.b has a bias")

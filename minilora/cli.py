@@ -332,7 +332,7 @@ def _finetune_config(args, saved_train=None):
         lora=settings(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
                       targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, rslora=args.rslora,
                       init=args.lora_init, **variant),
-        n_prompt=args.n_prompt, prompt_init=args.prompt_init,
+        n_prompt=args.n_prompt, prompt_init=args.prompt_init, n_prefix=args.n_prefix,
         train=replace(d.train, steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
                       warmup_steps=_warmup(args, d.train.warmup_steps, saved_train), eval_every=args.steps,
                       checkpoint_every=args.checkpoint_every, seed=args.seed),
@@ -718,6 +718,8 @@ def build_parser():
             s.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help=help_text)
     s.add_argument("--n-prompt", type=POSITIVE, default=ft.n_prompt, help="soft-prompt vectors (--method prompt)")
     s.add_argument("--prompt-init", choices=["vocab", "random", "text"], default=ft.prompt_init)
+    s.add_argument("--n-prefix", type=POSITIVE, default=ft.n_prefix,
+                   help="prefix keys and values per attention layer (--method prefix)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=ft.seed)
     s.set_defaults(func=_cmd_finetune)
 

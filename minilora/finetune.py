@@ -7,6 +7,7 @@ A strategy is only (a) which extra parameters exist and (b) which names are trai
     lora     <linear>.lora_A, <linear>.lora_B     the adapters
     dora     the same, and <linear>.lora_magnitude_vector (out,)   the adapters and magnitudes
     prompt   prompt (P, C)                        the soft prompt
+    prefix   h.{i}.attn.prefix_k, prefix_v (P, C)   every layer's prefix keys and values
     ia3      <linear>.ia3_l beside k, v (C,), proj (F,)   the vectors
     (a classification task adds cls.W, cls.b, trainable under every method)
 
@@ -60,6 +61,7 @@ class FinetuneConfig:
     n_prompt: int = 16  # soft-prompt vectors (prompt tuning)
     prompt_init: str = "vocab"  # vocab | random | text
     prompt_init_text: str = "Name the subject of the sentence."
+    n_prefix: int = 16  # prefix keys and values per attention layer (prefix tuning)
     train: TrainConfig = None  # None: TrainConfig(steps=600, lr=DEFAULT_LR[method], ...)
     seed: int = 0
 
@@ -167,8 +169,10 @@ def task_name(config):
 
 def run_meta(base_params, model_config, tokenizer, config, class_names):
     """What every checkpoint of a fine-tuning run stores about it; a resume must match it exactly."""
-    adapter_config = methods.method(config.method).adapter_config
-    ft_config = replace(model_config, lora=adapter_config(config)) if adapter_config else model_config
+    m = methods.method(config.method)
+    ft_config = replace(model_config, lora=m.adapter_config(config)) if m.adapter_config else model_config
+    if m.model_settings is not None:  # a setting of ModelConfig beside .lora (prefix tuning's n_prefix)
+        ft_config = replace(ft_config, **m.model_settings(config))
     return {"kind": "finetune", "model": ft_config.to_dict(), "tokenizer": tokenizer.describe(),
             "method": config.method, "task": task_name(config),
             "finetune": run_description(config), "class_names": class_names,
@@ -207,6 +211,9 @@ def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_dat
     n_classes = len(class_names) if class_names else None
     params, ft_config, trainable = setup_strategy(base_params, model_config, tokenizer, config, n_classes)
     report = count_report(params, trainable, ft_config)
+    count_line = methods.method(config.method).count_line
+    if count_line is not None:  # a method outside ModelConfig.lora states its own count and formula
+        report += "\n" + count_line(params, trainable, ft_config)
     batches = tasks.RecordBatches(train_records, tokenizer, config.train.batch_size, model_config.context_length,
                                   class_names, config.train_on_prompt, config.end_marker)
 
@@ -283,6 +290,8 @@ def run_description(config):
     """What a run's metadata keeps so its split can be rebuilt exactly: task or
     data file (with its SHA-256), seed, split sizes, and the prompt settings."""
     d = {k: v for k, v in asdict(config).items() if k not in ("lora", "train")}
+    if d["n_prefix"] == FinetuneConfig.n_prefix:
+        del d["n_prefix"]  # added later: at its default a run is described as before, so finished runs stay found
     if config.data_file is not None:
         d["data_file"] = os.path.abspath(config.data_file)
         # the bytes load_records read (once: a pipe or FIFO cannot be read again)
@@ -297,5 +306,5 @@ def run_description(config):
 def config_from_description(d):
     """The FinetuneConfig (split-defining fields) a run was made with, from run_description's dict."""
     fields = {k: d[k] for k in ("method", "task", "n_train", "n_test", "data_file", "train_on_prompt", "end_marker",
-                                "n_prompt", "prompt_init", "prompt_init_text", "seed") if k in d}
+                                "n_prompt", "prompt_init", "prompt_init_text", "n_prefix", "seed") if k in d}
     return FinetuneConfig(**fields)

@@ -17,6 +17,7 @@ Fine-tuning methods (minilora/methods/) only add names beside these, e.g.
     <linear>.lora_A (r, in), <linear>.lora_B (out, r)   LoRA adapter of a linear
     <linear>.ia3_l (out,) or (in,)     IA3 vector scaling the output of k, v or the input of proj
     prompt               (P, C)        soft prompt vectors
+    h.{i}.attn.prefix_k, .prefix_v (P, C)   prefix keys and values of layer i (config.n_prefix = P)
     cls.W (K, C), cls.b (K,)           classification head on the last token (add_head)
 
 and say which names are trainable. The backward computes a gradient for a
@@ -26,6 +27,9 @@ Which op pair computes a linear is asked in one place, `_linear_forward`, of
 methods.linear_pair(config, prefix): the adapter settings in config.lora (the
 config that came with the parameters) name the pair of every adapted linear;
 every other linear is the plain pair. The backward runs the pair the forward chose.
+Likewise a block's attention is asked once, in `_attention_forward`, of
+methods.attention_pair(config): causal attention, or with config.n_prefix > 0
+the attention with prefix columns.
 """
 
 import math
@@ -52,12 +56,17 @@ class ModelConfig:
     # another method's adapter config (ia3.Ia3Config); its `method` names the pair that computes every linear
     # it targets (lora.add_lora, ia3.add_ia3 set it)
     lora: LoraConfig = None
+    # prefix tuning (methods/prefix.py): P trainable keys and values before every attention layer's own;
+    # 0: none. methods.attention_pair reads it: the one place a block's attention is chosen
+    n_prefix: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "d_ff"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if isinstance(self.n_prefix, bool) or not isinstance(self.n_prefix, int) or self.n_prefix < 0:
+            raise ValueError(f"n_prefix: expected a non-negative integer, got {self.n_prefix!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={self.d_model}, got {self.n_heads}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
@@ -74,6 +83,8 @@ class ModelConfig:
         """A JSON-able dict that from_dict turns back into this config, adapters' settings included."""
         d = asdict(self)
         d["lora"] = None if self.lora is None else self.lora.to_dict()  # a variant's dict names its method
+        if not self.n_prefix:
+            del d["n_prefix"]  # a setting added later: a model without a prefix writes the dict it always did
         return d
 
     @classmethod
@@ -195,6 +206,21 @@ def _linear_backward(dout, cache, prefix, params, grads, trainable, input_grad=T
     return dx
 
 
+def _attention_forward(params, config, prefix, q, k, v):
+    """The attention of block prefix ("h.{i}.attn"), by the pair methods.attention_pair chooses (the one place)."""
+    pair = methods.attention_pair(config)
+    y, cache = pair.forward(params, prefix, q, k, v, config)
+    return y, (pair, cache)
+
+
+def _attention_backward(dy, cache, prefix, grads, trainable, input_grad):
+    """(dq, dk, dv), or None when not input_grad; adds the pair's own trainable gradients to grads."""
+    pair, cache = cache
+    dqkv, named = pair.backward(dy, cache, prefix, trainable, input_grad)
+    _keep(grads, trainable, prefix, **named)
+    return dqkv
+
+
 def _ln_backward(dout, cache, prefix, grads, trainable):
     wanted = prefix + ".g" in trainable or prefix + ".b" in trainable
     dx, dg, db = ops.layer_norm_backward(dout, cache, param_grads=wanted)
@@ -268,7 +294,7 @@ def block_forward(params, i, x, config, rng=None, train=False, trainable=None):
     drop = config.dropout if train else 0.0
     a, c_ln1 = ops.layer_norm_forward(x, params[p + "ln_1.g"], params[p + "ln_1.b"])
     (q, k, v), c_qkv = _qkv_forward(params, config, p, a, rng, train, trainable)  # each (B, T, C)
-    y, c_att = ops.attention_forward(q, k, v, config.n_heads)
+    y, c_att = _attention_forward(params, config, p + "attn", q, k, v)
     o, c_o = _linear_forward(params, config, p + "attn.o", y, rng, train, trainable)
     o, c_do = ops.dropout_forward(o, drop, rng)
     x = x + o  # residual
@@ -300,7 +326,12 @@ def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
     # x = x + o
     do = ops.dropout_backward(dx, c_do)
     dy = _linear_backward(do, c_o, p + "attn.o", params, grads, trainable)
-    dq, dk, dv = ops.attention_backward(dy, c_att)
+    # q, k, v need their gradients when their own weights, or anything below them, train
+    qkv_grad = input_grad or any(_trains(trainable, p + n) for n in ("ln_1.", "attn.q.", "attn.k.", "attn.v."))
+    dqkv = _attention_backward(dy, c_att, p + "attn", grads, trainable, qkv_grad)
+    if not qkv_grad:
+        return None  # only the attention's own parameters (a prefix) train here: no dq, dk, dv at all
+    dq, dk, dv = dqkv
     if not input_grad and not _trains(trainable, p + "ln_1."):
         # a = ln_1(x) leads only to frozen weights and the untrained input: its
         # gradient, the three dx products of q, k, v and the ln_1 backward are all

@@ -92,6 +92,7 @@ class Cell:
     eval_every: int = 25
     corpus_sentences: int = 200  # validation sentences the corpus loss (forgetting) is measured on
     detach_norm: bool = False  # DoRA: the backward treats the row norm as a constant (a later field: see key)
+    n_prefix: int = 16  # prefix tuning: keys and values per attention layer (a later field: see key)
 
     def key(self):
         """A string that names the cell exactly: equal settings, equal key.
@@ -119,7 +120,7 @@ class Cell:
                          warmup_steps=min(20, self.steps // 10), weight_decay=0.0, eval_every=self.eval_every,
                          seed=self.seed)
         return FinetuneConfig(method=self.method, task=self.task, n_train=self.n_train, n_test=self.n_test,
-                              lora=lora, n_prompt=self.n_prompt, prompt_init=self.prompt_init,
+                              lora=lora, n_prompt=self.n_prompt, prompt_init=self.prompt_init, n_prefix=self.n_prefix,
                               end_marker=self.end_marker, train=tc, seed=self.seed)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minilora import corpus, evaluation, finetune, methods, model, tasks, tokenizer
-from minilora.methods import lora, qlora
+from minilora.methods import lora, prefix, qlora
 from minilora.methods.lora import LoraConfig
 from minilora.model import ModelConfig
 from minilora.train import TrainConfig, train
@@ -28,9 +28,12 @@ def test_a_strategy_is_extra_parameters_and_trainable_names(method, n_classes):
     assert (config.lora is not None) == (methods.method(method).adapter_config is not None)
     head = {"cls.W", "cls.b"} if n_classes else set()
     adapters = set(lora.adapter_names(config)) if config.lora is not None else set()
-    expected = {"full": set(base) | head, "prompt": {"prompt"} | head}.get(method, adapters | head)
+    prefixes = set(prefix.prefix_names(config))  # every layer's prefix_k, prefix_v (none unless method prefix)
+    assert bool(prefixes) == (method == "prefix")
+    expected = {"full": set(base) | head, "prompt": {"prompt"} | head,
+                "prefix": prefixes | head}.get(method, adapters | head)
     assert trainable == expected
-    added = {"full": set(), "prompt": {"prompt"}}.get(method, adapters) | head
+    added = {"full": set(), "prompt": {"prompt"}, "prefix": prefixes}.get(method, adapters) | head
     if method == "qlora":  # every block linear's W is stored as its NF4 record instead
         stored = {n for n in base if n.startswith("h.") and n.endswith(".W")}
         assert len(stored) == 6 * TINY.n_layers and not stored & set(params)
@@ -129,7 +132,7 @@ def test_every_strategy_can_fit_a_small_batch(method):
     # weights 10x GPT-2's init, closer to a trained model's: at std 0.02 attention is near
     # uniform and tiny, and a frozen model barely responds to its prompt or adapters
     base = {n: p * 10.0 if p.ndim == 2 else p for n, p in model.init_params(TINY, 0).items()}
-    lr = {"full": 3e-3, "lora": 1e-2, "dora": 1e-2, "qlora": 1e-2, "prompt": 1e-1, "ia3": 3e-1}[method]
+    lr = {"full": 3e-3, "lora": 1e-2, "dora": 1e-2, "qlora": 1e-2, "prompt": 1e-1, "prefix": 1e-1, "ia3": 3e-1}[method]
     config = finetune.FinetuneConfig(method=method, train=TrainConfig(steps=80, batch_size=4, lr=lr, min_lr=lr,
                                                                       warmup_steps=0, weight_decay=0.0))
     params, ft_config, trainable = finetune.setup_strategy(base, TINY, CHAR, config)

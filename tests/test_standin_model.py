@@ -217,13 +217,15 @@ def pretrained_tiny():
 
 
 @pytest.mark.parametrize("method,task", [("full", "subject"), ("lora", "subject"), ("prompt", "subject"),
-                                         ("lora", "kind"), ("dora", "subject")])
+                                         ("lora", "kind"), ("dora", "subject"),
+                                         ("prefix", "subject")])
 def test_finetuning_matches_numpy(xp, pretrained_tiny, method, task):
     base, mc = pretrained_tiny
     train = TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, eval_every=3, weight_decay=0.0)
 
     def run(module):
-        cfg = finetune.FinetuneConfig(method=method, task=task, n_train=16, n_test=8, n_prompt=4, train=train)
+        cfg = finetune.FinetuneConfig(method=method, task=task, n_train=16, n_test=8, n_prompt=4, n_prefix=3,
+                                      train=train)
         params, _, trainable, summary = finetune.finetune(model.params_to(base, module), mc, tokenizer.CharTokenizer(), cfg)
         assert all(backend.array_module(params[n]) is module for n in trainable)
         return summary

@@ -146,7 +146,7 @@ def test_every_study_is_a_grid_of_valid_cells(tmp_path):
     out = tmp_path / "studies"
     grid = studies.cells("forgetting", str(out / "forgetting"))
     # every method with learning rates to sweep (methods.Method.study_lrs), 4 of them, 3 seeds
-    swept = ("full", "lora", "dora", "qlora", "prompt", "ia3")
+    swept = ("full", "lora", "dora", "qlora", "prompt", "prefix", "ia3")
     assert len(grid) == len(swept) * 4 * 3 and {c.method for c in grid} == set(swept)
     assert all(len({c.lr for c in grid if c.method == m}) == 4 for m in swept)
     with pytest.raises(ValueError, match="minilora sweep forgetting"):

@@ -6,6 +6,7 @@
     qlora.py    QLoRA: LoRA on a frozen base whose block linears are stored in 4 bits (NF4, nf4.py)
     nf4.py      the NF4 data type by hand: levels, blockwise absmax, double quantization, packing
     prompt.py   prompt tuning: P trainable vectors put before the input
+    prefix.py   prefix tuning: P trainable keys and values before every attention layer's own
     ia3.py      IA3: learned vectors l_k, l_v, l_ff rescale the keys, the values and the MLP's activation
 
 Why a folder of small modules: every method is the same kind of thing (names, shapes, an op pair, add,
@@ -35,12 +36,19 @@ How a method plugs in
 
    model.py asks `linear_pair(config, prefix)` once per linear, in one place, and runs what it returns;
    the backward of a frozen W must form no dW (tests/test_frozen_products.py counts them for every method).
+   A method that changes how a block's attention computes (prefix tuning) registers an AttentionPair the
+   same way, `register(Method(...), attention=AttentionPair("NAME", forward, backward))`, and model.py asks
+   `attention_pair(config)` once per block, from a setting of ModelConfig (config.n_prefix):
+
+   forward(params, prefix, q, k, v, config) -> (y, cache)             prefix: "h.{i}.attn"
+   backward(dy, cache, prefix, trainable, input_grad) -> ((dq, dk, dv) or None, {suffix: gradient})
 3. Register a `Method` in METHODS (below): its name, default learning rate, setup, checks, shapes and
    merge. finetune, the CLI's --method choices, runs.load_model's name check, the sweep's delta norms,
    the report and gradcheck all read it from there. Add the module to the import at the bottom of this file.
 
-The API other modules use: METHODS, method(name), linear_pair(config, prefix), adapter_config_from_dict(d),
-expected_shapes(config, params), base_fingerprint(params), check_trainable(params, trainable, config).
+The API other modules use: METHODS, method(name), linear_pair(config, prefix), attention_pair(config),
+adapter_config_from_dict(d), expected_shapes(config, params), base_fingerprint(params),
+check_trainable(params, trainable, config).
 """
 
 import hashlib
@@ -62,6 +70,15 @@ class LinearPair:
     shared_forward: object = None  # q, k, v read one input: one product for all their adapters
     shared_backward: object = None
     delta: object = None  # (params, config, base, prefix) -> Delta W, what the method changed (sweep.delta_norms)
+
+
+@dataclass(frozen=True)
+class AttentionPair:
+    """How a block's attention computes (signatures in the module docstring)."""
+
+    name: str
+    forward: object
+    backward: object
 
 
 @dataclass(frozen=True)
@@ -110,22 +127,27 @@ class Method:
     stores_codes: object = None  # (name) -> True for an integer array it stores by design (QLoRA's NF4 codes)
     color: str = "tab:gray"  # its colour in every figure of the report
     peft_export: bool = False  # its adapters go out exactly as a PEFT LoRA adapter (peft_io; plain LoRA only)
+    count_line: object = None  # (params, trainable, config) -> its trainable count with the formula, checked
+    model_settings: object = None  # (ft_config) -> {ModelConfig field: value} it sets beside .lora (n_prefix)
 
 
 # filled in by the method modules imported at the bottom of this file
 METHODS = {}  # name -> Method
 LINEARS = {}  # LinearPair.name -> pair: "plain", and each adapter config's method
 ADAPTER_CONFIGS = {}  # adapter config's method -> its class (LoraConfig, DoraConfig, ...)
+ATTENTIONS = {}  # AttentionPair.name -> pair: "causal" (ops.attention), and "prefix"
 
 
-def register(m=None, pair=None, config_type=None):
-    """Add a method, a linear pair, and the adapter config class whose `method` names that pair."""
+def register(m=None, pair=None, config_type=None, attention=None):
+    """Add a method, a linear pair, the adapter config class whose `method` names that pair, an attention pair."""
     if m is not None:
         METHODS[m.name] = m
     if pair is not None:
         LINEARS[pair.name] = pair
     if config_type is not None:
         ADAPTER_CONFIGS[config_type.method] = config_type
+    if attention is not None:
+        ATTENTIONS[attention.name] = attention
     return m
 
 
@@ -151,6 +173,15 @@ def linear_pair(config, prefix):
         return LINEARS[settings.method]
     # a linear its targets do not name: plain, or the settings' own frozen base (QLoRA's NF4 linear)
     return LINEARS[settings.base_pair] if prefix.startswith("h.") else LINEARS["plain"]
+
+
+def attention_pair(config):
+    """The one question the model asks of a block's attention: which forward/backward pair computes it.
+
+    The answer comes from the config that came with the parameters: config.n_prefix > 0 (prefix tuning)
+    puts that many trainable keys and values before every layer's own; otherwise plain causal attention.
+    """
+    return ATTENTIONS["prefix"] if config.n_prefix else ATTENTIONS["causal"]
 
 
 def adapter_config_from_dict(d):
@@ -230,4 +261,4 @@ def check_trainable(params, trainable, config):
 
 
 # each registers itself (the order is the CLI's order of --method choices)
-from . import full, lora, dora, qlora, prompt, ia3  # noqa: E402,F401  (they use the names above)
+from . import full, lora, dora, qlora, prompt, prefix, ia3  # noqa: E402,F401  (they use the names above)

@@ -2,6 +2,8 @@
 
 Full fine-tuning adds no parameter and trains every name: W, b, LayerNorms, embeddings.
 
+The causal attention pair (ops.attention) is likewise every block's attention unless a prefix is present.
+
 The plain pair is ops.linear, y = x @ W.T + b, for every linear that no adapter computes. Whether it
 is trained is read from `trainable`: a frozen one (neither W nor b trainable) keeps no input in its
 cache and its backward forms no dW, only the dx that the layers below need, or nothing at all when
@@ -10,7 +12,7 @@ method: one frozen pair, with no dW line.
 """
 
 from .. import ops
-from . import LinearPair, Method, register
+from . import AttentionPair, LinearPair, Method, register
 
 
 def _trained(trainable, prefix):
@@ -40,6 +42,19 @@ def plain_delta(params, config, base, prefix):
 PLAIN = LinearPair("plain", plain_forward, plain_backward, delta=plain_delta)
 
 
+def causal_forward(params, prefix, q, k, v, config):
+    """ops.attention: causal self-attention of the block's own q, k, v (no parameter of its own)."""
+    return ops.attention_forward(q, k, v, config.n_heads)
+
+
+def causal_backward(dout, cache, prefix, trainable, input_grad):
+    """((dq, dk, dv), {}), or (None, {}) when nothing below needs them: no product at all."""
+    return (ops.attention_backward(dout, cache) if input_grad else None), {}
+
+
+CAUSAL = AttentionPair("causal", causal_forward, causal_backward)
+
+
 def setup(base_params, model_config, config, tokenizer=None):
     """Copies of every base array (the base itself is never written), all trainable."""
     params = {n: p.copy() for n, p in base_params.items()}
@@ -51,4 +66,4 @@ def _gradcheck_setup(params, config, rng):
 
 
 FULL = register(Method("full", "train every weight", 3e-4, setup, study_lrs=(1e-4, 3e-4, 1e-3, 3e-3),
-                       gradcheck_setup=_gradcheck_setup, color="tab:blue"), pair=PLAIN)
+                       gradcheck_setup=_gradcheck_setup, color="tab:blue"), pair=PLAIN, attention=CAUSAL)

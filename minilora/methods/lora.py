@@ -495,8 +495,11 @@ def load_adapter(path, base_params, base_config):
     (param.wte, a base W) is refused, never put over the base. Raises
     validate.FileError naming the file and field if the file is not an
     adapter, holds another name or shape, a non-finite value, or was trained
-    on other base weights (the message names both fingerprints).
+    on other base weights (the message names both fingerprints). A prefix-tuning run's adapter file holds
+    its prefix keys and values instead (methods/prefix.py; its config has n_prefix > 0).
     """
+    from .prefix import prefix_shapes
+
     found = {}
 
     def check(small, meta, _):
@@ -508,12 +511,12 @@ def load_adapter(path, base_params, base_config):
             saved_config = type(base_config).from_dict(meta_field(meta, "model", path, "dict"))
         except ValueError as e:
             raise FileError(path, str(e), "meta.json: model") from e
-        if saved_config.lora is None:
+        if saved_config.lora is None and not saved_config.n_prefix:
             raise FileError(path, "expected the LoRA settings of the adapter, got none", "meta.json: model.lora")
-        if replace(saved_config, lora=None) != replace(base_config, lora=None):
+        if replace(saved_config, lora=None, n_prefix=0) != replace(base_config, lora=None, n_prefix=0):
             raise FileError(path, f"expected the base model's config {base_config.to_dict()}, got "
                                   f"{meta['model']}", "meta.json: model")
-        allowed = adapter_shapes(saved_config)
+        allowed = {**adapter_shapes(saved_config), **prefix_shapes(saved_config)}  # a prefix run's keys and values
         C = base_params["wte"].shape[1]
         if "cls.W" in small:
             K = small["cls.W"].shape[0]
