@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -163,6 +164,16 @@ def test_every_study_is_a_grid_of_valid_cells(tmp_path):
     assert len(fmt) == 2 * 4 * 3
     assert len(studies.cells("rank", str(out / "rank"))) == 7 * 2 * 3
     assert {c.batch_size * c.steps for c in studies.cells("hyper", str(out / "hyper"))} >= {3200}
+    # the budget study sizes four methods, each at the rate the forgetting study chose for it (of the
+    # tied rates, 1e-2 and 1e-1 here, the first: best_setting keeps the earliest of equals)
+    budget = studies.cells("budget", str(out / "budget"))
+    assert {(c.method, c.lr) for c in budget} == {("prompt", 1e-2), ("prefix", 1e-2), ("lora", 1e-2), ("ia3", 1e-2)}
+    sizes = {m: {report.budget_size(asdict(c)) for c in budget if c.method == m} for m in ("prompt", "prefix", "lora")}
+    assert sizes == {"prompt": {f"P {p}" for p in studies.PROMPT_BUDGET},
+                     "prefix": {f"P {p}" for p in studies.PREFIX_BUDGET},
+                     "lora": {f"r {r}" for r in studies.RANK_BUDGET}}
+    assert all(c.alpha == 2 * c.rank for c in budget if c.method == "lora")  # s = alpha / r = 2, as at r = 8
+    assert len(budget) == 3 * (3 + 3 + 3 + 1)
     with pytest.raises(ValueError, match="study: expected one of"):
         studies.cells("nope", str(out))
 
