@@ -19,7 +19,7 @@ Needs safetensors and tokenizers (`pip install 'minilora[hf]'`).
 import json
 import os
 
-from . import hf, methods, peft_io
+from . import hf, peft_io
 from .corpus import NEWLINE_ID, VOCAB
 from .methods.lora import adapter_names, lora_names
 from .tokenizer import CHAR_DESCRIPTION, TOKENIZER_FILE, check_vocab_size, make_tokenizer
@@ -96,11 +96,6 @@ def check_exportable(params, config):
         raise ValueError("run: a prompt-tuning run has no exact export: PEFT's prompt tuning gives the virtual "
                          "tokens positions 0..P-1 and shifts the real tokens after them, while minilora keeps the "
                          "real tokens at positions 0..T-1")
-    if config.lora is not None and not methods.method(config.lora.method).peft_export:
-        # peft_io writes plain LoRA (use_dora false): a DoRA adapter's m would be dropped, and a QLoRA base holds
-        # no float W to write; merging first gives a plain model, which exports exactly
-        raise ValueError(f"run: a {config.lora.label} run has no exact export as a PEFT LoRA adapter (only plain "
-                         f"LoRA's is); `minilora merge` it first, and export the merged plain model")
     if config.n_prefix:
         raise ValueError("run: a prefix-tuning run has no exact export: PEFT's prefix tuning hands the prefix to GPT-2 "
                          "as past_key_values, so GPT-2 numbers the real tokens P..P+T-1, while minilora keeps them "
@@ -109,6 +104,8 @@ def check_exportable(params, config):
         raise ValueError("run: a classification run has no exact export: transformers' GPT2ForSequenceClassification "
                          "head has no bias and reads the last non-padding token, minilora's cls.W, cls.b has a bias")
     if config.lora is not None and config.lora.method not in peft_io.EXPORTED:
+        # peft_io writes plain LoRA (use_dora false) and IA3: a DoRA adapter's m would be dropped, and a QLoRA base
+        # holds no float W to write; merging first gives a plain model, which exports exactly
         raise ValueError(f"run: a {config.lora.label} run has no PEFT export here (minilora writes LoRA and IA3 "
                          "adapters only); merge it (minilora merge) and export the merged model")
 

@@ -348,6 +348,21 @@ def _causal_blocks(T, size=None):
     return [(t0, min(t0 + size, T)) for t0 in range(0, T, size)]
 
 
+def check_attention_inputs(q, k, v, n_heads):
+    """q, k, v: float (B, T, C) arrays of one shape, and n_heads dividing C; returns (B, T, C)."""
+    _check_float("q", q)
+    for name, a in (("k", k), ("v", v)):
+        _check_float(name, a, like=q)
+        if a.shape != q.shape:
+            _fail(name, f"shape {tuple(q.shape)} (the shape of q)", f"shape {tuple(a.shape)}")
+    if q.ndim != 3:
+        _fail("q", "a (B, T, C) array", f"shape {tuple(q.shape)}")
+    B, T, C = q.shape
+    if not isinstance(n_heads, int) or n_heads < 1 or C % n_heads:
+        _fail("n_heads", f"a positive integer dividing C = {C}", n_heads)
+    return B, T, C
+
+
 def attention_forward(q, k, v, n_heads):
     """Causal multi-head self-attention on already-projected q, k, v.
 
@@ -363,16 +378,7 @@ def attention_forward(q, k, v, n_heads):
     blocks of S that lie wholly above it are never computed (_causal_blocks).
     """
     xp = array_module(q)
-    _check_float("q", q)
-    for name, a in (("k", k), ("v", v)):
-        _check_float(name, a, like=q)
-        if a.shape != q.shape:
-            _fail(name, f"shape {tuple(q.shape)} (the shape of q)", f"shape {tuple(a.shape)}")
-    if q.ndim != 3:
-        _fail("q", "a (B, T, C) array", f"shape {tuple(q.shape)}")
-    B, T, C = q.shape
-    if not isinstance(n_heads, int) or n_heads < 1 or C % n_heads:
-        _fail("n_heads", f"a positive integer dividing C = {C}", n_heads)
+    B, T, C = check_attention_inputs(q, k, v, n_heads)
     hs = C // n_heads
 
     def split(a):  # (B, T, C) -> (B, NH, T, hs)

@@ -6,11 +6,18 @@ that a broken CuPy install fails the CuPy tests instead of skipping them.
 """
 
 import os
+import signal
 
 import numpy
 import pytest
 
 import standin  # registers the "standin" backend
+
+# A job started in the background of a non-interactive shell (`cmd &` in a script, as some CI runners and
+# nohup do) inherits SIGINT as ignored, and Python then never installs its Ctrl-C handler. The tests that
+# check what Ctrl-C does send SIGINT to this process and to children; give both the terminal's behaviour.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BACKEND_NAMES = ("numpy", "standin", "cupy")
 DEVICE_NAMES = ("standin", "cupy")

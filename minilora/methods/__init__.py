@@ -103,7 +103,6 @@ class Method:
       every block linear's W, replaced by its NF4 codes and scales, which extra_shapes names)
     - study_lrs: the learning rates the forgetting study sweeps for it (studies.forgetting)
     - color: its matplotlib colour in the report's figures
-    - peft_export: `minilora export` writes its adapters as a PEFT LoRA adapter folder, exactly (peft_io)
     - gradcheck_setup(params, config, rng) -> (params, config, trainable): the method at a random,
       non-degenerate float64 point, for the whole-model gradient checks
     - op_checks(rng, xp): gradcheck.CheckResults of its own op pairs against finite differences
@@ -126,7 +125,6 @@ class Method:
     replaces: object = None  # (config) -> the base names it holds in another form (QLoRA: each block W as NF4)
     stores_codes: object = None  # (name) -> True for an integer array it stores by design (QLoRA's NF4 codes)
     color: str = "tab:gray"  # its colour in every figure of the report
-    peft_export: bool = False  # its adapters go out exactly as a PEFT LoRA adapter (peft_io; plain LoRA only)
     count_line: object = None  # (params, trainable, config) -> its trainable count with the formula, checked
     model_settings: object = None  # (ft_config) -> {ModelConfig field: value} it sets beside .lora (n_prefix)
 

@@ -678,5 +678,5 @@ LORA = register(
     Method("lora", "low-rank adapters B A beside frozen target linears", 3e-3, _setup, check=check_lora_settings,
            adapter_config=_adapter_config, extra_shapes=adapter_methods_extra_shapes("lora"),
            owns=owns_lora_name, merge=merge, saves_adapter=True, study_lrs=(1e-3, 3e-3, 1e-2, 3e-2),
-           gradcheck_setup=_gradcheck_setup, op_checks=_op_checks, color="tab:orange", peft_export=True),
+           gradcheck_setup=_gradcheck_setup, op_checks=_op_checks, color="tab:orange"),
     pair=LORA_PAIR, config_type=LoraConfig)

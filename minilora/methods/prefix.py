@@ -138,16 +138,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, n_heads):
     The cached A is the whole (B, NH, T, P + T) matrix, 0 where masked.
     """
     xp = array_module(q)
-    _check_float("q", q)
-    for name, a in (("k", k), ("v", v)):
-        _check_float(name, a, like=q)
-        if a.shape != q.shape:
-            _fail(name, f"shape {tuple(q.shape)} (the shape of q)", f"shape {tuple(a.shape)}")
-    if q.ndim != 3:
-        _fail("q", "a (B, T, C) array", f"shape {tuple(q.shape)}")
-    B, T, C = q.shape
-    if not isinstance(n_heads, int) or n_heads < 1 or C % n_heads:
-        _fail("n_heads", f"a positive integer dividing C = {C}", n_heads)
+    B, T, C = ops.check_attention_inputs(q, k, v, n_heads)
     for name, a in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _check_float(name, a, like=q)
         if a.ndim != 2 or a.shape[1] != C or a.shape != prefix_k.shape:
