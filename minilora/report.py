@@ -7,6 +7,7 @@ over the base model's; "at matched skill" means at the first evaluation whose
 validation exact match reached studies.MATCHED_SKILL.
 """
 
+import json
 import os
 
 import numpy as np
@@ -417,14 +418,34 @@ def figure_budget(records, title_note=""):
     return fig
 
 
+def _read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def method_summary(studies_dir):
-    """One row per method across the comparison studies, for the front page: its trainable parameters and
-    test metric on `subject` (forgetting study, at its rate chosen on validation), its forgetting at matched
-    skill, and its test accuracy on `kind` (kind study, likewise). Returns (markdown table, rows)."""
+    """One row per method across the comparison studies, for the front page. Returns (markdown table, rows).
+
+    Per method: its trainable parameters; its test exact match on `subject` and its
+    forgetting at matched skill (forgetting study), and its test accuracy on `kind`
+    (kind study), each at the learning rate chosen on validation in that study; then its
+    measured step time (benchmarks/speed.json, default config, batch 16 x 128) and peak
+    memory of a step (benchmarks/memory.json), read beside studies_dir when present.
+    Spreads are over 3 seeds unless an (n=k) says otherwise.
+    """
     forget = read_results(os.path.join(studies_dir, "forgetting", "results.jsonl"))
     kind = read_results(os.path.join(studies_dir, "kind", "results.jsonl"))
+    bench = os.path.dirname(os.path.abspath(studies_dir))
+    speed = _read_json(os.path.join(bench, "speed.json")).get("configs", {}).get("default", {}).get("strategies", {})
+    memory = _read_json(os.path.join(bench, "memory.json")).get("strategies", {})
     _, chosen = method_rows(forget)
     _, chosen_kind = method_rows(kind) if kind else (None, {})
+
+    def short(values):
+        return mean_spread(values).replace(" (n=3)", "")
+
     rows = []
     for m in methods_in(forget):
         if m not in chosen:
@@ -432,12 +453,17 @@ def method_summary(studies_dir):
         rs = [r for r in forget if r["cell"]["method"] == m and r["cell"]["lr"] == chosen[m]]
         at = [forgetting_at_skill(r) for r in rs]
         ks = [r for r in kind if r["cell"]["method"] == m and r["cell"]["lr"] == chosen_kind.get(m)]
-        rows.append((m, f"{rs[0]['trainable_params']:,}", f"{chosen[m]:g}", mean_spread([r["test_metric"] for r in rs]),
-                     mean_spread(at) + (f" ({sum(a is not None for a in at)}/{len(at)} reached it)"
-                                        if None in at else ""),
-                     mean_spread([r["test_metric"] for r in ks]) + (f", lr {chosen_kind[m]:g}" if ks else "")))
-    head = ("method", "trainable", "lr", "`subject` test exact match", f"forgetting at val >= {MATCHED_SKILL}",
-            "`kind` test accuracy")
+        reached = sum(a is not None for a in at)
+        ms = speed.get(m, {}).get("minilora_ms")
+        peak = memory.get(m, {}).get("peak_step_tracemalloc")
+        rows.append((m, f"{rs[0]['trainable_params']:,}",
+                     f"{chosen[m]:g}" + (f" / {chosen_kind[m]:g}" if m in chosen_kind else ""),
+                     short([r["test_metric"] for r in rs]),
+                     short(at) + (f" ({reached}/{len(at)} reached it)" if reached < len(at) else ""),
+                     short([r["test_metric"] for r in ks]),
+                     "-" if ms is None else f"{ms:.0f}", "-" if peak is None else f"{peak / 2**20:.1f}"))
+    head = ("method", "trainable", "lr (`subject` / `kind`)", "`subject` test exact match",
+            f"forgetting at val >= {MATCHED_SKILL}", "`kind` test accuracy", "step (ms)", "peak memory (MiB)")
     return _table(head, rows), rows
 
 

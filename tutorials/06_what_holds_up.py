@@ -148,10 +148,12 @@ for m in ("full", "lora"):
 means = [np.mean([a for a in skill["full", lr] if a is not None]) for lr in studies.LRS["full"]]
 print(f"full fine-tuning: forgetting at matched skill spans {min(means):.2f} to {max(means):.2f} nats/char "
       f"across the four rates, a factor of {max(means) / min(means):.1f}")
-full_low, full_chosen = skill["full", 1e-4], skill["full", 3e-4]
-assert None not in full_low + full_chosen and max(full_low) < min(full_chosen)  # 1e-4 forgets less, every seed
+full_low = [a for a in skill["full", 1e-4] if a is not None]  # the seeds at 1e-4 that reach the level
+full_chosen = skill["full", 3e-4]
+assert full_low and None not in full_chosen and max(full_low) < min(full_chosen)  # 1e-4 forgets less, every seed
 low, mid = cells_where(forget, method="full", lr=1e-4), cells_where(forget, method="full", lr=3e-4)
-assert np.mean([report.steps_to_skill(r) for r in low]) > np.mean([report.steps_to_skill(r) for r in mid])  # later
+low_steps = [report.steps_to_skill(r) for r in low]
+assert min(s for s in low_steps if s is not None) > max(report.steps_to_skill(r) for r in mid)  # later, if at all
 assert np.mean([r["test_metric"] for r in low]) < np.mean([r["test_metric"] for r in mid])  # and ends lower
 for m in ("full", "lora"):  # where seeds reach the level, a higher rate has forgotten more by then
     reached = [np.mean([a for a in skill[m, lr] if a is not None]) for lr in studies.LRS[m]
@@ -198,9 +200,9 @@ print("wrote", path)
 #   the seeds that reach the skill level, a higher learning rate has forgotten more
 #   by then (asserted above), for full fine-tuning and for LoRA.
 # - **The post's 1e-4 forgets least, but it is slow.** Full fine-tuning at 1e-4
-#   reaches matched skill with less forgetting than at 3e-4 on every seed, but
-#   later, and its test score after 600 steps is lower, so the validation split
-#   picks 3e-4. "Most impactful" is right for forgetting: across the four rates,
+#   reaches matched skill with less forgetting than at 3e-4 on every seed that
+#   reaches it at all within 600 steps, but later, and its test score after 600
+#   steps is lower, so the validation split picks 3e-4. "Most impactful" is right for forgetting: across the four rates,
 #   full fine-tuning's forgetting at matched skill spans the factor printed above.
 # - **"Fine-tuning uses a much smaller learning rate than pretraining" holds only for
 #   full fine-tuning.** Pretraining ran at 3e-3; full fine-tuning's chosen rate is
