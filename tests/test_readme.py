@@ -52,6 +52,18 @@ def test_the_front_page_quotes_the_benchmarks_it_names():
     assert f"{speed['configs']['bench']['strategies']['full']['minilora_over_torch']:.2f} × PyTorch eager" in README
 
 
+def test_the_method_table_is_the_studies_and_the_benchmarks():
+    """Every method's row, as report.method_summary makes it from the committed studies (forgetting, kind) and the
+    step time and memory benchmarks (speed.json, memory.json): no number typed by hand, none missing."""
+    from minilora import methods
+    from minilora.report import method_summary
+
+    table, rows = method_summary(str(ROOT / "benchmarks" / "studies"))
+    assert [r[0] for r in rows] == list(methods.METHODS), "a method without a row in the comparison"
+    assert all("-" not in (r[5], r[6], r[7]) for r in rows), "a row without its kind score, step time or memory"
+    assert table in README
+
+
 def test_the_gpt2_small_table_is_the_benchmarks_numbers():
     """README's and docs/hf.md's GPT-2-small rows are benchmarks/gpt2_small.json's, as printed."""
     bench = json.loads((ROOT / "benchmarks" / "gpt2_small.json").read_text())
