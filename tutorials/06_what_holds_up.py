@@ -209,9 +209,12 @@ print("wrote", path)
 #   below it, LoRA's is not, and prompt tuning's is above it (asserted above). Fresh
 #   parameters (A and B start at random and zero, the prompt is new) have no useful
 #   representation to protect.
-# - **Not "LoRA learns less and forgets less"** (Biderman et al. 2024, 7B models): at
-#   the chosen rates, LoRA's and full fine-tuning's forgetting at matched skill are
-#   inside each other's spread. Prompt tuning never reaches the level (section 5).
+# - **"LoRA learns less and forgets less"** (Biderman et al. 2024, 7B models): at the
+#   chosen rates LoRA forgot a little less at matched skill (the first table), while
+#   learning about as much; an earlier run of this study, on another base, had the two
+#   inside each other's spread. Either way the difference is small beside what one
+#   step of the learning rate does (the second table). Prompt tuning never reaches the
+#   level (section 5).
 
 # %% [markdown]
 # ## 2. "Weight updates have low intrinsic rank"
@@ -252,7 +255,8 @@ top8 = [np.sum(np.square(r["singular_values"][p][:8])) / np.sum(np.square(r["sin
         for r in full_runs for p in matrices]
 print(f"energy in the top 8 directions (what a rank-8 approximation keeps): {min(top8):.2f} to {max(top8):.2f}, "
       f"median {np.median(top8):.2f}")
-assert max(top8) < 0.9 and min(every) > 8  # the same fact twice: k90 > 8 for every matrix
+assert min(every) >= 8 and np.median(top8) < 0.9  # k90 >= 8 for every matrix; a rank-8 approximation
+assert sum(k > 8 for k in every) > 0.9 * len(every)  # keeps under 90% of the energy of all but a few
 attn = [k for p, ks in k90.items() if ".attn." in p for k in ks]
 mlp = [k for p, ks in k90.items() if ".mlp." in p for k in ks]
 assert np.median(mlp) > np.median(attn)  # the MLP updates spread over more directions
@@ -302,8 +306,8 @@ print("wrote", path)
 #
 # - "Low" is not "rank 8": the best rank-8 approximation of these updates keeps
 #   only the fraction of their energy printed above (Eckart-Young: nothing of rank 8
-#   keeps more). LoRA r = 8 cannot express *this* update, and need not: it finds its
-#   own, and section 1 shows it learns the task as well.
+#   keeps more). LoRA r = 8 cannot hold 90% of most of *these* updates, and need
+#   not: it finds its own, and section 1 shows it learns the task as well.
 # - The MLP matrices spread over more directions than the attention matrices (the
 #   assert above), which is one argument for adapting them too (tutorial 07).
 # - A larger learning rate spreads the update over more directions (the medians per
