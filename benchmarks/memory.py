@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py [--out benchmarks/memory.json] [--strategies full,lora,qlora,dora,prompt,prefix,ia3]
                                  [--config default]   (--config tiny: only to check that it runs)
+    python benchmarks/memory.py --table    (docs/hardware.md's table, from the committed memory.json)
 
 For each strategy it reports, in bytes:
 - weights: every parameter the model holds (adapters, prompt and prefix included); for QLoRA the bytes
@@ -20,6 +21,8 @@ For each strategy it reports, in bytes:
 import argparse
 import datetime
 import json
+import os
+import sys
 import tracemalloc
 
 import numpy as np
@@ -109,8 +112,28 @@ def main():
               "dtype": "float32", "units": "bytes", "strategies": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    print(markdown_table(result))
     print(f"wrote {args.out}")
 
 
+LABELS = {"full": "full", "lora": "LoRA r=8", "qlora": "QLoRA r=8 (NF4 base)", "dora": "DoRA r=8",
+          "prompt": "prompt, 16 vectors", "prefix": "prefix, 16 per layer", "ia3": "IA3"}
+
+
+def markdown_table(result):
+    """The table of docs/hardware.md, in MiB, from a memory.json (tests/test_docs_pages.py checks the page holds it)."""
+    lines = ["| strategy | trainable | weights | gradients | AdamW m, v | activations kept | formula | peak (tracemalloc) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = ("weights", "gradients", "optimizer", "activations", "formula_total", "peak_step_tracemalloc")
+    for strategy, row in result["strategies"].items():
+        lines.append(f"| {LABELS.get(strategy, strategy)} | {row['trainable_params']:,} | "
+                     + " | ".join(f"{row[k] / 2**20:.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--table"]:  # the markdown table of the committed benchmarks/memory.json
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory.json")) as f:
+            print(markdown_table(json.load(f)))
+    else:
+        main()

@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py [--threads 2] [--repeats 7] [--configs default,bench]
                                [--no-concurrency] [--out benchmarks/speed.json] [--figure figures/speed.png]
+    python benchmarks/speed.py --table    (docs/hardware.md's table, from the committed speed.json)
 
 Run by hand, not by the tests. For each config (default: d 128, 2 layers, 4 heads,
 T 128, batch 16; bench: d 256, 4 layers, 4 heads, T 256, batch 16, d_ff 1024; tiny:
@@ -475,8 +476,33 @@ def main():
     if args.figure:
         os.makedirs(os.path.dirname(args.figure) or ".", exist_ok=True)
         speed_figure(result).savefig(args.figure, dpi=120)
+    print(markdown_table(result))
     print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))
 
 
+LABELS = {"full": "full", "lora": "LoRA r=8 on q,k,v,o", "qlora": "QLoRA r=8 (NF4 base)", "dora": "DoRA r=8 on q,k,v,o",
+          "prompt": "prompt, 16 vectors", "prefix": "prefix, 16 per layer", "ia3": "IA3 (l_k, l_v, l_ff)"}
+
+
+def markdown_table(result):
+    """The table of docs/hardware.md, from a speed.json (tests/test_docs_pages.py checks the page holds it)."""
+    lines = ["| config | method | minilora ms | PyTorch ms | minilora / PyTorch | GFLOP/s | % of peak |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, entry in result["configs"].items():
+        m = entry["model"]
+        where = f"{name} (d {m['d_model']}, {m['n_layers']} layers, T {m['context_length']}, batch {result['batch']})"
+        for strategy, row in entry["strategies"].items():
+            torch_ms = f"{row['torch_ms']:,.0f}" if "torch_ms" in row else "-"
+            ratio = f"{row['minilora_over_torch']:.2f}" if "torch_ms" in row else "-"
+            lines.append(f"| {where} | {LABELS.get(strategy, strategy)} | {row['minilora_ms']:,.0f} | {torch_ms} | "
+                         f"{ratio} | {row['minilora_gflops']:.0f} | {row['minilora_pct_peak']:.0f}% |")
+            where = ""
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--table"]:  # the markdown table of the committed benchmarks/speed.json
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "speed.json")) as f:
+            print(markdown_table(json.load(f)))
+    else:
+        main()

@@ -22,7 +22,7 @@ import os
 from . import hf, peft_io
 from .corpus import NEWLINE_ID, VOCAB
 from .methods.lora import adapter_names, lora_names
-from .tokenizer import CHAR_DESCRIPTION, TOKENIZER_FILE, check_vocab_size, make_tokenizer
+from .tokenizer import CHAR_DESCRIPTION, TOKENIZER_FILE, check_vocab_size, make_tokenizer, single_token_id
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 ADAPTER_DIR = "adapter"
@@ -110,6 +110,17 @@ def check_exportable(params, config):
                          "adapters only); merge it (minilora merge) and export the merged model")
 
 
+def _end_token(tokenizer):
+    """The id GPT-2's config names as bos and eos: the line end every record and corpus sentence ends with
+    (the character tokenizer's NEWLINE_ID), or None (JSON null) for a tokenizer in which "\\n" is not one token."""
+    if tokenizer.describe() == CHAR_DESCRIPTION:
+        return NEWLINE_ID
+    try:
+        return single_token_id(tokenizer, "\n", "eos")
+    except ValueError:
+        return None
+
+
 def export_model(out, params, config, tokenizer, overwrite=False):
     """Write a model (and its LoRA adapters, if any) as a Hugging Face folder, atomically.
 
@@ -127,7 +138,7 @@ def export_model(out, params, config, tokenizer, overwrite=False):
     check_exportable(params, config)
     check_vocab_size(tokenizer, config.vocab_size, what="tokenizer")
     text = tokenizer_json(tokenizer)
-    eos = NEWLINE_ID if tokenizer.describe() == CHAR_DESCRIPTION else 0
+    eos = _end_token(tokenizer)
     adapters = set(lora_names(params)) | (set(adapter_names(config)) if config.lora is not None else set())
     base = {k: v for k, v in params.items() if k not in adapters}
     base_config = config if config.lora is None else type(config).from_dict({**config.to_dict(), "lora": None})

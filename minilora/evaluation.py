@@ -28,9 +28,9 @@ def corpus_val_data(tokenizer, n_sentences=VAL_SENTENCES, seed=VAL_SEED):
 def strided_val_loss(params, config, data, batch_size=64, token_lengths=None):
     """Mean loss per token over a token stream, each counted once, with context; or per character.
 
-    Windows of T = context_length start every T/2 tokens, and only the second
-    half of each window is counted (the loss mask), so every counted token
-    sees at least T/2 tokens before it. Every target from position T/2 to
+    Windows of T = context_length start every T//2 tokens, and only the last
+    T//2 positions of each window are counted (the loss mask), so every counted
+    token sees at least T/2 tokens before it (T - T//2, one more for odd T). Every target from position T/2 to
     the end of the last whole window is counted exactly once (the first T/2
     and the last few, under T/2, are not). For the character tokenizer a token
     is a character: when T/2 exceeds the longest sentence, every prediction
@@ -49,7 +49,7 @@ def strided_val_loss(params, config, data, batch_size=64, token_lengths=None):
         raise ValueError(f"data: expected a validation stream longer than context_length + 1 = {T + 1} tokens, "
                          f"got {len(data)}")
     mask = np.zeros((1, T), np.float32)
-    mask[:, half:] = 1.0
+    mask[:, T - half:] = 1.0  # the last half: windows step by half, so no target is counted twice
     total, count = 0.0, 0.0
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]

@@ -7,6 +7,7 @@ over the base model's; "at matched skill" means at the first evaluation whose
 validation exact match reached studies.MATCHED_SKILL.
 """
 
+import json
 import os
 
 import numpy as np
@@ -68,10 +69,16 @@ def _mean_delta(record):
 
 
 def method_rows(records):
-    """Per method: the learning rate chosen on validation and its results over seeds."""
+    """Per method: the learning rate chosen on validation and its results over seeds.
+
+    A two-stage study (kind: every rate at seed 0, then more seeds at the best) is read as its grid chose:
+    on seed 0's validation metric, so the rate reported is the one its seeds 1.. ran at.
+    """
     rows, chosen = [], {}
+    pool = [r for r in records if r["cell"]["seed"] == 0] if records and records[0]["cell"]["study"] == "kind" \
+        else records
     for m in methods_in(records):
-        lr = best_setting(records, lambda c, m=m: c["method"] == m, lambda c: c["lr"])
+        lr = best_setting(pool, lambda c, m=m: c["method"] == m, lambda c: c["lr"])
         if lr is None:
             continue
         chosen[m] = lr
@@ -119,7 +126,7 @@ def figure_forgetting(records, title_note=""):
     ax.set_xlabel("forgetting: pretraining-corpus loss - base loss (nats/char)")
     ax.set_ylabel("validation accuracy" if records[0]["cell"]["task"] == "kind" else "validation exact match")
     ax.set_title("Every evaluation of every run")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: the runs fill the axes
     _, chosen = method_rows(records)
     names = [m for m in methods_in(records) if m in chosen]
     for i, m in enumerate(names):
@@ -394,11 +401,24 @@ def budget_rows(records):
                    "forgetting at end"), rows)
 
 
-def figure_budget(records, title_note=""):
-    """Test score against trainable parameters, one curve per method, each point a size (mean ± sd over seeds)."""
+def figure_budget(records, title_note="", longer=()):
+    """Test score against trainable parameters, one curve per method, each point a size (mean ± sd over seeds).
+
+    longer: the forgetting study's records, drawn as open markers: each method at its default size and chosen
+    rate after that study's longer training (600 steps), beside the budget study's 250.
+    """
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.subplots()
     points = _budget_points(records)
+    if longer:
+        _, chosen = method_rows(longer)
+        for m in methods_in(records):
+            rs = [r for r in longer if r["cell"]["method"] == m and r["cell"]["lr"] == chosen.get(m)]
+            if rs:
+                tests = [r["test_metric"] for r in rs]
+                ax.errorbar([rs[0]["trainable_params"]], [np.mean(tests)], yerr=[np.std(tests, ddof=1)], fmt="o",
+                            mfc="white", color=METHOD_COLORS[m], capsize=3, ms=7,
+                            label=f"{m}, {rs[0]['cell']['steps']} steps (study 1)")
     for m in methods_in(records):
         mine = [p for p in points if p[0] == m]
         x = [p[2] for p in mine]
@@ -412,19 +432,49 @@ def figure_budget(records, title_note=""):
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("test exact match, mean ± sd over seeds")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title("What each method learns of 'subject' at a given size" + title_note)
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    steps = sorted({r["cell"]["steps"] for r in records})
+    ax.set_title(f"What each method learns of 'subject' at a given size, {'/'.join(map(str, steps))} steps"
+                 + title_note)
     return fig
 
 
+def _read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def method_summary(studies_dir):
-    """One row per method across the comparison studies, for the front page: its trainable parameters and
-    test metric on `subject` (forgetting study, at its rate chosen on validation), its forgetting at matched
-    skill, and its test accuracy on `kind` (kind study, likewise). Returns (markdown table, rows)."""
+    """One row per method across the comparison studies, for the front page. Returns (markdown table, rows).
+
+    Per method: its trainable parameters; its test exact match on `subject` and its
+    forgetting at matched skill (forgetting study), and its test accuracy on `kind`
+    (kind study), each at the learning rate chosen on validation in that study; then its
+    measured step time, every method's steps timed in turn (benchmarks/step_costs.json, default
+    config, batch 16 x 128), and the peak memory of a step (benchmarks/memory.json), read beside
+    studies_dir when present.
+    Spreads are over 3 seeds unless an (n=k) says otherwise.
+    """
     forget = read_results(os.path.join(studies_dir, "forgetting", "results.jsonl"))
     kind = read_results(os.path.join(studies_dir, "kind", "results.jsonl"))
+    bench = os.path.dirname(os.path.abspath(studies_dir))
+    speed = _read_json(os.path.join(bench, "step_costs.json")).get("strategies", {})
+    memory = _read_json(os.path.join(bench, "memory.json")).get("strategies", {})
     _, chosen = method_rows(forget)
     _, chosen_kind = method_rows(kind) if kind else (None, {})
+
+    def short(values):
+        return mean_spread(values).replace(" (n=3)", "")
+
+    def at_skill(at):
+        reached = [a for a in at if a is not None]
+        if not reached:
+            return f"not reached (0 of {len(at)} seeds)"
+        text = mean_spread(reached).split(" (n=")[0]
+        return text if len(reached) == len(at) else f"{text} ({len(reached)} of {len(at)} seeds reached it)"
+
     rows = []
     for m in methods_in(forget):
         if m not in chosen:
@@ -432,12 +482,17 @@ def method_summary(studies_dir):
         rs = [r for r in forget if r["cell"]["method"] == m and r["cell"]["lr"] == chosen[m]]
         at = [forgetting_at_skill(r) for r in rs]
         ks = [r for r in kind if r["cell"]["method"] == m and r["cell"]["lr"] == chosen_kind.get(m)]
-        rows.append((m, f"{rs[0]['trainable_params']:,}", f"{chosen[m]:g}", mean_spread([r["test_metric"] for r in rs]),
-                     mean_spread(at) + (f" ({sum(a is not None for a in at)}/{len(at)} reached it)"
-                                        if None in at else ""),
-                     mean_spread([r["test_metric"] for r in ks]) + (f", lr {chosen_kind[m]:g}" if ks else "")))
-    head = ("method", "trainable", "lr", "`subject` test exact match", f"forgetting at val >= {MATCHED_SKILL}",
-            "`kind` test accuracy")
+        step = speed.get(m)
+        peak = memory.get(m, {}).get("peak_step_tracemalloc")
+        rows.append((m, f"{rs[0]['trainable_params']:,}",
+                     f"{chosen[m]:g}" + (f" / {chosen_kind[m]:g}" if m in chosen_kind else ""),
+                     short([r["test_metric"] for r in rs]),
+                     at_skill(at),
+                     short([r["test_metric"] for r in ks]),
+                     "-" if step is None else f"{step['ms']:.0f} ({step['over_full']:.2f})",
+                     "-" if peak is None else f"{peak / 2**20:.1f}"))
+    head = ("method", "trainable", "lr (`subject` / `kind`)", "`subject` test exact match",
+            f"forgetting at val >= {MATCHED_SKILL}", "`kind` test accuracy", "step, ms (× full's)", "peak memory (MiB)")
     return _table(head, rows), rows
 
 
@@ -459,7 +514,8 @@ def report(study_dir, figures_dir=None, title_note=""):
         figs[f"study_{study}.png"] = figure_forgetting(records, note + title_note)
     elif study == "budget":
         text.append(budget_rows(records))
-        figs["study_budget.png"] = figure_budget(records, title_note)
+        figs["study_budget.png"] = figure_budget(records, title_note,
+                                                 read_results(os.path.join(parent, "forgetting", "results.jsonl")))
     elif study == "format":
         text.append(format_rows(records))
         figs["study_format.png"] = figure_format(records, title_note)

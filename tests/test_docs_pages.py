@@ -92,3 +92,20 @@ def test_the_tutorials_page_lists_every_tutorial_with_its_measured_full_mode_tim
         assert row.endswith(f"| {times['seconds'][name]:.0f} s |"), (name, times["seconds"][name])
         assert times["seconds"][name] < 300, f"{name}: over 5 minutes in full mode"
     assert f"{times['threads']} BLAS thread" in section and times["date"] in section
+
+
+def test_the_hardware_page_holds_the_speed_and_memory_tables_of_the_committed_benchmarks():
+    import importlib
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # memory.py imports speed.py as a sibling script
+    try:
+        speed, memory = importlib.import_module("speed"), importlib.import_module("memory")
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    text = page("hardware.md")
+    for bench in (speed, memory):
+        result = json.load(open(os.path.join(ROOT, "benchmarks", bench.__name__ + ".json")))
+        assert bench.markdown_table(result) in text, f"docs/hardware.md: the table of benchmarks/{bench.__name__}.json"
+        assert set(result["configs"]["default"]["strategies"] if bench is speed else result["strategies"]) == set(
+            bench.STRATEGIES), f"benchmarks/{bench.__name__}.json: a method not measured"

@@ -528,6 +528,10 @@ def test_a_bpe_tokenizer_crosses_both_ways_and_encodes_as_the_runs(tmp_path, cap
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     for s in (text, corpus.make_text(20, seed=2)):
         assert theirs.encode(s) == tokenizer.encode(s).tolist()
+    # GPT-2's bos and eos name the run's line end, the token every record ends with (id 0 here is [UNK])
+    written = json.loads((tmp_path / "back" / "config.json").read_text())
+    end = tokenizer.encode("\n").tolist()
+    assert len(end) == 1 and end[0] != 0 and written["eos_token_id"] == written["bos_token_id"] == end[0]
 
 
 # ---- IA3 out to PEFT's IA3

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 from threadpoolctl import threadpool_limits
 
-from minilora import evaluation, finetune, model, studies, sweep
+from minilora import evaluation, finetune, methods, model, studies, sweep
 from minilora.tokenizer import CharTokenizer
 from minilora.model import ModelConfig
 from minilora.train import TrainConfig
@@ -115,3 +115,8 @@ def test_a_setting_at_its_default_leaves_the_key_unchanged():
     assert same.key() == cell.key()
     assert Later("s", method="lora", lr=1e-2, seed=2, new_setting=0.25).key() != cell.key()
     assert sweep.Cell("s", method="lora", lr=3e-2, seed=2).key() != cell.key()  # a first-grid field still counts
+
+
+def test_every_method_has_its_own_colour_in_the_figures():
+    colors = [m.color for m in methods.METHODS.values()]
+    assert len(set(colors)) == len(colors), colors

@@ -195,6 +195,19 @@ def test_the_kind_study_tunes_each_rate_on_seed_0_then_repeats_the_best(tmp_path
     added = grown[len(first):]
     assert grown[:len(first)] == first
     assert [(c.method, c.lr, c.seed) for c in added] == [("lora", 1e-2, 1), ("lora", 1e-2, 2)]
+    # the report reads the rate as the grid chose it, on seed 0, though seeds 1 and 2 pull its mean below another's
+    with open(out / "results.jsonl", "a") as f:
+        for c in added:
+            f.write(json.dumps({"key": c.key(), "cell": json.loads(c.key()), "test_metric": 0.1,
+                                "trainable_params": 1, "evals": [{"val_metric": 0.1, "forgetting": 1.0,
+                                                                  "delta": {}}]}) + "\n")
+    records = sweep.read_results(str(out / "results.jsonl"))
+    for r in records:
+        r.setdefault("test_metric", 0.5)
+        r.setdefault("trainable_params", 1)
+        r["evals"][-1].setdefault("delta", {})
+    _, chosen = report.method_rows(records)
+    assert chosen == {"lora": 1e-2}  # the mean over seeds would have chosen another rate (0.37 < 0.5)
 
 
 def test_report_draws_and_tabulates_a_finished_study(bases, tmp_path):

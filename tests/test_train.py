@@ -1,5 +1,6 @@
 """The one training loop: frozen names stay frozen, resume is exact, divergence stops cleanly, the log."""
 
+import dataclasses
 import json
 import math
 import os
@@ -158,26 +159,29 @@ def test_random_windows_targets_are_the_next_tokens():
     assert b["x"].min() >= 0 and b["y"].max() <= 99
 
 
+@pytest.mark.parametrize("odd", [False, True], ids=["even T", "odd T"])
 @pytest.mark.parametrize("batch_size", [64, 3])
-def test_strided_val_loss_matches_a_direct_computation(batch_size):
-    params = model.init_params(TINY, 0, dtype=np.float64)
+def test_strided_val_loss_matches_a_direct_computation(batch_size, odd):
+    config = dataclasses.replace(TINY, context_length=TINY.context_length + 1) if odd else TINY
+    params = model.init_params(config, 0, dtype=np.float64)
     data = DATA[:63]
-    T, half = TINY.context_length, TINY.context_length // 2
-    got = evaluation.strided_val_loss(params, TINY, data, batch_size=batch_size)
+    T, half = config.context_length, config.context_length // 2
+    assert T % 2 == odd
+    got = evaluation.strided_val_loss(params, config, data, batch_size=batch_size)
     total, counted = 0.0, []
     for s in range(0, len(data) - T - 1, half):
         window = data[s:s + T][None]
-        h, _ = model.forward(params, TINY, window)
+        h, _ = model.forward(params, config, window)
         logits = h[0] @ params["wte"].T  # (T, V)
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        for t in range(half, T):  # the second half of each window
+        for t in range(T - half, T):  # the last half of each window: T/2 positions, at least T/2 of context
             total -= logp[t, data[s + t + 1]]
             counted.append(s + t + 1)
     assert len(counted) == len(set(counted)), "a target was counted twice"
     assert got == pytest.approx(total / len(counted), rel=1e-12)
     # and the mask matters: counting whole windows gives another number
-    assert abs(got - model.loss_and_grads(params, TINY, {"x": data[None, :T], "y": data[None, 1:T + 1]})[0]) > 1e-6
+    assert abs(got - model.loss_and_grads(params, config, {"x": data[None, :T], "y": data[None, 1:T + 1]})[0]) > 1e-6
 
 
 def test_strided_val_loss_rejects_a_too_short_stream():

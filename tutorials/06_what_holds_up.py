@@ -148,10 +148,12 @@ for m in ("full", "lora"):
 means = [np.mean([a for a in skill["full", lr] if a is not None]) for lr in studies.LRS["full"]]
 print(f"full fine-tuning: forgetting at matched skill spans {min(means):.2f} to {max(means):.2f} nats/char "
       f"across the four rates, a factor of {max(means) / min(means):.1f}")
-full_low, full_chosen = skill["full", 1e-4], skill["full", 3e-4]
-assert None not in full_low + full_chosen and max(full_low) < min(full_chosen)  # 1e-4 forgets less, every seed
+full_low = [a for a in skill["full", 1e-4] if a is not None]  # the seeds at 1e-4 that reach the level
+full_chosen = skill["full", 3e-4]
+assert full_low and None not in full_chosen and max(full_low) < min(full_chosen)  # 1e-4 forgets less, every seed
 low, mid = cells_where(forget, method="full", lr=1e-4), cells_where(forget, method="full", lr=3e-4)
-assert np.mean([report.steps_to_skill(r) for r in low]) > np.mean([report.steps_to_skill(r) for r in mid])  # later
+low_steps = [report.steps_to_skill(r) for r in low]
+assert min(s for s in low_steps if s is not None) > max(report.steps_to_skill(r) for r in mid)  # later, if at all
 assert np.mean([r["test_metric"] for r in low]) < np.mean([r["test_metric"] for r in mid])  # and ends lower
 for m in ("full", "lora"):  # where seeds reach the level, a higher rate has forgotten more by then
     reached = [np.mean([a for a in skill[m, lr] if a is not None]) for lr in studies.LRS[m]
@@ -198,18 +200,21 @@ print("wrote", path)
 #   the seeds that reach the skill level, a higher learning rate has forgotten more
 #   by then (asserted above), for full fine-tuning and for LoRA.
 # - **The post's 1e-4 forgets least, but it is slow.** Full fine-tuning at 1e-4
-#   reaches matched skill with less forgetting than at 3e-4 on every seed, but
-#   later, and its test score after 600 steps is lower, so the validation split
-#   picks 3e-4. "Most impactful" is right for forgetting: across the four rates,
+#   reaches matched skill with less forgetting than at 3e-4 on every seed that
+#   reaches it at all within 600 steps, but later, and its test score after 600
+#   steps is lower, so the validation split picks 3e-4. "Most impactful" is right for forgetting: across the four rates,
 #   full fine-tuning's forgetting at matched skill spans the factor printed above.
 # - **"Fine-tuning uses a much smaller learning rate than pretraining" holds only for
 #   full fine-tuning.** Pretraining ran at 3e-3; full fine-tuning's chosen rate is
 #   below it, LoRA's is not, and prompt tuning's is above it (asserted above). Fresh
 #   parameters (A and B start at random and zero, the prompt is new) have no useful
 #   representation to protect.
-# - **Not "LoRA learns less and forgets less"** (Biderman et al. 2024, 7B models): at
-#   the chosen rates, LoRA's and full fine-tuning's forgetting at matched skill are
-#   inside each other's spread. Prompt tuning never reaches the level (section 5).
+# - **"LoRA learns less and forgets less"** (Biderman et al. 2024, 7B models): at the
+#   chosen rates LoRA forgot a little less at matched skill (the first table), while
+#   learning about as much; an earlier run of this study, on another base, had the two
+#   inside each other's spread. Either way the difference is small beside what one
+#   step of the learning rate does (the second table). Prompt tuning never reaches the
+#   level (section 5).
 
 # %% [markdown]
 # ## 2. "Weight updates have low intrinsic rank"
@@ -250,7 +255,8 @@ top8 = [np.sum(np.square(r["singular_values"][p][:8])) / np.sum(np.square(r["sin
         for r in full_runs for p in matrices]
 print(f"energy in the top 8 directions (what a rank-8 approximation keeps): {min(top8):.2f} to {max(top8):.2f}, "
       f"median {np.median(top8):.2f}")
-assert max(top8) < 0.9 and min(every) > 8  # the same fact twice: k90 > 8 for every matrix
+assert min(every) >= 8 and np.median(top8) < 0.9  # k90 >= 8 for every matrix; a rank-8 approximation
+assert sum(k > 8 for k in every) > 0.9 * len(every)  # keeps under 90% of the energy of all but a few
 attn = [k for p, ks in k90.items() if ".attn." in p for k in ks]
 mlp = [k for p, ks in k90.items() if ".mlp." in p for k in ks]
 assert np.median(mlp) > np.median(attn)  # the MLP updates spread over more directions
@@ -300,8 +306,8 @@ print("wrote", path)
 #
 # - "Low" is not "rank 8": the best rank-8 approximation of these updates keeps
 #   only the fraction of their energy printed above (Eckart-Young: nothing of rank 8
-#   keeps more). LoRA r = 8 cannot express *this* update, and need not: it finds its
-#   own, and section 1 shows it learns the task as well.
+#   keeps more). LoRA r = 8 cannot hold 90% of most of *these* updates, and need
+#   not: it finds its own, and section 1 shows it learns the task as well.
 # - The MLP matrices spread over more directions than the attention matrices (the
 #   assert above), which is one argument for adapting them too (tutorial 07).
 # - A larger learning rate spreads the update over more directions (the medians per

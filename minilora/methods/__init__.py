@@ -86,7 +86,8 @@ class Method:
     """A fine-tuning method, as finetune, the CLI, runs, the sweep and the report see it.
 
     - name, summary: the --method choice and its one-line help
-    - default_lr: the peak learning rate the forgetting study chose for it
+    - default_lr: the peak learning rate finetune uses when none is given (full, LoRA, prompt: the forgetting
+      study's choice of 2026-11-29; the rerun's choice for every method is in docs/studies/forgetting.md)
     - setup(base_params, model_config, ft_config, tokenizer) -> (params, model_config, trainable): the method's
       parameters added beside the base (never modifying it), the config that now describes them, and
       the names it trains (a classification head is added by finetune, under every method)

@@ -318,5 +318,5 @@ PREFIX = register(Method("prefix", "P trainable keys and values in every attenti
                          owns=lambda name: name.endswith(SUFFIXES), saves_adapter=True,
                          study_lrs=(3e-3, 1e-2, 3e-2, 1e-1), gradcheck_setup=_gradcheck_setup,
                          op_checks=_op_checks, count_line=count_report,
-                         model_settings=lambda config: {"n_prefix": config.n_prefix}, color="tab:brown"),
+                         model_settings=lambda config: {"n_prefix": config.n_prefix}, color="tab:olive"),
                   attention=PREFIX_ATTENTION)

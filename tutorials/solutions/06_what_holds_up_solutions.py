@@ -105,12 +105,15 @@ for m in ("full", "lora"):  # at every level, within a method, a higher rate has
     for level in LEVELS:
         means = [np.mean(table[m, lr, level]) for lr in studies.LRS[m] if table[m, lr, level]]
         assert means == sorted(means), (m, level, means)
-# at 0.5 the slowest rate of each method gets there with the least forgetting, within each other's spread ...
-low5 = {m: table[m, studies.LRS[m][0], 0.5] for m in ("full", "lora")}
-print("level 0.5, the lowest rates:", {m: report.mean_spread(v) for m, v in low5.items()})
-assert abs(np.mean(low5["full"]) - np.mean(low5["lora"])) < max(np.std(v, ddof=1) for v in low5.values())
-# ... and at 0.9 full fine-tuning at 1e-4 never gets there in 600 steps
-assert not table["full", 1e-4, 0.9] and len(table["full", 3e-4, 0.9]) == 3
+# across both methods, full fine-tuning at 1e-4 forgets least at every level, among the settings that reach it ...
+for level in LEVELS:
+    means = {k[:2]: np.mean(v) for k, v in table.items() if k[2] == level and v}
+    assert min(means, key=means.get) == ("full", 1e-4), (level, means)
+# ... and fewer runs reach each higher level
+reached = {level: sum(len(v) for k, v in table.items() if k[2] == level) for level in LEVELS}
+n_runs = sum(len(cells_where(forget, method=m, lr=lr)) for m in ("full", "lora") for lr in studies.LRS[m])
+print(f"runs of full and LoRA reaching each level, of {n_runs}:", reached)
+assert reached[0.5] > reached[0.8] > reached[0.9]
 
 # %%
 fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -136,13 +139,13 @@ print("wrote", path)
 # %% [markdown]
 # **Answer.** Within each method the ordering by learning rate does not depend on the
 # level: among the runs that reach it, a lower rate has forgotten less, at 0.5, 0.8
-# and 0.9 alike (asserted). What changes is *who reaches it*. At 0.5, LoRA at 1e-3,
-# which never reaches 0.8, gets there with as little forgetting as full fine-tuning
-# at 1e-4 (inside each other's spread, printed above): "full at 1e-4 forgets least"
-# becomes "the slowest rate of either method forgets least". At 0.9, full
-# fine-tuning at 1e-4 drops out (0/3 in 600 steps). So "the least forgetting at
-# matched skill" depends on how much skill you demand, and a slow rate can win a
-# comparison only by being in it.
+# and 0.9 alike (asserted). Across the two methods, full fine-tuning at 1e-4 forgets
+# least at every level (asserted), but only among the runs that get there: one of
+# its 3 seeds reaches neither 0.8 nor 0.9 within 600 steps. What changes with the
+# level is *who reaches it*: fewer runs at each higher level (the counts printed
+# above), and at 0.5 LoRA at 1e-3, which never reaches 0.8, comes in with one seed.
+# So "the least forgetting at matched skill" depends on how much skill you demand,
+# and a slow rate can win a comparison only by being in it.
 
 # %% [markdown]
 # ## Exercise 6.3: an energy rank by hand
