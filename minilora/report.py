@@ -397,7 +397,7 @@ def budget_rows(records):
         rs = [r for r in records if r["cell"]["method"] == m and budget_size(r["cell"]) == size]
         rows.append((m, size or "-", f"{n:,}", f"{rs[0]['cell']['lr']:g}", mean_spread([final_val(r) for r in rs]),
                      mean_spread(tests), mean_spread([r["evals"][-1]["forgetting"] for r in rs])))
-    return _table(("method", "size", "trainable", "lr (forgetting study's)", "val metric", "test metric",
+    return _table(("method", "size", "trainable", "lr (chosen in study 1)", "val metric", "test metric",
                    "forgetting at end"), rows)
 
 
