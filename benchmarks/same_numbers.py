@@ -9,6 +9,10 @@ Run it once per version (PYTHONPATH=a checkout of the other commit), then compar
 The forgetting study's rerun ran its first cells (full, LoRA, part of DoRA) under one commit and the rest under
 a later one (every record names its `code`); this is the check that the later code reproduces the earlier one's
 records bit for bit, with the same base (benchmarks/studies/forgetting/same_numbers.json keeps the comparison).
+
+Bit-identity is a claim about one machine: float32 sums depend on the CPU's BLAS kernel, the library build and
+the thread count, so two code versions agree bit for bit only when both ran where these files were made. Each
+file records that machine (`machine`), and --compare refuses to call two files from different machines identical.
 """
 
 import argparse
@@ -16,10 +20,23 @@ import json
 import sys
 
 
+def machine():
+    """What float32 bit-identity depends on: the CPU, NumPy, its BLAS and the kernel it chose."""
+    import platform
+
+    import numpy
+    from threadpoolctl import threadpool_info
+
+    blas = [{k: b.get(k) for k in ("internal_api", "version", "architecture")} for b in threadpool_info()
+            if b.get("user_api") == "blas"]
+    return {"machine": platform.machine(), "processor": platform.processor() or None, "numpy": numpy.__version__,
+            "blas": blas, "python": platform.python_version()}
+
+
 def run(out, bases_dir):
     from minilora import sweep
 
-    result = {}
+    result = {"machine": machine()}
     for method in ("full", "lora", "dora"):
         cell = sweep.Cell("forgetting", method=method, lr=3e-4 if method == "full" else 3e-3, seed=1, steps=100,
                           eval_every=50)
@@ -32,7 +49,11 @@ def run(out, bases_dir):
 
 def compare(a_path, b_path):
     a, b = (json.load(open(p)) for p in (a_path, b_path))
-    same = {}
+    if a.get("machine") != b.get("machine"):
+        sys.exit(f"--compare: {a_path} and {b_path} were made on different machines ({a.get('machine')} vs "
+                 f"{b.get('machine')}); float32 bit-identity is only expected on one")
+    same = {"machine": a.pop("machine", None)}
+    b.pop("machine", None)
     for method in a:
         strip = lambda r: {k: v for k, v in r.items() if k != "code"}  # noqa: E731
         same[method] = {"codes": [a[method]["code"], b[method]["code"]],
@@ -40,7 +61,7 @@ def compare(a_path, b_path):
                         "corpus_loss_at_step_100": [a[method]["evals"][-1]["corpus_loss"],
                                                     b[method]["evals"][-1]["corpus_loss"]]}
     print(json.dumps(same, indent=1))
-    return 0 if all(s["bit_identical"] for s in same.values()) else 1
+    return 0 if all(s["bit_identical"] for m, s in same.items() if m != "machine") else 1
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ def work(tmp_path_factory):
     return d
 
 
+@pytest.mark.kernel  # two processes compared bit for bit: .ci/run runs it under other BLAS kernels too
 def test_sigint_or_sigterm_then_resume_is_bit_identical_for_pretraining(work):
     argv = ["pretrain", "--text", "my.txt", "--steps", "120", "--batch-size", "4", "--eval-every", "50",
             "--dropout", "0.1", "--seed", "3", *TINY]
@@ -182,6 +183,7 @@ def test_sigint_or_sigterm_then_resume_is_bit_identical_for_pretraining(work):
         _assert_same_run(os.path.join(work, "pre-straight"), os.path.join(work, run))
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("method", ["full", "lora", "prompt"])
 def test_sigint_then_resume_is_bit_identical_for_every_finetuning_method(work, method):
     argv = ["finetune", "--method", method, "--data", "my.jsonl", "--steps", "120", "--batch-size", "4",

@@ -13,6 +13,8 @@ import clients
 from minilora import report, studies, sweep
 from minilora.tokenizer import CharTokenizer
 
+pytestmark = pytest.mark.kernel  # a sweep's cells against a worker's and Dask's: .ci/run runs it under other BLAS kernels too
+
 TINY = dict(study="t", base="tiny", steps=6, eval_every=3, n_train=40, n_val=6, n_test=6, corpus_sentences=40,
             batch_size=4)
 

@@ -64,6 +64,7 @@ class Crash(Exception):
     """Stands for the process being killed mid-run."""
 
 
+@pytest.mark.kernel  # resumed against uninterrupted, bit for bit: .ci/run runs it under other BLAS kernels too
 def test_resume_ends_exactly_where_an_uninterrupted_run_does(tmp_path):
     config = ModelConfig(**{**TINY.to_dict(), "dropout": 0.1})  # the RNG state must be restored too
     tc = small_train_config(steps=30, checkpoint_every=15, seed=3)

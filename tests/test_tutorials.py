@@ -35,6 +35,19 @@ def test_tutorial_is_percent_format(path):
     assert "MINILORA_FAST" in text and "MINILORA_FIGURES" in text
 
 
+def test_tutorial_08_gives_the_one_install_line_that_ci_runs():
+    """The tutorial that needs torch, transformers and peft says how to install them in one line, before its
+    first code cell; the extra it names exists, and .ci/run makes the clients' environment with that line."""
+    text = open(os.path.join(ROOT, "tutorials", "08_from_minilora_to_hugging_face.py"), encoding="utf-8").read()
+    before_code = text.split("\n# %%\n", 1)[0]
+    assert f"#     {clients.TUTORIAL_08_INSTALL}\n" in before_code and "CPU-only build" in before_code
+    pyproject = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
+    extra = re.search(r"^huggingface = \[(.*)\]$", pyproject, flags=re.M).group(1)  # tomllib is 3.11+
+    assert {"torch", "transformers", "peft"} <= {re.split(r"[<>=\[]", d.strip(' "'))[0] for d in extra.split(",")}
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    assert "tutorial_08_install" in ci
+
+
 @pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
 def test_tutorial_runs_in_fast_mode(path, tmp_path):
     clients.require_for(path)  # tutorial 08 needs transformers and peft

@@ -28,8 +28,20 @@
 # and `--adapter` takes a PEFT folder wherever it takes `adapter.npz`.
 #
 # **This tutorial fine-tunes tutorial 02's pretrained model** (`runs/pretrain`; the
-# cell that loads it pretrains it there if it is missing). It needs the Hugging Face
-# clients: `pip install torch transformers peft` and `pip install '.[hf]'`.
+# cell that loads it pretrains it there if it is missing).
+#
+# **Before you run it**: it needs the real Hugging Face clients (torch, transformers,
+# peft, safetensors, tokenizers), which minilora itself never needs. From the
+# repository's root, in your virtual environment, one line installs them:
+#
+#     pip install torch==2.13.0 && pip install '.[huggingface]'
+#
+# torch comes first, and it must be **PyTorch's CPU-only build** on a machine without a
+# GPU: on Linux, pip's default torch is the CUDA build, several GB. This project's
+# machines keep torch 2.13.0's CPU-only build (`2.13.0+cpu`) on disk, which the line
+# above takes; elsewhere add PyTorch's CPU wheel index to the first pip
+# (`--index-url https://download.pytorch.org/whl/cpu`, pytorch.org's selector under
+# "CPU"). CI makes a fresh environment with this line and runs this tutorial there.
 
 # %%
 import os
