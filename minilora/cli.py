@@ -765,7 +765,9 @@ def build_parser():
     s.set_defaults(func=_cmd_plot)
 
     s = sub.add_parser("sweep", parents=[common], help="run a study's grid of fine-tuning cells (resumable)")
-    s.add_argument("study", help="forgetting | format | rank | prompt | scale | hyper | qlora")
+    from .studies import STUDIES  # the help lists every study defined, not a copy of the list
+
+    s.add_argument("study", help=" | ".join(STUDIES))
     s.add_argument("--out", type=_path, required=True,
                    help="the study's folder; results.jsonl gets one line per cell")
     s.add_argument("--workers", type=POSITIVE, default=1, help="worker processes; BLAS threads are split between them")
