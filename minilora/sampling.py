@@ -8,10 +8,14 @@ that is fast enough, and it keeps one forward function for training and for
 decoding.
 
 The tokens stay on the device while they are chosen: argmax there, and for
-sampling the Gumbel-max trick, argmax(z / temperature + g) with g ~ Gumbel(0, 1) (z shifted by its max first)
+sampling the Gumbel-max trick, argmax(z / temperature + g) with g ~ Gumbel(0, 1)
 drawn on the host from the caller's generator and sent over. What comes back to
 the host is one (b, N) block of tokens per batch, plus one yes/no every
 STOP_CHECK_EVERY tokens to see whether every row has stopped.
+
+z is each row's logits less their maximum, so the division is exact at any
+finite temperature (bounds.TEMPERATURE): from the smallest subnormal, where
+every token but the likeliest gets probability 0, to the largest float64.
 """
 
 import numpy as np

@@ -37,7 +37,6 @@ from .checkpoint import atomic_open, load_checkpoint, save_checkpoint
 from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at, state_from_arrays, state_to_arrays
 from .bounds import FLOAT32_TINY, GRAD_CLIP, LR, Bound
 from .validate import FLOAT_DTYPES, FileError, check_arrays, field, from_dict, read_jsonl, rng_state
-
 from .tokenizer import CHAR_DESCRIPTION
 
 # The range of a peak learning rate (bounds.LR says why): 1e30 turns float32 weights into inf within steps
