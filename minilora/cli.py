@@ -35,7 +35,7 @@ from dataclasses import fields, replace
 
 import numpy as np
 
-from . import methods
+from . import bounds, methods
 from .backend import DEFAULT_THREADS
 from .methods.lora import LoraConfig, settings_class
 from .model import ModelConfig
@@ -118,6 +118,22 @@ def _number(low=None, high=None, low_open=False):
     return parse
 
 
+def _bounded(bound):
+    """An argparse type: a number in a library bound (bounds.Bound), refused in the library's own words."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {bound.describe()}, got {text!r}") from None
+        problem = bound.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    parse.__name__ = bound.describe()
+    parse.bound = bound
+    return parse
+
+
 def _path(text):
     """An argparse type: a non-empty path ('' would silently mean the working folder or a default)."""
     if not text:
@@ -127,7 +143,8 @@ def _path(text):
 
 _path.__name__ = "path"
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
-RATE, PROBABILITY = _number(0.0, low_open=True), _number(0.0, 1.0)
+POSITIVE_NUMBER = _number(0.0, low_open=True)  # --alpha: its bound is on alpha / r (LoraConfig checks it)
+LR, PROBABILITY, TEMPERATURE = _bounded(bounds.LR), _bounded(bounds.DROPOUT), _bounded(bounds.TEMPERATURE)
 
 
 def _pretrain_defaults():
@@ -655,7 +672,7 @@ def build_parser():
                         "folder (default: one token per character; or the --resume run's)")
     s.add_argument("--steps", type=POSITIVE, default=pre.train.steps, help="optimizer steps")
     s.add_argument("--batch-size", type=POSITIVE, default=pre.train.batch_size, help="windows per step")
-    s.add_argument("--lr", type=RATE, default=pre.train.lr, help="peak learning rate (cosine decay to lr / 10)")
+    s.add_argument("--lr", type=LR, default=pre.train.lr, help="peak learning rate (cosine decay to lr / 10)")
     s.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
                    help=f"default: {pre.train.warmup_steps} (at most steps / 10), or the resumed run's")
     s.add_argument("--eval-every", type=POSITIVE, default=pre.train.eval_every, help="steps between validation losses")
@@ -677,7 +694,8 @@ def build_parser():
                         "the run's end marker")
     s.add_argument("--input", default=None, help="with --instruction: the text after '### Input'")
     s.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="tokens to sample after the prompt")
-    s.add_argument("--temperature", type=_number(0.0), default=1.0, help="0 is greedy")
+    s.add_argument("--temperature", type=TEMPERATURE, default=1.0,
+                   help="0 is greedy; any finite temperature is exact (the logits are shifted by their max first)")
     s.add_argument("--top-k", type=POSITIVE, default=None, help="sample among the k likeliest tokens only")
     s.add_argument("--num-samples", type=POSITIVE, default=1, help="independent samples of the same prompt")
     s.add_argument("--stop-at-newline", action="store_true",
@@ -699,7 +717,7 @@ def build_parser():
                    "with -2, -3, ... when that folder holds a run; or the --resume run's folder")
     s.add_argument("--steps", type=POSITIVE, default=ft.train.steps, help="optimizer steps")
     s.add_argument("--batch-size", type=POSITIVE, default=ft.train.batch_size, help="records per step")
-    s.add_argument("--lr", type=RATE, default=None, help="default: the forgetting study's choice, "
+    s.add_argument("--lr", type=LR, default=None, help="default: the forgetting study's choice, "
                    + ", ".join(f"{m.name} {m.default_lr:g}" for m in methods.METHODS.values()))
     s.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
                    help=f"default: {ft.train.warmup_steps} (at most steps / 10), or the resumed run's")
@@ -708,7 +726,7 @@ def build_parser():
     _run_options(s, "fine-tuning")
     s.add_argument("--train-on-prompt", action="store_true", help="count the loss on prompt tokens too")
     s.add_argument("--rank", type=POSITIVE, default=LORA.rank, help="LoRA's r")
-    s.add_argument("--alpha", type=RATE, default=None, help="default: 2 x rank")
+    s.add_argument("--alpha", type=POSITIVE_NUMBER, default=None, help="default: 2 x rank")
     s.add_argument("--targets", default=",".join(LORA.targets), help="comma list from q,k,v,o,fc,proj")
     s.add_argument("--lora-dropout", type=PROBABILITY, default=LORA.dropout)
     s.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(r) instead of alpha / r")

@@ -39,6 +39,7 @@ import numpy as np
 
 from . import methods, ops
 from .backend import array_module, to_device
+from .bounds import DROPOUT
 from .methods.lora import LoraConfig
 from .validate import from_dict
 
@@ -69,9 +70,7 @@ class ModelConfig:
             raise ValueError(f"n_prefix: expected a non-negative integer, got {self.n_prefix!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={self.d_model}, got {self.n_heads}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        DROPOUT.check(self.dropout)
         if isinstance(self.lora, dict):
             self.lora = methods.adapter_config_from_dict(self.lora)
         kinds = tuple(methods.ADAPTER_CONFIGS.values())  # LoraConfig, its variants', Ia3Config

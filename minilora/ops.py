@@ -37,6 +37,7 @@ traffic. So the ops below:
 import math
 
 from .backend import array_module, is_device, scatter_add, to_device
+from .bounds import DROPOUT
 
 
 def _fail(name, expected, got):
@@ -469,8 +470,7 @@ def dropout_forward(x, p, rng=None, mask=None):
     Returns out (N...) and a cache. With p == 0 and no mask it is the identity.
     """
     xp = array_module(x)
-    if not 0.0 <= p < 1.0:
-        _fail("p", "a drop probability in [0, 1)", p)
+    DROPOUT.check(p, "p")
     if mask is None:
         if p == 0.0:
             return x, None

@@ -19,6 +19,9 @@ import math
 import numpy
 
 from .backend import array_module, to_device, to_numpy
+from .bounds import GRAD_CLIP
+
+EPS_MAX = 1e30  # the largest Adam eps (see _check_eps)
 
 
 def adamw_init(params, trainable):
@@ -92,6 +95,7 @@ def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight
     for name, g in grads.items():
         if g.shape != params[name].shape:
             raise ValueError(f"grads[{name!r}]: expected shape {params[name].shape}, got {g.shape}")
+    _check_eps(eps, params, grads)
 
     state["step"] += 1
     t = state["step"]
@@ -114,6 +118,22 @@ def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight
         p -= lr * (m / bias1) / (xp.sqrt(v / bias2) + eps)
 
 
+def _check_eps(eps, params, grads):
+    """eps must be a normal number of every updated parameter's dtype, and at most EPS_MAX.
+
+    eps is added to sqrt(v_hat) in the parameter's dtype: below its smallest normal number (1.18e-38 for
+    float32) it loses bits, and from 1.4e-45 down it is 0, so a weight whose gradient has been exactly 0
+    (v = 0) gets 0 / 0 = NaN. Above EPS_MAX sqrt(v_hat) + eps could overflow float32 (sqrt of a finite
+    float32 is below 1.9e19), and every step would be ~ m / eps = 0 anyway.
+    """
+    for dtype in {params[name].dtype for name in grads}:
+        tiny = float(numpy.finfo(dtype).tiny) if numpy.issubdtype(dtype, numpy.floating) else 0.0
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not tiny <= eps <= EPS_MAX:
+            raise ValueError(f"eps: expected a number in [{tiny:g}, {EPS_MAX:g}] for {dtype} parameters (added to "
+                             f"sqrt(v_hat) in {dtype}: a smaller one is subnormal or 0 there, and a weight whose "
+                             f"gradient is 0 gets 0 / 0), got {eps!r}")
+
+
 def clip_grad_norm(grads, max_norm):
     """Rescale all gradients together so their global L2 norm is at most max_norm.
 
@@ -133,6 +153,7 @@ def clip_grad_norm(grads, max_norm):
     """
     if not max_norm > 0.0:
         raise ValueError(f"max_norm: expected a positive number, got {max_norm}")
+    GRAD_CLIP.check(max_norm, "max_norm")  # a factor max_norm / norm that float32 holds
     if not grads:
         return 0.0
     xp = array_module(*grads.values())

@@ -54,7 +54,9 @@ import numpy as np
 
 from .backend import array_module, to_numpy
 from .hf import FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, read_fingerprint, weights_fingerprint
-from .methods.lora import TARGETS, LoraConfig
+from .bounds import DROPOUT
+from .methods.lora import TARGETS, LoraConfig, lora_scale
+from .validate import FileError, field
 
 EXPORTED = ("lora", "ia3")  # the adapter configs' methods write_peft writes exactly (to_peft, ia3_to_peft)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -224,8 +226,7 @@ def read_peft(folder, base_params, base_config):
                          f"corrupt or of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
     _check_base(folder, ac, metadata, base_params)
     pairs = _pairs(weights, tensors, base_config)
-    rslora = bool(ac.get("use_rslora", False))
-    r_default, alpha_default = ac.get("r", 8), ac.get("lora_alpha", 8)
+    rslora, r_default, alpha_default, dropout = _lora_settings(ac, path)
     # every adapted linear: minilora prefix -> (A, B, PEFT scale)
     adapters = {}
     for (i, module), (A, B) in pairs.items():
@@ -234,7 +235,9 @@ def read_peft(folder, base_params, base_config):
         if r != _pattern_value(ac.get("rank_pattern"), full, r_default):
             raise ValueError(f"adapter: {weights}: {full} has rank {r}, but {ADAPTER_CONFIG} says "
                              f"{_pattern_value(ac.get('rank_pattern'), full, r_default)}")
-        s = _peft_scale(_pattern_value(ac.get("alpha_pattern"), full, alpha_default), r, rslora)
+        own = _pattern_value(ac.get("alpha_pattern"), full, None)
+        s = _module_scale(alpha_default if own is None else own, r, rslora, path,
+                          "lora_alpha" if own is None else f"alpha_pattern: {full}")
         d_in, d_out = _module_shape(module, base_config)
         if A.shape[1] != d_in or B.shape[0] != d_out:
             raise ValueError(f"adapter: {weights}: {full} expects A (r, {d_in}) and B ({d_out}, r) on this base, "
@@ -251,8 +254,7 @@ def read_peft(folder, base_params, base_config):
     R = max(A.shape[0] for A, _, _ in adapters.values())
     s = next(iter(adapters.values()))[2]  # the common scale; other modules fold theirs into B
     alpha = s * (math.sqrt(R) if rslora else R)
-    lora_config = LoraConfig(rank=R, alpha=alpha, targets=targets, dropout=float(ac.get("lora_dropout", 0.0)),
-                             rslora=rslora)
+    lora_config = LoraConfig(rank=R, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora)
     xp = array_module(base_params["wte"])
     dtype = base_params["wte"].dtype
     out = dict(base_params)
@@ -262,9 +264,44 @@ def read_peft(folder, base_params, base_config):
         B_pad = np.zeros((B.shape[0], R), np.float64)
         A_pad[:r] = A
         B_pad[:, :r] = B * (s_m / lora_config.scale)  # exactly 1 unless this module's PEFT scale differs
+        if np.abs(B_pad).max(initial=0.0) > np.finfo(dtype).max:  # both scales bounded, B need not be
+            raise ValueError(f"adapter: {weights}: {prefix}: B times its scale's ratio to the common scale "
+                             f"({s_m / lora_config.scale:g}) overflows {np.dtype(dtype).name}")
         out[prefix + ".lora_A"] = xp.asarray(A_pad.astype(dtype))
         out[prefix + ".lora_B"] = xp.asarray(B_pad.astype(dtype))
     return out, replace(base_config, lora=lora_config), {"kind": "peft_adapter", "peft": ac, "path": folder}
+
+
+def _lora_settings(ac, path):
+    """(use_rslora, r, lora_alpha, lora_dropout) of an adapter_config, each checked, PEFT's defaults when absent.
+
+    rank_pattern's values must be ranks and alpha_pattern's numbers too. A bad one is one line naming the
+    file and the field.
+    """
+    try:
+        rslora = field(ac, "use_rslora", path, "bool", None, optional=True) or False
+        r = field(ac, "r", path, "int", None, low=1, optional=True) or 8
+        alpha = field(ac, "lora_alpha", path, "number", None, optional=True)
+        dropout = field(ac, "lora_dropout", path, "number", None, optional=True) or 0.0
+        for name, kind in (("rank_pattern", "int"), ("alpha_pattern", "number")):
+            patterns = field(ac, name, path, "dict", None, optional=True) or {}
+            for key in patterns:
+                field(patterns, key, path, kind, name, low=1 if kind == "int" else None)
+        DROPOUT.check(dropout, "lora_dropout")
+    except FileError as e:
+        raise ValueError(f"adapter: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"adapter: {path}: {e}") from e
+    return rslora, r, 8 if alpha is None else alpha, float(dropout)
+
+
+def _module_scale(alpha, r, rslora, path, label):
+    """PEFT's scale of one module, in the range LoRA's own scale has (methods.lora.lora_scale)."""
+    try:
+        lora_scale(r, alpha, rslora)
+    except ValueError as e:
+        raise ValueError(f"adapter: {path}: {label}: {str(e).removeprefix('alpha: ')}") from e
+    return _peft_scale(alpha, r, rslora)
 
 
 def _module_shape(module, config):

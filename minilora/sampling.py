@@ -12,11 +12,16 @@ sampling the Gumbel-max trick, argmax(z / temperature + g) with g ~ Gumbel(0, 1)
 drawn on the host from the caller's generator and sent over. What comes back to
 the host is one (b, N) block of tokens per batch, plus one yes/no every
 STOP_CHECK_EVERY tokens to see whether every row has stopped.
+
+z is each row's logits less their maximum, so the division is exact at any
+finite temperature (bounds.TEMPERATURE): from the smallest subnormal, where
+every token but the likeliest gets probability 0, to the largest float64.
 """
 
 import numpy as np
 
 from .backend import array_module, to_device, to_numpy
+from .bounds import TEMPERATURE
 from .model import next_token_logits
 
 STOP_CHECK_EVERY = 8
@@ -30,11 +35,17 @@ def pick_next(logits, temperature=0.0, top_k=None, rng=None):
     can be repeated. Returns (B,) token ids of the logits' module.
     """
     xp = array_module(logits)
+    TEMPERATURE.check(temperature)
     if temperature == 0:
         return logits.argmax(axis=-1)
     if rng is None:
         raise ValueError("rng: expected a numpy.random.Generator to sample with temperature > 0, got None")
-    z = logits.astype(xp.float64) / temperature
+    # softmax(z / T) = softmax((z - max z) / T): shifted, every logit is <= 0, so any T > 0 can only send one
+    # to -inf (probability 0, as exp(-huge) is anyway), never to +inf (bounds.TEMPERATURE)
+    z = logits.astype(xp.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # the -inf just described is the exact answer, not an overflow
+        z = z / temperature
     if top_k is not None and top_k < z.shape[-1]:
         kth = xp.sort(z, axis=-1)[:, -top_k][:, None]  # the k-th largest of each row
         z = xp.where(z < kth, -xp.inf, z)
@@ -58,8 +69,7 @@ def decode(params, config, prompts, max_new_tokens, temperature=0.0, top_k=None,
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    TEMPERATURE.check(temperature)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected a positive integer, got {top_k!r}")
     xp = array_module(params["wte"])

@@ -49,6 +49,7 @@ from functools import lru_cache, partial
 import numpy as np
 
 from . import corpus, lock, tasks
+from .bounds import REPLAY
 from .evaluation import corpus_val_data, strided_val_loss
 from . import methods
 from .finetune import DEFAULT_LR, FinetuneConfig, score, setup_strategy
@@ -140,6 +141,15 @@ def splits(cell):
     return train_records, val, test
 
 
+def replay_rows(fraction, batch_size):
+    """round(fraction * batch_size), the corpus rows of a batch; ValueError unless a task row is left."""
+    n = int(round(REPLAY.check(fraction) * batch_size))
+    if not 0 <= n < batch_size:
+        raise ValueError(f"replay: expected a fraction that leaves at least one task row in a batch of "
+                         f"{batch_size}, got {fraction}")
+    return n
+
+
 class ReplayBatches:
     """Instruction batches with a fraction of pretraining windows mixed in.
 
@@ -149,10 +159,7 @@ class ReplayBatches:
     """
 
     def __init__(self, records, tokenizer, batch_size, context_length, corpus_data, fraction, end="\n"):
-        self.n_replay = int(round(fraction * batch_size))
-        if not 0 <= self.n_replay < batch_size:
-            raise ValueError(f"replay: expected a fraction that leaves at least one task row in a batch of "
-                             f"{batch_size}, got {fraction}")
+        self.n_replay = replay_rows(fraction, batch_size)
         self.records = tasks.RecordBatches(records, tokenizer, batch_size - self.n_replay, context_length, end=end)
         self.data = corpus_data
 
@@ -393,9 +400,8 @@ def check_cells(cells):
             raise ValueError(f"cells: expected Cell objects, got {type(c).__name__}")
         if c.base not in BASES:
             raise ValueError(f"base: expected one of {sorted(BASES)}, got {c.base!r}")
-        if not 0.0 <= c.replay < 1.0:
-            raise ValueError(f"replay: expected a fraction in [0, 1), got {c.replay!r}")
         c.finetune_config()  # every fine-tuning setting's own checks
+        replay_rows(c.replay, c.batch_size)
 
 
 @contextlib.contextmanager

@@ -35,12 +35,12 @@ from .backend import array_module, to_device, to_numpy
 from .model import loss_and_grads
 from .checkpoint import atomic_open, load_checkpoint, save_checkpoint
 from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at, state_from_arrays, state_to_arrays
+from .bounds import FLOAT32_TINY, GRAD_CLIP, LR, Bound
 from .validate import FLOAT_DTYPES, FileError, check_arrays, field, from_dict, read_jsonl, rng_state
-
-# The largest peak learning rate a run accepts: AdamW moves every trained weight by about lr per step,
-# so a rate of 1e30 (or 1e300) turns float32 weights into inf within a step or two.
-MAX_LR = 10.0
 from .tokenizer import CHAR_DESCRIPTION
+
+# The range of a peak learning rate (bounds.LR says why): 1e30 turns float32 weights into inf within steps
+MIN_LR, MAX_LR = LR.low, LR.high
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,17 +99,22 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "checkpoint_seconds"):
+        LR.check(self.lr)  # first: the bounds of min_lr and weight_decay below are in terms of lr
+        for name in ("min_lr", "weight_decay", "checkpoint_seconds"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
-        if self.lr == 0:
-            raise ValueError("lr: expected a positive learning rate, got 0")
-        if self.lr > MAX_LR:
-            raise ValueError(f"lr: expected a learning rate of at most {MAX_LR:g} (AdamW moves each weight by "
-                             f"about lr per step; more overflows float32), got {self.lr!r}")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr: expected at most lr={self.lr:g}, got {self.min_lr!r}")
+        GRAD_CLIP.check(self.grad_clip)
+        # min_lr is where the cosine ends: 0, or (as lr, see bounds.LR) a normal float32 rate, up to lr
+        Bound("min_lr", "a rate", FLOAT32_TINY, self.lr, zero_ok=True,
+              why="where the cosine ends, at most lr; a smaller positive rate is subnormal or 0 in float32"
+              ).check(self.min_lr)
+        # decoupled decay multiplies each matrix by 1 - lr * weight_decay every step (warmup's rates are lower):
+        # past 1 / lr the factor is negative and the weights grow without bound, to inf in float32. A decay too
+        # small to show rounds the factor to 1, as p * (1 - lr * weight_decay) rounds to p: exact.
+        Bound("weight_decay", "a decay rate", 0.0, 1.0 / self.lr,
+              why=f"at most 1 / lr = {1.0 / self.lr:g}: each step multiplies a matrix by 1 - lr * weight_decay, "
+                  f"negative past it, and the weights grow to inf").check(self.weight_decay)
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps: expected at most steps={self.steps}, got {self.warmup_steps}")
         if not 0.0 <= self.beta2 < 1.0:

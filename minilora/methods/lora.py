@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import ops
 from ..backend import array_module
+from ..bounds import DROPOUT
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..validate import FileError, check_arrays, field as meta_field, from_dict
 from . import LinearPair, Method, base_fingerprint, register
@@ -262,14 +263,11 @@ class LoraConfig:
         self.targets = tuple(self.targets)
         if not isinstance(self.rslora, bool):
             raise ValueError(f"rslora: expected true or false, got {self.rslora!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        DROPOUT.check(self.dropout)
         lora_scale(self.rank, self.alpha, self.rslora)  # validates rank and alpha
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ValueError(f"targets: expected a non-empty list from {sorted(TARGETS)}, got {list(self.targets)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ValueError(f"init: expected one of {INITS}, got {self.init!r}")
 
