@@ -15,7 +15,7 @@
 #
 # - **Phase 1 (this tutorial).** A transformer is trained on next-token prediction
 #   over a corpus. The output is a set of pretrained weights W.
-# - **Phase 2 (tutorials 03-05).** W is loaded, a dataset of input-output pairs is
+# - **Phase 2 (tutorials 03-11).** W is loaded, a dataset of input-output pairs is
 #   prepared, and training resumes, but now the critical decision is: *which weights
 #   get updated?*
 #

@@ -29,7 +29,7 @@
 # Only A and B are trained: $r (d + k)$ numbers instead of $d k$.
 #
 # **This tutorial fine-tunes tutorial 02's pretrained model**, which tutorial 02 saves
-# in `runs/pretrain` (the folder `minilora pretrain` also writes, and tutorials 04 to 07
+# in `runs/pretrain` (the folder `minilora pretrain` also writes, and tutorials 04 to 11
 # share). Run tutorial 02 first; if the model is missing, the cell that loads it
 # pretrains it there and says so (67 s with 2 threads in
 # `benchmarks/results.json`, the demo's pretraining on this config).

@@ -12,7 +12,7 @@
 # token, trained under all three strategies.
 #
 # **This tutorial fine-tunes tutorial 02's pretrained model**, saved in `runs/pretrain`
-# (shared by tutorials 03 to 07). Run tutorial 02 first; if the model is missing, the
+# (shared by tutorials 03 to 11). Run tutorial 02 first; if the model is missing, the
 # first code cell pretrains it there and says so (67 s with 2 threads in
 # `benchmarks/results.json`, the demo's pretraining on this config).
 
