@@ -29,7 +29,7 @@
 # Only A and B are trained: $r (d + k)$ numbers instead of $d k$.
 #
 # **This tutorial fine-tunes tutorial 02's pretrained model**, which tutorial 02 saves
-# in `runs/pretrain` (the folder `minilora pretrain` also writes, and tutorials 04 to 07
+# in `runs/pretrain` (the folder `minilora pretrain` also writes, and tutorials 04 to 11
 # share). Run tutorial 02 first; if the model is missing, the cell that loads it
 # pretrains it there and says so (67 s with 2 threads in
 # `benchmarks/results.json`, the demo's pretraining on this config).
@@ -253,6 +253,16 @@ except ValueError as e:
 # each uses its default learning rate (full 3e-4, LoRA 3e-3: freshly initialised
 # adapters take larger steps than pretrained weights should). Each run prints
 # PEFT's `trainable params || all params` line.
+#
+# **What the full run gives.** In full mode (300 steps on 2,000 examples, the
+# committed figure `figures/03_lora_vs_full_loss.png`) both training losses fall from
+# about 5.2 nats per token to about 0.4, below the 0.67 of a model that knows the
+# answers but not which one, full fine-tuning a little faster; the asserts check that
+# both raise the exact match. Trained for 600 steps at rates chosen on validation,
+# study 1 measured a test exact match of 1.000 ± 0.000 for full fine-tuning and
+# 0.962 ± 0.050 for LoRA (3 seeds, `benchmarks/studies/forgetting/results.jsonl`).
+# **In fast mode** (4 steps on a tiny model and data) both print
+# `exact match 0.000 -> 0.000`: the run works, and that is all it shows.
 
 # %%
 steps = 4 if FAST else 300

@@ -12,7 +12,7 @@
 # token, trained under all three strategies.
 #
 # **This tutorial fine-tunes tutorial 02's pretrained model**, saved in `runs/pretrain`
-# (shared by tutorials 03 to 07). Run tutorial 02 first; if the model is missing, the
+# (shared by tutorials 03 to 11). Run tutorial 02 first; if the model is missing, the
 # first code cell pretrains it there and says so (67 s with 2 threads in
 # `benchmarks/results.json`, the demo's pretraining on this config).
 
@@ -193,6 +193,13 @@ for r_ in res:
 # and prompt tuning the shared weights are bitwise unchanged: the corpus loss then
 # measures how the adapted model's next-token predictions drift, and a
 # classification objective (which never reads the LM head) does not constrain them.
+#
+# **What the full run gives.** In full mode (600 steps on 2,000 examples, the
+# committed figure `figures/04_classification_comparison.png`) full fine-tuning and
+# LoRA reach a held-out accuracy of 1.000 and prompt tuning 0.513, with a forgetting
+# of +4.291, +3.522 and +0.601 nats per token. **In fast mode** (4 steps on a tiny
+# model and data) all three print the same accuracy before and after: the head has
+# not moved yet, and nothing about the strategies can be read from it.
 
 # %%
 _, val_text = corpus.train_val_text(0, 50 if FAST else 200, seed=PretrainConfig().data_seed)

@@ -20,7 +20,7 @@
 # *pretraining* text after fine-tuning minus before.
 #
 # **This tutorial fine-tunes tutorial 02's pretrained model**, saved in `runs/pretrain`
-# (shared by tutorials 03 to 07). Run tutorial 02 first; if the model is missing, the
+# (shared by tutorials 03 to 11). Run tutorial 02 first; if the model is missing, the
 # first code cell pretrains it there and says so (67 s with 2 threads in
 # `benchmarks/results.json`, the demo's pretraining on this config).
 
@@ -77,6 +77,13 @@ def run(method, lr=None, rank=None, tag=""):
 # Full fine-tuning on the "subject" task, the same steps and data for each learning
 # rate. The cell below prints, for each, the task score (exact match on held-out
 # sentences) and the forgetting.
+#
+# **What the full run gives.** In full mode (200 steps, 5 rates, the committed figure
+# `figures/05_lr_and_rank_sweeps.png`) the forgetting climbs from about 0.3 nats/char
+# at 3e-5 to about 5.9 at 3e-3, and the exact match, still early in training, from
+# about 0.06 to about 0.37. **In fast mode** (3 steps, 2 rates, a tiny model) the
+# exact match prints 0.000 and the forgetting is near zero, even below it: too few
+# steps to change anything.
 
 # %%
 lrs = [3e-5, 3e-4] if FAST else [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
@@ -107,6 +114,10 @@ if not FAST:
 # `LoraConfig(rank=r, alpha=a, rslora=True)`. Tutorial 06 shows the rank study
 # (`minilora sweep rank`), where standard LoRA with a fixed alpha falls apart at
 # large r and rsLoRA does not.
+#
+# In full mode (200 steps, the right panel of `figures/05_lr_and_rank_sweeps.png`)
+# the exact match rises a little with the rank, from about 0.10 at r = 1 to about
+# 0.16 at r = 16; in fast mode it prints 0.000 for every rank.
 
 # %%
 ranks = [1, 4] if FAST else [1, 4, 16]
