@@ -228,6 +228,10 @@ def _cmd_pretrain(args):
     from .train import check_resume
 
     resume, out, same = _resume_and_out(args, "runs/pretrain")
+    if not same:
+        from .outputs import check_run_output
+
+        check_run_output(out, (args.text, args.tokenizer))
     d = _pretrain_defaults()
     model = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                         d_ff=args.d_ff or 4 * args.d_model, context_length=args.context_length,
@@ -350,6 +354,10 @@ def _cmd_finetune(args):
     default = os.path.join("runs", f"finetune-{name}-{config.method}")
     # the default folder is never another run's: a counter follows the name when it holds one
     resume, out, same = _resume_and_out(args, default if args.overwrite else free_run_dir(default))
+    if not same:
+        from .outputs import check_run_output
+
+        check_run_output(out, (args.checkpoint, args.data))
     if resume is not None:
         config = _finetune_config(args, _saved_train(resume))
     # everything is checked before any work: the model, the data against it, the resumed checkpoint, the folder
@@ -453,10 +461,13 @@ def _check_data_unchanged(description):
                          f"rebuilt; give the records to score with --data")
 
 
-def _check_new_file(path, overwrite, option="--out"):
-    """A file output: its folder must be writable, and an existing file is kept unless overwrite."""
+def _check_new_file(path, overwrite, option="--out", inputs=()):
+    """A file output: never an input nor a run's file (outputs.check_file_output), its folder writable, and an
+    existing file kept unless overwrite."""
+    from .outputs import check_file_output
     from .runs import check_writable
 
+    check_file_output(path, inputs, option)
     if os.path.isdir(path):
         raise ValueError(f"{option}: expected a file name, got the folder {path!r}")
     if os.path.exists(path) and not overwrite:
@@ -468,11 +479,11 @@ def _cmd_merge(args):
     from .checkpoint import save_checkpoint
     from .methods.lora import adapted_layers
 
+    _check_new_file(args.out, args.overwrite, inputs=(args.run, args.adapter))  # before any work
     params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
     if config.lora is None:
         raise ValueError(f"run: expected a model with adapters (a LoRA, DoRA or IA3 run, or a base checkpoint "
                          f"with --adapter), got {args.run} without adapters")
-    _check_new_file(args.out, args.overwrite)
     n_adapters = len(adapted_layers(config, config.lora))
     # LoRA and its variants scale B A by s; IA3 has no scale
     how = f"scale {config.lora.scale:g}" if isinstance(config.lora, LoraConfig) else config.lora.label
@@ -494,6 +505,9 @@ def _cmd_import_hf(args):
 
     # every tensor and the tokenizer are read and checked before the run folder is touched:
     # a refusal writes nothing
+    from .outputs import check_run_output
+
+    check_run_output(args.out, (args.dir,))
     params, config, tokenizer = read_hf_model(args.dir)
     with claim_run_dir(args.out, overwrite=args.overwrite):  # one writer at a time
         tokenizer.save(args.out)
@@ -510,8 +524,13 @@ def _cmd_import_hf(args):
 def _cmd_export(args):
     from .bridge import export_model
 
+    from .bridge import EXPORT_FILES
+    from .outputs import check_folder_output
+
+    inputs = (args.run, args.adapter)
+    check_folder_output(args.out, inputs, args.overwrite, EXPORT_FILES)  # before any work
     params, config, _, tokenizer = _load_model(args.run, "run", None, args.adapter)
-    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite)
+    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite, inputs=inputs)
     print(f"wrote {written[0]} (transformers: AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained)"
           + (f" and {written[1]} (PEFT: PeftModel.from_pretrained(model, {written[1]!r}))" if len(written) > 1
              else ""))
@@ -521,7 +540,7 @@ def _cmd_export(args):
 def _cmd_plot(args):
     from .plot import plot_run_logs, read_log, save_figure
 
-    _check_new_file(args.out, overwrite=True)
+    _check_new_file(args.out, overwrite=True, inputs=args.logs)
     paths = [os.path.join(p, "log.jsonl") if os.path.isdir(p) else p for p in args.logs]
     seen = {}
     for given, path in zip(args.logs, paths):

@@ -306,14 +306,17 @@ def to_gpt2_tensors(params, config):
     return out
 
 
-def write_folder_atomically(out, write, overwrite=False, option="--out"):
+def write_folder_atomically(out, write, overwrite=False, option="--out", inputs=(), writes=()):
     """Write a new folder: `write(tmp)` fills a temporary folder beside out, which is then renamed to out.
 
     out must not exist (or, with overwrite, it is replaced only after write succeeded),
-    so a failure leaves nothing behind and never a half-written folder.
+    so a failure leaves nothing behind and never a half-written folder. What
+    overwrite may replace is outputs.check_folder_output's: never a file, a run,
+    a folder holding one of inputs, or one holding more than the names in writes.
     """
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{option}: {out!r} already exists; give another {option} or --overwrite")
+    from .outputs import check_folder_output
+
+    check_folder_output(out, inputs, overwrite, writes, option)
     parent = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(parent, exist_ok=True)
