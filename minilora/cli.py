@@ -343,13 +343,78 @@ def _finetune_config(args, saved_train=None):
         seed=args.seed)
 
 
+def _given(args, option):
+    """True when the command line names option (as argparse reads it: whole, with =VALUE, or a prefix of it)."""
+    for token in args.argv:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and len(name) > 2 and option.startswith(name):
+            return True
+    return False
+
+
+# the options that set what an adapter is (its method and shapes): an --adapter brings its own
+_ADAPTER_OPTIONS = {"--rank": "rank", "--alpha": "alpha", "--targets": "targets", "--rslora": "rslora"}
+
+
+def _continued_adapter(args):
+    """finetune --adapter: (base params, base config, tokenizer, start, adapter's settings) before any work.
+
+    The adapter (an adapter.npz, a run folder holding one, or a PEFT LoRA folder) must be on --checkpoint's
+    base (runs.load_model checks its fingerprint) and of --method's method (by default the adapter's own);
+    an option that sets its shapes (--rank, --alpha, --targets, --rslora, --n-prefix) must agree with it.
+    """
+    from .model import param_shapes
+
+    params, config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
+    base_config = replace(config, lora=None, n_prefix=0)
+    base_names = set(param_shapes(base_config))
+    base = {n: a for n, a in params.items() if n in base_names}
+    start = {n: a for n, a in params.items() if n not in base_names}
+    method = config.lora.method if config.lora is not None else "prefix" if config.n_prefix else None
+    if method is None or not start:
+        raise ValueError(f"--adapter: expected adapters to continue training, got {args.adapter!r} without any")
+    if _given(args, "--method") and args.method != method:
+        raise ValueError(f"--adapter: {args.adapter!r} holds {method} adapters, but --method is {args.method!r}; "
+                         f"give --method {method} (or leave --method out) to continue them")
+    args.method = method
+    settings = config.lora
+    if settings is not None and not _given(args, "--lora-dropout"):
+        args.lora_dropout = settings.dropout  # the adapter's own, unless the command line changes it
+    for option, name in _ADAPTER_OPTIONS.items():
+        value = {"targets": lambda: tuple(args.targets.split(",")), "alpha": lambda: args.alpha}.get(
+            name, lambda: getattr(args, name))()
+        if _given(args, option) and (settings is None or not hasattr(settings, name)
+                                     or getattr(settings, name) != value):
+            held = getattr(settings, name, None) if settings is not None else None
+            raise ValueError(f"{option}: expected the adapter's own {name} ({held!r}: --adapter {args.adapter!r} "
+                             f"sets it), got {value!r}; leave {option} out to continue the adapter")
+    if _given(args, "--n-prefix") and args.n_prefix != config.n_prefix:
+        raise ValueError(f"--n-prefix: expected the adapter's own {config.n_prefix} (--adapter {args.adapter!r} "
+                         f"sets it), got {args.n_prefix}; leave --n-prefix out to continue the adapter")
+    if config.n_prefix:
+        args.n_prefix = config.n_prefix
+    return base, base_config, tokenizer, start, settings
+
+
+def _with_dropout(settings, dropout):
+    """An adapter's settings with --lora-dropout's rate (a training setting; IA3 has none)."""
+    return replace(settings, dropout=dropout) if hasattr(settings, "dropout") else settings
+
+
 def _cmd_finetune(args):
     from .evaluation import corpus_val_data
-    from .finetune import finetune, load_data, run_meta
+    from .finetune import finetune, load_data, run_meta, setup_strategy
     from .runs import claim_run_dir, free_run_dir
     from .train import check_resume
 
+    start = settings = None
+    if args.adapter is not None:
+        params, model_config, tokenizer, start, settings = _continued_adapter(args)
     config = _finetune_config(args)
+    if settings is not None:
+        config = replace(config, lora=_with_dropout(settings, args.lora_dropout))
     name = os.path.splitext(os.path.basename(config.data_file))[0] if config.data_file else config.task
     default = os.path.join("runs", f"finetune-{name}-{config.method}")
     # the default folder is never another run's: a counter follows the name when it holds one
@@ -357,22 +422,32 @@ def _cmd_finetune(args):
     if not same:
         from .outputs import check_run_output
 
-        check_run_output(out, (args.checkpoint, args.data))
+        check_run_output(out, (args.checkpoint, args.data, args.adapter))
     if resume is not None:
         config = _finetune_config(args, _saved_train(resume))
+        if settings is not None:
+            config = replace(config, lora=_with_dropout(settings, args.lora_dropout))
     # everything is checked before any work: the model, the data against it, the resumed checkpoint, the folder
-    params, model_config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args))
+    if args.adapter is None:
+        params, model_config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args))
     data = load_data(model_config, tokenizer, config)
+    if start is not None:  # the adapter's arrays are this run's trainable names at their shapes
+        try:
+            setup_strategy(params, model_config, tokenizer, config, len(data[2]) if data[2] else None, start)
+        except ValueError as e:
+            raise ValueError(f"--adapter: {args.adapter}: {str(e).removeprefix('adapter: ')}") from e
     if resume is not None:
         with _named("--resume"):
-            check_resume(resume, config.train, run_meta(params, model_config, tokenizer, config, data[2]))
+            check_resume(resume, config.train, run_meta(params, model_config, tokenizer, config, data[2],
+                                                        args.adapter))
     with claim_run_dir(out, resume=same, overwrite=args.overwrite):  # held until the run ends
         if config.data_file is not None:
             n_train, n_test = len(data[0]), len(data[1])
             print(f"data: {config.data_file}, {n_train + n_test} records: {n_train} to train on, {n_test} held "
                   f"out for the score (a tenth, chosen by --seed {config.seed})")
         ft_params, ft_config, trainable, s = finetune(params, model_config, tokenizer, config, out,
-                                                      corpus_val_data(tokenizer), resume=resume, data=data)
+                                                      corpus_val_data(tokenizer), resume=resume, data=data,
+                                                      start=start, continued_from=args.adapter)
     print(f"[{config.method}] " + s["report"].replace("\n", f"\n[{config.method}] "))
     metric = "accuracy" if config.is_classification else "exact match"
     print(f"{config.method} on {name}: {metric} on {s['n_test']} held-out records, metric {s['metric_before']:.3f} "
@@ -714,6 +789,9 @@ def build_parser():
                    "or text/label with --task kind)")
     s.add_argument("--checkpoint", type=_path, default="runs/pretrain",
                    help="a pretraining run folder or checkpoint file")
+    s.add_argument("--adapter", type=_path, default=None,
+                   help="continue training this adapter (an adapter.npz, a run folder holding one, or a PEFT LoRA "
+                        "folder) on --checkpoint, its base; it sets the method (default) and the adapter's shapes")
     s.add_argument("--out", type=_path, default=None, help="default: runs/finetune-TASK-METHOD (TASK: the data file's name), "
                    "with -2, -3, ... when that folder holds a run; or the --resume run's folder")
     s.add_argument("--steps", type=POSITIVE, default=ft.train.steps, help="optimizer steps")
