@@ -572,3 +572,127 @@ def test_export_refuses_a_dora_run_in_one_line_saying_why(tmp_path):
     with pytest.raises(ValueError, match=r"a DoRA run has no PEFT export here .* merge it") as e:
         bridge.export_model(tmp_path / "out", params, config, CharTokenizer())
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+# ---- issue 33: an adapter folder is read as PEFT reads it, or refused
+
+
+def _peft_lora_state(pm):
+    """PEFT's loaded LoRA tensors under the file's names (its adapter name 'default' taken out)."""
+    return {k.replace(".default", ""): v.detach().numpy() for k, v in pm.state_dict().items() if ".lora_" in k}
+
+
+@pytest.fixture(scope="module")
+def peft_saved(saved64, tmp_path_factory):
+    """A float64 PEFT adapter on saved64's base: r 2 on c_attn and c_fc, every B random (init_lora_weights false)."""
+    _, path = saved64
+    torch.manual_seed(5)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=5, target_modules=["c_attn", "c_fc"],
+                                                   fan_in_fan_out=True, init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("peft") / "a"
+    pm.save_pretrained(folder)
+    from safetensors.numpy import load_file
+
+    return folder, json.loads((folder / "adapter_config.json").read_text()), load_file(
+        str(folder / "adapter_model.safetensors"))
+
+
+def _only(tensors, *modules):
+    return {k: v for k, v in tensors.items() if any(f".{m}." in k for m in modules)}
+
+
+def _unprefixed(tensors, prefix):
+    return {k.removeprefix(prefix): v for k, v in tensors.items()}
+
+
+# name -> (adapter_config changes, tensors(file tensors) -> tensors); True: both apply the file's tensors alike
+PEFT_CASES = {
+    "as saved": ({}, None, True),
+    "a regex target, matched whole": ({"target_modules": r".*\.(c_attn|c_fc)"}, None, True),
+    "null targets: PEFT's GPT-2 default c_attn": ({"target_modules": None}, lambda t: _only(t, "c_attn"), True),
+    "an excluded module": ({"exclude_modules": ["c_fc"]}, lambda t: _only(t, "c_attn"), True),
+    "an alpha pattern": ({"alpha_pattern": {"mlp.c_fc": 3}}, None, True),
+    "tensors of a module not targeted": ({"target_modules": ["c_attn"]}, None, False),
+    "targets matching nothing": ({"target_modules": ["nothing"]}, None, False),
+    "a regex matching only part of a name": ({"target_modules": "c_attn"}, None, False),
+    "a LayerNorm target": ({"target_modules": ["ln_1"]}, None, False),
+    "an embedding target": ({"target_modules": ["wte", "c_attn", "c_fc"]}, None, False),
+    "all-linear with two modules' tensors missing": ({"target_modules": "all-linear"}, None, False),
+    "keys without base_model.model.": ({}, lambda t: _unprefixed(t, "base_model.model."), False),
+    "keys without base_model.model.transformer.": ({}, lambda t: _unprefixed(t, "base_model.model.transformer."),
+                                                   False),
+    "the same tensor under two names": ({}, lambda t: {**t, "transformer.h.0.attn.c_attn.lora_B.weight":
+                                                       t["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+                                                       + 1.0}, False),
+    "a targeted module's B missing": ({}, lambda t: {k: v for k, v in t.items() if "h.1.mlp.c_fc.lora_B" not in k},
+                                      False),
+}
+
+
+REFUSAL_WORDS = {
+    "tensors of a module not targeted": ["not one target_modules adapts"],
+    "targets matching nothing": ["matches no module", "not found"],
+    "a regex matching only part of a name": ["matches no module"],
+    "a LayerNorm target": ["ln_1", "not supported"],
+    "an embedding target": ["transformer.wte"],
+    "all-linear with two modules' tensors missing": ["initial values"],
+    "keys without base_model.model.": ["PEFT loads 'base_model.model.transformer.h."],
+    "keys without base_model.model.transformer.": ["PEFT loads 'base_model.model.transformer.h."],
+    "the same tensor under two names": ["second name"],
+    "a targeted module's B missing": ["h.1.mlp.c_fc.lora_B", "initial values"],
+}
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_minilora_reads_an_adapter_folder_as_peft_does_or_refuses(saved64, peft_saved, tmp_path, case):
+    """Either both load the folder and apply exactly the file's tensors (equal logits, float64, 1e-10), or
+    minilora refuses it in one ValueError where PEFT raises, loads nothing, ignores a tensor or keeps a
+    targeted module at its random init (PEFT's loaded LoRA tensors are not the file's)."""
+    from safetensors.numpy import save_file
+
+    _, path = saved64
+    src, ac, tensors = peft_saved
+    changes, edit, same = PEFT_CASES[case]
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({**ac, **changes}))
+    tensors = edit(dict(tensors)) if edit else tensors
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    try:
+        pm = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+        theirs = _peft_lora_state(pm)
+        peft_exact = set(theirs) == set(tensors) and all(np.array_equal(theirs[k], tensors[k]) for k in tensors)
+    except Exception:
+        pm, peft_exact = None, False
+    base_params, base_config, _ = hf.read_gpt2(path, dtype=np.float64)
+    if same:
+        params, config, _ = peft_io.read_peft(folder, base_params, base_config)
+        assert peft_exact, "PEFT did not load the file's tensors as they are"
+        ids = ids_for()
+        assert rel(our_logits(params, config, ids), torch_logits(pm, ids)) < RTOL64
+        assert rel(our_logits(params, config, ids), our_logits(base_params, base_config, ids)) > 1e-3  # it adapts
+    else:
+        with pytest.raises(ValueError) as e:
+            peft_io.read_peft(folder, base_params, base_config)
+        assert "\n" not in str(e.value) and "adapter:" in str(e.value)
+        for word in REFUSAL_WORDS.get(case, ()):
+            assert word in str(e.value), str(e.value)
+        assert not peft_exact, "minilora refused a folder PEFT applies exactly"
+
+
+def test_a_relative_base_path_is_read_from_the_adapter_folder_so_the_fingerprint_is_checked(
+        saved32, saved64, peft_saved, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    src, ac, _ = peft_saved
+    shutil.copytree(saved64[1], tmp_path / "base")
+    shutil.copytree(src, tmp_path / "base" / "adapter")  # PEFT wrote no fingerprint: the base path is the only clue
+    (tmp_path / "base" / "adapter" / "adapter_config.json").write_text(
+        json.dumps({**ac, "base_model_name_or_path": ".."}))
+    monkeypatch.chdir("/")  # run from elsewhere: ".." from here is not the base, from the adapter's folder it is
+    _refused(capsys, ["merge", str(saved32[1]), "--adapter", str(tmp_path / "base" / "adapter"), "--out",
+                      str(tmp_path / "m.npz")], tmp_path / "m.npz", ["fingerprint"])
+    assert cli.main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "base" / "adapter"), "--out",
+                     str(tmp_path / "m.npz")]) == 0
