@@ -576,6 +576,7 @@ def _cmd_merge(args):
 def _cmd_import_hf(args):
     from .bridge import read_hf_model
     from .checkpoint import save_checkpoint
+    from .hf import stored_dtype
     from .runs import CHECKPOINT, claim_run_dir
 
     # every tensor and the tokenizer are read and checked before the run folder is touched:
@@ -590,8 +591,11 @@ def _cmd_import_hf(args):
                         {"kind": "imported", "model": config.to_dict(), "tokenizer": tokenizer.describe(),
                          "imported_from": os.path.abspath(args.dir)})
     n = sum(p.size for p in params.values())
+    stored = stored_dtype(args.dir)
+    # minilora trains in float32: weights stored wider are rounded to it, and the line says so
+    rounded = "; its float64 weights rounded to float32" if stored == "F64" else ""
     print(f"imported GPT-2 {config.n_layers} x {config.d_model} (vocab {config.vocab_size}, context "
-          f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters; "
+          f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters{rounded}; "
           f"wrote {os.path.join(args.out, CHECKPOINT)}")
     return 0
 
@@ -1038,8 +1042,35 @@ def main(argv=None):
         message = str(e) or type(e).__name__
         if isinstance(e, MemoryError):
             message = "out of memory: the settings ask for more memory than this machine has"
+        option = _option_of_path(args, e.filename) if isinstance(e, OSError) and e.filename else None
+        if option is not None:  # a file or folder the command line named: say which, in words
+            from .outputs import os_error_reason
+
+            message = f"{option}: cannot use {str(e.filename)!r}: {os_error_reason(e, e.filename)}"
         print(f"minilora {args.command}: error: {_one_line(message, args)}", file=sys.stderr)
-        return 2 if isinstance(e, ValueError) else 1
+        return 2 if isinstance(e, ValueError) or option is not None else 1
+
+
+# the options (argparse dest -> as the user types it) whose values are paths
+_PATH_OPTIONS = {"out": "--out", "checkpoint": "--checkpoint", "adapter": "--adapter", "data": "--data",
+                 "text": "--text", "tokenizer": "--tokenizer", "resume": "--resume", "figures": "--figures",
+                 "run": "run", "dir": "dir", "logs": "logs"}
+
+
+def _option_of_path(args, filename):
+    """The option whose path an OSError's file is, lies in or beside (a temporary file named after it); or None."""
+    failed = os.path.abspath(os.fspath(filename))
+    for dest, option in _PATH_OPTIONS.items():
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str) or not value:
+                continue
+            given = os.path.abspath(value)
+            if (failed == given or failed.startswith(given + os.sep) or given.startswith(failed + os.sep)
+                    or (os.path.dirname(failed) == os.path.dirname(given)
+                        and os.path.basename(given) in os.path.basename(failed))):
+                return option
+    return None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Each refusal is a ValueError naming the option, raised before anything is read
 or written.
 """
 
+import errno
 import os
 
 # the files whose presence makes a folder a run (checkpoint, log, summary, adapter), and all a run writes
@@ -121,3 +122,20 @@ def check_file_output(out, inputs=(), option="--out"):
     if os.path.basename(out_real) in RUN_FILES and _is_run(folder):
         raise ValueError(f"{option}: {str(out)!r} is a file of the run in {folder!r}; writing it would break that "
                          f"run: give another {option}")
+
+
+def os_error_reason(e, path):
+    """Why an OSError on path happened, in words (not "[Errno 20]"): a file where a folder is needed, a name
+    too long, a full disk, or the system's own words ("Permission denied")."""
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOTDIR, errno.EEXIST) and path is not None:
+        folder = os.path.abspath(os.fspath(path))
+        while folder and folder != os.path.dirname(folder):
+            if os.path.lexists(folder) and not os.path.isdir(folder):
+                return f"{folder!r} is a file, not a folder"
+            folder = os.path.dirname(folder)
+    return {errno.ENAMETOOLONG: "a name in it is too long for the file system",
+            errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+            errno.ENOENT: "a folder on its way does not exist",
+            errno.EISDIR: "it is a folder, not a file", errno.ENOTDIR: "a part of it is a file, not a folder",
+            }.get(code) or getattr(e, "strerror", None) or type(e).__name__

@@ -46,6 +46,11 @@ def _kind(value):
     return type(value).__name__ if value is not None else "null"
 
 
+def _got(value):
+    """'str '8'', 'null': a value's JSON kind and, where it says more, the value."""
+    return "null" if value is None else f"{_kind(value)} {_short(value)}"
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -59,7 +64,7 @@ def _str_or_list(where, name, value):
         return
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{where}: {name}: expected null, a regular expression (a string) or a list of module "
-                         f"names, got {_kind(value)} {_short(value)}")
+                         f"names, got {_got(value)}")
 
 
 def _short(value):
@@ -71,7 +76,8 @@ def _regex(where, name, pattern):
     try:
         return re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as e:
-        raise ValueError(f"{where}: {name}: expected a valid regular expression, got {pattern!r} ({e})") from None
+        raise ValueError(f"{where}: {name}: expected a valid regular expression, got {_short(pattern)} ({e})") \
+            from None
 
 
 def check_fields(ac, where):
@@ -83,34 +89,34 @@ def check_fields(ac, where):
     ac = {"r": 8, "lora_alpha": 8, "use_rslora": False, "lora_dropout": 0.0, "target_modules": None,
           "exclude_modules": None, "rank_pattern": {}, "alpha_pattern": {}, **ac}
     if not _is_int(ac["r"]) or ac["r"] < 1:
-        raise ValueError(f"{where}: r: expected a positive integer, got {_kind(ac['r'])} {_short(ac['r'])}")
+        raise ValueError(f"{where}: r: expected a positive integer, got {_got(ac['r'])}")
     if not _is_number(ac["lora_alpha"]):
-        raise ValueError(f"{where}: lora_alpha: expected a finite number, got {_kind(ac['lora_alpha'])} "
-                         f"{_short(ac['lora_alpha'])}")
+        raise ValueError(f"{where}: lora_alpha: expected a finite number, got {_got(ac['lora_alpha'])}")
     for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
         if name in ac and not isinstance(ac[name], bool):
-            raise ValueError(f"{where}: {name}: expected true or false, got {_kind(ac[name])} {_short(ac[name])}")
+            raise ValueError(f"{where}: {name}: expected true or false, got {_got(ac[name])}")
     d = ac["lora_dropout"]
     if not _is_number(d) or not 0 <= d < 1:
-        raise ValueError(f"{where}: lora_dropout: expected a number in [0, 1), got {_kind(d)} {_short(d)}")
+        raise ValueError(f"{where}: lora_dropout: expected a number in [0, 1), got {_got(d)}")
     for name in ("base_model_name_or_path", "task_type", "peft_type"):
         if ac.get(name) is not None and not isinstance(ac[name], str):
-            raise ValueError(f"{where}: {name}: expected a string or null, got {_kind(ac[name])} {_short(ac[name])}")
+            raise ValueError(f"{where}: {name}: expected a string or null, got {_got(ac[name])}")
     for name in ("target_modules", "exclude_modules"):
         _str_or_list(where, name, ac[name])
         if isinstance(ac[name], str) and not (name == "target_modules" and ac[name].lower() == ALL_LINEAR):
             _regex(where, name, ac[name])
-    for name, ok, expected in (("rank_pattern", _is_int, "positive integers"),
-                               ("alpha_pattern", _is_number, "finite numbers")):
+    for name, ok, expected in (("rank_pattern", _is_int, "a positive integer"),
+                               ("alpha_pattern", _is_number, "a finite number")):
         patterns = ac[name] if ac[name] is not None else {}
         if not isinstance(patterns, dict):
-            raise ValueError(f"{where}: {name}: expected an object of module patterns, got {_kind(patterns)} "
-                             f"{_short(patterns)}")
+            raise ValueError(f"{where}: {name}: expected an object of module patterns, got {_got(patterns)}")
         for key, value in patterns.items():
-            _regex(where, f"{name} key", rf"(.*\.)?({key})$")
+            try:
+                re.compile(rf"(.*\.)?({key})$")  # as PEFT's get_pattern_key matches it
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ValueError(f"{where}: {name}: key {key!r}: expected a valid regular expression ({e})") from None
             if not ok(value) or (name == "rank_pattern" and value < 1):
-                raise ValueError(f"{where}: {name}[{key!r}]: expected one of {expected}, got {_kind(value)} "
-                                 f"{_short(value)}")
+                raise ValueError(f"{where}: {name}[{key!r}]: expected {expected}, got {_got(value)}")
         ac[name] = patterns
     return ac
 

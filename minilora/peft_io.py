@@ -54,7 +54,8 @@ import numpy as np
 
 from . import peft_config
 from .backend import array_module, to_numpy
-from .hf import FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, read_fingerprint, weights_fingerprint
+from .hf import (FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, check_readable, read_fingerprint,
+                 weights_fingerprint)
 from .methods.lora import TARGETS, LoraConfig
 
 EXPORTED = ("lora", "ia3")  # the adapter configs' methods write_peft writes exactly (to_peft, ia3_to_peft)
@@ -214,6 +215,7 @@ def read_peft(folder, base_params, base_config):
     if not os.path.isfile(weights):
         raise ValueError(f"adapter: expected {ADAPTER_WEIGHTS} in {folder!r} (adapter_model.bin is a pickle and is "
                          "never unpickled), got none")
+    check_readable(weights)
     safetensors = _safetensors()
     try:
         with safetensors.safe_open(weights, framework="numpy") as f:

@@ -696,3 +696,101 @@ def test_a_relative_base_path_is_read_from_the_adapter_folder_so_the_fingerprint
                       str(tmp_path / "m.npz")], tmp_path / "m.npz", ["fingerprint"])
     assert cli.main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "base" / "adapter"), "--out",
                      str(tmp_path / "m.npz")]) == 0
+
+
+# ---- issue 33: every field's wrong type, deep nesting, sizes the file does not hold: one line, exit 2
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lora_alpha", "8"), ("lora_alpha", None), ("lora_alpha", float("nan")), ("r", "2"), ("r", 0), ("r", True),
+    ("use_rslora", "yes"), ("lora_dropout", "0.1"), ("lora_dropout", 1.5), ("target_modules", 5),
+    ("target_modules", ["c_attn", 3]), ("target_modules", "("), ("exclude_modules", 7), ("exclude_modules", "["),
+    ("alpha_pattern", {"c_attn": "8"}), ("alpha_pattern", "x"), ("rank_pattern", {"(": 2}), ("rank_pattern", [1, 2]),
+    ("rank_pattern", {"c_attn": 0}), ("rank_pattern", {"c_attn": 2.0}), ("base_model_name_or_path", 5),
+    ("fan_in_fan_out", "true"), ("inference_mode", 1), ("task_type", 3), ("use_dora", "false"), ("use_dora", 0),
+    ("modules_to_save", {"a": 1}), ("bias", False), ("layers_to_transform", 0), ("target_parameters", ["x"]),
+    ("peft_type", ["LORA"]),
+])
+def test_an_adapter_config_field_of_the_wrong_type_is_one_line_naming_it(saved64, peft_saved, tmp_path, capsys,
+                                                                          field, value):
+    src, ac, _ = peft_saved
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({**ac, field: value}))
+    (folder / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    err = _refused(capsys, ["merge", str(saved64[1]), "--adapter", str(folder), "--out", str(tmp_path / "m.npz")],
+                   tmp_path / "m.npz", ["--adapter:"])
+    assert f" {field}: " in err or f" {field}[" in err, err  # the field itself named, not only the file
+
+
+def _deep(n=100_000):
+    return '{"a": ' * n + "1" + "}" * n
+
+
+def test_json_nested_100000_deep_is_one_line(saved64, peft_saved, tmp_path, capsys):
+    folder = _folder_like(saved64[1], tmp_path / "deep")
+    (folder / "config.json").write_text(_deep())
+    _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
+             ["config.json", "nested too deeply"])
+    adapter = tmp_path / "deep-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(_deep())
+    (adapter / "adapter_model.safetensors").write_bytes((peft_saved[0] / "adapter_model.safetensors").read_bytes())
+    _refused(capsys, ["merge", str(saved64[1]), "--adapter", str(adapter), "--out", str(tmp_path / "m.npz")],
+             tmp_path / "m.npz", ["--adapter:", "adapter_config.json", "nested too deeply"])
+
+
+def test_a_huge_layer_count_is_compared_with_the_file_before_any_table_is_built(saved32, tmp_path, capsys,
+                                                                               monkeypatch):
+    folder = _folder_like(saved32[1], tmp_path / "huge", {"n_layer": 1_000_000_000})
+    real = hf.hf_to_minilora_names
+
+    def names(config):
+        assert config.n_layers <= L, "a name table was built for the layer count config.json claims"
+        return real(config)
+
+    monkeypatch.setattr(hf, "hf_to_minilora_names", names)
+    _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
+             ["n_layer", f"the {L} blocks", "got 1000000000"])
+
+
+@pytest.mark.parametrize("field, value", [("n_inner", 0), ("n_inner", "40"), ("n_inner", True), ("n_embd", "24"),
+                                          ("n_layer", 0), ("n_head", 2.5), ("vocab_size", None)])
+def test_gpt2_sizes_of_the_wrong_type_are_one_line_and_n_inner_0_is_not_4_n_embd(saved32, tmp_path, capsys, field,
+                                                                                 value):
+    folder = _folder_like(saved32[1], tmp_path / "bad", {field: value})
+    _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run", [field])
+
+
+def test_n_inner_null_is_four_n_embd_as_transformers_builds_it():
+    assert transformers.GPT2LMHeadModel(hf_config(n_inner=None)).transformer.h[0].mlp.c_fc.weight.shape == (C, 4 * C)
+    d = {**hf_config(n_inner=None).to_dict(), "model_type": "gpt2"}
+    assert hf.model_config_from_gpt2(d).d_ff == 4 * C
+    # n_inner 0: transformers builds an MLP of width 0; minilora refuses it rather than read 4 x n_embd
+    assert transformers.GPT2LMHeadModel(hf_config(n_inner=0)).transformer.h[0].mlp.c_fc.weight.shape == (C, 0)
+    with pytest.raises(ValueError, match="n_inner"):
+        hf.model_config_from_gpt2({**d, "n_inner": 0})
+
+
+def test_a_float64_model_is_imported_saying_its_weights_were_rounded(saved64, saved32, tmp_path, capsys):
+    capsys.readouterr()
+    assert cli.main(["import-hf", str(saved64[1]), "--out", str(tmp_path / "r64")]) == 0
+    assert "float64 weights rounded to float32" in capsys.readouterr().out
+    assert cli.main(["import-hf", str(saved32[1]), "--out", str(tmp_path / "r32")]) == 0
+    assert "rounded" not in capsys.readouterr().out
+
+
+def test_an_unreadable_weights_file_is_reported_as_unreadable(saved32, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    folder = _folder_like(saved32[1], tmp_path / "locked")
+
+    def locked_open(path, *args, **kwargs):  # what chmod 000 gives a user who is not root
+        if str(path).endswith("model.safetensors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "open", locked_open, raising=False)
+    err = _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
+                   ["model.safetensors", "cannot be read", "Permission denied"])
+    assert "No such file" not in err

@@ -138,3 +138,56 @@ def test_finetune_overwrite_of_an_unrelated_run_still_works(runs_root, tmp_path)
         assert cli.main(["finetune", "--checkpoint", str(runs_root / "pre"), "--out", str(out), "--steps", "1",
                          "--batch-size", "4", "--overwrite"]) == 0
     assert (out / "adapter.npz").exists()
+
+
+# ---- a full disk, names too long, a file where a folder goes: one line naming --out, exit 2, nothing half-written
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "SafetensorError"])
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing_half_written(runs_root, tmp_path, capsys,
+                                                                             monkeypatch, error):
+    pytest.importorskip("safetensors"), pytest.importorskip("tokenizers")
+    import errno
+
+    import safetensors
+    import safetensors.numpy
+
+    earlier = tmp_path / "out" / "hf"
+    assert cli.main(["export", str(runs_root / "pre"), "--out", str(earlier)]) == 0
+    real_save = safetensors.numpy.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:  # half of it reached the disk
+            f.truncate(os.path.getsize(path) // 2)
+        if error == "ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    before = snapshot(tmp_path / "out")
+    refused(capsys, ["export", str(runs_root / "lora"), "--out", str(tmp_path / "out" / "new")],
+            ["--out:", "could not write", "nothing was written"] + (["no space left"] if error == "ENOSPC" else []))
+    err = refused(capsys, ["export", str(runs_root / "lora"), "--out", str(earlier), "--overwrite"],
+                  ["--out:", "as it was"])
+    assert "Errno" not in err
+    assert snapshot(tmp_path / "out") == before  # the earlier export byte-identical, no temporary folder left
+    assert sorted(os.listdir(tmp_path / "out")) == ["hf"]
+
+
+def test_raw_os_errors_are_said_in_words_naming_the_option(runs_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    long = "a" * 300
+    cases = [
+        (["pretrain", "--out", "afile/x", "--steps", "1", *TINY], ["--out:", "afile", "is a file, not a folder"]),
+        (["export", str(runs_root / "pre"), "--out", "afile/x"], ["--out:", "is a file, not a folder"]),
+        (["export", str(runs_root / "pre"), "--out", long], ["--out:", "too long"]),
+        (["finetune", "--checkpoint", str(runs_root / "pre"), "--out", long, "--steps", "1"], ["--out:", "too long"]),
+        (["plot", str(runs_root / "pre"), "--out", long + ".png"], ["--out:", "too long"]),
+        (["merge", str(runs_root / "lora"), "--out", "afile/m.npz"], ["--out:", "is a file, not a folder"]),
+    ]
+    for argv, words in cases:
+        err = refused(capsys, argv, words)
+        assert "Errno" not in err, err
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
