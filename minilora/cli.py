@@ -380,14 +380,14 @@ def _continued_adapter(args):
                          f"give --method {method} (or leave --method out) to continue them")
     args.method = method
     settings = config.lora
-    if settings is not None and not _given(args, "--lora-dropout"):
-        args.lora_dropout = settings.dropout  # the adapter's own, unless the command line changes it
+    if not _given(args, "--lora-dropout"):
+        args.lora_dropout = getattr(settings, "dropout", args.lora_dropout)  # the adapter's own, unless changed
+    asked = {"rank": args.rank, "alpha": args.alpha, "targets": tuple(args.targets.split(",")),
+             "rslora": args.rslora}
     for option, name in _ADAPTER_OPTIONS.items():
-        value = {"targets": lambda: tuple(args.targets.split(",")), "alpha": lambda: args.alpha}.get(
-            name, lambda: getattr(args, name))()
-        if _given(args, option) and (settings is None or not hasattr(settings, name)
-                                     or getattr(settings, name) != value):
-            held = getattr(settings, name, None) if settings is not None else None
+        value = asked[name]
+        if _given(args, option) and getattr(settings, name, None) != value:
+            held = getattr(settings, name, None)
             raise ValueError(f"{option}: expected the adapter's own {name} ({held!r}: --adapter {args.adapter!r} "
                              f"sets it), got {value!r}; leave {option} out to continue the adapter")
     if _given(args, "--n-prefix") and args.n_prefix != config.n_prefix:

@@ -21,13 +21,14 @@ STEPS = ["--steps", "2", "--batch-size", "4"]
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """pre (a base), other (another base), lora (rank 2 on q, v), dora and lora-kind runs on pre."""
+    """pre (a base), other (another base), lora (rank 2 on q, v), dora, lora-kind, ia3 and prefix runs on pre."""
     root = tmp_path_factory.mktemp("adapters")
     for name, seed in (("pre", "0"), ("other", "1")):
         assert cli.main(["pretrain", "--out", str(root / name), "--steps", "3", "--eval-every", "3",
                          "--batch-size", "4", "--seed", seed, *TINY]) == 0
     for name, extra in (("lora", ["--rank", "2", "--targets", "q,v", "--lr", "0.05"]), ("dora", ["--method", "dora"]),
-                        ("lora-kind", ["--task", "kind"])):
+                        ("lora-kind", ["--task", "kind"]), ("ia3", ["--method", "ia3", "--lr", "0.1"]),
+                        ("prefix", ["--method", "prefix", "--n-prefix", "3"])):
         assert cli.main(["finetune", "--checkpoint", str(root / "pre"), "--out", str(root / name), *STEPS,
                          *extra]) == 0
     return root
@@ -62,6 +63,25 @@ def test_an_adapter_npz_continues_from_where_it_ended(root, tmp_path, given):
     assert ckpt_meta["continued_from"] == os.path.abspath(adapter)
 
 
+@pytest.mark.parametrize("method", ["ia3", "prefix"])
+def test_ia3_and_prefix_adapters_continue_from_where_they_ended(root, tmp_path, method):
+    out = tmp_path / f"{method}-more"
+    assert cli.main(["finetune", "--checkpoint", str(root / "pre"), "--adapter", str(root / method), "--out",
+                     str(out), *STEPS, "--lr", "1e-12"]) == 0
+    s = summary(out)
+    assert s["method"] == method and s["metric_before"] == summary(root / method)["metric"]
+    before, after = adapters(root / method / "adapter.npz")[0], adapters(out / "adapter.npz")[0]
+    assert set(after) == set(before)
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=0, atol=1e-6)
+    # the same run without --adapter starts at the method's init, far from where the adapter ended
+    fresh = tmp_path / f"{method}-fresh"
+    assert cli.main(["finetune", "--checkpoint", str(root / "pre"), "--method", method, "--out", str(fresh),
+                     *STEPS, "--lr", "1e-12"] + (["--n-prefix", "3"] if method == "prefix" else [])) == 0
+    init = adapters(fresh / "adapter.npz")[0]
+    assert max(float(np.abs(init[n] - before[n]).max()) for n in before) > 1e-3
+
+
 def test_a_dora_adapter_continues_as_dora_and_trains_on(root, tmp_path):
     out = tmp_path / "dora-more"
     assert cli.main(["finetune", "--checkpoint", str(root / "pre"), "--adapter", str(root / "dora"), "--out",
@@ -90,6 +110,8 @@ def refused(capsys, argv, out, words):
     ("lora", "other", [], ["--adapter:", "fingerprint"]),
     ("lora", "pre", ["--rank", "4"], ["--rank:", "adapter's own rank", "got 4"]),
     ("lora", "pre", ["--targets", "q,k,v,o"], ["--targets:", "('q', 'v')"]),
+    ("prefix", "pre", ["--n-prefix", "5"], ["--n-prefix:", "adapter's own 3", "got 5"]),
+    ("ia3", "pre", ["--rank", "2"], ["--rank:", "adapter's own rank"]),
     ("lora-kind", "pre", [], ["--adapter:", "classification head", "--task kind"]),
     ("pre", "pre", [], ["--adapter:"]),
 ])
