@@ -15,6 +15,7 @@ A match on a module LoRA does not support (a LayerNorm, a block) makes PEFT
 raise; no match at all makes it raise; a match on wte, wpe or lm_head adapts
 an embedding or the head, which minilora does not. Each is refused here, so an
 adapter minilora accepts is one PEFT loads, adapting exactly the same modules.
+An init_lora_weights that makes PEFT rewrite the base weights on loading (PiSSA, OLoRA, ...) is refused too.
 rank_pattern and alpha_pattern are looked up as PEFT's get_pattern_key does:
 the first key with re.match(rf"(.*\\.)?({key})$", name).
 """
@@ -27,6 +28,9 @@ ADAPTED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # PEFT's default target_modules for GPT-2 (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
 GPT2_DEFAULT_TARGETS = ["c_attn"]
 ALL_LINEAR = "all-linear"
+# init_lora_weights that PEFT applies to A and B only; PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA also rewrite the base W
+# when PEFT loads the adapter, so the adapter's function is not W + B A on the base as it is
+KEEPS_BASE_INITS = ("gaussian", "orthogonal")
 # a block's other modules (containers, LayerNorms, dropouts, the activation): LoRA does not adapt them
 _BLOCK_OTHERS = ("", "ln_1", "attn", "attn.attn_dropout", "attn.resid_dropout", "ln_2", "mlp", "mlp.act",
                  "mlp.dropout")
@@ -101,6 +105,12 @@ def check_fields(ac, where):
     for name in ("base_model_name_or_path", "task_type", "peft_type"):
         if ac.get(name) is not None and not isinstance(ac[name], str):
             raise ValueError(f"{where}: {name}: expected a string or null, got {_got(ac[name])}")
+    init = ac.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init in KEEPS_BASE_INITS):
+        raise ValueError(f"{where}: init_lora_weights: expected true, false or one of {KEEPS_BASE_INITS} (an init "
+                         f"that leaves the base weights as they are), got {_got(init)}: PEFT changes the base "
+                         "weights when it loads such an adapter (PiSSA, OLoRA, ... subtract their B A from W), "
+                         "minilora adds B A to the base as given")
     for name in ("target_modules", "exclude_modules"):
         _str_or_list(where, name, ac[name])
         if isinstance(ac[name], str) and not (name == "target_modules" and ac[name].lower() == ALL_LINEAR):

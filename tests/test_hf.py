@@ -627,6 +627,9 @@ PEFT_CASES = {
                                                        + 1.0}, False),
     "a targeted module's B missing": ({}, lambda t: {k: v for k, v in t.items() if "h.1.mlp.c_fc.lora_B" not in k},
                                       False),
+    "a gaussian init": ({"init_lora_weights": "gaussian"}, None, True),
+    "a PiSSA init, which rewrites W on loading": ({"init_lora_weights": "pissa"}, None, False),
+    "an OLoRA init, which rewrites W on loading": ({"init_lora_weights": "olora"}, None, False),
 }
 
 
@@ -641,6 +644,8 @@ REFUSAL_WORDS = {
     "keys without base_model.model.transformer.": ["PEFT loads 'base_model.model.transformer.h."],
     "the same tensor under two names": ["second name"],
     "a targeted module's B missing": ["h.1.mlp.c_fc.lora_B", "initial values"],
+    "a PiSSA init, which rewrites W on loading": ["init_lora_weights", "'pissa'", "changes the base weights"],
+    "an OLoRA init, which rewrites W on loading": ["init_lora_weights", "'olora'"],
 }
 
 
@@ -660,10 +665,15 @@ def test_minilora_reads_an_adapter_folder_as_peft_does_or_refuses(saved64, peft_
     tensors = edit(dict(tensors)) if edit else tensors
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
     try:
         pm = peft.PeftModel.from_pretrained(base, str(folder)).eval()
         theirs = _peft_lora_state(pm)
-        peft_exact = set(theirs) == set(tensors) and all(np.array_equal(theirs[k], tensors[k]) for k in tensors)
+        kept = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in pm.state_dict().items()
+                if ".lora_" not in k}
+        # PEFT applies the file's tensors as they are, on the base weights as they were
+        peft_exact = (set(theirs) == set(tensors) and all(np.array_equal(theirs[k], tensors[k]) for k in tensors)
+                      and all(torch.equal(kept[k], weights[k]) for k in weights if k in kept))
     except Exception:
         pm, peft_exact = None, False
     base_params, base_config, _ = hf.read_gpt2(path, dtype=np.float64)
@@ -709,7 +719,7 @@ def test_a_relative_base_path_is_read_from_the_adapter_folder_so_the_fingerprint
     ("rank_pattern", {"c_attn": 0}), ("rank_pattern", {"c_attn": 2.0}), ("base_model_name_or_path", 5),
     ("fan_in_fan_out", "true"), ("inference_mode", 1), ("task_type", 3), ("use_dora", "false"), ("use_dora", 0),
     ("modules_to_save", {"a": 1}), ("bias", False), ("layers_to_transform", 0), ("target_parameters", ["x"]),
-    ("peft_type", ["LORA"]),
+    ("peft_type", ["LORA"]), ("init_lora_weights", 1), ("init_lora_weights", "corda"),
 ])
 def test_an_adapter_config_field_of_the_wrong_type_is_one_line_naming_it(saved64, peft_saved, tmp_path, capsys,
                                                                           field, value):
