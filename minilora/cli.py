@@ -26,6 +26,7 @@ next step and prints, on one line, the command that resumes it.
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import shlex
@@ -575,9 +576,10 @@ def _cmd_merge(args):
 
 def _cmd_import_hf(args):
     from .bridge import read_hf_model
-    from .checkpoint import save_checkpoint
+    from .checkpoint import atomic_open, save_checkpoint
     from .hf import stored_dtype
-    from .runs import CHECKPOINT, claim_run_dir
+    from .runs import CHECKPOINT, RUN_FILES, claim_run_dir, is_run_dir, prepare_run_dir
+    from .tokenizer import TOKENIZER_FILE
 
     # every tensor and the tokenizer are read and checked before the run folder is touched:
     # a refusal writes nothing
@@ -585,11 +587,22 @@ def _cmd_import_hf(args):
 
     check_run_output(args.out, (args.dir,))
     params, config, tokenizer = read_hf_model(args.dir)
-    with claim_run_dir(args.out, overwrite=args.overwrite):  # one writer at a time
-        tokenizer.save(args.out)
+    if is_run_dir(args.out) and not args.overwrite:
+        prepare_run_dir(args.out)  # refuses: the folder holds a run
+    # one writer at a time; an earlier run there is replaced only once this one is written (resume=True deletes
+    # nothing up front), so a failed write (a full disk) leaves it as it was
+    with claim_run_dir(args.out, resume=True):
         save_checkpoint(os.path.join(args.out, CHECKPOINT), params,
                         {"kind": "imported", "model": config.to_dict(), "tokenizer": tokenizer.describe(),
                          "imported_from": os.path.abspath(args.dir)})
+        tokenizer_path = os.path.join(args.out, TOKENIZER_FILE)
+        if tokenizer.kind != "char":
+            with atomic_open(tokenizer_path) as f:
+                f.write(tokenizer.data)
+        for name in RUN_FILES:  # what the earlier run had beside them
+            if name != CHECKPOINT and (name != TOKENIZER_FILE or tokenizer.kind == "char"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(args.out, name))
     n = sum(p.size for p in params.values())
     stored = stored_dtype(args.dir)
     # minilora trains in float32: weights stored wider are rounded to it, and the line says so
@@ -1042,15 +1055,20 @@ def main(argv=None):
         message = str(e) or type(e).__name__
         if isinstance(e, MemoryError):
             message = "out of memory: the settings ask for more memory than this machine has"
-        option = _option_of_path(args, e.filename) if isinstance(e, OSError) and e.filename else None
+        option, path = None, getattr(e, "filename", None) if isinstance(e, OSError) else None
+        if path:
+            option = _option_of_path(args, path)
+        elif isinstance(e, OSError) and e.errno in _DISK_FULL and getattr(args, "out", None):
+            option, path = "--out", args.out  # a write to an open file names none: the command's output did
         if option is not None:  # a file or folder the command line named: say which, in words
             from .outputs import os_error_reason
 
-            message = f"{option}: cannot use {str(e.filename)!r}: {os_error_reason(e, e.filename)}"
+            message = f"{option}: cannot use {str(path)!r}: {os_error_reason(e, path)}"
         print(f"minilora {args.command}: error: {_one_line(message, args)}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) or option is not None else 1
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # the options (argparse dest -> as the user types it) whose values are paths
 _PATH_OPTIONS = {"out": "--out", "checkpoint": "--checkpoint", "adapter": "--adapter", "data": "--data",
                  "text": "--text", "tokenizer": "--tokenizer", "resume": "--resume", "figures": "--figures",

@@ -136,6 +136,7 @@ def os_error_reason(e, path):
             folder = os.path.dirname(folder)
     return {errno.ENAMETOOLONG: "a name in it is too long for the file system",
             errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+            errno.EFBIG: "the file is larger than the file system allows",
             errno.ENOENT: "a folder on its way does not exist",
             errno.EISDIR: "it is a folder, not a file", errno.ENOTDIR: "a part of it is a file, not a folder",
             }.get(code) or getattr(e, "strerror", None) or type(e).__name__

@@ -191,3 +191,31 @@ def test_raw_os_errors_are_said_in_words_naming_the_option(runs_root, tmp_path, 
         err = refused(capsys, argv, words)
         assert "Errno" not in err, err
     assert (tmp_path / "afile").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+@pytest.mark.parametrize("command", ["merge", "import-hf"])
+def test_merge_and_import_onto_a_full_disk_are_one_line_and_keep_what_was_there(runs_root, tmp_path, capsys,
+                                                                                monkeypatch, command):
+    import errno
+
+    import numpy as np
+
+    if command == "import-hf":
+        pytest.importorskip("safetensors"), pytest.importorskip("tokenizers")
+        assert cli.main(["export", str(runs_root / "pre"), "--out", str(tmp_path / "hf")]) == 0
+    out = tmp_path / ("m.npz" if command == "merge" else "run")
+    argv = ["merge", str(runs_root / "lora"), "--out", str(out)] if command == "merge" else \
+        ["import-hf", str(tmp_path / "hf"), "--out", str(out)]
+    assert cli.main(argv) == 0  # an earlier output, which a failed --overwrite must keep
+    before = snapshot(out)
+
+    def full_disk(f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a file")  # what reached the disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a write to an open file: no file name
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    err = refused(capsys, argv + ["--overwrite"], ["--out:", "no space left on the device"])
+    assert "Errno" not in err
+    assert snapshot(out) == before
+    leftovers = [n for n in os.listdir(out if out.is_dir() else tmp_path) if n.endswith(".tmp")]
+    assert not leftovers, leftovers
