@@ -122,7 +122,8 @@ def _end_token(tokenizer):
 
 
 # what an export writes: an existing --out holding only these is an earlier export, which --overwrite may replace
-EXPORT_FILES = (hf.CONFIG_FILE, hf.WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG, ADAPTER_DIR)
+EXPORT_FILES = (hf.CONFIG_FILE, hf.WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG,
+                f"{ADAPTER_DIR}/{peft_io.ADAPTER_CONFIG}", f"{ADAPTER_DIR}/{peft_io.ADAPTER_WEIGHTS}")
 
 
 def export_model(out, params, config, tokenizer, overwrite=False, inputs=()):

@@ -66,8 +66,8 @@ def check_folder_output(out, inputs=(), overwrite=False, writes=(), option="--ou
     Inputs:
     - out: the folder to create, or to replace with overwrite
     - inputs: the paths the command reads
-    - writes: the names (files and folders) the command puts in out; with overwrite,
-      an existing out must hold nothing else (it is an earlier output of this kind)
+    - writes: the files the command puts in out, as paths relative to it ("adapter/adapter_config.json");
+      with overwrite, an existing out must hold nothing else (it is an earlier output of this kind)
     """
     out_real = _real(out)
     held = _input_held(out_real, inputs)
@@ -76,7 +76,10 @@ def check_folder_output(out, inputs=(), overwrite=False, writes=(), option="--ou
                          f"{option} outside it")
     if not os.path.lexists(out):
         return
-    if not os.path.isdir(out) or os.path.islink(out):
+    if os.path.islink(out):
+        raise ValueError(f"{option}: {str(out)!r} is a link; {what} never replaces a link or what it points to: "
+                         f"give another {option}")
+    if not os.path.isdir(out):
         raise ValueError(f"{option}: {str(out)!r} is a file, and {what} is a folder; a file is never replaced by "
                          f"a folder: give another {option}")
     if not overwrite:
@@ -86,11 +89,26 @@ def check_folder_output(out, inputs=(), overwrite=False, writes=(), option="--ou
         which = "is" if _real(run) == out_real else "holds"
         raise ValueError(f"{option}: {str(out)!r} {which} a run folder ({run}); --overwrite never removes a run: "
                          f"give another {option}")
-    others = sorted(n for n in os.listdir(out) if n not in writes)
+    others = sorted(_not_written(out, writes))
     if others:
         raise ValueError(f"{option}: {str(out)!r} holds {', '.join(others[:4])}"
                          f"{', ...' if len(others) > 4 else ''}, which {what} does not write; --overwrite replaces "
                          f"only an earlier {what.removeprefix('an ').removeprefix('a ')}: give another {option}")
+
+
+def _not_written(out, writes):
+    """The paths under out (relative, '/'-separated) that are neither in writes nor a folder on the way to one."""
+    folders = {w.rsplit("/", 1)[0] for w in writes if "/" in w}
+    for root, dirs, files in os.walk(out):
+        rel = os.path.relpath(root, out).replace(os.sep, "/")
+        rel = "" if rel == "." else rel + "/"
+        for name in files:
+            if rel + name not in writes:
+                yield rel + name
+        for name in list(dirs):
+            if rel + name not in folders:
+                dirs.remove(name)
+                yield rel + name + "/"
 
 
 def check_run_output(out, inputs=(), option="--out"):

@@ -94,11 +94,16 @@ def test_export_overwrite_replaces_only_an_earlier_export(runs_root, tmp_path, c
     assert cli.main(["export", str(runs_root / "lora"), "--out", str(out)]) == 0
     assert cli.main(["export", str(runs_root / "pre"), "--out", str(out), "--overwrite"]) == 0  # an export: replaced
     assert not (out / "adapter").exists()
-    (out / "mine.txt").write_text("kept")
-    before = snapshot(tmp_path)
-    refused(capsys, ["export", str(runs_root / "lora"), "--out", str(out), "--overwrite"],
-            ["--out:", "mine.txt", "does not write"])
-    assert snapshot(tmp_path) == before
+    assert cli.main(["export", str(runs_root / "lora"), "--out", str(out), "--overwrite"]) == 0  # adapter/ too
+    assert (out / "adapter" / "adapter_config.json").exists()
+    for mine in (out / "mine.txt", out / "adapter" / "notes.txt", out / "sub" / "x"):
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("kept")
+        before = snapshot(tmp_path)
+        refused(capsys, ["export", str(runs_root / "lora"), "--out", str(out), "--overwrite"],
+                ["--out:", str(mine.relative_to(out)).split("/")[0], "does not write"])
+        assert snapshot(tmp_path) == before
+        mine.unlink()
 
 
 def test_merge_and_plot_never_write_over_a_file_they_read_or_a_runs_file(runs_root, capsys, no_work):
