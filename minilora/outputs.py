@@ -19,6 +19,7 @@ or written.
 
 import errno
 import os
+import tempfile
 
 # the files whose presence makes a folder a run (checkpoint, log, summary, adapter), and all a run writes
 RUN_MARKERS = ("checkpoint.npz", "log.jsonl", "summary.json", "adapter.npz")
@@ -75,6 +76,7 @@ def check_folder_output(out, inputs=(), overwrite=False, writes=(), option="--ou
         raise ValueError(f"{option}: {str(out)!r} is or holds {str(held)!r}, which this command reads; give an "
                          f"{option} outside it")
     if not os.path.lexists(out):
+        _check_can_create(out, option)
         return
     if os.path.islink(out):
         raise ValueError(f"{option}: {str(out)!r} is a link; {what} never replaces a link or what it points to: "
@@ -94,6 +96,16 @@ def check_folder_output(out, inputs=(), overwrite=False, writes=(), option="--ou
         raise ValueError(f"{option}: {str(out)!r} holds {', '.join(others[:4])}"
                          f"{', ...' if len(others) > 4 else ''}, which {what} does not write; --overwrite replaces "
                          f"only an earlier {what.removeprefix('an ').removeprefix('a ')}: give another {option}")
+
+
+def _check_can_create(out, option):
+    """A folder named out can be made beside where it goes (its parents are created, as the write would)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(os.path.abspath(out)) + "."))
+    except OSError as e:
+        raise ValueError(f"{option}: cannot write {str(out)!r}: {os_error_reason(e, out)}") from e
 
 
 def _not_written(out, writes):
