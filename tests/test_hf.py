@@ -804,3 +804,30 @@ def test_an_unreadable_weights_file_is_reported_as_unreadable(saved32, tmp_path,
     err = _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
                    ["model.safetensors", "cannot be read", "Permission denied"])
     assert "No such file" not in err
+
+
+def test_finetune_adapter_continues_an_adapter_peft_saved_from_the_function_peft_computes(tmp_path, capsys):
+    """issue 27: `finetune --adapter` on a folder PEFT itself wrote (every B random, rank patterns from PEFT's own
+    c_attn and mlp.c_proj) starts at PEFT's function: with a learning rate of 1e-12 the run's adapter gives PEFT's
+    logits (float32, 1e-5); a folder on another base is refused."""
+    torch.manual_seed(6)
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(hf_config(n_positions=128)).save_pretrained(path)  # room for the task's records
+    base = transformers.AutoModelForCausalLM.from_pretrained(path)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn", "mlp.c_proj"],
+                                                   fan_in_fan_out=True, init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    out = tmp_path / "more"
+    assert cli.main(["finetune", "--checkpoint", str(path), "--adapter", str(tmp_path / "peft"), "--out", str(out),
+                     "--steps", "2", "--batch-size", "4", "--lr", "1e-12"]) == 0
+    params, config, _, _ = load_model(path, adapter=out / "adapter.npz")
+    assert config.lora.targets == ("q", "k", "v", "proj")
+    ids = ids_for()
+    assert rel(our_logits(params, config, ids), torch_logits(pm, ids)) < RTOL32
+    base_logits = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), ids)
+    assert rel(torch_logits(pm, ids), base_logits) > 1e-3  # the adapter changes the function: the check has teeth
+    torch.manual_seed(7)
+    transformers.GPT2LMHeadModel(hf_config(n_positions=128)).save_pretrained(tmp_path / "other")
+    _refused(capsys, ["finetune", "--checkpoint", str(tmp_path / "other"), "--adapter", str(tmp_path / "peft"),
+                      "--out", str(tmp_path / "no"), "--steps", "2", "--batch-size", "4"], tmp_path / "no",
+             ["--adapter:", "fingerprint"])
