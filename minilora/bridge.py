@@ -121,14 +121,20 @@ def _end_token(tokenizer):
         return None
 
 
-def export_model(out, params, config, tokenizer, overwrite=False):
+# what an export writes: an existing --out holding only these is an earlier export, which --overwrite may replace
+EXPORT_FILES = (hf.CONFIG_FILE, hf.WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG,
+                f"{ADAPTER_DIR}/{peft_io.ADAPTER_CONFIG}", f"{ADAPTER_DIR}/{peft_io.ADAPTER_WEIGHTS}")
+
+
+def export_model(out, params, config, tokenizer, overwrite=False, inputs=()):
     """Write a model (and its LoRA adapters, if any) as a Hugging Face folder, atomically.
 
     Inputs:
     - out: the folder to create (see hf.write_folder_atomically)
     - params, config: a plain model, or one with LoRA adapters (config.lora)
     - tokenizer: the model's (the character one or a BPETokenizer, as runs.load_model returns it)
-    - overwrite: replace out if it exists
+    - overwrite: replace out if it exists and holds an earlier export only (outputs.check_folder_output)
+    - inputs: the paths the model was read from, which out must not be nor hold
 
     Writes out/config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
     and for a LoRA model the base (adapters left out) there and the adapters as
@@ -155,6 +161,6 @@ def export_model(out, params, config, tokenizer, overwrite=False):
             os.mkdir(os.path.join(tmp, ADAPTER_DIR))
             peft_io.write_peft(os.path.join(tmp, ADAPTER_DIR), params, config, final, base)
 
-    hf.write_folder_atomically(out, write, overwrite=overwrite)
+    hf.write_folder_atomically(out, write, overwrite=overwrite, inputs=inputs, writes=EXPORT_FILES)
     return [out] + ([os.path.join(out, ADAPTER_DIR)] if config.lora is not None else [])
 

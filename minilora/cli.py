@@ -26,6 +26,7 @@ next step and prints, on one line, the command that resumes it.
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import shlex
@@ -245,6 +246,10 @@ def _cmd_pretrain(args):
     from .train import check_resume
 
     resume, out, same = _resume_and_out(args, "runs/pretrain")
+    if not same:
+        from .outputs import check_run_output
+
+        check_run_output(out, (args.text, args.tokenizer))
     d = _pretrain_defaults()
     model = ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                         d_ff=args.d_ff or 4 * args.d_model, context_length=args.context_length,
@@ -356,32 +361,111 @@ def _finetune_config(args, saved_train=None):
         seed=args.seed)
 
 
+def _given(args, option):
+    """True when the command line names option (as argparse reads it: whole, with =VALUE, or a prefix of it)."""
+    for token in args.argv:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and len(name) > 2 and option.startswith(name):
+            return True
+    return False
+
+
+# the options that set what an adapter is (its method and shapes): an --adapter brings its own
+_ADAPTER_OPTIONS = {"--rank": "rank", "--alpha": "alpha", "--targets": "targets", "--rslora": "rslora"}
+
+
+def _continued_adapter(args):
+    """finetune --adapter: (base params, base config, tokenizer, start, adapter's settings) before any work.
+
+    The adapter (an adapter.npz, a run folder holding one, or a PEFT LoRA folder) must be on --checkpoint's
+    base (runs.load_model checks its fingerprint) and of --method's method (by default the adapter's own);
+    an option that sets its shapes (--rank, --alpha, --targets, --rslora, --n-prefix) must agree with it.
+    """
+    from .model import param_shapes
+
+    params, config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
+    base_config = replace(config, lora=None, n_prefix=0)
+    base_names = set(param_shapes(base_config))
+    base = {n: a for n, a in params.items() if n in base_names}
+    start = {n: a for n, a in params.items() if n not in base_names}
+    method = config.lora.method if config.lora is not None else "prefix" if config.n_prefix else None
+    if method is None or not start:
+        raise ValueError(f"--adapter: expected adapters to continue training, got {args.adapter!r} without any")
+    if _given(args, "--method") and args.method != method:
+        raise ValueError(f"--adapter: {args.adapter!r} holds {method} adapters, but --method is {args.method!r}; "
+                         f"give --method {method} (or leave --method out) to continue them")
+    args.method = method
+    settings = config.lora
+    if not _given(args, "--lora-dropout"):
+        args.lora_dropout = getattr(settings, "dropout", args.lora_dropout)  # the adapter's own, unless changed
+    asked = {"rank": args.rank, "alpha": args.alpha, "targets": tuple(args.targets.split(",")),
+             "rslora": args.rslora}
+    for option, name in _ADAPTER_OPTIONS.items():
+        value = asked[name]
+        if _given(args, option) and getattr(settings, name, None) != value:
+            held = getattr(settings, name, None)
+            raise ValueError(f"{option}: expected the adapter's own {name} ({held!r}: --adapter {args.adapter!r} "
+                             f"sets it), got {value!r}; leave {option} out to continue the adapter")
+    if _given(args, "--n-prefix") and args.n_prefix != config.n_prefix:
+        raise ValueError(f"--n-prefix: expected the adapter's own {config.n_prefix} (--adapter {args.adapter!r} "
+                         f"sets it), got {args.n_prefix}; leave --n-prefix out to continue the adapter")
+    if config.n_prefix:
+        args.n_prefix = config.n_prefix
+    return base, base_config, tokenizer, start, settings
+
+
+def _with_dropout(settings, dropout):
+    """An adapter's settings with --lora-dropout's rate (a training setting; IA3 has none)."""
+    return replace(settings, dropout=dropout) if hasattr(settings, "dropout") else settings
+
+
 def _cmd_finetune(args):
     from .evaluation import corpus_val_data
-    from .finetune import finetune, load_data, run_meta
+    from .finetune import finetune, load_data, run_meta, setup_strategy
     from .runs import claim_run_dir, free_run_dir
     from .train import check_resume
 
+    start = settings = None
+    if args.adapter is not None:
+        params, model_config, tokenizer, start, settings = _continued_adapter(args)
     config = _finetune_config(args)
+    if settings is not None:
+        config = replace(config, lora=_with_dropout(settings, args.lora_dropout))
     name = os.path.splitext(os.path.basename(config.data_file))[0] if config.data_file else config.task
     default = os.path.join("runs", f"finetune-{name}-{config.method}")
     # the default folder is never another run's: a counter follows the name when it holds one
     resume, out, same = _resume_and_out(args, default if args.overwrite else free_run_dir(default))
+    if not same:
+        from .outputs import check_run_output
+
+        check_run_output(out, (args.checkpoint, args.data, args.adapter))
     if resume is not None:
         config = _finetune_config(args, _saved_train(resume))
+        if settings is not None:
+            config = replace(config, lora=_with_dropout(settings, args.lora_dropout))
     # everything is checked before any work: the model, the data against it, the resumed checkpoint, the folder
-    params, model_config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args))
+    if args.adapter is None:
+        params, model_config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args))
     data = load_data(model_config, tokenizer, config)
+    if start is not None:  # the adapter's arrays are this run's trainable names at their shapes
+        try:
+            setup_strategy(params, model_config, tokenizer, config, len(data[2]) if data[2] else None, start)
+        except ValueError as e:
+            raise ValueError(f"--adapter: {args.adapter}: {str(e).removeprefix('adapter: ')}") from e
     if resume is not None:
         with _named("--resume"):
-            check_resume(resume, config.train, run_meta(params, model_config, tokenizer, config, data[2]))
+            check_resume(resume, config.train, run_meta(params, model_config, tokenizer, config, data[2],
+                                                        args.adapter))
     with claim_run_dir(out, resume=same, overwrite=args.overwrite):  # held until the run ends
         if config.data_file is not None:
             n_train, n_test = len(data[0]), len(data[1])
             print(f"data: {config.data_file}, {n_train + n_test} records: {n_train} to train on, {n_test} held "
                   f"out for the score (a tenth, chosen by --seed {config.seed})")
         ft_params, ft_config, trainable, s = finetune(params, model_config, tokenizer, config, out,
-                                                      corpus_val_data(tokenizer), resume=resume, data=data)
+                                                      corpus_val_data(tokenizer), resume=resume, data=data,
+                                                      start=start, continued_from=args.adapter)
     print(f"[{config.method}] " + s["report"].replace("\n", f"\n[{config.method}] "))
     metric = "accuracy" if config.is_classification else "exact match"
     print(f"{config.method} on {name}: {metric} on {s['n_test']} held-out records, metric {s['metric_before']:.3f} "
@@ -470,10 +554,13 @@ def _check_data_unchanged(description):
                          f"rebuilt; give the records to score with --data")
 
 
-def _check_new_file(path, overwrite, option="--out"):
-    """A file output: its folder must be writable, and an existing file is kept unless overwrite."""
+def _check_new_file(path, overwrite, option="--out", inputs=()):
+    """A file output: never an input nor a run's file (outputs.check_file_output), its folder writable, and an
+    existing file kept unless overwrite."""
+    from .outputs import check_file_output
     from .runs import check_writable
 
+    check_file_output(path, inputs, option)
     if os.path.isdir(path):
         raise ValueError(f"{option}: expected a file name, got the folder {path!r}")
     if os.path.exists(path) and not overwrite:
@@ -485,11 +572,11 @@ def _cmd_merge(args):
     from .checkpoint import save_checkpoint
     from .methods.lora import adapted_layers
 
+    _check_new_file(args.out, args.overwrite, inputs=(args.run, args.adapter))  # before any work
     params, config, meta, tokenizer = _load_model(args.run, "run", _xp(args), args.adapter)
     if config.lora is None:
         raise ValueError(f"run: expected a model with adapters (a LoRA, DoRA or IA3 run, or a base checkpoint "
                          f"with --adapter), got {args.run} without adapters")
-    _check_new_file(args.out, args.overwrite)
     n_adapters = len(adapted_layers(config, config.lora))
     # LoRA and its variants scale B A by s; IA3 has no scale
     how = f"scale {config.lora.scale:g}" if isinstance(config.lora, LoraConfig) else config.lora.label
@@ -506,20 +593,39 @@ def _cmd_merge(args):
 
 def _cmd_import_hf(args):
     from .bridge import read_hf_model
-    from .checkpoint import save_checkpoint
-    from .runs import CHECKPOINT, claim_run_dir
+    from .checkpoint import atomic_open, save_checkpoint
+    from .hf import stored_dtype
+    from .runs import CHECKPOINT, RUN_FILES, claim_run_dir, is_run_dir, prepare_run_dir
+    from .tokenizer import TOKENIZER_FILE
 
     # every tensor and the tokenizer are read and checked before the run folder is touched:
     # a refusal writes nothing
+    from .outputs import check_run_output
+
+    check_run_output(args.out, (args.dir,))
     params, config, tokenizer = read_hf_model(args.dir)
-    with claim_run_dir(args.out, overwrite=args.overwrite):  # one writer at a time
-        tokenizer.save(args.out)
+    if is_run_dir(args.out) and not args.overwrite:
+        prepare_run_dir(args.out)  # refuses: the folder holds a run
+    # one writer at a time; an earlier run there is replaced only once this one is written (resume=True deletes
+    # nothing up front), so a failed write (a full disk) leaves it as it was
+    with claim_run_dir(args.out, resume=True):
         save_checkpoint(os.path.join(args.out, CHECKPOINT), params,
                         {"kind": "imported", "model": config.to_dict(), "tokenizer": tokenizer.describe(),
                          "imported_from": os.path.abspath(args.dir)})
+        tokenizer_path = os.path.join(args.out, TOKENIZER_FILE)
+        if tokenizer.kind != "char":
+            with atomic_open(tokenizer_path) as f:
+                f.write(tokenizer.data)
+        for name in RUN_FILES:  # what the earlier run had beside them
+            if name != CHECKPOINT and (name != TOKENIZER_FILE or tokenizer.kind == "char"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(args.out, name))
     n = sum(p.size for p in params.values())
+    stored = stored_dtype(args.dir)
+    # minilora trains in float32: weights stored wider are rounded to it, and the line says so
+    rounded = "; its float64 weights rounded to float32" if stored == "F64" else ""
     print(f"imported GPT-2 {config.n_layers} x {config.d_model} (vocab {config.vocab_size}, context "
-          f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters; "
+          f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters{rounded}; "
           f"wrote {os.path.join(args.out, CHECKPOINT)}")
     return 0
 
@@ -527,8 +633,13 @@ def _cmd_import_hf(args):
 def _cmd_export(args):
     from .bridge import export_model
 
+    from .bridge import EXPORT_FILES
+    from .outputs import check_folder_output
+
+    inputs = (args.run, args.adapter)
+    check_folder_output(args.out, inputs, args.overwrite, EXPORT_FILES)  # before any work
     params, config, _, tokenizer = _load_model(args.run, "run", None, args.adapter)
-    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite)
+    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite, inputs=inputs)
     print(f"wrote {written[0]} (transformers: AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained)"
           + (f" and {written[1]} (PEFT: PeftModel.from_pretrained(model, {written[1]!r}))" if len(written) > 1
              else ""))
@@ -538,7 +649,7 @@ def _cmd_export(args):
 def _cmd_plot(args):
     from .plot import plot_run_logs, read_log, save_figure
 
-    _check_new_file(args.out, overwrite=True)
+    _check_new_file(args.out, overwrite=True, inputs=args.logs)
     paths = [os.path.join(p, "log.jsonl") if os.path.isdir(p) else p for p in args.logs]
     seen = {}
     for given, path in zip(args.logs, paths):
@@ -713,6 +824,9 @@ def build_parser():
                    "or text/label with --task kind)")
     s.add_argument("--checkpoint", type=_path, default="runs/pretrain",
                    help="a pretraining run folder or checkpoint file")
+    s.add_argument("--adapter", type=_path, default=None,
+                   help="continue training this adapter (an adapter.npz, a run folder holding one, or a PEFT LoRA "
+                        "folder) on --checkpoint, its base; it sets the method (default) and the adapter's shapes")
     s.add_argument("--out", type=_path, default=None, help="default: runs/finetune-TASK-METHOD (TASK: the data file's name), "
                    "with -2, -3, ... when that folder holds a run; or the --resume run's folder")
     s.add_argument("--steps", type=POSITIVE, default=ft.train.steps, help="optimizer steps")
@@ -961,8 +1075,40 @@ def main(argv=None):
         message = str(e) or type(e).__name__
         if isinstance(e, MemoryError):
             message = "out of memory: the settings ask for more memory than this machine has"
+        option, path = None, getattr(e, "filename", None) if isinstance(e, OSError) else None
+        if path:
+            option = _option_of_path(args, path)
+        elif isinstance(e, OSError) and e.errno in _DISK_FULL and getattr(args, "out", None):
+            option, path = "--out", args.out  # a write to an open file names none: the command's output did
+        if option is not None:  # a file or folder the command line named: say which, in words
+            from .outputs import os_error_reason
+
+            message = f"{option}: cannot use {str(path)!r}: {os_error_reason(e, path)}"
         print(f"minilora {args.command}: error: {_one_line(message, args)}", file=sys.stderr)
-        return 2 if isinstance(e, ValueError) else 1
+        return 2 if isinstance(e, ValueError) or option is not None else 1
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# the options (argparse dest -> as the user types it) whose values are paths
+_PATH_OPTIONS = {"out": "--out", "checkpoint": "--checkpoint", "adapter": "--adapter", "data": "--data",
+                 "text": "--text", "tokenizer": "--tokenizer", "resume": "--resume", "figures": "--figures",
+                 "run": "run", "dir": "dir", "logs": "logs"}
+
+
+def _option_of_path(args, filename):
+    """The option whose path an OSError's file is, lies in or beside (a temporary file named after it); or None."""
+    failed = os.path.abspath(os.fspath(filename))
+    for dest, option in _PATH_OPTIONS.items():
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str) or not value:
+                continue
+            given = os.path.abspath(value)
+            if (failed == given or failed.startswith(given + os.sep) or given.startswith(failed + os.sep)
+                    or (os.path.dirname(failed) == os.path.dirname(given)
+                        and os.path.basename(given) in os.path.basename(failed))):
+                return option
+    return None
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from . import methods, tasks
+from .backend import array_module
 from .evaluation import classification_accuracy, exact_match, strided_val_loss
 from .methods import base_fingerprint
 from .methods.lora import LoraConfig, count_report, save_adapter
@@ -88,10 +89,13 @@ class FinetuneConfig:
         return self.task == "kind"
 
 
-def setup_strategy(base_params, model_config, tokenizer, config, n_classes=None):
+def setup_strategy(base_params, model_config, tokenizer, config, n_classes=None, start=None):
     """The parameters, config and trainable names of a strategy, from the pretrained weights.
 
     tokenizer (the base's) encodes prompt_init_text for a prompt initialised from text.
+    start: name -> array, trained values to begin from instead of the method's
+    init (an adapter file's or PEFT folder's adapters, and head, to fine-tune
+    on); each must be a trainable name of the strategy at its shape.
 
     Returns (params, model_config, trainable). base_params is never modified:
     full fine-tuning trains copies, LoRA and prompt tuning share the frozen arrays.
@@ -101,7 +105,25 @@ def setup_strategy(base_params, model_config, tokenizer, config, n_classes=None)
     if n_classes is not None:
         params = add_head(params, n_classes, seed=config.seed)
         trainable |= {"cls.W", "cls.b"}
+    if start:
+        check_start(start, params, trainable, config.method)
+        xp = array_module(params["wte"])
+        params = {**params, **{n: xp.array(a, dtype=params[n].dtype) for n, a in start.items()}}  # copies
     return params, model_config, trainable
+
+
+def check_start(start, params, trainable, method):
+    """ValueError (naming the adapter) unless every array of start is a trainable name of params at its shape."""
+    extra = sorted(n for n in start if n not in trainable)
+    if extra:
+        head = any(n.startswith("cls.") for n in extra)
+        raise ValueError(f"adapter: expected the trainable names of a {method} run, got also {extra[:4]}"
+                         + ("; the adapter has a classification head: give --task kind (or records with labels)"
+                            if head else ""))
+    shapes = [f"{n} {tuple(start[n].shape)} (this run's {tuple(params[n].shape)})" for n in sorted(start)
+              if tuple(start[n].shape) != tuple(params[n].shape)]
+    if shapes:
+        raise ValueError(f"adapter: expected its arrays at this run's shapes, got {'; '.join(shapes[:3])}")
 
 
 def load_records(config, tokenizer, context_length=None):
@@ -167,8 +189,10 @@ def task_name(config):
     return config.task if config.data_file is None or config.is_classification else None
 
 
-def run_meta(base_params, model_config, tokenizer, config, class_names):
-    """What every checkpoint of a fine-tuning run stores about it; a resume must match it exactly."""
+def run_meta(base_params, model_config, tokenizer, config, class_names, continued_from=None):
+    """What every checkpoint of a fine-tuning run stores about it; a resume must match it exactly.
+
+    continued_from: the adapter a run began from (finetune's start), recorded by path."""
     m = methods.method(config.method)
     ft_config = replace(model_config, lora=m.adapter_config(config)) if m.adapter_config else model_config
     if m.model_settings is not None:  # a setting of ModelConfig beside .lora (prefix tuning's n_prefix)
@@ -176,7 +200,8 @@ def run_meta(base_params, model_config, tokenizer, config, class_names):
     return {"kind": "finetune", "model": ft_config.to_dict(), "tokenizer": tokenizer.describe(),
             "method": config.method, "task": task_name(config),
             "finetune": run_description(config), "class_names": class_names,
-            "base_fingerprint": base_fingerprint(base_params)}
+            "base_fingerprint": base_fingerprint(base_params),
+            **({"continued_from": os.path.abspath(continued_from)} if continued_from is not None else {})}
 
 
 def score(params, model_config, tokenizer, records, class_names, end="\n"):
@@ -186,7 +211,8 @@ def score(params, model_config, tokenizer, records, class_names, end="\n"):
     return exact_match(params, model_config, tokenizer, records, end=end)[0]
 
 
-def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_data=None, resume=None, data=None):
+def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_data=None, resume=None, data=None,
+             start=None, continued_from=None):
     """Fine-tune with one strategy and score it.
 
     Inputs:
@@ -202,6 +228,8 @@ def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_dat
       character tokenizer)
     - resume: a checkpoint of this same run to continue (see train.check_resume)
     - data: what load_data(model_config, tokenizer, config) returned, if already called
+    - start, continued_from: trained adapters to begin from (setup_strategy's start), and the path they came
+      from (recorded in the run's metadata); the score "before" is then the adapter's own
 
     Returns (params, model_config, trainable, summary): the fine-tuned model,
     the config it now comes with (LoRA settings included), the names that
@@ -209,7 +237,7 @@ def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_dat
     """
     train_records, test_records, class_names = data or load_data(model_config, tokenizer, config)
     n_classes = len(class_names) if class_names else None
-    params, ft_config, trainable = setup_strategy(base_params, model_config, tokenizer, config, n_classes)
+    params, ft_config, trainable = setup_strategy(base_params, model_config, tokenizer, config, n_classes, start)
     report = count_report(params, trainable, ft_config)
     count_line = methods.method(config.method).count_line
     if count_line is not None:  # a method outside ModelConfig.lora states its own count and formula
@@ -218,11 +246,11 @@ def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_dat
                                   class_names, config.train_on_prompt, config.end_marker)
 
     # the pretrained model's task score and corpus loss, before any fine-tuning
-    before_params, before_config, _ = setup_strategy(base_params, model_config, tokenizer, config, n_classes)
+    before_params, before_config, _ = setup_strategy(base_params, model_config, tokenizer, config, n_classes, start)
     metric_before = score(before_params, before_config, tokenizer, test_records, class_names, config.end_marker)
     val_before = strided_val_loss(base_params, model_config, val_data) if val_data is not None else None
 
-    meta = run_meta(base_params, model_config, tokenizer, config, class_names)
+    meta = run_meta(base_params, model_config, tokenizer, config, class_names, continued_from)
     if run_dir is not None:
         tokenizer.save(run_dir)  # the run folder holds what its checkpoint's ids mean
     t0 = time.perf_counter()

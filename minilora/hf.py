@@ -30,6 +30,7 @@ This module needs the `safetensors` package (`pip install 'minilora[hf]'`).
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -117,11 +118,21 @@ def model_config_from_gpt2(hf, where="config.json"):
     for name, ok, expected in checks:
         if not ok:
             raise ValueError(f"{where}: {name}: expected {expected}, got {hf.get(name)!r}")
-    n_embd = hf.get("n_embd", 768)
-    d_ff = hf.get("n_inner") or 4 * n_embd
+    sizes = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
+    for name, default in sizes.items():
+        value = sizes[name] = hf.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {name}: expected a positive integer, got {value!r}")
+    n_inner = hf.get("n_inner")
+    # transformers' GPT2MLP: inner_dim = n_inner if n_inner is not None else 4 * n_embd, so 0 is a width of 0
+    if n_inner is not None and (isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 1):
+        raise ValueError(f"{where}: n_inner: expected a positive integer or null (4 x n_embd), got {n_inner!r}"
+                         + (" (transformers builds an MLP of width 0 from it, which minilora does not compute)"
+                            if n_inner == 0 and not isinstance(n_inner, bool) else ""))
+    d_ff = n_inner if n_inner is not None else 4 * sizes["n_embd"]
     try:
-        return ModelConfig(vocab_size=hf.get("vocab_size", 50257), context_length=hf.get("n_positions", 1024),
-                           d_model=n_embd, n_heads=hf.get("n_head", 12), n_layers=hf.get("n_layer", 12), d_ff=d_ff)
+        return ModelConfig(vocab_size=sizes["vocab_size"], context_length=sizes["n_positions"],
+                           d_model=sizes["n_embd"], n_heads=sizes["n_head"], n_layers=sizes["n_layer"], d_ff=d_ff)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from e
 
@@ -130,7 +141,12 @@ def _read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-    except (OSError, ValueError) as e:
+    except RecursionError as e:
+        raise ValueError(f"{path}: expected a JSON file, got one nested too deeply to read") from e
+    except OSError as e:
+        raise ValueError(f"{path}: expected a readable JSON file, got one that cannot be read "
+                         f"({e.strerror or type(e).__name__})") from e
+    except ValueError as e:
         raise ValueError(f"{path}: expected a JSON file, got one that does not read ({e})") from e
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
@@ -141,6 +157,7 @@ def _weights_path(folder):
     """folder's model.safetensors; ValueError for a pickle, a sharded model or no weights."""
     path = os.path.join(folder, WEIGHTS_FILE)
     if os.path.isfile(path):
+        check_readable(path)
         return path
     for name in PICKLE_FILES:
         if os.path.exists(os.path.join(folder, name)):
@@ -152,6 +169,32 @@ def _weights_path(folder):
         raise ValueError(f"{folder}: expected one {WEIGHTS_FILE}, got a sharded model ({SHARDED_INDEX}); "
                          "save it with save_pretrained(..., max_shard_size='100GB') to get one file")
     raise ValueError(f"{folder}: expected a {WEIGHTS_FILE} beside {CONFIG_FILE}, got none")
+
+
+_BLOCK = re.compile(r"^(?:transformer\.)?h\.(\d{1,9})\.")
+
+
+def check_readable(path):
+    """ValueError naming path when it cannot be opened for reading (safetensors would say "No such file")."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{path}: expected a readable file, got one that cannot be read "
+                         f"({e.strerror or type(e).__name__})") from e
+
+
+def stored_dtype(folder):
+    """The dtype a GPT-2 folder's wte is stored in (safetensors' name: 'F32', 'F64', 'BF16', ...), or None."""
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(_weights_path(folder), framework="numpy") as f:
+            for name in f.keys():
+                if _strip(name) == "wte.weight":
+                    return f.get_slice(name).get_dtype()
+    except Exception:
+        return None
+    return None
 
 
 def _strip(name):
@@ -201,14 +244,19 @@ def read_gpt2(folder, dtype=np.float32):
     config = model_config_from_gpt2(_read_json(config_path), where=config_path)
     path = _weights_path(folder)
     safetensors = _safetensors()
-    mapping = hf_to_minilora_names(config)
-    shapes = param_shapes(config)
     C = config.d_model
     params = {}
     try:
         with safetensors.safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
             names = list(f.keys())
+            # the sizes config.json claims, against the file, before any table of names is built from them
+            blocks = {int(m.group(1)) for m in map(_BLOCK.match, names) if m}
+            if config.n_layers != len(blocks):
+                raise ValueError(f"{config_path}: n_layer: expected the {len(blocks)} blocks {path} holds, got "
+                                 f"{config.n_layers}")
+            mapping = hf_to_minilora_names(config)
+            shapes = param_shapes(config)
             seen = {}
             for name in names:
                 key = _strip(name)
@@ -306,32 +354,49 @@ def to_gpt2_tensors(params, config):
     return out
 
 
-def write_folder_atomically(out, write, overwrite=False, option="--out"):
+def write_folder_atomically(out, write, overwrite=False, option="--out", inputs=(), writes=()):
     """Write a new folder: `write(tmp)` fills a temporary folder beside out, which is then renamed to out.
 
     out must not exist (or, with overwrite, it is replaced only after write succeeded),
-    so a failure leaves nothing behind and never a half-written folder.
+    so a failure leaves nothing behind and never a half-written folder. What
+    overwrite may replace is outputs.check_folder_output's: never a file, a run,
+    a folder holding one of inputs, or one holding more than the names in writes.
     """
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{option}: {out!r} already exists; give another {option} or --overwrite")
+    from .outputs import check_folder_output
+
+    check_folder_output(out, inputs, overwrite, writes, option)
     parent = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(os.path.abspath(out)) + ".")
     except OSError as e:
-        raise ValueError(f"{option}: cannot write to the folder {parent!r}: {e.strerror or type(e).__name__}") from e
+        from .outputs import os_error_reason
+
+        raise ValueError(f"{option}: cannot write {str(out)!r}: {os_error_reason(e, out)}") from e
     try:
         os.chmod(tmp, 0o755)
         write(tmp)
         if os.path.exists(out):
             old = tmp + ".old"
             os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the earlier folder back where it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # a full disk, a quota, a folder gone: safetensors raises its own error for a failed write
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            from .outputs import os_error_reason
+
+            reason = os_error_reason(e, out) if isinstance(e, OSError) else " ".join(str(e).split())
+            raise ValueError(f"{option}: could not write {str(out)!r} ({reason or type(e).__name__}); nothing "
+                             f"was written" + (" and the folder there is as it was" if os.path.exists(out)
+                                               else "")) from e
         raise
 
 

@@ -52,11 +52,11 @@ from dataclasses import replace
 
 import numpy as np
 
+from . import peft_config
 from .backend import array_module, to_numpy
-from .hf import FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, read_fingerprint, weights_fingerprint
-from .bounds import DROPOUT
+from .hf import (FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, check_readable, read_fingerprint,
+                 weights_fingerprint)
 from .methods.lora import TARGETS, LoraConfig, lora_scale
-from .validate import FileError, field
 
 EXPORTED = ("lora", "ia3")  # the adapter configs' methods write_peft writes exactly (to_peft, ia3_to_peft)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -173,19 +173,12 @@ def write_peft(folder, params, config, base_path, base_params):
 # What a PEFT LoRA config may say for minilora to compute it exactly: field -> the values allowed.
 _SUPPORTED = {"use_dora": (False, None), "lora_bias": (False, None), "modules_to_save": (None, []),
               "layers_to_transform": (None,), "layer_replication": (None,), "bias": ("none", None),
-              "trainable_token_indices": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,)}
-
-
-def _pattern_value(patterns, module, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module's name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+              "trainable_token_indices": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
+              "target_parameters": (None, [])}
 
 
 def read_peft(folder, base_params, base_config):
-    """Load a PEFT LoRA folder trained on GPT-2 onto minilora base parameters.
+    """Load a PEFT LoRA folder trained on GPT-2 onto minilora base parameters, exactly as PEFT loads it.
 
     Inputs:
     - folder: holds adapter_config.json (peft_type LORA) and adapter_model.safetensors
@@ -193,11 +186,15 @@ def read_peft(folder, base_params, base_config):
 
     Returns (params, config, meta): base_params plus lora_A, lora_B for every
     adapted linear, the config with its LoraConfig, and meta (the adapter's
-    config). Raises ValueError for another peft_type, DoRA or any other option
-    minilora does not compute, a target outside q, k, v, o, fc, proj or not in
-    every block, and a base whose shapes or fingerprint differ (the fingerprint
-    is checked when the file records one, or base_model_name_or_path names a
-    local folder).
+    config). The modules adapted are those PEFT adapts (peft_config.targeted_modules),
+    and the file must hold exactly their A and B under PEFT's names
+    (base_model.model.transformer.h.{i}.{module}.lora_A.weight): a tensor PEFT would
+    not load, or a targeted module it would leave at its initial values, is refused.
+    Raises ValueError, too, for a field of the wrong type, another peft_type, DoRA
+    or any other option minilora does not compute, a target not in every block,
+    and a base whose shapes or fingerprint differ (the fingerprint is checked when
+    the file records one, or base_model_name_or_path names a local folder, a
+    relative one read from the adapter's folder).
     """
     path = os.path.join(folder, ADAPTER_CONFIG)
     if not os.path.isfile(path):
@@ -207,15 +204,18 @@ def read_peft(folder, base_params, base_config):
         raise ValueError(f"adapter: {path}: peft_type: expected 'LORA', got {ac.get('peft_type')!r} "
                          "(minilora maps LoRA adapters only)")
     for name, allowed in _SUPPORTED.items():
-        if ac.get(name) not in allowed:
+        if not any(type(ac.get(name)) is type(a) and ac.get(name) == a for a in allowed):
             raise ValueError(f"adapter: {path}: {name}: expected {allowed[0]!r} (minilora does not compute "
                              f"{name}), got {ac.get(name)!r}")
+    ac = peft_config.check_fields(ac, f"adapter: {path}")
     if base_config.lora is not None:
         raise ValueError("adapter: expected a base model without adapters, got one with adapters already")
+    modules = peft_config.targeted_modules(ac, base_config.n_layers, f"adapter: {path}")
     weights = os.path.join(folder, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights):
         raise ValueError(f"adapter: expected {ADAPTER_WEIGHTS} in {folder!r} (adapter_model.bin is a pickle and is "
                          "never unpickled), got none")
+    check_readable(weights)
     safetensors = _safetensors()
     try:
         with safetensors.safe_open(weights, framework="numpy") as f:
@@ -225,18 +225,18 @@ def read_peft(folder, base_params, base_config):
         raise ValueError(f"adapter: {weights}: expected a readable safetensors file, got one that is truncated, "
                          f"corrupt or of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
     _check_base(folder, ac, metadata, base_params)
-    pairs = _pairs(weights, tensors, base_config)
-    rslora, r_default, alpha_default, dropout = _lora_settings(ac, path)
+    pairs = _pairs(weights, tensors, modules)
+    rslora = ac["use_rslora"]
     # every adapted linear: minilora prefix -> (A, B, PEFT scale)
     adapters = {}
     for (i, module), (A, B) in pairs.items():
         full = f"transformer.h.{i}.{module}"
         r = A.shape[0]
-        if r != _pattern_value(ac.get("rank_pattern"), full, r_default):
-            raise ValueError(f"adapter: {weights}: {full} has rank {r}, but {ADAPTER_CONFIG} says "
-                             f"{_pattern_value(ac.get('rank_pattern'), full, r_default)}")
-        own = _pattern_value(ac.get("alpha_pattern"), full, None)
-        s = _module_scale(alpha_default if own is None else own, r, rslora, path,
+        wanted = peft_config.pattern_value(ac["rank_pattern"], full, ac["r"])
+        if r != wanted:
+            raise ValueError(f"adapter: {weights}: {full} has rank {r}, but {ADAPTER_CONFIG} says {wanted}")
+        own = peft_config.pattern_value(ac["alpha_pattern"], full, None)
+        s = _module_scale(ac["lora_alpha"] if own is None else own, r, rslora, path,
                           "lora_alpha" if own is None else f"alpha_pattern: {full}")
         d_in, d_out = _module_shape(module, base_config)
         if A.shape[1] != d_in or B.shape[0] != d_out:
@@ -254,7 +254,8 @@ def read_peft(folder, base_params, base_config):
     R = max(A.shape[0] for A, _, _ in adapters.values())
     s = next(iter(adapters.values()))[2]  # the common scale; other modules fold theirs into B
     alpha = s * (math.sqrt(R) if rslora else R)
-    lora_config = LoraConfig(rank=R, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora)
+    lora_config = LoraConfig(rank=R, alpha=alpha, targets=targets, dropout=float(ac["lora_dropout"]),
+                             rslora=rslora)
     xp = array_module(base_params["wte"])
     dtype = base_params["wte"].dtype
     out = dict(base_params)
@@ -272,29 +273,6 @@ def read_peft(folder, base_params, base_config):
     return out, replace(base_config, lora=lora_config), {"kind": "peft_adapter", "peft": ac, "path": folder}
 
 
-def _lora_settings(ac, path):
-    """(use_rslora, r, lora_alpha, lora_dropout) of an adapter_config, each checked, PEFT's defaults when absent.
-
-    rank_pattern's values must be ranks and alpha_pattern's numbers too. A bad one is one line naming the
-    file and the field.
-    """
-    try:
-        rslora = field(ac, "use_rslora", path, "bool", None, optional=True) or False
-        r = field(ac, "r", path, "int", None, low=1, optional=True) or 8
-        alpha = field(ac, "lora_alpha", path, "number", None, optional=True)
-        dropout = field(ac, "lora_dropout", path, "number", None, optional=True) or 0.0
-        for name, kind in (("rank_pattern", "int"), ("alpha_pattern", "number")):
-            patterns = field(ac, name, path, "dict", None, optional=True) or {}
-            for key in patterns:
-                field(patterns, key, path, kind, name, low=1 if kind == "int" else None)
-        DROPOUT.check(dropout, "lora_dropout")
-    except FileError as e:
-        raise ValueError(f"adapter: {e}") from e
-    except ValueError as e:
-        raise ValueError(f"adapter: {path}: {e}") from e
-    return rslora, r, 8 if alpha is None else alpha, float(dropout)
-
-
 def _module_scale(alpha, r, rslora, path, label):
     """PEFT's scale of one module, in the range LoRA's own scale has (methods.lora.lora_scale)."""
     try:
@@ -310,27 +288,40 @@ def _module_shape(module, config):
     return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, F), "mlp.c_proj": (F, C)}[module]
 
 
-def _pairs(weights, tensors, config):
-    """(block, module) -> (A, B) from PEFT's tensor names; ValueError for any other tensor."""
-    pattern = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc"
-                         r"|mlp\.c_proj)\.lora_(A|B)\.weight$")
+def _pairs(weights, tensors, modules):
+    """(block, module) -> (A, B) for each module PEFT adapts, from the names PEFT loads; ValueError for any other
+    tensor (PEFT would not load it) and for a targeted module without both (PEFT would keep its initial values)."""
+    names = {f"{PREFIX}h.{i}.{m}.lora_{ab}.weight": (i, m, ab) for i, m in modules for ab in "AB"}
+    loose = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?(h\.\d+\.[\w.]+?)\.lora_(A|B)\.weight$")
     found = {}
     for name, t in tensors.items():
-        m = pattern.match(name)
-        if m is None or int(m.group(1)) >= config.n_layers:
-            raise ValueError(f"adapter: {weights}: {name}: expected LoRA A/B tensors of GPT-2's c_attn, attn.c_proj, "
-                             "mlp.c_fc or mlp.c_proj in this base's blocks, got this tensor too")
+        if name not in names:
+            m = loose.match(name)
+            proper = f"{PREFIX}{m.group(1)}.lora_{m.group(2)}.weight" if m else None
+            if proper is not None and proper != name and proper in tensors:
+                why = f"the same tensor as {proper!r} under a second name"
+            elif proper is not None and proper != name:
+                why = f"PEFT loads {proper!r} and would not load this name"
+            elif proper is not None:
+                why = "its module is not one target_modules adapts, so PEFT would not apply it"
+            else:
+                why = "not a LoRA A or B of a GPT-2 block's c_attn, c_proj or c_fc (PEFT would not load it)"
+            raise ValueError(f"adapter: {weights}: {name}: {why}")
         if t.dtype.kind != "f" or not np.isfinite(t).all():
             raise ValueError(f"adapter: {weights}: {name}: expected finite floating-point values")
-        found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t.astype(np.float64)
+        i, module, ab = names[name]
+        found.setdefault((i, module), {})[ab] = t.astype(np.float64)
+    missing = [n for n, (i, m, ab) in names.items() if ab not in found.get((i, m), {})]
+    if missing:
+        raise ValueError(f"adapter: {weights}: expected {missing[0]} (target_modules adapts its module), got none; "
+                         f"PEFT would leave it at its initial values" + (f" ({len(missing)} such)" if len(missing) > 1
+                                                                        else ""))
     pairs = {}
     for key, ab in found.items():
-        if set(ab) != {"A", "B"} or ab["A"].ndim != 2 or ab["B"].ndim != 2 or ab["A"].shape[0] != ab["B"].shape[1]:
+        if ab["A"].ndim != 2 or ab["B"].ndim != 2 or ab["A"].shape[0] != ab["B"].shape[1]:
             raise ValueError(f"adapter: {weights}: h.{key[0]}.{key[1]}: expected lora_A (r, in) and lora_B (out, r), "
                              f"got {({k: tuple(v.shape) for k, v in ab.items()})}")
         pairs[key] = (ab["A"], ab["B"])
-    if not pairs:
-        raise ValueError(f"adapter: {weights}: expected LoRA tensors, got none")
     return pairs
 
 
@@ -348,11 +339,20 @@ def _targets(adapters, config, weights):
 
 
 def _check_base(folder, ac, metadata, base_params):
-    """The adapter's base must be base_params: compare fingerprints when the adapter lets us know its base's."""
+    """The adapter's base must be base_params: compare fingerprints when the adapter lets us know its base's.
+
+    A relative base_model_name_or_path is read from the adapter's folder (where PEFT's save_pretrained, run
+    from elsewhere, would not have put it, but where a moved pair of folders keeps it), then from the
+    working folder."""
     expected = metadata.get(FINGERPRINT_KEY)
     base_path = ac.get("base_model_name_or_path")
-    if expected is None and isinstance(base_path, str) and os.path.isfile(os.path.join(base_path, WEIGHTS_FILE)):
-        expected = read_fingerprint(base_path)  # the local base it names, read as minilora reads it
+    if expected is None and isinstance(base_path, str) and base_path:
+        candidates = [base_path] if os.path.isabs(base_path) else [os.path.join(folder, base_path), base_path]
+        for candidate in candidates:
+            if os.path.isfile(os.path.join(candidate, WEIGHTS_FILE)):
+                expected = read_fingerprint(candidate)  # the local base it names, read as minilora reads it
+                base_path = candidate
+                break
     if expected is None:
         return
     got = weights_fingerprint(base_params)

@@ -71,8 +71,9 @@ def check_writable(path, option="--out"):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise ValueError(f"{option}: cannot write to the folder {str(path)!r}: {reason}") from e
+        from .outputs import os_error_reason
+
+        raise ValueError(f"{option}: cannot write to the folder {str(path)!r}: {os_error_reason(e, path)}") from e
 
 
 def prepare_run_dir(path, resume=False, overwrite=False, option="--out"):

@@ -437,9 +437,15 @@ def test_merge_never_overwrites_a_file_unless_asked(pretrained, tmp_path, capsys
                      "--steps", "2", "--batch-size", "4", "--out", str(run)]) == 0
     target = pretrained / "checkpoint.npz"  # a merge must not replace the pretraining checkpoint by accident
     before = target.read_bytes()
-    assert cli.main(["merge", str(run), "--out", str(target)]) == 2
+    for overwrite in ([], ["--overwrite"]):  # a run's own checkpoint: never replaced, even when asked (issue 33)
+        assert cli.main(["merge", str(run), "--out", str(target), *overwrite]) == 2
+        _one_line_error(capsys, "--out:", "a file of the run", "give another --out")
+        assert target.read_bytes() == before
+    other = tmp_path / "other.npz"
+    other.write_bytes(b"mine")
+    assert cli.main(["merge", str(run), "--out", str(other)]) == 2
     _one_line_error(capsys, "--out:", "exists", "--overwrite")
-    assert target.read_bytes() == before
+    assert other.read_bytes() == b"mine"
     assert cli.main(["merge", str(run), "--out", str(tmp_path / "m.npz")]) == 0
 
 

@@ -572,3 +572,262 @@ def test_export_refuses_a_dora_run_in_one_line_saying_why(tmp_path):
     with pytest.raises(ValueError, match=r"a DoRA run has no PEFT export here .* merge it") as e:
         bridge.export_model(tmp_path / "out", params, config, CharTokenizer())
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+# ---- issue 33: an adapter folder is read as PEFT reads it, or refused
+
+
+def _peft_lora_state(pm):
+    """PEFT's loaded LoRA tensors under the file's names (its adapter name 'default' taken out)."""
+    return {k.replace(".default", ""): v.detach().numpy() for k, v in pm.state_dict().items() if ".lora_" in k}
+
+
+@pytest.fixture(scope="module")
+def peft_saved(saved64, tmp_path_factory):
+    """A float64 PEFT adapter on saved64's base: r 2 on c_attn and c_fc, every B random (init_lora_weights false)."""
+    _, path = saved64
+    torch.manual_seed(5)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=5, target_modules=["c_attn", "c_fc"],
+                                                   fan_in_fan_out=True, init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("peft") / "a"
+    pm.save_pretrained(folder)
+    from safetensors.numpy import load_file
+
+    return folder, json.loads((folder / "adapter_config.json").read_text()), load_file(
+        str(folder / "adapter_model.safetensors"))
+
+
+def _only(tensors, *modules):
+    return {k: v for k, v in tensors.items() if any(f".{m}." in k for m in modules)}
+
+
+def _unprefixed(tensors, prefix):
+    return {k.removeprefix(prefix): v for k, v in tensors.items()}
+
+
+# name -> (adapter_config changes, tensors(file tensors) -> tensors); True: both apply the file's tensors alike
+PEFT_CASES = {
+    "as saved": ({}, None, True),
+    "a regex target, matched whole": ({"target_modules": r".*\.(c_attn|c_fc)"}, None, True),
+    "null targets: PEFT's GPT-2 default c_attn": ({"target_modules": None}, lambda t: _only(t, "c_attn"), True),
+    "an excluded module": ({"exclude_modules": ["c_fc"]}, lambda t: _only(t, "c_attn"), True),
+    "an alpha pattern": ({"alpha_pattern": {"mlp.c_fc": 3}}, None, True),
+    "tensors of a module not targeted": ({"target_modules": ["c_attn"]}, None, False),
+    "targets matching nothing": ({"target_modules": ["nothing"]}, None, False),
+    "a regex matching only part of a name": ({"target_modules": "c_attn"}, None, False),
+    "a LayerNorm target": ({"target_modules": ["ln_1"]}, None, False),
+    "an embedding target": ({"target_modules": ["wte", "c_attn", "c_fc"]}, None, False),
+    "all-linear with two modules' tensors missing": ({"target_modules": "all-linear"}, None, False),
+    "keys without base_model.model.": ({}, lambda t: _unprefixed(t, "base_model.model."), False),
+    "keys without base_model.model.transformer.": ({}, lambda t: _unprefixed(t, "base_model.model.transformer."),
+                                                   False),
+    "the same tensor under two names": ({}, lambda t: {**t, "transformer.h.0.attn.c_attn.lora_B.weight":
+                                                       t["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+                                                       + 1.0}, False),
+    "a targeted module's B missing": ({}, lambda t: {k: v for k, v in t.items() if "h.1.mlp.c_fc.lora_B" not in k},
+                                      False),
+    "a gaussian init": ({"init_lora_weights": "gaussian"}, None, True),
+    "a PiSSA init, which rewrites W on loading": ({"init_lora_weights": "pissa"}, None, False),
+    "an OLoRA init, which rewrites W on loading": ({"init_lora_weights": "olora"}, None, False),
+}
+
+
+REFUSAL_WORDS = {
+    "tensors of a module not targeted": ["not one target_modules adapts"],
+    "targets matching nothing": ["matches no module", "not found"],
+    "a regex matching only part of a name": ["matches no module"],
+    "a LayerNorm target": ["ln_1", "not supported"],
+    "an embedding target": ["transformer.wte"],
+    "all-linear with two modules' tensors missing": ["initial values"],
+    "keys without base_model.model.": ["PEFT loads 'base_model.model.transformer.h."],
+    "keys without base_model.model.transformer.": ["PEFT loads 'base_model.model.transformer.h."],
+    "the same tensor under two names": ["second name"],
+    "a targeted module's B missing": ["h.1.mlp.c_fc.lora_B", "initial values"],
+    "a PiSSA init, which rewrites W on loading": ["init_lora_weights", "'pissa'", "changes the base weights"],
+    "an OLoRA init, which rewrites W on loading": ["init_lora_weights", "'olora'"],
+}
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_minilora_reads_an_adapter_folder_as_peft_does_or_refuses(saved64, peft_saved, tmp_path, case):
+    """Either both load the folder and apply exactly the file's tensors (equal logits, float64, 1e-10), or
+    minilora refuses it in one ValueError where PEFT raises, loads nothing, ignores a tensor or keeps a
+    targeted module at its random init (PEFT's loaded LoRA tensors are not the file's)."""
+    from safetensors.numpy import save_file
+
+    _, path = saved64
+    src, ac, tensors = peft_saved
+    changes, edit, same = PEFT_CASES[case]
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({**ac, **changes}))
+    tensors = edit(dict(tensors)) if edit else tensors
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    try:
+        pm = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+        theirs = _peft_lora_state(pm)
+        kept = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in pm.state_dict().items()
+                if ".lora_" not in k}
+        # PEFT applies the file's tensors as they are, on the base weights as they were
+        peft_exact = (set(theirs) == set(tensors) and all(np.array_equal(theirs[k], tensors[k]) for k in tensors)
+                      and all(torch.equal(kept[k], weights[k]) for k in weights if k in kept))
+    except Exception:
+        pm, peft_exact = None, False
+    base_params, base_config, _ = hf.read_gpt2(path, dtype=np.float64)
+    if same:
+        params, config, _ = peft_io.read_peft(folder, base_params, base_config)
+        assert peft_exact, "PEFT did not load the file's tensors as they are"
+        ids = ids_for()
+        assert rel(our_logits(params, config, ids), torch_logits(pm, ids)) < RTOL64
+        assert rel(our_logits(params, config, ids), our_logits(base_params, base_config, ids)) > 1e-3  # it adapts
+    else:
+        with pytest.raises(ValueError) as e:
+            peft_io.read_peft(folder, base_params, base_config)
+        assert "\n" not in str(e.value) and "adapter:" in str(e.value)
+        for word in REFUSAL_WORDS.get(case, ()):
+            assert word in str(e.value), str(e.value)
+        assert not peft_exact, "minilora refused a folder PEFT applies exactly"
+
+
+def test_a_relative_base_path_is_read_from_the_adapter_folder_so_the_fingerprint_is_checked(
+        saved32, saved64, peft_saved, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    src, ac, _ = peft_saved
+    shutil.copytree(saved64[1], tmp_path / "base")
+    shutil.copytree(src, tmp_path / "base" / "adapter")  # PEFT wrote no fingerprint: the base path is the only clue
+    (tmp_path / "base" / "adapter" / "adapter_config.json").write_text(
+        json.dumps({**ac, "base_model_name_or_path": ".."}))
+    monkeypatch.chdir("/")  # run from elsewhere: ".." from here is not the base, from the adapter's folder it is
+    _refused(capsys, ["merge", str(saved32[1]), "--adapter", str(tmp_path / "base" / "adapter"), "--out",
+                      str(tmp_path / "m.npz")], tmp_path / "m.npz", ["fingerprint"])
+    assert cli.main(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "base" / "adapter"), "--out",
+                     str(tmp_path / "m.npz")]) == 0
+
+
+# ---- issue 33: every field's wrong type, deep nesting, sizes the file does not hold: one line, exit 2
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lora_alpha", "8"), ("lora_alpha", None), ("lora_alpha", float("nan")), ("r", "2"), ("r", 0), ("r", True),
+    ("use_rslora", "yes"), ("lora_dropout", "0.1"), ("lora_dropout", 1.5), ("target_modules", 5),
+    ("target_modules", ["c_attn", 3]), ("target_modules", "("), ("exclude_modules", 7), ("exclude_modules", "["),
+    ("alpha_pattern", {"c_attn": "8"}), ("alpha_pattern", "x"), ("rank_pattern", {"(": 2}), ("rank_pattern", [1, 2]),
+    ("rank_pattern", {"c_attn": 0}), ("rank_pattern", {"c_attn": 2.0}), ("base_model_name_or_path", 5),
+    ("fan_in_fan_out", "true"), ("inference_mode", 1), ("task_type", 3), ("use_dora", "false"), ("use_dora", 0),
+    ("modules_to_save", {"a": 1}), ("bias", False), ("layers_to_transform", 0), ("target_parameters", ["x"]),
+    ("peft_type", ["LORA"]), ("init_lora_weights", 1), ("init_lora_weights", "corda"),
+])
+def test_an_adapter_config_field_of_the_wrong_type_is_one_line_naming_it(saved64, peft_saved, tmp_path, capsys,
+                                                                          field, value):
+    src, ac, _ = peft_saved
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({**ac, field: value}))
+    (folder / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    err = _refused(capsys, ["merge", str(saved64[1]), "--adapter", str(folder), "--out", str(tmp_path / "m.npz")],
+                   tmp_path / "m.npz", ["--adapter:"])
+    assert f" {field}: " in err or f" {field}[" in err, err  # the field itself named, not only the file
+
+
+def _deep(n=100_000):
+    return '{"a": ' * n + "1" + "}" * n
+
+
+def test_json_nested_100000_deep_is_one_line(saved64, peft_saved, tmp_path, capsys):
+    folder = _folder_like(saved64[1], tmp_path / "deep")
+    (folder / "config.json").write_text(_deep())
+    _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
+             ["config.json", "nested too deeply"])
+    adapter = tmp_path / "deep-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(_deep())
+    (adapter / "adapter_model.safetensors").write_bytes((peft_saved[0] / "adapter_model.safetensors").read_bytes())
+    _refused(capsys, ["merge", str(saved64[1]), "--adapter", str(adapter), "--out", str(tmp_path / "m.npz")],
+             tmp_path / "m.npz", ["--adapter:", "adapter_config.json", "nested too deeply"])
+
+
+def test_a_huge_layer_count_is_compared_with_the_file_before_any_table_is_built(saved32, tmp_path, capsys,
+                                                                               monkeypatch):
+    folder = _folder_like(saved32[1], tmp_path / "huge", {"n_layer": 1_000_000_000})
+    real = hf.hf_to_minilora_names
+
+    def names(config):
+        assert config.n_layers <= L, "a name table was built for the layer count config.json claims"
+        return real(config)
+
+    monkeypatch.setattr(hf, "hf_to_minilora_names", names)
+    _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
+             ["n_layer", f"the {L} blocks", "got 1000000000"])
+
+
+@pytest.mark.parametrize("field, value", [("n_inner", 0), ("n_inner", "40"), ("n_inner", True), ("n_embd", "24"),
+                                          ("n_layer", 0), ("n_head", 2.5), ("vocab_size", None)])
+def test_gpt2_sizes_of_the_wrong_type_are_one_line_and_n_inner_0_is_not_4_n_embd(saved32, tmp_path, capsys, field,
+                                                                                 value):
+    folder = _folder_like(saved32[1], tmp_path / "bad", {field: value})
+    _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run", [field])
+
+
+def test_n_inner_null_is_four_n_embd_as_transformers_builds_it():
+    assert transformers.GPT2LMHeadModel(hf_config(n_inner=None)).transformer.h[0].mlp.c_fc.weight.shape == (C, 4 * C)
+    d = {**hf_config(n_inner=None).to_dict(), "model_type": "gpt2"}
+    assert hf.model_config_from_gpt2(d).d_ff == 4 * C
+    # n_inner 0: transformers builds an MLP of width 0; minilora refuses it rather than read 4 x n_embd
+    assert transformers.GPT2LMHeadModel(hf_config(n_inner=0)).transformer.h[0].mlp.c_fc.weight.shape == (C, 0)
+    with pytest.raises(ValueError, match="n_inner"):
+        hf.model_config_from_gpt2({**d, "n_inner": 0})
+
+
+def test_a_float64_model_is_imported_saying_its_weights_were_rounded(saved64, saved32, tmp_path, capsys):
+    capsys.readouterr()
+    assert cli.main(["import-hf", str(saved64[1]), "--out", str(tmp_path / "r64")]) == 0
+    assert "float64 weights rounded to float32" in capsys.readouterr().out
+    assert cli.main(["import-hf", str(saved32[1]), "--out", str(tmp_path / "r32")]) == 0
+    assert "rounded" not in capsys.readouterr().out
+
+
+def test_an_unreadable_weights_file_is_reported_as_unreadable(saved32, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    folder = _folder_like(saved32[1], tmp_path / "locked")
+
+    def locked_open(path, *args, **kwargs):  # what chmod 000 gives a user who is not root
+        if str(path).endswith("model.safetensors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "open", locked_open, raising=False)
+    err = _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run",
+                   ["model.safetensors", "cannot be read", "Permission denied"])
+    assert "No such file" not in err
+
+
+def test_finetune_adapter_continues_an_adapter_peft_saved_from_the_function_peft_computes(tmp_path, capsys):
+    """issue 27: `finetune --adapter` on a folder PEFT itself wrote (every B random, rank patterns from PEFT's own
+    c_attn and mlp.c_proj) starts at PEFT's function: with a learning rate of 1e-12 the run's adapter gives PEFT's
+    logits (float32, 1e-5); a folder on another base is refused."""
+    torch.manual_seed(6)
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(hf_config(n_positions=128)).save_pretrained(path)  # room for the task's records
+    base = transformers.AutoModelForCausalLM.from_pretrained(path)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn", "mlp.c_proj"],
+                                                   fan_in_fan_out=True, init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    out = tmp_path / "more"
+    assert cli.main(["finetune", "--checkpoint", str(path), "--adapter", str(tmp_path / "peft"), "--out", str(out),
+                     "--steps", "2", "--batch-size", "4", "--lr", "1e-12"]) == 0
+    params, config, _, _ = load_model(path, adapter=out / "adapter.npz")
+    assert config.lora.targets == ("q", "k", "v", "proj")
+    ids = ids_for()
+    assert rel(our_logits(params, config, ids), torch_logits(pm, ids)) < RTOL32
+    base_logits = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), ids)
+    assert rel(torch_logits(pm, ids), base_logits) > 1e-3  # the adapter changes the function: the check has teeth
+    torch.manual_seed(7)
+    transformers.GPT2LMHeadModel(hf_config(n_positions=128)).save_pretrained(tmp_path / "other")
+    _refused(capsys, ["finetune", "--checkpoint", str(tmp_path / "other"), "--adapter", str(tmp_path / "peft"),
+                      "--out", str(tmp_path / "no"), "--steps", "2", "--batch-size", "4"], tmp_path / "no",
+             ["--adapter:", "fingerprint"])
