@@ -1,0 +1,210 @@
+"""The memory plan: the peak bytes of one training step, predicted term by term before anything is built.
+
+One step (train.py) is loss_and_grads, then clipping and AdamW. Its peak comes in the backward, when
+everything below is held at once:
+
+    weights      every parameter as stored: float32, or for QLoRA's block linears their NF4 codes (one
+                 byte per two weights), int8 absmax codes (one per 64 weights) and float32 scales
+    gradients    one float32 per trainable weight (a frozen name never gets one)
+    optimizer    AdamW's two moments m, v: two float32 per trainable weight
+    activations  what the forward keeps for the backward (per block, by method, below)
+    transient    the buffers of the largest op beyond what it keeps: a block's backward (dq, dk, dv, the
+                 MLP's (N, F) gradients, one sequence's attention scores), QLoRA's one dequantized W,
+                 full fine-tuning's second (V, C) embedding gradient summed into the tied head's
+    logits       the LM head's (N, V) buffers: the logits, their shifted copy and its exponential or the
+                 gradient, LOGITS_BUFFERS of them, over at most model.LOSS_CHUNK_TOKENS tokens at a time
+                 when the model computes the loss in chunks
+
+What a block keeps (dimension legend: N = B T tokens, C channels, F = d_ff, NH heads, r LoRA's rank):
+
+    both LayerNorms            norm (N, C) and rstd (N,)
+    attention                  q, k, v (split into heads, views), P (B, NH, T, T), its output (N, C)
+                               (prefix tuning: q, the keys and values with the prefix before them,
+                               (B, T + P, C) each, P (B, NH, T, T + P), the output)
+    a linear's input x         only if its W trains (full) or an adapter reads it (LoRA's dA needs x);
+                               a frozen linear keeps none (model.forward's `trainable`)
+    LoRA                       x A^T (N, r) per adapter; q, k, v read one input: one (N, 3r) and A's (3r, C)
+    DoRA                       also the base output (N, out) and W A^T (out, r), A A^T (r, r), ||.|| (out,)
+    IA3                        k and v before their scaling (N, C) each, and proj's unscaled input (N, F)
+    GELU                       its input and tanh (N, F) each
+
+With activation checkpointing (model.loss_and_grads(checkpoint_activations=True)) the forward keeps
+only each block's input (N, C), and the backward recomputes one block at a time: the activations term
+is then L (N, C) plus one block's keeps.
+
+The counts are read off the ops' caches; tests/test_memplan.py walks the real caches (benchmarks/memory.py's
+cache_bytes) and measures steps with tracemalloc to hold the plan to them.
+"""
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import methods, model
+from .model import ModelConfig
+
+# GPT-2's four shapes (Radford et al. 2019, table 2): n_layer / n_embd / n_head, vocabulary 50257, 1024 positions.
+_SMALL = model.SIZES["gpt2-small"]
+SIZES = {
+    "gpt2-small": _SMALL,
+    "gpt2-medium": replace(_SMALL, n_layers=24, d_model=1024, n_heads=16, d_ff=4096),
+    "gpt2-large": replace(_SMALL, n_layers=36, d_model=1280, n_heads=20, d_ff=5120),
+    "gpt2-xl": replace(_SMALL, n_layers=48, d_model=1600, n_heads=25, d_ff=6400),
+}
+
+TERMS = ("weights", "gradients", "optimizer", "activations", "transient", "logits")
+LOGITS_BUFFERS = 3  # (N, V) arrays alive at once in the loss: logits, shifted logits, exp or dlogits
+DEQUANT_BYTES_PER_WEIGHT = 9  # nf4.dequantize_nf4: uint8 codes unpacked (1), the levels looked up (4), astype (4)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The predicted peak of one training step: terms name -> bytes (TERMS order) and what it was made for."""
+
+    terms: dict
+    method: str
+    batch: int
+    context: int
+    checkpoint_activations: bool
+    config: ModelConfig = field(repr=False)
+    trainable_params: int = 0
+    total_params: int = 0
+
+    @property
+    def total(self):
+        return int(sum(self.terms.values()))
+
+    def largest(self):
+        """The name of the largest term."""
+        return max(self.terms, key=self.terms.get)
+
+
+def _shapes_and_trainable(config, method, settings):
+    """(config with the method's settings, name -> (shape, bytes per element), trainable names)."""
+    m = methods.method(method)
+    cfg = config
+    if m.adapter_config is not None:
+        cfg = replace(cfg, lora=m.adapter_config(settings))
+    if m.model_settings is not None:
+        cfg = replace(cfg, **m.model_settings(settings))
+    stand_in = {}
+    if method == "prompt":  # expected_shapes reads a prompt's (P, C) from params
+        stand_in["prompt"] = np.empty((settings.n_prompt, config.d_model), np.float32)
+    shapes = methods.expected_shapes(cfg, stand_in)
+    sizes = {n: (s, 1 if methods.is_stored_code(n) else 4) for n, s in shapes.items()}
+    if method == "full":
+        trainable = set(shapes)
+    else:
+        trainable = {n for n in shapes if not methods.is_base_name(n)}
+    return cfg, sizes, trainable
+
+
+def _linear_kind(cfg, method, name):
+    """How the linear `name` (q, k, v, o, fc, proj) of a block computes: trained | adapter | ia3 | frozen."""
+    if method == "full":
+        return "trained"
+    settings = cfg.lora
+    if settings is None or name not in settings.targets:
+        return "frozen"
+    return "ia3" if settings.method == "ia3" else "adapter"
+
+
+def block_activations(cfg, method, B, T):
+    """Floats one block keeps for its backward (the module docstring's table), T positions per row."""
+    C, F, NH = cfg.d_model, cfg.d_ff, cfg.n_heads
+    N = B * T
+    kind = {n: _linear_kind(cfg, method, n) for n in ("q", "k", "v", "o", "fc", "proj")}
+    keeps_input = {n: k in ("trained", "adapter") for n, k in kind.items()}
+    out = {"q": C, "k": C, "v": C, "o": C, "fc": F, "proj": C}
+    n = 2 * (N * C + N)  # ln_1, ln_2: norm, rstd
+    if cfg.n_prefix:
+        P = cfg.n_prefix
+        n += 2 * N * C + 2 * B * (T + P) * C + B * NH * T * (T + P)
+    else:
+        n += 4 * N * C + B * NH * T * T  # q, k, v, the output, P
+    if any(keeps_input[x] for x in "qkv"):
+        n += N * C  # ln_1's output, the input of q, k, v
+    if keeps_input["fc"]:
+        n += N * C  # ln_2's output
+    n += 2 * N * F  # GELU's input and tanh
+    if keeps_input["proj"] or kind["proj"] == "ia3":
+        n += N * F  # GELU's output, proj's input
+    r = getattr(cfg.lora, "rank", 0)
+    adapted = [x for x in out if kind[x] == "adapter"]
+    shared = all(kind[x] == "adapter" for x in "qkv") and getattr(cfg.lora, "dropout", 0.0) == 0.0
+    for x in adapted:
+        n += N * r  # x A^T
+    if shared:
+        n += 3 * r * C  # [A_q; A_k; A_v]
+    if method == "dora":
+        for x in adapted:
+            n += N * out[x] + out[x] * r + out[x] + r * r
+    for x in ("k", "v"):
+        if kind[x] == "ia3":
+            n += N * C  # before the scaling
+    return n
+
+
+def block_transient(cfg, method, B, T):
+    """Floats of the largest op's own buffers in a block's backward (beyond what the caches keep)."""
+    C, F, NH = cfg.d_model, cfg.d_ff, cfg.n_heads
+    N = B * T
+    Tk = T + cfg.n_prefix
+    mlp = 2 * N * F + 3 * N * C  # dg, df and the (N, C) gradients around them
+    attention = 5 * N * C + NH * T * Tk + B * NH * T  # dy, dq, dk, dv, dx; one sequence's dS; D
+    return max(mlp, attention)
+
+
+def plan(config, method, batch, context, checkpoint_activations=False, dtype_bytes=4, settings=None):
+    """The predicted peak bytes of one training step (language modelling).
+
+    Inputs:
+    - config: the base ModelConfig (no adapters: the method's are added from settings)
+    - method: a name of methods.METHODS
+    - batch, context: B sequences of T tokens
+    - checkpoint_activations: keep only each block's input; recompute the block in the backward
+    - dtype_bytes: bytes of a float (4: float32)
+    - settings: a FinetuneConfig for the method's settings (rank, targets, n_prompt, n_prefix);
+      None: FinetuneConfig(method=method)'s defaults
+
+    Returns a Plan.
+    """
+    from .finetune import FinetuneConfig
+
+    for name, value in (("batch", batch), ("context", context)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if context > config.context_length:
+        raise ValueError(f"context: expected at most the model's context_length={config.context_length}, "
+                         f"got {context}")
+    settings = settings if settings is not None else FinetuneConfig(method=method)
+    cfg, sizes, trainable = _shapes_and_trainable(config, method, settings)
+    B, T, C, V, L = batch, context, config.d_model, config.vocab_size, config.n_layers
+    Tb = T + (settings.n_prompt if method == "prompt" else 0)  # positions the blocks see
+    f = dtype_bytes
+    weights = sum(math.prod(s) * (b if b == 1 else f) for s, b in sizes.values())
+    n_train = sum(math.prod(sizes[n][0]) for n in trainable)
+    block = block_activations(cfg, method, B, Tb)
+    if checkpoint_activations:
+        kept = L * B * Tb * C + block  # each block's input; one block recomputed at a time
+    else:
+        kept = L * block
+    head = B * Tb * (C + 1) + 2 * B * T  # ln_f's norm and rstd; the loss's lse and mask
+    if "wte" in trainable:
+        head += B * Tb * C  # h, the tied head's input (its dW needs it)
+    ints = 2 * B * T * 8  # the ids and targets the embedding and the loss keep (int64)
+    transient = block_transient(cfg, method, B, Tb) * f
+    if cfg.lora is not None and cfg.lora.base_pair == "nf4":
+        transient += DEQUANT_BYTES_PER_WEIGHT * max(math.prod(s) for n, (s, _) in sizes.items()
+                                                    if n.endswith(".nf4.codes")) * 2
+    if "wte" in trainable:
+        transient = max(transient, 2 * V * C * f)  # the embedding's dwte and its sum with the head's
+    chunk = getattr(model, "LOSS_CHUNK_TOKENS", None)
+    tokens = B * T if chunk is None else min(B * T, chunk)
+    terms = {"weights": int(weights), "gradients": int(n_train * f), "optimizer": int(2 * n_train * f),
+             "activations": int((kept + head) * f + ints), "transient": int(transient),
+             "logits": int(LOGITS_BUFFERS * tokens * V * f)}
+    total_params = sum(math.prod(s) * (2 if n.endswith(".nf4.codes") else 1) for n, (s, b) in sizes.items()
+                       if not (b == 1 and not n.endswith(".nf4.codes")))
+    return Plan(terms, method, B, T, bool(checkpoint_activations), cfg, int(n_train), int(total_params))
