@@ -147,16 +147,24 @@ def block_activations(cfg, method, B, T):
 
 
 def block_transient(cfg, method, B, T):
-    """Floats of the largest op's own buffers in a block's backward (beyond what the caches keep)."""
+    """Floats of the gradients alive in a block's backward beyond what the caches keep.
+
+    model.block_backward holds every gradient it makes until it returns (dg, df of the MLP (N, F);
+    dm, dx, dy, dq, dk, dv, da, ln_1's two (N, C)), beside the three (N, C) gradients its caller
+    holds (the head's dh, ln_f's dx, the incoming dx); inside the attention's backward one sequence's
+    dS (NH, T, T + P) and D (B, NH, T) are alive instead of the last four (N, C).
+    """
     C, F, NH = cfg.d_model, cfg.d_ff, cfg.n_heads
     N = B * T
     Tk = T + cfg.n_prefix
-    mlp = 2 * N * F + 3 * N * C  # dg, df and the (N, C) gradients around them
-    attention = 5 * N * C + NH * T * Tk + B * NH * T  # dy, dq, dk, dv, dx; one sequence's dS; D
-    return max(mlp, attention)
+    outer = 3 * N * C
+    end = 2 * N * F + 9 * N * C
+    attention = 2 * N * F + 7 * N * C + NH * T * Tk + B * NH * T
+    return outer + max(end, attention)
 
 
-def plan(config, method, batch, context, checkpoint_activations=False, dtype_bytes=4, settings=None):
+def plan(config, method, batch, context, checkpoint_activations=False, dtype_bytes=4, settings=None,
+         base_kept=False, classification=False):
     """The predicted peak bytes of one training step (language modelling).
 
     Inputs:
@@ -167,6 +175,10 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
     - dtype_bytes: bytes of a float (4: float32)
     - settings: a FinetuneConfig for the method's settings (rank, targets, n_prompt, n_prefix);
       None: FinetuneConfig(method=method)'s defaults
+    - base_kept: the float32 base weights stay held beside the method's own (finetune keeps them for the
+      score before training and the fingerprint): adds a term "base" for the base arrays the method does
+      not share (every one under full fine-tuning, which trains copies; QLoRA's quantized Ws)
+    - classification: a head on the last token, (B, K) logits, instead of the LM head (no logits term)
 
     Returns a Plan.
     """
@@ -202,9 +214,16 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
         transient = max(transient, 2 * V * C * f)  # the embedding's dwte and its sum with the head's
     chunk = getattr(model, "LOSS_CHUNK_TOKENS", None)
     tokens = B * T if chunk is None else min(B * T, chunk)
+    if classification:
+        tokens = 0
     terms = {"weights": int(weights), "gradients": int(n_train * f), "optimizer": int(2 * n_train * f),
              "activations": int((kept + head) * f + ints), "transient": int(transient),
              "logits": int(LOGITS_BUFFERS * tokens * V * f)}
+    if base_kept:
+        m = methods.method(method)
+        base = model.param_shapes(config)
+        unshared = base if method == "full" else (m.replaces(cfg) if m.replaces is not None else [])
+        terms["base"] = int(sum(math.prod(base[n]) for n in unshared) * f)
     total_params = sum(math.prod(s) * (2 if n.endswith(".nf4.codes") else 1) for n, (s, b) in sizes.items()
                        if not (b == 1 and not n.endswith(".nf4.codes")))
     return Plan(terms, method, B, T, bool(checkpoint_activations), cfg, int(n_train), int(total_params))
