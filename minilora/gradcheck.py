@@ -187,6 +187,12 @@ def _op_checks(rng, xp=np):
     mask = dev(mask)
     res += check_op("cross_entropy", lambda z: ops.cross_entropy_forward(z, targets, mask),
                     ops.cross_entropy_backward, {"logits": 2.0 * n((B, T, V))}, {"logits": 0}, rng)
+    # the tied LM head's chunked loss: B * T = 10 tokens in chunks of 4 (the last one partial), masked positions
+    for name, kwargs in (("tied_head_cross_entropy (chunked)", {"chunk_rows": 4}),
+                         ("tied_head_cross_entropy (one chunk)", {})):
+        res += check_op(name, lambda h, w, kw=kwargs: ops.tied_head_cross_entropy_forward(h, w, targets, mask, **kw),
+                        ops.tied_head_cross_entropy_backward, {"h": n((B, T, C)), "wte": n((V, C))},
+                        {"h": 0, "wte": 1}, rng)
     for m in methods.METHODS.values():  # each method's own op pairs (LoRA's linear, ...)
         if m.op_checks is not None:
             res += m.op_checks(rng, xp)

@@ -474,22 +474,27 @@ def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
 
 
 def _language_model(params, config, batch, trainable, rng, train):
-    """Next-token cross-entropy: logits = h @ wte.T (the head tied to the embedding)."""
+    """Next-token cross-entropy: logits = h @ wte.T (the head tied to the embedding).
+
+    The head and its loss run in chunks of tokens (ops.tied_head_cross_entropy_forward): the (B, T, V)
+    logits never exist at once, and the tied embedding's gradient is accumulated chunk by chunk.
+    """
     wte = params["wte"]
     xp = array_module(wte)
     h, cache = forward(params, config, batch["x"], rng, train, trainable)
-    logits, c_head = ops.linear_forward(h, wte, frozen="wte" not in trainable)  # (B, T, V)
     _check_ids_on_host("y", batch["y"], config.vocab_size)
     mask = batch.get("mask")
     if mask is not None and not hasattr(mask, "get") and not mask.sum() > 0:
         raise ValueError("mask: expected at least one counted position, got a mask of all zeros")
     y = to_device(batch["y"], xp)
     mask = None if mask is None else to_device(mask, xp)
-    loss, c_ce = ops.cross_entropy_forward(logits, y, mask)
+    loss, c_loss = ops.tied_head_cross_entropy_forward(h, wte, y, mask, input_grad=bool(trainable),
+                                                       param_grads="wte" in trainable)
+    del h  # ln_f's output: only the head read it
     grads = {}
     if trainable:
-        dlogits = ops.cross_entropy_backward(1.0, c_ce)
-        dh, dwte_head, _ = ops.linear_backward(dlogits, c_head, param_grads="wte" in trainable)
+        dh, dwte_head = ops.tied_head_cross_entropy_backward(1.0, c_loss)
+        del c_loss
         if "wte" in trainable:
             grads["wte"] = dwte_head  # the embedding's share is added in backward
         backward(dh, cache, params, grads, trainable)
