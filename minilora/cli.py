@@ -643,7 +643,8 @@ def build_parser():
 
     s = sub.add_parser("gradcheck", parents=[common],
                        help="check every backward against finite differences (float64)")
-    s.add_argument("--groups", nargs="+", choices=["ops", "model"], default=None, help="default: all")
+    s.add_argument("--groups", nargs="+", choices=["ops", "model", "checkpoint"], default=None,
+                   help="default: all (checkpoint: the model's backward under activation checkpointing)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=0)
     s.set_defaults(func=_cmd_gradcheck)
 

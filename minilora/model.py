@@ -346,7 +346,7 @@ def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
     return dx_ln1
 
 
-def forward(params, config, ids, rng=None, train=False, trainable=None):
+def forward(params, config, ids, rng=None, train=False, trainable=None, checkpoint_activations=False):
     """Token ids to final hidden states.
 
     Inputs:
@@ -359,6 +359,9 @@ def forward(params, config, ids, rng=None, train=False, trainable=None):
       (keep every activation). Given, a frozen linear's input is not kept in its
       cache (only its dW would read it): under LoRA or prompt tuning the MLP's
       inputs, the largest activations, are freed as soon as they are used.
+    - checkpoint_activations: keep only each block's input (B, T', C) and the
+      generator's state before it (BlockCheckpoint); the backward recomputes
+      the block's forward, the same masks drawn again, just before its backward
 
     Returns h (B, T, C), the hidden states of the real tokens after ln_f, and
     a cache. With a soft prompt (params["prompt"], (P, C)) the P prompt vectors
@@ -385,14 +388,53 @@ def forward(params, config, ids, rng=None, train=False, trainable=None):
     x, c_drop = ops.dropout_forward(x, config.dropout if train else 0.0, rng)
     c_blocks = []
     for i in range(config.n_layers):
-        x, c = block_forward(params, i, x, config, rng, train, trainable)
-        c_blocks.append(c)
+        if checkpoint_activations:
+            kept = BlockCheckpoint(x, _generator_state(rng), config, train, trainable)
+            x, _ = block_forward(params, i, x, config, rng, train, trainable)  # its cache is dropped here
+            c_blocks.append(kept)
+        else:
+            x, c = block_forward(params, i, x, config, rng, train, trainable)
+            c_blocks.append(c)
     h, c_lnf = ops.layer_norm_forward(x, params["ln_f.g"], params["ln_f.b"])
     return h[:, P:], (c_emb, c_drop, c_blocks, c_lnf, P, T)
 
 
-def backward(dh, cache, params, grads, trainable):
-    """Mirror of forward. dh (B, T, C) -> gradients added into grads (trainable names only)."""
+class BlockCheckpoint:
+    """What a checkpointed forward keeps of block i: its input x (B, T', C), the generator's state
+    before the block drew its dropout masks, and the settings of that call (config, train, trainable).
+    `recompute` runs the block's forward again and returns the cache block_forward returned then:
+    the same ops on the same input, the same masks drawn from the same state, so the same numbers."""
+
+    def __init__(self, x, rng_state, config, train, trainable):
+        self.x, self.rng_state, self.config, self.train, self.trainable = x, rng_state, config, train, trainable
+
+    def recompute(self, params, i):
+        rng = _generator_at(self.rng_state)
+        return block_forward(params, i, self.x, self.config, rng, self.train, self.trainable)[1]
+
+
+def _generator_state(rng):
+    """rng's state (a dict), from which _generator_at draws exactly what rng draws next; None for no rng."""
+    return None if rng is None else (type(rng.bit_generator), rng.bit_generator.state)
+
+
+def _generator_at(state):
+    """A new numpy Generator at a state _generator_state saved (None for None)."""
+    if state is None:
+        return None
+    kind, bit_state = state
+    bits = kind()
+    bits.state = bit_state
+    return np.random.Generator(bits)
+
+
+def backward(dh, cache, params, grads, trainable, free_cache=False):
+    """Mirror of forward. dh (B, T, C) -> gradients added into grads (trainable names only).
+
+    A block checkpointed by the forward (BlockCheckpoint) is recomputed right before its backward.
+    free_cache: drop each block's cache from `cache` as soon as its backward is done (the cache
+    cannot be used again then), so the step holds only the caches of the blocks still ahead.
+    """
     c_emb, c_drop, c_blocks, c_lnf, P, T = cache
     xp = array_module(dh)
     if P:
@@ -415,7 +457,15 @@ def backward(dh, cache, params, grads, trainable):
     dx = _ln_backward(dh, c_lnf, "ln_f", grads, trainable)
     for i in reversed(range(lowest, len(c_blocks))):
         input_grad = input_trained or i > lowest
-        dx = block_backward(dx, c_blocks[i], params, i, grads, trainable, input_grad)
+        c = c_blocks[i]
+        if isinstance(c, BlockCheckpoint):
+            c = c.recompute(params, i)  # block i's forward again, just for this backward
+        if free_cache:
+            c_blocks[i] = None
+        dx = block_backward(dx, c, params, i, grads, trainable, input_grad)
+        del c  # block i's activations (recomputed or kept) go here
+    if free_cache:
+        c_blocks[:lowest] = [None] * lowest  # blocks below the lowest trained one are never visited
     if not input_trained:
         return
     dx = ops.dropout_backward(dx, c_drop)
@@ -443,7 +493,7 @@ def _check_ids_on_host(name, ids, n):
         raise ValueError(f"{name}: expected ids in [0, {n}), got ids in [{int(ids.min())}, {int(ids.max())}]")
 
 
-def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
+def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False, checkpoint_activations=False):
     """The loss of a batch and the gradients of the trainable names: the one model call.
 
     The batch's keys pick the head:
@@ -457,6 +507,8 @@ def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
     - params, config: the parameters and the ModelConfig they came with
     - trainable: names to compute gradients for; empty gives the loss only
     - rng, train: dropout (see forward)
+    - checkpoint_activations: keep each block's input only and recompute the block in the backward
+      (see forward): less memory, one more forward of the blocks, the same gradients bit for bit
 
     Returns (loss, grads): loss a Python float (mean nats per counted token, or
     per example), grads a dict holding exactly the trainable names.
@@ -464,43 +516,48 @@ def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
     methods.check_trainable(params, trainable, config)
     trainable = set(trainable)
     if "labels" in batch:
-        loss, grads = _classifier(params, config, batch, trainable, rng, train)
+        loss, grads = _classifier(params, config, batch, trainable, rng, train, checkpoint_activations)
     elif "y" in batch:
-        loss, grads = _language_model(params, config, batch, trainable, rng, train)
+        loss, grads = _language_model(params, config, batch, trainable, rng, train, checkpoint_activations)
     else:
         raise ValueError(f"batch: expected keys x, y[, mask] (language modelling) or x, last, labels "
                          f"(classification), got {sorted(batch)}")
     return float(loss), grads
 
 
-def _language_model(params, config, batch, trainable, rng, train):
-    """Next-token cross-entropy: logits = h @ wte.T (the head tied to the embedding)."""
+def _language_model(params, config, batch, trainable, rng, train, checkpoint_activations=False):
+    """Next-token cross-entropy: logits = h @ wte.T (the head tied to the embedding).
+
+    The head and its loss run in chunks of tokens (ops.tied_head_cross_entropy_forward): the (B, T, V)
+    logits never exist at once, and the tied embedding's gradient is accumulated chunk by chunk.
+    """
     wte = params["wte"]
     xp = array_module(wte)
-    h, cache = forward(params, config, batch["x"], rng, train, trainable)
-    logits, c_head = ops.linear_forward(h, wte, frozen="wte" not in trainable)  # (B, T, V)
+    h, cache = forward(params, config, batch["x"], rng, train, trainable, checkpoint_activations)
     _check_ids_on_host("y", batch["y"], config.vocab_size)
     mask = batch.get("mask")
     if mask is not None and not hasattr(mask, "get") and not mask.sum() > 0:
         raise ValueError("mask: expected at least one counted position, got a mask of all zeros")
     y = to_device(batch["y"], xp)
     mask = None if mask is None else to_device(mask, xp)
-    loss, c_ce = ops.cross_entropy_forward(logits, y, mask)
+    loss, c_loss = ops.tied_head_cross_entropy_forward(h, wte, y, mask, input_grad=bool(trainable),
+                                                       param_grads="wte" in trainable)
+    del h  # ln_f's output: only the head read it
     grads = {}
     if trainable:
-        dlogits = ops.cross_entropy_backward(1.0, c_ce)
-        dh, dwte_head, _ = ops.linear_backward(dlogits, c_head, param_grads="wte" in trainable)
+        dh, dwte_head = ops.tied_head_cross_entropy_backward(1.0, c_loss)
+        del c_loss
         if "wte" in trainable:
             grads["wte"] = dwte_head  # the embedding's share is added in backward
-        backward(dh, cache, params, grads, trainable)
+        backward(dh, cache, params, grads, trainable, free_cache=True)
     return loss, grads
 
 
-def _classifier(params, config, batch, trainable, rng, train):
+def _classifier(params, config, batch, trainable, rng, train, checkpoint_activations=False):
     """logits = h[b, last[b]] @ cls.W.T + cls.b, cross-entropy against labels."""
     xp = array_module(params["wte"])
     logits, (h, cache, rows, last, c_head) = _class_head(params, config, batch["x"], batch["last"], rng, train,
-                                                                 trainable)
+                                                         trainable, checkpoint_activations)
     _check_ids_on_host("labels", batch["labels"], params["cls.W"].shape[0])
     loss, c_ce = ops.cross_entropy_forward(logits, to_device(batch["labels"], xp))
     grads = {}
@@ -509,14 +566,14 @@ def _classifier(params, config, batch, trainable, rng, train):
         dh_last = _linear_backward(dlogits, c_head, "cls", params, grads, trainable)
         dh = xp.zeros_like(h)
         dh[rows, last] = dh_last  # only the last token fed the head
-        backward(dh, cache, params, grads, trainable)
+        backward(dh, cache, params, grads, trainable, free_cache=True)
     return loss, grads
 
 
-def _class_head(params, config, x, last, rng, train, trainable=None):
+def _class_head(params, config, x, last, rng, train, trainable=None, checkpoint_activations=False):
     """The head on each row's last real token: logits (B, K) and what its backward needs."""
     xp = array_module(params["wte"])
-    h, cache = forward(params, config, x, rng, train, trainable)  # (B, T, C)
+    h, cache = forward(params, config, x, rng, train, trainable, checkpoint_activations)  # (B, T, C)
     last = to_device(last, xp)
     rows = xp.arange(h.shape[0])
     logits, c_head = _linear_forward(params, config, "cls", h[rows, last], rng, train)  # (B, K), plain

@@ -542,3 +542,108 @@ def cross_entropy_backward(dloss, cache):
     p[xp.arange(t.shape[0]), t] -= 1.0
     p *= (m / count * dloss)[:, None]
     return p.reshape(shape)
+
+
+LOSS_CHUNK_BYTES = 32 * 2**20  # bytes of logits one chunk of the LM head's loss holds (one (rows, V) buffer)
+
+
+def loss_chunk_rows(V, itemsize, budget=None):
+    """Rows (tokens) per chunk of tied_head_cross_entropy: as many V-wide rows of logits as fit
+    budget bytes (LOSS_CHUNK_BYTES unless given), at least one."""
+    budget = LOSS_CHUNK_BYTES if budget is None else budget
+    return max(1, int(budget) // (int(V) * int(itemsize)))
+
+
+def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True, param_grads=True,
+                                    chunk_rows=None):
+    """The LM head and its loss, logits = h @ wte.T, in chunks of rows: the (N, V) logits never exist at once.
+
+    The same loss as linear_forward(h, wte) then cross_entropy_forward:
+        loss = -sum_i m_i log softmax(h_i @ wte.T)[targets_i] / sum_i m_i
+    computed chunk_rows tokens at a time in one reused (chunk_rows, V) buffer. The gradients are formed
+    in the same pass, while a chunk's logits exist (a fused loss, as CS231n's softmax_loss returns
+    (loss, dx)); the backward only scales them by dloss. Per chunk c of rows:
+        dz_c = m_c (softmax(z_c) - onehot(t_c)) / sum(m)      (rows, V), in the logits' buffer
+        dh_c = dz_c @ wte                                     (rows, C)
+        dwte += dz_c^T h_c                                    (V, C), accumulated chunk by chunk
+
+    Inputs:
+    - h: (N..., C) hidden states; wte: (V, C) the tied embedding
+    - targets: (N...) integer ids in [0, V); mask: (N...) of 0/1, or None to count every position
+    - input_grad, param_grads: form dh, dwte (False: that gradient is never computed; both False: the loss only)
+    - chunk_rows: tokens per chunk (loss_chunk_rows(V, itemsize) unless given)
+
+    Returns loss (0-d array, h's dtype) and a cache for tied_head_cross_entropy_backward.
+    """
+    xp = array_module(h)
+    _check_float("h", h)
+    _check_float("wte", wte, like=h)
+    C = h.shape[-1]
+    if wte.ndim != 2 or wte.shape[1] != C:
+        _fail("wte", f"shape (V, {C}) to match h's last axis", f"shape {tuple(wte.shape)}")
+    V = wte.shape[0]
+    if tuple(targets.shape) != tuple(h.shape[:-1]):
+        _fail("targets", f"shape {tuple(h.shape[:-1])} (h without its last axis)", f"shape {tuple(targets.shape)}")
+    if getattr(targets.dtype, "kind", None) not in ("i", "u"):
+        _fail("targets", "an integer array", targets.dtype)
+    on_host = not is_device(xp)  # checks that reduce run on host arrays only (no device -> host copy)
+    if on_host and targets.size and (int(targets.min()) < 0 or int(targets.max()) >= V):
+        _fail("targets", f"ids in [0, {V})", f"ids in [{int(targets.min())}, {int(targets.max())}]")
+    if mask is not None and tuple(mask.shape) != tuple(targets.shape):
+        _fail("mask", f"shape {tuple(targets.shape)} (the shape of targets)", f"shape {tuple(mask.shape)}")
+    rows = loss_chunk_rows(V, h.itemsize) if chunk_rows is None else chunk_rows
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        _fail("chunk_rows", "a positive integer", chunk_rows)
+    hf = h.reshape(-1, C)  # (N, C)
+    t = targets.reshape(-1)  # (N,)
+    N = t.shape[0]
+    m = xp.ones(N, dtype=h.dtype) if mask is None else mask.reshape(-1).astype(h.dtype)
+    count = m.sum()  # 0-d, stays on the device
+    if on_host and float(count) <= 0:
+        _fail("mask", "at least one counted position", "a mask of all zeros")
+    weight = m / count  # (N,), each row's share of the mean: m_i / sum(m)
+    loss = xp.zeros((), dtype=h.dtype)
+    dh = xp.empty_like(hf) if input_grad else None
+    dwte = scratch = None
+    z = xp.empty((min(rows, N), V), dtype=h.dtype)  # one chunk's logits, reused by every chunk
+    for r0 in range(0, N, rows):
+        r1 = min(r0 + rows, N)
+        zc, hc, tc = z[:r1 - r0], hf[r0:r1], t[r0:r1]
+        xp.matmul(hc, wte.T, out=zc)  # logits, (rows, V)
+        # log softmax(z)[t] = zs[t] - log sum exp(zs), with zs = z - max(z) (stable)
+        zc -= zc.max(axis=-1, keepdims=True)
+        picked = zc[xp.arange(r1 - r0), tc]  # zs at the targets, (rows,)
+        xp.exp(zc, out=zc)
+        sums = zc.sum(axis=-1)  # (rows,)
+        nll = xp.log(sums)
+        nll -= picked  # -log p(target) = lse - zs[t]
+        loss += (nll * m[r0:r1]).sum()
+        if not (input_grad or param_grads):
+            continue
+        # dz = m_i (softmax - onehot(t_i)) / sum(m), written over the chunk's logits
+        zc /= sums[:, None]
+        zc[xp.arange(r1 - r0), tc] -= 1.0
+        zc *= weight[r0:r1, None]
+        if input_grad:
+            # in the forward pass this was: z = h @ wte.T, so dh = dz @ wte
+            xp.matmul(zc, wte, out=dh[r0:r1])
+        if param_grads:
+            # and dwte = dz^T h, summed over the chunks (the first writes it, the rest add into it)
+            if dwte is None:
+                dwte = zc.T @ hc  # (V, C)
+            else:
+                scratch = xp.matmul(zc.T, hc, out=scratch)
+                dwte += scratch
+    loss /= count
+    return loss, (dh, dwte, h.shape)
+
+
+def tied_head_cross_entropy_backward(dloss, cache):
+    """Returns (dh (N..., C), dwte (V, C)): the gradients the forward formed, times dloss (None where the
+    forward formed none). dloss = 1.0, the training step's, returns them as they are (no copy)."""
+    dh, dwte, shape = cache
+    if dh is not None:
+        dh = dh.reshape(shape)
+    if isinstance(dloss, float) and dloss == 1.0:
+        return dh, dwte
+    return (None if dh is None else dh * dloss), (None if dwte is None else dwte * dloss)
