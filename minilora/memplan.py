@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import methods, model
+from . import methods, model, ops
 from .model import ModelConfig
 
 # GPT-2's four shapes (Radford et al. 2019, table 2): n_layer / n_embd / n_head, vocabulary 50257, 1024 positions.
@@ -70,6 +70,8 @@ class Plan:
     config: ModelConfig = field(repr=False)
     trainable_params: int = 0
     total_params: int = 0
+    phase: str = ""  # when the peak falls (peak_phases' names)
+    phases: dict = field(default_factory=dict, repr=False)  # phase -> total bytes then
 
     @property
     def total(self):
@@ -146,21 +148,39 @@ def block_activations(cfg, method, B, T):
     return n
 
 
+def block_forward_extra(cfg, method, B, T):
+    """Floats alive at the end of a block's forward beyond its cache: the locals of model.block_forward
+    that the cache does not hold (o, the new residual x, r; and a, m, g, or prefix tuning's k and v, where
+    no cache keeps them), alive until the call returns."""
+    C, F = cfg.d_model, cfg.d_ff
+    N = B * T
+    kind = {n: _linear_kind(cfg, method, n) for n in ("q", "k", "v", "fc", "proj")}
+    keeps = {n: k in ("trained", "adapter") for n, k in kind.items()}
+    n = 3 * N * C
+    if not any(keeps[x] for x in "qkv"):
+        n += N * C
+    if cfg.n_prefix:
+        n += 2 * N * C
+    if not keeps["fc"]:
+        n += N * C
+    if not (keeps["proj"] or kind["proj"] == "ia3"):
+        n += N * F
+    return n
+
+
 def block_transient(cfg, method, B, T):
     """Floats of the gradients alive in a block's backward beyond what the caches keep.
 
     model.block_backward holds every gradient it makes until it returns (dg, df of the MLP (N, F);
-    dm, dx, dy, dq, dk, dv, da, ln_1's two (N, C)), beside the three (N, C) gradients its caller
-    holds (the head's dh, ln_f's dx, the incoming dx); inside the attention's backward one sequence's
+    dm, dx, dy, dq, dk, dv, da, ln_1's two (N, C)); inside the attention's backward one sequence's
     dS (NH, T, T + P) and D (B, NH, T) are alive instead of the last four (N, C).
     """
     C, F, NH = cfg.d_model, cfg.d_ff, cfg.n_heads
     N = B * T
     Tk = T + cfg.n_prefix
-    outer = 3 * N * C
     end = 2 * N * F + 9 * N * C
     attention = 2 * N * F + 7 * N * C + NH * T * Tk + B * NH * T
-    return outer + max(end, attention)
+    return max(end, attention)
 
 
 def plan(config, method, batch, context, checkpoint_activations=False, dtype_bytes=4, settings=None,
@@ -180,7 +200,8 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
       not share (every one under full fine-tuning, which trains copies; QLoRA's quantized Ws)
     - classification: a head on the last token, (B, K) logits, instead of the LM head (no logits term)
 
-    Returns a Plan.
+    Returns a Plan whose terms are what is held at the step's peak (their sum is the peak), and whose
+    phases give the total at each candidate moment (see peak_phases).
     """
     from .finetune import FinetuneConfig
 
@@ -192,38 +213,80 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
                          f"got {context}")
     settings = settings if settings is not None else FinetuneConfig(method=method)
     cfg, sizes, trainable = _shapes_and_trainable(config, method, settings)
-    B, T, C, V, L = batch, context, config.d_model, config.vocab_size, config.n_layers
-    Tb = T + (settings.n_prompt if method == "prompt" else 0)  # positions the blocks see
     f = dtype_bytes
-    weights = sum(math.prod(s) * (b if b == 1 else f) for s, b in sizes.values())
-    n_train = sum(math.prod(sizes[n][0]) for n in trainable)
-    block = block_activations(cfg, method, B, Tb)
-    if checkpoint_activations:
-        kept = L * B * Tb * C + block  # each block's input; one block recomputed at a time
-    else:
-        kept = L * block
-    head = B * Tb * (C + 1) + 2 * B * T  # ln_f's norm and rstd; the loss's lse and mask
-    if "wte" in trainable:
-        head += B * Tb * C  # h, the tied head's input (its dW needs it)
-    ints = 2 * B * T * 8  # the ids and targets the embedding and the loss keep (int64)
-    transient = block_transient(cfg, method, B, Tb) * f
-    if cfg.lora is not None and cfg.lora.base_pair == "nf4":
-        transient += DEQUANT_BYTES_PER_WEIGHT * max(math.prod(s) for n, (s, _) in sizes.items()
-                                                    if n.endswith(".nf4.codes")) * 2
-    if "wte" in trainable:
-        transient = max(transient, 2 * V * C * f)  # the embedding's dwte and its sum with the head's
-    chunk = getattr(model, "LOSS_CHUNK_TOKENS", None)
-    tokens = B * T if chunk is None else min(B * T, chunk)
-    if classification:
-        tokens = 0
-    terms = {"weights": int(weights), "gradients": int(n_train * f), "optimizer": int(2 * n_train * f),
-             "activations": int((kept + head) * f + ints), "transient": int(transient),
-             "logits": int(LOGITS_BUFFERS * tokens * V * f)}
+    held = {"weights": sum(math.prod(s) * (b if b == 1 else f) for s, b in sizes.values()),
+            "optimizer": 2 * f * sum(math.prod(sizes[n][0]) for n in trainable)}
     if base_kept:
         m = methods.method(method)
         base = model.param_shapes(config)
         unshared = base if method == "full" else (m.replaces(cfg) if m.replaces is not None else [])
-        terms["base"] = int(sum(math.prod(base[n]) for n in unshared) * f)
-    total_params = sum(math.prod(s) * (2 if n.endswith(".nf4.codes") else 1) for n, (s, b) in sizes.items()
-                       if not (b == 1 and not n.endswith(".nf4.codes")))
-    return Plan(terms, method, B, T, bool(checkpoint_activations), cfg, int(n_train), int(total_params))
+        held["base"] = sum(math.prod(base[n]) for n in unshared) * f
+    phases = peak_phases(cfg, method, sizes, trainable, batch, context, checkpoint_activations, f, settings,
+                         classification)
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    at_peak = phases[phase]
+    terms = {"weights": held["weights"], "gradients": at_peak["gradients"], "optimizer": held["optimizer"],
+             "activations": at_peak["activations"], "transient": at_peak["transient"],
+             "logits": at_peak["logits"]}
+    if "base" in held:
+        terms["base"] = held["base"]
+    totals = {k: int(sum(v.values()) + sum(held.values())) for k, v in phases.items()}
+    n_train = sum(math.prod(sizes[n][0]) for n in trainable)
+    n_all = sum(math.prod(s) * (2 if n.endswith(".nf4.codes") else 1) for n, (s, b) in sizes.items() if b == 4
+                or n.endswith(".nf4.codes"))
+    return Plan({k: int(v) for k, v in terms.items()}, method, batch, context, bool(checkpoint_activations), cfg,
+                int(n_train), int(n_all), phase, totals)
+
+
+def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, settings, classification=False):
+    """Bytes held beside the weights and moments at each moment a step's peak can fall on:
+
+    - "head": the end of the forward: every block's cache, the loss's chunk of logits (rows, V) in
+      ops.tied_head_cross_entropy_forward, dh (N, C) and, when wte trains, dwte and its scratch (V, C)
+    - "top block" / "bottom block": the backward of block L-1 (every cache still held, few gradients)
+      and of block 0 (its cache only, every block's gradients formed): model.backward frees each
+      block's cache once used, so in between the sum moves linearly from one to the other
+    - "embedding": wte's share from the embedding (V, C) and its sum with the head's (when wte trains)
+    - "update": every gradient and AdamW's temporaries (three arrays of the largest trainable)
+
+    Returns {phase: {"gradients", "activations", "transient", "logits": bytes}}.
+    """
+    C, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    Tb = T + (settings.n_prompt if method == "prompt" else 0)  # positions the blocks see
+    N, Nb = B * T, B * Tb
+    block = block_activations(cfg, method, B, Tb)
+    kept = (lambda i: i * Nb * C + block) if checkpoint_activations else (lambda i: (i + 1) * block)
+    fixed = Nb * (C + 1) + 2 * N * 2  # ln_f's norm and rstd; the ids and targets (int64) the caches hold
+    grad = {n: math.prod(sizes[n][0]) for n in trainable}
+    in_block = [sum(g for n, g in grad.items() if n.startswith(f"h.{i}.")) for i in range(L)]
+    head_grads = sum(g for n, g in grad.items() if not n.startswith("h.") and n not in ("wte", "wpe", "prompt"))
+    wte = "wte" in trainable
+    rows = ops.loss_chunk_rows(V, f)
+    chunk = 0 if classification else min(rows, N) * V
+    outer = 2 * Nb * C + (Nb * C if method == "prompt" else 0)  # dh, the incoming dx (and dh with the prompt)
+    transient = block_transient(cfg, method, B, Tb)
+    if cfg.lora is not None and cfg.lora.base_pair == "nf4":  # one layer's W dequantized (forward and backward)
+        transient += DEQUANT_BYTES_PER_WEIGHT / f * max(
+            2 * math.prod(s) for n, (s, _) in sizes.items() if n.endswith(".nf4.codes"))
+    phases = {}
+    phases["head"] = {"gradients": 0, "activations": kept(L - 1) + fixed + Nb * C,
+                      "transient": N * C + (2 * V * C if wte and N > rows else V * C if wte else 0),
+                      "logits": chunk}
+    # the forward, at the end of block L-1: the caches before it, its own and its locals (block_forward_extra);
+    # checkpointed, every block's input and, until block L-1's call returns, block L-2's cache too
+    # (model.forward's `x, _ = block_forward(...)` holds it)
+    extra = block_forward_extra(cfg, method, B, Tb)
+    before = (L * Nb * C + (block if L > 1 else 0)) if checkpoint_activations else (L - 1) * block
+    phases["forward"] = {"gradients": 0, "activations": before + block, "transient": extra, "logits": 0}
+    if checkpoint_activations:
+        phases["head"]["activations"] = L * Nb * C + fixed + Nb * C
+    for name, i in (("top block", L - 1), ("bottom block", 0)):
+        phases[name] = {"gradients": (V * C if wte else 0) + head_grads + sum(in_block[i:]),
+                        "activations": kept(i) + fixed, "transient": outer + transient, "logits": 0}
+    all_grads = sum(grad.values())
+    if wte:
+        phases["embedding"] = {"gradients": all_grads, "activations": fixed, "transient": 2 * V * C + 2 * Nb * C,
+                               "logits": 0}
+    phases["update"] = {"gradients": all_grads, "activations": 0,
+                        "transient": 3 * max(grad.values(), default=0), "logits": 0}
+    return {k: {t: int(b * f) for t, b in v.items()} for k, v in phases.items()}
