@@ -136,7 +136,7 @@ def blas_threads():
 
 
 def main():
-    from minilora.memfit import refusal_line
+    from minilora.memfit import fitting_options, refusal_line
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=",".join(SIZES))
@@ -161,7 +161,12 @@ def main():
                 avail = available_bytes()
                 cell["available_at_start"] = avail
                 if p.total > limit:
-                    cell["refused"] = refusal_line(p, limit, "the machine's memory less headroom")
+                    def total_of(b, m, ck, size=size):
+                        return memplan.plan(memplan.SIZES[size], m, b, args.context, ck).total
+
+                    options = fitting_options(total_of, args.batch, method, ckpt, limit)
+                    cell["refused"] = refusal_line(p, limit, f"of {args.limit_gib:g} GiB less "
+                                                   f"{args.headroom_gib:g} GiB headroom", options)
                 elif avail is not None and p.total > avail - int(args.headroom_gib * GIB):
                     cell["not_run"] = (f"plan {p.total / GIB:.2f} GiB fits {args.limit_gib:g} GiB but only "
                                        f"{avail / GIB:.2f} GiB were available (the machine is shared)")

@@ -3,9 +3,9 @@
     available_memory(xp)         bytes free to this process: Linux MemAvailable, or the GPU's free memory
                                  (and the CuPy pool's free blocks) under CuPy; MINILORA_MEMORY_LIMIT overrides
     parse_size("50MB")           bytes of a size written with a unit (B, KB, MB, GB, KiB, MiB, GiB)
-    fitting_options(...)         the changes, each checked by memplan.plan, that bring a step under a limit
+    fitting_options(...)         the changes, each checked by the plan, that bring a step under a limit
     refusal_line(plan, limit)    why it does not fit: the total, the largest term, the options that fit
-    check_fits(...)              raise MemoryPlanError (a ValueError: exit 2 in the CLI) with that line
+    check_fits(plan, total_of)   raise MemoryPlanError (a ValueError: exit 2 in the CLI) with that line
 
 finetune calls check_fits before it sets up the method (full fine-tuning's copy of the weights, QLoRA's
 quantization) or writes anything, so a run that cannot fit ends at once, in one line.
@@ -15,7 +15,7 @@ import inspect
 import os
 import re
 
-from . import memplan, model
+from . import model
 
 LIMIT_ENV = "MINILORA_MEMORY_LIMIT"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -49,9 +49,9 @@ def available_memory(xp=None, limit=None):
     machine has free (the GPU's free memory plus the CuPy pool's free blocks under CuPy, Linux's
     MemAvailable on the host). (None, where) when it cannot be read."""
     if limit is not None:
-        return parse_size(limit), "the --memory-limit"
+        return parse_size(limit), "set by --memory-limit"
     if os.environ.get(LIMIT_ENV):
-        return parse_size(os.environ[LIMIT_ENV], LIMIT_ENV), LIMIT_ENV
+        return parse_size(os.environ[LIMIT_ENV], LIMIT_ENV), f"set by {LIMIT_ENV}"
     if xp is not None and getattr(xp, "__name__", "") == "cupy":
         free, _ = xp.cuda.runtime.memGetInfo()
         return int(free + xp.get_default_memory_pool().free_bytes()), "free on the GPU"
@@ -65,31 +65,30 @@ def available_memory(xp=None, limit=None):
     return None, "unknown"
 
 
-def fitting_options(config, method, batch, context, limit, checkpoint_activations=False, settings=None,
-                    **plan_options):
-    """The options (CLI flags) that would bring one step under limit bytes, each checked by memplan.plan:
-    the largest smaller batch, activation checkpointing, LoRA, QLoRA (each with checkpointing if only
-    that makes it fit)."""
-    from dataclasses import replace
+def fitting_options(total_of, batch, method, checkpoint_activations, limit):
+    """The options (CLI flags) that would bring one step under limit bytes, each checked by the plan:
+    the largest smaller batch, activation checkpointing, LoRA, QLoRA (each with checkpointing where only
+    that makes it fit).
 
-    def fits(m, b, ckpt):
-        s = settings if settings is None or m == method else replace(settings, method=m)
-        return memplan.plan(config, m, b, context, ckpt, settings=s, **plan_options).total <= limit
+    total_of(batch, method, checkpoint_activations) -> the plan's total bytes for that change.
+    """
+    def fits(b, m, ckpt):
+        return total_of(b, m, ckpt) <= limit
 
-    ckpt_options = (False, True) if checkpointing_available() else (checkpoint_activations,)
+    can_checkpoint = checkpointing_available()
     options = []
-    smaller = [b for b in range(batch - 1, 0, -1) if fits(method, b, checkpoint_activations)]
-    if smaller:
-        options.append(f"--batch-size {smaller[0]}")
-    if not checkpoint_activations and True in ckpt_options and fits(method, batch, True):
+    smaller = next((b for b in range(batch - 1, 0, -1) if fits(b, method, checkpoint_activations)), None)
+    if smaller is not None:
+        options.append(f"--batch-size {smaller}")
+    if can_checkpoint and not checkpoint_activations and fits(batch, method, True):
         options.append("--checkpoint-activations")
     for m in ("lora", "qlora"):
         if m == method:
             continue
-        for ckpt in sorted(set(ckpt_options) | {checkpoint_activations}):
-            if fits(m, batch, ckpt):
-                options.append(f"--method {m}" + (" --checkpoint-activations" if ckpt else ""))
-                break
+        if fits(batch, m, checkpoint_activations):
+            options.append(f"--method {m}")
+        elif can_checkpoint and not checkpoint_activations and fits(batch, m, True):
+            options.append(f"--method {m} --checkpoint-activations")
     return options
 
 
@@ -106,16 +105,14 @@ def refusal_line(plan, limit, where, options=None):
     return line
 
 
-def check_fits(config, method, batch, context, xp=None, limit=None, checkpoint_activations=False, settings=None,
-               **plan_options):
-    """The plan of one step; MemoryPlanError (one line, refusal_line) when it exceeds the memory available.
+def check_fits(plan, total_of, xp=None, limit=None):
+    """MemoryPlanError (one line, refusal_line) when plan's total exceeds the memory available.
 
-    Returns (plan, available bytes or None).
+    total_of(batch, method, checkpoint_activations): the plan's total under a change (fitting_options).
+    Returns the bytes available (None when unknown: then nothing is refused).
     """
-    plan = memplan.plan(config, method, batch, context, checkpoint_activations, settings=settings, **plan_options)
     available, where = available_memory(xp, limit)
     if available is not None and plan.total > available:
-        options = fitting_options(config, method, batch, context, available, checkpoint_activations, settings,
-                                  **plan_options)
+        options = fitting_options(total_of, plan.batch, plan.method, plan.checkpoint_activations, available)
         raise MemoryPlanError(refusal_line(plan, available, where, options))
-    return plan, available
+    return available

@@ -232,8 +232,9 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
         terms["base"] = held["base"]
     totals = {k: int(sum(v.values()) + sum(held.values())) for k, v in phases.items()}
     n_train = sum(math.prod(sizes[n][0]) for n in trainable)
-    n_all = sum(math.prod(s) * (2 if n.endswith(".nf4.codes") else 1) for n, (s, b) in sizes.items() if b == 4
-                or n.endswith(".nf4.codes"))
+    # every weight once: an NF4 record counts as the out * in weights its codes hold (two a byte)
+    n_all = sum(2 * math.prod(s) if n.endswith(".nf4.codes") else math.prod(s) for n, (s, _) in sizes.items()
+                if ".nf4." not in n or n.endswith(".nf4.codes"))
     return Plan({k: int(v) for k, v in terms.items()}, method, batch, context, bool(checkpoint_activations), cfg,
                 int(n_train), int(n_all), phase, totals)
 
