@@ -360,7 +360,8 @@ def _cmd_finetune(args):
     _check_checkpointing(config.checkpoint_activations)
     # the memory plan of one step, before the method is set up (full fine-tuning's copy, QLoRA's
     # quantization) or anything is written: a run that cannot fit is refused here, in one line
-    check_memory(model_config, tokenizer, config, data, _xp(args), args.memory_limit)
+    check_memory(model_config, tokenizer, config, data, _xp(args), args.memory_limit,
+                 already_held=sum(int(a.nbytes) for a in params.values()))
     if resume is not None:
         with _named("--resume"):
             check_resume(resume, config.train, run_meta(params, model_config, tokenizer, config, data[2]))

@@ -180,10 +180,11 @@ def memory_plan(model_config, tokenizer, config, data):
                 classification=config.is_classification)
 
 
-def check_memory(model_config, tokenizer, config, data, xp=None, limit=None):
+def check_memory(model_config, tokenizer, config, data, xp=None, limit=None, already_held=0):
     """memory_plan against the memory available (memfit.available_memory; limit: a size such as "50MB"):
     MemoryPlanError (a ValueError, one line naming the largest term and the options that would fit, each
-    checked by the plan) when it does not fit. Returns the plan."""
+    checked by the plan) when it does not fit. already_held: bytes of the base weights already loaded (the
+    plan counts them; the machine's free memory no longer does). Returns the plan."""
     from .memfit import check_fits
 
     def total_of(batch, method, checkpoint_activations):
@@ -192,7 +193,7 @@ def check_memory(model_config, tokenizer, config, data, xp=None, limit=None):
         return memory_plan(model_config, tokenizer, c, data).total
 
     p = memory_plan(model_config, tokenizer, config, data)
-    check_fits(p, total_of, xp, limit)
+    check_fits(p, total_of, xp, limit, already_held)
     return p
 
 

@@ -44,22 +44,23 @@ def format_bytes(n):
     return f"{n / 2**20:.2f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
-def available_memory(xp=None, limit=None):
+def available_memory(xp=None, limit=None, already_held=0):
     """(bytes, where) this process may use: the limit given, else MINILORA_MEMORY_LIMIT, else what the
     machine has free (the GPU's free memory plus the CuPy pool's free blocks under CuPy, Linux's
-    MemAvailable on the host). (None, where) when it cannot be read."""
+    MemAvailable on the host) plus already_held, the bytes of arrays the plan counts that are already
+    loaded (finetune's base weights). (None, where) when it cannot be read."""
     if limit is not None:
         return parse_size(limit), "set by --memory-limit"
     if os.environ.get(LIMIT_ENV):
         return parse_size(os.environ[LIMIT_ENV], LIMIT_ENV), f"set by {LIMIT_ENV}"
     if xp is not None and getattr(xp, "__name__", "") == "cupy":
         free, _ = xp.cuda.runtime.memGetInfo()
-        return int(free + xp.get_default_memory_pool().free_bytes()), "free on the GPU"
+        return int(free + xp.get_default_memory_pool().free_bytes() + already_held), "free on the GPU"
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available (MemAvailable)"
+                    return int(line.split()[1]) * 1024 + already_held, "available (MemAvailable)"
     except OSError:
         pass
     return None, "unknown"
@@ -105,13 +106,13 @@ def refusal_line(plan, limit, where, options=None):
     return line
 
 
-def check_fits(plan, total_of, xp=None, limit=None):
+def check_fits(plan, total_of, xp=None, limit=None, already_held=0):
     """MemoryPlanError (one line, refusal_line) when plan's total exceeds the memory available.
 
     total_of(batch, method, checkpoint_activations): the plan's total under a change (fitting_options).
     Returns the bytes available (None when unknown: then nothing is refused).
     """
-    available, where = available_memory(xp, limit)
+    available, where = available_memory(xp, limit, already_held)
     if available is not None and plan.total > available:
         options = fitting_options(total_of, plan.batch, plan.method, plan.checkpoint_activations, available)
         raise MemoryPlanError(refusal_line(plan, available, where, options))

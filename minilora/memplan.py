@@ -72,6 +72,7 @@ class Plan:
     total_params: int = 0
     phase: str = ""  # when the peak falls (peak_phases' names)
     phases: dict = field(default_factory=dict, repr=False)  # phase -> total bytes then
+    forward_cache: int = 0  # bytes of the cache model.forward returns (forward_cache_floats)
 
     @property
     def total(self):
@@ -149,9 +150,9 @@ def block_activations(cfg, method, B, T):
 
 
 def block_forward_extra(cfg, method, B, T):
-    """Floats alive at the end of a block's forward beyond its cache: the locals of model.block_forward
-    that the cache does not hold (o, the new residual x, r; and a, m, g, or prefix tuning's k and v, where
-    no cache keeps them), alive until the call returns."""
+    """Floats alive at the end of a block's forward (its last product, proj's) beyond its cache: the locals
+    of model.block_forward that the cache does not hold (o, the new residual x, r; and a, m, g, or prefix
+    tuning's k and v, where no cache keeps them), alive until the call returns."""
     C, F = cfg.d_model, cfg.d_ff
     N = B * T
     kind = {n: _linear_kind(cfg, method, n) for n in ("q", "k", "v", "fc", "proj")}
@@ -165,6 +166,8 @@ def block_forward_extra(cfg, method, B, T):
         n += N * C
     if not (keeps["proj"] or kind["proj"] == "ia3"):
         n += N * F
+    if kind["proj"] == "ia3":
+        n += N * F  # IA3's scaled input l * g, alive while proj's product runs
     return n
 
 
@@ -223,6 +226,7 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
         held["base"] = sum(math.prod(base[n]) for n in unshared) * f
     phases = peak_phases(cfg, method, sizes, trainable, batch, context, checkpoint_activations, f, settings,
                          classification)
+    forward_cache = forward_cache_floats(cfg, method, batch, context, checkpoint_activations, settings) * f
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     at_peak = phases[phase]
     terms = {"weights": held["weights"], "gradients": at_peak["gradients"], "optimizer": held["optimizer"],
@@ -236,7 +240,15 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
     n_all = sum(2 * math.prod(s) if n.endswith(".nf4.codes") else math.prod(s) for n, (s, _) in sizes.items()
                 if ".nf4." not in n or n.endswith(".nf4.codes"))
     return Plan({k: int(v) for k, v in terms.items()}, method, batch, context, bool(checkpoint_activations), cfg,
-                int(n_train), int(n_all), phase, totals)
+                int(n_train), int(n_all), phase, totals, int(forward_cache))
+
+
+def forward_cache_floats(cfg, method, B, T, checkpoint_activations, settings):
+    """Floats the cache model.forward returns holds (ids as int64, two floats each): every block's cache,
+    or with checkpointing each block's input; ln_f's norm and rstd; the embedding's ids."""
+    Tb = T + (settings.n_prompt if method == "prompt" else 0)
+    per_block = B * Tb * cfg.d_model if checkpoint_activations else block_activations(cfg, method, B, Tb)
+    return cfg.n_layers * per_block + B * Tb * (cfg.d_model + 1) + 2 * B * T
 
 
 def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, settings, classification=False):
@@ -266,9 +278,11 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     chunk = 0 if classification else min(rows, N) * V
     outer = 2 * Nb * C + (Nb * C if method == "prompt" else 0)  # dh, the incoming dx (and dh with the prompt)
     transient = block_transient(cfg, method, B, Tb)
+    dequant = 0
     if cfg.lora is not None and cfg.lora.base_pair == "nf4":  # one layer's W dequantized (forward and backward)
-        transient += DEQUANT_BYTES_PER_WEIGHT / f * max(
+        dequant = DEQUANT_BYTES_PER_WEIGHT / f * max(
             2 * math.prod(s) for n, (s, _) in sizes.items() if n.endswith(".nf4.codes"))
+    transient += dequant
     phases = {}
     phases["head"] = {"gradients": 0, "activations": kept(L - 1) + fixed + Nb * C,
                       "transient": N * C + (2 * V * C if wte and N > rows else V * C if wte else 0),
@@ -276,7 +290,7 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     # the forward, at the end of block L-1: the caches before it, its own and its locals (block_forward_extra);
     # checkpointed, every block's input and, until block L-1's call returns, block L-2's cache too
     # (model.forward's `x, _ = block_forward(...)` holds it)
-    extra = block_forward_extra(cfg, method, B, Tb)
+    extra = block_forward_extra(cfg, method, B, Tb) + dequant
     before = (L * Nb * C + (block if L > 1 else 0)) if checkpoint_activations else (L - 1) * block
     phases["forward"] = {"gradients": 0, "activations": before + block, "transient": extra, "logits": 0}
     if checkpoint_activations:

@@ -293,12 +293,15 @@ def train(params, trainable, model_config, batches, config, evaluate=None, run_d
     lock is held for the whole call.
     """
     if run_dir is None:
-        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc)
+        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc,
+                      checkpoint_activations)
     with lock.hold(run_dir, "run_dir"):
-        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc)
+        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc,
+                      checkpoint_activations)
 
 
-def _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc):
+def _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc,
+           checkpoint_activations=False):
     """train() with run_dir's lock held."""
     bad = _bad_params(params)
     if bad:
