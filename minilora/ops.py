@@ -245,40 +245,52 @@ def _blocks(*arrays, size=None):
         yield tuple(a[i:i + size] for a in flat)
 
 
+def _gelu_tanh(xb, tb):
+    """tb = tanh(sqrt(2/pi) (x + 0.044715 x^3)) of one block xb, as tanh(sqrt(2/pi) x (1 + 0.044715 x^2)),
+    built up in tb's buffer (no temporary per operator). The forward and the backward both call it, so the
+    backward's t is the forward's, bit for bit."""
+    xp = array_module(xb)
+    xp.multiply(xb, xb, out=tb)
+    tb *= 0.044715
+    tb += 1.0
+    tb *= xb
+    tb *= _GELU_K
+    xp.tanh(tb, out=tb)
+    return tb
+
+
 def gelu_forward(x):
     """GELU, tanh form (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    Inputs: x (N...). Returns out (N...) and a cache.
+    Inputs: x (N...). Returns out (N...) and a cache that holds x only: the backward computes
+    t = tanh(...) again, one block at a time (as PyTorch's tanh GELU saves only its input), so a
+    block's MLP keeps one (B, T, F) array fewer.
     """
     xp = array_module(x)
     _check_float("x", x)
     x = xp.ascontiguousarray(x)
-    t, out = xp.empty_like(x), xp.empty_like(x)
-    for xb, tb, ob in _blocks(x, t, out):
-        # t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), as tanh(sqrt(2/pi) x (1 + 0.044715 x^2)),
-        # built up in t's buffer (no temporary per operator)
-        xp.multiply(xb, xb, out=tb)
-        tb *= 0.044715
-        tb += 1.0
-        tb *= xb
-        tb *= _GELU_K
-        xp.tanh(tb, out=tb)
+    out = xp.empty_like(x)
+    tmp = xp.empty(min(x.size, _BLOCK), dtype=x.dtype)  # one block of t, reused
+    for xb, ob in _blocks(x, out):
+        tb = _gelu_tanh(xb, tmp[:xb.size])
         # out = 0.5 x (1 + t)
         xp.add(tb, 1.0, out=ob)
         ob *= xb
         ob *= 0.5
-    return out, (x, t)
+    return out, x
 
 
 def gelu_backward(dout, cache):
     """Returns dx = dout * [0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)]."""
-    x, t = cache
+    x = cache
     xp = array_module(x)
     dout = xp.ascontiguousarray(dout)
     dx = xp.empty_like(x)
-    tmp = xp.empty(min(x.size, _BLOCK), dtype=x.dtype)  # one scratch block, reused
-    for xb, tb, db, gb in _blocks(x, t, dout, dx):
+    n = min(x.size, _BLOCK)
+    t, tmp = xp.empty(n, dtype=x.dtype), xp.empty(n, dtype=x.dtype)  # one block of t and one of scratch, reused
+    for xb, db, gb in _blocks(x, dout, dx):
         scratch = tmp[:xb.size]
+        tb = _gelu_tanh(xb, t[:xb.size])  # the forward's t, computed again for this block
         # in the forward pass this was: out = 0.5 * x * (1 + t),  t = tanh(u(x))
         # so now we have: product rule, with dt/dx = (1 - t^2) * du/dx,
         #     du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
@@ -479,14 +491,23 @@ def dropout_forward(x, p, rng=None, mask=None):
         mask = to_device(rng.random(x.shape) >= p, xp)
     elif tuple(mask.shape) != tuple(x.shape):
         _fail("mask", f"shape {tuple(x.shape)} (the shape of x)", f"shape {tuple(mask.shape)}")
-    keep = mask.astype(x.dtype) * (1.0 / (1.0 - p))
-    return x * keep, keep
+    # out = x * mask / (1 - p). The cache keeps the 0/1 mask as booleans (one byte a number, not four)
+    # and the scale apart: x * mask is x or 0 exactly, so one rounding, of x / (1 - p), as x * keep had
+    mask = mask.astype(bool, copy=False)
+    scale = 1.0 / (1.0 - p)
+    out = x * mask
+    out *= scale
+    return out, (mask, scale)
 
 
 def dropout_backward(dout, cache):
-    """Returns dx = dout * keep, where keep = mask / (1 - p) already holds the 1 / (1 - p) scale."""
-    keep = cache
-    return dout if keep is None else dout * keep
+    """Returns dx = dout * mask / (1 - p) (the cache holds the mask and the scale 1 / (1 - p))."""
+    if cache is None:
+        return dout
+    mask, scale = cache
+    dx = dout * mask
+    dx *= scale
+    return dx
 
 
 def cross_entropy_forward(logits, targets, mask=None):
