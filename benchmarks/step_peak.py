@@ -204,10 +204,13 @@ def main():
               f"{r['kept'] / mib:8.2f} {r['transient'] / mib:9.2f} {r['plan_like'] / mib:8.2f} "
               f"{r['peak'] / mib:8.2f} {r['ratio']:6.3f}  {r['largest_transient_op']}")
         if args.where:
-            print(f"        at the peak: {' > '.join(r['at_peak']['ops']) or '(model code)'}, "
-                  f"{r['at_peak']['held_at_op_entry_above_params'] / mib:.2f} MiB held above params and state "
-                  f"when it began; what was held then:")
-            for line in held_lines(m, config, args.batch, args.checkpoint, r["at_peak"]["call"]):
+            at = r["at_peak"]
+            if at["call"] is None:
+                print("        at the peak: no op was running (model or optimizer code)")
+                continue
+            print(f"        at the peak: {' > '.join(at['ops'])}, {at['held_at_op_entry_above_params'] / mib:.2f} "
+                  f"MiB held above params and state when it began; what was held then:")
+            for line in held_lines(m, config, args.batch, args.checkpoint, at["call"]):
                 print("        " + line)
     if args.out:
         with open(args.out, "w") as f:

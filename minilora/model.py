@@ -396,7 +396,7 @@ def forward(params, config, ids, rng=None, train=False, trainable=None, checkpoi
     for i in range(config.n_layers):
         if checkpoint_activations:
             kept = BlockCheckpoint(x, _generator_state(rng), config, train, trainable)
-            x, _ = block_forward(params, i, x, config, rng, train, trainable)  # its cache is dropped here
+            x = block_forward(params, i, x, config, rng, train, trainable)[0]  # its cache is dropped here
             c_blocks.append(kept)
         else:
             x, c = block_forward(params, i, x, config, rng, train, trainable)

@@ -625,7 +625,7 @@ def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True,
     weight = m / count  # (N,), each row's share of the mean: m_i / sum(m)
     loss = xp.zeros((), dtype=h.dtype)
     dh = xp.empty_like(hf) if input_grad else None
-    dwte = scratch = None
+    dwte = scratch = vocab_rows = None
     z = xp.empty((min(rows, N), V), dtype=h.dtype)  # one chunk's logits, reused by every chunk
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
@@ -649,12 +649,18 @@ def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True,
             # in the forward pass this was: z = h @ wte.T, so dh = dz @ wte
             xp.matmul(zc, wte, out=dh[r0:r1])
         if param_grads:
-            # and dwte = dz^T h, summed over the chunks (the first writes it, the rest add into it)
+            # and dwte = dz^T h, summed over the chunks: the first chunk writes it, each later one adds
+            # its share a block of vocabulary rows at a time, through one small (rows, C) scratch
+            # buffer (never a second (V, C) array)
             if dwte is None:
                 dwte = zc.T @ hc  # (V, C)
-            else:
-                scratch = xp.matmul(zc.T, hc, out=scratch)
-                dwte += scratch
+                vocab_rows = max(1, min(V, LOSS_CHUNK_BYTES // 8 // (C * h.itemsize)))
+                scratch = xp.empty((vocab_rows, C), dtype=h.dtype)
+                continue
+            for v0 in range(0, V, vocab_rows):
+                v1 = min(v0 + vocab_rows, V)
+                part = xp.matmul(zc[:, v0:v1].T, hc, out=scratch[:v1 - v0])
+                dwte[v0:v1] += part
     loss /= count
     return loss, (dh, dwte, h.shape)
 
