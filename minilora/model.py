@@ -240,10 +240,6 @@ def _keep(grads, trainable, prefix, **named):
             grads[f"{prefix}.{name}"] = g
 
 
-def _add(grads, name, g):
-    grads[name] = g if name not in grads else grads[name] + g
-
-
 def _qkv_forward(params, config, p, a, rng, train, trainable):
     """q, k, v = the three projections of a (B, T, C), and their caches.
 
@@ -316,30 +312,40 @@ def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
     c_ln1, c_qkv, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr = cache
     p = f"h.{i}."
     # in the forward pass this was: x = x + r, so dx reaches both x and r
+    # each gradient buffer is dropped (del) as soon as the next one is made from it, so the backward
+    # of a block holds at most two of them at once, (B, T, F) ones included
     dr = ops.dropout_backward(dx, c_dr)
     dg = _linear_backward(dr, c_proj, p + "mlp.proj", params, grads, trainable)
+    del dr
     df = ops.gelu_backward(dg, c_gelu)
+    del dg
     dm = _linear_backward(df, c_fc, p + "mlp.fc", params, grads, trainable)
+    del df
     dx_ln2 = _ln_backward(dm, c_ln2, p + "ln_2", grads, trainable)
+    del dm
     dx_ln2 += dx  # dx = dx + dx_ln2, summed in ln_2's fresh buffer (dx is the caller's)
     dx = dx_ln2
+    del dx_ln2
     # x = x + o
     do = ops.dropout_backward(dx, c_do)
     dy = _linear_backward(do, c_o, p + "attn.o", params, grads, trainable)
+    del do
     # q, k, v need their gradients when their own weights, or anything below them, train
     qkv_grad = input_grad or any(_trains(trainable, p + n) for n in ("ln_1.", "attn.q.", "attn.k.", "attn.v."))
     dqkv = _attention_backward(dy, c_att, p + "attn", grads, trainable, qkv_grad)
+    del dy
     if not qkv_grad:
         return None  # only the attention's own parameters (a prefix) train here: no dq, dk, dv at all
-    dq, dk, dv = dqkv
     if not input_grad and not _trains(trainable, p + "ln_1."):
         # a = ln_1(x) leads only to frozen weights and the untrained input: its
         # gradient, the three dx products of q, k, v and the ln_1 backward are all
         # skipped; only the q, k, v parameters' own gradients are computed
-        _qkv_backward((dq, dk, dv), c_qkv, p, params, grads, trainable, input_grad=False)
+        _qkv_backward(dqkv, c_qkv, p, params, grads, trainable, input_grad=False)
         return None
-    da = _qkv_backward((dq, dk, dv), c_qkv, p, params, grads, trainable)
+    da = _qkv_backward(dqkv, c_qkv, p, params, grads, trainable)
+    del dqkv
     dx_ln1 = _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
+    del da
     if not input_grad:
         return None
     dx_ln1 += dx  # dx = dx + dx_ln1, in ln_1's fresh buffer
@@ -390,7 +396,7 @@ def forward(params, config, ids, rng=None, train=False, trainable=None, checkpoi
     for i in range(config.n_layers):
         if checkpoint_activations:
             kept = BlockCheckpoint(x, _generator_state(rng), config, train, trainable)
-            x, _ = block_forward(params, i, x, config, rng, train, trainable)  # its cache is dropped here
+            x = block_forward(params, i, x, config, rng, train, trainable)[0]  # its cache is dropped here
             c_blocks.append(kept)
         else:
             x, c = block_forward(params, i, x, config, rng, train, trainable)
@@ -478,7 +484,11 @@ def backward(dh, cache, params, grads, trainable, free_cache=False):
         dwpe[:T] = dx.sum(axis=0)
         grads["wpe"] = dwpe
     if "wte" in trainable:
-        _add(grads, "wte", ops.embedding_backward(dx, c_emb))
+        dwte = ops.embedding_backward(dx, c_emb)
+        if "wte" in grads:
+            grads["wte"] += dwte  # the head's share, ours (fresh from the loss): summed in place
+        else:
+            grads["wte"] = dwte
 
 
 def _check_ids_on_host(name, ids, n):
@@ -565,6 +575,7 @@ def _classifier(params, config, batch, trainable, rng, train, checkpoint_activat
         dlogits = ops.cross_entropy_backward(1.0, c_ce)
         dh_last = _linear_backward(dlogits, c_head, "cls", params, grads, trainable)
         dh = xp.zeros_like(h)
+        del h  # ln_f's output: only its shape is needed now
         dh[rows, last] = dh_last  # only the last token fed the head
         backward(dh, cache, params, grads, trainable, free_cache=True)
     return loss, grads

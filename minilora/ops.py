@@ -245,40 +245,52 @@ def _blocks(*arrays, size=None):
         yield tuple(a[i:i + size] for a in flat)
 
 
+def _gelu_tanh(xb, tb):
+    """tb = tanh(sqrt(2/pi) (x + 0.044715 x^3)) of one block xb, as tanh(sqrt(2/pi) x (1 + 0.044715 x^2)),
+    built up in tb's buffer (no temporary per operator). The forward and the backward both call it, so the
+    backward's t is the forward's, bit for bit."""
+    xp = array_module(xb)
+    xp.multiply(xb, xb, out=tb)
+    tb *= 0.044715
+    tb += 1.0
+    tb *= xb
+    tb *= _GELU_K
+    xp.tanh(tb, out=tb)
+    return tb
+
+
 def gelu_forward(x):
     """GELU, tanh form (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    Inputs: x (N...). Returns out (N...) and a cache.
+    Inputs: x (N...). Returns out (N...) and a cache that holds x only: the backward computes
+    t = tanh(...) again, one block at a time (as PyTorch's tanh GELU saves only its input), so a
+    block's MLP keeps one (B, T, F) array fewer.
     """
     xp = array_module(x)
     _check_float("x", x)
     x = xp.ascontiguousarray(x)
-    t, out = xp.empty_like(x), xp.empty_like(x)
-    for xb, tb, ob in _blocks(x, t, out):
-        # t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), as tanh(sqrt(2/pi) x (1 + 0.044715 x^2)),
-        # built up in t's buffer (no temporary per operator)
-        xp.multiply(xb, xb, out=tb)
-        tb *= 0.044715
-        tb += 1.0
-        tb *= xb
-        tb *= _GELU_K
-        xp.tanh(tb, out=tb)
+    out = xp.empty_like(x)
+    tmp = xp.empty(min(x.size, _BLOCK), dtype=x.dtype)  # one block of t, reused
+    for xb, ob in _blocks(x, out):
+        tb = _gelu_tanh(xb, tmp[:xb.size])
         # out = 0.5 x (1 + t)
         xp.add(tb, 1.0, out=ob)
         ob *= xb
         ob *= 0.5
-    return out, (x, t)
+    return out, x
 
 
 def gelu_backward(dout, cache):
     """Returns dx = dout * [0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)]."""
-    x, t = cache
+    x = cache
     xp = array_module(x)
     dout = xp.ascontiguousarray(dout)
     dx = xp.empty_like(x)
-    tmp = xp.empty(min(x.size, _BLOCK), dtype=x.dtype)  # one scratch block, reused
-    for xb, tb, db, gb in _blocks(x, t, dout, dx):
+    n = min(x.size, _BLOCK)
+    t, tmp = xp.empty(n, dtype=x.dtype), xp.empty(n, dtype=x.dtype)  # one block of t and one of scratch, reused
+    for xb, db, gb in _blocks(x, dout, dx):
         scratch = tmp[:xb.size]
+        tb = _gelu_tanh(xb, t[:xb.size])  # the forward's t, computed again for this block
         # in the forward pass this was: out = 0.5 * x * (1 + t),  t = tanh(u(x))
         # so now we have: product rule, with dt/dx = (1 - t^2) * du/dx,
         #     du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
@@ -479,14 +491,23 @@ def dropout_forward(x, p, rng=None, mask=None):
         mask = to_device(rng.random(x.shape) >= p, xp)
     elif tuple(mask.shape) != tuple(x.shape):
         _fail("mask", f"shape {tuple(x.shape)} (the shape of x)", f"shape {tuple(mask.shape)}")
-    keep = mask.astype(x.dtype) * (1.0 / (1.0 - p))
-    return x * keep, keep
+    # out = x * mask / (1 - p). The cache keeps the 0/1 mask as booleans (one byte a number, not four)
+    # and the scale apart: x * mask is x or 0 exactly, so one rounding, of x / (1 - p), as x * keep had
+    mask = mask.astype(bool, copy=False)
+    scale = 1.0 / (1.0 - p)
+    out = x * mask
+    out *= scale
+    return out, (mask, scale)
 
 
 def dropout_backward(dout, cache):
-    """Returns dx = dout * keep, where keep = mask / (1 - p) already holds the 1 / (1 - p) scale."""
-    keep = cache
-    return dout if keep is None else dout * keep
+    """Returns dx = dout * mask / (1 - p) (the cache holds the mask and the scale 1 / (1 - p))."""
+    if cache is None:
+        return dout
+    mask, scale = cache
+    dx = dout * mask
+    dx *= scale
+    return dx
 
 
 def cross_entropy_forward(logits, targets, mask=None):
@@ -604,7 +625,7 @@ def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True,
     weight = m / count  # (N,), each row's share of the mean: m_i / sum(m)
     loss = xp.zeros((), dtype=h.dtype)
     dh = xp.empty_like(hf) if input_grad else None
-    dwte = scratch = None
+    dwte = scratch = vocab_rows = None
     z = xp.empty((min(rows, N), V), dtype=h.dtype)  # one chunk's logits, reused by every chunk
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
@@ -628,12 +649,18 @@ def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True,
             # in the forward pass this was: z = h @ wte.T, so dh = dz @ wte
             xp.matmul(zc, wte, out=dh[r0:r1])
         if param_grads:
-            # and dwte = dz^T h, summed over the chunks (the first writes it, the rest add into it)
+            # and dwte = dz^T h, summed over the chunks: the first chunk writes it, each later one adds
+            # its share a block of vocabulary rows at a time, through one small (rows, C) scratch
+            # buffer (never a second (V, C) array)
             if dwte is None:
                 dwte = zc.T @ hc  # (V, C)
-            else:
-                scratch = xp.matmul(zc.T, hc, out=scratch)
-                dwte += scratch
+                vocab_rows = max(1, min(V, LOSS_CHUNK_BYTES // 8 // (C * h.itemsize)))
+                scratch = xp.empty((vocab_rows, C), dtype=h.dtype)
+                continue
+            for v0 in range(0, V, vocab_rows):
+                v1 = min(v0 + vocab_rows, V)
+                part = xp.matmul(zc[:, v0:v1].T, hc, out=scratch[:v1 - v0])
+                dwte[v0:v1] += part
     loss /= count
     return loss, (dh, dwte, h.shape)
 

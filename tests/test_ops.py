@@ -305,3 +305,15 @@ def test_chunked_head_loss_never_holds_the_whole_logits():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 2 * 2**20 + 2 * h.nbytes, f"peak {peak} bytes: more than one chunk of logits"
+
+
+def test_chunked_head_adds_dwte_a_block_of_vocabulary_at_a_time(monkeypatch):
+    # later chunks add their dz^T h into dwte through a (vocab_rows, C) scratch: with a budget giving
+    # blocks of 3 rows of V = 13 (the last one partial), dwte is still linear then cross-entropy's
+    h, wte, targets, mask = _head_case()
+    logits, c_lin = ops.linear_forward(h, wte)
+    _, c_ce = ops.cross_entropy_forward(logits, targets, mask)
+    _, dwte_ref, _ = ops.linear_backward(ops.cross_entropy_backward(1.0, c_ce), c_lin)
+    monkeypatch.setattr(ops, "LOSS_CHUNK_BYTES", 8 * 3 * wte.shape[1] * 8)  # vocab_rows = 3
+    _, cache = ops.tied_head_cross_entropy_forward(h, wte, targets, mask, input_grad=False, chunk_rows=5)
+    np.testing.assert_allclose(ops.tied_head_cross_entropy_backward(1.0, cache)[1], dwte_ref, rtol=0, atol=1e-13)
