@@ -29,7 +29,7 @@ import tracemalloc
 
 import numpy as np
 
-from minilora import memplan, methods, model, optim
+from minilora import memplan, methods, model, ops, optim
 from minilora.finetune import FinetuneConfig
 from minilora.methods import lora, nf4, qlora
 
@@ -205,7 +205,7 @@ def main():
               "blas_threads": blas_threads(), "limit_bytes": limit,
               "note": "step times taken under load (the machine's 2 cores are shared by other sessions); "
                       "weights are random (no download)",
-              "loss_chunk_tokens": getattr(model, "LOSS_CHUNK_TOKENS", None), "cells": cells}
+              "loss_chunk_bytes": ops.LOSS_CHUNK_BYTES, "cells": cells}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     if args.figure:

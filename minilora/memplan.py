@@ -1,19 +1,19 @@
 """The memory plan: the peak bytes of one training step, predicted term by term before anything is built.
 
-One step (train.py) is loss_and_grads, then clipping and AdamW. Its peak comes in the backward, when
-everything below is held at once:
+One step (train.py) is loss_and_grads, then clipping and AdamW. The plan follows it through the moments
+its peak can fall on (peak_phases: the end of the forward and the head, the recompute of the top block
+under checkpointing, the top and the bottom block's backward, the embedding's backward, the update) and
+reports the terms held at the largest:
 
     weights      every parameter as stored: float32, or for QLoRA's block linears their NF4 codes (one
                  byte per two weights), int8 absmax codes (one per 64 weights) and float32 scales
-    gradients    one float32 per trainable weight (a frozen name never gets one)
+    gradients    the float32 gradients formed by then (trainable names only; all of them at the update)
     optimizer    AdamW's two moments m, v: two float32 per trainable weight
-    activations  what the forward keeps for the backward (per block, by method, below)
-    transient    the buffers of the largest op beyond what it keeps: a block's backward (dq, dk, dv, the
-                 MLP's (N, F) gradients, one sequence's attention scores), QLoRA's one dequantized W,
-                 full fine-tuning's second (V, C) embedding gradient summed into the tied head's
-    logits       the LM head's (N, V) buffers: the logits, their shifted copy and its exponential or the
-                 gradient, LOGITS_BUFFERS of them, over at most model.LOSS_CHUNK_TOKENS tokens at a time
-                 when the model computes the loss in chunks
+    activations  the caches the forward keeps for the backward and that are still held then
+                 (model.backward drops each block's cache once used)
+    transient    the buffers of the op running then beyond what it keeps: a block's backward (the
+                 gradients it holds at once), QLoRA's one dequantized W, AdamW's two scratch arrays
+    logits       the LM head's one reused (rows, V) chunk of logits (ops.loss_chunk_rows: LOSS_CHUNK_BYTES)
 
 What a block keeps (dimension legend: N = B T tokens, C channels, F = d_ff, NH heads, r LoRA's rank):
 
@@ -26,7 +26,8 @@ What a block keeps (dimension legend: N = B T tokens, C channels, F = d_ff, NH h
     LoRA                       x A^T (N, r) per adapter; q, k, v read one input: one (N, 3r) and A's (3r, C)
     DoRA                       also the base output (N, out) and W A^T (out, r), A A^T (r, r), ||.|| (out,)
     IA3                        k and v before their scaling (N, C) each, and proj's unscaled input (N, F)
-    GELU                       its input and tanh (N, F) each
+    GELU                       its input (N, F) (tanh is computed again, block by block, in the backward)
+    dropout (when > 0)         a boolean mask (N, C) per residual branch
 
 With activation checkpointing (model.loss_and_grads(checkpoint_activations=True)) the forward keeps
 only each block's input (N, C), and the backward recomputes one block at a time: the activations term
@@ -54,8 +55,7 @@ SIZES = {
 }
 
 TERMS = ("weights", "gradients", "optimizer", "activations", "transient", "logits")
-LOGITS_BUFFERS = 3  # (N, V) arrays alive at once in the loss: logits, shifted logits, exp or dlogits
-DEQUANT_BYTES_PER_WEIGHT = 9  # nf4.dequantize_nf4: uint8 codes unpacked (1), the levels looked up (4), astype (4)
+DEQUANT_BYTES_PER_WEIGHT = 5  # nf4.dequantize_nf4: the uint8 codes unpacked (1), the levels looked up (4)
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,9 @@ def block_activations(cfg, method, B, T):
         n += N * C  # ln_1's output, the input of q, k, v
     if keeps_input["fc"]:
         n += N * C  # ln_2's output
-    n += 2 * N * F  # GELU's input and tanh
+    n += N * F  # GELU's input (its tanh is computed again in the backward)
+    if cfg.dropout > 0.0:
+        n += 2 * N * C / 4  # the two residual dropouts' boolean masks (one byte a number)
     if keeps_input["proj"] or kind["proj"] == "ia3":
         n += N * F  # GELU's output, proj's input
     r = getattr(cfg.lora, "rank", 0)
@@ -174,16 +176,16 @@ def block_forward_extra(cfg, method, B, T):
 def block_transient(cfg, method, B, T):
     """Floats of the gradients alive in a block's backward beyond what the caches keep.
 
-    model.block_backward holds every gradient it makes until it returns (dg, df of the MLP (N, F);
-    dm, dx, dy, dq, dk, dv, da, ln_1's two (N, C)); inside the attention's backward one sequence's
-    dS (NH, T, T + P) and D (B, NH, T) are alive instead of the last four (N, C).
+    model.block_backward drops each gradient once the next is made from it, so at most these are alive:
+    the MLP's dg and df (N, F) in GELU's backward (and its two reused blocks of ops._BLOCK numbers); in the attention's backward dx, dy, dq, dk, dv (N, C)
+    and one sequence's dS (NH, T, T + P) and D (B, NH, T); in q, k, v's backward dx, dq, dk, dv, da
+    and one product's dx (N, C).
     """
     C, F, NH = cfg.d_model, cfg.d_ff, cfg.n_heads
     N = B * T
     Tk = T + cfg.n_prefix
-    end = 2 * N * F + 9 * N * C
-    attention = 2 * N * F + 7 * N * C + NH * T * Tk + B * NH * T
-    return max(end, attention)
+    gelu_blocks = 2 * min(N * F, ops._BLOCK)  # GELU's backward: one block of t and one of scratch, reused
+    return max(2 * N * F + gelu_blocks, 6 * N * C, 5 * N * C + NH * T * Tk + B * NH * T)
 
 
 def plan(config, method, batch, context, checkpoint_activations=False, dtype_bytes=4, settings=None,
@@ -255,12 +257,13 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     """Bytes held beside the weights and moments at each moment a step's peak can fall on:
 
     - "head": the end of the forward: every block's cache, the loss's chunk of logits (rows, V) in
-      ops.tied_head_cross_entropy_forward, dh (N, C) and, when wte trains, dwte and its scratch (V, C)
+      ops.tied_head_cross_entropy_forward, dh (N, C) and, when wte trains, dwte (V, C)
+    - "recompute" (checkpointed): block L-1's forward again, at the start of the backward
     - "top block" / "bottom block": the backward of block L-1 (every cache still held, few gradients)
       and of block 0 (its cache only, every block's gradients formed): model.backward frees each
       block's cache once used, so in between the sum moves linearly from one to the other
-    - "embedding": wte's share from the embedding (V, C) and its sum with the head's (when wte trains)
-    - "update": every gradient and AdamW's temporaries (three arrays of the largest trainable)
+    - "embedding": wte's share from the embedding (V, C), added into the head's (when wte trains)
+    - "update": every gradient and AdamW's two scratch arrays of the largest trainable
 
     Returns {phase: {"gradients", "activations", "transient", "logits": bytes}}.
     """
@@ -285,23 +288,26 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     transient += dequant
     phases = {}
     phases["head"] = {"gradients": 0, "activations": kept(L - 1) + fixed + Nb * C,
-                      "transient": N * C + (2 * V * C if wte and N > rows else V * C if wte else 0),
+                      "transient": N * C + (V * C if wte else 0),
                       "logits": chunk}
-    # the forward, at the end of block L-1: the caches before it, its own and its locals (block_forward_extra);
-    # checkpointed, every block's input and, until block L-1's call returns, block L-2's cache too
-    # (model.forward's `x, _ = block_forward(...)` holds it)
+    # the forward, at the end of block L-1: the caches before it (checkpointed: every block's input), its
+    # own, and its locals (block_forward_extra)
     extra = block_forward_extra(cfg, method, B, Tb) + dequant
-    before = (L * Nb * C + (block if L > 1 else 0)) if checkpoint_activations else (L - 1) * block
+    before = L * Nb * C if checkpoint_activations else (L - 1) * block
     phases["forward"] = {"gradients": 0, "activations": before + block, "transient": extra, "logits": 0}
     if checkpoint_activations:
         phases["head"]["activations"] = L * Nb * C + fixed + Nb * C
+        # the backward's recompute of block L-1: every block's input still held (its own is dropped once
+        # the recompute returns), the block's cache growing, its locals, and the backward's dh and dx
+        phases["recompute"] = {"gradients": (V * C if wte else 0) + head_grads,
+                               "activations": L * Nb * C + fixed + block, "transient": extra + outer, "logits": 0}
     for name, i in (("top block", L - 1), ("bottom block", 0)):
         phases[name] = {"gradients": (V * C if wte else 0) + head_grads + sum(in_block[i:]),
                         "activations": kept(i) + fixed, "transient": outer + transient, "logits": 0}
     all_grads = sum(grad.values())
     if wte:
-        phases["embedding"] = {"gradients": all_grads, "activations": fixed, "transient": 2 * V * C + 2 * Nb * C,
+        phases["embedding"] = {"gradients": all_grads, "activations": fixed, "transient": V * C + 3 * Nb * C,
                                "logits": 0}
     phases["update"] = {"gradients": all_grads, "activations": 0,
-                        "transient": 3 * max(grad.values(), default=0), "logits": 0}
+                        "transient": 2 * max(grad.values(), default=0), "logits": 0}
     return {k: {t: int(b * f) for t, b in v.items()} for k, v in phases.items()}
