@@ -170,8 +170,8 @@ def main():
             for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
                 p = memplan.plan(memplan.SIZES[size], method, args.batch, args.context, ckpt)
                 cell = {"size": size, "method": method, "checkpoint_activations": ckpt, "batch": args.batch,
-                        "context": args.context, "plan": p.terms, "plan_total": p.total,
-                        "trainable_params": p.trainable_params}
+                        "context": args.context, "plan": p.terms, "plan_total": p.total, "phase": p.phase,
+                        "forward_cache": p.forward_cache, "trainable_params": p.trainable_params}
                 avail = available_bytes()
                 cell["available_at_start"] = avail
                 if p.total > limit:
@@ -210,7 +210,7 @@ def main():
         json.dump(result, f, indent=1)
     if args.figure:
         figure(result).savefig(args.figure, dpi=120)
-    print(markdown_table(result))
+    print(tables(result))
     print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))
 
 
@@ -280,12 +280,32 @@ def markdown_table(result):
     return "\n".join(lines)
 
 
+def terms_table(result, size="gpt2-xl"):
+    """The plan's terms at one size (GiB): what each method's step holds, and the whole forward cache."""
+    rows = [c for c in result["cells"] if c["size"] == size]
+    lines = ["| method | checkpointing | peak falls in | weights | gradients | AdamW m, v | activations | "
+             "transient | logits chunk | plan | all activations kept |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in rows:
+        t = c["plan"]
+        lines.append("| " + " | ".join([c["method"], "on" if c["checkpoint_activations"] else "off", c["phase"]]
+                                      + [f"{t[k] / GIB:.2f}" for k in ("weights", "gradients", "optimizer",
+                                                                       "activations", "transient", "logits")]
+                                      + [f"{c['plan_total'] / GIB:.2f}", f"{c['forward_cache'] / GIB:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+def tables(result):
+    """docs/hardware.md's two memory-wall tables, from a memory_wall.json."""
+    return markdown_table(result) + "\n\n" + terms_table(result)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--cell"]:
         size, method, batch, context, ckpt = sys.argv[2:7]
         run_cell(size, method, int(batch), int(context), bool(int(ckpt)))
     elif sys.argv[1:] == ["--table"]:
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_wall.json")) as f:
-            print(markdown_table(json.load(f)))
+            print(tables(json.load(f)))
     else:
         main()
