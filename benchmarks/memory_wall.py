@@ -110,6 +110,7 @@ def measure_step(config, method, batch, context, checkpoint_activations=False, s
     data = make_batch(config, batch, context, seed)
     held = (sum(p.nbytes for p in params.values() if p.strides != (0,) * p.ndim)
             + optim.optimizer_state_bytes(state) + sum(a.nbytes for a in data.values()))
+    rss_reset = _reset_rss_peak()
     tracemalloc.start()
     t0 = time.perf_counter()
     loss, grads = _loss_and_grads(params, cfg, data, trainable, checkpoint_activations)
@@ -118,14 +119,37 @@ def measure_step(config, method, batch, context, checkpoint_activations=False, s
     seconds = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return {"tracemalloc_peak": int(peak + held), "held_before": int(held), "step_s": seconds, "loss": loss}
+    out = {"tracemalloc_peak": int(peak + held), "held_before": int(held), "step_s": seconds, "loss": loss}
+    if rss_reset:
+        out["rss_step_peak"] = _status_bytes("VmHWM")
+    return out
+
+
+def _reset_rss_peak():
+    """Reset this process's resident-set high-water mark (Linux: 5 into /proc/self/clear_refs); False if not."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def run_cell(size, method, batch, context, ckpt):
     """The child's work: one measured step; prints one JSON line (ru_maxrss in bytes).
 
     rss_at_start is the process before the build (the interpreter, NumPy, the package: nothing the plan
-    counts); rss_above_start = rss_peak - rss_at_start is what the build and the step added.
+    counts); rss_above_start = rss_peak - rss_at_start is what the build and the step added; rss_step_peak
+    is the resident-set peak of the step alone (the high-water mark reset after the build), so a build's
+    temporaries (QLoRA's quantization) are not in it.
     """
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     out = measure_step(memplan.SIZES[size], method, batch, context, ckpt)
@@ -196,6 +220,8 @@ def main():
                         m["tracemalloc_over_plan"] = m["tracemalloc_peak"] / p.total
                         m["rss_over_plan"] = m["rss_peak"] / p.total
                         m["rss_above_start_over_plan"] = m["rss_above_start"] / p.total
+                        if "rss_step_peak" in m:
+                            m["rss_step_over_plan"] = (m["rss_step_peak"] - m["rss_at_start"]) / p.total
                 cells.append(cell)
                 print(json.dumps({k: v for k, v in cell.items() if k != "plan"}), flush=True)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
