@@ -1,7 +1,7 @@
 """The tracemalloc peak of one training step, per method, beside the terms a memory plan adds up.
 
     python benchmarks/step_peak.py [--methods full,lora,...] [--checkpoint] [--where] [--out FILE.json]
-                                   [--d-model 256 --layers 4 --context 256 --vocab 2000 --batch 4]
+                                   [--d-model 256 --layers 4 --heads 4 --context 256 --vocab 2000 --batch 4]
 
 One step is what train.py runs: model.loss_and_grads, clip_grad_norm and adamw_step. Traced from before
 the parameters exist, so the peak includes everything the step holds. The terms, in bytes:
@@ -187,13 +187,14 @@ def main():
     ap.add_argument("--where", action="store_true", help="print the ops running at the peak")
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     config = model.ModelConfig(vocab_size=args.vocab, context_length=args.context, d_model=args.d_model,
-                               n_heads=4, n_layers=args.layers, d_ff=4 * args.d_model)
+                               n_heads=args.heads, n_layers=args.layers, d_ff=4 * args.d_model)
     rows = {}
     mib = 2**20
     print(f"{'method':7s} {'weights':>8s} {'grads':>8s} {'adamw':>8s} {'kept':>8s} {'transient':>9s} "
