@@ -1,7 +1,7 @@
 """The tracemalloc peak of one training step, per method, beside the terms a memory plan adds up.
 
-    python benchmarks/step_peak.py [--methods full,lora,...] [--checkpoint] [--where] [--out FILE.json]
-                                   [--d-model 256 --layers 4 --context 256 --vocab 2000 --batch 4]
+    python benchmarks/step_peak.py [--methods full,lora,...] [--checkpoint | --both] [--where] [--out FILE.json]
+                                   [--d-model 256 --layers 4 --heads 4 --context 256 --vocab 2000 --batch 4]
 
 One step is what train.py runs: model.loss_and_grads, clip_grad_norm and adamw_step. Traced from before
 the parameters exist, so the peak includes everything the step holds. The terms, in bytes:
@@ -18,9 +18,11 @@ Memory numbers do not depend on load; the script takes no timings.
 """
 
 import argparse
+import datetime
 import functools
 import json
 import os
+import platform
 import sys
 import tracemalloc
 
@@ -184,38 +186,47 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(STRATEGIES))
     ap.add_argument("--checkpoint", action="store_true", help="with activation checkpointing")
+    ap.add_argument("--both", action="store_true", help="without, then with activation checkpointing")
     ap.add_argument("--where", action="store_true", help="print the ops running at the peak")
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     config = model.ModelConfig(vocab_size=args.vocab, context_length=args.context, d_model=args.d_model,
-                               n_heads=4, n_layers=args.layers, d_ff=4 * args.d_model)
-    rows = {}
+                               n_heads=args.heads, n_layers=args.layers, d_ff=4 * args.d_model)
     mib = 2**20
-    print(f"{'method':7s} {'weights':>8s} {'grads':>8s} {'adamw':>8s} {'kept':>8s} {'transient':>9s} "
-          f"{'sum':>8s} {'peak':>8s} {'ratio':>6s}  largest transient op   (MiB)")
-    for m in args.methods.split(","):
-        r = rows[m] = measure(m, config, args.batch, args.checkpoint, args.where)
-        print(f"{m:7s} {r['weights'] / mib:8.2f} {r['gradients'] / mib:8.2f} {r['optimizer'] / mib:8.2f} "
-              f"{r['kept'] / mib:8.2f} {r['transient'] / mib:9.2f} {r['plan_like'] / mib:8.2f} "
-              f"{r['peak'] / mib:8.2f} {r['ratio']:6.3f}  {r['largest_transient_op']}")
-        if args.where:
+    result = {"date": datetime.date.today().isoformat(),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores; NumPy {np.__version__}",
+              "command": "python benchmarks/step_peak.py " + " ".join(sys.argv[1:]), "units": "bytes",
+              "model": config.to_dict(), "batch": args.batch}
+    for checkpoint in ((False, True) if args.both else (args.checkpoint,)):
+        rows = result["checkpointed" if checkpoint else "plain"] = {}
+        print(f"{'checkpointed' if checkpoint else 'plain'} step, MiB")
+        print(f"{'method':7s} {'weights':>8s} {'grads':>8s} {'adamw':>8s} {'kept':>8s} {'transient':>9s} "
+              f"{'sum':>8s} {'peak':>8s} {'ratio':>6s}  largest transient op")
+        for m in args.methods.split(","):
+            r = rows[m] = measure(m, config, args.batch, checkpoint, args.where)
+            print(f"{m:7s} {r['weights'] / mib:8.2f} {r['gradients'] / mib:8.2f} {r['optimizer'] / mib:8.2f} "
+                  f"{r['kept'] / mib:8.2f} {r['transient'] / mib:9.2f} {r['plan_like'] / mib:8.2f} "
+                  f"{r['peak'] / mib:8.2f} {r['ratio']:6.3f}  {r['largest_transient_op']}")
+            if not args.where:
+                continue
             at = r["at_peak"]
             if at["call"] is None:
                 print("        at the peak: no op was running (model or optimizer code)")
                 continue
             print(f"        at the peak: {' > '.join(at['ops'])}, {at['held_at_op_entry_above_params'] / mib:.2f} "
                   f"MiB held above params and state when it began; what was held then:")
-            for line in held_lines(m, config, args.batch, args.checkpoint, at["call"]):
+            for line in held_lines(m, config, args.batch, checkpoint, at["call"]):
                 print("        " + line)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": config.to_dict(), "batch": args.batch, "checkpoint": args.checkpoint,
-                       "rows": rows}, f, indent=1)
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

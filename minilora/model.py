@@ -30,6 +30,11 @@ every other linear is the plain pair. The backward runs the pair the forward cho
 Likewise a block's attention is asked once, in `_attention_forward`, of
 methods.attention_pair(config): causal attention, or with config.n_prefix > 0
 the attention with prefix columns.
+
+Memory. The LM head's loss runs over the tokens in chunks (ops.tied_head_cross_entropy_forward):
+the (B, T, V) logits never exist at once. With checkpoint_activations the forward keeps only each
+block's input (BlockCheckpoint) and the backward recomputes the block just before its backward; the
+training step's backward drops each block's cache as soon as that block's backward is done.
 """
 
 import math
@@ -405,14 +410,18 @@ def forward(params, config, ids, rng=None, train=False, trainable=None, checkpoi
     return h[:, P:], (c_emb, c_drop, c_blocks, c_lnf, P, T)
 
 
+@dataclass
 class BlockCheckpoint:
     """What a checkpointed forward keeps of block i: its input x (B, T', C), the generator's state
     before the block drew its dropout masks, and the settings of that call (config, train, trainable).
     `recompute` runs the block's forward again and returns the cache block_forward returned then:
     the same ops on the same input, the same masks drawn from the same state, so the same numbers."""
 
-    def __init__(self, x, rng_state, config, train, trainable):
-        self.x, self.rng_state, self.config, self.train, self.trainable = x, rng_state, config, train, trainable
+    x: object  # (B, T', C), the block's input (T' = P + T with a soft prompt)
+    rng_state: object  # _generator_state(rng) before the block ran, or None
+    config: ModelConfig
+    train: bool
+    trainable: object
 
     def recompute(self, params, i):
         rng = _generator_at(self.rng_state)
@@ -460,6 +469,8 @@ def backward(dh, cache, params, grads, trainable, free_cache=False):
         lowest = trained_blocks[0]
     else:
         lowest = len(c_blocks)  # only ln_f or a head is trained: no block is visited
+    if free_cache:
+        c_blocks[:lowest] = [None] * lowest  # blocks below the lowest trained one are never visited
     dx = _ln_backward(dh, c_lnf, "ln_f", grads, trainable)
     for i in reversed(range(lowest, len(c_blocks))):
         input_grad = input_trained or i > lowest
@@ -470,8 +481,6 @@ def backward(dh, cache, params, grads, trainable, free_cache=False):
             c_blocks[i] = None
         dx = block_backward(dx, c, params, i, grads, trainable, input_grad)
         del c  # block i's activations (recomputed or kept) go here
-    if free_cache:
-        c_blocks[:lowest] = [None] * lowest  # blocks below the lowest trained one are never visited
     if not input_trained:
         return
     dx = ops.dropout_backward(dx, c_drop)
