@@ -184,6 +184,8 @@ def main():
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--limit-gib", type=float, default=24.0, help="the machine's memory the plan is held to")
     ap.add_argument("--headroom-gib", type=float, default=2.0)
+    ap.add_argument("--context-for-batches", type=int, default=1024,
+                    help="the context of the plan-only table of the largest batch that fits at XL")
     ap.add_argument("--out", default="benchmarks/memory_wall.json")
     ap.add_argument("--figure", default="figures/memory_wall.png")
     args = ap.parse_args()
@@ -224,6 +226,7 @@ def main():
                             m["rss_step_over_plan"] = (m["rss_step_peak"] - m["rss_at_start"]) / p.total
                 cells.append(cell)
                 print(json.dumps({k: v for k, v in cell.items() if k != "plan"}), flush=True)
+    largest = largest_batches(limit, args.context_for_batches)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                          f"{_total_bytes() / GIB:.1f} GiB",
@@ -231,13 +234,27 @@ def main():
               "blas_threads": blas_threads(), "limit_bytes": limit,
               "note": "step times taken under load (the machine's 2 cores are shared by other sessions); "
                       "weights are random (no download)",
-              "loss_chunk_bytes": ops.LOSS_CHUNK_BYTES, "cells": cells}
+              "loss_chunk_bytes": ops.LOSS_CHUNK_BYTES, "cells": cells, "largest_batches": largest}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     if args.figure:
         figure(result).savefig(args.figure, dpi=120)
     print(tables(result))
     print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))
+
+
+def largest_batches(limit, context, size="gpt2-xl", methods_=("lora", "qlora", "dora"), most=256):
+    """By the plan only: the largest batch of `context` tokens whose step fits limit bytes, per method,
+    without and with activation checkpointing (0: not even one sequence)."""
+    rows = []
+    for method in methods_:
+        row = {"size": size, "method": method, "context": context}
+        for ckpt in (False, True):
+            fits = [b for b in range(1, most + 1)
+                    if memplan.plan(memplan.SIZES[size], method, b, context, ckpt).total <= limit]
+            row["checkpointed" if ckpt else "plain"] = max(fits, default=0)
+        rows.append(row)
+    return rows
 
 
 def _total_bytes():
@@ -321,9 +338,18 @@ def terms_table(result, size="gpt2-xl"):
     return "\n".join(lines)
 
 
+def batches_table(result):
+    """The largest batch that fits the limit at XL, by the plan, without and with checkpointing."""
+    lines = [f"| method (GPT-2 XL, context {result['largest_batches'][0]['context']}) | largest batch, plain | "
+             "largest batch, checkpointed |", "|---|---:|---:|"]
+    for r in result["largest_batches"]:
+        lines.append(f"| {r['method']} | {r['plain']} | {r['checkpointed']} |")
+    return "\n".join(lines)
+
+
 def tables(result):
-    """docs/hardware.md's two memory-wall tables, from a memory_wall.json."""
-    return markdown_table(result) + "\n\n" + terms_table(result)
+    """docs/hardware.md's three memory-wall tables, from a memory_wall.json."""
+    return markdown_table(result) + "\n\n" + terms_table(result) + "\n\n" + batches_table(result)
 
 
 if __name__ == "__main__":
