@@ -4,7 +4,8 @@
                                      [--methods full,lora,qlora] [--batch 1] [--context 256]
                                      [--limit-gib 24] [--headroom-gib 2]
                                      [--out benchmarks/memory_wall.json] [--figure figures/memory_wall.png]
-    python benchmarks/memory_wall.py --table     (docs/hardware.md's table, from the committed json)
+    python benchmarks/memory_wall.py --table     (docs/hardware.md's tables, from the committed json)
+    python benchmarks/memory_wall.py --plot [JSON [PNG]]   (the figure again, from a json)
     python benchmarks/memory_wall.py --cell SIZE METHOD BATCH CONTEXT CKPT   (one cell, in a child: prints JSON)
 
 For each size, method and activation checkpointing (off, on) it makes the plan (minilora.memplan). A cell
@@ -264,6 +265,7 @@ def _total_bytes():
 
 def figure(result):
     """Peak memory against parameters, one curve per method and checkpointing, the limit drawn; log y."""
+    import matplotlib.ticker
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 4.8))
@@ -287,17 +289,22 @@ def figure(result):
             ax.plot([params[c["size"]] for c in refused], [c["plan_total"] / GIB for c in refused], "x",
                     color=colors.get(method), ms=9, mew=2)
     ax.axhline(24, color="k", lw=1)
-    ax.text(params[sizes[0]], 24 * 1.08, "24 GiB (this machine; a consumer GPU)", fontsize=8)
+    ax.text(params[sizes[0]], 24 * 1.06, "24 GiB: this machine (and a consumer GPU)", fontsize=8)
+    usable = result["limit_bytes"] / GIB
+    ax.axhline(usable, color="k", lw=0.8, ls=":")
+    ax.text(params[sizes[0]], usable * 0.86, f"{usable:g} GiB: the limit the plan is held to (2 GiB headroom)",
+            fontsize=7)
     ax.set_yscale("log")
     ax.set_xscale("log")
     ax.set_xticks(list(params.values()), [f"{s}\n{params[s]:.2f} B" for s in sizes], fontsize=8)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("model (parameters)")
     ax.set_ylabel("peak memory of one step (GiB)")
     ax.set_title(f"The memory wall: full fine-tuning passes 24 GiB first (batch {result['cells'][0]['batch']}, "
-                 f"context {result['cells'][0]['context']})\nlines: plan (dashed: activation checkpointing); "
-                 f"markers: measured RSS peak of the process; x: refused by the plan", fontsize=9)
-    ax.set_ylim(top=48)
-    ax.legend(fontsize=7, ncol=2)
+                 f"context {result['cells'][0]['context']})\nlines: the plan (dashed: checkpointed); markers: "
+                 f"measured RSS peak; x: refused by the plan", fontsize=9)
+    ax.set_ylim(top=40)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     return fig
 
@@ -356,6 +363,10 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--cell"]:
         size, method, batch, context, ckpt = sys.argv[2:7]
         run_cell(size, method, int(batch), int(context), bool(int(ckpt)))
+    elif sys.argv[1:2] == ["--plot"]:  # redraw the figure from a json: --plot [JSON [PNG]]
+        paths = sys.argv[2:] + ["benchmarks/memory_wall.json", "figures/memory_wall.png"][len(sys.argv[2:]):]
+        with open(paths[0]) as f:
+            figure(json.load(f)).savefig(paths[1], dpi=120)
     elif sys.argv[1:] == ["--table"]:
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_wall.json")) as f:
             print(tables(json.load(f)))
