@@ -565,14 +565,14 @@ def cross_entropy_backward(dloss, cache):
     return p.reshape(shape)
 
 
-LOSS_CHUNK_BYTES = 32 * 2**20  # bytes of logits one chunk of the LM head's loss holds (one (rows, V) buffer)
+LOSS_CHUNK_BYTES = 32 * 2**20  # bytes one chunk of the LM head's loss works in: its two (rows, V) buffers
 
 
 def loss_chunk_rows(V, itemsize, budget=None):
-    """Rows (tokens) per chunk of tied_head_cross_entropy: as many V-wide rows of logits as fit
-    budget bytes (LOSS_CHUNK_BYTES unless given), at least one."""
+    """Rows (tokens) per chunk of tied_head_cross_entropy: as many as fit two (rows, V) buffers (the
+    chunk's logits and their exponentials) in budget bytes (LOSS_CHUNK_BYTES unless given), at least one."""
     budget = LOSS_CHUNK_BYTES if budget is None else budget
-    return max(1, int(budget) // (int(V) * int(itemsize)))
+    return max(1, int(budget) // (2 * int(V) * int(itemsize)))
 
 
 def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True, param_grads=True,
@@ -581,10 +581,13 @@ def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True,
 
     The same loss as linear_forward(h, wte) then cross_entropy_forward:
         loss = -sum_i m_i log softmax(h_i @ wte.T)[targets_i] / sum_i m_i
-    computed chunk_rows tokens at a time in one reused (chunk_rows, V) buffer. The gradients are formed
+    computed chunk_rows tokens at a time in two reused (chunk_rows, V) buffers. The gradients are formed
     in the same pass, while a chunk's logits exist (a fused loss, as CS231n's softmax_loss returns
     (loss, dx)); the backward only scales them by dloss. Per chunk c of rows:
         dz_c = m_c (softmax(z_c) - onehot(t_c)) / sum(m)      (rows, V), in the logits' buffer
+    Each line computes what cross_entropy_forward / _backward compute, in the same order, so with one
+    chunk (every token's logits fit LOSS_CHUNK_BYTES) the numbers are theirs bit for bit; more chunks
+    change only the order of the sums over tokens (float rounding).
         dh_c = dz_c @ wte                                     (rows, C)
         dwte += dz_c^T h_c                                    (V, C), accumulated chunk by chunk
 
@@ -627,22 +630,22 @@ def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True,
     dh = xp.empty_like(hf) if input_grad else None
     dwte = scratch = vocab_rows = None
     z = xp.empty((min(rows, N), V), dtype=h.dtype)  # one chunk's logits, reused by every chunk
+    e = xp.empty_like(z)  # and their exponentials
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
-        zc, hc, tc = z[:r1 - r0], hf[r0:r1], t[r0:r1]
+        zc, ec, hc, tc = z[:r1 - r0], e[:r1 - r0], hf[r0:r1], t[r0:r1]
         xp.matmul(hc, wte.T, out=zc)  # logits, (rows, V)
         # log softmax(z)[t] = zs[t] - log sum exp(zs), with zs = z - max(z) (stable)
         zc -= zc.max(axis=-1, keepdims=True)
         picked = zc[xp.arange(r1 - r0), tc]  # zs at the targets, (rows,)
-        xp.exp(zc, out=zc)
-        sums = zc.sum(axis=-1)  # (rows,)
-        nll = xp.log(sums)
-        nll -= picked  # -log p(target) = lse - zs[t]
+        lse = xp.log(xp.exp(zc, out=ec).sum(axis=-1))  # (rows,), log sum exp
+        nll = lse - picked  # -log p(target)
         loss += (nll * m[r0:r1]).sum()
         if not (input_grad or param_grads):
             continue
-        # dz = m_i (softmax - onehot(t_i)) / sum(m), written over the chunk's logits
-        zc /= sums[:, None]
+        # dz = m_i (softmax - onehot(t_i)) / sum(m), softmax = exp(zs - lse), written over the chunk's logits
+        zc -= lse[:, None]
+        xp.exp(zc, out=zc)
         zc[xp.arange(r1 - r0), tc] -= 1.0
         zc *= weight[r0:r1, None]
         if input_grad:

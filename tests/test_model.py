@@ -290,7 +290,7 @@ def test_lm_loss_in_chunks_equals_one_chunk(monkeypatch):
     mask[0, 0] = 1.0
     batch = {"x": x, "y": y, "mask": mask}
     one, g_one = model.loss_and_grads(params, TINY, batch, trainable=set(params))
-    monkeypatch.setattr(ops, "LOSS_CHUNK_BYTES", 5 * TINY.vocab_size * 8)
+    monkeypatch.setattr(ops, "LOSS_CHUNK_BYTES", 2 * 5 * TINY.vocab_size * 8)
     assert ops.loss_chunk_rows(TINY.vocab_size, 8) == 5 and x.size % 5
     chunked, g = model.loss_and_grads(params, TINY, batch, trainable=set(params))
     assert abs(chunked - one) < 1e-12

@@ -33,8 +33,8 @@ def test_a_step_holds_what_its_terms_add_up_to(step_peak, name, checkpoint):
 
 @pytest.mark.parametrize("name", ["full", "lora"])
 def test_a_step_never_holds_the_whole_logits(step_peak, name, monkeypatch):
-    # chunks of 64 tokens' logits (0.5 MB) of the 256 tokens' (B, T, V) logits (2 x 128 x 2000 float32, 2 MB)
-    monkeypatch.setattr(ops, "LOSS_CHUNK_BYTES", 64 * 2000 * 4)
+    # chunks of 64 tokens (two 0.5 MB buffers) of the 256 tokens' (B, T, V) logits (2 x 128 x 2000 float32, 2 MB)
+    monkeypatch.setattr(ops, "LOSS_CHUNK_BYTES", 2 * 64 * 2000 * 4)
     row = step_peak.measure(name, CONFIG, 2)
     logits = 2 * 128 * 2000 * 4
     dwte = 2000 * 128 * 4 if name == "full" else 0  # full fine-tuning's head forms dwte, a gradient, in the op
