@@ -13,7 +13,8 @@ reports the terms held at the largest:
                  (model.backward drops each block's cache once used)
     transient    the buffers of the op running then beyond what it keeps: a block's backward (the
                  gradients it holds at once), QLoRA's one dequantized W, AdamW's two scratch arrays
-    logits       the LM head's one reused (rows, V) chunk of logits (ops.loss_chunk_rows: LOSS_CHUNK_BYTES)
+    logits       the LM head's two reused (rows, V) buffers, a chunk's logits and their exponentials
+                 (ops.loss_chunk_rows: both within LOSS_CHUNK_BYTES)
 
 What a block keeps (dimension legend: N = B T tokens, C channels, F = d_ff, NH heads, r LoRA's rank):
 
@@ -278,7 +279,7 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     head_grads = sum(g for n, g in grad.items() if not n.startswith("h.") and n not in ("wte", "wpe", "prompt"))
     wte = "wte" in trainable
     rows = ops.loss_chunk_rows(V, f)
-    chunk = 0 if classification else min(rows, N) * V
+    chunk = 0 if classification else 2 * min(rows, N) * V  # the chunk's logits and their exponentials
     outer = 2 * Nb * C + (Nb * C if method == "prompt" else 0)  # dh, the incoming dx (and dh with the prompt)
     transient = block_transient(cfg, method, B, Tb)
     dequant = 0
