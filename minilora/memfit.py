@@ -52,7 +52,7 @@ def available_memory(xp=None, limit=None, already_held=0):
     if limit is not None:
         return parse_size(limit), "set by --memory-limit"
     if os.environ.get(LIMIT_ENV):
-        return parse_size(os.environ[LIMIT_ENV], LIMIT_ENV), f"set by {LIMIT_ENV}"
+        return parse_size(os.environ.get(LIMIT_ENV), LIMIT_ENV), f"set by {LIMIT_ENV}"
     if xp is not None and getattr(xp, "__name__", "") == "cupy":
         free, _ = xp.cuda.runtime.memGetInfo()
         return int(free + xp.get_default_memory_pool().free_bytes() + already_held), "free on the GPU"
