@@ -10,8 +10,8 @@ For each strategy it reports, in bytes:
 - gradients: the arrays the backward returns (trainable names only);
 - optimizer: AdamW's two moments (trainable names only);
 - activations: the arrays the forward keeps for the backward, i.e. the sum of
-  the distinct buffers in the forward's cache (model blocks, tied head and
-  loss), parameters excluded; views are counted once, at their base buffer;
+  the distinct buffers in the forward's cache (the blocks, ln_f; the chunked LM
+  loss keeps no logits), parameters excluded; views are counted once, at their base buffer;
 - formula: the seed's estimate, weights + gradients + optimizer states +
   activations, with gradients and states = trainable parameters x 4 bytes x (1, 2);
 - peak: the highest memory NumPy held during one step (loss, backward,
@@ -27,7 +27,7 @@ import tracemalloc
 
 import numpy as np
 
-from minilora import model, ops, optim
+from minilora import model, optim
 
 from speed import BATCH, build, loss_and_grads, make_batch, model_config, update
 
@@ -35,12 +35,11 @@ STRATEGIES = ("full", "lora", "qlora", "dora", "prompt", "prefix", "ia3")
 
 
 def forward_cache(params, config, batch, trainable):
-    """Everything the forward keeps for the backward (model.forward + head + loss), as the
-    training step keeps it: a frozen linear keeps no input (model.forward's `trainable`)."""
-    h, cache = model.forward(params, config, batch["x"], trainable=trainable)
-    logits, c_head = ops.linear_forward(h, params["wte"], frozen="wte" not in trainable)
-    _, c_ce = ops.cross_entropy_forward(logits, batch["y"], batch["mask"])
-    return (cache, c_head, c_ce)
+    """Everything the forward keeps for the backward, as the training step keeps it: model.forward's
+    cache, where a frozen linear keeps no input (model.forward's `trainable`). The LM head's loss
+    (ops.tied_head_cross_entropy_forward) keeps no logits: it forms its gradients chunk by chunk."""
+    _, cache = model.forward(params, config, batch["x"], trainable=trainable)
+    return cache
 
 
 def _root(a):

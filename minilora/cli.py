@@ -4,7 +4,8 @@
     minilora gradcheck     every hand-written derivative against finite differences
     minilora pretrain      phase 1: next-token training on the toy corpus (or your text)
     minilora generate      sample text from a checkpoint (plus --adapter)
-    minilora finetune      phase 2: --method full | lora | prompt
+    minilora finetune      phase 2: --method full | lora | prompt | ... (refused in one line if its memory plan cannot fit)
+    minilora memory        the memory plan of one training step (GPT-2 small..XL or a run), term by term
     minilora evaluate      a fine-tuned run's task score on its own held-out split, and forgetting
     minilora merge         fold a LoRA run's adapters into W, save a plain model
     minilora import-hf     a Hugging Face GPT-2 folder as a run
@@ -355,6 +356,7 @@ def _finetune_config(args, saved_train=None):
                       targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, rslora=args.rslora,
                       init=args.lora_init, **variant),
         n_prompt=args.n_prompt, prompt_init=args.prompt_init, n_prefix=args.n_prefix,
+        checkpoint_activations=args.checkpoint_activations,
         train=replace(d.train, steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
                       warmup_steps=_warmup(args, d.train.warmup_steps, saved_train), eval_every=args.steps,
                       checkpoint_every=args.checkpoint_every, seed=args.seed),
@@ -423,7 +425,7 @@ def _with_dropout(settings, dropout):
 
 def _cmd_finetune(args):
     from .evaluation import corpus_val_data
-    from .finetune import finetune, load_data, run_meta, setup_strategy
+    from .finetune import check_memory, finetune, load_data, run_meta, setup_strategy
     from .runs import claim_run_dir, free_run_dir
     from .train import check_resume
 
@@ -449,6 +451,12 @@ def _cmd_finetune(args):
     if args.adapter is None:
         params, model_config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args))
     data = load_data(model_config, tokenizer, config)
+    _check_checkpointing(config.checkpoint_activations)
+    # the memory plan of one step, before the method is set up (full fine-tuning's copy, QLoRA's
+    # quantization) or anything is written: a run that cannot fit is refused here, in one line
+    held = list(params.values()) + (list(start.values()) if start is not None else [])
+    check_memory(model_config, tokenizer, config, data, _xp(args), args.memory_limit,
+                 already_held=sum(int(a.nbytes) for a in held))
     if start is not None:  # the adapter's arrays are this run's trainable names at their shapes
         try:
             setup_strategy(params, model_config, tokenizer, config, len(data[2]) if data[2] else None, start)
@@ -474,6 +482,56 @@ def _cmd_finetune(args):
           f"optimizer state {s['optimizer_state_bytes']:,} bytes; {s['wall_s']:.1f} s")
     saves_adapter = methods.method(config.method).saves_adapter
     print(f"run: {out}" + (f"  adapter: {os.path.join(out, 'adapter.npz')}" if saves_adapter else ""))
+    return 0
+
+
+def _check_checkpointing(wanted):
+    from .memfit import checkpointing_available
+
+    if wanted and not checkpointing_available():
+        raise ValueError("--checkpoint-activations: expected a model with activation checkpointing "
+                         "(model.loss_and_grads(checkpoint_activations=...)), got one without")
+
+
+def _cmd_memory(args):
+    from .finetune import FinetuneConfig
+    from .memfit import available_memory, fitting_options, format_bytes, refusal_line
+    from .memplan import SIZES, plan
+
+    if (args.size is None) == (args.run is None):
+        raise ValueError(f"--size, --run: expected exactly one, got "
+                         f"{'both' if args.size is not None else 'neither'}")
+    if args.size is not None:
+        config, what = SIZES[args.size], args.size
+    else:
+        _, config, _, _ = _load_model(args.run, "--run")
+        config, what = replace(config, lora=None, n_prefix=0), args.run
+    context = args.context if args.context is not None else min(256, config.context_length)
+    if context > config.context_length:
+        raise ValueError(f"--context: expected at most the model's context_length={config.context_length}, "
+                         f"got {context}")
+    _check_checkpointing(args.checkpoint_activations)
+
+    def plan_of(batch, method, ckpt):
+        return plan(config, method, batch, context, ckpt, settings=FinetuneConfig(method=method))
+
+    p = plan_of(args.batch, args.method, args.checkpoint_activations)
+    print(f"memory plan: one {args.method} step of {what} ({config.n_layers} layers, d_model {config.d_model}, "
+          f"vocab {config.vocab_size}), batch {args.batch}, context {context}"
+          f"{', activation checkpointing' if args.checkpoint_activations else ''}; float32")
+    print(f"  trainable {p.trainable_params:,} of {p.total_params:,} parameters; the peak falls in: {p.phase}")
+    for name, value in p.terms.items():
+        print(f"  {name:12s} {format_bytes(value):>12s}")
+    print(f"  {'total':12s} {format_bytes(p.total):>12s}")
+    available, where = available_memory(_xp(args), args.memory_limit)
+    if available is None:
+        print("available memory: unknown")
+    elif p.total <= available:
+        print(f"fits: {format_bytes(p.total)} of the {format_bytes(available)} {where}")
+    else:
+        total_of = lambda b, m, ck: plan_of(b, m, ck).total  # noqa: E731
+        options = fitting_options(total_of, args.batch, args.method, args.checkpoint_activations, available)
+        print("does not fit: " + refusal_line(p, available, where, options))
     return 0
 
 
@@ -771,7 +829,8 @@ def build_parser():
 
     s = sub.add_parser("gradcheck", parents=[common],
                        help="check every backward against finite differences (float64)")
-    s.add_argument("--groups", nargs="+", choices=["ops", "model"], default=None, help="default: all")
+    s.add_argument("--groups", nargs="+", choices=["ops", "model", "checkpoint"], default=None,
+                   help="default: all (checkpoint: the model's backward under activation checkpointing)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=0)
     s.set_defaults(func=_cmd_gradcheck)
 
@@ -852,8 +911,29 @@ def build_parser():
     s.add_argument("--prompt-init", choices=["vocab", "random", "text"], default=ft.prompt_init)
     s.add_argument("--n-prefix", type=POSITIVE, default=ft.n_prefix,
                    help="prefix keys and values per attention layer (--method prefix)")
+    s.add_argument("--checkpoint-activations", action="store_true",
+                   help="keep each block's input only and recompute the block in the backward: the same "
+                        "gradients, less memory, one more forward of the blocks")
+    s.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="refuse, before any work, a run whose memory plan exceeds SIZE (e.g. 8GiB; default: "
+                        "the memory available, or $MINILORA_MEMORY_LIMIT)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=ft.seed)
     s.set_defaults(func=_cmd_finetune)
+
+    from .memplan import SIZES as PLAN_SIZES
+
+    s = sub.add_parser("memory", parents=[common],
+                       help="the memory plan of one training step, term by term, and whether it fits")
+    s.add_argument("--size", choices=list(PLAN_SIZES), default=None, help="one of GPT-2's shapes")
+    s.add_argument("--run", type=_path, default=None, help="or the model of a run folder or checkpoint")
+    s.add_argument("--method", choices=list(methods.METHODS), default=ft.method)
+    s.add_argument("--batch", type=POSITIVE, default=1, help="sequences per step")
+    s.add_argument("--context", type=POSITIVE, default=None, help="tokens per sequence (default: 256, or less "
+                   "when the model's context is shorter)")
+    s.add_argument("--checkpoint-activations", action="store_true", help="plan with activation checkpointing")
+    s.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="the memory to fit (default: available memory, or $MINILORA_MEMORY_LIMIT)")
+    s.set_defaults(func=_cmd_memory)
 
     s = sub.add_parser("evaluate", parents=[common],
                        help="score a run on its own held-out split, and its pretraining-corpus loss")

@@ -65,6 +65,9 @@ class FinetuneConfig:
     n_prefix: int = 16  # prefix keys and values per attention layer (prefix tuning)
     train: TrainConfig = None  # None: TrainConfig(steps=600, lr=DEFAULT_LR[method], ...)
     seed: int = 0
+    # keep each block's input only and recompute the block in the backward (model.loss_and_grads): the
+    # same gradients bit for bit, so it is no part of the run's description (run_description leaves it out)
+    checkpoint_activations: bool = False
 
     def __post_init__(self):
         m = methods.method(self.method)  # ValueError naming the choices
@@ -79,6 +82,8 @@ class FinetuneConfig:
             self.train = TrainConfig(steps=600, batch_size=16, lr=DEFAULT_LR[self.method],
                                      min_lr=DEFAULT_LR[self.method] / 10, warmup_steps=20,
                                      weight_decay=0.0, eval_every=100, checkpoint_every=100)
+        if not isinstance(self.checkpoint_activations, bool):
+            raise ValueError(f"checkpoint_activations: expected True or False, got {self.checkpoint_activations!r}")
         for name in ("n_train", "n_test"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -184,6 +189,36 @@ def load_data(model_config, tokenizer, config):
     return train_records, test_records, class_names
 
 
+def memory_plan(model_config, tokenizer, config, data):
+    """memplan.plan of one training step of this run: its method and settings, batch_size records of the
+    longest record's length (capped at the context), the base weights held beside (base_kept)."""
+    from .memplan import plan
+
+    train_records, test_records, _ = data
+    kind = "classification" if config.is_classification else "instruction"
+    longest = max(tasks.record_positions(r, kind, tokenizer) for r in train_records + test_records)
+    return plan(model_config, config.method, config.train.batch_size, min(longest, model_config.context_length),
+                config.checkpoint_activations, settings=config, base_kept=True,
+                classification=config.is_classification)
+
+
+def check_memory(model_config, tokenizer, config, data, xp=None, limit=None, already_held=0):
+    """memory_plan against the memory available (memfit.available_memory; limit: a size such as "50MB"):
+    MemoryPlanError (a ValueError, one line naming the largest term and the options that would fit, each
+    checked by the plan) when it does not fit. already_held: bytes of the base weights already loaded (the
+    plan counts them; the machine's free memory no longer does). Returns the plan."""
+    from .memfit import check_fits
+
+    def total_of(batch, method, checkpoint_activations):
+        c = replace(config, method=method, checkpoint_activations=checkpoint_activations,
+                    train=replace(config.train, batch_size=batch))
+        return memory_plan(model_config, tokenizer, c, data).total
+
+    p = memory_plan(model_config, tokenizer, config, data)
+    check_fits(p, total_of, xp, limit, already_held)
+    return p
+
+
 def task_name(config):
     """The built-in task a run trains on; None for a file of instruction records ("kind" for a file of labels)."""
     return config.task if config.data_file is None or config.is_classification else None
@@ -248,6 +283,7 @@ def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_dat
     # the pretrained model's task score and corpus loss, before any fine-tuning
     before_params, before_config, _ = setup_strategy(base_params, model_config, tokenizer, config, n_classes, start)
     metric_before = score(before_params, before_config, tokenizer, test_records, class_names, config.end_marker)
+    del before_params  # a second copy of the weights under full fine-tuning: not held through training
     val_before = strided_val_loss(base_params, model_config, val_data) if val_data is not None else None
 
     meta = run_meta(base_params, model_config, tokenizer, config, class_names, continued_from)
@@ -255,7 +291,8 @@ def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_dat
         tokenizer.save(run_dir)  # the run folder holds what its checkpoint's ids mean
     t0 = time.perf_counter()
     history, state = train(params, trainable, ft_config, batches, config.train, run_dir=run_dir, meta=meta,
-                           resume=resume, desc=f"finetune {config.method}")
+                           resume=resume, desc=f"finetune {config.method}",
+                           checkpoint_activations=config.checkpoint_activations)
     wall = time.perf_counter() - t0
     metric = score(params, ft_config, tokenizer, test_records, class_names, config.end_marker)
     val_after = strided_val_loss(params, ft_config, val_data) if val_data is not None else None
@@ -317,7 +354,7 @@ def finished_summary(run_dir, base_params, config):
 def run_description(config):
     """What a run's metadata keeps so its split can be rebuilt exactly: task or
     data file (with its SHA-256), seed, split sizes, and the prompt settings."""
-    d = {k: v for k, v in asdict(config).items() if k not in ("lora", "train")}
+    d = {k: v for k, v in asdict(config).items() if k not in ("lora", "train", "checkpoint_activations")}
     if d["n_prefix"] == FinetuneConfig.n_prefix:
         del d["n_prefix"]  # added later: at its default a run is described as before, so finished runs stay found
     if config.data_file is not None:

@@ -187,6 +187,12 @@ def _op_checks(rng, xp=np):
     mask = dev(mask)
     res += check_op("cross_entropy", lambda z: ops.cross_entropy_forward(z, targets, mask),
                     ops.cross_entropy_backward, {"logits": 2.0 * n((B, T, V))}, {"logits": 0}, rng)
+    # the tied LM head's chunked loss: B * T = 10 tokens in chunks of 4 (the last one partial), masked positions
+    for name, kwargs in (("tied_head_cross_entropy (chunked)", {"chunk_rows": 4}),
+                         ("tied_head_cross_entropy (one chunk)", {})):
+        res += check_op(name, lambda h, w, kw=kwargs: ops.tied_head_cross_entropy_forward(h, w, targets, mask, **kw),
+                        ops.tied_head_cross_entropy_backward, {"h": n((B, T, C)), "wte": n((V, C))},
+                        {"h": 0, "wte": 1}, rng)
     for m in methods.METHODS.values():  # each method's own op pairs (LoRA's linear, ...)
         if m.op_checks is not None:
             res += m.op_checks(rng, xp)
@@ -238,8 +244,15 @@ def check_model(op, loss_fn, params, trainable, rng):
     return results
 
 
-def _model_checks(rng, xp=np):
-    """The whole model: every parameter, under every method, for both heads (parameters moved to xp)."""
+def _model_checks(rng, xp=np, checkpoint_activations=False):
+    """The whole model: every parameter, under every method, for both heads (parameters moved to xp).
+
+    checkpoint_activations: the backward that recomputes each block (model.loss_and_grads's option),
+    checked with dropout on: every loss evaluation draws its masks from a generator at the same seed,
+    so the loss is a smooth function of the parameters and the recomputed masks must be the same.
+    """
+    from dataclasses import replace
+
     from . import model
 
     config, base = tiny_model(rng)
@@ -254,22 +267,32 @@ def _model_checks(rng, xp=np):
     with_head["cls.b"] = 0.4 * rng.standard_normal(3)
 
     def loss(cfg, batch):
-        return lambda p, tr: model.loss_and_grads(p, cfg, batch, tr)
+        if not checkpoint_activations:
+            return lambda p, tr: model.loss_and_grads(p, cfg, batch, tr)
+        cfg = replace(cfg, dropout=0.1)
+        return lambda p, tr: model.loss_and_grads(p, cfg, batch, tr, rng=np.random.default_rng(11), train=True,
+                                                  checkpoint_activations=True)
 
+    label = "checkpointed model" if checkpoint_activations else "model"
     res = []
     for name, m in methods.METHODS.items():
         # each method at its own random non-degenerate point (e.g. LoRA's B != 0), on a model with a head;
         # the LM loss never reads the head, so the LM check trains the method's names only
         params, cfg, trainable = m.gradcheck_setup(dict(with_head), config, rng)
         params = model.params_to(params, xp)
-        res += check_model(f"model: {name}, LM", loss(cfg, {"x": x, "y": y, "mask": mask}), params,
+        res += check_model(f"{label}: {name}, LM", loss(cfg, {"x": x, "y": y, "mask": mask}), params,
                            trainable - set(model.HEAD_NAMES), rng)
-        res += check_model(f"model: {name}, classifier", loss(cfg, {"x": x, "last": last, "labels": labels}),
+        res += check_model(f"{label}: {name}, classifier", loss(cfg, {"x": x, "last": last, "labels": labels}),
                            params, trainable | set(model.HEAD_NAMES), rng)
     return res
 
 
-CHECKS = {"ops": _op_checks, "model": _model_checks}
+def _checkpointed_model_checks(rng, xp=np):
+    """The whole model with activation checkpointing and dropout: every method, both heads."""
+    return _model_checks(rng, xp, checkpoint_activations=True)
+
+
+CHECKS = {"ops": _op_checks, "model": _model_checks, "checkpoint": _checkpointed_model_checks}
 
 
 def run_checks(groups=None, seed=0, xp=np):

@@ -30,6 +30,11 @@ every other linear is the plain pair. The backward runs the pair the forward cho
 Likewise a block's attention is asked once, in `_attention_forward`, of
 methods.attention_pair(config): causal attention, or with config.n_prefix > 0
 the attention with prefix columns.
+
+Memory. The LM head's loss runs over the tokens in chunks (ops.tied_head_cross_entropy_forward):
+the (B, T, V) logits never exist at once. With checkpoint_activations the forward keeps only each
+block's input (BlockCheckpoint) and the backward recomputes the block just before its backward; the
+training step's backward drops each block's cache as soon as that block's backward is done.
 """
 
 import math
@@ -239,10 +244,6 @@ def _keep(grads, trainable, prefix, **named):
             grads[f"{prefix}.{name}"] = g
 
 
-def _add(grads, name, g):
-    grads[name] = g if name not in grads else grads[name] + g
-
-
 def _qkv_forward(params, config, p, a, rng, train, trainable):
     """q, k, v = the three projections of a (B, T, C), and their caches.
 
@@ -315,37 +316,47 @@ def block_backward(dx, cache, params, i, grads, trainable, input_grad=True):
     c_ln1, c_qkv, c_att, c_o, c_do, c_ln2, c_fc, c_gelu, c_proj, c_dr = cache
     p = f"h.{i}."
     # in the forward pass this was: x = x + r, so dx reaches both x and r
+    # each gradient buffer is dropped (del) as soon as the next one is made from it, so the backward
+    # of a block holds at most two of them at once, (B, T, F) ones included
     dr = ops.dropout_backward(dx, c_dr)
     dg = _linear_backward(dr, c_proj, p + "mlp.proj", params, grads, trainable)
+    del dr
     df = ops.gelu_backward(dg, c_gelu)
+    del dg
     dm = _linear_backward(df, c_fc, p + "mlp.fc", params, grads, trainable)
+    del df
     dx_ln2 = _ln_backward(dm, c_ln2, p + "ln_2", grads, trainable)
+    del dm
     dx_ln2 += dx  # dx = dx + dx_ln2, summed in ln_2's fresh buffer (dx is the caller's)
     dx = dx_ln2
+    del dx_ln2
     # x = x + o
     do = ops.dropout_backward(dx, c_do)
     dy = _linear_backward(do, c_o, p + "attn.o", params, grads, trainable)
+    del do
     # q, k, v need their gradients when their own weights, or anything below them, train
     qkv_grad = input_grad or any(_trains(trainable, p + n) for n in ("ln_1.", "attn.q.", "attn.k.", "attn.v."))
     dqkv = _attention_backward(dy, c_att, p + "attn", grads, trainable, qkv_grad)
+    del dy
     if not qkv_grad:
         return None  # only the attention's own parameters (a prefix) train here: no dq, dk, dv at all
-    dq, dk, dv = dqkv
     if not input_grad and not _trains(trainable, p + "ln_1."):
         # a = ln_1(x) leads only to frozen weights and the untrained input: its
         # gradient, the three dx products of q, k, v and the ln_1 backward are all
         # skipped; only the q, k, v parameters' own gradients are computed
-        _qkv_backward((dq, dk, dv), c_qkv, p, params, grads, trainable, input_grad=False)
+        _qkv_backward(dqkv, c_qkv, p, params, grads, trainable, input_grad=False)
         return None
-    da = _qkv_backward((dq, dk, dv), c_qkv, p, params, grads, trainable)
+    da = _qkv_backward(dqkv, c_qkv, p, params, grads, trainable)
+    del dqkv
     dx_ln1 = _ln_backward(da, c_ln1, p + "ln_1", grads, trainable)
+    del da
     if not input_grad:
         return None
     dx_ln1 += dx  # dx = dx + dx_ln1, in ln_1's fresh buffer
     return dx_ln1
 
 
-def forward(params, config, ids, rng=None, train=False, trainable=None):
+def forward(params, config, ids, rng=None, train=False, trainable=None, checkpoint_activations=False):
     """Token ids to final hidden states.
 
     Inputs:
@@ -358,6 +369,9 @@ def forward(params, config, ids, rng=None, train=False, trainable=None):
       (keep every activation). Given, a frozen linear's input is not kept in its
       cache (only its dW would read it): under LoRA or prompt tuning the MLP's
       inputs, the largest activations, are freed as soon as they are used.
+    - checkpoint_activations: keep only each block's input (B, T', C) and the
+      generator's state before it (BlockCheckpoint); the backward recomputes
+      the block's forward, the same masks drawn again, just before its backward
 
     Returns h (B, T, C), the hidden states of the real tokens after ln_f, and
     a cache. With a soft prompt (params["prompt"], (P, C)) the P prompt vectors
@@ -384,14 +398,57 @@ def forward(params, config, ids, rng=None, train=False, trainable=None):
     x, c_drop = ops.dropout_forward(x, config.dropout if train else 0.0, rng)
     c_blocks = []
     for i in range(config.n_layers):
-        x, c = block_forward(params, i, x, config, rng, train, trainable)
-        c_blocks.append(c)
+        if checkpoint_activations:
+            kept = BlockCheckpoint(x, _generator_state(rng), config, train, trainable)
+            x = block_forward(params, i, x, config, rng, train, trainable)[0]  # its cache is dropped here
+            c_blocks.append(kept)
+        else:
+            x, c = block_forward(params, i, x, config, rng, train, trainable)
+            c_blocks.append(c)
     h, c_lnf = ops.layer_norm_forward(x, params["ln_f.g"], params["ln_f.b"])
     return h[:, P:], (c_emb, c_drop, c_blocks, c_lnf, P, T)
 
 
-def backward(dh, cache, params, grads, trainable):
-    """Mirror of forward. dh (B, T, C) -> gradients added into grads (trainable names only)."""
+@dataclass
+class BlockCheckpoint:
+    """What a checkpointed forward keeps of block i: its input x (B, T', C), the generator's state
+    before the block drew its dropout masks, and the settings of that call (config, train, trainable).
+    `recompute` runs the block's forward again and returns the cache block_forward returned then:
+    the same ops on the same input, the same masks drawn from the same state, so the same numbers."""
+
+    x: object  # (B, T', C), the block's input (T' = P + T with a soft prompt)
+    rng_state: object  # _generator_state(rng) before the block ran, or None
+    config: ModelConfig
+    train: bool
+    trainable: object
+
+    def recompute(self, params, i):
+        rng = _generator_at(self.rng_state)
+        return block_forward(params, i, self.x, self.config, rng, self.train, self.trainable)[1]
+
+
+def _generator_state(rng):
+    """rng's state (a dict), from which _generator_at draws exactly what rng draws next; None for no rng."""
+    return None if rng is None else (type(rng.bit_generator), rng.bit_generator.state)
+
+
+def _generator_at(state):
+    """A new numpy Generator at a state _generator_state saved (None for None)."""
+    if state is None:
+        return None
+    kind, bit_state = state
+    bits = kind()
+    bits.state = bit_state
+    return np.random.Generator(bits)
+
+
+def backward(dh, cache, params, grads, trainable, free_cache=False):
+    """Mirror of forward. dh (B, T, C) -> gradients added into grads (trainable names only).
+
+    A block checkpointed by the forward (BlockCheckpoint) is recomputed right before its backward.
+    free_cache: drop each block's cache from `cache` as soon as its backward is done (the cache
+    cannot be used again then), so the step holds only the caches of the blocks still ahead.
+    """
     c_emb, c_drop, c_blocks, c_lnf, P, T = cache
     xp = array_module(dh)
     if P:
@@ -411,10 +468,18 @@ def backward(dh, cache, params, grads, trainable):
         lowest = trained_blocks[0]
     else:
         lowest = len(c_blocks)  # only ln_f or a head is trained: no block is visited
+    if free_cache:
+        c_blocks[:lowest] = [None] * lowest  # blocks below the lowest trained one are never visited
     dx = _ln_backward(dh, c_lnf, "ln_f", grads, trainable)
     for i in reversed(range(lowest, len(c_blocks))):
         input_grad = input_trained or i > lowest
-        dx = block_backward(dx, c_blocks[i], params, i, grads, trainable, input_grad)
+        c = c_blocks[i]
+        if isinstance(c, BlockCheckpoint):
+            c = c.recompute(params, i)  # block i's forward again, just for this backward
+        if free_cache:
+            c_blocks[i] = None
+        dx = block_backward(dx, c, params, i, grads, trainable, input_grad)
+        del c  # block i's activations (recomputed or kept) go here
     if not input_trained:
         return
     dx = ops.dropout_backward(dx, c_drop)
@@ -427,7 +492,11 @@ def backward(dh, cache, params, grads, trainable):
         dwpe[:T] = dx.sum(axis=0)
         grads["wpe"] = dwpe
     if "wte" in trainable:
-        _add(grads, "wte", ops.embedding_backward(dx, c_emb))
+        dwte = ops.embedding_backward(dx, c_emb)
+        if "wte" in grads:
+            grads["wte"] += dwte  # the head's share, ours (fresh from the loss): summed in place
+        else:
+            grads["wte"] = dwte
 
 
 def _check_ids_on_host(name, ids, n):
@@ -442,7 +511,7 @@ def _check_ids_on_host(name, ids, n):
         raise ValueError(f"{name}: expected ids in [0, {n}), got ids in [{int(ids.min())}, {int(ids.max())}]")
 
 
-def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
+def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False, checkpoint_activations=False):
     """The loss of a batch and the gradients of the trainable names: the one model call.
 
     The batch's keys pick the head:
@@ -456,6 +525,8 @@ def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
     - params, config: the parameters and the ModelConfig they came with
     - trainable: names to compute gradients for; empty gives the loss only
     - rng, train: dropout (see forward)
+    - checkpoint_activations: keep each block's input only and recompute the block in the backward
+      (see forward): less memory, one more forward of the blocks, the same gradients bit for bit
 
     Returns (loss, grads): loss a Python float (mean nats per counted token, or
     per example), grads a dict holding exactly the trainable names.
@@ -463,43 +534,48 @@ def loss_and_grads(params, config, batch, trainable=(), rng=None, train=False):
     methods.check_trainable(params, trainable, config)
     trainable = set(trainable)
     if "labels" in batch:
-        loss, grads = _classifier(params, config, batch, trainable, rng, train)
+        loss, grads = _classifier(params, config, batch, trainable, rng, train, checkpoint_activations)
     elif "y" in batch:
-        loss, grads = _language_model(params, config, batch, trainable, rng, train)
+        loss, grads = _language_model(params, config, batch, trainable, rng, train, checkpoint_activations)
     else:
         raise ValueError(f"batch: expected keys x, y[, mask] (language modelling) or x, last, labels "
                          f"(classification), got {sorted(batch)}")
     return float(loss), grads
 
 
-def _language_model(params, config, batch, trainable, rng, train):
-    """Next-token cross-entropy: logits = h @ wte.T (the head tied to the embedding)."""
+def _language_model(params, config, batch, trainable, rng, train, checkpoint_activations=False):
+    """Next-token cross-entropy: logits = h @ wte.T (the head tied to the embedding).
+
+    The head and its loss run in chunks of tokens (ops.tied_head_cross_entropy_forward): the (B, T, V)
+    logits never exist at once, and the tied embedding's gradient is accumulated chunk by chunk.
+    """
     wte = params["wte"]
     xp = array_module(wte)
-    h, cache = forward(params, config, batch["x"], rng, train, trainable)
-    logits, c_head = ops.linear_forward(h, wte, frozen="wte" not in trainable)  # (B, T, V)
+    h, cache = forward(params, config, batch["x"], rng, train, trainable, checkpoint_activations)
     _check_ids_on_host("y", batch["y"], config.vocab_size)
     mask = batch.get("mask")
     if mask is not None and not hasattr(mask, "get") and not mask.sum() > 0:
         raise ValueError("mask: expected at least one counted position, got a mask of all zeros")
     y = to_device(batch["y"], xp)
     mask = None if mask is None else to_device(mask, xp)
-    loss, c_ce = ops.cross_entropy_forward(logits, y, mask)
+    loss, c_loss = ops.tied_head_cross_entropy_forward(h, wte, y, mask, input_grad=bool(trainable),
+                                                       param_grads="wte" in trainable)
+    del h  # ln_f's output: only the head read it
     grads = {}
     if trainable:
-        dlogits = ops.cross_entropy_backward(1.0, c_ce)
-        dh, dwte_head, _ = ops.linear_backward(dlogits, c_head, param_grads="wte" in trainable)
+        dh, dwte_head = ops.tied_head_cross_entropy_backward(1.0, c_loss)
+        del c_loss
         if "wte" in trainable:
             grads["wte"] = dwte_head  # the embedding's share is added in backward
-        backward(dh, cache, params, grads, trainable)
+        backward(dh, cache, params, grads, trainable, free_cache=True)
     return loss, grads
 
 
-def _classifier(params, config, batch, trainable, rng, train):
+def _classifier(params, config, batch, trainable, rng, train, checkpoint_activations=False):
     """logits = h[b, last[b]] @ cls.W.T + cls.b, cross-entropy against labels."""
     xp = array_module(params["wte"])
     logits, (h, cache, rows, last, c_head) = _class_head(params, config, batch["x"], batch["last"], rng, train,
-                                                                 trainable)
+                                                         trainable, checkpoint_activations)
     _check_ids_on_host("labels", batch["labels"], params["cls.W"].shape[0])
     loss, c_ce = ops.cross_entropy_forward(logits, to_device(batch["labels"], xp))
     grads = {}
@@ -507,15 +583,16 @@ def _classifier(params, config, batch, trainable, rng, train):
         dlogits = ops.cross_entropy_backward(1.0, c_ce)
         dh_last = _linear_backward(dlogits, c_head, "cls", params, grads, trainable)
         dh = xp.zeros_like(h)
+        del h  # ln_f's output: only its shape is needed now
         dh[rows, last] = dh_last  # only the last token fed the head
-        backward(dh, cache, params, grads, trainable)
+        backward(dh, cache, params, grads, trainable, free_cache=True)
     return loss, grads
 
 
-def _class_head(params, config, x, last, rng, train, trainable=None):
+def _class_head(params, config, x, last, rng, train, trainable=None, checkpoint_activations=False):
     """The head on each row's last real token: logits (B, K) and what its backward needs."""
     xp = array_module(params["wte"])
-    h, cache = forward(params, config, x, rng, train, trainable)  # (B, T, C)
+    h, cache = forward(params, config, x, rng, train, trainable, checkpoint_activations)  # (B, T, C)
     last = to_device(last, xp)
     rows = xp.arange(h.shape[0])
     logits, c_head = _linear_forward(params, config, "cls", h[rows, last], rng, train)  # (B, K), plain

@@ -246,40 +246,52 @@ def _blocks(*arrays, size=None):
         yield tuple(a[i:i + size] for a in flat)
 
 
+def _gelu_tanh(xb, tb):
+    """tb = tanh(sqrt(2/pi) (x + 0.044715 x^3)) of one block xb, as tanh(sqrt(2/pi) x (1 + 0.044715 x^2)),
+    built up in tb's buffer (no temporary per operator). The forward and the backward both call it, so the
+    backward's t is the forward's, bit for bit."""
+    xp = array_module(xb)
+    xp.multiply(xb, xb, out=tb)
+    tb *= 0.044715
+    tb += 1.0
+    tb *= xb
+    tb *= _GELU_K
+    xp.tanh(tb, out=tb)
+    return tb
+
+
 def gelu_forward(x):
     """GELU, tanh form (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    Inputs: x (N...). Returns out (N...) and a cache.
+    Inputs: x (N...). Returns out (N...) and a cache that holds x only: the backward computes
+    t = tanh(...) again, one block at a time (as PyTorch's tanh GELU saves only its input), so a
+    block's MLP keeps one (B, T, F) array fewer.
     """
     xp = array_module(x)
     _check_float("x", x)
     x = xp.ascontiguousarray(x)
-    t, out = xp.empty_like(x), xp.empty_like(x)
-    for xb, tb, ob in _blocks(x, t, out):
-        # t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), as tanh(sqrt(2/pi) x (1 + 0.044715 x^2)),
-        # built up in t's buffer (no temporary per operator)
-        xp.multiply(xb, xb, out=tb)
-        tb *= 0.044715
-        tb += 1.0
-        tb *= xb
-        tb *= _GELU_K
-        xp.tanh(tb, out=tb)
+    out = xp.empty_like(x)
+    tmp = xp.empty(min(x.size, _BLOCK), dtype=x.dtype)  # one block of t, reused
+    for xb, ob in _blocks(x, out):
+        tb = _gelu_tanh(xb, tmp[:xb.size])
         # out = 0.5 x (1 + t)
         xp.add(tb, 1.0, out=ob)
         ob *= xb
         ob *= 0.5
-    return out, (x, t)
+    return out, x
 
 
 def gelu_backward(dout, cache):
     """Returns dx = dout * [0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)]."""
-    x, t = cache
+    x = cache
     xp = array_module(x)
     dout = xp.ascontiguousarray(dout)
     dx = xp.empty_like(x)
-    tmp = xp.empty(min(x.size, _BLOCK), dtype=x.dtype)  # one scratch block, reused
-    for xb, tb, db, gb in _blocks(x, t, dout, dx):
+    n = min(x.size, _BLOCK)
+    t, tmp = xp.empty(n, dtype=x.dtype), xp.empty(n, dtype=x.dtype)  # one block of t and one of scratch, reused
+    for xb, db, gb in _blocks(x, dout, dx):
         scratch = tmp[:xb.size]
+        tb = _gelu_tanh(xb, t[:xb.size])  # the forward's t, computed again for this block
         # in the forward pass this was: out = 0.5 * x * (1 + t),  t = tanh(u(x))
         # so now we have: product rule, with dt/dx = (1 - t^2) * du/dx,
         #     du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
@@ -479,14 +491,23 @@ def dropout_forward(x, p, rng=None, mask=None):
         mask = to_device(rng.random(x.shape) >= p, xp)
     elif tuple(mask.shape) != tuple(x.shape):
         _fail("mask", f"shape {tuple(x.shape)} (the shape of x)", f"shape {tuple(mask.shape)}")
-    keep = mask.astype(x.dtype) * (1.0 / (1.0 - p))
-    return x * keep, keep
+    # out = x * mask / (1 - p). The cache keeps the 0/1 mask as booleans (one byte a number, not four)
+    # and the scale apart: x * mask is x or 0 exactly, so one rounding, of x / (1 - p), as x * keep had
+    mask = mask.astype(bool, copy=False)
+    scale = 1.0 / (1.0 - p)
+    out = x * mask
+    out *= scale
+    return out, (mask, scale)
 
 
 def dropout_backward(dout, cache):
-    """Returns dx = dout * keep, where keep = mask / (1 - p) already holds the 1 / (1 - p) scale."""
-    keep = cache
-    return dout if keep is None else dout * keep
+    """Returns dx = dout * mask / (1 - p) (the cache holds the mask and the scale 1 / (1 - p))."""
+    if cache is None:
+        return dout
+    mask, scale = cache
+    dx = dout * mask
+    dx *= scale
+    return dx
 
 
 def cross_entropy_forward(logits, targets, mask=None):
@@ -542,3 +563,117 @@ def cross_entropy_backward(dloss, cache):
     p[xp.arange(t.shape[0]), t] -= 1.0
     p *= (m / count * dloss)[:, None]
     return p.reshape(shape)
+
+
+LOSS_CHUNK_BYTES = 32 * 2**20  # bytes one chunk of the LM head's loss works in: its two (rows, V) buffers
+
+
+def loss_chunk_rows(V, itemsize, budget=None):
+    """Rows (tokens) per chunk of tied_head_cross_entropy: as many as fit two (rows, V) buffers (the
+    chunk's logits and their exponentials) in budget bytes (LOSS_CHUNK_BYTES unless given), at least one."""
+    budget = LOSS_CHUNK_BYTES if budget is None else budget
+    return max(1, int(budget) // (2 * int(V) * int(itemsize)))
+
+
+def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True, param_grads=True,
+                                    chunk_rows=None):
+    """The LM head and its loss, logits = h @ wte.T, in chunks of rows: the (N, V) logits never exist at once.
+
+    The same loss as linear_forward(h, wte) then cross_entropy_forward:
+        loss = -sum_i m_i log softmax(h_i @ wte.T)[targets_i] / sum_i m_i
+    computed chunk_rows tokens at a time in two reused (chunk_rows, V) buffers. The gradients are formed
+    in the same pass, while a chunk's logits exist (a fused loss, as CS231n's softmax_loss returns
+    (loss, dx)); the backward only scales them by dloss. Per chunk c of rows:
+        dz_c = m_c (softmax(z_c) - onehot(t_c)) / sum(m)      (rows, V), in the logits' buffer
+    Each line computes what cross_entropy_forward / _backward compute, in the same order, so with one
+    chunk (every token's logits fit LOSS_CHUNK_BYTES) the numbers are theirs bit for bit; more chunks
+    change only the order of the sums over tokens (float rounding).
+        dh_c = dz_c @ wte                                     (rows, C)
+        dwte += dz_c^T h_c                                    (V, C), accumulated chunk by chunk
+
+    Inputs:
+    - h: (N..., C) hidden states; wte: (V, C) the tied embedding
+    - targets: (N...) integer ids in [0, V); mask: (N...) of 0/1, or None to count every position
+    - input_grad, param_grads: form dh, dwte (False: that gradient is never computed; both False: the loss only)
+    - chunk_rows: tokens per chunk (loss_chunk_rows(V, itemsize) unless given)
+
+    Returns loss (0-d array, h's dtype) and a cache for tied_head_cross_entropy_backward.
+    """
+    xp = array_module(h)
+    _check_float("h", h)
+    _check_float("wte", wte, like=h)
+    C = h.shape[-1]
+    if wte.ndim != 2 or wte.shape[1] != C:
+        _fail("wte", f"shape (V, {C}) to match h's last axis", f"shape {tuple(wte.shape)}")
+    V = wte.shape[0]
+    if tuple(targets.shape) != tuple(h.shape[:-1]):
+        _fail("targets", f"shape {tuple(h.shape[:-1])} (h without its last axis)", f"shape {tuple(targets.shape)}")
+    if getattr(targets.dtype, "kind", None) not in ("i", "u"):
+        _fail("targets", "an integer array", targets.dtype)
+    on_host = not is_device(xp)  # checks that reduce run on host arrays only (no device -> host copy)
+    if on_host and targets.size and (int(targets.min()) < 0 or int(targets.max()) >= V):
+        _fail("targets", f"ids in [0, {V})", f"ids in [{int(targets.min())}, {int(targets.max())}]")
+    if mask is not None and tuple(mask.shape) != tuple(targets.shape):
+        _fail("mask", f"shape {tuple(targets.shape)} (the shape of targets)", f"shape {tuple(mask.shape)}")
+    rows = loss_chunk_rows(V, h.itemsize) if chunk_rows is None else chunk_rows
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        _fail("chunk_rows", "a positive integer", chunk_rows)
+    hf = h.reshape(-1, C)  # (N, C)
+    t = targets.reshape(-1)  # (N,)
+    N = t.shape[0]
+    m = xp.ones(N, dtype=h.dtype) if mask is None else mask.reshape(-1).astype(h.dtype)
+    count = m.sum()  # 0-d, stays on the device
+    if on_host and float(count) <= 0:
+        _fail("mask", "at least one counted position", "a mask of all zeros")
+    weight = m / count  # (N,), each row's share of the mean: m_i / sum(m)
+    loss = xp.zeros((), dtype=h.dtype)
+    dh = xp.empty_like(hf) if input_grad else None
+    dwte = scratch = vocab_rows = None
+    z = xp.empty((min(rows, N), V), dtype=h.dtype)  # one chunk's logits, reused by every chunk
+    e = xp.empty_like(z)  # and their exponentials
+    for r0 in range(0, N, rows):
+        r1 = min(r0 + rows, N)
+        zc, ec, hc, tc = z[:r1 - r0], e[:r1 - r0], hf[r0:r1], t[r0:r1]
+        xp.matmul(hc, wte.T, out=zc)  # logits, (rows, V)
+        # log softmax(z)[t] = zs[t] - log sum exp(zs), with zs = z - max(z) (stable)
+        zc -= zc.max(axis=-1, keepdims=True)
+        picked = zc[xp.arange(r1 - r0), tc]  # zs at the targets, (rows,)
+        lse = xp.log(xp.exp(zc, out=ec).sum(axis=-1))  # (rows,), log sum exp
+        nll = lse - picked  # -log p(target)
+        loss += (nll * m[r0:r1]).sum()
+        if not (input_grad or param_grads):
+            continue
+        # dz = m_i (softmax - onehot(t_i)) / sum(m), softmax = exp(zs - lse), written over the chunk's logits
+        zc -= lse[:, None]
+        xp.exp(zc, out=zc)
+        zc[xp.arange(r1 - r0), tc] -= 1.0
+        zc *= weight[r0:r1, None]
+        if input_grad:
+            # in the forward pass this was: z = h @ wte.T, so dh = dz @ wte
+            xp.matmul(zc, wte, out=dh[r0:r1])
+        if param_grads:
+            # and dwte = dz^T h, summed over the chunks: the first chunk writes it, each later one adds
+            # its share a block of vocabulary rows at a time, through one small (rows, C) scratch
+            # buffer (never a second (V, C) array)
+            if dwte is None:
+                dwte = zc.T @ hc  # (V, C)
+                vocab_rows = max(1, min(V, LOSS_CHUNK_BYTES // 8 // (C * h.itemsize)))
+                scratch = xp.empty((vocab_rows, C), dtype=h.dtype)
+                continue
+            for v0 in range(0, V, vocab_rows):
+                v1 = min(v0 + vocab_rows, V)
+                part = xp.matmul(zc[:, v0:v1].T, hc, out=scratch[:v1 - v0])
+                dwte[v0:v1] += part
+    loss /= count
+    return loss, (dh, dwte, h.shape)
+
+
+def tied_head_cross_entropy_backward(dloss, cache):
+    """Returns (dh (N..., C), dwte (V, C)): the gradients the forward formed, times dloss (None where the
+    forward formed none). dloss = 1.0, the training step's, returns them as they are (no copy)."""
+    dh, dwte, shape = cache
+    if dh is not None:
+        dh = dh.reshape(shape)
+    if isinstance(dloss, float) and dloss == 1.0:
+        return dh, dwte
+    return (None if dh is None else dh * dloss), (None if dwte is None else dwte * dloss)

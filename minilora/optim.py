@@ -105,17 +105,31 @@ def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight
     for name, g in grads.items():
         xp = array_module(g)
         p, m, v = params[name], state["m"][name], state["v"][name]
+        # two scratch arrays of p's size, for this parameter only: every line below computes in them
+        # (out=) the same operations in the same order as the formulas in the comments, so the numbers
+        # are those of the formulas, without a fresh temporary per operator (the largest parameter, wte,
+        # would otherwise hold three or four at once)
+        t1, t2 = xp.empty_like(g), xp.empty_like(g)
         # m = beta1 * m + (1 - beta1) * g, written in place
         m *= beta1
-        m += (1.0 - beta1) * g
+        m += xp.multiply(g, 1.0 - beta1, out=t1)
         # v = beta2 * v + (1 - beta2) * g**2
         v *= beta2
-        v += (1.0 - beta2) * (g * g)
+        xp.multiply(g, g, out=t1)
+        t1 *= 1.0 - beta2
+        v += t1
         if weight_decay != 0.0 and p.ndim >= 2:
             # p = p - lr * wd * p, before the Adam step so it uses the old p
             p *= 1.0 - lr * weight_decay
         # p = p - lr * m_hat / (sqrt(v_hat) + eps)
-        p -= lr * (m / bias1) / (xp.sqrt(v / bias2) + eps)
+        xp.divide(v, bias2, out=t1)
+        xp.sqrt(t1, out=t1)
+        t1 += eps  # sqrt(v_hat) + eps
+        xp.divide(m, bias1, out=t2)  # m_hat
+        t2 *= lr  # (lr * m_hat) / (sqrt(v_hat) + eps), in the formula's order
+        t2 /= t1
+        p -= t2
+        del t1, t2
 
 
 def _check_eps(eps, params, grads):

@@ -264,7 +264,7 @@ def _stop_requests():
 
 
 def train(params, trainable, model_config, batches, config, evaluate=None, run_dir=None, meta=None,
-          resume=None, desc="train"):
+          resume=None, desc="train", checkpoint_activations=False):
     """Train the trainable names of params in place.
 
     Inputs:
@@ -278,6 +278,9 @@ def train(params, trainable, model_config, batches, config, evaluate=None, run_d
     - run_dir: folder for log.jsonl and checkpoint.npz (None: neither is written)
     - meta: JSON-able description of the run (model config, ...), stored in
       the log header and in every checkpoint
+    - checkpoint_activations: model.loss_and_grads keeps each block's input only and recomputes the
+      block in the backward (the same gradients, less memory, one more forward of the blocks); not part
+      of the run's settings, so a run may resume with it on or off
     - resume: a checkpoint path to continue from (its step, parameters,
       optimizer moments and RNG state); the run then ends exactly where an
       uninterrupted run would have. Refused (ValueError, nothing written) when
@@ -295,12 +298,15 @@ def train(params, trainable, model_config, batches, config, evaluate=None, run_d
     lock is held for the whole call.
     """
     if run_dir is None:
-        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc)
+        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc,
+                      checkpoint_activations)
     with lock.hold(run_dir, "run_dir"):
-        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc)
+        return _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc,
+                      checkpoint_activations)
 
 
-def _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc):
+def _train(params, trainable, model_config, batches, config, evaluate, run_dir, meta, resume, desc,
+           checkpoint_activations=False):
     """train() with run_dir's lock held."""
     bad = _bad_params(params)
     if bad:
@@ -350,7 +356,8 @@ def _train(params, trainable, model_config, batches, config, evaluate, run_dir, 
         for step in range(start, config.steps):
             lr = lr_at(step, config.lr, config.warmup_steps, config.steps, config.min_lr)
             batch = batches.sample(rng)
-            loss, grads = loss_and_grads(params, model_config, batch, trainable, rng, train=True)
+            loss, grads = loss_and_grads(params, model_config, batch, trainable, rng, train=True,
+                                         **({"checkpoint_activations": True} if checkpoint_activations else {}))
             if not math.isfinite(loss):
                 bar.close()
                 kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path) \

@@ -109,3 +109,21 @@ def test_the_hardware_page_holds_the_speed_and_memory_tables_of_the_committed_be
         assert bench.markdown_table(result) in text, f"docs/hardware.md: the table of benchmarks/{bench.__name__}.json"
         assert set(result["configs"]["default"]["strategies"] if bench is speed else result["strategies"]) == set(
             bench.STRATEGIES), f"benchmarks/{bench.__name__}.json: a method not measured"
+
+
+def test_the_hardware_page_holds_the_memory_wall_tables_of_the_committed_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_wall", os.path.join(ROOT, "benchmarks", "memory_wall.py"))
+    wall = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wall)
+    result = json.load(open(os.path.join(ROOT, "benchmarks", "memory_wall.json")))
+    assert wall.tables(result) in page("hardware.md"), "docs/hardware.md: the tables of benchmarks/memory_wall.json"
+    cells = {(c["size"], c["method"], c["checkpoint_activations"]): c for c in result["cells"]}
+    # the must-show: at XL full fine-tuning refused by the plan, LoRA and QLoRA measured
+    assert "refused" in cells["gpt2-xl", "full", False] and "refused" in cells["gpt2-xl", "full", True]
+    for method in ("lora", "qlora"):
+        assert "measured" in cells["gpt2-xl", method, False], method
+    for c in result["cells"]:
+        if "measured" in c:
+            assert c["measured"]["tracemalloc_peak"] <= 1.10 * c["plan_total"], (c["size"], c["method"])

@@ -206,10 +206,16 @@ def recorded_backwards(monkeypatch):
     linear, layer_norm, embedding, lora_linear = (ops.linear_backward, ops.layer_norm_backward,
                                                   ops.embedding_backward, lora.lora_linear_backward)
     lora_shared = lora.lora_shared_input_backward
+    head = ops.tied_head_cross_entropy_forward
 
     def linear_backward(dout, cache, param_grads=True, **kwargs):
         calls["linear"].append(param_grads)
         return linear(dout, cache, param_grads=param_grads, **kwargs)
+
+    def tied_head(h, wte, targets, mask=None, param_grads=True, **kwargs):
+        # the tied LM head is a linear whose gradients its fused loss forms (ops.tied_head_cross_entropy)
+        calls["linear"].append(param_grads)
+        return head(h, wte, targets, mask, param_grads=param_grads, **kwargs)
 
     def layer_norm_backward(dout, cache, param_grads=True):
         calls["layer_norm"].append(param_grads)
@@ -224,6 +230,7 @@ def recorded_backwards(monkeypatch):
         return lora_linear(dout, cache, **kwargs)
 
     monkeypatch.setattr(ops, "linear_backward", linear_backward)
+    monkeypatch.setattr(ops, "tied_head_cross_entropy_forward", tied_head)
     monkeypatch.setattr(ops, "layer_norm_backward", layer_norm_backward)
     monkeypatch.setattr(ops, "embedding_backward", embedding_backward)
     def lora_shared_input_backward(douts, cache, **kwargs):
@@ -271,3 +278,21 @@ def test_prompt_tuning_computes_no_gradient_for_frozen_weights(recorded_backward
     assert not any(recorded_backwards["layer_norm"])
     assert recorded_backwards["embedding"] == 0
     assert recorded_backwards["lora_linear"] == 0
+
+
+def test_lm_loss_in_chunks_equals_one_chunk(monkeypatch):
+    # the LM head's loss over B * T = 24 tokens in chunks of 5 (the last partial), masked positions
+    # included: the same loss and gradients (float64) as one chunk holding every token's logits
+    params = model.params_to(model.init_params(TINY, 0), np, np.float64)
+    rng = np.random.default_rng(3)
+    x, y = _batch(TINY)
+    mask = (rng.random(x.shape) < 0.6).astype(np.float64)
+    mask[0, 0] = 1.0
+    batch = {"x": x, "y": y, "mask": mask}
+    one, g_one = model.loss_and_grads(params, TINY, batch, trainable=set(params))
+    monkeypatch.setattr(ops, "LOSS_CHUNK_BYTES", 2 * 5 * TINY.vocab_size * 8)
+    assert ops.loss_chunk_rows(TINY.vocab_size, 8) == 5 and x.size % 5
+    chunked, g = model.loss_and_grads(params, TINY, batch, trainable=set(params))
+    assert abs(chunked - one) < 1e-12
+    for name in params:
+        np.testing.assert_allclose(g[name], g_one[name], rtol=0, atol=1e-12, err_msg=name)

@@ -27,6 +27,8 @@ def test_every_op_and_argument_is_checked():
         ("attention", "q"), ("attention", "k"), ("attention", "v"),
         ("dropout", "x"), ("cross_entropy", "logits"),
         ("lora_linear", "x"), ("lora_linear", "A"), ("lora_linear", "B"),
+        ("tied_head_cross_entropy (chunked)", "h"), ("tied_head_cross_entropy (chunked)", "wte"),
+        ("tied_head_cross_entropy (one chunk)", "h"), ("tied_head_cross_entropy (one chunk)", "wte"),
     }
     assert expected <= checked
 
@@ -139,6 +141,10 @@ def _float32_cases():
         "dropout": (lambda: ops.dropout_forward(f(2, 4, 6), 0.5, mask=keep), ops.dropout_backward, (2, 4, 6)),
         "cross_entropy": (lambda: ops.cross_entropy_forward(f(2, 4, 9), ids, np.ones((2, 4), np.float32)),
                           ops.cross_entropy_backward, ()),
+        "tied_head_cross_entropy": (lambda: ops.tied_head_cross_entropy_forward(f(2, 4, 6), f(9, 6), ids,
+                                                                                np.ones((2, 4), np.float32),
+                                                                                chunk_rows=3),
+                                    ops.tied_head_cross_entropy_backward, ()),
         "lora_linear": (lambda: lora.lora_linear_forward(f(2, 4, 6), f(5, 6), f(5), f(3, 6), f(5, 3), 2.0),
                         lora.lora_linear_backward, (2, 4, 5)),
     }
@@ -226,6 +232,12 @@ def test_layer_norm_output_is_normalised():
     (lambda: ops.cross_entropy_forward(np.ones((2, 5)), np.array([0, 5])), "targets"),
     (lambda: ops.cross_entropy_forward(np.ones((2, 5)), np.array([0, 1, 2])), "targets"),
     (lambda: ops.cross_entropy_forward(np.ones((2, 5)), np.array([0, 1]), np.zeros(2)), "mask"),
+    (lambda: ops.tied_head_cross_entropy_forward(np.ones((2, 3)), np.ones((5, 4)), np.array([0, 1])), "wte"),
+    (lambda: ops.tied_head_cross_entropy_forward(np.ones((2, 3)), np.ones((5, 3)), np.array([0, 5])), "targets"),
+    (lambda: ops.tied_head_cross_entropy_forward(np.ones((2, 3)), np.ones((5, 3)), np.array([0, 1]),
+                                                 np.zeros(2)), "mask"),
+    (lambda: ops.tied_head_cross_entropy_forward(np.ones((2, 3)), np.ones((5, 3)), np.array([0, 1]),
+                                                 chunk_rows=0), "chunk_rows"),
     (lambda: ops.dropout_forward(np.ones(3), 1.0), "p"),
     (lambda: lora.lora_scale(0, 16), "rank"),
     (lambda: lora.lora_scale(-2, 16), "rank"),
@@ -242,3 +254,79 @@ def test_bad_input_names_the_argument(call, argument):
 def test_lora_scale_values():
     assert lora.lora_scale(8, 16) == 2.0
     assert lora.lora_scale(16, 16, rslora=True) == 4.0
+
+
+def _head_case(N=37, C=6, V=13, seed=0):
+    rng = np.random.default_rng(seed)
+    h, wte = rng.standard_normal((N, C)), rng.standard_normal((V, C))
+    targets = rng.integers(0, V, N)
+    mask = (rng.random(N) < 0.6).astype(np.float64)
+    mask[0] = 1.0
+    return h, wte, targets, mask
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 36, 37, 100])
+def test_chunked_head_loss_equals_linear_then_cross_entropy(chunk_rows):
+    # the same loss and gradients as the unchunked head (logits = h @ wte.T, then the masked mean
+    # cross-entropy), whether the chunks divide N = 37 or leave a partial last one
+    h, wte, targets, mask = _head_case()
+    logits, c_lin = ops.linear_forward(h, wte)
+    ref, c_ce = ops.cross_entropy_forward(logits, targets, mask)
+    dh_ref, dwte_ref, _ = ops.linear_backward(ops.cross_entropy_backward(1.0, c_ce), c_lin)
+    loss, cache = ops.tied_head_cross_entropy_forward(h, wte, targets, mask, chunk_rows=chunk_rows)
+    dh, dwte = ops.tied_head_cross_entropy_backward(1.0, cache)
+    assert abs(float(loss) - float(ref)) < 1e-12
+    np.testing.assert_allclose(dh, dh_ref, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(dwte, dwte_ref, rtol=0, atol=1e-13)
+    assert not dh[mask == 0].any()  # a position the mask leaves out sends no gradient
+
+
+def test_chunked_head_loss_forms_only_the_gradients_asked_for():
+    h, wte, targets, mask = _head_case()
+    full, _ = ops.tied_head_cross_entropy_forward(h, wte, targets, mask, chunk_rows=4)
+    for input_grad, param_grads in ((True, False), (False, True), (False, False)):
+        loss, cache = ops.tied_head_cross_entropy_forward(h, wte, targets, mask, input_grad=input_grad,
+                                                          param_grads=param_grads, chunk_rows=4)
+        assert float(loss) == float(full)
+        dh, dwte = ops.tied_head_cross_entropy_backward(2.0, cache)
+        assert (dh is not None) == input_grad and (dwte is not None) == param_grads
+
+
+def test_chunked_head_loss_never_holds_the_whole_logits():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    N, C, V = 512, 8, 4096  # the logits would be N * V * 8 = 16 MiB
+    h, wte, targets = rng.standard_normal((N, C)), rng.standard_normal((V, C)), rng.integers(0, V, N)
+    rows = ops.loss_chunk_rows(V, 8, budget=2**20)
+    assert rows == 16
+    tracemalloc.start()
+    ops.tied_head_cross_entropy_forward(h, wte, targets, param_grads=False, chunk_rows=rows)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 * 2**20 + 2 * h.nbytes, f"peak {peak} bytes: more than one chunk of logits"
+
+
+def test_chunked_head_adds_dwte_a_block_of_vocabulary_at_a_time(monkeypatch):
+    # later chunks add their dz^T h into dwte through a (vocab_rows, C) scratch: with a budget giving
+    # blocks of 3 rows of V = 13 (the last one partial), dwte is still linear then cross-entropy's
+    h, wte, targets, mask = _head_case()
+    logits, c_lin = ops.linear_forward(h, wte)
+    _, c_ce = ops.cross_entropy_forward(logits, targets, mask)
+    _, dwte_ref, _ = ops.linear_backward(ops.cross_entropy_backward(1.0, c_ce), c_lin)
+    monkeypatch.setattr(ops, "LOSS_CHUNK_BYTES", 8 * 3 * wte.shape[1] * 8)  # vocab_rows = 3
+    _, cache = ops.tied_head_cross_entropy_forward(h, wte, targets, mask, input_grad=False, chunk_rows=5)
+    np.testing.assert_allclose(ops.tied_head_cross_entropy_backward(1.0, cache)[1], dwte_ref, rtol=0, atol=1e-13)
+
+
+def test_one_chunk_gives_linear_then_cross_entropys_numbers_bit_for_bit():
+    # float32, in this process: every token's logits in one chunk computes the same lines in the same
+    # order as linear_forward + cross_entropy_forward / _backward + linear_backward
+    h, wte, targets, mask = (a.astype(np.float32) if a.dtype.kind == "f" else a for a in _head_case())
+    logits, c_lin = ops.linear_forward(h, wte)
+    ref, c_ce = ops.cross_entropy_forward(logits, targets, mask)
+    dh_ref, dwte_ref, _ = ops.linear_backward(ops.cross_entropy_backward(1.0, c_ce), c_lin)
+    loss, cache = ops.tied_head_cross_entropy_forward(h, wte, targets, mask)
+    dh, dwte = ops.tied_head_cross_entropy_backward(1.0, cache)
+    assert loss.dtype == np.float32 and loss == ref
+    assert np.array_equal(dh, dh_ref) and np.array_equal(dwte, dwte_ref)

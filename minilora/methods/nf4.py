@@ -258,7 +258,7 @@ def dequantize_nf4(q, shape, dtype=None, block_size=BLOCK_SIZE, absmax_block_siz
     W = levels[unpack_codes(codes)].reshape(-1, block_size)  # (n_blocks, block_size) in [-1, 1]
     W *= absmax[:, None]
     W = W.reshape(shape)
-    return W if dtype is None else W.astype(dtype)
+    return W if dtype is None else W.astype(dtype, copy=False)  # float32 already: no second copy of W
 
 
 @functools.lru_cache(maxsize=None)
