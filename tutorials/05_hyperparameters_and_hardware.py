@@ -305,6 +305,69 @@ plot.save_figure(fig, path)
 print("wrote", path)
 
 # %% [markdown]
+# ## The wall itself: GPT-2 small to XL on one 24 GiB machine
+#
+# The arithmetic above is the post's. `minilora/memplan.py` does it for the code as it runs: one training step's
+# peak, term by term, at the moment the peak falls (the end of the forward, a block's backward, the update). The
+# plan needs no weights, so the cell below plans GPT-2 XL (1.56 B parameters, 48 blocks of width 1600) on the
+# spot, for one sequence of 256 tokens. The same plan is what `minilora finetune` checks before it starts, and
+# `minilora memory --size gpt2-xl --method lora` prints.
+
+# %%
+from minilora import memplan
+
+GIB = 2**30
+xl = memplan.SIZES["gpt2-xl"]
+plans = {(m, ck): memplan.plan(xl, m, batch=1, context=256, checkpoint_activations=ck)
+         for m in ("full", "lora", "qlora") for ck in (False, True)}
+for (m, ck), p in plans.items():
+    print(f"{m:5s} {'checkpointed' if ck else 'plain':12s} " + "  ".join(f"{k} {v / GIB:5.2f}" for k, v in
+          p.terms.items()) + f"   total {p.total / GIB:5.2f} GiB (peak in: {p.phase})")
+full = plans[("full", False)]
+assert full.total > 22 * GIB > plans[("lora", False)].total > plans[("qlora", False)].total
+assert full.terms["optimizer"] == 2 * full.terms["gradients"]  # AdamW's m and v: two floats per trained weight
+assert plans[("full", True)].total == full.total  # its peak is the update, after every activation is freed
+
+# %% [markdown]
+# Full fine-tuning's step needs about 23.8 GiB, and almost none of it is activations: its peak falls at the update,
+# when the 5.8 GiB of weights, 5.8 GiB of gradients and 11.6 GiB of AdamW moments are all held at once (plus the
+# update's scratch). No batch size and no checkpointing helps it; it cannot fit 24 GiB (the plan keeps 2 GiB of
+# headroom). LoRA trains 0.3% as many weights, so the wall it meets is the frozen weights themselves, 5.8 GiB in
+# float32, plus the activations; QLoRA stores the frozen linears in NF4 at about 4.13 bits a weight and meets it at
+# about 1 GiB. Activation checkpointing keeps only each block's input and recomputes the block in the backward:
+# at one sequence of 256 tokens it saves LoRA about 1 GiB, for about a third more time per step (one more forward;
+# the committed times were taken on a shared machine, so read only their ratio).
+#
+# Are the plans right? `python benchmarks/memory_wall.py` ran one real step of each cell that fits (random weights,
+# one child process per cell) and measured its peak with tracemalloc and the process's resident set. The cell
+# below reads that committed table: every measured peak is the plan to within a few tenths of a percent, and at XL
+# full fine-tuning was refused by the plan, never run.
+
+# %%
+import json
+
+from minilora.studies import committed_results_dir
+
+with open(os.path.join(os.path.dirname(committed_results_dir()), "memory_wall.json")) as f:
+    wall = json.load(f)
+print(f"benchmarks/memory_wall.json ({wall['date'][:10]}, {wall['machine']}):")
+for c in wall["cells"]:
+    if c["size"] == "gpt2-xl":
+        ck = "checkpointed" if c["checkpoint_activations"] else "plain"
+        if "measured" in c:
+            m = c["measured"]
+            print(f"  {c['method']:5s} {ck:12s} plan {c['plan_total'] / GIB:5.2f} GiB, measured "
+                  f"{m['tracemalloc_peak'] / GIB:5.2f} GiB ({m['tracemalloc_over_plan']:.3f} x), step {m['step_s']:.0f} s")
+        else:
+            print(f"  {c['method']:5s} {ck:12s} plan {c['plan_total'] / GIB:5.2f} GiB: {c['refused'][:60]}...")
+        key = (c["method"], c["checkpoint_activations"])
+        if key in plans:
+            assert c["plan_total"] == plans[key].total  # the committed table's plan is the one computed above
+measured = [c["measured"]["tracemalloc_over_plan"] for c in wall["cells"] if "measured" in c]
+assert all(0.99 <= r <= 1.01 for r in measured), measured
+assert all("refused" in c for c in wall["cells"] if c["size"] == "gpt2-xl" and c["method"] == "full")
+
+# %% [markdown]
 # ## Running on a GPU: the CuPy backend
 #
 # Every op takes its array module from its inputs (`xp = array_module(x)`), so the
