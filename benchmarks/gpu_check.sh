@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU half of minilora, checked on a real GPU in under 10 minutes (stage 5, the step-time table with its GPT-2-small row, takes the most).
+# The GPU half of minilora, checked on a real GPU in under 15 minutes (stages 5 and 6, the step times and the memory wall, take the most).
 #
 # On a fresh GPU machine:
 #     pip install '.[cuda12,test]'        # or '.[cuda13,test]'; add torch for the PyTorch column
@@ -13,12 +13,17 @@
 #   3. minilora --backend cupy gradcheck
 #   4. a short pretraining run, a sample from it, and a LoRA fine-tune, on CuPy
 #   5. benchmarks/gpu_steps.py: the step-time table (NumPy, CuPy, PyTorch eager)
+#   6. benchmarks/memory_wall.py --backend cupy: the memory wall on the GPU, GPT-2 small and XL for full, LoRA and
+#      QLoRA, with and without activation checkpointing: each cell's plan against the CuPy memory pool's
+#      high-water mark; a cell whose plan exceeds the GPU's free memory is refused by the plan; the stage fails if
+#      a measured peak exceeds 1.10 x its plan
 #
 # Expected output, in order: the GPU line; pytest's summary ending
 # "N passed, M xfailed" (no "skipped" among the cupy cases, no failures);
 # gradcheck's table ending "... passed, 0 failed"; "pretrained 60 steps ...";
 # a line of sampled text; the LoRA run's summary line; the gpu_steps table
-# (see the comment at the top of benchmarks/gpu_steps.py); then
+# (see the comment at the top of benchmarks/gpu_steps.py); the memory-wall table
+# (| size | method | checkpointing | plan | GPU pool peak | peak / plan | step (s) |); then
 # "gpu_check: all stages passed in S s".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +64,10 @@ stage "4b. sampling on CuPy" 30 python -m minilora.cli --backend cupy generate \
 stage "4c. LoRA fine-tune on CuPy" 60 python -m minilora.cli --backend cupy finetune --method lora \
     --checkpoint "$RUN/pretrain/checkpoint.npz" --steps 30 --out "$RUN/lora"
 stage "5. step times" 300 python benchmarks/gpu_steps.py --steps 10 --max-seconds 15  # 300 s: the gpt2-small row's NumPy step is slow
+stage "6. the memory wall on the GPU" 300 python benchmarks/memory_wall.py --backend cupy --methods full,lora,qlora \
+    --sizes gpt2-small,gpt2-xl \
+    --out "$RUN/memory_wall_gpu.json" --figure ""
+cp "$RUN/memory_wall_gpu.json" benchmarks/memory_wall_gpu.json  # to commit beside the CPU's table
 
 echo
 echo "gpu_check: all stages passed in $((SECONDS - START)) s"

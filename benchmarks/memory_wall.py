@@ -6,7 +6,12 @@
                                      [--out benchmarks/memory_wall.json] [--figure figures/memory_wall.png]
     python benchmarks/memory_wall.py --table     (docs/hardware.md's tables, from the committed json)
     python benchmarks/memory_wall.py --plot [JSON [PNG]]   (the figure again, from a json)
-    python benchmarks/memory_wall.py --cell SIZE METHOD BATCH CONTEXT CKPT   (one cell, in a child: prints JSON)
+    python benchmarks/memory_wall.py --cell SIZE METHOD BATCH CONTEXT CKPT [BACKEND]   (one cell, in a child)
+    python benchmarks/memory_wall.py --backend cupy --out OUT.json   (on a GPU: benchmarks/gpu_check.sh runs it)
+
+With --backend cupy the model, its moments and the batch live on the GPU, the limit is the GPU's free memory
+when the run starts (less the headroom), and each cell's peak is the CuPy memory pool's high-water mark
+(DevicePeak), checked against the plan: the run exits 1 if a measured peak exceeds --max-ratio times its plan.
 
 For each size, method and activation checkpointing (off, on) it makes the plan (minilora.memplan). A cell
 whose plan fits the machine (limit minus headroom), and the memory available when it starts, runs ONE real
@@ -100,15 +105,59 @@ def _loss_and_grads(params, cfg, batch, trainable, checkpoint_activations):
     return model.loss_and_grads(params, cfg, batch, trainable, None, True)
 
 
-def measure_step(config, method, batch, context, checkpoint_activations=False, seed=0):
+class DevicePeak:
+    """The high-water mark of CuPy's memory pool during a block: the bytes its arrays held at most.
+
+    CuPy keeps freed blocks in its pool, so the pool's size is not what the arrays hold; its used_bytes() is.
+    A memory hook reads used_bytes() after every allocation, so the largest value seen is the step's peak.
+    """
+
+    def __init__(self, cupy):
+        self.cupy, self.peak = cupy, 0
+        pool = cupy.get_default_memory_pool()
+
+        class Hook(cupy.cuda.MemoryHook):
+            name = "minilora_peak"
+
+            def malloc_postprocess(hook, **kwargs):  # noqa: N805 (the hook's own self)
+                self.peak = max(self.peak, pool.used_bytes())
+
+        self.pool, self.hook = pool, Hook()
+
+    def __enter__(self):
+        self.cupy.cuda.Device().synchronize()
+        self.peak = self.pool.used_bytes()
+        self.hook.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.cupy.cuda.Device().synchronize()
+        self.hook.__exit__(*exc)
+
+
+def measure_step(config, method, batch, context, checkpoint_activations=False, seed=0, xp=np):
     """One training step on random weights: {"tracemalloc_peak", "held_before", "step_s"} (bytes, seconds).
 
     tracemalloc_peak is the step's traced peak plus the bytes of every array held when it starts
     (parameters as stored, AdamW's moments, the batch): the whole memory of the step, comparable to a plan.
+    With xp a device module the model, the moments and the batch live there: under CuPy the step's peak is
+    also read from the memory pool (device_peak, DevicePeak), the GPU's own high-water mark; the CPU stand-in
+    (tests/standin.py) keeps its arrays in host memory, so tracemalloc measures it as it does NumPy.
     """
     params, cfg, trainable = random_model(config, method, seed)
+    if xp is not np:
+        params = model.params_to(params, xp)
     state = optim.adamw_init(params, trainable)
     data = make_batch(config, batch, context, seed)
+    if xp is not np:
+        data["mask"] = xp.asarray(data["mask"])  # the ids stay on the host: the model checks, then moves them
+    if xp.__name__ == "cupy":
+        with DevicePeak(xp) as device:
+            t0 = time.perf_counter()
+            loss, grads = _loss_and_grads(params, cfg, data, trainable, checkpoint_activations)
+            optim.clip_grad_norm(grads, 1.0)
+            optim.adamw_step(params, grads, state, 3e-4, weight_decay=0.1)
+        return {"device_peak": int(device.peak), "step_s": time.perf_counter() - t0, "loss": float(loss)}
     held = (sum(p.nbytes for p in params.values() if p.strides != (0,) * p.ndim)
             + optim.optimizer_state_bytes(state) + sum(a.nbytes for a in data.values()))
     rss_reset = _reset_rss_peak()
@@ -144,7 +193,7 @@ def _status_bytes(field):
     return None
 
 
-def run_cell(size, method, batch, context, ckpt):
+def run_cell(size, method, batch, context, ckpt, backend="numpy"):
     """The child's work: one measured step; prints one JSON line (ru_maxrss in bytes).
 
     rss_at_start is the process before the build (the interpreter, NumPy, the package: nothing the plan
@@ -153,7 +202,12 @@ def run_cell(size, method, batch, context, ckpt):
     temporaries (QLoRA's quantization) are not in it.
     """
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    out = measure_step(memplan.SIZES[size], method, batch, context, ckpt)
+    xp = np
+    if backend == "cupy":
+        from minilora.backend import get_backend
+
+        xp = get_backend("cupy")
+    out = measure_step(memplan.SIZES[size], method, batch, context, ckpt, xp=xp)
     out["rss_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["rss_at_start"] = start
     out["rss_above_start"] = out["rss_peak"] - start
@@ -188,9 +242,17 @@ def main():
     ap.add_argument("--context-for-batches", type=int, default=1024,
                     help="the context of the plan-only table of the largest batch that fits at XL")
     ap.add_argument("--out", default="benchmarks/memory_wall.json")
-    ap.add_argument("--figure", default="figures/memory_wall.png")
+    ap.add_argument("--figure", default="figures/memory_wall.png", help="the figure's PNG ('' for none)")
+    ap.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    ap.add_argument("--max-ratio", type=float, default=1.10, help="a measured peak above this times its plan fails")
     args = ap.parse_args()
     limit = int((args.limit_gib - args.headroom_gib) * GIB)
+    gpu_free = None
+    if args.backend == "cupy":
+        from minilora.backend import get_backend
+
+        gpu_free, _ = get_backend("cupy").cuda.runtime.memGetInfo()
+        limit = int(gpu_free - args.headroom_gib * GIB)
     cells = []
     for size in args.sizes.split(","):
         for method in args.methods.split(","):
@@ -199,27 +261,33 @@ def main():
                 cell = {"size": size, "method": method, "checkpoint_activations": ckpt, "batch": args.batch,
                         "context": args.context, "plan": p.terms, "plan_total": p.total, "phase": p.phase,
                         "forward_cache": p.forward_cache, "trainable_params": p.trainable_params}
-                avail = available_bytes()
+                avail = available_bytes() if gpu_free is None else gpu_free
                 cell["available_at_start"] = avail
                 if p.total > limit:
                     def total_of(b, m, ck, size=size):
                         return memplan.plan(memplan.SIZES[size], m, b, args.context, ck).total
 
                     options = fitting_options(total_of, args.batch, method, ckpt, limit)
-                    cell["refused"] = refusal_line(p, limit, f"of {args.limit_gib:g} GiB less "
-                                                   f"{args.headroom_gib:g} GiB headroom", options)
+                    where = (f"of {args.limit_gib:g} GiB less " if gpu_free is None else
+                             f"of the GPU's {gpu_free / GIB:.1f} GiB free less ") + f"{args.headroom_gib:g} GiB headroom"
+                    cell["refused"] = refusal_line(p, limit, where, options)
                 elif avail is not None and p.total > avail - int(args.headroom_gib * GIB):
                     cell["not_run"] = (f"plan {p.total / GIB:.2f} GiB fits {args.limit_gib:g} GiB but only "
                                        f"{avail / GIB:.2f} GiB were available (the machine is shared)")
                 else:
                     cmd = [sys.executable, os.path.abspath(__file__), "--cell", size, method, str(args.batch),
-                           str(args.context), str(int(ckpt))]
+                           str(args.context), str(int(ckpt)), args.backend]
                     done = subprocess.run(cmd, capture_output=True, text=True)
                     if done.returncode:
                         cell["failed"] = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
                     else:
                         cell["measured"] = json.loads(done.stdout.strip().splitlines()[-1])
                         m = cell["measured"]
+                        if "device_peak" in m:  # the GPU's own high-water mark
+                            m["device_over_plan"] = m["device_peak"] / p.total
+                            cells.append(cell)
+                            print(json.dumps({k: v for k, v in cell.items() if k != "plan"}), flush=True)
+                            continue
                         m["tracemalloc_over_plan"] = m["tracemalloc_peak"] / p.total
                         m["rss_over_plan"] = m["rss_peak"] / p.total
                         m["rss_above_start_over_plan"] = m["rss_above_start"] / p.total
@@ -230,7 +298,8 @@ def main():
     largest = largest_batches(limit, args.context_for_batches)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-                         f"{_total_bytes() / GIB:.1f} GiB",
+                         f"{_total_bytes() / GIB:.1f} GiB" + ("" if gpu_free is None else f", {_gpu_name()}"),
+              "backend": args.backend,
               "command": "python benchmarks/memory_wall.py " + " ".join(sys.argv[1:]),
               "blas_threads": blas_threads(), "limit_bytes": limit,
               "note": "step times taken under load (the machine's 2 cores are shared by other sessions); "
@@ -238,10 +307,40 @@ def main():
               "loss_chunk_bytes": ops.LOSS_CHUNK_BYTES, "cells": cells, "largest_batches": largest}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    if args.backend == "cupy":
+        print(gpu_table(result))
+        over = [c for c in cells if c.get("measured", {}).get("device_over_plan", 0) > args.max_ratio]
+        failed = [c for c in cells if "failed" in c]
+        print(f"wrote {args.out}")
+        if over or failed:
+            print(f"memory_wall: {len(over)} cells above {args.max_ratio} x their plan, {len(failed)} failed",
+                  file=sys.stderr)
+            sys.exit(1)
+        return
     if args.figure:
         figure(result).savefig(args.figure, dpi=120)
     print(tables(result))
     print(f"wrote {args.out}" + (f" and {args.figure}" if args.figure else ""))
+
+
+def _gpu_name():
+    from minilora.backend import get_backend
+
+    cupy = get_backend("cupy")
+    return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+
+
+def gpu_table(result):
+    """The memory wall under CuPy: the plan against the memory pool's high-water mark (GiB)."""
+    lines = ["| size | method | checkpointing | plan | GPU pool peak | peak / plan | step (s) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for c in result["cells"]:
+        m = c.get("measured", {})
+        got = ([f"{m['device_peak'] / GIB:.2f}", f"{m['device_over_plan']:.3f}", f"{m['step_s']:.2f}"]
+               if "device_peak" in m else ["refused by the plan" if "refused" in c else "not run", "", ""])
+        lines.append("| " + " | ".join([c["size"], c["method"], "on" if c["checkpoint_activations"] else "off",
+                                       f"{c['plan_total'] / GIB:.2f}"] + got) + " |")
+    return "\n".join(lines)
 
 
 def largest_batches(limit, context, size="gpt2-xl", methods_=("lora", "qlora", "dora"), most=256):
@@ -362,7 +461,7 @@ def tables(result):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--cell"]:
         size, method, batch, context, ckpt = sys.argv[2:7]
-        run_cell(size, method, int(batch), int(context), bool(int(ckpt)))
+        run_cell(size, method, int(batch), int(context), bool(int(ckpt)), *sys.argv[7:8])
     elif sys.argv[1:2] == ["--plot"]:  # redraw the figure from a json: --plot [JSON [PNG]]
         paths = sys.argv[2:] + ["benchmarks/memory_wall.json", "figures/memory_wall.png"][len(sys.argv[2:]):]
         with open(paths[0]) as f:

@@ -192,3 +192,25 @@ def test_finetune_refuses_a_run_that_cannot_fit_in_one_line_before_any_work(pret
         c.train.batch_size = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 16
         assert finetune_module.memory_plan(model_config, tokenizer, c, data).total <= limit, option
     assert not run.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_the_plan_holds_for_the_same_step_on_device_arrays(wall, method, ckpt):
+    """What benchmarks/gpu_check.sh checks on a GPU (the plan against CuPy's pool high-water mark), run here on
+    the CPU stand-in for CuPy: device arrays, with host memory underneath that tracemalloc sees."""
+    import standin
+
+    p = memplan.plan(SMALL, method, B, T, ckpt)
+    measured = wall.measure_step(SMALL, method, B, T, ckpt, xp=standin)["tracemalloc_peak"]
+    assert (1 - BELOW) * measured <= p.total <= ABOVE * measured, (p.phase, p.total, measured)
+
+
+def test_the_gpu_table_reads_the_pools_peak_against_the_plan(wall):
+    cells = [{"size": "gpt2-small", "method": "lora", "checkpoint_activations": False, "plan_total": 2 ** 30,
+              "measured": {"device_peak": 2 ** 30 + 2 ** 24, "device_over_plan": 1.016, "step_s": 0.5}},
+             {"size": "gpt2-xl", "method": "full", "checkpoint_activations": True, "plan_total": 2 ** 35,
+              "refused": "..."}]
+    table = wall.gpu_table({"cells": cells})
+    assert "| gpt2-small | lora | off | 1.00 | 1.02 | 1.016 | 0.50 |" in table
+    assert "| gpt2-xl | full | on | 32.00 | refused by the plan |  |  |" in table
