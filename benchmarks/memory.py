@@ -49,8 +49,9 @@ def _root(a):
 
 
 def cache_buffers(cache):
-    """The distinct array buffers in a nested cache (tuples, lists, dicts of arrays): each view's base
-    array once, so q, k, v split into heads count as the (B, T, C) arrays they are views of."""
+    """The distinct array buffers in a nested cache (tuples, lists, dicts of arrays, checkpointed blocks):
+    each view's base array once, so q, k, v split into heads count as the (B, T, C) arrays they are views of;
+    a checkpointed block (model.BlockCheckpoint) holds its input."""
     seen, stack = {}, [cache]
     while stack:
         item = stack.pop()
@@ -61,6 +62,8 @@ def cache_buffers(cache):
         elif isinstance(item, np.ndarray):
             root = _root(item)
             seen.setdefault(id(root), root)
+        elif isinstance(item, model.BlockCheckpoint):
+            stack.append(item.x)
     return list(seen.values())
 
 

@@ -33,31 +33,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from minilora import model, ops, optim  # noqa: E402
 from minilora.methods import nf4  # noqa: E402
 
+from memory import _root, cache_buffers  # noqa: E402
 from speed import STRATEGIES, build  # noqa: E402
 
 
-def _root(a):
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
-
-
-def buffers(item, seen=None):
-    """{id: array} of the distinct base buffers in a nested cache (tuples, lists, dicts, BlockCheckpoint)."""
-    seen = {} if seen is None else seen
-    stack = [item]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, (tuple, list)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, np.ndarray):
-            root = _root(item)
-            seen.setdefault(id(root), root)
-        elif hasattr(item, "x") and hasattr(item, "recompute"):  # a checkpointed block
-            stack.append(item.x)
-    return seen
+def buffers(item):
+    """{id: array} of the distinct base buffers in a nested cache (memory.py's cache walk)."""
+    return {id(a): a for a in cache_buffers(item)}
 
 
 def kept_bytes(params, config, x, trainable, checkpoint):

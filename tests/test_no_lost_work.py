@@ -9,6 +9,7 @@ import os
 import pytest
 
 from minilora import cli
+from refusals import refused
 
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
 
@@ -25,17 +26,6 @@ def snapshot(root):
             with open(path, "rb") as f:
                 out[path] = f.read()
     return out
-
-
-def refused(capsys, argv, words=()):
-    capsys.readouterr()
-    code = cli.main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
