@@ -441,6 +441,8 @@ print("the backend in use by default:", backend.get_backend().__name__)
 # costs once the adapters' own products are added. Check by counting: wrap
 # `ops.linear_forward` and `ops.linear_backward` (as tutorial 03's "No dW, ever" cell
 # does) so they add up 2 N in out per call (twice that for a backward with
-# `param_grads=True`, none for the dx of a call with `input_grad=False`), and run one
+# `param_grads=True`, none for the dx of a call with `input_grad=False`), wrap the tied
+# head too (`ops.tied_head_cross_entropy_forward`, the head's linear fused with its loss and
+# run in chunks of tokens; it forms its dh and dwte in the same pass), and run one
 # `model.loss_and_grads` per strategy. LoRA's count will differ from your paper
 # answer by one term: find which products the model skips, and why it may.

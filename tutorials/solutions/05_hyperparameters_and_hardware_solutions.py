@@ -174,11 +174,15 @@ if not FAST:
 # The adapters add 2 N r (in + out) per adapted matrix forward and twice that
 # backward: 3 x 2 N r 2C x 4 L in all. The attention products (q k^T and P v, about
 # 4 N T C per layer) are not linears and are not counted here. The check instruments
-# `ops.linear_forward` and `ops.linear_backward`, as tutorial 03 does.
+# `ops.linear_forward` and `ops.linear_backward`, as tutorial 03 does, and the tied head,
+# which is a linear fused with its loss (`ops.tied_head_cross_entropy_forward`: it runs
+# over the tokens in chunks so the (N, V) logits never exist at once, and forms dh = dz wte
+# and dwte = dz^T h while a chunk's logits exist; they are the head's backward products).
 
 # %%
 calls = []
 original_forward, original_backward = ops.linear_forward, ops.linear_backward
+original_head = ops.tied_head_cross_entropy_forward
 
 
 def counting_forward(x, W, b=None, **options):
@@ -194,12 +198,20 @@ def counting_backward(dout, cache, param_grads=True, input_grad=True):
     return original_backward(dout, cache, param_grads, input_grad)
 
 
+def counting_head(h, wte, targets, mask=None, input_grad=True, param_grads=True, **options):
+    product = 2 * (h.size // h.shape[-1]) * wte.shape[0] * wte.shape[1]  # h @ wte.T
+    calls.append(("forward", product))
+    calls.append(("backward", (int(input_grad) + int(param_grads)) * product))  # dh, and dwte when wte trains
+    return original_head(h, wte, targets, mask, input_grad, param_grads, **options)
+
+
 B, T, r = (2, 16, 4) if FAST else (16, 128, 8)
 ids = np.random.default_rng(0).integers(0, V, (B, T + 1))
 lm_batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
 adapted, amc = lora.add_lora(base, mc, lora.LoraConfig(rank=r, alpha=2.0 * r), seed=0)
 flops = {}
 ops.linear_forward, ops.linear_backward = counting_forward, counting_backward
+ops.tied_head_cross_entropy_forward = counting_head
 try:
     for name, (params, cfg, trainable) in {"full": (base, mc, set(base)),
                                            "lora": (adapted, amc, set(lora.lora_names(adapted)))}.items():
@@ -208,6 +220,7 @@ try:
         flops[name] = {k: sum(f for kind, f in calls if kind == k) for k in ("forward", "backward")}
 finally:
     ops.linear_forward, ops.linear_backward = original_forward, original_backward
+    ops.tied_head_cross_entropy_forward = original_head
 N = B * T
 F_hand = 2 * N * (L * (4 * C * C + 2 * C * F) + C * V)
 adapter_flops = 3 * 2 * N * r * (2 * C) * 4 * L
