@@ -402,6 +402,9 @@ def _continued_adapter(args):
     settings = config.lora
     if not _given(args, "--lora-dropout"):
         args.lora_dropout = getattr(settings, "dropout", args.lora_dropout)  # the adapter's own, unless changed
+    for flag in getattr(settings, "FLAGS", {}):  # a variant's training setting (DoRA's --detach-norm), if given
+        if _given(args, f"--{flag.replace('_', '-')}"):
+            settings = replace(settings, **{flag: getattr(args, flag)})
     asked = {"rank": args.rank, "alpha": args.alpha, "targets": tuple(args.targets.split(",")),
              "rslora": args.rslora}
     for option, name in _ADAPTER_OPTIONS.items():

@@ -90,7 +90,7 @@ def check_fields(ac, where):
     """ValueError, naming the field, for every adapter_config.json field of a type PEFT's LoraConfig would not take.
 
     Returns the config with PEFT's defaults filled in for r (8), lora_alpha (8), use_rslora (false),
-    lora_dropout (0), target_modules (null) and the patterns ({}).
+    use_dora (false), lora_dropout (0), target_modules (null) and the patterns ({}).
     """
     ac = {"r": 8, "lora_alpha": 8, "use_rslora": False, "lora_dropout": 0.0, "target_modules": None,
           "exclude_modules": None, "rank_pattern": {}, "alpha_pattern": {}, **ac}
@@ -98,7 +98,9 @@ def check_fields(ac, where):
         raise ValueError(f"{where}: r: expected a positive integer, got {_got(ac['r'])}")
     if not _is_number(ac["lora_alpha"]):
         raise ValueError(f"{where}: lora_alpha: expected a finite number, got {_got(ac['lora_alpha'])}")
-    for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+    if ac.get("use_dora") is None:
+        ac["use_dora"] = False  # PEFT's default
+    for name in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora"):
         if name in ac and not isinstance(ac[name], bool):
             raise ValueError(f"{where}: {name}: expected true or false, got {_got(ac[name])}")
     d = ac["lora_dropout"]
