@@ -66,6 +66,7 @@ from .hf import (FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, check_
                  weights_fingerprint)
 from .methods.dora import MAGNITUDE, DoraConfig
 from .methods.lora import TARGETS, LoraConfig, lora_scale
+from .tensor_file import open_numpy
 
 EXPORTED = ("lora", "dora", "ia3")  # the adapter configs' methods write_peft writes exactly (to_peft, ia3_to_peft)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -241,9 +242,9 @@ def read_peft(folder, base_params, base_config):
         raise ValueError(f"adapter: expected {ADAPTER_WEIGHTS} in {folder!r} (adapter_model.bin is a pickle and is "
                          "never unpickled), got none")
     check_readable(weights)
-    safetensors = _safetensors()
+    _safetensors()
     try:
-        with safetensors.safe_open(weights, framework="numpy") as f:
+        with open_numpy(weights) as f:  # bf16 tensors widened to float32, exactly
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:

@@ -437,7 +437,8 @@ def test_qlora_runs_are_refused_as_peft_lora_and_export_exactly_once_merged_and_
         assert rel(torch_logits(theirs, ids), our_logits(params, config, ids)) < RTOL32, method
 
 
-def test_a_peft_adapter_on_another_base_or_claiming_dora_without_magnitudes_is_refused(saved32, saved64, tmp_path, capsys):
+def test_a_peft_adapter_on_another_base_or_claiming_dora_without_magnitudes_is_refused(saved32, saved64, tmp_path,
+                                                                                       capsys):
     base = random_minilora(CONFIG, dtype=np.float32)
     params, config = trained_lora(base, LORA_CASES["qkvo"])
     bridge.export_model(tmp_path / "e", {n: a.astype(np.float32) for n, a in params.items()}, config,
@@ -935,6 +936,59 @@ def test_a_float64_model_is_imported_saying_its_weights_were_rounded(saved64, sa
     assert "float64 weights rounded to float32" in capsys.readouterr().out
     assert cli.main(["import-hf", str(saved32[1]), "--out", str(tmp_path / "r32")]) == 0
     assert "rounded" not in capsys.readouterr().out
+
+
+def test_every_bf16_bit_pattern_widens_to_the_float32_torch_gives():
+    from minilora.tensor_file import bf16_bits_to_float32
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # every bf16: zeros, subnormals, inf, NaN
+    ours = bf16_bits_to_float32(bits)
+    theirs = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+    nan = np.isnan(theirs)
+    assert np.array_equal(np.isnan(ours), nan) and nan.sum() == 2 * 127  # 2 signs x 127 non-zero mantissas
+    np.testing.assert_array_equal(ours[~nan].view(np.uint32), theirs[~nan].view(np.uint32))  # bit for bit
+
+
+@pytest.mark.parametrize("half, stored, words", [(torch.bfloat16, "BF16", "bf16 weights widened to float32"),
+                                                 (torch.float16, "F16", "float16 weights widened to float32")])
+def test_a_bf16_or_float16_gpt2_imports_exactly_as_its_float32_widening(tmp_path, capsys, half, stored, words):
+    m = random_gpt2(torch.float32, seed=9).to(half)  # Module.to works in place: m is now the half model
+    m.save_pretrained(tmp_path / "half")
+    assert hf.stored_dtype(tmp_path / "half") == stored
+    m.to(torch.float32).save_pretrained(tmp_path / "wide")  # the same numbers, widened by torch, stored as float32
+    assert hf.stored_dtype(tmp_path / "wide") == "F32"
+    for dtype in (np.float32, np.float64):
+        a, config, _ = hf.read_gpt2(tmp_path / "half", dtype=dtype)
+        b, _, _ = hf.read_gpt2(tmp_path / "wide", dtype=dtype)
+        assert a.keys() == b.keys() and all(a[n].dtype == dtype and np.array_equal(a[n], b[n]) for n in a)
+    ids = ids_for()
+    assert rel(our_logits(a, config, ids), torch_logits(m.to(torch.float64), ids)) < RTOL64
+    capsys.readouterr()
+    assert cli.main(["import-hf", str(tmp_path / "half"), "--out", str(tmp_path / "run")]) == 0
+    assert words in capsys.readouterr().out
+    params, _, _, _ = load_model(tmp_path / "run")
+    assert all(np.array_equal(params[n], hf.read_gpt2(tmp_path / "wide")[0][n]) for n in params)
+
+
+def test_a_bf16_peft_adapter_reads_exactly_as_its_float32_widening_and_as_peft_applies_it(saved64, peft_saved,
+                                                                                          tmp_path):
+    from safetensors.torch import save_file
+
+    _, path = saved64
+    src, ac, tensors = peft_saved
+    half = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}
+    for name, cast in (("bf16", lambda t: t), ("wide", lambda t: t.to(torch.float32))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(ac))
+        save_file({k: cast(t) for k, t in half.items()}, str(tmp_path / name / "adapter_model.safetensors"))
+    base_params, base_config, _ = hf.read_gpt2(path, dtype=np.float64)
+    a, config, _ = peft_io.read_peft(tmp_path / "bf16", base_params, base_config)
+    b, _, _ = peft_io.read_peft(tmp_path / "wide", base_params, base_config)
+    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+    pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64),
+                                        str(tmp_path / "bf16")).eval()
+    ids = ids_for()
+    assert rel(our_logits(a, config, ids), torch_logits(pm, ids)) < RTOL64
 
 
 def test_an_unreadable_weights_file_is_reported_as_unreadable(saved32, tmp_path, capsys, monkeypatch):
