@@ -47,8 +47,9 @@ on W_c + s B_c A_c, is [n_q; n_k; n_v], since B_c A_c's rows are each target's B
 not targeted has zero rows of B_c, so its norm is ||W_i||: its magnitude is written as that norm (gain 1
 up to rounding, the function unchanged), and comes back as a DoRA adapter with B = 0.
 
-An IA3 model goes out as PEFT's IA3 (ia3_to_peft, export only): one ia3_l per module, c_attn's (3C, 1)
-scaling its output [q; k; v] by [1; l_k; l_v], mlp.c_proj's (1, F) its input by l_ff.
+An IA3 model goes out as PEFT's IA3 (ia3_to_peft): one ia3_l per module, c_attn's (3C, 1)
+scaling its output [q; k; v] by [1; l_k; l_v] ([l_q; l_k; l_v] with queries), mlp.c_proj's (1, F) its
+input by l_ff; a PEFT IA3 folder comes in as Ia3Config(queries=True) (_read_ia3).
 Needs safetensors (`pip install 'minilora[hf]'`).
 """
 
@@ -65,6 +66,8 @@ from .backend import array_module, to_numpy
 from .hf import (FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, check_readable, read_fingerprint,
                  weights_fingerprint)
 from .methods.dora import MAGNITUDE, DoraConfig
+from .methods.ia3 import NAME as IA3_NAME
+from .methods.ia3 import Ia3Config
 from .methods.lora import TARGETS, LoraConfig, lora_scale
 from .tensor_file import open_numpy
 
@@ -153,7 +156,8 @@ def ia3_to_peft(params, config, base_path):
     """An IA3 model's vectors as PEFT's IA3 (adapter_config dict, tensors dict).
 
     PEFT scales the output of c_attn, the fused q, k, v (3C,): its ia3_l (3C, 1) is [1; l_k; l_v], ones
-    on q's rows, so q is unchanged; and the input of mlp.c_proj, a feedforward module: ia3_l (1, F) = l_ff.
+    on q's rows, so q is unchanged ([l_q; l_k; l_v] with Ia3Config(queries=True), PEFT's own default); and
+    the input of mlp.c_proj, a feedforward module: ia3_l (1, F) = l_ff.
     Output scaling multiplies the bias too, as minilora's l * (W x + b) (GPT-2's key bias is written
     as zeros, and stays zero). Returns the adapter_config.json dict and name -> numpy array.
     """
@@ -164,7 +168,8 @@ def ia3_to_peft(params, config, base_path):
     for i in range(config.n_layers):
         p = f"h.{i}."
         l_k, l_v = to_numpy(params[p + "attn.k.ia3_l"]), to_numpy(params[p + "attn.v.ia3_l"])
-        l_c = np.concatenate([np.ones_like(l_k), l_k, l_v])  # (3C,): q, k, v's rows of c_attn
+        l_q = to_numpy(params[p + "attn.q.ia3_l"]) if config.lora.queries else np.ones_like(l_k)
+        l_c = np.concatenate([l_q, l_k, l_v])  # (3C,): q, k, v's rows of c_attn
         tensors[f"{PREFIX}h.{i}.attn.c_attn.ia3_l"] = np.ascontiguousarray(l_c[:, None])  # (3C, 1)
         tensors[f"{PREFIX}h.{i}.mlp.c_proj.ia3_l"] = np.ascontiguousarray(to_numpy(params[p + "mlp.proj.ia3_l"])[None])
     adapter_config = {
@@ -226,9 +231,11 @@ def read_peft(folder, base_params, base_config):
     if not os.path.isfile(path):
         raise ValueError(f"adapter: expected a PEFT folder with {ADAPTER_CONFIG}, got {folder!r} without one")
     ac = _read_json(path)
+    if ac.get("peft_type") == "IA3":
+        return _read_ia3(folder, path, ac, base_params, base_config)
     if ac.get("peft_type") != "LORA":
-        raise ValueError(f"adapter: {path}: peft_type: expected 'LORA', got {ac.get('peft_type')!r} "
-                         "(minilora maps LoRA adapters only)")
+        raise ValueError(f"adapter: {path}: peft_type: expected 'LORA' or 'IA3', got {ac.get('peft_type')!r} "
+                         "(minilora maps LoRA, DoRA and IA3 adapters only)")
     for name, allowed in _SUPPORTED.items():
         if not any(type(ac.get(name)) is type(a) and ac.get(name) == a for a in allowed):
             raise ValueError(f"adapter: {path}: {name}: expected {allowed[0]!r} (minilora does not compute "
@@ -237,19 +244,7 @@ def read_peft(folder, base_params, base_config):
     if base_config.lora is not None:
         raise ValueError("adapter: expected a base model without adapters, got one with adapters already")
     modules = peft_config.targeted_modules(ac, base_config.n_layers, f"adapter: {path}")
-    weights = os.path.join(folder, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights):
-        raise ValueError(f"adapter: expected {ADAPTER_WEIGHTS} in {folder!r} (adapter_model.bin is a pickle and is "
-                         "never unpickled), got none")
-    check_readable(weights)
-    _safetensors()
-    try:
-        with open_numpy(weights) as f:  # bf16 tensors widened to float32, exactly
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:
-        raise ValueError(f"adapter: {weights}: expected a readable safetensors file, got one that is truncated, "
-                         f"corrupt or of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
+    weights, metadata, tensors = _read_weights(folder)
     _check_base(folder, ac, metadata, base_params)
     use_dora = ac["use_dora"]
     pairs = _pairs(weights, tensors, modules, use_dora)
@@ -305,6 +300,86 @@ def read_peft(folder, base_params, base_config):
         out[prefix + ".lora_A"] = xp.asarray(A_pad.astype(dtype))
         out[prefix + ".lora_B"] = xp.asarray(B_pad.astype(dtype))
     return out, replace(base_config, lora=lora_config), {"kind": "peft_adapter", "peft": ac, "path": folder}
+
+
+def _read_weights(folder):
+    """(path, metadata, name -> numpy array) of the folder's adapter_model.safetensors; ValueError if unreadable."""
+    weights = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise ValueError(f"adapter: expected {ADAPTER_WEIGHTS} in {folder!r} (adapter_model.bin is a pickle and is "
+                         "never unpickled), got none")
+    check_readable(weights)
+    _safetensors()
+    try:
+        with open_numpy(weights) as f:  # bf16 tensors widened to float32, exactly
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:
+        raise ValueError(f"adapter: {weights}: expected a readable safetensors file, got one that is truncated, "
+                         f"corrupt or of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
+    return weights, metadata, tensors
+
+
+# minilora's IA3 on a GPT-2 block: module -> whether PEFT scales its input (a feedforward module) or its output
+_IA3_MODULES = {"attn.c_attn": False, "mlp.c_proj": True}
+
+
+def _read_ia3(folder, path, ac, base_params, base_config):
+    """read_peft for peft_type IA3: PEFT's IA3 on GPT-2 as minilora's Ia3Config(queries=True).
+
+    PEFT's default (target_modules c_attn and mlp.c_proj, feedforward mlp.c_proj) scales c_attn's output,
+    the fused [q; k; v], by one (3C, 1) ia3_l: l_q, l_k, l_v, its thirds; and mlp.c_proj's input by (1, F),
+    l_ff. The queries' factors are trained by PEFT, so the model comes in with queries=True and trains them on
+    (a minilora export without them has ones there: the same function). Other targets are refused, naming the
+    module: minilora's IA3 scales exactly these two. GPT-2's key bias b_k, scaled to l_k * b_k, still adds one
+    constant to each softmax row, so dropping it stays exact.
+    """
+    where = f"adapter: {path}"
+    ac = peft_config.check_ia3_fields(ac, where)
+    if base_config.lora is not None:
+        raise ValueError("adapter: expected a base model without adapters, got one with adapters already")
+    found = peft_config.targeted_modules(ac, base_config.n_layers, where)
+    for i, module in found:
+        full = f"transformer.h.{i}.{module}"
+        feedforward = peft_config.is_feedforward(ac["feedforward_modules"], full)
+        if module not in _IA3_MODULES or feedforward != _IA3_MODULES[module]:
+            raise ValueError(f"{where}: target_modules: {full} scaled on its {'input' if feedforward else 'output'}; "
+                             "minilora's IA3 scales c_attn's output (q, k, v) and mlp.c_proj's input only "
+                             "(feedforward_modules: [\"mlp.c_proj\"])")
+    for module in _IA3_MODULES:
+        blocks = [i for i, m in found if m == module]
+        if len(blocks) != base_config.n_layers:
+            raise ValueError(f"{where}: target_modules: expected {module} in every block (minilora's IA3 scales it "
+                             f"in all {base_config.n_layers}), got blocks {blocks}")
+    weights, metadata, tensors = _read_weights(folder)
+    _check_base(folder, ac, metadata, base_params)
+    C, F = base_config.d_model, base_config.d_ff
+    shapes = {"attn.c_attn": (3 * C, 1), "mlp.c_proj": (1, F)}
+    names = {f"{PREFIX}h.{i}.{m}.{IA3_NAME}": (i, m) for i, m in found}
+    extra = sorted(set(tensors) - set(names))
+    if extra:
+        raise ValueError(f"adapter: {weights}: {extra[0]}: not an ia3_l of a module target_modules scales (PEFT "
+                         "would not load it)")
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise ValueError(f"adapter: {weights}: expected {missing[0]} (target_modules scales its module), got none; "
+                         "PEFT would leave it at its initial values")
+    xp = array_module(base_params["wte"])
+    dtype = base_params["wte"].dtype
+    out = dict(base_params)
+    for name, (i, module) in names.items():
+        t = tensors[name]
+        if t.shape != shapes[module] or t.dtype.kind != "f" or not np.isfinite(t).all():
+            raise ValueError(f"adapter: {weights}: {name}: expected finite floating-point values of shape "
+                             f"{shapes[module]} on this base, got {t.dtype} {tuple(t.shape)}")
+        l = t.reshape(-1)
+        if module == "attn.c_attn":
+            for row, target in enumerate(QKV):
+                out[f"h.{i}.attn.{target}.{IA3_NAME}"] = xp.asarray(l[row * C:(row + 1) * C].astype(dtype))
+        else:
+            out[f"h.{i}.mlp.proj.{IA3_NAME}"] = xp.asarray(l.astype(dtype))
+    config = replace(base_config, lora=Ia3Config(queries=True))
+    return out, config, {"kind": "peft_adapter", "peft": ac, "path": folder}
 
 
 def _module_scale(alpha, r, rslora, path, label):

@@ -450,7 +450,7 @@ def test_a_peft_adapter_on_another_base_or_claiming_dora_without_magnitudes_is_r
     ac = json.loads((adapter / "adapter_config.json").read_text())
     # use_dora on a file of LoRA pairs only: PEFT would keep the magnitudes at their initial values
     for change, words in (({"use_dora": True}, ["lora_magnitude_vector", "initial values"]),
-                          ({"peft_type": "IA3"}, ["peft_type", "'IA3'"])):
+                          ({"peft_type": "LOHA"}, ["peft_type", "'LOHA'"])):
         bad = tmp_path / ("bad-" + next(iter(change)))
         bad.mkdir()
         (bad / "adapter_config.json").write_text(json.dumps({**ac, **change}))
@@ -584,6 +584,110 @@ def test_export_refuses_a_qlora_run_in_one_line_saying_why(tmp_path):
     with pytest.raises(ValueError, match=r"a QLoRA run has no PEFT export here .* merge it") as e:
         bridge.export_model(tmp_path / "out", params, config, CharTokenizer())
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+# ---- issue 28: IA3 as PEFT trains it (c_attn's output scaled whole: the queries too, L (3C + F))
+
+
+def test_an_ia3_export_with_query_factors_writes_them_into_c_attn_with_equal_logits_and_merge(tmp_path):
+    params, config = ia3.add_ia3(random_minilora(CONFIG), CONFIG, ia3.Ia3Config(queries=True))
+    rng = np.random.default_rng(4)
+    params = {n: 1.0 + 0.5 * rng.standard_normal(a.shape) if n.endswith(".ia3_l") else a for n, a in params.items()}
+    out = tmp_path / "export"
+    bridge.export_model(out, params, config, CharTokenizer())
+    pm = load_peft(out)
+    c_attn = pm.base_model.model.transformer.h[0].attn.c_attn.ia3_l["default"].detach().numpy().ravel()
+    np.testing.assert_array_equal(c_attn, np.concatenate([params[f"h.0.attn.{t}.ia3_l"] for t in "qkv"]))
+    ids = ids_for()
+    ours = our_logits(params, config, ids)
+    assert rel(torch_logits(pm, ids), ours) < RTOL64
+    without_q = {n: np.ones_like(a) if n.endswith("attn.q.ia3_l") else a for n, a in params.items()}
+    assert rel(ours, our_logits(without_q, config, ids)) > 1e-3  # l_q changes the function: the check has teeth
+    merged, merged_config = ia3.merge(params, config)
+    assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
+
+
+def peft_trained_ia3(path, dtype, steps=5, **changes):
+    """PEFT's default IA3 for GPT-2 (c_attn and mlp.c_proj, feedforward mlp.c_proj), trained a few steps by PEFT."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    pm = peft.get_peft_model(base, peft.IA3Config(task_type="CAUSAL_LM", **changes))
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
+    x = torch.tensor(np.random.default_rng(0).integers(0, V, (4, T)))
+    for _ in range(steps):
+        loss = pm(x, labels=x, attention_mask=torch.ones_like(x)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pm.eval()
+
+
+def test_an_ia3_adapter_trained_by_peft_imports_with_its_query_factors_and_equal_logits_and_trains_on(saved64,
+                                                                                                        tmp_path):
+    m, path = saved64
+    pm = peft_trained_ia3(path, torch.float64)
+    pm.save_pretrained(tmp_path / "peft-ia3")
+    ac = json.loads((tmp_path / "peft-ia3" / "adapter_config.json").read_text())
+    assert set(ac["target_modules"]) == {"c_attn", "mlp.c_proj"} and ac["feedforward_modules"] == ["mlp.c_proj"]
+    base_params, base_config, _ = hf.read_gpt2(path, dtype=np.float64)
+    params, config, _ = peft_io.read_peft(tmp_path / "peft-ia3", base_params, base_config)
+    assert config.lora == ia3.Ia3Config(queries=True) and config.lora.targets == ("q", "k", "v", "proj")
+    l_c = pm.base_model.model.transformer.h[1].attn.c_attn.ia3_l["default"].detach().numpy().ravel()
+    np.testing.assert_array_equal(params["h.1.attn.q.ia3_l"], l_c[:C])
+    assert np.abs(params["h.1.attn.q.ia3_l"] - 1.0).max() > 1e-2  # PEFT trained the queries' factors
+    ids = ids_for()
+    ours = our_logits(params, config, ids)
+    assert rel(ours, torch_logits(pm, ids)) < RTOL64
+    assert rel(ours, torch_logits(m, ids)) > 1e-3
+    trainable = set(lora.adapter_names(config))
+    assert len(trainable) == 4 * L and sum(params[n].size for n in trainable) == L * (3 * C + F)
+    batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
+    state = optim.adamw_init(params, trainable)
+    first, _ = model.loss_and_grads(params, config, batch, trainable)
+    for _ in range(10):
+        loss, grads = model.loss_and_grads(params, config, batch, trainable)
+        optim.adamw_step(params, grads, state, 5e-2)
+    assert set(grads) == trainable and loss < first - 0.05
+
+
+def test_finetune_adapter_continues_a_peft_ia3_adapter_and_exports_it_back(tmp_path, capsys):
+    torch.manual_seed(6)
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(hf_config(n_positions=128)).save_pretrained(path)
+    pm = peft_trained_ia3(path, torch.float32)
+    pm.save_pretrained(tmp_path / "peft")
+    out = tmp_path / "more"
+    assert cli.main(["finetune", "--checkpoint", str(path), "--adapter", str(tmp_path / "peft"), "--out", str(out),
+                     "--steps", "2", "--batch-size", "4", "--lr", "1e-12"]) == 0
+    assert "IA3: L (3C + F)" in capsys.readouterr().out
+    params, config, _, _ = load_model(path, adapter=out / "adapter.npz")
+    assert config.lora == ia3.Ia3Config(queries=True)
+    ids = ids_for()
+    assert rel(our_logits(params, config, ids), torch_logits(pm, ids)) < RTOL32
+    assert cli.main(["export", str(path), "--adapter", str(out / "adapter.npz"), "--out", str(tmp_path / "back")]) == 0
+    back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back"),
+                                          str(tmp_path / "back" / "adapter")).eval()
+    assert rel(torch_logits(back, ids), torch_logits(pm, ids)) < RTOL32
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"target_modules": ["c_attn", "mlp.c_proj", "c_fc"], "feedforward_modules": ["mlp.c_proj"]},
+     ["mlp.c_fc", "scaled on its output", "c_attn's output"]),
+    ({"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["c_attn", "mlp.c_proj"]},
+     ["attn.c_attn scaled on its input"]),
+    ({"target_modules": ["c_attn"], "feedforward_modules": []}, ["mlp.c_proj in every block"]),
+    ({"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["c_fc"]}, ["feedforward_modules",
+                                                                                       "subset", "PEFT raises"]),
+    ({"fan_in_fan_out": "yes"}, ["fan_in_fan_out"]),
+    ({"modules_to_save": ["lm_head"]}, ["modules_to_save"]),
+])
+def test_an_ia3_adapter_minilora_does_not_compute_is_one_line(saved64, tmp_path, capsys, changes, words):
+    _, path = saved64
+    pm = peft_trained_ia3(path, torch.float64, steps=0)
+    pm.save_pretrained(tmp_path / "a")
+    ac = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**ac, **changes}))
+    _refused(capsys, ["merge", str(path), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m.npz")],
+             tmp_path / "m.npz", ["--adapter:", *words])
 
 
 # ---- issue 28: DoRA both ways (PEFT's LoraConfig(use_dora=True), lora_magnitude_vector per output feature)
