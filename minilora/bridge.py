@@ -104,10 +104,10 @@ def check_exportable(params, config):
         raise ValueError("run: a classification run has no exact export: transformers' GPT2ForSequenceClassification "
                          "head has no bias and reads the last non-padding token, minilora's cls.W, cls.b has a bias")
     if config.lora is not None and config.lora.method not in peft_io.EXPORTED:
-        # peft_io writes plain LoRA (use_dora false) and IA3: a DoRA adapter's m would be dropped, and a QLoRA base
-        # holds no float W to write; merging first gives a plain model, which exports exactly
-        raise ValueError(f"run: a {config.lora.label} run has no PEFT export here (minilora writes LoRA and IA3 "
-                         "adapters only); merge it (minilora merge) and export the merged model")
+        # peft_io writes LoRA, DoRA (use_dora) and IA3 adapters: a QLoRA base holds no float W to write; merging
+        # first gives a plain model, which exports exactly
+        raise ValueError(f"run: a {config.lora.label} run has no PEFT export here (minilora writes LoRA, DoRA and "
+                         "IA3 adapters only); merge it (minilora merge) and export the merged model")
 
 
 def _end_token(tokenizer):

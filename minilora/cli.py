@@ -402,6 +402,9 @@ def _continued_adapter(args):
     settings = config.lora
     if not _given(args, "--lora-dropout"):
         args.lora_dropout = getattr(settings, "dropout", args.lora_dropout)  # the adapter's own, unless changed
+    for flag in getattr(settings, "FLAGS", {}):  # a variant's training setting (DoRA's --detach-norm), if given
+        if _given(args, f"--{flag.replace('_', '-')}"):
+            settings = replace(settings, **{flag: getattr(args, flag)})
     asked = {"rank": args.rank, "alpha": args.alpha, "targets": tuple(args.targets.split(",")),
              "rslora": args.rslora}
     for option, name in _ADAPTER_OPTIONS.items():
@@ -680,8 +683,9 @@ def _cmd_import_hf(args):
                     os.remove(os.path.join(args.out, name))
     n = sum(p.size for p in params.values())
     stored = stored_dtype(args.dir)
-    # minilora trains in float32: weights stored wider are rounded to it, and the line says so
-    rounded = "; its float64 weights rounded to float32" if stored == "F64" else ""
+    # minilora trains in float32: wider weights are rounded to it, narrower ones widened exactly; the line says so
+    rounded = {"F64": "; its float64 weights rounded to float32", "BF16": "; its bf16 weights widened to float32 "
+               "(exactly)", "F16": "; its float16 weights widened to float32 (exactly)"}.get(stored, "")
     print(f"imported GPT-2 {config.n_layers} x {config.d_model} (vocab {config.vocab_size}, context "
           f"{config.context_length}, {tokenizer.kind} tokenizer), {n:,} parameters{rounded}; "
           f"wrote {os.path.join(args.out, CHECKPOINT)}")

@@ -23,7 +23,8 @@ row, and a softmax row is unchanged by adding one constant to all its entries.
 Exported, it is written as zeros.
 
 Reading goes tensor by tensor (safetensors' safe_open), so importing a 124M
-model needs its size in memory once, not twice. A pickle file
+model needs its size in memory once, not twice. float16 and bf16 weights are
+read exactly (bf16 by tensor_file.py, as NumPy has no bfloat16). A pickle file
 (pytorch_model.bin) is never opened: unpickling can run any code.
 This module needs the `safetensors` package (`pip install 'minilora[hf]'`).
 """
@@ -39,6 +40,7 @@ import numpy as np
 from .backend import to_numpy
 from .methods import base_fingerprint
 from .model import ModelConfig, param_shapes
+from .tensor_file import open_numpy
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -243,11 +245,11 @@ def read_gpt2(folder, dtype=np.float32):
         raise ValueError(f"{folder}: expected a {CONFIG_FILE}, got none")
     config = model_config_from_gpt2(_read_json(config_path), where=config_path)
     path = _weights_path(folder)
-    safetensors = _safetensors()
+    _safetensors()
     C = config.d_model
     params = {}
     try:
-        with safetensors.safe_open(path, framework="numpy") as f:
+        with open_numpy(path) as f:  # bf16 tensors widened to float32, exactly (tensor_file.py)
             metadata = f.metadata() or {}
             names = list(f.keys())
             # the sizes config.json claims, against the file, before any table of names is built from them

@@ -26,7 +26,7 @@ What a block keeps (dimension legend: N = B T tokens, C channels, F = d_ff, NH h
                                a frozen linear keeps none (model.forward's `trainable`)
     LoRA                       x A^T (N, r) per adapter; q, k, v read one input: one (N, 3r) and A's (3r, C)
     DoRA                       also the base output (N, out) and W A^T (out, r), A A^T (r, r), ||.|| (out,)
-    IA3                        k and v before their scaling (N, C) each, and proj's unscaled input (N, F)
+    IA3                        k and v (and q, queries=True) before their scaling (N, C) each, proj's input (N, F)
     GELU                       its input (N, F) (tanh is computed again, block by block, in the backward)
     dropout (when > 0)         a boolean mask (N, C) per residual branch
 
@@ -146,7 +146,7 @@ def block_activations(cfg, method, B, T):
     if method == "dora":
         for x in adapted:
             n += N * out[x] + out[x] * r + out[x] + r * r
-    for x in ("k", "v"):
+    for x in ("q", "k", "v"):  # q is IA3's only with Ia3Config(queries=True)
         if kind[x] == "ia3":
             n += N * C  # before the scaling
     return n

@@ -29,6 +29,9 @@ from .bounds import DROPOUT
 ADAPTED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # PEFT's default target_modules for GPT-2 (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
 GPT2_DEFAULT_TARGETS = ["c_attn"]
+# and IA3's (..._TO_IA3_TARGET_MODULES_MAPPING, ..._TO_IA3_FEEDFORWARD_MODULES_MAPPING): c_attn's output scaled,
+# mlp.c_proj's input
+GPT2_IA3_TARGETS, GPT2_IA3_FEEDFORWARD = ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]
 ALL_LINEAR = "all-linear"
 # init_lora_weights that PEFT applies to A and B only; PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA also rewrite the base W
 # when PEFT loads the adapter, so the adapter's function is not W + B A on the base as it is
@@ -90,7 +93,7 @@ def check_fields(ac, where):
     """ValueError, naming the field, for every adapter_config.json field of a type PEFT's LoraConfig would not take.
 
     Returns the config with PEFT's defaults filled in for r (8), lora_alpha (8), use_rslora (false),
-    lora_dropout (0), target_modules (null) and the patterns ({}).
+    use_dora (false), lora_dropout (0), target_modules (null) and the patterns ({}).
     """
     ac = {"r": 8, "lora_alpha": 8, "use_rslora": False, "lora_dropout": 0.0, "target_modules": None,
           "exclude_modules": None, "rank_pattern": {}, "alpha_pattern": {}, **ac}
@@ -98,7 +101,9 @@ def check_fields(ac, where):
         raise ValueError(f"{where}: r: expected a positive integer, got {_got(ac['r'])}")
     if not _is_number(ac["lora_alpha"]):
         raise ValueError(f"{where}: lora_alpha: expected a finite number, got {_got(ac['lora_alpha'])}")
-    for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+    if ac.get("use_dora") is None:
+        ac["use_dora"] = False  # PEFT's default
+    for name in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora"):
         if name in ac and not isinstance(ac[name], bool):
             raise ValueError(f"{where}: {name}: expected true or false, got {_got(ac[name])}")
     d = ac["lora_dropout"]
@@ -178,3 +183,39 @@ def pattern_value(patterns, module, default):
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def check_ia3_fields(ac, where):
+    """ValueError, naming the field, for an IA3 adapter_config.json field of a type PEFT's IA3Config would not take,
+    or where PEFT raises (feedforward_modules not a subset of target_modules). Returns the config with PEFT's GPT-2
+    defaults for null target_modules and feedforward_modules, and exclude_modules null."""
+    ac = {"target_modules": None, "feedforward_modules": None, "exclude_modules": None, **ac}
+    for name in ("fan_in_fan_out", "init_ia3_weights", "inference_mode"):
+        if name in ac and not isinstance(ac[name], bool):
+            raise ValueError(f"{where}: {name}: expected true or false, got {_got(ac[name])}")
+    for name in ("base_model_name_or_path", "task_type"):
+        if ac.get(name) is not None and not isinstance(ac[name], str):
+            raise ValueError(f"{where}: {name}: expected a string or null, got {_got(ac[name])}")
+    if ac.get("modules_to_save") not in (None, []):
+        raise ValueError(f"{where}: modules_to_save: expected null (minilora does not compute modules_to_save), got "
+                         f"{_got(ac['modules_to_save'])}")
+    for name in ("target_modules", "feedforward_modules", "exclude_modules"):
+        _str_or_list(where, name, ac[name])
+        if isinstance(ac[name], str):
+            _regex(where, name, ac[name])
+    if ac["target_modules"] is None:
+        ac["target_modules"] = GPT2_IA3_TARGETS
+    if ac["feedforward_modules"] is None:
+        ac["feedforward_modules"] = GPT2_IA3_FEEDFORWARD
+    target, ff = ac["target_modules"], ac["feedforward_modules"]
+    if isinstance(target, list) and isinstance(ff, list) and not set(ff) <= set(target):
+        raise ValueError(f"{where}: feedforward_modules: expected a subset of target_modules {_short(target)}, got "
+                         f"{_short(ff)} (PEFT raises)")
+    return ac
+
+
+def is_feedforward(spec, name):
+    """PEFT's IA3 check (_check_target_module_feedforward): a string is a full regex match, a list a plain suffix."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name.endswith(key) for key in spec)

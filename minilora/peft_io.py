@@ -39,8 +39,17 @@ A and zero columns of B (the padded directions add nothing, and stay zero in
 training, since each one's gradient is a product with the other's zero), and a
 module whose PEFT scale differs from the common one has the ratio folded into B.
 
-An IA3 model goes out as PEFT's IA3 (ia3_to_peft, export only): one ia3_l per module, c_attn's (3C, 1)
-scaling its output [q; k; v] by [1; l_k; l_v], mlp.c_proj's (1, F) its input by l_ff.
+DoRA (use_dora=True) adds one lora_magnitude_vector (out,) per adapted module: PEFT's
+DoraLinearLayer.get_weight_norm transposes the Conv1D weight to (out, in) (fan_in_fan_out) and takes
+||W + scale B A|| along dim 1, one norm per output feature, with the module's own scale inside: minilora's
+row_norms of (out, in) W with its s. So c_attn's magnitude is [m_q; m_k; m_v] (3C,), and its norm, taken
+on W_c + s B_c A_c, is [n_q; n_k; n_v], since B_c A_c's rows are each target's B A. A q, k or v that is
+not targeted has zero rows of B_c, so its norm is ||W_i||: its magnitude is written as that norm (gain 1
+up to rounding, the function unchanged), and comes back as a DoRA adapter with B = 0.
+
+An IA3 model goes out as PEFT's IA3 (ia3_to_peft): one ia3_l per module, c_attn's (3C, 1)
+scaling its output [q; k; v] by [1; l_k; l_v] ([l_q; l_k; l_v] with queries), mlp.c_proj's (1, F) its
+input by l_ff; a PEFT IA3 folder comes in as Ia3Config(queries=True) (_read_ia3).
 Needs safetensors (`pip install 'minilora[hf]'`).
 """
 
@@ -56,9 +65,13 @@ from . import peft_config
 from .backend import array_module, to_numpy
 from .hf import (FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, check_readable, read_fingerprint,
                  weights_fingerprint)
+from .methods.dora import MAGNITUDE, DoraConfig
+from .methods.ia3 import NAME as IA3_NAME
+from .methods.ia3 import Ia3Config
 from .methods.lora import TARGETS, LoraConfig, lora_scale
+from .tensor_file import open_numpy
 
-EXPORTED = ("lora", "ia3")  # the adapter configs' methods write_peft writes exactly (to_peft, ia3_to_peft)
+EXPORTED = ("lora", "dora", "ia3")  # the adapter configs' methods write_peft writes exactly (to_peft, ia3_to_peft)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model.transformer."
@@ -77,19 +90,27 @@ def _peft_scale(alpha, r, rslora):
     return alpha / (math.sqrt(r) if rslora else r)
 
 
+def _row_norms(W):
+    """||W_i|| of each row of a frozen (out, in) W: the magnitude DoRA starts at (dora.add_dora's sum)."""
+    return (W * W).sum(axis=1) ** 0.5
+
+
 def to_peft(params, config, base_path):
-    """A LoRA model's adapters as PEFT's (adapter_config dict, tensors dict).
+    """A LoRA or DoRA model's adapters as PEFT's (adapter_config dict, tensors dict).
 
     Inputs:
-    - params, config: a model with LoRA adapters (config.lora set)
+    - params, config: a model with LoRA adapters (config.lora a LoraConfig) or DoRA adapters (a DoraConfig)
     - base_path: the folder of the exported base model (base_model_name_or_path)
 
     Returns the adapter_config.json dict and name -> numpy array for
-    adapter_model.safetensors. The adapters' dropout is written as lora_dropout.
+    adapter_model.safetensors. The adapters' dropout is written as lora_dropout;
+    DoRA's magnitudes as lora_magnitude_vector, with use_dora true.
     """
     lc = config.lora
-    if lc is None:
-        raise ValueError("config: expected a LoRA model (config.lora set), got config.lora = None")
+    if lc is None or lc.method not in ("lora", "dora"):
+        raise ValueError("config: expected a LoRA or DoRA model (a LoraConfig or DoraConfig in config.lora), got "
+                         f"{'config.lora = None' if lc is None else lc.label + ' adapters'}")
+    use_dora = lc.method == DoraConfig.method
     r, C = lc.rank, config.d_model
     qkv = [t for t in QKV if t in lc.targets]
     tensors, modules = {}, []
@@ -102,11 +123,18 @@ def to_peft(params, config, base_path):
                 row = QKV.index(t)
                 B_c[row * C:(row + 1) * C, j * r:(j + 1) * r] = to_numpy(params[p + f"attn.{t}.lora_B"])
             tensors.update(_pair(i, "attn.c_attn", A_c, B_c))
+            if use_dora:  # [m_q; m_k; m_v]; an untargeted one's rows have B = 0, so n = ||W_i||: m = ||W_i||
+                m_c = np.concatenate([to_numpy(params[p + f"attn.{t}.{MAGNITUDE}"]) if t in qkv
+                                      else _row_norms(to_numpy(params[p + f"attn.{t}.W"])) for t in QKV])  # (3C,)
+                tensors[f"{PREFIX}h.{i}.attn.c_attn.{MAGNITUDE}"] = np.ascontiguousarray(m_c)
         for t in lc.targets:
             if t not in QKV:
                 module = MODULE_OF[t][0]
                 tensors.update(_pair(i, module, to_numpy(params[p + TARGETS[t] + ".lora_A"]),
                                      to_numpy(params[p + TARGETS[t] + ".lora_B"])))
+                if use_dora:
+                    tensors[f"{PREFIX}h.{i}.{module}.{MAGNITUDE}"] = np.ascontiguousarray(
+                        to_numpy(params[p + TARGETS[t] + "." + MAGNITUDE]))
     modules = (["attn.c_attn"] if qkv else []) + [MODULE_OF[t][0] for t in lc.targets if t not in QKV]
     n = len(qkv)
     rank_pattern, alpha_pattern = {}, {}
@@ -119,7 +147,7 @@ def to_peft(params, config, base_path):
         "r": r, "lora_alpha": lc.alpha, "use_rslora": lc.rslora, "lora_dropout": lc.dropout,
         "target_modules": modules, "fan_in_fan_out": True, "bias": "none",
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "use_dora": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "use_dora": use_dora, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
     }
     return adapter_config, tensors
 
@@ -128,7 +156,8 @@ def ia3_to_peft(params, config, base_path):
     """An IA3 model's vectors as PEFT's IA3 (adapter_config dict, tensors dict).
 
     PEFT scales the output of c_attn, the fused q, k, v (3C,): its ia3_l (3C, 1) is [1; l_k; l_v], ones
-    on q's rows, so q is unchanged; and the input of mlp.c_proj, a feedforward module: ia3_l (1, F) = l_ff.
+    on q's rows, so q is unchanged ([l_q; l_k; l_v] with Ia3Config(queries=True), PEFT's own default); and
+    the input of mlp.c_proj, a feedforward module: ia3_l (1, F) = l_ff.
     Output scaling multiplies the bias too, as minilora's l * (W x + b) (GPT-2's key bias is written
     as zeros, and stays zero). Returns the adapter_config.json dict and name -> numpy array.
     """
@@ -139,7 +168,8 @@ def ia3_to_peft(params, config, base_path):
     for i in range(config.n_layers):
         p = f"h.{i}."
         l_k, l_v = to_numpy(params[p + "attn.k.ia3_l"]), to_numpy(params[p + "attn.v.ia3_l"])
-        l_c = np.concatenate([np.ones_like(l_k), l_k, l_v])  # (3C,): q, k, v's rows of c_attn
+        l_q = to_numpy(params[p + "attn.q.ia3_l"]) if config.lora.queries else np.ones_like(l_k)
+        l_c = np.concatenate([l_q, l_k, l_v])  # (3C,): q, k, v's rows of c_attn
         tensors[f"{PREFIX}h.{i}.attn.c_attn.ia3_l"] = np.ascontiguousarray(l_c[:, None])  # (3C, 1)
         tensors[f"{PREFIX}h.{i}.mlp.c_proj.ia3_l"] = np.ascontiguousarray(to_numpy(params[p + "mlp.proj.ia3_l"])[None])
     adapter_config = {
@@ -162,7 +192,7 @@ def write_peft(folder, params, config, base_path, base_params):
     adapter is loaded again.
     """
     safetensors = _safetensors()
-    # IA3 has its own PEFT type; every LoRA-shaped config goes out as LoRA pairs
+    # IA3 has its own PEFT type; LoRA and DoRA go out as LoRA pairs (DoRA's with its magnitudes)
     adapter_config, tensors = (ia3_to_peft if config.lora.method == "ia3" else to_peft)(params, config, base_path)
     with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         json.dump(adapter_config, f, indent=2)
@@ -171,27 +201,28 @@ def write_peft(folder, params, config, base_path, base_params):
 
 
 # What a PEFT LoRA config may say for minilora to compute it exactly: field -> the values allowed.
-_SUPPORTED = {"use_dora": (False, None), "lora_bias": (False, None), "modules_to_save": (None, []),
+_SUPPORTED = {"lora_bias": (False, None), "modules_to_save": (None, []),
               "layers_to_transform": (None,), "layer_replication": (None,), "bias": ("none", None),
               "trainable_token_indices": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
               "target_parameters": (None, [])}
 
 
 def read_peft(folder, base_params, base_config):
-    """Load a PEFT LoRA folder trained on GPT-2 onto minilora base parameters, exactly as PEFT loads it.
+    """Load a PEFT LoRA or DoRA folder trained on GPT-2 onto minilora base parameters, exactly as PEFT loads it.
 
     Inputs:
     - folder: holds adapter_config.json (peft_type LORA) and adapter_model.safetensors
     - base_params, base_config: the base model (no adapters), numpy or device arrays
 
-    Returns (params, config, meta): base_params plus lora_A, lora_B for every
-    adapted linear, the config with its LoraConfig, and meta (the adapter's
+    Returns (params, config, meta): base_params plus lora_A, lora_B (and, with
+    use_dora, lora_magnitude_vector) for every adapted linear, the config with its
+    LoraConfig (a DoraConfig, exact backward, with use_dora), and meta (the adapter's
     config). The modules adapted are those PEFT adapts (peft_config.targeted_modules),
     and the file must hold exactly their A and B under PEFT's names
     (base_model.model.transformer.h.{i}.{module}.lora_A.weight): a tensor PEFT would
     not load, or a targeted module it would leave at its initial values, is refused.
-    Raises ValueError, too, for a field of the wrong type, another peft_type, DoRA
-    or any other option minilora does not compute, a target not in every block,
+    Raises ValueError, too, for a field of the wrong type, another peft_type, an
+    option minilora does not compute (lora_bias, modules_to_save, ...), a target not in every block,
     and a base whose shapes or fingerprint differ (the fingerprint is checked when
     the file records one, or base_model_name_or_path names a local folder, a
     relative one read from the adapter's folder).
@@ -200,9 +231,11 @@ def read_peft(folder, base_params, base_config):
     if not os.path.isfile(path):
         raise ValueError(f"adapter: expected a PEFT folder with {ADAPTER_CONFIG}, got {folder!r} without one")
     ac = _read_json(path)
+    if ac.get("peft_type") == "IA3":
+        return _read_ia3(folder, path, ac, base_params, base_config)
     if ac.get("peft_type") != "LORA":
-        raise ValueError(f"adapter: {path}: peft_type: expected 'LORA', got {ac.get('peft_type')!r} "
-                         "(minilora maps LoRA adapters only)")
+        raise ValueError(f"adapter: {path}: peft_type: expected 'LORA' or 'IA3', got {ac.get('peft_type')!r} "
+                         "(minilora maps LoRA, DoRA and IA3 adapters only)")
     for name, allowed in _SUPPORTED.items():
         if not any(type(ac.get(name)) is type(a) and ac.get(name) == a for a in allowed):
             raise ValueError(f"adapter: {path}: {name}: expected {allowed[0]!r} (minilora does not compute "
@@ -211,25 +244,14 @@ def read_peft(folder, base_params, base_config):
     if base_config.lora is not None:
         raise ValueError("adapter: expected a base model without adapters, got one with adapters already")
     modules = peft_config.targeted_modules(ac, base_config.n_layers, f"adapter: {path}")
-    weights = os.path.join(folder, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights):
-        raise ValueError(f"adapter: expected {ADAPTER_WEIGHTS} in {folder!r} (adapter_model.bin is a pickle and is "
-                         "never unpickled), got none")
-    check_readable(weights)
-    safetensors = _safetensors()
-    try:
-        with safetensors.safe_open(weights, framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:
-        raise ValueError(f"adapter: {weights}: expected a readable safetensors file, got one that is truncated, "
-                         f"corrupt or of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
+    weights, metadata, tensors = _read_weights(folder)
     _check_base(folder, ac, metadata, base_params)
-    pairs = _pairs(weights, tensors, modules)
+    use_dora = ac["use_dora"]
+    pairs = _pairs(weights, tensors, modules, use_dora)
     rslora = ac["use_rslora"]
-    # every adapted linear: minilora prefix -> (A, B, PEFT scale)
+    # every adapted linear: minilora prefix -> (A, B, PEFT scale, DoRA's magnitude or None)
     adapters = {}
-    for (i, module), (A, B) in pairs.items():
+    for (i, module), (A, B, m) in pairs.items():
         full = f"transformer.h.{i}.{module}"
         r = A.shape[0]
         wanted = peft_config.pattern_value(ac["rank_pattern"], full, ac["r"])
@@ -239,27 +261,34 @@ def read_peft(folder, base_params, base_config):
         s = _module_scale(ac["lora_alpha"] if own is None else own, r, rslora, path,
                           "lora_alpha" if own is None else f"alpha_pattern: {full}")
         d_in, d_out = _module_shape(module, base_config)
-        if A.shape[1] != d_in or B.shape[0] != d_out:
-            raise ValueError(f"adapter: {weights}: {full} expects A (r, {d_in}) and B ({d_out}, r) on this base, "
-                             f"got {tuple(A.shape)} and {tuple(B.shape)}; it was trained on another base")
+        if A.shape[1] != d_in or B.shape[0] != d_out or (m is not None and m.shape != (d_out,)):
+            raise ValueError(f"adapter: {weights}: {full} expects A (r, {d_in}) and B ({d_out}, r)"
+                             + (f" and {MAGNITUDE} ({d_out},)" if m is not None else "") + " on this base, got "
+                             f"{tuple(A.shape)} and {tuple(B.shape)}" + (f" and {tuple(m.shape)}" if m is not None
+                                                                          else "") + "; it was trained on another base")
         if module == "attn.c_attn":
             C = base_config.d_model
             for row, t in enumerate(QKV):
-                # one shared A, each target its third of B's rows
-                adapters[f"h.{i}.{TARGETS[t]}"] = (A, B[row * C:(row + 1) * C], s)
+                # one shared A, each target its third of B's rows (and of DoRA's magnitude: the norm is per row)
+                rows = slice(row * C, (row + 1) * C)
+                adapters[f"h.{i}.{TARGETS[t]}"] = (A, B[rows], s, None if m is None else m[rows])
         else:
-            target = next(t for t, (m, _) in MODULE_OF.items() if m == module)
-            adapters[f"h.{i}.{TARGETS[target]}"] = (A, B, s)
+            target = next(t for t, (mod, _) in MODULE_OF.items() if mod == module)
+            adapters[f"h.{i}.{TARGETS[target]}"] = (A, B, s, m)
     targets = _targets(adapters, base_config, weights)
-    R = max(A.shape[0] for A, _, _ in adapters.values())
+    R = max(a[0].shape[0] for a in adapters.values())
     s = next(iter(adapters.values()))[2]  # the common scale; other modules fold theirs into B
     alpha = s * (math.sqrt(R) if rslora else R)
-    lora_config = LoraConfig(rank=R, alpha=alpha, targets=targets, dropout=float(ac["lora_dropout"]),
-                             rslora=rslora)
+    # DoRA: PEFT trains with the norm detached; minilora's default is the exact gradient (--detach-norm: PEFT's)
+    lora_config = (DoraConfig if use_dora else LoraConfig)(rank=R, alpha=alpha, targets=targets,
+                                                          dropout=float(ac["lora_dropout"]), rslora=rslora)
     xp = array_module(base_params["wte"])
     dtype = base_params["wte"].dtype
     out = dict(base_params)
-    for prefix, (A, B, s_m) in adapters.items():
+    for prefix, (A, B, s_m, m) in adapters.items():
+        if m is not None:
+            # s B A is unchanged below (the scale's ratio folded into B), so the norm m divides by is too
+            out[f"{prefix}.{MAGNITUDE}"] = xp.asarray(m.astype(dtype))
         r = A.shape[0]
         A_pad = np.zeros((R, A.shape[1]), np.float64)
         B_pad = np.zeros((B.shape[0], R), np.float64)
@@ -271,6 +300,86 @@ def read_peft(folder, base_params, base_config):
         out[prefix + ".lora_A"] = xp.asarray(A_pad.astype(dtype))
         out[prefix + ".lora_B"] = xp.asarray(B_pad.astype(dtype))
     return out, replace(base_config, lora=lora_config), {"kind": "peft_adapter", "peft": ac, "path": folder}
+
+
+def _read_weights(folder):
+    """(path, metadata, name -> numpy array) of the folder's adapter_model.safetensors; ValueError if unreadable."""
+    weights = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise ValueError(f"adapter: expected {ADAPTER_WEIGHTS} in {folder!r} (adapter_model.bin is a pickle and is "
+                         "never unpickled), got none")
+    check_readable(weights)
+    _safetensors()
+    try:
+        with open_numpy(weights) as f:  # bf16 tensors widened to float32, exactly
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:
+        raise ValueError(f"adapter: {weights}: expected a readable safetensors file, got one that is truncated, "
+                         f"corrupt or of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e
+    return weights, metadata, tensors
+
+
+# minilora's IA3 on a GPT-2 block: module -> whether PEFT scales its input (a feedforward module) or its output
+_IA3_MODULES = {"attn.c_attn": False, "mlp.c_proj": True}
+
+
+def _read_ia3(folder, path, ac, base_params, base_config):
+    """read_peft for peft_type IA3: PEFT's IA3 on GPT-2 as minilora's Ia3Config(queries=True).
+
+    PEFT's default (target_modules c_attn and mlp.c_proj, feedforward mlp.c_proj) scales c_attn's output,
+    the fused [q; k; v], by one (3C, 1) ia3_l: l_q, l_k, l_v, its thirds; and mlp.c_proj's input by (1, F),
+    l_ff. The queries' factors are trained by PEFT, so the model comes in with queries=True and trains them on
+    (a minilora export without them has ones there: the same function). Other targets are refused, naming the
+    module: minilora's IA3 scales exactly these two. GPT-2's key bias b_k, scaled to l_k * b_k, still adds one
+    constant to each softmax row, so dropping it stays exact.
+    """
+    where = f"adapter: {path}"
+    ac = peft_config.check_ia3_fields(ac, where)
+    if base_config.lora is not None:
+        raise ValueError("adapter: expected a base model without adapters, got one with adapters already")
+    found = peft_config.targeted_modules(ac, base_config.n_layers, where)
+    for i, module in found:
+        full = f"transformer.h.{i}.{module}"
+        feedforward = peft_config.is_feedforward(ac["feedforward_modules"], full)
+        if module not in _IA3_MODULES or feedforward != _IA3_MODULES[module]:
+            raise ValueError(f"{where}: target_modules: {full} scaled on its {'input' if feedforward else 'output'}; "
+                             "minilora's IA3 scales c_attn's output (q, k, v) and mlp.c_proj's input only "
+                             "(feedforward_modules: [\"mlp.c_proj\"])")
+    for module in _IA3_MODULES:
+        blocks = [i for i, m in found if m == module]
+        if len(blocks) != base_config.n_layers:
+            raise ValueError(f"{where}: target_modules: expected {module} in every block (minilora's IA3 scales it "
+                             f"in all {base_config.n_layers}), got blocks {blocks}")
+    weights, metadata, tensors = _read_weights(folder)
+    _check_base(folder, ac, metadata, base_params)
+    C, F = base_config.d_model, base_config.d_ff
+    shapes = {"attn.c_attn": (3 * C, 1), "mlp.c_proj": (1, F)}
+    names = {f"{PREFIX}h.{i}.{m}.{IA3_NAME}": (i, m) for i, m in found}
+    extra = sorted(set(tensors) - set(names))
+    if extra:
+        raise ValueError(f"adapter: {weights}: {extra[0]}: not an ia3_l of a module target_modules scales (PEFT "
+                         "would not load it)")
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise ValueError(f"adapter: {weights}: expected {missing[0]} (target_modules scales its module), got none; "
+                         "PEFT would leave it at its initial values")
+    xp = array_module(base_params["wte"])
+    dtype = base_params["wte"].dtype
+    out = dict(base_params)
+    for name, (i, module) in names.items():
+        t = tensors[name]
+        if t.shape != shapes[module] or t.dtype.kind != "f" or not np.isfinite(t).all():
+            raise ValueError(f"adapter: {weights}: {name}: expected finite floating-point values of shape "
+                             f"{shapes[module]} on this base, got {t.dtype} {tuple(t.shape)}")
+        l = t.reshape(-1)
+        if module == "attn.c_attn":
+            for row, target in enumerate(QKV):
+                out[f"h.{i}.attn.{target}.{IA3_NAME}"] = xp.asarray(l[row * C:(row + 1) * C].astype(dtype))
+        else:
+            out[f"h.{i}.mlp.proj.{IA3_NAME}"] = xp.asarray(l.astype(dtype))
+    config = replace(base_config, lora=Ia3Config(queries=True))
+    return out, config, {"kind": "peft_adapter", "peft": ac, "path": folder}
 
 
 def _module_scale(alpha, r, rslora, path, label):
@@ -288,16 +397,26 @@ def _module_shape(module, config):
     return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, F), "mlp.c_proj": (F, C)}[module]
 
 
-def _pairs(weights, tensors, modules):
-    """(block, module) -> (A, B) for each module PEFT adapts, from the names PEFT loads; ValueError for any other
-    tensor (PEFT would not load it) and for a targeted module without both (PEFT would keep its initial values)."""
-    names = {f"{PREFIX}h.{i}.{m}.lora_{ab}.weight": (i, m, ab) for i, m in modules for ab in "AB"}
-    loose = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?(h\.\d+\.[\w.]+?)\.lora_(A|B)\.weight$")
+# what each tensor of an adapted module is called in PEFT's file: A, B, and DoRA's magnitude M
+_PART_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "M": MAGNITUDE}
+
+
+def _pairs(weights, tensors, modules, use_dora=False):
+    """(block, module) -> (A, B, m or None) for each module PEFT adapts, from the names PEFT loads (m: DoRA's
+    lora_magnitude_vector); ValueError for any other tensor (PEFT would not load it) and for a targeted module
+    without all of them (PEFT would keep its initial values)."""
+    parts = "ABM" if use_dora else "AB"
+    names = {f"{PREFIX}h.{i}.{m}.{_PART_NAMES[ab]}": (i, m, ab) for i, m in modules for ab in parts}
+    loose = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?(h\.\d+\.[\w.]+?)\."
+                       r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
     found = {}
     for name, t in tensors.items():
         if name not in names:
             m = loose.match(name)
-            proper = f"{PREFIX}{m.group(1)}.lora_{m.group(2)}.weight" if m else None
+            proper = f"{PREFIX}{m.group(1)}.{m.group(2)}" if m else None
+            if proper is not None and proper.endswith(MAGNITUDE) and not use_dora:
+                raise ValueError(f"adapter: {weights}: {name}: a DoRA magnitude, but {ADAPTER_CONFIG} says "
+                                 "use_dora false, so PEFT would not load it")
             if proper is not None and proper != name and proper in tensors:
                 why = f"the same tensor as {proper!r} under a second name"
             elif proper is not None and proper != name:
@@ -305,7 +424,8 @@ def _pairs(weights, tensors, modules):
             elif proper is not None:
                 why = "its module is not one target_modules adapts, so PEFT would not apply it"
             else:
-                why = "not a LoRA A or B of a GPT-2 block's c_attn, c_proj or c_fc (PEFT would not load it)"
+                why = ("not a LoRA A or B (or DoRA magnitude) of a GPT-2 block's c_attn, c_proj or c_fc (PEFT would "
+                       "not load it)")
             raise ValueError(f"adapter: {weights}: {name}: {why}")
         if t.dtype.kind != "f" or not np.isfinite(t).all():
             raise ValueError(f"adapter: {weights}: {name}: expected finite floating-point values")
@@ -318,10 +438,12 @@ def _pairs(weights, tensors, modules):
                                                                         else ""))
     pairs = {}
     for key, ab in found.items():
-        if ab["A"].ndim != 2 or ab["B"].ndim != 2 or ab["A"].shape[0] != ab["B"].shape[1]:
-            raise ValueError(f"adapter: {weights}: h.{key[0]}.{key[1]}: expected lora_A (r, in) and lora_B (out, r), "
-                             f"got {({k: tuple(v.shape) for k, v in ab.items()})}")
-        pairs[key] = (ab["A"], ab["B"])
+        if (ab["A"].ndim != 2 or ab["B"].ndim != 2 or ab["A"].shape[0] != ab["B"].shape[1]
+                or ("M" in ab and ab["M"].shape != ab["B"].shape[:1])):
+            raise ValueError(f"adapter: {weights}: h.{key[0]}.{key[1]}: expected lora_A (r, in) and lora_B (out, r)"
+                             + (f" and {MAGNITUDE} (out,)" if use_dora else "") + ", got "
+                             f"{({_PART_NAMES[k]: tuple(v.shape) for k, v in ab.items()})}")
+        pairs[key] = (ab["A"], ab["B"], ab.get("M"))
     return pairs
 
 

@@ -402,29 +402,36 @@ def test_export_refuses_a_prompt_run_and_a_head_saying_why(tiny_runs, tmp_path, 
     _refused(capsys, ["export", str(tiny_runs / run), "--out", str(tmp_path / "out")], tmp_path / "out", words)
 
 
-def test_dora_and_qlora_runs_are_refused_as_peft_lora_and_export_exactly_once_merged(tmp_path, capsys):
-    """peft_io writes plain LoRA only: a DoRA run would lose m, a QLoRA base has no float W. Merged, each is a
-    plain GPT-2 that transformers computes exactly as minilora computed the adapted run."""
+def test_qlora_runs_are_refused_as_peft_lora_and_export_exactly_once_merged_and_dora_runs_export(tmp_path, capsys):
+    """peft_io writes LoRA, DoRA and IA3: a QLoRA base has no float W. Merged, it is a plain GPT-2 that transformers
+    computes exactly as minilora computed the adapted run. A DoRA run goes out as it is, a PEFT DoRA adapter."""
     tiny = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
     pre = tmp_path / "pre"
     assert cli.main(["pretrain", "--out", str(pre), "--steps", "2", "--eval-every", "2", "--batch-size", "4",
                      *tiny]) == 0
     ids = np.random.default_rng(0).integers(0, 96, (2, 20))
-    for method, label in (("dora", "DoRA"), ("qlora", "QLoRA")):
+    for method in ("dora", "qlora"):
         run = tmp_path / method
         assert cli.main(["finetune", "--method", method, "--checkpoint", str(pre), "--out", str(run),
                          "--steps", "3", "--batch-size", "4", "--lr", "0.05"]) == 0
-        _refused(capsys, ["export", str(run), "--out", str(tmp_path / f"hf-{method}")], tmp_path / f"hf-{method}",
-                 [label, "minilora merge"])
-        assert cli.main(["merge", str(run), "--out", str(tmp_path / f"{method}.npz")]) == 0
-        assert cli.main(["export", str(tmp_path / f"{method}.npz"), "--out", str(tmp_path / f"hf-{method}")]) == 0
         params, config, _, _ = load_model(run)
         assert np.abs(params["h.0.attn.q.lora_B"]).max() > 0  # trained: the check is not of a zero update
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"hf-{method}").eval()
+        out = tmp_path / f"hf-{method}"
+        if method == "qlora":
+            _refused(capsys, ["export", str(run), "--out", str(out)], out, ["QLoRA", "minilora merge"])
+            assert cli.main(["merge", str(run), "--out", str(tmp_path / f"{method}.npz")]) == 0
+            assert cli.main(["export", str(tmp_path / f"{method}.npz"), "--out", str(out)]) == 0
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        else:
+            assert cli.main(["export", str(run), "--out", str(out)]) == 0
+            theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(out),
+                                                    str(out / "adapter")).eval()
+            assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
         assert rel(torch_logits(theirs, ids), our_logits(params, config, ids)) < RTOL32, method
 
 
-def test_a_peft_adapter_on_another_base_or_with_dora_is_refused(saved32, saved64, tmp_path, capsys):
+def test_a_peft_adapter_on_another_base_or_claiming_dora_without_magnitudes_is_refused(saved32, saved64, tmp_path,
+                                                                                       capsys):
     base = random_minilora(CONFIG, dtype=np.float32)
     params, config = trained_lora(base, LORA_CASES["qkvo"])
     bridge.export_model(tmp_path / "e", {n: a.astype(np.float32) for n, a in params.items()}, config,
@@ -434,7 +441,9 @@ def test_a_peft_adapter_on_another_base_or_with_dora_is_refused(saved32, saved64
     _refused(capsys, ["merge", str(saved32[1]), "--adapter", str(adapter), "--out", str(tmp_path / "m.npz")],
              tmp_path / "m.npz", ["fingerprint"])
     ac = json.loads((adapter / "adapter_config.json").read_text())
-    for change, words in (({"use_dora": True}, ["use_dora"]), ({"peft_type": "IA3"}, ["peft_type", "'IA3'"])):
+    # use_dora on a file of LoRA pairs only: PEFT would keep the magnitudes at their initial values
+    for change, words in (({"use_dora": True}, ["lora_magnitude_vector", "initial values"]),
+                          ({"peft_type": "LOHA"}, ["peft_type", "'LOHA'"])):
         bad = tmp_path / ("bad-" + next(iter(change)))
         bad.mkdir()
         (bad / "adapter_config.json").write_text(json.dumps({**ac, **change}))
@@ -560,11 +569,251 @@ def test_an_ia3_export_is_peft_ia3_with_the_vectors_written_equal_logits_and_mer
     assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
 
 
-def test_export_refuses_a_dora_run_in_one_line_saying_why(tmp_path):
-    params, config = dora.add_dora(random_minilora(CONFIG), CONFIG, dora.DoraConfig(rank=2))
-    with pytest.raises(ValueError, match=r"a DoRA run has no PEFT export here .* merge it") as e:
+def test_export_refuses_a_qlora_run_in_one_line_saying_why(tmp_path):
+    from minilora.methods import qlora
+
+    params, config = qlora.add_qlora(random_minilora(CONFIG, dtype=np.float32), CONFIG,
+                                     qlora.QLoraConfig(rank=2, targets=("q", "v")))
+    with pytest.raises(ValueError, match=r"a QLoRA run has no PEFT export here .* merge it") as e:
         bridge.export_model(tmp_path / "out", params, config, CharTokenizer())
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+# ---- issue 28: IA3 as PEFT trains it (c_attn's output scaled whole: the queries too, L (3C + F))
+
+
+def test_an_ia3_export_with_query_factors_writes_them_into_c_attn_with_equal_logits_and_merge(tmp_path):
+    params, config = ia3.add_ia3(random_minilora(CONFIG), CONFIG, ia3.Ia3Config(queries=True))
+    rng = np.random.default_rng(4)
+    params = {n: 1.0 + 0.5 * rng.standard_normal(a.shape) if n.endswith(".ia3_l") else a for n, a in params.items()}
+    out = tmp_path / "export"
+    bridge.export_model(out, params, config, CharTokenizer())
+    pm = load_peft(out)
+    c_attn = pm.base_model.model.transformer.h[0].attn.c_attn.ia3_l["default"].detach().numpy().ravel()
+    np.testing.assert_array_equal(c_attn, np.concatenate([params[f"h.0.attn.{t}.ia3_l"] for t in "qkv"]))
+    ids = ids_for()
+    ours = our_logits(params, config, ids)
+    assert rel(torch_logits(pm, ids), ours) < RTOL64
+    without_q = {n: np.ones_like(a) if n.endswith("attn.q.ia3_l") else a for n, a in params.items()}
+    assert rel(ours, our_logits(without_q, config, ids)) > 1e-3  # l_q changes the function: the check has teeth
+    merged, merged_config = ia3.merge(params, config)
+    assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
+
+
+def peft_trained_ia3(path, dtype, steps=5, **changes):
+    """PEFT's default IA3 for GPT-2 (c_attn and mlp.c_proj, feedforward mlp.c_proj), trained a few steps by PEFT."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    pm = peft.get_peft_model(base, peft.IA3Config(task_type="CAUSAL_LM", **changes))
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
+    x = torch.tensor(np.random.default_rng(0).integers(0, V, (4, T)))
+    for _ in range(steps):
+        loss = pm(x, labels=x, attention_mask=torch.ones_like(x)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pm.eval()
+
+
+def test_an_ia3_adapter_trained_by_peft_imports_with_its_query_factors_and_equal_logits_and_trains_on(saved64,
+                                                                                                        tmp_path):
+    m, path = saved64
+    pm = peft_trained_ia3(path, torch.float64)
+    pm.save_pretrained(tmp_path / "peft-ia3")
+    ac = json.loads((tmp_path / "peft-ia3" / "adapter_config.json").read_text())
+    assert set(ac["target_modules"]) == {"c_attn", "mlp.c_proj"} and ac["feedforward_modules"] == ["mlp.c_proj"]
+    base_params, base_config, _ = hf.read_gpt2(path, dtype=np.float64)
+    params, config, _ = peft_io.read_peft(tmp_path / "peft-ia3", base_params, base_config)
+    assert config.lora == ia3.Ia3Config(queries=True) and config.lora.targets == ("q", "k", "v", "proj")
+    l_c = pm.base_model.model.transformer.h[1].attn.c_attn.ia3_l["default"].detach().numpy().ravel()
+    np.testing.assert_array_equal(params["h.1.attn.q.ia3_l"], l_c[:C])
+    assert np.abs(params["h.1.attn.q.ia3_l"] - 1.0).max() > 1e-2  # PEFT trained the queries' factors
+    ids = ids_for()
+    ours = our_logits(params, config, ids)
+    assert rel(ours, torch_logits(pm, ids)) < RTOL64
+    assert rel(ours, torch_logits(m, ids)) > 1e-3
+    trainable = set(lora.adapter_names(config))
+    assert len(trainable) == 4 * L and sum(params[n].size for n in trainable) == L * (3 * C + F)
+    batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
+    state = optim.adamw_init(params, trainable)
+    first, _ = model.loss_and_grads(params, config, batch, trainable)
+    for _ in range(10):
+        loss, grads = model.loss_and_grads(params, config, batch, trainable)
+        optim.adamw_step(params, grads, state, 5e-2)
+    assert set(grads) == trainable and loss < first - 0.05
+
+
+def test_finetune_adapter_continues_a_peft_ia3_adapter_and_exports_it_back(tmp_path, capsys):
+    torch.manual_seed(6)
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(hf_config(n_positions=128)).save_pretrained(path)
+    pm = peft_trained_ia3(path, torch.float32)
+    pm.save_pretrained(tmp_path / "peft")
+    out = tmp_path / "more"
+    assert cli.main(["finetune", "--checkpoint", str(path), "--adapter", str(tmp_path / "peft"), "--out", str(out),
+                     "--steps", "2", "--batch-size", "4", "--lr", "1e-12"]) == 0
+    assert "IA3: L (3C + F)" in capsys.readouterr().out
+    params, config, _, _ = load_model(path, adapter=out / "adapter.npz")
+    assert config.lora == ia3.Ia3Config(queries=True)
+    ids = ids_for()
+    assert rel(our_logits(params, config, ids), torch_logits(pm, ids)) < RTOL32
+    assert cli.main(["export", str(path), "--adapter", str(out / "adapter.npz"), "--out", str(tmp_path / "back")]) == 0
+    back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back"),
+                                          str(tmp_path / "back" / "adapter")).eval()
+    assert rel(torch_logits(back, ids), torch_logits(pm, ids)) < RTOL32
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"target_modules": ["c_attn", "mlp.c_proj", "c_fc"], "feedforward_modules": ["mlp.c_proj"]},
+     ["mlp.c_fc", "scaled on its output", "c_attn's output"]),
+    ({"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["c_attn", "mlp.c_proj"]},
+     ["attn.c_attn scaled on its input"]),
+    ({"target_modules": ["c_attn"], "feedforward_modules": []}, ["mlp.c_proj in every block"]),
+    ({"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["c_fc"]}, ["feedforward_modules",
+                                                                                       "subset", "PEFT raises"]),
+    ({"fan_in_fan_out": "yes"}, ["fan_in_fan_out"]),
+    ({"modules_to_save": ["lm_head"]}, ["modules_to_save"]),
+])
+def test_an_ia3_adapter_minilora_does_not_compute_is_one_line(saved64, tmp_path, capsys, changes, words):
+    _, path = saved64
+    pm = peft_trained_ia3(path, torch.float64, steps=0)
+    pm.save_pretrained(tmp_path / "a")
+    ac = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**ac, **changes}))
+    _refused(capsys, ["merge", str(path), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m.npz")],
+             tmp_path / "m.npz", ["--adapter:", *words])
+
+
+# ---- issue 28: DoRA both ways (PEFT's LoraConfig(use_dora=True), lora_magnitude_vector per output feature)
+
+
+DORA_CASES = {"qkvo": dora.DoraConfig(rank=2, alpha=5.0, targets=("q", "k", "v", "o")),
+              "qv: k's rows of c_attn untargeted": dora.DoraConfig(rank=3, alpha=4.0, targets=("q", "v")),
+              "all six": dora.DoraConfig(rank=2, alpha=3.0, targets=tuple(lora.TARGETS)),
+              "rslora, fc only": dora.DoraConfig(rank=4, alpha=6.0, targets=("fc",), rslora=True)}
+
+
+def trained_dora(base, dora_config, seed=3):
+    """base plus DoRA adapters as training leaves them: B random, and m away from the row norms (g != 1)."""
+    params, config = dora.add_dora(base, CONFIG, dora_config, seed=seed)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n, a in params.items():
+        if n.endswith(".lora_B"):
+            a = 0.3 * rng.standard_normal(a.shape)
+        elif n.endswith(dora.MAGNITUDE):
+            a = a * (1.0 + 0.5 * rng.random(a.shape))
+        out[n] = a
+    return out, config
+
+
+@pytest.mark.parametrize("case", DORA_CASES)
+def test_a_dora_export_is_a_peft_dora_adapter_with_equal_logits_and_merge(case, tmp_path):
+    base = random_minilora(CONFIG)
+    params, config = trained_dora(base, DORA_CASES[case])
+    out = tmp_path / "export"
+    bridge.export_model(out, params, config, CharTokenizer())
+    ac = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert ac["use_dora"] is True and ac["fan_in_fan_out"] is True
+    pm = load_peft(out)
+    ids = ids_for()
+    ours = our_logits(params, config, ids)
+    assert rel(torch_logits(pm, ids), ours) < RTOL64
+    assert rel(ours, our_logits(base, CONFIG, ids)) > 1e-2  # the adapters change the function: the check has teeth
+    # PEFT holds m per output feature: c_attn's (3C,) is [m_q; m_k; m_v], an untargeted one's its rows' norms
+    block = pm.base_model.model.transformer.h[1]
+    targets = DORA_CASES[case].targets
+    if "q" in targets:
+        m_c = block.attn.c_attn.lora_magnitude_vector["default"].weight.detach().numpy()
+        for row, t in enumerate("qkv"):
+            want = (params[f"h.1.attn.{t}.{dora.MAGNITUDE}"] if t in targets
+                    else np.linalg.norm(params[f"h.1.attn.{t}.W"], axis=1))
+            np.testing.assert_allclose(m_c[row * C:(row + 1) * C], want, rtol=1e-15)
+    merged, merged_config = dora.merge(params, config)
+    assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
+
+
+def test_the_dora_norm_is_per_output_feature_as_peft_computes_it(tmp_path):
+    """PEFT's get_weight_norm, called on c_attn's Conv1D (in, out) weight, is minilora's row_norms of each
+    target's (out, in) W with the same scale inside: the norm's axis and the scale agree."""
+    base = random_minilora(CONFIG)
+    params, config = trained_dora(base, DORA_CASES["qkvo"])
+    bridge.export_model(tmp_path / "e", params, config, CharTokenizer())
+    c_attn = load_peft(tmp_path / "e").base_model.model.transformer.h[0].attn.c_attn
+    s = c_attn.scaling["default"]
+    assert s == pytest.approx(config.lora.scale, rel=1e-15)  # alpha_c / (3r) = alpha / r
+    with torch.no_grad():
+        delta = c_attn.lora_B["default"].weight @ c_attn.lora_A["default"].weight  # (3C, C)
+        theirs = c_attn.lora_magnitude_vector["default"].get_weight_norm(c_attn.base_layer.weight, delta, s).numpy()
+    ours = np.concatenate([dora.row_norms(params[f"h.0.attn.{t}.W"], params[f"h.0.attn.{t}.lora_A"],
+                                          params[f"h.0.attn.{t}.lora_B"], config.lora.scale)[0] for t in "qkv"])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+    assert rel(ours, np.concatenate([np.linalg.norm(params[f"h.0.attn.{t}.W"], axis=1) for t in "qkv"])) > 1e-2
+
+
+def peft_trained_dora(path, dtype, steps=5):
+    """A PEFT DoRA adapter trained a few steps by PEFT itself (Adam, lr 1e-2): B and m no longer at their init."""
+    torch.manual_seed(8)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=7, target_modules=["c_attn", "mlp.c_proj"],
+                                                   fan_in_fan_out=True, use_dora=True, lora_dropout=0.0))
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.tensor(np.random.default_rng(0).integers(0, V, (4, T)))
+    for _ in range(steps):
+        loss = pm(x, labels=x, attention_mask=torch.ones_like(x)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pm.eval()
+
+
+def test_a_dora_adapter_trained_by_peft_imports_with_equal_logits_and_fine_tunes_on(saved64, tmp_path):
+    m, path = saved64
+    pm = peft_trained_dora(path, torch.float64)
+    adapter = tmp_path / "peft-dora"
+    pm.save_pretrained(adapter)
+    base_params, base_config, _ = hf.read_gpt2(path, dtype=np.float64)
+    params, config, _ = peft_io.read_peft(adapter, base_params, base_config)
+    assert isinstance(config.lora, dora.DoraConfig) and not config.lora.detach_norm  # minilora's exact gradient
+    assert config.lora.targets == ("q", "k", "v", "proj") and config.lora.rank == 3
+    m_c = pm.base_model.model.transformer.h[0].attn.c_attn.lora_magnitude_vector["default"].weight.detach().numpy()
+    np.testing.assert_array_equal(params[f"h.0.attn.k.{dora.MAGNITUDE}"], m_c[C:2 * C])  # k's third of m
+    W_k = params["h.0.attn.k.W"]
+    assert rel(params[f"h.0.attn.k.{dora.MAGNITUDE}"], np.linalg.norm(W_k, axis=1)) > 1e-3  # m was trained
+    ids = ids_for()
+    ours = our_logits(params, config, ids)
+    assert rel(ours, torch_logits(pm, ids)) < RTOL64
+    assert rel(ours, torch_logits(m, ids)) > 1e-3  # the adapter changes the function: the check has teeth
+    # minilora fine-tunes on from it: A, B and m get gradients and the loss falls
+    trainable = set(lora.adapter_names(config))
+    assert {n for n in trainable if n.endswith(dora.MAGNITUDE)}
+    batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
+    state = optim.adamw_init(params, trainable)
+    first, _ = model.loss_and_grads(params, config, batch, trainable)
+    for _ in range(10):
+        loss, grads = model.loss_and_grads(params, config, batch, trainable)
+        optim.adamw_step(params, grads, state, 1e-2)
+    assert set(grads) == trainable and loss < first - 0.05
+
+
+def test_finetune_adapter_continues_a_peft_dora_adapter_from_the_function_peft_computes(tmp_path, capsys):
+    """`finetune --adapter` on a DoRA folder PEFT wrote: the run is a DoRA run that starts at PEFT's function
+    (lr 1e-12: the run's adapter gives PEFT's logits), and goes back out as a PEFT DoRA adapter PEFT computes."""
+    torch.manual_seed(6)
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(hf_config(n_positions=128)).save_pretrained(path)  # room for the task's records
+    pm = peft_trained_dora(path, torch.float32)
+    pm.save_pretrained(tmp_path / "peft")
+    out = tmp_path / "more"
+    assert cli.main(["finetune", "--checkpoint", str(path), "--adapter", str(tmp_path / "peft"), "--out", str(out),
+                     "--steps", "2", "--batch-size", "4", "--lr", "1e-12", "--detach-norm"]) == 0
+    params, config, meta, _ = load_model(path, adapter=out / "adapter.npz")
+    assert config.lora.method == "dora" and config.lora.detach_norm  # PEFT's backward, asked for
+    ids = ids_for()
+    assert rel(our_logits(params, config, ids), torch_logits(pm, ids)) < RTOL32
+    assert cli.main(["export", str(path), "--adapter", str(out / "adapter.npz"), "--out", str(tmp_path / "back")]) == 0
+    back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back"),
+                                          str(tmp_path / "back" / "adapter")).eval()
+    assert rel(torch_logits(back, ids), torch_logits(pm, ids)) < RTOL32
 
 
 # ---- issue 33: an adapter folder is read as PEFT reads it, or refused
@@ -620,6 +869,8 @@ PEFT_CASES = {
                                                        + 1.0}, False),
     "a targeted module's B missing": ({}, lambda t: {k: v for k, v in t.items() if "h.1.mlp.c_fc.lora_B" not in k},
                                       False),
+    "a DoRA magnitude under use_dora false": ({}, lambda t: {**t, "base_model.model.transformer.h.0.mlp.c_fc."
+                                                             "lora_magnitude_vector": np.ones(F)}, False),
     "a gaussian init": ({"init_lora_weights": "gaussian"}, None, True),
     "a PiSSA init, which rewrites W on loading": ({"init_lora_weights": "pissa"}, None, False),
     "an OLoRA init, which rewrites W on loading": ({"init_lora_weights": "olora"}, None, False),
@@ -637,6 +888,7 @@ REFUSAL_WORDS = {
     "keys without base_model.model.transformer.": ["PEFT loads 'base_model.model.transformer.h."],
     "the same tensor under two names": ["second name"],
     "a targeted module's B missing": ["h.1.mlp.c_fc.lora_B", "initial values"],
+    "a DoRA magnitude under use_dora false": ["lora_magnitude_vector", "use_dora false"],
     "a PiSSA init, which rewrites W on loading": ["init_lora_weights", "'pissa'", "changes the base weights"],
     "an OLoRA init, which rewrites W on loading": ["init_lora_weights", "'olora'"],
 }
@@ -781,6 +1033,59 @@ def test_a_float64_model_is_imported_saying_its_weights_were_rounded(saved64, sa
     assert "float64 weights rounded to float32" in capsys.readouterr().out
     assert cli.main(["import-hf", str(saved32[1]), "--out", str(tmp_path / "r32")]) == 0
     assert "rounded" not in capsys.readouterr().out
+
+
+def test_every_bf16_bit_pattern_widens_to_the_float32_torch_gives():
+    from minilora.tensor_file import bf16_bits_to_float32
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # every bf16: zeros, subnormals, inf, NaN
+    ours = bf16_bits_to_float32(bits)
+    theirs = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+    nan = np.isnan(theirs)
+    assert np.array_equal(np.isnan(ours), nan) and nan.sum() == 2 * 127  # 2 signs x 127 non-zero mantissas
+    np.testing.assert_array_equal(ours[~nan].view(np.uint32), theirs[~nan].view(np.uint32))  # bit for bit
+
+
+@pytest.mark.parametrize("half, stored, words", [(torch.bfloat16, "BF16", "bf16 weights widened to float32"),
+                                                 (torch.float16, "F16", "float16 weights widened to float32")])
+def test_a_bf16_or_float16_gpt2_imports_exactly_as_its_float32_widening(tmp_path, capsys, half, stored, words):
+    m = random_gpt2(torch.float32, seed=9).to(half)  # Module.to works in place: m is now the half model
+    m.save_pretrained(tmp_path / "half")
+    assert hf.stored_dtype(tmp_path / "half") == stored
+    m.to(torch.float32).save_pretrained(tmp_path / "wide")  # the same numbers, widened by torch, stored as float32
+    assert hf.stored_dtype(tmp_path / "wide") == "F32"
+    for dtype in (np.float32, np.float64):
+        a, config, _ = hf.read_gpt2(tmp_path / "half", dtype=dtype)
+        b, _, _ = hf.read_gpt2(tmp_path / "wide", dtype=dtype)
+        assert a.keys() == b.keys() and all(a[n].dtype == dtype and np.array_equal(a[n], b[n]) for n in a)
+    ids = ids_for()
+    assert rel(our_logits(a, config, ids), torch_logits(m.to(torch.float64), ids)) < RTOL64
+    capsys.readouterr()
+    assert cli.main(["import-hf", str(tmp_path / "half"), "--out", str(tmp_path / "run")]) == 0
+    assert words in capsys.readouterr().out
+    params, _, _, _ = load_model(tmp_path / "run")
+    assert all(np.array_equal(params[n], hf.read_gpt2(tmp_path / "wide")[0][n]) for n in params)
+
+
+def test_a_bf16_peft_adapter_reads_exactly_as_its_float32_widening_and_as_peft_applies_it(saved64, peft_saved,
+                                                                                          tmp_path):
+    from safetensors.torch import save_file
+
+    _, path = saved64
+    src, ac, tensors = peft_saved
+    half = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}
+    for name, cast in (("bf16", lambda t: t), ("wide", lambda t: t.to(torch.float32))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(ac))
+        save_file({k: cast(t) for k, t in half.items()}, str(tmp_path / name / "adapter_model.safetensors"))
+    base_params, base_config, _ = hf.read_gpt2(path, dtype=np.float64)
+    a, config, _ = peft_io.read_peft(tmp_path / "bf16", base_params, base_config)
+    b, _, _ = peft_io.read_peft(tmp_path / "wide", base_params, base_config)
+    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+    pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64),
+                                        str(tmp_path / "bf16")).eval()
+    ids = ids_for()
+    assert rel(our_logits(a, config, ids), torch_logits(pm, ids)) < RTOL64
 
 
 def test_an_unreadable_weights_file_is_reported_as_unreadable(saved32, tmp_path, capsys, monkeypatch):

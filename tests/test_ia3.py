@@ -123,6 +123,52 @@ def test_whole_model_gradients_match_finite_differences(xp):
             assert r.error <= gradcheck.TOLERANCE, f"{head} d{r.argument}: {r.error:.2e}"
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_with_query_factors_the_whole_model_gradients_match_finite_differences(seed):
+    """Ia3Config(queries=True), PEFT's IA3 on GPT-2: l_q beside attn.q too, checked in float64 at a random point
+    (every vector away from ones, biases away from zero), LM loss, every coordinate of every vector."""
+    rng = np.random.default_rng(seed)
+    config, base = gradcheck.tiny_model(rng)
+    for n in base:
+        if n.endswith(".b") and n.startswith("h."):
+            base[n] = 0.3 * rng.standard_normal(base[n].shape)
+    params, cfg, trainable = ia3._gradcheck_setup(base, config, rng, Ia3Config(queries=True))
+    assert {n for n in trainable if ".attn.q." in n} == {f"h.{i}.attn.q.ia3_l" for i in range(config.n_layers)}
+    assert len(trainable) == 4 * config.n_layers and params["h.0.attn.q.ia3_l"].dtype == np.float64
+    B, T = 3, config.context_length
+    batch = {"x": rng.integers(0, config.vocab_size, (B, T)), "y": rng.integers(0, config.vocab_size, (B, T))}
+    results = gradcheck.check_model("ia3 queries", lambda p, tr: model.loss_and_grads(p, cfg, batch, tr), params,
+                                    trainable, rng)
+    assert {r.argument for r in results} == trainable
+    for r in results:
+        assert r.error <= gradcheck.TOLERANCE, f"d{r.argument}: {r.error:.2e}"
+
+
+def test_query_factors_scale_q_with_its_bias_count_l_3c_plus_f_and_round_trip():
+    params, config = ia3.add_ia3(model.init_params(TINY, 0, dtype=np.float64), TINY, Ia3Config(queries=True))
+    assert config.lora.targets == ("q", "k", "v", "proj")
+    rng = np.random.default_rng(2)
+    params = {n: (1.0 + 0.5 * rng.standard_normal(a.shape) if n.endswith(".ia3_l") else
+                  0.3 * rng.standard_normal(a.shape) if n.endswith(".b") and n.startswith("h.") else a)
+              for n, a in params.items()}
+    x = rng.standard_normal((2, 3, C))
+    q, _ = methods.linear_pair(config, "h.0.attn.q").forward(params, "h.0.attn.q", x, config.lora, False, None,
+                                                             set())
+    np.testing.assert_allclose(q, params["h.0.attn.q.ia3_l"] * (x @ params["h.0.attn.q.W"].T + params["h.0.attn.q.b"]),
+                               rtol=1e-14)
+    merged, merged_config = ia3.merge(params, config)
+    ids = rng.integers(0, TINY.vocab_size, (2, TINY.context_length))
+    np.testing.assert_allclose(model.next_token_logits(merged, merged_config, ids),
+                               model.next_token_logits(params, config, ids), rtol=1e-12, atol=1e-12)
+    trainable = set(lora.adapter_names(config))
+    assert sum(params[n].size for n in trainable) == L * (3 * C + F)
+    assert "IA3: L (3C + F) = 2 x (3 x 16 + 24)" in lora.count_report(params, trainable, config)
+    d = json.loads(json.dumps(ModelConfig(**{**TINY.to_dict(), "lora": Ia3Config(queries=True)}).to_dict()))
+    assert d["lora"] == {"method": "ia3", "queries": True} and ModelConfig.from_dict(d).lora == config.lora
+    with pytest.raises(ValueError, match="queries: expected true or false, got 1"):
+        Ia3Config(queries=1)
+
+
 def test_q_k_v_read_one_input_as_three_linears_and_the_pruned_backward_gives_the_same_gradients():
     params, config = _scaled()
     trainable = set(lora.adapter_names(config))
@@ -175,7 +221,7 @@ def test_config_round_trips_and_refuses_unknown_fields():
     config = ModelConfig(**{**TINY.to_dict(), "lora": Ia3Config()})
     d = json.loads(json.dumps(config.to_dict()))
     assert d["lora"] == {"method": "ia3"} and ModelConfig.from_dict(d) == config
-    with pytest.raises(ValueError, match=r"lora: expected only the fields \[\], got unknown \['rank'\]"):
+    with pytest.raises(ValueError, match=r"lora: expected only the fields \['queries'\], got unknown \['rank'\]"):
         ModelConfig.from_dict({**d, "lora": {"method": "ia3", "rank": 4}})
     with pytest.raises(AttributeError):
         Ia3Config().targets = ("q",)  # the scaled linears are IA3's, not a setting

@@ -214,3 +214,17 @@ def test_the_gpu_table_reads_the_pools_peak_against_the_plan(wall):
     table = wall.gpu_table({"cells": cells})
     assert "| gpt2-small | lora | off | 1.00 | 1.02 | 1.016 | 0.50 |" in table
     assert "| gpt2-xl | full | on | 32.00 | refused by the plan |  |  |" in table
+
+
+def test_ia3_with_query_factors_is_planned_as_the_forward_keeps_it(wall):
+    """Ia3Config(queries=True) (a PEFT IA3 adapter read in): q's unscaled output is kept too, N C more a block."""
+    from minilora.finetune import FinetuneConfig
+    from minilora.methods import ia3, lora
+
+    settings = FinetuneConfig(method="ia3", lora=ia3.Ia3Config(queries=True))
+    params, cfg = ia3.add_ia3(model.init_params(SMALL, 0), SMALL, ia3.Ia3Config(queries=True))
+    trainable = set(lora.adapter_names(cfg))
+    _, cache = model.forward(params, cfg, wall.make_batch(SMALL, B, T)["x"], trainable=trainable)
+    planned = memplan.plan(SMALL, "ia3", B, T, settings=settings).forward_cache
+    assert planned == _cache_bytes(cache, params)
+    assert planned - memplan.plan(SMALL, "ia3", B, T).forward_cache == 4 * SMALL.n_layers * B * T * SMALL.d_model

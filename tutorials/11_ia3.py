@@ -21,9 +21,10 @@
 # projection, so PEFT's default also scales the **queries**: $3C + F$ numbers per block,
 # $L (3C + F)$ in all, where the paper and minilora train $L (2C + F)$. `minilora export` writes a
 # minilora IA3 run in PEFT's layout with the queries' factors fixed at 1 (`peft_io.ia3_to_peft`:
-# `c_attn` scaled by $[1; l_k; l_v]$), which computes the same function; an adapter PEFT trained
-# with its default has query factors of its own, which minilora's IA3 has no vector for, and
-# minilora does not read PEFT IA3 adapters.
+# `c_attn` scaled by $[1; l_k; l_v]$), which computes the same function. An adapter PEFT trained
+# with its default has query factors of its own: `Ia3Config(queries=True)` gives minilora's IA3 the
+# vector $l_q$ too (the same output scaling, so the same backward), and a PEFT IA3 folder is read
+# that way (`--adapter DIR`), and trains on.
 #
 # The code is `minilora/methods/ia3.py` (the derivation below is its docstring); the
 # tests are `tests/test_ia3.py`. **This tutorial fine-tunes tutorial 02's pretrained

@@ -16,6 +16,11 @@ beside the linear each one scales (PEFT's name, ia3_l):
 so the trainable count is L (2C + F): 1,536 for the default model (C = 128, F = 512, L = 2), against LoRA's
 L x 4 x r (C + C) = 16,384 at r = 8 on q, k, v, o. All ones give exactly the base model.
 
+Ia3Config(queries=True) scales the queries too, q = l_q * (a @ W_q.T + b_q), l_q (C,) beside attn.q: what
+PEFT trains on GPT-2 by default, since its IA3 targets c_attn, the fused [q; k; v], and so scales all 3C of
+its outputs; L (3C + F) vectors. It is the same output-scaling pair as k's and v's, so the same backward
+and the same float64 check cover it.
+
 Two op pairs, both around a frozen linear y = x @ W.T + b (ops.linear, no dW):
 
     output scaling   y = l * z,  z = x @ W.T + b               (k, v)
@@ -125,7 +130,7 @@ FEEDFORWARD = ("proj",)  # scaled on its input, as PEFT's feedforward_modules
 
 @dataclass
 class Ia3Config:
-    """IA3's settings: none to choose. The scaled linears are fixed (l_k, l_v, l_ff, as the paper and PEFT).
+    """IA3's settings: whether the queries are scaled too. The others are fixed (l_k, l_v, l_ff, as the paper).
 
     It rides in ModelConfig.lora as LoRA's settings do, so the config that came with the parameters says
     which pair computes each linear (methods.linear_pair): attn.k, attn.v and mlp.proj run IA3's pair.
@@ -134,15 +139,20 @@ class Ia3Config:
     method: ClassVar[str] = "ia3"  # the LinearPair that computes its target linears (methods.LINEARS)
     label: ClassVar[str] = "IA3"
     base_pair: ClassVar[str] = "plain"  # every other block linear
+    queries: bool = False  # l_q (C,) on the queries too: PEFT's IA3 on GPT-2 (c_attn is q, k, v), L (3C + F)
+
+    def __post_init__(self):
+        if not isinstance(self.queries, bool):
+            raise ValueError(f"queries: expected true or false, got {self.queries!r}")
 
     @property
     def targets(self):
-        """The scaled linears, as LoRA names its targets (read-only: IA3 has no choice of targets)."""
-        return IA3_TARGETS
+        """The scaled linears, as LoRA names its targets (read-only: set by queries, not chosen one by one)."""
+        return (("q",) if self.queries else ()) + IA3_TARGETS
 
     @property
     def target_layers(self):
-        return tuple(TARGETS[t] for t in IA3_TARGETS)
+        return tuple(TARGETS[t] for t in self.targets)
 
     def adapter_shapes(self, model_config):
         """name -> shape of every vector: (out,) beside k and v, (in,) beside proj (its input is scaled)."""
@@ -160,21 +170,25 @@ class Ia3Config:
         return int(sum(p.size for p in params.values()))
 
     def count_lines(self, params, trainable, config):
-        """count_report's lines for IA3: the formula L (2C + F), checked against the vectors counted."""
+        """count_report's lines for IA3: the formula L (2C + F) (L (3C + F) with queries), checked against the
+        vectors counted."""
         L, C, F = config.n_layers, config.d_model, config.d_ff
-        formula = L * (2 * C + F)
-        counted = int(sum(params[n].size for n in adapter_names(config) if n in trainable))
+        n = 3 if self.queries else 2
+        formula = L * (n * C + F)
+        counted = int(sum(params[name].size for name in adapter_names(config) if name in trainable))
         if formula != counted:
-            raise AssertionError(f"IA3 parameter count {counted} does not match the formula L (2C + F): {formula}")
-        return [f"IA3: L (2C + F) = {L} x (2 x {C} + {F}) = {formula:,} (l_k, l_v of C and l_ff of F per block) "
-                f"= the count above (vectors only)"]
+            raise AssertionError(f"IA3 parameter count {counted} does not match the formula L ({n}C + F): {formula}")
+        vectors = "l_q, l_k, l_v" if self.queries else "l_k, l_v"
+        return [f"IA3: L ({n}C + F) = {L} x ({n} x {C} + {F}) = {formula:,} ({vectors} of C and l_ff of F per "
+                f"block) = the count above (vectors only)"]
 
     def to_dict(self):
-        return {"method": self.method}
+        # the plain IA3's dict is {"method": "ia3"}, as before queries existed
+        return {"method": self.method, **({"queries": True} if self.queries else {})}
 
     @classmethod
     def from_dict(cls, d):
-        """The config to_dict wrote (no field beyond "method", which adapter_config_from_dict reads)."""
+        """The config to_dict wrote ("queries" where set; "method" is read by adapter_config_from_dict)."""
         from ..validate import from_dict
 
         return from_dict(cls, d, "lora")
@@ -291,9 +305,9 @@ def _setup(base_params, model_config, config, tokenizer=None):
     return params, model_config, set(adapter_names(model_config))
 
 
-def _gradcheck_setup(params, config, rng):
+def _gradcheck_setup(params, config, rng, ia3_config=None):
     """IA3 at a random point away from ones (at l = 1 the checks would still pass, but l is then special)."""
-    adapted, adapted_config = add_ia3(params, config)
+    adapted, adapted_config = add_ia3(params, config, ia3_config)
     for name in adapter_names(adapted_config):
         adapted[name] = 1.0 + 0.5 * rng.standard_normal(adapted[name].shape)
     return adapted, adapted_config, set(adapter_names(adapted_config))
