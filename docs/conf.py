@@ -36,3 +36,8 @@ html_theme_options = {}
 html_static_path = ["_static"]  # minilora_site adds MathJax's folder
 html_favicon = "_static/favicon.svg"
 html_show_sourcelink = False
+
+# the docstrings are plain text (docs/_ext/minilora_site.py reads them as reST): `name` there is code, as in
+# the Markdown pages, and "--out" stays two hyphens (smart quotes and ellipses only, no dashes)
+default_role = "code"
+smartquotes_action = "qe"

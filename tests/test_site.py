@@ -9,6 +9,7 @@ Playwright or Chromium is missing they skip, except in CI (CI=true), where they 
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,9 +46,11 @@ def _browser():
 def smoke_site():
     _browser()
     env = {**os.environ, "MINILORA_FAST": "1", "MPLBACKEND": "Agg", "PYTHONPATH": ROOT}
-    done = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "docs", SMOKE], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, f"the smoke build failed:\n{done.stderr[-4000:]}"
+    # -W: a warning (a docstring docutils cannot read, a broken reference) fails the build, as an error does;
+    # --keep-going reports every one of them before it fails
+    done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", "docs", SMOKE],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"the smoke build failed (warnings are errors):\n{done.stderr[-4000:]}"
     return SMOKE
 
 
@@ -84,6 +87,29 @@ def test_the_smoke_site_has_every_page_and_says_it_is_a_smoke_build(smoke_site):
     assert os.path.isfile(os.path.join(smoke_site, "_static", "mathjax", "tex-chtml.js")), "MathJax is served by the site"
     # the smoke build's figures go to the fast folder (its tutorials ran with MINILORA_FAST=1)
     assert glob.glob(os.path.join(ROOT, "figures", "fast", "0[1-7]_*.png"))
+
+
+def _text(html_text):
+    """The words of some HTML: tags dropped, entities read, curly quotes straight, white space single."""
+    import html
+
+    text = html.unescape(re.sub(r"<[^>]+>", "", html_text)).replace("`", "")
+    return re.sub(r"\s+", " ", text.translate(str.maketrans("\u2018\u2019\u201c\u201d", "''\"\""))).strip()
+
+
+def test_the_api_reference_opens_each_module_with_its_summary(smoke_site):
+    from minilora_site import api_modules, module_summary
+
+    index = open(os.path.join(smoke_site, "api", "index.html"), encoding="utf-8").read()
+    shown = _text(index)
+    for name in api_modules():
+        summary = _text(module_summary(name))
+        assert f'href="minilora.{name}.html"' in index, f"the API index does not link minilora.{name}"
+        assert f"minilora.{name} \N{EM DASH} {summary}" in shown, f"the API index does not show minilora.{name}'s summary"
+        page = open(os.path.join(smoke_site, "api", f"minilora.{name}.html"), encoding="utf-8").read()
+        first = re.search(r"</h1>\s*<p[^>]*>(.*?)</p>", page, re.S)
+        assert first and _text(first.group(1)) == summary, (name, first and first.group(1)[:200])
+        assert "<blockquote>" not in page, f"minilora.{name}: a docstring's indented block became a block quote"
 
 
 NO_FAVICON = '<link rel="icon" href="data:,">'  # else Chromium asks for /favicon.ico, a 404 on the first page

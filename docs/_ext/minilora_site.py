@@ -95,19 +95,33 @@ def _write_if_changed(path, text):
         f.write(text)
 
 
-def _api_pages():
-    """docs/api/minilora.MODULE.rst for every module of the package."""
+def api_modules():
+    """The package's modules as names below minilora ('bridge', 'methods.lora', ...), sorted."""
     import minilora
 
+    return sorted(m.name[len("minilora."):] for m in pkgutil.walk_packages(minilora.__path__, "minilora."))
+
+
+def module_summary(name):
+    """The first paragraph of minilora.NAME's docstring, on one line (its page opens with it)."""
+    import importlib
+
+    doc = importlib.import_module(f"minilora.{name}").__doc__ or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def _api_pages():
+    """docs/api/minilora.MODULE.rst for every module of the package."""
     folder = os.path.join(DOCS, "api")
-    names = sorted(m.name[len("minilora."):] for m in pkgutil.walk_packages(minilora.__path__, "minilora."))
+    names = api_modules()
     for old in glob.glob(os.path.join(folder, "minilora.*.rst")):
         if os.path.basename(old)[len("minilora."):-len(".rst")] not in names:
             os.remove(old)
     for name in names:
         title = f"``minilora.{name}``"
         _write_if_changed(os.path.join(folder, f"minilora.{name}.rst"),
-                          f"{title}\n{'=' * len(title)}\n\n.. automodule:: minilora.{name}\n   :members:\n")
+                          f"{title}\n{'=' * len(title)}\n\n.. highlight:: text\n\n"  # the docstrings' blocks are not Python
+                          f".. automodule:: minilora.{name}\n   :members:\n")
 
 
 def _vendor_mathjax(build):
@@ -203,6 +217,26 @@ class StudyDirective(SphinxDirective):
         return self.parse_text_to_nodes("\n".join(lines))
 
 
+class ApiIndexDirective(SphinxDirective):
+    """```{api-index}```: every module of the package, linked to its page, with its one-line summary."""
+
+    def run(self):
+        from sphinx import addnodes
+
+        items = nodes.bullet_list(classes=["api-index"])
+        for name in api_modules():
+            ref = addnodes.pending_xref("", nodes.literal(text=f"minilora.{name}"), refdomain="std", reftype="doc",
+                                        reftarget=f"/api/minilora.{name}", refexplicit=True, refdoc=self.env.docname)
+            summary = nodes.paragraph("", "", ref, nodes.Text(" \N{EM DASH} "))
+            for i, part in enumerate(re.split(r"`+([^`]+)`+", module_summary(name))):
+                summary += nodes.literal(text=part) if i % 2 else nodes.Text(part)
+            items += nodes.list_item("", summary)
+        for path in glob.glob(os.path.join(os.path.dirname(__import__("minilora").__file__), "**", "*.py"),
+                              recursive=True):
+            self.env.note_dependency(path)  # a summary edited re-reads the index
+        return [items]
+
+
 class CodeLinks(SphinxPostTransform):
     """Inline literals that name minilora code, a tutorial or a study's results become links to their pages."""
 
@@ -248,25 +282,78 @@ class CodeLinks(SphinxPostTransform):
 
 
 INLINE_LITERAL = re.compile(r"(``.+?``|`[^`]+`)")
+LIST_ITEM = re.compile(r"^(\s*)(- |\d+\. )")
+
+
+def _escape_text(line):
+    """Outside inline literals, '|' (as in |a - n|) and a word's trailing '_' stay text, not substitutions or links."""
+    parts = INLINE_LITERAL.split(line)
+    for i in range(0, len(parts), 2):
+        parts[i] = re.sub(r"(\w)_(?=\W|$)", r"\1\\_", parts[i].replace("|", "\\|"))
+    return "".join(parts)
+
+
+def plain_text_to_rest(lines):
+    """The docstrings are plain text in the CS231n shape: the same text as valid reST, saying the same thing.
+
+    - A block indented under a line (a formula, a table of names, a file layout, an example) is preformatted:
+      it becomes a literal block (the line above it gets '::', shown as ':' or not at all), so it keeps its
+      lines and columns instead of being reflowed into a block quote.
+    - A '- x: ...' (or '1. ...') list gets the blank lines reST wants before and after it; a line under an
+      item's text continues the item.
+    - Outside literal blocks and inline literals, '|' and a word's trailing '_' are escaped.
+    """
+    out = []
+    literal = None  # inside a literal block: the indentation it must stay right of
+    items = []  # (marker, text) indentations of each list item we are in, the innermost last
+    last = 0  # the indentation of the text we are in (a paragraph's, or a list item's text)
+
+    def blank_line():
+        if out and out[-1].strip():
+            out.append("")
+
+    for line in lines:
+        if not line.strip():
+            out.append(line)
+            continue
+        indent = len(line) - len(line.lstrip())
+        if literal is not None:
+            if indent > literal:
+                out.append(line)
+                continue
+            literal = None
+            blank_line()
+        item = LIST_ITEM.match(line)
+        sibling = False  # a next item of the list we are in
+        if items and indent < items[-1][1]:  # left of an item's text: that item (and maybe its list) is over
+            popped = []
+            while items and indent < items[-1][1]:
+                popped.append(items.pop())
+            sibling = bool(item) and popped[-1][0] == indent
+            if not sibling:
+                blank_line()
+        if item:
+            if not sibling:  # a list, or a list inside an item, starts after a blank line
+                blank_line()
+            items.append((indent, indent + len(item.group(2))))
+            last = items[-1][1]
+        elif indent > (items[-1][1] if items else last):
+            # an indented block: preformatted; the line above opens it with '::'
+            above = max(i for i, text in enumerate(out) if text.strip())
+            if not out[above].endswith("::"):
+                out[above] += ":" if out[above].endswith(":") else " ::"
+            blank_line()
+            out.append(line)
+            literal = items[-1][1] if items else last
+            continue
+        else:
+            last = indent
+        out.append(_escape_text(line))
+    return out
 
 
 def _plain_text_docstrings(app, what, name, obj, options, lines):
-    """The docstrings are plain text in the CS231n shape; make them valid reST without changing what they say.
-
-    A '- x: ...' list right under 'Inputs:' gets the blank line reST wants; outside inline literals, '|'
-    (as in |a - n|) and a word's trailing '_' are escaped, so they stay text instead of substitutions or links.
-    """
-    out = []
-    for line in lines:
-        parts = INLINE_LITERAL.split(line)
-        for i in range(0, len(parts), 2):
-            parts[i] = re.sub(r"(\w)_(?=\W|$)", r"\1\\_", parts[i].replace("|", "\\|"))
-        line = "".join(parts)
-        if line.lstrip().startswith("- ") and out and out[-1].strip() and not out[-1].lstrip().startswith("- ") \
-                and len(out[-1]) - len(out[-1].lstrip()) >= len(line) - len(line.lstrip()):
-            out.append("")
-        out.append(line)
-    lines[:] = out
+    lines[:] = plain_text_to_rest(lines)
 
 
 def _check_every_study_has_a_page(app, env):
@@ -281,5 +368,6 @@ def setup(app):
     app.connect("autodoc-process-docstring", _plain_text_docstrings)
     app.connect("env-updated", lambda app, env: _check_every_study_has_a_page(app, env))
     app.add_directive("study", StudyDirective)
+    app.add_directive("api-index", ApiIndexDirective)
     app.add_post_transform(CodeLinks)
     return {"parallel_read_safe": False, "parallel_write_safe": True}
