@@ -28,6 +28,7 @@ myst_heading_anchors = 3
 exclude_patterns = ["_build", "_ext", "conf.py", "_generated", "**/.ipynb_checkpoints"]
 
 autodoc_member_order = "bysource"
+autodoc_preserve_defaults = True  # a default shows as written (root=_PACKAGE_ROOT), not as the builder's path
 autodoc_default_options = {"undoc-members": False}
 
 html_theme = "furo"

@@ -156,6 +156,10 @@ BROKEN_PAGE = f"""<!doctype html><html><head><title>broken</title>{NO_FAVICON}</
 <img src="missing.png">
 <a href="nowhere.html">a dead link</a> <a href="index.html#no-such-anchor">a dead anchor</a>
 <div class="cell"><div class="cell_input"><pre>print("hello")</pre></div></div>
+<div class="cell"><div class="cell_input"><pre>import tqdm</pre></div><div class="cell_output"><pre>/opt/env/tqdm/auto.py:21:
+TqdmWarning: IProgress not found
+Loading weights: 100%|##########| 16/16 [00:00&lt;00:00, 2976.13it/s]</pre></div></div>
+<p>wrote /tmp/build-1234/figures/fast/03_lora.png</p>
 <script>console.error("planted error")</script>
 </body></html>"""
 
@@ -163,11 +167,15 @@ BROKEN_PAGE = f"""<!doctype html><html><head><title>broken</title>{NO_FAVICON}</
 def test_the_checks_find_every_planted_fault(tmp_path):
     site_browser = _browser()
     (tmp_path / "index.html").write_text(BROKEN_PAGE)
-    (tmp_path / "good.html").write_text(f"<!doctype html><html><head>{NO_FAVICON}</head><body><p>fine, $5 only once</p>"
+    (tmp_path / "good.html").write_text(f"<!doctype html><html><head>{NO_FAVICON}</head><body><p>fine, $5 only once; "
+                                        "a RuntimeWarning named in prose is no noise, nor is /tmp in a sentence</p>"
                                         "<a href='index.html'>home</a></body></html>")
-    report = site_browser.check_site(str(tmp_path))
+    report = site_browser.check_site(str(tmp_path), paths=["/tmp/", "/opt/env"])
+    assert site_browser.machine_paths() and all(os.path.isabs(p) for p in site_browser.machine_paths())
     problems = "\n".join(report["index.html"])
     for expected in ("console error: planted error", "image not loaded", "missing file", "missing anchor",
-                     "raw maths left in the text", "a code cell that prints has no output"):
+                     "raw maths left in the text", "a code cell that prints has no output",
+                     "an output shows a warning (TqdmWarning)", "an output shows a progress bar",
+                     "an absolute path of the build machine: ", "/tmp/build-1234/figures"):
         assert expected in problems, (expected, problems)
     assert "good.html" not in report, report.get("good.html")

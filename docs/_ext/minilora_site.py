@@ -5,8 +5,10 @@
   its own execution cache (build/jupyter_cache/MODE-HASH), so a prose edit re-executes nothing; a change
   to the package's source (HASH) starts a new cache and re-reads every page.
 - The tutorials and their solutions are linked into docs/tutorials/ (symlinks: the .py files stay the only
-  source) and read through jupytext by `read_tutorial`, which adds one hidden cell that shows, under the cell
-  that saved it, every figure a tutorial writes (the tutorials only write PNGs).
+  source) and read through jupytext by `read_tutorial`, which adds one hidden cell (KERNEL_SETUP) that shows,
+  under the cell that saved it, every figure a tutorial writes (the tutorials only write PNGs), and runs the
+  tutorial from the repository's root with no progress bars, so no page shows a bar, a warning or a path of
+  the build machine.
 - `{study} NAME`: a study's tables and figure, made from its committed results.jsonl by minilora.report, the
   command that regenerates them, and a link to the results file.
 - The API reference: one autodoc page per module of the package, so a new module gets its page.
@@ -41,8 +43,24 @@ def site_mode():
     return "smoke" if os.environ.get("MINILORA_FAST") == "1" else "full"
 
 
-# the hidden first cell of every tutorial page: the tutorials save their figures and do not display them
-SHOW_FIGURES = '''\
+# the hidden first cell of every tutorial page. The tutorials save their figures and do not display them: show
+# each one under the cell that saved it. They run from the repository's root, as `python tutorials/NN_x.py` does,
+# so the paths they print are the repository's (figures/fast/..., build/site-runs/...), not the build machine's.
+# Nothing a reader should not see reaches the page: no progress bar (conf: TQDM_DISABLE, HF_HUB_DISABLE_PROGRESS_BARS)
+# and not the two warnings the site's kernel would print, neither of them the tutorials' doing: tqdm.auto's
+# TqdmWarning (the kernel has no ipywidgets, so the text bar, off, is the one wanted) and transformers'
+# FutureWarning on is_gradient_checkpointing, a deprecated property PEFT reads when it wraps a model.
+KERNEL_SETUP = '''\
+import os as _os
+import warnings as _warnings
+
+_os.chdir(_os.environ["MINILORA_SITE_ROOT"])
+for _name in ("MINILORA_RUNS", "MINILORA_FIGURES", "MINILORA_STUDIES"):
+    if _os.path.abspath(_os.environ[_name]).startswith(_os.getcwd() + _os.sep):
+        _os.environ[_name] = _os.path.relpath(_os.environ[_name])
+_warnings.filterwarnings("ignore", message="IProgress not found")
+_warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
 import IPython.display as _display
 import minilora.plot as _plot
 
@@ -59,13 +77,13 @@ _plot.save_figure = _save_and_show
 
 
 def read_tutorial(text):
-    """A percent-format tutorial as a notebook (jupytext), with the hidden figure cell first."""
+    """A percent-format tutorial as a notebook (jupytext), with the hidden setup cell first (KERNEL_SETUP)."""
     import jupytext
     import nbformat
 
     notebook = jupytext.reads(text, fmt="py:percent")
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    notebook.cells.insert(0, nbformat.v4.new_code_cell(SHOW_FIGURES, metadata={"tags": ["remove-cell"]}))
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(KERNEL_SETUP, metadata={"tags": ["remove-cell"]}))
     return notebook
 
 
@@ -143,14 +161,15 @@ def _vendor_mathjax(build):
 
 
 def _package_fingerprint():
-    """A hash of the package's source. The execution cache is keyed on the notebooks' code cells only, so a
-    change to the library would otherwise keep outputs that the new code no longer gives."""
+    """A hash of the package's source (minilora.methods too) and of KERNEL_SETUP. The execution cache is keyed
+    on the notebooks' code cells only, so a change to the library would otherwise keep outputs that the new code
+    no longer gives."""
     import hashlib
 
     import minilora
 
-    digest = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(minilora.__file__), "*.py"))):
+    digest = hashlib.sha256(KERNEL_SETUP.encode())  # and of the hidden cell every tutorial runs first
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(minilora.__file__), "**", "*.py"), recursive=True)):
         digest.update(open(path, "rb").read())
     return digest.hexdigest()[:12]
 
@@ -165,7 +184,10 @@ def _config_inited(app, config):
     env = {"MINILORA_RUNS": os.path.join(build, "site-runs", mode),
            "MINILORA_FIGURES": os.path.join(ROOT, "figures", "fast") if mode == "smoke"
            else os.path.join(build, "site-figures"),
-           "MINILORA_STUDIES": STUDIES, "MPLBACKEND": "Agg"}
+           "MINILORA_STUDIES": STUDIES, "MPLBACKEND": "Agg", "MINILORA_SITE_ROOT": ROOT,
+           # no progress bar on a page: tqdm's default (train.py's bar is off already, not being on a terminal)
+           # and the Hugging Face libraries' own bars (tutorial 08's "Loading weights", "Writing model shards")
+           "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     os.environ.update(env)
     config.nb_execution_cache_path = os.path.join(build, "jupyter_cache", f"{mode}-{fingerprint}")
     if mode == "smoke":
