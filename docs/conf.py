@@ -14,7 +14,13 @@ project = "minilora"
 author = "the minilora authors"
 copyright = "2026, the minilora authors"
 
-extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.viewcode", "sphinx.ext.mathjax", "minilora_site"]
+extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.viewcode", "sphinx.ext.mathjax", "sphinxcontrib.bibtex",
+              "minilora_site"]
+
+# the papers: one bibliography (references.md), cited as {cite:t}`key` ("Hu et al. [2021]") or {cite:p}`key`
+bibtex_bibfiles = ["references.bib"]
+bibtex_reference_style = "author_year"
+bibtex_default_style = "plain"
 
 # the tutorials are percent-format scripts, read through jupytext (minilora_site.read_tutorial) and executed
 nb_custom_formats = {".py": ["minilora_site.read_tutorial", {}, False]}
