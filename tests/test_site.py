@@ -112,6 +112,27 @@ def test_the_api_reference_opens_each_module_with_its_summary(smoke_site):
         assert "<blockquote>" not in page, f"minilora.{name}: a docstring's indented block became a block quote"
 
 
+def test_every_paper_the_pages_name_links_to_the_bibliography(smoke_site):
+    from minilora_site import paper_mentions
+
+    references = open(os.path.join(smoke_site, "references.html"), encoding="utf-8").read()
+    entries = re.findall(r'<div class="citation" id="([^"]+)"', references)
+    assert len(entries) == 9, entries
+    for entry in re.findall(r'<div class="citation" id="[^"]+".*?</div>', references, re.S):
+        assert re.search(r'href="https://arxiv\.org/abs/\d{4}\.\d{5}"', entry), f"no arXiv abstract link: {entry[:200]}"
+    linked = set()
+    for page in _browser().pages(smoke_site):
+        if page.startswith(("_modules/", "genindex", "search")) or page == "references.html":
+            continue
+        html_text = open(os.path.join(smoke_site, page), encoding="utf-8").read()
+        linked |= set(re.findall(r'href="(?:\.\./)*references\.html#([^"]+)"', html_text))
+        unlinked = _text(re.sub(r"<a [^>]*>.*?</a>", "", html_text, flags=re.S))
+        for pattern, keys in paper_mentions():
+            found = pattern.search(unlinked)
+            assert not found, f"{page} names {keys} as {found.group(0)!r} without a link to the bibliography"
+    assert set(entries) <= linked, f"papers no page cites: {set(entries) - linked}"
+
+
 NO_FAVICON = '<link rel="icon" href="data:,">'  # else Chromium asks for /favicon.ico, a 404 on the first page
 def _table_rows(html_text):
     """Every table row of an HTML page, as a tuple of its cells' text."""

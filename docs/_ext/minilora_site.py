@@ -11,7 +11,11 @@
   the build machine.
 - `{study} NAME`: a study's tables and figure, made from its committed results.jsonl by minilora.report, the
   command that regenerates them, and a link to the results file.
-- The API reference: one autodoc page per module of the package, so a new module gets its page.
+- The API reference: one autodoc page per module of the package, so a new module gets its page, and an
+  index (`{api-index}`) of every module with its one-line summary. The docstrings are plain text;
+  `plain_text_to_rest` makes them valid reST (indented blocks literal, lists with their blank lines).
+- Paper links: the bibliography is docs/references.bib (sphinxcontrib-bibtex, docs/references.md); a paper
+  the prose names as authors and year ("Dettmers et al. 2023", as the tutorials do) links to its entry.
 - Code links: an inline literal in the prose that names a minilora object (`lora.lora_linear_forward`) or a
   file (`minilora/lora.py`, `tutorials/03_lora_by_hand.py`, `benchmarks/studies/rank/results.jsonl`) becomes
   a link to its API entry, its source page (viewcode), its tutorial page or its study page.
@@ -20,6 +24,7 @@
 """
 
 import glob
+import itertools
 import os
 import pkgutil
 import re
@@ -303,6 +308,86 @@ class CodeLinks(SphinxPostTransform):
         return None
 
 
+# "Liu et al. 2022" names two papers: the words just before it say which
+PAPER_CONTEXT = {"liu2022ptuningv2": "P-tuning", "liu2022ia3": "IA3"}
+
+
+def paper_mentions():
+    """[(regex, [keys])]: how prose names each paper of docs/references.bib ("Hu et al. 2021", "Li & Liang 2021",
+    "Kalajdzievski (2023)"), with the keys of the papers it may name."""
+    from pybtex.database import parse_file
+
+    named = {}
+    for key, entry in parse_file(os.path.join(DOCS, "references.bib")).entries.items():
+        surnames = [" ".join(p.last_names) for p in entry.persons["author"]]
+        year = entry.fields["year"]
+        who = (re.escape(surnames[0]) if len(surnames) == 1 else
+               rf"{re.escape(surnames[0])} (?:&|and) {re.escape(surnames[1])}" if len(surnames) == 2 else
+               rf"{re.escape(surnames[0])}\s+et\s+al\.")
+        named.setdefault(rf"\b{who},?\s+(?:\({year}\)|{year})", []).append(key)
+    return [(re.compile(pattern), keys) for pattern, keys in named.items()]
+
+
+def _ancestors(node):
+    while node.parent is not None:
+        node = node.parent
+        yield node
+
+
+class PaperLinks(SphinxPostTransform):
+    """A paper named in the prose as authors and year ("Dettmers et al. 2023", in a tutorial's markdown) becomes
+    a link to its entry in the bibliography, as a {cite:t} citation in the Markdown pages is."""
+
+    default_priority = 905
+    builders = ("html", "dirhtml")
+
+    def run(self, **kwargs):
+        domain = self.env.get_domain("cite")
+        entries = {c.key: (c.bibliography_key.docname, c.citation_id, c.entry) for c in domain.citations}
+        if not entries:
+            return
+        mentions = paper_mentions()
+        for element in list(self.document.findall(nodes.TextElement)):  # MyST keeps each line a Text of its own
+            if isinstance(element, (nodes.literal, nodes.literal_block, nodes.raw)):
+                continue
+            for i in range(len(element.children) - 1, 0, -1):  # by position: Text nodes compare as strings
+                if isinstance(element.children[i], nodes.Text) and isinstance(element.children[i - 1], nodes.Text):
+                    joined = nodes.Text(str(element.children[i - 1]) + str(element.children[i]))
+                    joined.parent = element
+                    element.children[i - 1:i + 1] = [joined]
+        for text in list(self.document.findall(nodes.Text)):
+            if text.parent is None or isinstance(text.parent, (nodes.reference, nodes.literal, nodes.literal_block,
+                                                               nodes.title, nodes.citation, nodes.raw)):
+                continue
+            value, pieces, at = str(text), [], 0
+            found = sorted((m.start(), m.end(), keys) for pattern, keys in mentions for m in pattern.finditer(value))
+            for start, end, keys in found:
+                if start < at:
+                    continue
+                if len(keys) > 1:  # the paper whose name comes last before the mention, in its paragraph
+                    paragraph = next((a for a in _ancestors(text) if isinstance(a, nodes.paragraph)), text.parent)
+                    before = "".join(str(t) for t in itertools.takewhile(lambda t: t is not text,
+                                                                         paragraph.findall(nodes.Text)))
+                    before += value[:start]
+                    keys = sorted((before.rfind(PAPER_CONTEXT.get(k, "\0")), k) for k in keys)
+                    keys = [keys[-1][1]] if keys[-1][0] >= 0 else []
+                if not keys or keys[0] not in entries:
+                    continue
+                docname, anchor, entry = entries[keys[0]]
+                refuri = self.app.builder.get_relative_uri(self.env.docname, docname) + f"#{anchor}"
+                pieces += [nodes.Text(value[at:start]),
+                           nodes.reference("", value[start:end], refuri=refuri, internal=True,
+                                           reftitle=entry.fields.get("title", "").replace("{", "").replace("}", ""))]
+                at = end
+            if pieces:
+                parent = text.parent
+                where = next(i for i, child in enumerate(parent.children) if child is text)
+                pieces.append(nodes.Text(value[at:]))
+                for piece in pieces:
+                    piece.parent = parent
+                parent.children[where:where + 1] = pieces
+
+
 INLINE_LITERAL = re.compile(r"(``.+?``|`[^`]+`)")
 LIST_ITEM = re.compile(r"^(\s*)(- |\d+\. )")
 
@@ -392,4 +477,5 @@ def setup(app):
     app.add_directive("study", StudyDirective)
     app.add_directive("api-index", ApiIndexDirective)
     app.add_post_transform(CodeLinks)
+    app.add_post_transform(PaperLinks)
     return {"parallel_read_safe": False, "parallel_write_safe": True}
