@@ -14,7 +14,13 @@ project = "minilora"
 author = "the minilora authors"
 copyright = "2026, the minilora authors"
 
-extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.viewcode", "sphinx.ext.mathjax", "minilora_site"]
+extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.viewcode", "sphinx.ext.mathjax", "sphinxcontrib.bibtex",
+              "minilora_site"]
+
+# the papers: one bibliography (references.md), cited as {cite:t}`key` ("Hu et al. [2021]") or {cite:p}`key`
+bibtex_bibfiles = ["references.bib"]
+bibtex_reference_style = "author_year"
+bibtex_default_style = "plain"
 
 # the tutorials are percent-format scripts, read through jupytext (minilora_site.read_tutorial) and executed
 nb_custom_formats = {".py": ["minilora_site.read_tutorial", {}, False]}
@@ -28,6 +34,7 @@ myst_heading_anchors = 3
 exclude_patterns = ["_build", "_ext", "conf.py", "_generated", "**/.ipynb_checkpoints"]
 
 autodoc_member_order = "bysource"
+autodoc_preserve_defaults = True  # a default shows as written (root=_PACKAGE_ROOT), not as the builder's path
 autodoc_default_options = {"undoc-members": False}
 
 html_theme = "furo"
@@ -36,3 +43,8 @@ html_theme_options = {}
 html_static_path = ["_static"]  # minilora_site adds MathJax's folder
 html_favicon = "_static/favicon.svg"
 html_show_sourcelink = False
+
+# the docstrings are plain text (docs/_ext/minilora_site.py reads them as reST): `name` there is code, as in
+# the Markdown pages, and "--out" stays two hyphens (smart quotes and ellipses only, no dashes)
+default_role = "code"
+smartquotes_action = "qe"

@@ -299,7 +299,7 @@ def instruction_batch(records, tokenizer, context_length, train_on_prompt=False,
     - tokenizer: the run's tokenizer (encode(str) -> int array).
     - context_length: the model's maximum T.
     - train_on_prompt: if True the mask covers every real target, prompt included.
-    - end: the text that ends a response, one token of the tokenizer ("\n" by
+    - end: the text that ends a response, one token of the tokenizer ("\\n" by
       default; a character that never occurs in the corpus, such as "~", makes
       the response unlike corpus text).
     - render: render(instruction, input) -> the prompt; format_prompt by default

@@ -9,6 +9,7 @@ Playwright or Chromium is missing they skip, except in CI (CI=true), where they 
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,9 +46,11 @@ def _browser():
 def smoke_site():
     _browser()
     env = {**os.environ, "MINILORA_FAST": "1", "MPLBACKEND": "Agg", "PYTHONPATH": ROOT}
-    done = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "docs", SMOKE], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, f"the smoke build failed:\n{done.stderr[-4000:]}"
+    # -W: a warning (a docstring docutils cannot read, a broken reference) fails the build, as an error does;
+    # --keep-going reports every one of them before it fails
+    done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", "docs", SMOKE],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"the smoke build failed (warnings are errors):\n{done.stderr[-4000:]}"
     return SMOKE
 
 
@@ -84,6 +87,50 @@ def test_the_smoke_site_has_every_page_and_says_it_is_a_smoke_build(smoke_site):
     assert os.path.isfile(os.path.join(smoke_site, "_static", "mathjax", "tex-chtml.js")), "MathJax is served by the site"
     # the smoke build's figures go to the fast folder (its tutorials ran with MINILORA_FAST=1)
     assert glob.glob(os.path.join(ROOT, "figures", "fast", "0[1-7]_*.png"))
+
+
+def _text(html_text):
+    """The words of some HTML: tags dropped, entities read, curly quotes straight, white space single."""
+    import html
+
+    text = html.unescape(re.sub(r"<[^>]+>", "", html_text)).replace("`", "")
+    return re.sub(r"\s+", " ", text.translate(str.maketrans("\u2018\u2019\u201c\u201d", "''\"\""))).strip()
+
+
+def test_the_api_reference_opens_each_module_with_its_summary(smoke_site):
+    from minilora_site import api_modules, module_summary
+
+    index = open(os.path.join(smoke_site, "api", "index.html"), encoding="utf-8").read()
+    shown = _text(index)
+    for name in api_modules():
+        summary = _text(module_summary(name))
+        assert f'href="minilora.{name}.html"' in index, f"the API index does not link minilora.{name}"
+        assert f"minilora.{name} \N{EM DASH} {summary}" in shown, f"the API index does not show minilora.{name}'s summary"
+        page = open(os.path.join(smoke_site, "api", f"minilora.{name}.html"), encoding="utf-8").read()
+        first = re.search(r"</h1>\s*<p[^>]*>(.*?)</p>", page, re.S)
+        assert first and _text(first.group(1)) == summary, (name, first and first.group(1)[:200])
+        assert "<blockquote>" not in page, f"minilora.{name}: a docstring's indented block became a block quote"
+
+
+def test_every_paper_the_pages_name_links_to_the_bibliography(smoke_site):
+    from minilora_site import paper_mentions
+
+    references = open(os.path.join(smoke_site, "references.html"), encoding="utf-8").read()
+    entries = re.findall(r'<div class="citation" id="([^"]+)"', references)
+    assert len(entries) == 9, entries
+    for entry in re.findall(r'<div class="citation" id="[^"]+".*?</div>', references, re.S):
+        assert re.search(r'href="https://arxiv\.org/abs/\d{4}\.\d{5}"', entry), f"no arXiv abstract link: {entry[:200]}"
+    linked = set()
+    for page in _browser().pages(smoke_site):
+        if page.startswith(("_modules/", "genindex", "search")) or page == "references.html":
+            continue
+        html_text = open(os.path.join(smoke_site, page), encoding="utf-8").read()
+        linked |= set(re.findall(r'href="(?:\.\./)*references\.html#([^"]+)"', html_text))
+        unlinked = _text(re.sub(r"<a [^>]*>.*?</a>", "", html_text, flags=re.S))
+        for pattern, keys in paper_mentions():
+            found = pattern.search(unlinked)
+            assert not found, f"{page} names {keys} as {found.group(0)!r} without a link to the bibliography"
+    assert set(entries) <= linked, f"papers no page cites: {set(entries) - linked}"
 
 
 NO_FAVICON = '<link rel="icon" href="data:,">'  # else Chromium asks for /favicon.ico, a 404 on the first page
@@ -130,6 +177,10 @@ BROKEN_PAGE = f"""<!doctype html><html><head><title>broken</title>{NO_FAVICON}</
 <img src="missing.png">
 <a href="nowhere.html">a dead link</a> <a href="index.html#no-such-anchor">a dead anchor</a>
 <div class="cell"><div class="cell_input"><pre>print("hello")</pre></div></div>
+<div class="cell"><div class="cell_input"><pre>import tqdm</pre></div><div class="cell_output"><pre>/opt/env/tqdm/auto.py:21:
+TqdmWarning: IProgress not found
+Loading weights: 100%|##########| 16/16 [00:00&lt;00:00, 2976.13it/s]</pre></div></div>
+<p>wrote /tmp/build-1234/figures/fast/03_lora.png</p>
 <script>console.error("planted error")</script>
 </body></html>"""
 
@@ -137,11 +188,15 @@ BROKEN_PAGE = f"""<!doctype html><html><head><title>broken</title>{NO_FAVICON}</
 def test_the_checks_find_every_planted_fault(tmp_path):
     site_browser = _browser()
     (tmp_path / "index.html").write_text(BROKEN_PAGE)
-    (tmp_path / "good.html").write_text(f"<!doctype html><html><head>{NO_FAVICON}</head><body><p>fine, $5 only once</p>"
+    (tmp_path / "good.html").write_text(f"<!doctype html><html><head>{NO_FAVICON}</head><body><p>fine, $5 only once; "
+                                        "a RuntimeWarning named in prose is no noise, nor is /tmp in a sentence</p>"
                                         "<a href='index.html'>home</a></body></html>")
-    report = site_browser.check_site(str(tmp_path))
+    report = site_browser.check_site(str(tmp_path), paths=["/tmp/", "/opt/env"])
+    assert site_browser.machine_paths() and all(os.path.isabs(p) for p in site_browser.machine_paths())
     problems = "\n".join(report["index.html"])
     for expected in ("console error: planted error", "image not loaded", "missing file", "missing anchor",
-                     "raw maths left in the text", "a code cell that prints has no output"):
+                     "raw maths left in the text", "a code cell that prints has no output",
+                     "an output shows a warning (TqdmWarning)", "an output shows a progress bar",
+                     "an absolute path of the build machine: ", "/tmp/build-1234/figures"):
         assert expected in problems, (expected, problems)
     assert "good.html" not in report, report.get("good.html")

@@ -61,7 +61,7 @@ print(f"tutorial 02's model was missing: pretrained it now in {pretrained_now['w
 results = {name: sweep.read_results(os.path.join(STUDIES, name, "results.jsonl"))
            for name in ("forgetting", "format", "rank", "prompt", "scale", "hyper")}
 for name, records in results.items():
-    print(f"{name:10s} {len(records):3d} cells   {os.path.join(STUDIES, name, 'results.jsonl')}")
+    print(f"{name:10s} {len(records):3d} cells   {os.path.relpath(os.path.join(STUDIES, name, 'results.jsonl'))}")
 assert all(results.values()), "a study's results.jsonl is missing: see README, 'What holds up'"
 ms = report.mean_spread  # 'mean ± sample sd (n=k)'
 

@@ -6,6 +6,9 @@ For every page: no console error and no uncaught exception; every image loaded (
 internal link resolves (the file exists and, for a #fragment, the target page has that id); the maths has
 been typeset (every math element holds MathJax output, and no raw $...$ is left in the text); and on a
 notebook page, every code cell that prints at its top level shows an output, and no cell shows an error.
+No noise: no output shows a warning ("Warning", as in TqdmWarning or FutureWarning) or a progress bar (tqdm's
+"%|" or "it/s]"), and no text on the page holds an absolute path of the machine that built it (the clone,
+the Python environment, the temporary folder).
 
 tests/test_site.py builds the smoke site and asserts that this finds nothing. Chromium is Debian's
 (/usr/bin/chromium): Playwright's own browser download does not work on these machines.
@@ -40,12 +43,23 @@ async () => {
     const input = c.querySelector('.cell_input');
     const output = c.querySelector('.cell_output');
     return {source: input ? input.textContent : '', output: output ? output.textContent.trim().length + output.querySelectorAll('img').length : 0,
-            error: !!c.querySelector('.output.traceback, .output.error')};
+            error: !!c.querySelector('.output.traceback, .output.error'), printed: output ? output.textContent : ''};
   });
-  return {images, links, math: math.length, untypeset, text, cells};
+  const all = document.body.cloneNode(true);
+  all.querySelectorAll('script, style').forEach(e => e.remove());
+  return {images, links, math: math.length, untypeset, text, cells, all: all.textContent};
 }
 """
 RAW_MATH = re.compile(r"\$[^\s$][^$\n]{0,200}?\$|\\\(|\\\[")
+PROGRESS_BAR = re.compile(r"\d%\||it/s\]|s/it\]")  # tqdm's "100%|####| 16/16 [00:00<00:00, 2976.13it/s]"
+
+
+def machine_paths():
+    """The absolute folders of the machine that builds the site: none of them may show on a page."""
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return sorted({root, os.path.realpath(root), sys.prefix, os.path.realpath(tempfile.gettempdir()), "/tmp/"})
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -100,18 +114,31 @@ def notebook_problems(cells):
             problems.append(f"a code cell that prints has no output: {cell['source'][:80]!r}")
     if cells and not any(c["output"] for c in cells):
         problems.append("a notebook page with no output at all")
+    for cell in cells:
+        for noise in sorted({m.group(0) for m in re.finditer(r"\w*Warning\b", cell["printed"])}):
+            problems.append(f"an output shows a warning ({noise}): {cell['source'][:60]!r}")
+        if PROGRESS_BAR.search(cell["printed"]):
+            problems.append(f"an output shows a progress bar: {cell['source'][:60]!r}")
     return problems
 
 
-def check_site(site, screenshots=None, only=None):
+def path_problems(text, paths):
+    """Each absolute folder of the build machine (paths) that text names."""
+    return [f"an absolute path of the build machine: {text[max(0, i - 40):i + len(p) + 40]!r}"
+            for p in paths for i in [text.find(p.rstrip("/") + "/")] if i >= 0]
+
+
+def check_site(site, screenshots=None, only=None, paths=None):
     """{page: [problems]} for every page of the built site (only pages with problems are listed).
 
     screenshots: a folder to write site_front.png and site_tutorial.png into (full-page, 1280 wide).
     only: a list of pages to check instead of all of them.
+    paths: the absolute folders no page may name (machine_paths() unless given).
     """
     from playwright.sync_api import sync_playwright
 
     site = os.path.abspath(site)
+    paths = machine_paths() if paths is None else paths
     if not os.path.isfile(os.path.join(site, "index.html")):
         raise FileNotFoundError(f"site: expected a built site with index.html, got {site}")
     server, base = serve(site)
@@ -141,6 +168,7 @@ def check_site(site, screenshots=None, only=None):
                 problems += [f"maths not typeset: {t!r}" for t in facts["untypeset"]]
                 problems += [f"raw maths left in the text: {m.group(0)!r}" for m in RAW_MATH.finditer(facts["text"])]
                 problems += notebook_problems(facts["cells"])
+                problems += path_problems(facts["all"], paths)
                 if screenshots:
                     for label, target in SCREENSHOTS.items():
                         if name == target:
