@@ -490,6 +490,9 @@ def _run_sweep(cells, out_dir, workers, executor, bases_dir, threads, on_result)
     except KeyboardInterrupt as e:  # SIGINT, SIGTERM (_signals_interrupt), or train's Interrupted for a base
         if stop is not None:
             stop.set()
+        if own and executor is not None:  # a worker may be writing its last cell: count once they have stopped
+            executor.shutdown(wait=True, cancel_futures=True)
+            executor = None
         raise SweepInterrupted(getattr(e, "signum", signal.SIGINT), kept(), len(todo), path) from None
     except BrokenProcessPool as e:
         raise WorkerLost(f"a worker process died ({e}); the {kept()} finished cells of {len(todo)} are kept in "
