@@ -30,6 +30,19 @@ from refusals import refused as refused_cli  # noqa: E402
 
 warnings.filterwarnings("ignore", module="peft")
 RTOL64, RTOL32 = 1e-10, 1e-5
+
+
+def assert_trains_on(params, config, ids, trainable, lr, steps=10):
+    """An adapter read in fine-tunes on: every trainable name gets a gradient and the loss falls by 0.05 nats."""
+    batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
+    state = optim.adamw_init(params, trainable)
+    first, _ = model.loss_and_grads(params, config, batch, trainable)
+    for _ in range(steps):
+        loss, grads = model.loss_and_grads(params, config, batch, trainable)
+        optim.adamw_step(params, grads, state, lr)
+    assert set(grads) == set(trainable) and loss < first - 0.05, (first, loss)
+
+
 V, T, C, L, NH, F = 96, 12, 24, 2, 3, 40  # V: the character tokenizer's vocabulary
 
 
@@ -285,13 +298,7 @@ def test_an_adapter_trained_by_peft_imports_with_equal_logits_and_fine_tunes_on(
     assert rel(our_logits(params, config, ids), torch_logits(pm, ids)) < RTOL32
     # minilora fine-tunes on from it: the adapters get gradients and the loss falls
     trainable = lora.lora_names(params)
-    batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
-    state = optim.adamw_init(params, trainable)
-    first, _ = model.loss_and_grads(params, config, batch, trainable)
-    for _ in range(10):
-        loss, grads = model.loss_and_grads(params, config, batch, trainable)
-        optim.adamw_step(params, grads, state, 1e-2)
-    assert set(grads) == set(trainable) and loss < first - 0.05
+    assert_trains_on(params, config, ids, trainable, lr=1e-2)
 
 
 def test_generate_evaluate_and_merge_take_a_peft_folder_as_adapter(saved32, tmp_path, capsys):
@@ -633,13 +640,7 @@ def test_an_ia3_adapter_trained_by_peft_imports_with_its_query_factors_and_equal
     assert rel(ours, torch_logits(m, ids)) > 1e-3
     trainable = set(lora.adapter_names(config))
     assert len(trainable) == 4 * L and sum(params[n].size for n in trainable) == L * (3 * C + F)
-    batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
-    state = optim.adamw_init(params, trainable)
-    first, _ = model.loss_and_grads(params, config, batch, trainable)
-    for _ in range(10):
-        loss, grads = model.loss_and_grads(params, config, batch, trainable)
-        optim.adamw_step(params, grads, state, 5e-2)
-    assert set(grads) == trainable and loss < first - 0.05
+    assert_trains_on(params, config, ids, trainable, lr=5e-2)
 
 
 def test_finetune_adapter_continues_a_peft_ia3_adapter_and_exports_it_back(tmp_path, capsys):
@@ -786,13 +787,7 @@ def test_a_dora_adapter_trained_by_peft_imports_with_equal_logits_and_fine_tunes
     # minilora fine-tunes on from it: A, B and m get gradients and the loss falls
     trainable = set(lora.adapter_names(config))
     assert {n for n in trainable if n.endswith(dora.MAGNITUDE)}
-    batch = {"x": ids[:, :-1], "y": ids[:, 1:]}
-    state = optim.adamw_init(params, trainable)
-    first, _ = model.loss_and_grads(params, config, batch, trainable)
-    for _ in range(10):
-        loss, grads = model.loss_and_grads(params, config, batch, trainable)
-        optim.adamw_step(params, grads, state, 1e-2)
-    assert set(grads) == trainable and loss < first - 0.05
+    assert_trains_on(params, config, ids, trainable, lr=1e-2)
 
 
 def test_finetune_adapter_continues_a_peft_dora_adapter_from_the_function_peft_computes(tmp_path, capsys):
