@@ -21,13 +21,22 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def pytest_runtest_logreport(report):
-    """With MINILORA_CLIENT_SKIPS=FILE, append to FILE the node id of each test skipped for a missing real client
-    (tests/clients.py): .ci/run runs exactly those again in an environment that has the clients."""
+def _record_client_skip(report):
+    """With MINILORA_CLIENT_SKIPS=FILE, append to FILE the node id of a test, or of a whole module, skipped for a
+    missing real client (tests/clients.py): .ci/run runs exactly those again in an environment that has them."""
     path = os.environ.get("MINILORA_CLIENT_SKIPS")
-    if path and report.skipped and isinstance(report.longrepr, tuple) and clients.SKIP_TAG in report.longrepr[2]:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if path and report.skipped and clients.SKIP_TAG in reason:
         with open(path, "a", encoding="utf-8") as f:
             f.write(report.nodeid + "\n")
+
+
+def pytest_runtest_logreport(report):  # a test that skips when it runs (clients.require inside it)
+    _record_client_skip(report)
+
+
+def pytest_collectreport(report):  # a module that skips as it is collected (clients.require at its top)
+    _record_client_skip(report)
 
 
 BACKEND_NAMES = ("numpy", "standin", "cupy")
