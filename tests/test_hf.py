@@ -46,6 +46,18 @@ def assert_trains_on(params, config, ids, trainable, lr, steps=10):
 V, T, C, L, NH, F = 96, 12, 24, 2, 3, 40  # V: the character tokenizer's vocabulary
 
 
+def peft_trains(pm, lr, steps=5):
+    """PEFT trains its own adapter a few steps (Adam), so no adapter weight is left at its init; pm in eval mode."""
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    x = torch.tensor(np.random.default_rng(0).integers(0, V, (4, T)))
+    for _ in range(steps):
+        loss = pm(x, labels=x, attention_mask=torch.ones_like(x)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pm.eval()
+
+
 def rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
@@ -280,15 +292,7 @@ def test_an_adapter_trained_by_peft_imports_with_equal_logits_and_fine_tunes_on(
     pc = peft.LoraConfig(r=3, lora_alpha=7, target_modules=["c_attn", "attn.c_proj", "mlp.c_fc"],
                          fan_in_fan_out=True, lora_dropout=0.0)
     pm = peft.get_peft_model(base, pc)
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    rng = np.random.default_rng(0)
-    x = torch.tensor(rng.integers(0, V, (4, T)))
-    for _ in range(5):  # a few steps, so B is no longer zero
-        loss = pm(x, labels=x, attention_mask=torch.ones_like(x)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pm.eval()
+    peft_trains(pm, 1e-2)  # a few steps, so B is no longer zero
     adapter = tmp_path / "peft-adapter"
     pm.save_pretrained(adapter)
     params, config, meta, _ = load_model(path, adapter=adapter)
@@ -611,14 +615,7 @@ def peft_trained_ia3(path, dtype, steps=5, **changes):
     """PEFT's default IA3 for GPT-2 (c_attn and mlp.c_proj, feedforward mlp.c_proj), trained a few steps by PEFT."""
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     pm = peft.get_peft_model(base, peft.IA3Config(task_type="CAUSAL_LM", **changes))
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
-    x = torch.tensor(np.random.default_rng(0).integers(0, V, (4, T)))
-    for _ in range(steps):
-        loss = pm(x, labels=x, attention_mask=torch.ones_like(x)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return pm.eval()
+    return peft_trains(pm, 5e-2, steps)
 
 
 def test_an_ia3_adapter_trained_by_peft_imports_with_its_query_factors_and_equal_logits_and_trains_on(saved64,
@@ -757,14 +754,7 @@ def peft_trained_dora(path, dtype, steps=5):
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     pm = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=7, target_modules=["c_attn", "mlp.c_proj"],
                                                    fan_in_fan_out=True, use_dora=True, lora_dropout=0.0))
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    x = torch.tensor(np.random.default_rng(0).integers(0, V, (4, T)))
-    for _ in range(steps):
-        loss = pm(x, labels=x, attention_mask=torch.ones_like(x)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return pm.eval()
+    return peft_trains(pm, 1e-2, steps)
 
 
 def test_a_dora_adapter_trained_by_peft_imports_with_equal_logits_and_fine_tunes_on(saved64, tmp_path):

@@ -331,8 +331,8 @@ assert plans[("full", True)].total == full.total  # its peak is the update, afte
 # %% [markdown]
 # Full fine-tuning's step needs about 23.8 GiB, and almost none of it is activations: its peak falls at the update,
 # when the 5.8 GiB of weights, 5.8 GiB of gradients and 11.6 GiB of AdamW moments are all held at once (plus the
-# update's scratch). No batch size and no checkpointing helps it; it cannot fit 24 GiB (the plan keeps 2 GiB of
-# headroom). LoRA trains 0.3% as many weights, so the wall it meets is the frozen weights themselves, 5.8 GiB in
+# update's scratch). No batch size and no checkpointing helps it; it cannot fit 24 GiB (the benchmark below
+# holds each plan to 22 GiB, leaving 2 GiB of headroom). LoRA trains 0.3% as many weights, so the wall it meets is the frozen weights themselves, 5.8 GiB in
 # float32, plus the activations; QLoRA stores the frozen linears in NF4 at about 4.13 bits a weight and meets it at
 # about 1 GiB. Activation checkpointing keeps only each block's input and recomputes the block in the backward:
 # at one sequence of 256 tokens it saves LoRA about 1 GiB, for about a third more time per step (one more forward;
