@@ -35,9 +35,11 @@ traffic. So the ops below:
 """
 
 import math
+from functools import partial
 
 from .backend import array_module, is_device, scatter_add, to_device
 from .bounds import DROPOUT
+from .threads import parallel_for
 
 
 def _fail(name, expected, got):
@@ -271,14 +273,21 @@ def gelu_forward(x):
     _check_float("x", x)
     x = xp.ascontiguousarray(x)
     out = xp.empty_like(x)
-    tmp = xp.empty(min(x.size, _BLOCK), dtype=x.dtype)  # one block of t, reused
-    for xb, ob in _blocks(x, out):
+    # elementwise: the blocks are split over the CPU threads
+    parallel_for(x.size, partial(_gelu_forward_part, x.reshape(-1), out.reshape(-1)), like=x, grain=_BLOCK)
+    return out, x
+
+
+def _gelu_forward_part(x, out, start, stop):
+    """out[start:stop] = GELU(x[start:stop]) of flat x, out, one block at a time."""
+    xp = array_module(x)
+    tmp = xp.empty(min(stop - start, _BLOCK), dtype=x.dtype)  # one block of t, reused
+    for xb, ob in _blocks(x[start:stop], out[start:stop]):
         tb = _gelu_tanh(xb, tmp[:xb.size])
         # out = 0.5 x (1 + t)
         xp.add(tb, 1.0, out=ob)
         ob *= xb
         ob *= 0.5
-    return out, x
 
 
 def gelu_backward(dout, cache):
@@ -287,9 +296,17 @@ def gelu_backward(dout, cache):
     xp = array_module(x)
     dout = xp.ascontiguousarray(dout)
     dx = xp.empty_like(x)
-    n = min(x.size, _BLOCK)
+    parallel_for(x.size, partial(_gelu_backward_part, x.reshape(-1), dout.reshape(-1), dx.reshape(-1)),
+                 like=x, grain=_BLOCK)
+    return dx
+
+
+def _gelu_backward_part(x, dout, dx, start, stop):
+    """dx[start:stop] of gelu_backward, of flat x, dout, dx, one block at a time."""
+    xp = array_module(x)
+    n = min(stop - start, _BLOCK)
     t, tmp = xp.empty(n, dtype=x.dtype), xp.empty(n, dtype=x.dtype)  # one block of t and one of scratch, reused
-    for xb, db, gb in _blocks(x, dout, dx):
+    for xb, db, gb in _blocks(x[start:stop], dout[start:stop], dx[start:stop]):
         scratch = tmp[:xb.size]
         tb = _gelu_tanh(xb, t[:xb.size])  # the forward's t, computed again for this block
         # in the forward pass this was: out = 0.5 * x * (1 + t),  t = tanh(u(x))
@@ -309,7 +326,6 @@ def gelu_backward(dout, cache):
         gb += scratch
         gb += 0.5  # + 0.5 (1 + t)
         gb *= db
-    return dx
 
 
 def softmax_forward(x):
@@ -565,7 +581,7 @@ def cross_entropy_backward(dloss, cache):
     return p.reshape(shape)
 
 
-LOSS_CHUNK_BYTES = 32 * 2**20  # bytes one chunk of the LM head's loss works in: its two (rows, V) buffers
+LOSS_CHUNK_BYTES = 128 * 2**20  # bytes one chunk of the LM head's loss works in: its two (rows, V) buffers
 
 
 def loss_chunk_rows(V, itemsize, budget=None):
@@ -635,19 +651,14 @@ def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True,
         r1 = min(r0 + rows, N)
         zc, ec, hc, tc = z[:r1 - r0], e[:r1 - r0], hf[r0:r1], t[r0:r1]
         xp.matmul(hc, wte.T, out=zc)  # logits, (rows, V)
-        # log softmax(z)[t] = zs[t] - log sum exp(zs), with zs = z - max(z) (stable)
-        zc -= zc.max(axis=-1, keepdims=True)
-        picked = zc[xp.arange(r1 - r0), tc]  # zs at the targets, (rows,)
-        lse = xp.log(xp.exp(zc, out=ec).sum(axis=-1))  # (rows,), log sum exp
+        picked, lse = xp.empty(r1 - r0, dtype=h.dtype), xp.empty(r1 - r0, dtype=h.dtype)
+        # each row's softmax is its own: the chunk's rows are split over the CPU threads
+        parallel_for(r1 - r0, partial(_head_rows, zc, ec, tc, weight[r0:r1], picked, lse,
+                                      input_grad or param_grads), like=zc)
         nll = lse - picked  # -log p(target)
         loss += (nll * m[r0:r1]).sum()
         if not (input_grad or param_grads):
             continue
-        # dz = m_i (softmax - onehot(t_i)) / sum(m), softmax = exp(zs - lse), written over the chunk's logits
-        zc -= lse[:, None]
-        xp.exp(zc, out=zc)
-        zc[xp.arange(r1 - r0), tc] -= 1.0
-        zc *= weight[r0:r1, None]
         if input_grad:
             # in the forward pass this was: z = h @ wte.T, so dh = dz @ wte
             xp.matmul(zc, wte, out=dh[r0:r1])
@@ -666,6 +677,24 @@ def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True,
                 dwte[v0:v1] += part
     loss /= count
     return loss, (dh, dwte, h.shape)
+
+
+def _head_rows(z, e, t, weight, picked, lse, gradient, start, stop):
+    """Rows [start, stop) of one chunk of tied_head_cross_entropy_forward, in place: picked = zs[t], lse = log sum
+    exp(zs) and, when gradient, dz over the logits z (e: scratch for exp(zs))."""
+    xp = array_module(z)
+    z, e, t = z[start:stop], e[start:stop], t[start:stop]
+    # log softmax(z)[t] = zs[t] - log sum exp(zs), with zs = z - max(z) (stable)
+    z -= z.max(axis=-1, keepdims=True)
+    rows = xp.arange(stop - start)
+    picked[start:stop] = z[rows, t]  # zs at the targets
+    lse[start:stop] = xp.log(xp.exp(z, out=e).sum(axis=-1))  # log sum exp
+    if gradient:
+        # dz = m_i (softmax - onehot(t_i)) / sum(m), softmax = exp(zs - lse), written over the logits
+        z -= lse[start:stop, None]
+        xp.exp(z, out=z)
+        z[rows, t] -= 1.0
+        z *= weight[start:stop, None]
 
 
 def tied_head_cross_entropy_backward(dloss, cache):
