@@ -12,7 +12,7 @@ reports the terms held at the largest:
     activations  the caches the forward keeps for the backward and that are still held then
                  (model.backward drops each block's cache once used)
     transient    the buffers of the op running then beyond what it keeps: a block's backward (the
-                 gradients it holds at once), QLoRA's one dequantized W, AdamW's two scratch arrays
+                 gradients it holds at once), QLoRA's one dequantized W, clipping's g * g
     logits       the LM head's two reused (rows, V) buffers, a chunk's logits and their exponentials
                  (ops.loss_chunk_rows: both within LOSS_CHUNK_BYTES)
 
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import methods, model, ops
+from . import methods, model, ops, optim, threads
 from .model import ModelConfig
 
 # GPT-2's four shapes (Radford et al. 2019, table 2): n_layer / n_embd / n_head, vocabulary 50257, 1024 positions.
@@ -264,7 +264,7 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
       and of block 0 (its cache only, every block's gradients formed): model.backward frees each
       block's cache once used, so in between the sum moves linearly from one to the other
     - "embedding": wte's share from the embedding (V, C), added into the head's (when wte trains)
-    - "update": every gradient and AdamW's two scratch arrays of the largest trainable
+    - "update": every gradient and clipping's square of the largest (AdamW's scratch is a few blocks)
 
     Returns {phase: {"gradients", "activations", "transient", "logits": bytes}}.
     """
@@ -309,6 +309,9 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     if wte:
         phases["embedding"] = {"gradients": all_grads, "activations": fixed, "transient": V * C + 3 * Nb * C,
                                "logits": 0}
-    phases["update"] = {"gradients": all_grads, "activations": 0,
-                        "transient": 2 * max(grad.values(), default=0), "logits": 0}
+    # clipping squares one gradient at a time (g * g, of the largest at most); AdamW then updates in two
+    # scratch rows of optim.BLOCK per CPU thread
+    largest = max(grad.values(), default=0)
+    phases["update"] = {"gradients": all_grads, "activations": 0, "logits": 0,
+                        "transient": max(largest, 2 * min(largest, optim.BLOCK) * threads.cpu_threads())}
     return {k: {t: int(b * f) for t, b in v.items()} for k, v in phases.items()}
