@@ -28,7 +28,7 @@ that would round s B A away).
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import numpy as np
@@ -325,6 +325,32 @@ def merge(params, config):
     shapes = {p: param_shapes(config)[p + ".W"] for p in quantized_layers(config)}
     out = merge_weights(params, quantized_layers(config), shapes, settings.scale, **settings.blocks())
     return out, replace(config, lora=None)
+
+
+def as_lora(params, config):
+    """The same function as a LoRA model: every block linear's W = deq(Q_W), the adapters as they are.
+
+        y = x @ deq(Q_W).T + b + s * (x @ A.T) @ B.T       the QLoRA forward, term for term
+
+    deq(Q_W) is computed in float32, as the forward computes it, and stored in the dtype of wte
+    (float32, or float64 exactly widened), so the LoRA model's forward multiplies by the very W
+    the QLoRA forward does. This is how a QLoRA run is exported: a float base and a PEFT LoRA
+    adapter (bridge.export_model). Returns (params, config) with config.lora a LoraConfig with
+    the QLoRA settings' LoRA fields (rank, alpha, targets, ...); nothing is copied but the Ws.
+    """
+    settings = _qlora_config(config)
+    if settings is None:
+        got = "None" if config.lora is None else f"{config.lora.method} adapters"
+        raise ValueError(f"config: expected the config of a QLoRA model (a QLoraConfig in config.lora), got {got}")
+    from ..model import param_shapes
+
+    shapes = param_shapes(config)
+    dtype = params["wte"].dtype
+    out = {n: a for n, a in params.items() if not n.endswith(SUFFIXES)}
+    for prefix in quantized_layers(config):
+        out[prefix + ".W"] = dequantized_weight(params, prefix, shapes[prefix + ".W"], dtype, **settings.blocks())
+    lora_config = LoraConfig(**{f.name: getattr(settings, f.name) for f in fields(LoraConfig)})  # LoRA's own fields
+    return out, replace(config, lora=lora_config)
 
 
 # the seam (methods/__init__.py): the two pairs for the model, and the method for finetune and the tools
