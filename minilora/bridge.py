@@ -2,7 +2,13 @@
 
     minilora import-hf DIR --out RUN     config.json + model.safetensors (+ tokenizer.json) -> RUN/checkpoint.npz
     minilora export RUN --out DIR        -> DIR/config.json, model.safetensors, tokenizer files
-                                            (+ DIR/adapter/ for a LoRA or IA3 run: a PEFT folder)
+                                            (+ DIR/adapter/ for a LoRA, DoRA, IA3 or QLoRA run: a PEFT folder)
+    minilora export RUN --out DIR --bnb-4bit   a QLoRA run's base in bitsandbytes' 4-bit NF4 (bnb_io.py)
+
+A QLoRA run goes out as what it computes: its dequantized NF4 base (float32)
+and its adapters as a PEFT LoRA adapter (qlora.as_lora), exactly as a LoRA run;
+with --bnb-4bit the base keeps its 4-bit codes, in the layout transformers
+loads with bitsandbytes, and the adapter folder is the same.
 
 The weights' mapping is hf.py's, the adapters' peft_io.py's; this module adds
 the tokenizer and the checks that span them: the tokenizer's vocabulary must
@@ -21,6 +27,7 @@ import os
 
 from . import hf, peft_io
 from .corpus import NEWLINE_ID, VOCAB
+from .methods import qlora
 from .methods.lora import adapter_names, lora_names
 from .tokenizer import CHAR_DESCRIPTION, TOKENIZER_FILE, check_vocab_size, make_tokenizer, single_token_id
 
@@ -90,8 +97,9 @@ def tokenizer_json(tokenizer):
     return tokenizer.data.decode("utf-8")
 
 
-def check_exportable(params, config):
-    """Raise ValueError, saying why, for what has no exact transformers/PEFT counterpart."""
+def check_exportable(params, config, bnb_4bit=False):
+    """Raise ValueError, saying why, for what has no exact transformers/PEFT counterpart (or, with bnb_4bit,
+    for a run that is not QLoRA: only a QLoRA base has 4-bit codes to write)."""
     if "prompt" in params:
         raise ValueError("run: a prompt-tuning run has no exact export: PEFT's prompt tuning gives the virtual "
                          "tokens positions 0..P-1 and shifts the real tokens after them, while minilora keeps the "
@@ -103,11 +111,14 @@ def check_exportable(params, config):
     if "cls.W" in params:
         raise ValueError("run: a classification run has no exact export: transformers' GPT2ForSequenceClassification "
                          "head has no bias and reads the last non-padding token, minilora's cls.W, cls.b has a bias")
-    if config.lora is not None and config.lora.method not in peft_io.EXPORTED:
-        # peft_io writes LoRA, DoRA (use_dora) and IA3 adapters: a QLoRA base holds no float W to write; merging
-        # first gives a plain model, which exports exactly
-        raise ValueError(f"run: a {config.lora.label} run has no PEFT export here (minilora writes LoRA, DoRA and "
-                         "IA3 adapters only); merge it (minilora merge) and export the merged model")
+    if bnb_4bit:
+        from . import bnb_io
+
+        bnb_io.check_exportable(config)
+    # peft_io writes LoRA, DoRA (use_dora) and IA3 adapters; a QLoRA run goes out as LoRA on its dequantized base
+    if config.lora is not None and config.lora.method not in peft_io.EXPORTED + (qlora.QLoraConfig.method,):
+        raise ValueError(f"run: a {config.lora.label} run has no PEFT export here (minilora writes LoRA, DoRA, "
+                         "IA3 and QLoRA adapters only); merge it (minilora merge) and export the merged model")
 
 
 def _end_token(tokenizer):
@@ -126,7 +137,7 @@ EXPORT_FILES = (hf.CONFIG_FILE, hf.WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFI
                 f"{ADAPTER_DIR}/{peft_io.ADAPTER_CONFIG}", f"{ADAPTER_DIR}/{peft_io.ADAPTER_WEIGHTS}")
 
 
-def export_model(out, params, config, tokenizer, overwrite=False, inputs=()):
+def export_model(out, params, config, tokenizer, overwrite=False, inputs=(), bnb_4bit=False):
     """Write a model (and its LoRA adapters, if any) as a Hugging Face folder, atomically.
 
     Inputs:
@@ -135,13 +146,18 @@ def export_model(out, params, config, tokenizer, overwrite=False, inputs=()):
     - tokenizer: the model's (the character one or a BPETokenizer, as runs.load_model returns it)
     - overwrite: replace out if it exists and holds an earlier export only (outputs.check_folder_output)
     - inputs: the paths the model was read from, which out must not be nor hold
+    - bnb_4bit: a QLoRA model's base as bitsandbytes' 4-bit NF4 (bnb_io.write_gpt2_nf4), not dequantized
 
     Writes out/config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
     and for a LoRA model the base (adapters left out) there and the adapters as
-    a PEFT folder in out/adapter, whose base_model_name_or_path is out.
+    a PEFT folder in out/adapter, whose base_model_name_or_path is out. A QLoRA model
+    is written as the LoRA model of the same function (qlora.as_lora: the base dequantized).
     Returns the list of folders written (out, and out/adapter for LoRA).
     """
-    check_exportable(params, config)
+    check_exportable(params, config, bnb_4bit)
+    quantized = (params, config)  # a QLoRA model's records, for the 4-bit base
+    if config.lora is not None and config.lora.method == qlora.QLoraConfig.method:
+        params, config = qlora.as_lora(params, config)
     check_vocab_size(tokenizer, config.vocab_size, what="tokenizer")
     text = tokenizer_json(tokenizer)
     eos = _end_token(tokenizer)
@@ -151,7 +167,12 @@ def export_model(out, params, config, tokenizer, overwrite=False, inputs=()):
     final = os.path.abspath(out)
 
     def write(tmp):
-        hf.write_gpt2(tmp, base, base_config, eos_token_id=eos)
+        if bnb_4bit:
+            from . import bnb_io
+
+            bnb_io.write_gpt2_nf4(tmp, *quantized, base, eos_token_id=eos)
+        else:
+            hf.write_gpt2(tmp, base, base_config, eos_token_id=eos)
         with open(os.path.join(tmp, TOKENIZER_FILE), "w", encoding="utf-8") as f:
             f.write(text)
         with open(os.path.join(tmp, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:

@@ -701,8 +701,10 @@ def _cmd_export(args):
     inputs = (args.run, args.adapter)
     check_folder_output(args.out, inputs, args.overwrite, EXPORT_FILES)  # before any work
     params, config, _, tokenizer = _load_model(args.run, "run", None, args.adapter)
-    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite, inputs=inputs)
-    print(f"wrote {written[0]} (transformers: AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained)"
+    written = export_model(args.out, params, config, tokenizer, overwrite=args.overwrite, inputs=inputs,
+                           bnb_4bit=args.bnb_4bit)
+    print(f"wrote {written[0]} (transformers: AutoModelForCausalLM.from_pretrained"
+          + (", with bitsandbytes installed" if args.bnb_4bit else "") + ", AutoTokenizer.from_pretrained)"
           + (f" and {written[1]} (PEFT: PeftModel.from_pretrained(model, {written[1]!r}))" if len(written) > 1
              else ""))
     return 0
@@ -963,9 +965,12 @@ def build_parser():
 
     s = sub.add_parser("export", parents=[common],
                        help="a run as a transformers model folder (and a PEFT adapter folder for LoRA)")
-    s.add_argument("run", help="a pretraining, full, merged or LoRA run folder or checkpoint")
+    s.add_argument("run", help="a pretraining, full, merged, LoRA, DoRA, IA3 or QLoRA run folder or checkpoint")
     s.add_argument("--adapter", type=_path, default=None, help="a LoRA adapter.npz (or PEFT folder) on top of the model")
     s.add_argument("--out", type=_path, required=True, help="the folder to create (a LoRA run's adapter goes to OUT/adapter)")
+    s.add_argument("--bnb-4bit", action="store_true",
+                   help="a QLoRA run's base in bitsandbytes' 4-bit NF4 (transformers loads it with bitsandbytes), "
+                        "not dequantized to float32")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=_cmd_export)
 

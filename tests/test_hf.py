@@ -413,9 +413,9 @@ def test_export_refuses_a_prompt_run_and_a_head_saying_why(tiny_runs, tmp_path, 
     _refused(capsys, ["export", str(tiny_runs / run), "--out", str(tmp_path / "out")], tmp_path / "out", words)
 
 
-def test_qlora_runs_are_refused_as_peft_lora_and_export_exactly_once_merged_and_dora_runs_export(tmp_path, capsys):
-    """peft_io writes LoRA, DoRA and IA3: a QLoRA base has no float W. Merged, it is a plain GPT-2 that transformers
-    computes exactly as minilora computed the adapted run. A DoRA run goes out as it is, a PEFT DoRA adapter."""
+def test_qlora_and_dora_runs_export_as_peft_adapters_and_a_merged_qlora_run_as_a_plain_gpt2(tmp_path, capsys):
+    """A QLoRA run goes out as LoRA on its dequantized base (qlora.as_lora), a DoRA run as a PEFT DoRA adapter;
+    merged, a QLoRA run is a plain GPT-2. transformers computes each as minilora computed the run."""
     tiny = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]
     pre = tmp_path / "pre"
     assert cli.main(["pretrain", "--out", str(pre), "--steps", "2", "--eval-every", "2", "--batch-size", "4",
@@ -428,17 +428,17 @@ def test_qlora_runs_are_refused_as_peft_lora_and_export_exactly_once_merged_and_
         params, config, _, _ = load_model(run)
         assert np.abs(params["h.0.attn.q.lora_B"]).max() > 0  # trained: the check is not of a zero update
         out = tmp_path / f"hf-{method}"
-        if method == "qlora":
-            _refused(capsys, ["export", str(run), "--out", str(out)], out, ["QLoRA", "minilora merge"])
-            assert cli.main(["merge", str(run), "--out", str(tmp_path / f"{method}.npz")]) == 0
-            assert cli.main(["export", str(tmp_path / f"{method}.npz"), "--out", str(out)]) == 0
-            theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-        else:
-            assert cli.main(["export", str(run), "--out", str(out)]) == 0
-            theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(out),
-                                                    str(out / "adapter")).eval()
-            assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+        assert cli.main(["export", str(run), "--out", str(out)]) == 0
+        theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(out),
+                                                str(out / "adapter")).eval()
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is (method == "dora")
         assert rel(torch_logits(theirs, ids), our_logits(params, config, ids)) < RTOL32, method
+        if method == "qlora":
+            assert cli.main(["merge", str(run), "--out", str(tmp_path / f"{method}.npz")]) == 0
+            merged_out = tmp_path / f"hf-{method}-merged"
+            assert cli.main(["export", str(tmp_path / f"{method}.npz"), "--out", str(merged_out)]) == 0
+            merged = transformers.AutoModelForCausalLM.from_pretrained(merged_out).eval()
+            assert rel(torch_logits(merged, ids), our_logits(params, config, ids)) < RTOL32
 
 
 def test_a_peft_adapter_on_another_base_or_claiming_dora_without_magnitudes_is_refused(saved32, saved64, tmp_path,
@@ -580,13 +580,36 @@ def test_an_ia3_export_is_peft_ia3_with_the_vectors_written_equal_logits_and_mer
     assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
 
 
-def test_export_refuses_a_qlora_run_in_one_line_saying_why(tmp_path):
+@pytest.mark.parametrize("absmax_code", ["linear", "dynamic"])
+def test_a_qlora_export_is_a_peft_lora_adapter_on_the_dequantized_base_with_equal_logits(tmp_path, absmax_code):
+    """issue 28: the QLoRA function is deq(Q_W) + s B A, so the base goes out dequantized (float64 here: deq(Q_W)
+    is float32, widened exactly) and the adapters as a LoRA run's; PeftModel's logits equal minilora's QLoRA ones."""
     from minilora.methods import qlora
 
-    params, config = qlora.add_qlora(random_minilora(CONFIG, dtype=np.float32), CONFIG,
-                                     qlora.QLoraConfig(rank=2, targets=("q", "v")))
-    with pytest.raises(ValueError, match=r"a QLoRA run has no PEFT export here .* merge it") as e:
-        bridge.export_model(tmp_path / "out", params, config, CharTokenizer())
+    params, config = qlora.add_qlora(random_minilora(CONFIG), CONFIG,
+                                     qlora.QLoraConfig(rank=2, alpha=3.0, targets=("q", "v", "fc"),
+                                                       absmax_code=absmax_code))
+    rng = np.random.default_rng(3)
+    params = {n: 0.3 * rng.standard_normal(a.shape) if n.endswith(".lora_B") else a for n, a in params.items()}
+    out = tmp_path / "export"
+    bridge.export_model(out, params, config, CharTokenizer())
+    pm = load_peft(out)
+    ids = ids_for()
+    assert rel(torch_logits(pm, ids), our_logits(params, config, ids)) < RTOL64
+    # the base transformers holds is deq(Q_W) exactly: c_attn's (in, out) weight is [W_q; W_k; W_v].T
+    W_q = qlora.dequantized_weight(params, "h.0.attn.q", (C, C), np.float32, absmax_code=absmax_code)
+    assert np.array_equal(pm.base_model.model.transformer.h[0].attn.c_attn.base_layer.weight[:, :C].detach().numpy(),
+                          W_q.T.astype(np.float64))
+    ac = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert ac["peft_type"] == "LORA" and ac["use_dora"] is False and ac["rank_pattern"] == {"attn.c_attn": 4}
+    merged, merged_config = qlora.merge(params, config)
+    assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
+
+
+def test_export_refuses_bnb_4bit_for_a_run_that_is_not_qlora_in_one_line(tmp_path):
+    params, config = trained_lora(random_minilora(CONFIG), LORA_CASES["qv"])
+    with pytest.raises(ValueError, match=r"--bnb-4bit: expected a QLoRA run .*, got a LoRA run$") as e:
+        bridge.export_model(tmp_path / "out", params, config, CharTokenizer(), bnb_4bit=True)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 

@@ -63,27 +63,34 @@ def _max_half_gap(levels):
     return float(np.diff(levels).max()) / 2
 
 
+# half the largest step of each double quantization's code, as a fraction of scale2
+HALF_STEP = {"linear": 1 / 254, "dynamic": float(np.diff(nf4.dynamic_map()).max()) / 2}
+
+
+@pytest.mark.parametrize("absmax_code", nf4.ABSMAX_CODES)
 @pytest.mark.parametrize("shape", [(128, 128), (512, 128), (16, 16), (96, 64)])
-def test_quantize_dequantize_error_bound(shape):
+def test_quantize_dequantize_error_bound(shape, absmax_code):
     """|w - w_deq| <= half the largest gap * absmax + |absmax - absmax_deq| for every weight of every block.
 
     The first term is the 4-bit rounding (x / absmax lies within half a gap of its level, scaled back by
     absmax); the second the double quantization of absmax (|levels| <= 1 multiplies it), itself at most
-    half an int8 step, scale2 / 254, plus float32 rounding.
+    half a step of its code times scale2 (linear int8: scale2 / 254; the dynamic map: its largest step,
+    0.014, halved), plus float32 rounding.
     """
     rng = np.random.default_rng(1)
     W = (rng.standard_normal(shape) * 0.02).astype(np.float32)
     W[0, :3] = [0.2, -0.15, 0.0]  # outliers, the case absmax exists for
-    q = nf4.quantize_nf4(W)
-    W_deq = nf4.dequantize_nf4(q, shape)
+    q = nf4.quantize_nf4(W, absmax_code=absmax_code)
+    W_deq = nf4.dequantize_nf4(q, shape, absmax_code=absmax_code)
     assert W_deq.shape == shape and W_deq.dtype == np.float32
-    levels = nf4.nf4_levels()
+    assert q["absmax_q"].dtype == (np.int8 if absmax_code == "linear" else np.uint8)
+    levels = nf4.nf4_table().astype(np.float64)  # the levels stored
     blocks = W.astype(np.float64).reshape(-1, nf4.BLOCK_SIZE)
     absmax = np.abs(blocks).max(axis=1)
-    absmax_deq = nf4.dequantize_absmax(q["absmax_q"], q["absmax_scale"], q["absmax_mean"])
+    absmax_deq = nf4.dequantize_absmax(q["absmax_q"], q["absmax_scale"], q["absmax_mean"], absmax_code=absmax_code)
     scale2 = np.repeat(q["absmax_scale"].astype(np.float64), nf4.ABSMAX_BLOCK_SIZE)[:absmax.size]
     dq_err = np.abs(absmax - absmax_deq)
-    assert np.all(dq_err <= scale2 / 254 + 1e-7 * absmax.max())  # half an int8 step
+    assert np.all(dq_err <= scale2 * HALF_STEP[absmax_code] + 1e-7 * absmax.max())  # half a step of the code
     err = np.abs(W_deq.astype(np.float64) - W).reshape(-1, nf4.BLOCK_SIZE)
     bound = _max_half_gap(levels) * absmax + dq_err + 1e-7 * absmax.max()
     assert np.all(err <= bound[:, None])
@@ -94,6 +101,36 @@ def test_quantize_dequantize_error_bound(shape):
     assert np.all(err <= half_gap * absmax[:, None] + dq_err[:, None] + 1e-7 * absmax.max())
     # the bound is not vacuous: the error uses a good part of it somewhere
     assert err.max() > 0.2 * bound.min()
+
+
+def test_the_stored_table_is_the_published_one_and_the_derivation_with_float32_probabilities():
+    table = nf4.nf4_table()
+    assert table.dtype == np.float32 and not table.flags.writeable
+    assert np.array_equal(table, np.array(nf4.PAPER_NF4_LEVELS, np.float32))  # exactly, every bit
+    # the float64 levels are not the table: a probability's float32 rounding times the quantile's slope
+    assert 5e-8 < np.abs(nf4.nf4_levels() - table).max() < 1.1e-7
+
+
+def test_the_codes_are_the_nearest_of_the_stored_float32_levels():
+    rng = np.random.default_rng(5)
+    W = (0.02 * rng.standard_normal((64, 256))).astype(np.float32)
+    codes = nf4.unpack_codes(nf4.quantize_nf4(W)["codes"])
+    blocks = W.astype(np.float64).reshape(-1, 64)
+    x = (blocks / np.abs(blocks).max(axis=1, keepdims=True)).ravel()
+    nearest = np.abs(x[:, None] - nf4.nf4_table().astype(np.float64)[None, :]).argmin(axis=1)  # ties: the lower
+    np.testing.assert_array_equal(codes, nearest)
+
+
+def test_the_dynamic_map_is_an_8bit_float_from_1e_minus_7_to_1():
+    m = nf4.dynamic_map()
+    assert m.shape == (256,) and m.dtype == np.float32 and np.all(np.diff(m) > 0)
+    assert (m == 0).sum() == 1 and m[-1] == 1.0 and m[0] > -1.0
+    pos = m[(m > 0) & (m < 1)]
+    np.testing.assert_array_equal(-pos[::-1], m[m < 0])  # symmetric but for 1.0
+    assert pos.size == 127 and pos.min() == pytest.approx(0.55e-6, rel=1e-6)  # 10^-6 x the midpoint of [0.1, 1]
+    # 64 values in [0.1, 1) (steps of 0.9 / 64), 32 in [0.01, 0.1), ...: the relative step is what stays even
+    assert (pos >= 0.1).sum() == 64 and ((pos >= 0.01) & (pos < 0.1)).sum() == 32
+    assert np.diff(m).max() == pytest.approx(0.9 / 64, rel=1e-5)
 
 
 def test_every_level_is_reproduced_exactly_without_double_quantization():
@@ -157,6 +194,10 @@ def test_dequantize_on_a_device_equals_the_host(device_xp):
     (lambda: nf4.normal_quantile(1.0), "p: expected a probability strictly between 0 and 1, got 1.0"),
     (lambda: nf4.pack_codes(np.array([1, 2, 3], np.uint8)), "codes: expected a 1-D uint8 array of even length"),
     (lambda: nf4.pack_codes(np.array([1, 16], np.uint8)), "codes: expected 4-bit codes in [0, 15], got a code 16"),
+    (lambda: nf4.quantize_nf4(np.ones((8, 8), np.float32), absmax_code="log"),
+     "absmax_code: expected one of linear, dynamic, got 'log'"),
+    (lambda: nf4.dequantize_nf4(nf4.quantize_nf4(np.ones((8, 8), np.float32), block_size=16), (8, 8), block_size=16,
+                                absmax_code="dynamic"), "absmax_q: expected uint8 codes (absmax_code 'dynamic'), got int8"),
 ])
 def test_bad_settings_are_one_clear_line(call, message):
     with pytest.raises(ValueError) as e:

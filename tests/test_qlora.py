@@ -172,10 +172,11 @@ from minilora.tokenizer import CharTokenizer  # noqa: E402
 SMALL = ModelConfig(vocab_size=11, context_length=7, d_model=16, n_heads=2, n_layers=2, d_ff=40)
 
 
-def _qlora_model(dtype=np.float64):
+def _qlora_model(dtype=np.float64, absmax_code="linear"):
     base = model.init_params(SMALL, seed=0, dtype=dtype)
+    settings = qlora.QLoraConfig(absmax_code=absmax_code)  # LoRA's default settings, and the absmax's code
     params, config, trainable = finetune.setup_strategy(base, SMALL, CharTokenizer(),
-                                                        finetune.FinetuneConfig(method="qlora"))
+                                                        finetune.FinetuneConfig(method="qlora", lora=settings))
     rng = np.random.default_rng(1)
     for n in trainable:  # away from B = 0
         params[n] = (params[n] + 0.1 * rng.standard_normal(params[n].shape)).astype(dtype)
@@ -231,6 +232,9 @@ def test_qlora_count_report_counts_weights_and_stored_bits():
 @pytest.mark.parametrize("make, message", [
     (lambda: qlora.QLoraConfig(block_size=63), "block_size: expected an even number"),
     (lambda: qlora.QLoraConfig(absmax_block_size=0), "absmax_block_size: expected a positive integer, got 0"),
+    (lambda: qlora.QLoraConfig(absmax_code="int8"), "absmax_code: expected one of linear, dynamic, got 'int8'"),
+    (lambda: qlora.as_lora(model.init_params(SMALL), SMALL),
+     "config: expected the config of a QLoRA model (a QLoraConfig in config.lora), got None"),
     (lambda: qlora.add_qlora(model.init_params(SMALL), SMALL, lora.LoraConfig()),
      "qlora_config: expected a QLoraConfig, got a LoraConfig"),
     (lambda: methods.method("qlora").check(ModelConfig(d_model=8, n_heads=2, d_ff=12), finetune.FinetuneConfig(
@@ -243,3 +247,21 @@ def test_bad_qlora_settings_are_one_clear_line(make, message):
     with pytest.raises(ValueError) as e:
         make()
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("absmax_code", nf4.ABSMAX_CODES)
+def test_as_lora_is_the_same_function_on_the_dequantized_base_and_the_config_says_the_code(absmax_code):
+    """qlora.as_lora, what the export writes: the LoRA model on W = deq(Q_W) computes the QLoRA loss exactly (the
+    same float32 W, widened; the same adapters), and the config's dict names a non-default absmax code only."""
+    _, params, config, trainable, batch = _qlora_model(absmax_code=absmax_code)
+    loss, _ = model.loss_and_grads(params, config, batch, trainable)
+    as_lora, lora_config = qlora.as_lora(params, config)
+    assert type(lora_config.lora) is lora.LoraConfig and lora_config.lora.scale == config.lora.scale
+    assert set(as_lora) == set(model.param_shapes(SMALL)) | {n for n in params if ".lora_" in n}
+    assert np.array_equal(as_lora["h.0.attn.q.W"], nf4.dequantize_nf4(qlora.quantized_record(params, "h.0.attn.q"),
+                                                                      as_lora["h.0.attn.q.W"].shape,
+                                                                      absmax_code=absmax_code))
+    assert model.loss_and_grads(as_lora, lora_config, batch, trainable)[0] == pytest.approx(loss, rel=1e-13)
+    d = config.to_dict()["lora"]
+    assert ("absmax_code" in d) is (absmax_code != "linear")
+    assert ModelConfig.from_dict(config.to_dict()) == config

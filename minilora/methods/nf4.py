@@ -10,12 +10,20 @@ nearest level:
     w ~= levels[code] * absmax_block              code in 0..15, 4 bits
 
 Two codes share one uint8 (the first in the high nibble, as bitsandbytes).
+The levels stored are nf4_table(), float32: bitsandbytes' table, which is
+this derivation with its probabilities rounded to float32 (nf4_levels gives
+the same levels in float64; they differ by at most 1.1e-7). The codes are the
+nearest of those float32 levels, ties to the lower one, as bitsandbytes'.
+
 The absmax constants (one float32 per 64 weights, 0.5 bits per weight) are
 themselves quantized ("double quantization"): their mean is subtracted (they
 are all positive, so centring them makes a symmetric 8-bit code usable) and
-each block of 256 of them is stored as int8 codes with one float32 scale:
+each block of 256 of them is stored as 8-bit codes with one float32 scale,
+in one of two codes (absmax_code):
 
-    absmax ~= mean + q / 127 * scale2    q in -127..127, scale2 = max |absmax - mean| in its block of 256
+    linear:   absmax ~= mean + q / 127 * scale2      q in -127..127 (int8)
+    dynamic:  absmax ~= mean + dyn[q] * scale2       q in 0..255 (uint8), dyn = dynamic_map()
+              scale2 = max |absmax - mean| in its block of 256
 
 The stored bits per weight are then 4 + 8/64 + 32/(64*256) = 4.127 (the
 paper's number), plus one float32 mean per matrix.
@@ -23,12 +31,18 @@ paper's number), plus one float32 mean per matrix.
 Two choices of ours, said here so nothing hides:
 - the inverse normal CDF is bisection on math.erfc (normal_quantile below),
   not scipy: slow, but 16 levels are computed once, and every step is plain;
-- the second level is linear symmetric int8 (q / 127), where bitsandbytes
-  uses its 8-bit "dynamic" float map (create_dynamic_map). Linear int8 gives
-  a plain error bound, |absmax - dequantized| <= scale2 / 254 (half a step);
-  like bitsandbytes we subtract the mean first, and the codes of the weights
-  are computed with the exact float32 absmax, the double quantization only
-  touches how that absmax is stored.
+- the second level is linear symmetric int8 (q / 127) by default, where
+  bitsandbytes uses its 8-bit "dynamic" float map (create_dynamic_map;
+  absmax_code="dynamic" gives it, and 99.8% of bitsandbytes' codes: the rest
+  are where its CPU kernel rounds to a grid first). Linear int8 gives a plain
+  error bound, |absmax - dequantized| <= scale2 / 254 (half a step); the
+  dynamic map spends its codes near 0 (steps of 0.014 scale2 above 0.1 scale2,
+  below 10^-5 near 0), where few centred absmax lie, so its error is slightly
+  larger (the weights' relative error 0.09355 against 0.09352 on the default
+  base: docs/methods.md, benchmarks/nf4_bnb.json). Both
+  subtract the mean first, and the codes of the weights are computed with the
+  exact float32 absmax: the double quantization only touches how that absmax
+  is stored.
 
 Quantization happens once, on the host (NumPy); dequantize_nf4 takes its
 array module from its inputs, so the forward can dequantize one layer on a
@@ -114,6 +128,76 @@ def nf4_levels():
     return levels / levels.max()  # top level Phi^-1(offset) on both sides -> -1 and 1
 
 
+def _linspace_float32(start, stop, n):
+    """n float32 numbers from start to stop as torch.linspace(start, stop, n, dtype=float32) computes them
+    one at a time (bitsandbytes' NF4 table came from it): step = (stop - start) / (n - 1) in float32, the
+    first half start + i step, the second half stop - (n - 1 - i) step, each in float32."""
+    a, b = np.float32(start), np.float32(stop)
+    step = np.float32((b - a) / np.float32(max(n - 1, 1)))
+    return np.array([a + step * np.float32(i) if i < n // 2 else b - step * np.float32(n - 1 - i)
+                     for i in range(n)], dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def nf4_table():
+    """The 16 NF4 levels as stored and dequantized, float32 (16,), read-only: bitsandbytes' table.
+
+    nf4_levels' derivation as bitsandbytes' create_normal_map runs it: the probabilities are a float32
+    torch.linspace, their quantiles float64 rounded to float32, divided by the largest in float32. It
+    equals the published table (PAPER_NF4_LEVELS) exactly; the float64 levels differ from it by at most
+    1.1e-7 (at 0.7230), a probability's float32 rounding times the quantile's slope.
+    """
+    positive = [normal_quantile(float(p)) for p in _linspace_float32(NF4_OFFSET, 0.5, 9)[:-1]]  # 8 levels > 0
+    negative = [-normal_quantile(float(p)) for p in _linspace_float32(NF4_OFFSET, 0.5, 8)[:-1]]  # 7 levels < 0
+    values = np.array(sorted(negative + [0.0] + positive), dtype=np.float32)
+    table = values / values.max()  # float32 / float32
+    table.setflags(write=False)
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_map():
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)), float32 (256,), sorted, read-only.
+
+    An 8-bit float without a fixed exponent field: for e = 0..6, the 2^e midpoints of 2^e + 1 numbers
+    evenly spaced in [0.1, 1], times 10^(e - 6), with both signs (254 values), and 0 and 1. Its steps
+    grow from 5.5e-7 near 0 to 0.014 in [0.1, 1]. The evenly spaced numbers are rounded to float32
+    from float64; bitsandbytes takes them from torch.linspace in float32, whose last bit depends on the
+    machine's vector width (AVX2, AVX-512), so its map can differ from this one in the last bits of a few
+    entries (22 of 256 on an AVX-512 machine, at most 1.2e-7 relative: tests/test_bnb.py). A file stores
+    its map (nested_quant_map), so nothing rides on that.
+    """
+    data = []
+    for e in range(7):
+        bounds = np.linspace(0.1, 1.0, 2 ** e + 1).astype(np.float32)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)  # float32, as bitsandbytes
+        values = np.float32(10.0 ** (e - 6)) * means  # float32: the scalar rounded to float32, as torch does
+        data += values.tolist() + (-values).tolist()
+    table = np.array(sorted(data + [0.0, 1.0]), dtype=np.float32)
+    table.setflags(write=False)
+    return table
+
+
+ABSMAX_CODES = ("linear", "dynamic")  # how the double quantization codes the centred absmax (see the docstring)
+
+
+def check_absmax_code(absmax_code):
+    """Raise ValueError (one line) unless absmax_code is one of ABSMAX_CODES."""
+    if absmax_code not in ABSMAX_CODES:
+        _fail("absmax_code", f"one of {', '.join(ABSMAX_CODES)}", repr(absmax_code))
+
+
+def nearest_code(x, table):
+    """The index of the nearest table value to each x, ties to the lower one (bitsandbytes' rule).
+
+    Inputs: x float64 array; table sorted float32 (or float64) (L,). The midpoints between adjacent
+    values are computed in float64, exactly for float32 values. Returns uint8 codes of x's shape.
+    """
+    t = np.asarray(table, dtype=np.float64)
+    midpoints = (t[1:] + t[:-1]) / 2
+    return np.searchsorted(midpoints, x, side="left").astype(np.uint8)
+
+
 def int4_levels():
     """Uniform symmetric int4, for comparison: k / 7 for k in -7..7 (15 levels, float64, zero exact)."""
     return np.arange(-7, 8) / 7.0
@@ -142,7 +226,7 @@ def quantize_blockwise(x, levels, block_size=BLOCK_SIZE):
 
     Inputs:
     - x: float array of any shape on the host, its size a multiple of block_size
-    - levels: (L,) sorted float64 levels in [-1, 1], L <= 16
+    - levels: (L,) sorted levels in [-1, 1], L <= 16 (nf4_table() for NF4)
     - block_size: consecutive elements of x.ravel() that share one absmax
 
     Returns (codes, absmax): codes uint8 (x.size,) in [0, L), absmax float32
@@ -158,38 +242,55 @@ def quantize_blockwise(x, levels, block_size=BLOCK_SIZE):
     safe = np.where(absmax > 0, absmax, 1.0).astype(np.float64)  # a zero block divides by 1
     normed = blocks / safe[:, None]  # in [-1, 1]
     # the nearest level: the number of midpoints between adjacent levels that lie below x
-    midpoints = (levels[1:] + levels[:-1]) / 2
-    codes = np.searchsorted(midpoints, normed.ravel(), side="left").astype(np.uint8)
+    codes = nearest_code(normed.ravel(), levels)
     return codes, absmax
 
 
-def quantize_absmax(absmax, absmax_block_size=ABSMAX_BLOCK_SIZE):
-    """Double quantization: the absmax constants as int8 codes in blocks of absmax_block_size.
+def quantize_absmax(absmax, absmax_block_size=ABSMAX_BLOCK_SIZE, absmax_code="linear"):
+    """Double quantization: the absmax constants as 8-bit codes in blocks of absmax_block_size.
 
-        mean = mean(absmax);  c = absmax - mean
-        scale2_j = max_{i in block j} |c_i|,   q_i = round(127 c_i / scale2_j)
+        mean = mean(absmax);  c = absmax - mean;  scale2_j = max_{i in block j} |c_i|
+        linear:  q_i = round(127 c_i / scale2_j)                     int8
+        dynamic: q_i = argmin_k |dynamic_map()_k - c_i / scale2_j|   uint8, ties to the lower code
 
     The last block may be shorter (a matrix of n weights has n / 64 absmax
-    constants, rarely a multiple of 256). Inputs: absmax float32 (n_blocks,).
-    Returns (q int8 (n_blocks,), scale2 float32 (ceil(n_blocks / 256),), mean float32 ()).
+    constants, rarely a multiple of 256). With "dynamic", c is the float32
+    difference, as bitsandbytes' _absmax - offset. Inputs: absmax float32 (n_blocks,).
+    Returns (q (n_blocks,), scale2 float32 (ceil(n_blocks / 256),), mean float32 ()).
     """
     if isinstance(absmax_block_size, bool) or not isinstance(absmax_block_size, int) or absmax_block_size < 1:
         _fail("absmax_block_size", "a positive integer", repr(absmax_block_size))
+    check_absmax_code(absmax_code)
     a = np.asarray(absmax, dtype=np.float64)
     mean = np.float32(a.mean())
-    c = a - np.float64(mean)
+    if absmax_code == "dynamic":
+        c = (np.asarray(absmax, dtype=np.float32) - mean).astype(np.float64)  # rounded to float32, as bitsandbytes
+    else:
+        c = a - np.float64(mean)
     n2 = -(-c.size // absmax_block_size)  # ceil
     scale2 = np.array([np.abs(c[j * absmax_block_size:(j + 1) * absmax_block_size]).max() for j in range(n2)],
                       dtype=np.float32)
     per = np.repeat(np.where(scale2 > 0, scale2, 1.0).astype(np.float64), absmax_block_size)[:c.size]
-    q = np.clip(np.rint(127.0 * c / per), -127, 127).astype(np.int8)
+    if absmax_code == "dynamic":
+        q = nearest_code(c / per, dynamic_map())
+    else:
+        q = np.clip(np.rint(127.0 * c / per), -127, 127).astype(np.int8)
     return q, scale2, np.asarray(mean, dtype=np.float32)
 
 
-def dequantize_absmax(q, scale2, mean, absmax_block_size=ABSMAX_BLOCK_SIZE):
-    """absmax ~= mean + q / 127 * scale2 (float32 (n_blocks,)), on q's array module."""
+_ABSMAX_DTYPES = {"linear": "int8", "dynamic": "uint8"}
+
+
+def dequantize_absmax(q, scale2, mean, absmax_block_size=ABSMAX_BLOCK_SIZE, absmax_code="linear"):
+    """absmax ~= mean + q / 127 * scale2 (linear) or mean + dynamic_map()[q] * scale2 (dynamic), float32
+    (n_blocks,), on q's array module (float32 throughout, as bitsandbytes' dequantize_blockwise + offset)."""
+    check_absmax_code(absmax_code)
     xp = array_module(q)
+    if q.dtype != np.dtype(_ABSMAX_DTYPES[absmax_code]):
+        _fail("absmax_q", f"{_ABSMAX_DTYPES[absmax_code]} codes (absmax_code {absmax_code!r})", f"{q.dtype} codes")
     per = xp.repeat(scale2, absmax_block_size)[:q.shape[0]]  # (n_blocks,)
+    if absmax_code == "dynamic":
+        return _table(xp, "dynamic")[q] * per + mean
     return q.astype(xp.float32) * (per / 127.0) + mean
 
 
@@ -216,16 +317,17 @@ def unpack_codes(packed):
 NF4_FIELDS = ("codes", "absmax_q", "absmax_scale", "absmax_mean")
 
 
-def quantize_nf4(W, block_size=BLOCK_SIZE, absmax_block_size=ABSMAX_BLOCK_SIZE):
+def quantize_nf4(W, block_size=BLOCK_SIZE, absmax_block_size=ABSMAX_BLOCK_SIZE, absmax_code="linear"):
     """A weight matrix as NF4 with double quantization.
 
     Inputs:
     - W: float array on the host, any shape (a linear's (out, in)); W.size a multiple of block_size
     - block_size: weights per absmax (64); absmax_block_size: absmax constants per scale (256)
+    - absmax_code: "linear" (int8) or "dynamic" (bitsandbytes' 8-bit map, uint8), see quantize_absmax
 
     Returns a dict of host arrays (NF4_FIELDS):
-    - codes: uint8 (W.size / 2,), two 4-bit level indices per byte
-    - absmax_q: int8 (W.size / block_size,), the double-quantized absmax
+    - codes: uint8 (W.size / 2,), two 4-bit level indices per byte (nf4_table()'s)
+    - absmax_q: int8 or uint8 (W.size / block_size,), the double-quantized absmax
     - absmax_scale: float32 (ceil(W.size / block_size / absmax_block_size),)
     - absmax_mean: float32 (), subtracted from every absmax before its quantization
     """
@@ -234,17 +336,20 @@ def quantize_nf4(W, block_size=BLOCK_SIZE, absmax_block_size=ABSMAX_BLOCK_SIZE):
         _fail("W", "a floating-point array of finite values", f"{W.dtype} array" if W.dtype.kind != "f"
               else f"{int((~np.isfinite(W)).sum())} non-finite values")
     check_block_sizes(W.size, block_size, absmax_block_size)
-    codes, absmax = quantize_blockwise(W, nf4_levels(), block_size)
-    absmax_q, absmax_scale, absmax_mean = quantize_absmax(absmax, absmax_block_size)
+    check_absmax_code(absmax_code)
+    codes, absmax = quantize_blockwise(W, nf4_table(), block_size)
+    absmax_q, absmax_scale, absmax_mean = quantize_absmax(absmax, absmax_block_size, absmax_code)
     return {"codes": pack_codes(codes), "absmax_q": absmax_q, "absmax_scale": absmax_scale,
             "absmax_mean": absmax_mean}
 
 
-def dequantize_nf4(q, shape, dtype=None, block_size=BLOCK_SIZE, absmax_block_size=ABSMAX_BLOCK_SIZE):
+def dequantize_nf4(q, shape, dtype=None, block_size=BLOCK_SIZE, absmax_block_size=ABSMAX_BLOCK_SIZE,
+                   absmax_code="linear"):
     """W ~= levels[code] * absmax, of the given shape, on the array module of q's arrays.
 
     Inputs: q, a dict as quantize_nf4 returns (on the host or a device); shape,
-    the matrix's shape; dtype, the result's (float32 unless given).
+    the matrix's shape; dtype, the result's (float32 unless given); the blocks and absmax_code it was
+    quantized with.
     Returns a fresh array of that shape.
     """
     codes = q["codes"]
@@ -253,8 +358,8 @@ def dequantize_nf4(q, shape, dtype=None, block_size=BLOCK_SIZE, absmax_block_siz
     if codes.shape != (n // 2,):
         _fail("shape", f"a shape of {2 * codes.shape[0]} weights (the codes' count)", tuple(shape))
     check_block_sizes(n, block_size, absmax_block_size)
-    absmax = dequantize_absmax(q["absmax_q"], q["absmax_scale"], q["absmax_mean"], absmax_block_size)
-    levels = _nf4_table(xp)
+    absmax = dequantize_absmax(q["absmax_q"], q["absmax_scale"], q["absmax_mean"], absmax_block_size, absmax_code)
+    levels = _table(xp, "nf4")
     W = levels[unpack_codes(codes)].reshape(-1, block_size)  # (n_blocks, block_size) in [-1, 1]
     W *= absmax[:, None]
     W = W.reshape(shape)
@@ -262,10 +367,10 @@ def dequantize_nf4(q, shape, dtype=None, block_size=BLOCK_SIZE, absmax_block_siz
 
 
 @functools.lru_cache(maxsize=None)
-def _nf4_table(xp):
-    """nf4_levels() as float32 on module xp: the table dequantize_nf4 indexes, computed and moved
-    once per array module (not uploaded again at every layer of every step)."""
-    table = xp.asarray(nf4_levels().astype(np.float32))
+def _table(xp, name):
+    """nf4_table() ("nf4") or dynamic_map() ("dynamic") on module xp: the tables the dequantization
+    indexes, moved once per array module (not uploaded again at every layer of every step)."""
+    table = xp.asarray(nf4_table() if name == "nf4" else dynamic_map())
     if xp is np:
         table.setflags(write=False)
     return table

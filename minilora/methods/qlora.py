@@ -9,7 +9,7 @@ LayerNorms and the biases stay float32, as QLoRA keeps embeddings and norms in
 higher precision. The names beside a quantized linear:
 
     h.0.attn.q.nf4.codes          (out * in / 2,)     uint8, two 4-bit codes a byte
-    h.0.attn.q.nf4.absmax_q       (out * in / 64,)    int8, the double-quantized absmax
+    h.0.attn.q.nf4.absmax_q       (out * in / 64,)    int8 (uint8 with absmax_code "dynamic"), the double-quantized absmax
     h.0.attn.q.nf4.absmax_scale   (ceil(out * in / 64 / 256),) float32
     h.0.attn.q.nf4.absmax_mean    ()                  float32
     h.0.attn.q.lora_A, .lora_B                        the adapter, float32, as in LoRA
@@ -28,7 +28,7 @@ that would round s B A away).
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import numpy as np
@@ -54,7 +54,8 @@ def quantized_record(params, prefix):
     return {f: params[f"{prefix}.nf4.{f}"] for f in FIELDS}
 
 
-def quantize_linears(params, prefixes, block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE):
+def quantize_linears(params, prefixes, block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE,
+                     absmax_code="linear"):
     """A new dict: each prefix's W replaced by its NF4 record, everything else shared (not copied).
 
     Quantization runs on the host; the record is put back on W's array module.
@@ -65,7 +66,7 @@ def quantize_linears(params, prefixes, block_size=nf4.BLOCK_SIZE, absmax_block_s
         W = params[prefix + ".W"]
         xp = array_module(W)
         try:
-            q = nf4.quantize_nf4(to_numpy(W), block_size, absmax_block_size)
+            q = nf4.quantize_nf4(to_numpy(W), block_size, absmax_block_size, absmax_code)
         except ValueError as e:
             raise ValueError(f"{e} ({prefix}.W, shape {tuple(W.shape)})") from None
         del out[prefix + ".W"]
@@ -75,9 +76,10 @@ def quantize_linears(params, prefixes, block_size=nf4.BLOCK_SIZE, absmax_block_s
 
 
 def dequantized_weight(params, prefix, shape, dtype, block_size=nf4.BLOCK_SIZE,
-                       absmax_block_size=nf4.ABSMAX_BLOCK_SIZE):
+                       absmax_block_size=nf4.ABSMAX_BLOCK_SIZE, absmax_code="linear"):
     """deq(Q_W) of one linear, (out, in) in the given dtype, on its codes' array module."""
-    return nf4.dequantize_nf4(quantized_record(params, prefix), shape, dtype, block_size, absmax_block_size)
+    return nf4.dequantize_nf4(quantized_record(params, prefix), shape, dtype, block_size, absmax_block_size,
+                              absmax_code)
 
 
 def stored_bytes(params, prefix):
@@ -85,21 +87,22 @@ def stored_bytes(params, prefix):
     return int(sum(params[n].nbytes for n in quantized_names(prefix)))
 
 
-def nf4_linear_forward(x, q, shape, b, block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE):
+def nf4_linear_forward(x, q, shape, b, block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE,
+                       absmax_code="linear"):
     """A frozen linear whose W is stored as NF4: y = x @ deq(Q_W).T + b.
 
     Inputs:
     - x: (N..., in)
     - q: the layer's NF4 record (nf4.quantize_nf4's dict); shape: (out, in)
     - b: (out,) frozen, or None
-    - block_size, absmax_block_size: the record's blocks
+    - block_size, absmax_block_size, absmax_code: the record's blocks and the absmax's code
 
     Returns y (N..., out) and a cache that holds the codes, not deq(Q_W) nor x:
     the layer is frozen (no dW needs x) and the backward dequantizes again.
     """
-    W = nf4.dequantize_nf4(q, shape, x.dtype, block_size, absmax_block_size)  # (out, in), this layer only
+    W = nf4.dequantize_nf4(q, shape, x.dtype, block_size, absmax_block_size, absmax_code)  # (out, in), this layer
     y, _ = ops.linear_forward(x, W, b, frozen=True)  # the frozen pair's cache (W) is dropped with W
-    return y, (q, tuple(shape), block_size, absmax_block_size)
+    return y, (q, tuple(shape), block_size, absmax_block_size, absmax_code)
 
 
 def nf4_linear_backward(dout, cache, input_grad=True):
@@ -109,22 +112,22 @@ def nf4_linear_backward(dout, cache, input_grad=True):
     """
     if not input_grad:
         return None
-    q, shape, block_size, absmax_block_size = cache
-    W = nf4.dequantize_nf4(q, shape, dout.dtype, block_size, absmax_block_size)  # again, for this product
+    q, shape, block_size, absmax_block_size, absmax_code = cache
+    W = nf4.dequantize_nf4(q, shape, dout.dtype, block_size, absmax_block_size, absmax_code)  # again, for this product
     # in the forward pass this was: y = x @ W.T + b, so dx = dout @ W (one 2-D GEMM)
     dx = dout.reshape(-1, dout.shape[-1]) @ W  # (N, in)
     return dx.reshape(dout.shape[:-1] + (W.shape[1],))
 
 
 def qlora_linear_forward(x, q, shape, b, A, B, scale, dropout_p=0.0, rng=None, dropout_mask=None,
-                         block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE):
+                         block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE, absmax_code="linear"):
     """LoRA on a frozen NF4 linear: y = x @ deq(Q_W).T + b + s * (drop(x) @ A.T) @ B.T.
 
     Inputs as lora.lora_linear_forward, with W given as its NF4 record q and its shape (out, in).
     Returns y (N..., out) and a cache (codes, not deq(Q_W)). B @ A is never formed.
     """
     check_adapter(x, A, B, *shape)
-    y, base_cache = nf4_linear_forward(x, q, shape, b, block_size, absmax_block_size)
+    y, base_cache = nf4_linear_forward(x, q, shape, b, block_size, absmax_block_size, absmax_code)
     # the adapter, exactly LoRA's (lora.adapter_forward): y += s * (drop(x) @ A.T) @ B.T
     return y, (base_cache, adapter_forward(y, x, A, B, scale, dropout_p, rng, dropout_mask))
 
@@ -152,7 +155,7 @@ def bits_per_param(params, prefixes, shapes):
 
 
 def merge_weights(params, prefixes, shapes, scale, block_size=nf4.BLOCK_SIZE,
-                  absmax_block_size=nf4.ABSMAX_BLOCK_SIZE):
+                  absmax_block_size=nf4.ABSMAX_BLOCK_SIZE, absmax_code="linear"):
     """A plain float model: W' = deq(Q_W) + s B A where an adapter exists, deq(Q_W) elsewhere.
 
     Returns a new dict with no NF4 record and no adapter left (float32, on the
@@ -163,14 +166,15 @@ def merge_weights(params, prefixes, shapes, scale, block_size=nf4.BLOCK_SIZE,
     drop |= {n for n in params if n.endswith((".lora_A", ".lora_B"))}
     out = {n: a for n, a in params.items() if n not in drop}
     for p in prefixes:
-        W = dequantized_weight(params, p, shapes[p], dtype, block_size, absmax_block_size)
+        W = dequantized_weight(params, p, shapes[p], dtype, block_size, absmax_block_size, absmax_code)
         if p + ".lora_A" in params:
             W += scale * (params[p + ".lora_B"] @ params[p + ".lora_A"])
         out[p + ".W"] = W
     return out
 
 
-def qlora_shared_input_forward(x, layers, scale, block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE):
+def qlora_shared_input_forward(x, layers, scale, block_size=nf4.BLOCK_SIZE, absmax_block_size=nf4.ABSMAX_BLOCK_SIZE,
+                               absmax_code="linear"):
     """QLoRA linears that read the same input x (attention's q, k, v), their A products as one.
 
     lora.shared_input_forward with NF4 bases:
@@ -182,7 +186,7 @@ def qlora_shared_input_forward(x, layers, scale, block_size=nf4.BLOCK_SIZE, absm
     Returns ys, a list of n outputs (N..., out_i), and a cache (codes, not deq(Q_i)).
     """
     def nf4_base(q, shape, b):  # one layer dequantized, just for its product
-        return lambda x: nf4_linear_forward(x, q, shape, b, block_size, absmax_block_size)
+        return lambda x: nf4_linear_forward(x, q, shape, b, block_size, absmax_block_size, absmax_code)
 
     return shared_input_forward(x, [nf4_base(q, shape, b) for q, shape, b, _, _ in layers],
                                 [A for *_, A, _ in layers], [B for *_, B in layers], scale)
@@ -207,13 +211,26 @@ class QLoraConfig(LoraConfig):
     base_pair: ClassVar[str] = "nf4"  # the pair of every block linear without an adapter: frozen NF4
     block_size: int = nf4.BLOCK_SIZE  # weights per absmax (the paper's 64)
     absmax_block_size: int = nf4.ABSMAX_BLOCK_SIZE  # absmax constants per float32 scale (the paper's 256)
+    # the double quantization's 8-bit code: "linear" int8 (a plain error bound), or "dynamic",
+    # bitsandbytes' 8-bit map, whose codes are bitsandbytes' own (nf4.py says which costs what)
+    absmax_code: str = "linear"
 
     def __post_init__(self):
         super().__post_init__()
         nf4.check_block_settings(self.block_size, self.absmax_block_size)
+        nf4.check_absmax_code(self.absmax_code)
 
     def blocks(self):
-        return {"block_size": self.block_size, "absmax_block_size": self.absmax_block_size}
+        return {"block_size": self.block_size, "absmax_block_size": self.absmax_block_size,
+                "absmax_code": self.absmax_code}
+
+    def to_dict(self):
+        """LoraConfig's dict; absmax_code only when it is not "linear" (a setting added later: a run with the
+        linear code writes the dict it always did)."""
+        d = super().to_dict()
+        if d["absmax_code"] == "linear":
+            del d["absmax_code"]
+        return d
 
     def n_weights(self, params, config):
         """Every weight once: the float arrays' sizes, and out * in for each NF4-stored linear."""
@@ -308,6 +325,32 @@ def merge(params, config):
     shapes = {p: param_shapes(config)[p + ".W"] for p in quantized_layers(config)}
     out = merge_weights(params, quantized_layers(config), shapes, settings.scale, **settings.blocks())
     return out, replace(config, lora=None)
+
+
+def as_lora(params, config):
+    """The same function as a LoRA model: every block linear's W = deq(Q_W), the adapters as they are.
+
+        y = x @ deq(Q_W).T + b + s * (x @ A.T) @ B.T       the QLoRA forward, term for term
+
+    deq(Q_W) is computed in float32, as the forward computes it, and stored in the dtype of wte
+    (float32, or float64 exactly widened), so the LoRA model's forward multiplies by the very W
+    the QLoRA forward does. This is how a QLoRA run is exported: a float base and a PEFT LoRA
+    adapter (bridge.export_model). Returns (params, config) with config.lora a LoraConfig with
+    the QLoRA settings' LoRA fields (rank, alpha, targets, ...); nothing is copied but the Ws.
+    """
+    settings = _qlora_config(config)
+    if settings is None:
+        got = "None" if config.lora is None else f"{config.lora.method} adapters"
+        raise ValueError(f"config: expected the config of a QLoRA model (a QLoraConfig in config.lora), got {got}")
+    from ..model import param_shapes
+
+    shapes = param_shapes(config)
+    dtype = params["wte"].dtype
+    out = {n: a for n, a in params.items() if not n.endswith(SUFFIXES)}
+    for prefix in quantized_layers(config):
+        out[prefix + ".W"] = dequantized_weight(params, prefix, shapes[prefix + ".W"], dtype, **settings.blocks())
+    lora_config = LoraConfig(**{f.name: getattr(settings, f.name) for f in fields(LoraConfig)})  # LoRA's own fields
+    return out, replace(config, lora=lora_config)
 
 
 # the seam (methods/__init__.py): the two pairs for the model, and the method for finetune and the tools
