@@ -676,7 +676,7 @@ def _cmd_import_hf(args):
     check_run_output(args.out, (args.dir,))
     params, config, tokenizer = read_hf_model(args.dir)
     if is_run_dir(args.out) and not args.overwrite:
-        prepare_run_dir(args.out)  # refuses: the folder holds a run
+        prepare_run_dir(args.out, resumable=False)  # refuses: the folder holds a run (import-hf has no --resume)
     # one writer at a time; an earlier run there is replaced only once this one is written (resume=True deletes
     # nothing up front), so a failed write (a full disk) leaves it as it was
     with claim_run_dir(args.out, resume=True):
@@ -922,7 +922,7 @@ def build_parser():
         for flag, help_text in getattr(cls, "FLAGS", {}).items():
             s.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help=help_text)
     s.add_argument("--ia3-queries", action="store_true",
-                   help="IA3: a vector l_q on the queries too, L (3C + F) (PEFT's IA3 on GPT-2 scales c_attn's q, k, v)")
+                   help="IA3: a vector l_q on the queries too, L (3C + F) (PEFT's IA3 on GPT-2 scales q, k and v)")
     s.add_argument("--n-prompt", type=POSITIVE, default=ft.n_prompt, help="soft-prompt vectors (--method prompt)")
     s.add_argument("--prompt-init", choices=["vocab", "random", "text"], default=ft.prompt_init)
     s.add_argument("--n-prefix", type=POSITIVE, default=ft.n_prefix,
