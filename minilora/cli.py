@@ -350,7 +350,9 @@ def _finetune_config(args, saved_train=None):
                 raise ValueError(f"--{flag.replace('_', '-')}: expected --method {cls.method} (a {cls.label} "
                                  f"setting), got --method {args.method}")
     variant = {flag: getattr(args, flag) for flag in getattr(settings, "FLAGS", {})}
-    return FinetuneConfig(
+    if args.ia3_queries and args.method != "ia3":
+        raise ValueError(f"--ia3-queries: expected --method ia3 (an IA3 setting), got --method {args.method}")
+    config = FinetuneConfig(
         method=args.method, task=args.task, data_file=args.data, train_on_prompt=args.train_on_prompt,
         lora=settings(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
                       targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, rslora=args.rslora,
@@ -361,6 +363,9 @@ def _finetune_config(args, saved_train=None):
                       warmup_steps=_warmup(args, d.train.warmup_steps, saved_train), eval_every=args.steps,
                       checkpoint_every=args.checkpoint_every, seed=args.seed),
         seed=args.seed)
+    if args.ia3_queries:  # l_q beside the queries too: PEFT's IA3 on GPT-2, L (3C + F) (FinetuneConfig made it IA3's)
+        config = replace(config, lora=replace(config.lora, queries=True))
+    return config
 
 
 def _given(args, option):
@@ -383,7 +388,8 @@ def _continued_adapter(args):
 
     The adapter (an adapter.npz, a run folder holding one, or a PEFT LoRA folder) must be on --checkpoint's
     base (runs.load_model checks its fingerprint) and of --method's method (by default the adapter's own);
-    an option that sets its shapes (--rank, --alpha, --targets, --rslora, --n-prefix) must agree with it.
+    an option that sets its shapes (--rank, --alpha, --targets, --rslora, --n-prefix, --ia3-queries) must
+    agree with it.
     """
     from .model import param_shapes
 
@@ -405,6 +411,10 @@ def _continued_adapter(args):
     for flag in getattr(settings, "FLAGS", {}):  # a variant's training setting (DoRA's --detach-norm), if given
         if _given(args, f"--{flag.replace('_', '-')}"):
             settings = replace(settings, **{flag: getattr(args, flag)})
+    if _given(args, "--ia3-queries") and getattr(settings, "queries", True) is False:
+        raise ValueError(f"--ia3-queries: expected the adapter's own setting (no query vector: --adapter "
+                         f"{args.adapter!r} sets it), got --ia3-queries; leave --ia3-queries out to continue the "
+                         "adapter")
     asked = {"rank": args.rank, "alpha": args.alpha, "targets": tuple(args.targets.split(",")),
              "rslora": args.rslora}
     for option, name in _ADAPTER_OPTIONS.items():
@@ -666,7 +676,7 @@ def _cmd_import_hf(args):
     check_run_output(args.out, (args.dir,))
     params, config, tokenizer = read_hf_model(args.dir)
     if is_run_dir(args.out) and not args.overwrite:
-        prepare_run_dir(args.out)  # refuses: the folder holds a run
+        prepare_run_dir(args.out, resumable=False)  # refuses: the folder holds a run (import-hf has no --resume)
     # one writer at a time; an earlier run there is replaced only once this one is written (resume=True deletes
     # nothing up front), so a failed write (a full disk) leaves it as it was
     with claim_run_dir(args.out, resume=True):
@@ -913,6 +923,8 @@ def build_parser():
     for cls in methods.ADAPTER_CONFIGS.values():  # a LoRA variant's own settings (DoRA's --detach-norm)
         for flag, help_text in getattr(cls, "FLAGS", {}).items():
             s.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help=help_text)
+    s.add_argument("--ia3-queries", action="store_true",
+                   help="IA3: a vector l_q on the queries too, L (3C + F) (PEFT's IA3 on GPT-2 scales q, k and v)")
     s.add_argument("--n-prompt", type=POSITIVE, default=ft.n_prompt, help="soft-prompt vectors (--method prompt)")
     s.add_argument("--prompt-init", choices=["vocab", "random", "text"], default=ft.prompt_init)
     s.add_argument("--n-prefix", type=POSITIVE, default=ft.n_prefix,

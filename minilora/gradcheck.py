@@ -278,12 +278,13 @@ def _model_checks(rng, xp=np, checkpoint_activations=False):
     for name, m in methods.METHODS.items():
         # each method at its own random non-degenerate point (e.g. LoRA's B != 0), on a model with a head;
         # the LM loss never reads the head, so the LM check trains the method's names only
-        params, cfg, trainable = m.gradcheck_setup(dict(with_head), config, rng)
-        params = model.params_to(params, xp)
-        res += check_model(f"{label}: {name}, LM", loss(cfg, {"x": x, "y": y, "mask": mask}), params,
-                           trainable - set(model.HEAD_NAMES), rng)
-        res += check_model(f"{label}: {name}, classifier", loss(cfg, {"x": x, "last": last, "labels": labels}),
-                           params, trainable | set(model.HEAD_NAMES), rng)
+        for case, setup in ((name, m.gradcheck_setup), *m.gradcheck_variants):
+            params, cfg, trainable = setup(dict(with_head), config, rng)
+            params = model.params_to(params, xp)
+            res += check_model(f"{label}: {case}, LM", loss(cfg, {"x": x, "y": y, "mask": mask}), params,
+                               trainable - set(model.HEAD_NAMES), rng)
+            res += check_model(f"{label}: {case}, classifier", loss(cfg, {"x": x, "last": last, "labels": labels}),
+                               params, trainable | set(model.HEAD_NAMES), rng)
     return res
 
 

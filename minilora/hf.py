@@ -23,12 +23,17 @@ row, and a softmax row is unchanged by adding one constant to all its entries.
 Exported, it is written as zeros.
 
 Reading goes tensor by tensor (safetensors' safe_open), so importing a 124M
-model needs its size in memory once, not twice. float16 and bf16 weights are
-read exactly (bf16 by tensor_file.py, as NumPy has no bfloat16). A pickle file
+model needs its size in memory once, not twice. A sharded model (save_pretrained's
+max_shard_size: model.safetensors.index.json, whose weight_map names the shard file
+of every tensor) is read the same way, once the index and the shards are checked to
+agree exactly: every tensor the index names is in its shard and in no other, and no
+shard holds a tensor the index does not name. float16 and bf16 weights are read
+exactly (bf16 by tensor_file.py, as NumPy has no bfloat16). A pickle file
 (pytorch_model.bin) is never opened: unpickling can run any code.
 This module needs the `safetensors` package (`pip install 'minilora[hf]'`).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -156,7 +161,8 @@ def _read_json(path):
 
 
 def _weights_path(folder):
-    """folder's model.safetensors; ValueError for a pickle, a sharded model or no weights."""
+    """folder's model.safetensors, or its model.safetensors.index.json (a sharded model); ValueError for a pickle
+    or no weights. model.safetensors comes first where both are there, as transformers reads them."""
     path = os.path.join(folder, WEIGHTS_FILE)
     if os.path.isfile(path):
         check_readable(path)
@@ -167,10 +173,118 @@ def _weights_path(folder):
                 f"{folder}: holds {name}, a pickle, and minilora never unpickles (loading one can run any code); "
                 "convert it once where you trust it: python -c \"from transformers import AutoModelForCausalLM as M; "
                 f"M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\" writes {WEIGHTS_FILE}")
-    if os.path.exists(os.path.join(folder, SHARDED_INDEX)):
-        raise ValueError(f"{folder}: expected one {WEIGHTS_FILE}, got a sharded model ({SHARDED_INDEX}); "
-                         "save it with save_pretrained(..., max_shard_size='100GB') to get one file")
-    raise ValueError(f"{folder}: expected a {WEIGHTS_FILE} beside {CONFIG_FILE}, got none")
+    index = os.path.join(folder, SHARDED_INDEX)
+    if os.path.isfile(index):
+        return index
+    raise ValueError(f"{folder}: expected a {WEIGHTS_FILE} (or a sharded model's {SHARDED_INDEX}) beside "
+                     f"{CONFIG_FILE}, got neither")
+
+
+def _shard_map(index):
+    """tensor name -> shard path of a model.safetensors.index.json, checked: an object whose weight_map names
+    each tensor once, each shard a readable file beside the index (a plain file name: nothing outside the
+    folder is opened)."""
+    def pairs(items):  # json.load keeps the last of a repeated key: a tensor named twice is seen here
+        names = [k for k, _ in items]
+        twice = sorted({k for k in names if names.count(k) > 1})
+        if twice:
+            raise ValueError(f"{index}: expected each name once (each tensor in one shard), got {twice[0]!r} "
+                             f"named {names.count(twice[0])} times")
+        return dict(items)
+
+    try:
+        with open(index, encoding="utf-8") as f:
+            d = json.load(f, object_pairs_hook=pairs)
+    except RecursionError as e:
+        raise ValueError(f"{index}: expected a JSON file, got one nested too deeply to read") from e
+    except OSError as e:
+        raise ValueError(f"{index}: expected a readable JSON file, got one that cannot be read "
+                         f"({e.strerror or type(e).__name__})") from e
+    except ValueError as e:
+        if str(e).startswith(f"{index}:"):
+            raise
+        raise ValueError(f"{index}: expected a JSON file, got one that does not read ({e})") from e
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index}: weight_map: expected an object of tensor name -> shard file name, got "
+                         f"{type(weight_map).__name__ if weight_map is not None else 'none'}"
+                         + (" (empty)" if weight_map == {} else ""))
+    folder = os.path.dirname(index)
+    shards = {}
+    for name, shard in weight_map.items():
+        if shard not in shards:
+            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise ValueError(f"{index}: weight_map: {name}: expected a shard file name beside the index, "
+                                 f"got {shard!r}")
+            path = shards[shard] = os.path.join(folder, shard)
+            if not os.path.isfile(path):
+                raise ValueError(f"{index}: names the shard {shard} (for {name}), got no such file in {folder}")
+            check_readable(path)
+    return {name: shards[shard] for name, shard in weight_map.items()}
+
+
+class _Shards:
+    """The shards of a sharded model as one file: keys() in the index's order, get_tensor(name) from the shard
+    holding it, dtype(name), and metadata() (the entries every shard records alike)."""
+
+    def __init__(self, files, where):
+        self._files, self._where = files, where  # shard path -> TensorFile; tensor name -> shard path
+        metas = [f.metadata() or {} for f in files.values()]
+        self._metadata = {k: v for k, v in metas[0].items() if all(m.get(k) == v for m in metas)}
+
+    def keys(self):
+        return list(self._where)
+
+    def metadata(self):
+        return self._metadata
+
+    def dtype(self, name):
+        return self._files[self._where[name]].dtype(name)
+
+    def get_tensor(self, name):
+        return self._files[self._where[name]].get_tensor(name)
+
+
+@contextlib.contextmanager
+def open_weights(path):
+    """with open_weights(path) as f: a model.safetensors (a TensorFile), or the shards an index names (_Shards).
+
+    The index and its shards must agree exactly, or ValueError naming the tensor: a tensor held by two
+    shards, a tensor the index names in a shard that does not hold it, a tensor a shard holds that the index
+    does not name (transformers would load it anyway, from every file the index names).
+    """
+    if os.path.basename(path) != SHARDED_INDEX:
+        with open_numpy(path) as f:
+            yield f
+        return
+    where = _shard_map(path)
+    with contextlib.ExitStack() as stack:
+        files = {}
+        for p in dict.fromkeys(where.values()):
+            try:
+                files[p] = stack.enter_context(open_numpy(p))
+            except Exception as e:  # safetensors' own error: a truncated shard, a bad header
+                raise ValueError(f"{p}: expected a readable safetensors shard, got one that is truncated or "
+                                 f"corrupt ({' '.join(str(e).split()) or type(e).__name__})") from e
+        holders = {}
+        for p, f in files.items():
+            for name in f.keys():
+                holders.setdefault(name, []).append(p)
+        for name, held in holders.items():
+            if len(held) > 1:
+                raise ValueError(f"{path}: {name}: expected in one shard, got it in "
+                                 + " and ".join(sorted(os.path.basename(h) for h in held)))
+            if name not in where:
+                raise ValueError(f"{path}: {name}: held by {os.path.basename(held[0])}, but the index does not "
+                                 "name it")
+        for name, p in where.items():
+            if holders.get(name) != [p]:
+                got = (f"{os.path.basename(holders[name][0])} holds it instead" if name in holders
+                       else "no shard the index names holds it")
+                raise ValueError(f"{path}: {name}: the index names it in {os.path.basename(p)}, which does not "
+                                 f"hold it ({got})")
+        yield _Shards(files, where)
 
 
 _BLOCK = re.compile(r"^(?:transformer\.)?h\.(\d{1,9})\.")
@@ -188,12 +302,12 @@ def check_readable(path):
 
 def stored_dtype(folder):
     """The dtype a GPT-2 folder's wte is stored in (safetensors' name: 'F32', 'F64', 'BF16', ...), or None."""
-    safetensors = _safetensors()
+    _safetensors()
     try:
-        with safetensors.safe_open(_weights_path(folder), framework="numpy") as f:
+        with open_weights(_weights_path(folder)) as f:
             for name in f.keys():
                 if _strip(name) == "wte.weight":
-                    return f.get_slice(name).get_dtype()
+                    return f.dtype(name)
     except Exception:
         return None
     return None
@@ -226,16 +340,17 @@ def read_gpt2(folder, dtype=np.float32):
     """Read a GPT-2 model folder into minilora's layout.
 
     Inputs:
-    - folder: a folder holding config.json (model_type gpt2) and model.safetensors
-      (keys with or without the `transformer.` prefix; an optional lm_head.weight
-      must equal wte, the tied head)
+    - folder: a folder holding config.json (model_type gpt2) and model.safetensors,
+      or the shards model.safetensors.index.json names (keys with or without the
+      `transformer.` prefix; an optional lm_head.weight must equal wte, the tied head)
     - dtype: the dtype of the returned arrays (float32 to train, float64 to check)
 
     Returns (params, config, fingerprint): numpy arrays with minilora's names and
     layout, the ModelConfig, and the fingerprint an export recorded in the file's
     metadata (None if it has none). Raises ValueError, naming the file, for a
-    pickle, another model type, a setting minilora does not compute, a truncated
-    or corrupt file, missing, unexpected or misshapen tensors, non-finite values.
+    pickle, an index and shards that disagree (open_weights), another model type,
+    a setting minilora does not compute, a truncated or corrupt file, missing,
+    unexpected or misshapen tensors, non-finite values.
     """
     if not os.path.isdir(folder):
         raise ValueError(f"{folder}: expected a Hugging Face model folder (config.json, model.safetensors), "
@@ -249,7 +364,7 @@ def read_gpt2(folder, dtype=np.float32):
     C = config.d_model
     params = {}
     try:
-        with open_numpy(path) as f:  # bf16 tensors widened to float32, exactly (tensor_file.py)
+        with open_weights(path) as f:  # bf16 tensors widened to float32, exactly (tensor_file.py)
             metadata = f.metadata() or {}
             names = list(f.keys())
             # the sizes config.json claims, against the file, before any table of names is built from them
@@ -319,10 +434,12 @@ def weights_fingerprint(params):
 def read_fingerprint(folder):
     """The base fingerprint of the GPT-2 folder's weights: the one an export recorded, else computed from them."""
     path = _weights_path(folder)
-    safetensors = _safetensors()
+    _safetensors()
     try:
-        with safetensors.safe_open(path, framework="numpy") as f:
+        with open_weights(path) as f:
             recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"{path}: expected a readable safetensors file, got one that is truncated, corrupt or "
                          f"of a dtype NumPy lacks ({' '.join(str(e).split()) or type(e).__name__})") from e

@@ -134,7 +134,8 @@ def check_run_output(out, inputs=(), option="--out"):
             raise ValueError(f"{option}: {str(out)!r} is the folder of {str(given)!r}, which this command reads; "
                              f"a new run there would replace it: give another {option}")
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise ValueError(f"{option}: expected a folder for the run, got the file {str(out)!r}")
+        raise ValueError(f"{option}: expected a folder for the run, got the file {str(out)!r} (--overwrite replaces "
+                         f"a run in a folder, never a file): give another {option}")
 
 
 def check_file_output(out, inputs=(), option="--out"):

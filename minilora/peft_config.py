@@ -177,6 +177,13 @@ def targeted_modules(ac, n_layers, where):
     return found
 
 
+def describe_targets(ac):
+    """'target_modules ['c_attn']' (and ', exclude_modules [...]' where set): what a refusal quotes of check_fields'
+    or check_ia3_fields' result."""
+    words = f"target_modules {_short(ac['target_modules'])}"
+    return words + (f" (exclude_modules {_short(ac['exclude_modules'])})" if ac.get("exclude_modules") else "")
+
+
 def pattern_value(patterns, module, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module's name."""
     for key, value in (patterns or {}).items():

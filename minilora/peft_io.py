@@ -49,7 +49,8 @@ up to rounding, the function unchanged), and comes back as a DoRA adapter with B
 
 An IA3 model goes out as PEFT's IA3 (ia3_to_peft): one ia3_l per module, c_attn's (3C, 1)
 scaling its output [q; k; v] by [1; l_k; l_v] ([l_q; l_k; l_v] with queries), mlp.c_proj's (1, F) its
-input by l_ff; a PEFT IA3 folder comes in as Ia3Config(queries=True) (_read_ia3).
+input by l_ff; a PEFT IA3 folder comes in as Ia3Config(queries=True) (_read_ia3), unless minilora wrote it
+without the query vector (its metadata says so, and q's factors are still exactly 1): then as it went out.
 Needs safetensors (`pip install 'minilora[hf]'`).
 """
 
@@ -63,8 +64,8 @@ import numpy as np
 
 from . import peft_config
 from .backend import array_module, to_numpy
-from .hf import (FINGERPRINT_KEY, WEIGHTS_FILE, _read_json, _safetensors, check_readable, read_fingerprint,
-                 weights_fingerprint)
+from .hf import (FINGERPRINT_KEY, SHARDED_INDEX, WEIGHTS_FILE, _read_json, _safetensors, check_readable,
+                 read_fingerprint, weights_fingerprint)
 from .methods.dora import MAGNITUDE, DoraConfig
 from .methods.ia3 import NAME as IA3_NAME
 from .methods.ia3 import Ia3Config
@@ -79,6 +80,8 @@ PREFIX = "base_model.model.transformer."
 MODULE_OF = {"q": ("attn.c_attn", 0), "k": ("attn.c_attn", 1), "v": ("attn.c_attn", 2),
              "o": ("attn.c_proj", None), "fc": ("mlp.c_fc", None), "proj": ("mlp.c_proj", None)}
 QKV = ("q", "k", "v")
+# the safetensors metadata key an IA3 export records its Ia3Config.queries under ("true" / "false")
+IA3_QUERIES_KEY = "minilora_ia3_queries"
 
 
 def is_peft_folder(path):
@@ -196,8 +199,10 @@ def write_peft(folder, params, config, base_path, base_params):
     adapter_config, tensors = (ia3_to_peft if config.lora.method == "ia3" else to_peft)(params, config, base_path)
     with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         json.dump(adapter_config, f, indent=2)
-    safetensors.numpy.save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS),
-                                metadata={"format": "pt", FINGERPRINT_KEY: weights_fingerprint(base_params)})
+    metadata = {"format": "pt", FINGERPRINT_KEY: weights_fingerprint(base_params)}
+    if config.lora.method == "ia3":  # read back as it went out: without l_q, or with it (_read_ia3)
+        metadata[IA3_QUERIES_KEY] = "true" if config.lora.queries else "false"
+    safetensors.numpy.save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata=metadata)
 
 
 # What a PEFT LoRA config may say for minilora to compute it exactly: field -> the values allowed.
@@ -247,7 +252,7 @@ def read_peft(folder, base_params, base_config):
     weights, metadata, tensors = _read_weights(folder)
     _check_base(folder, ac, metadata, base_params)
     use_dora = ac["use_dora"]
-    pairs = _pairs(weights, tensors, modules, use_dora)
+    pairs = _pairs(weights, tensors, modules, use_dora, peft_config.describe_targets(ac))
     rslora = ac["use_rslora"]
     # every adapted linear: minilora prefix -> (A, B, PEFT scale, DoRA's magnitude or None)
     adapters = {}
@@ -329,8 +334,9 @@ def _read_ia3(folder, path, ac, base_params, base_config):
 
     PEFT's default (target_modules c_attn and mlp.c_proj, feedforward mlp.c_proj) scales c_attn's output,
     the fused [q; k; v], by one (3C, 1) ia3_l: l_q, l_k, l_v, its thirds; and mlp.c_proj's input by (1, F),
-    l_ff. The queries' factors are trained by PEFT, so the model comes in with queries=True and trains them on
-    (a minilora export without them has ones there: the same function). Other targets are refused, naming the
+    l_ff. The queries' factors are trained by PEFT, so the model comes in with queries=True and trains them on;
+    a minilora export without them (its metadata says queries false, and q's factors are all exactly 1) comes
+    back as Ia3Config(), with no l_q to train: the same function either way. Other targets are refused, naming the
     module: minilora's IA3 scales exactly these two. GPT-2's key bias b_k, scaled to l_k * b_k, still adds one
     constant to each softmax row, so dropping it stays exact.
     """
@@ -358,15 +364,15 @@ def _read_ia3(folder, path, ac, base_params, base_config):
     names = {f"{PREFIX}h.{i}.{m}.{IA3_NAME}": (i, m) for i, m in found}
     extra = sorted(set(tensors) - set(names))
     if extra:
-        raise ValueError(f"adapter: {weights}: {extra[0]}: not an ia3_l of a module target_modules scales (PEFT "
-                         "would not load it)")
+        raise ValueError(f"adapter: {weights}: {extra[0]}: not an ia3_l of a module "
+                         f"{peft_config.describe_targets(ac)} scales (PEFT would not load it)")
     missing = sorted(set(names) - set(tensors))
     if missing:
         raise ValueError(f"adapter: {weights}: expected {missing[0]} (target_modules scales its module), got none; "
                          "PEFT would leave it at its initial values")
     xp = array_module(base_params["wte"])
     dtype = base_params["wte"].dtype
-    out = dict(base_params)
+    vectors = {}
     for name, (i, module) in names.items():
         t = tensors[name]
         if t.shape != shapes[module] or t.dtype.kind != "f" or not np.isfinite(t).all():
@@ -375,10 +381,17 @@ def _read_ia3(folder, path, ac, base_params, base_config):
         l = t.reshape(-1)
         if module == "attn.c_attn":
             for row, target in enumerate(QKV):
-                out[f"h.{i}.attn.{target}.{IA3_NAME}"] = xp.asarray(l[row * C:(row + 1) * C].astype(dtype))
+                vectors[f"h.{i}.attn.{target}.{IA3_NAME}"] = l[row * C:(row + 1) * C]
         else:
-            out[f"h.{i}.mlp.proj.{IA3_NAME}"] = xp.asarray(l.astype(dtype))
-    config = replace(base_config, lora=Ia3Config(queries=True))
+            vectors[f"h.{i}.mlp.proj.{IA3_NAME}"] = l
+    l_q = [n for n in vectors if ".attn.q." in n]
+    queries = not (metadata.get(IA3_QUERIES_KEY) == "false" and all((vectors[n] == 1.0).all() for n in l_q))
+    if not queries:
+        for n in l_q:  # factors of exactly 1: dropping them leaves the function as it is
+            del vectors[n]
+    out = dict(base_params)
+    out.update({n: xp.asarray(v.astype(dtype)) for n, v in vectors.items()})
+    config = replace(base_config, lora=Ia3Config(queries=queries))
     return out, config, {"kind": "peft_adapter", "peft": ac, "path": folder}
 
 
@@ -401,10 +414,10 @@ def _module_shape(module, config):
 _PART_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "M": MAGNITUDE}
 
 
-def _pairs(weights, tensors, modules, use_dora=False):
+def _pairs(weights, tensors, modules, use_dora=False, targets="target_modules"):
     """(block, module) -> (A, B, m or None) for each module PEFT adapts, from the names PEFT loads (m: DoRA's
     lora_magnitude_vector); ValueError for any other tensor (PEFT would not load it) and for a targeted module
-    without all of them (PEFT would keep its initial values)."""
+    without all of them (PEFT would keep its initial values). targets: the config's targets, in words."""
     parts = "ABM" if use_dora else "AB"
     names = {f"{PREFIX}h.{i}.{m}.{_PART_NAMES[ab]}": (i, m, ab) for i, m in modules for ab in parts}
     loose = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?(h\.\d+\.[\w.]+?)\."
@@ -422,7 +435,7 @@ def _pairs(weights, tensors, modules, use_dora=False):
             elif proper is not None and proper != name:
                 why = f"PEFT loads {proper!r} and would not load this name"
             elif proper is not None:
-                why = "its module is not one target_modules adapts, so PEFT would not apply it"
+                why = f"its module is not one {targets} adapts, so PEFT would not apply it"
             else:
                 why = ("not a LoRA A or B (or DoRA magnitude) of a GPT-2 block's c_attn, c_proj or c_fc (PEFT would "
                        "not load it)")
@@ -471,7 +484,7 @@ def _check_base(folder, ac, metadata, base_params):
     if expected is None and isinstance(base_path, str) and base_path:
         candidates = [base_path] if os.path.isabs(base_path) else [os.path.join(folder, base_path), base_path]
         for candidate in candidates:
-            if os.path.isfile(os.path.join(candidate, WEIGHTS_FILE)):
+            if any(os.path.isfile(os.path.join(candidate, name)) for name in (WEIGHTS_FILE, SHARDED_INDEX)):
                 expected = read_fingerprint(candidate)  # the local base it names, read as minilora reads it
                 base_path = candidate
                 break

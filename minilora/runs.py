@@ -76,19 +76,21 @@ def check_writable(path, option="--out"):
         raise ValueError(f"{option}: cannot write to the folder {str(path)!r}: {os_error_reason(e, path)}") from e
 
 
-def prepare_run_dir(path, resume=False, overwrite=False, option="--out"):
+def prepare_run_dir(path, resume=False, overwrite=False, option="--out", resumable=True):
     """Make path ready to hold a run, before any work starts.
 
     Refuses (ValueError naming option) a folder that already holds a run,
     unless resume (the run continues there) or overwrite (its run files,
     RUN_FILES, are deleted now) is set, and a folder that cannot be written.
+    resumable: the command has --resume (import-hf has not), so the refusal offers it.
     """
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ValueError(f"{option}: expected a folder name, got {path!r}")
     if is_run_dir(path) and not (resume or overwrite):
         held = [f for f in (CHECKPOINT, LOG) if os.path.exists(os.path.join(path, f))]
-        raise ValueError(f"{option}: {str(path)!r} already holds a run ({', '.join(held)}); give --resume to "
-                         f"continue it, --overwrite to replace it, or another {option}")
+        raise ValueError(f"{option}: {str(path)!r} already holds a run ({', '.join(held)}); give "
+                         + ("--resume to continue it, " if resumable else "")
+                         + f"--overwrite to replace it, or another {option}")
     check_writable(path, option)
     if overwrite and not resume:
         for f in RUN_FILES:

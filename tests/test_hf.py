@@ -62,6 +62,14 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def assert_logits_equal(what, ours, theirs, rtol=RTOL64):
+    """rel(ours, theirs) < rtol (1e-10 in float64), and the largest |difference| printed (pytest -s) for the table
+    of measured differences (INTEROP_NUMBERS.md, docs/methods.md): `what` names the method and the direction."""
+    diff = float(np.max(np.abs(ours - theirs)))
+    print(f"\ninterop: {what}: max |logit diff| {diff:.1e} (largest |logit| {float(np.max(np.abs(theirs))):.2f})")
+    assert diff < rtol * float(np.max(np.abs(theirs))), (what, diff)
+
+
 def hf_config(**changes):
     settings = dict(vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=NH, n_inner=F,
                     activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -78,6 +86,26 @@ def random_gpt2(dtype=torch.float64, seed=0):
             p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
                                                   else 0.0))
     return m
+
+
+def assert_holds_what_torch_holds(params, config, m):
+    """Every array of params is, bit for bit, the tensor torch holds in m widened to float32 by torch itself (exact
+    for bf16 and float16), in minilora's layout: Conv1D weights transposed, c_attn split in three (the key bias,
+    dropped, is the one tensor not kept)."""
+    held = {k.removeprefix("transformer."): v for k, v in m.state_dict().items()}
+    compared = set()
+    for key, names in hf.hf_to_minilora_names(config).items():
+        t = held[key].detach().float().numpy()
+        if key.endswith(hf.TRANSPOSED):
+            t = t.T
+        for name, piece in zip(names, np.split(t, 3) if len(names) == 3 else [t]):
+            if name is None:
+                continue
+            ours, piece = params[name], np.ascontiguousarray(piece)
+            assert ours.shape == piece.shape and np.array_equal(ours, piece), name
+            assert np.array_equal(ours.astype(np.float32).view(np.uint32), piece.view(np.uint32)), name
+            compared.add(name)
+    assert compared == set(params)
 
 
 def torch_logits(m, ids):
@@ -132,7 +160,8 @@ def test_import_gives_transformers_logits_float64(saved64):
     params, config, _ = hf.read_gpt2(path, dtype=np.float64)
     assert config == ModelConfig(vocab_size=V, context_length=T, d_model=C, n_heads=NH, n_layers=L, d_ff=F)
     ids = ids_for()
-    assert rel(our_logits(params, config, ids), torch_logits(m, ids)) < RTOL64
+    assert_logits_equal("GPT-2 float64 folder, transformers -> minilora", our_logits(params, config, ids),
+                        torch_logits(m, ids))
 
 
 def test_import_gives_transformers_logits_float32_through_the_cli(saved32, tmp_path, capsys):
@@ -211,7 +240,7 @@ def test_a_lora_export_is_one_peft_adapter_with_equal_logits_and_merge(case, tmp
     bridge.export_model(out, params, config, CharTokenizer())
     pm = load_peft(out)
     ids = ids_for()
-    assert rel(torch_logits(pm, ids), our_logits(params, config, ids)) < RTOL64
+    assert_logits_equal(f"LoRA ({case}), minilora -> PEFT", our_logits(params, config, ids), torch_logits(pm, ids))
     merged, merged_config = lora.merge(params, config)
     assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
     ac = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -575,7 +604,8 @@ def test_an_ia3_export_is_peft_ia3_with_the_vectors_written_equal_logits_and_mer
                                   params["h.1.mlp.proj.ia3_l"])
     assert not hasattr(block.attn.c_proj, "ia3_l")  # attention's output projection is not scaled
     ids = ids_for()
-    assert rel(torch_logits(pm, ids), our_logits(params, config, ids)) < RTOL64
+    assert_logits_equal("IA3 (no query vector), minilora -> PEFT", our_logits(params, config, ids),
+                        torch_logits(pm, ids))
     merged, merged_config = ia3.merge(params, config)
     assert rel(torch_logits(pm.merge_and_unload(), ids), our_logits(merged, merged_config, ids)) < RTOL64
 
@@ -627,7 +657,7 @@ def test_an_ia3_export_with_query_factors_writes_them_into_c_attn_with_equal_log
     np.testing.assert_array_equal(c_attn, np.concatenate([params[f"h.0.attn.{t}.ia3_l"] for t in "qkv"]))
     ids = ids_for()
     ours = our_logits(params, config, ids)
-    assert rel(torch_logits(pm, ids), ours) < RTOL64
+    assert_logits_equal("IA3 (query vector), minilora -> PEFT", ours, torch_logits(pm, ids))
     without_q = {n: np.ones_like(a) if n.endswith("attn.q.ia3_l") else a for n, a in params.items()}
     assert rel(ours, our_logits(without_q, config, ids)) > 1e-3  # l_q changes the function: the check has teeth
     merged, merged_config = ia3.merge(params, config)
@@ -656,7 +686,7 @@ def test_an_ia3_adapter_trained_by_peft_imports_with_its_query_factors_and_equal
     assert np.abs(params["h.1.attn.q.ia3_l"] - 1.0).max() > 1e-2  # PEFT trained the queries' factors
     ids = ids_for()
     ours = our_logits(params, config, ids)
-    assert rel(ours, torch_logits(pm, ids)) < RTOL64
+    assert_logits_equal("IA3 (query vector), PEFT-trained -> minilora", ours, torch_logits(pm, ids))
     assert rel(ours, torch_logits(m, ids)) > 1e-3
     trainable = set(lora.adapter_names(config))
     assert len(trainable) == 4 * L and sum(params[n].size for n in trainable) == L * (3 * C + F)
@@ -738,7 +768,7 @@ def test_a_dora_export_is_a_peft_dora_adapter_with_equal_logits_and_merge(case, 
     pm = load_peft(out)
     ids = ids_for()
     ours = our_logits(params, config, ids)
-    assert rel(torch_logits(pm, ids), ours) < RTOL64
+    assert_logits_equal(f"DoRA ({case}), minilora -> PEFT", ours, torch_logits(pm, ids))
     assert rel(ours, our_logits(base, CONFIG, ids)) > 1e-2  # the adapters change the function: the check has teeth
     # PEFT holds m per output feature: c_attn's (3C,) is [m_q; m_k; m_v], an untargeted one's its rows' norms
     block = pm.base_model.model.transformer.h[1]
@@ -795,7 +825,7 @@ def test_a_dora_adapter_trained_by_peft_imports_with_equal_logits_and_fine_tunes
     assert rel(params[f"h.0.attn.k.{dora.MAGNITUDE}"], np.linalg.norm(W_k, axis=1)) > 1e-3  # m was trained
     ids = ids_for()
     ours = our_logits(params, config, ids)
-    assert rel(ours, torch_logits(pm, ids)) < RTOL64
+    assert_logits_equal("DoRA, PEFT-trained -> minilora", ours, torch_logits(pm, ids))
     assert rel(ours, torch_logits(m, ids)) > 1e-3  # the adapter changes the function: the check has teeth
     # minilora fine-tunes on from it: A, B and m get gradients and the loss falls
     trainable = set(lora.adapter_names(config))
@@ -886,7 +916,7 @@ PEFT_CASES = {
 
 
 REFUSAL_WORDS = {
-    "tensors of a module not targeted": ["not one target_modules adapts"],
+    "tensors of a module not targeted": ["c_fc.lora_", "not one target_modules ['c_attn'] adapts"],
     "targets matching nothing": ["matches no module", "not found"],
     "a regex matching only part of a name": ["matches no module"],
     "a LayerNorm target": ["ln_1", "not supported"],
@@ -934,7 +964,7 @@ def test_minilora_reads_an_adapter_folder_as_peft_does_or_refuses(saved64, peft_
         params, config, _ = peft_io.read_peft(folder, base_params, base_config)
         assert peft_exact, "PEFT did not load the file's tensors as they are"
         ids = ids_for()
-        assert rel(our_logits(params, config, ids), torch_logits(pm, ids)) < RTOL64
+        assert_logits_equal(f"LoRA ({case}), PEFT -> minilora", our_logits(params, config, ids), torch_logits(pm, ids))
         assert rel(our_logits(params, config, ids), our_logits(base_params, base_config, ids)) > 1e-3  # it adapts
     else:
         with pytest.raises(ValueError) as e:
@@ -1060,19 +1090,23 @@ def test_a_bf16_or_float16_gpt2_imports_exactly_as_its_float32_widening(tmp_path
     m = random_gpt2(torch.float32, seed=9).to(half)  # Module.to works in place: m is now the half model
     m.save_pretrained(tmp_path / "half")
     assert hf.stored_dtype(tmp_path / "half") == stored
+    for dtype in (np.float32, np.float64):  # m is still the half model: what torch holds, widened by torch
+        half, half_config, _ = hf.read_gpt2(tmp_path / "half", dtype=dtype)
+        assert_holds_what_torch_holds(half, half_config, m)
     m.to(torch.float32).save_pretrained(tmp_path / "wide")  # the same numbers, widened by torch, stored as float32
     assert hf.stored_dtype(tmp_path / "wide") == "F32"
     for dtype in (np.float32, np.float64):
         a, config, _ = hf.read_gpt2(tmp_path / "half", dtype=dtype)
         b, _, _ = hf.read_gpt2(tmp_path / "wide", dtype=dtype)
         assert a.keys() == b.keys() and all(a[n].dtype == dtype and np.array_equal(a[n], b[n]) for n in a)
-    ids = ids_for()
-    assert rel(our_logits(a, config, ids), torch_logits(m.to(torch.float64), ids)) < RTOL64
     capsys.readouterr()
     assert cli.main(["import-hf", str(tmp_path / "half"), "--out", str(tmp_path / "run")]) == 0
     assert words in capsys.readouterr().out
     params, _, _, _ = load_model(tmp_path / "run")
     assert all(np.array_equal(params[n], hf.read_gpt2(tmp_path / "wide")[0][n]) for n in params)
+    ids = ids_for()
+    assert_logits_equal(f"GPT-2 {stored} folder, transformers -> minilora", our_logits(a, config, ids),
+                        torch_logits(m.to(torch.float64), ids))
 
 
 def test_a_bf16_peft_adapter_reads_exactly_as_its_float32_widening_and_as_peft_applies_it(saved64, peft_saved,
@@ -1137,3 +1171,219 @@ def test_finetune_adapter_continues_an_adapter_peft_saved_from_the_function_peft
     _refused(capsys, ["finetune", "--checkpoint", str(tmp_path / "other"), "--adapter", str(tmp_path / "peft"),
                       "--out", str(tmp_path / "no"), "--steps", "2", "--batch-size", "4"], tmp_path / "no",
              ["--adapter:", "fingerprint"])
+
+
+# ---- issue 28: sharded GPT-2 folders (model.safetensors.index.json), as transformers writes them
+
+
+@pytest.mark.parametrize("dtype, stored", [(torch.float32, "F32"), (torch.bfloat16, "BF16"), (torch.float16, "F16")])
+def test_a_sharded_gpt2_folder_imports_every_tensor_exactly_as_torch_holds_it(tmp_path, capsys, dtype, stored):
+    m = random_gpt2(torch.float32, seed=9).to(dtype)
+    folder = tmp_path / "sharded"
+    m.save_pretrained(folder, max_shard_size="8KB")
+    index = json.loads((folder / hf.SHARDED_INDEX).read_text())
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and sorted(set(index["weight_map"].values())) == shards
+    assert not (folder / hf.WEIGHTS_FILE).exists() and hf.stored_dtype(folder) == stored
+    for np_dtype in (np.float32, np.float64):
+        params, config, _ = hf.read_gpt2(folder, dtype=np_dtype)
+        assert all(a.dtype == np_dtype for a in params.values())
+        assert_holds_what_torch_holds(params, config, m)
+    capsys.readouterr()
+    assert cli.main(["import-hf", str(folder), "--out", str(tmp_path / "run")]) == 0
+    assert "imported GPT-2" in capsys.readouterr().out
+    run_params, _, _, _ = load_model(tmp_path / "run")
+    assert all(np.array_equal(run_params[n], params[n]) for n in params)
+    ids = ids_for()
+    assert_logits_equal(f"GPT-2 sharded {stored} folder, transformers -> minilora",
+                        our_logits(params, config, ids), torch_logits(m.to(torch.float64), ids))
+
+
+@pytest.fixture(scope="module")
+def sharded32(saved32, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sharded") / "model"
+    saved32[0].save_pretrained(folder, max_shard_size="8KB")
+    return folder
+
+
+def _index_edit(change):
+    """An edit of the index's weight_map: change(weight_map, shards) changes it in place."""
+    def edit(folder):
+        index = json.loads((folder / hf.SHARDED_INDEX).read_text())
+        change(index["weight_map"], sorted(set(index["weight_map"].values())))
+        (folder / hf.SHARDED_INDEX).write_text(json.dumps(index))
+    return edit
+
+
+def _a_tensor_in_two_shards(folder):
+    from safetensors.numpy import load_file, save_file
+
+    first, second = sorted(folder.glob("model-*.safetensors"))[:2]
+    extra = load_file(str(first))
+    name = sorted(extra)[0]
+    save_file({**load_file(str(second)), name: extra[name]}, str(second), metadata={"format": "pt"})
+
+
+def _a_tensor_named_twice(folder):
+    index = json.loads((folder / hf.SHARDED_INDEX).read_text())
+    items = list(index["weight_map"].items())
+    entries = ", ".join(json.dumps(k) + ": " + json.dumps(v) for k, v in items + [(items[0][0], items[-1][1])])
+    (folder / hf.SHARDED_INDEX).write_text('{"metadata": {}, "weight_map": {' + entries + "}}")
+
+
+SHARD_FAULTS = {
+    "a shard missing": (lambda f: sorted(f.glob("model-*.safetensors"))[1].unlink(),
+                        ["model.safetensors.index.json", "names the shard model-00002-of-", "no such file"]),
+    "a tensor in two shards": (_a_tensor_in_two_shards, ["expected in one shard, got it in model-00001-of-",
+                                                         " and model-00002-of-"]),
+    "the index naming a tensor no shard holds": (
+        _index_edit(lambda wm, shards: wm.update({"transformer.h.0.ln_3.weight": shards[0]})),
+        ["transformer.h.0.ln_3.weight", "the index names it in model-00001-of-", "no shard the index names holds it"]),
+    "the index naming the wrong shard": (
+        _index_edit(lambda wm, shards: wm.update({"transformer.h.0.ln_1.weight": next(
+            s for s in shards if s != wm["transformer.h.0.ln_1.weight"])})),
+        ["transformer.h.0.ln_1.weight", "which does not hold it (model-0000", "holds it instead)"]),
+    "a shard holding a tensor the index does not name": (
+        _index_edit(lambda wm, shards: wm.pop("transformer.h.1.ln_2.bias")),
+        ["transformer.h.1.ln_2.bias", "the index does not name it"]),
+    "a tensor named twice in the index": (_a_tensor_named_twice, ["expected each name once", "named 2 times"]),
+    "a truncated shard": (lambda f: sorted(f.glob("model-*.safetensors"))[1].write_bytes(b"\x10" + bytes(9)),
+                          ["model-00002-of-", "readable safetensors shard", "truncated or corrupt"]),
+    "a shard outside the folder": (
+        _index_edit(lambda wm, shards: wm.update({"transformer.wte.weight": "../" + shards[0]})),
+        ["expected a shard file name beside the index", "'../model-00001-of-"]),
+    "no weight_map": (lambda f: (f / hf.SHARDED_INDEX).write_text('{"metadata": {}}'),
+                      ["weight_map: expected an object of tensor name -> shard file name"]),
+}
+
+
+@pytest.mark.parametrize("fault", SHARD_FAULTS)
+def test_a_sharded_folder_whose_index_and_shards_disagree_is_one_line(sharded32, tmp_path, capsys, fault):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(sharded32, folder)
+    edit, words = SHARD_FAULTS[fault]
+    edit(folder)
+    _refused(capsys, ["import-hf", str(folder), "--out", str(tmp_path / "run")], tmp_path / "run", words)
+    with pytest.raises(ValueError, match=r"model(-\d+-of-\d+\.safetensors|\.safetensors\.index\.json): "):
+        hf.read_gpt2(folder)
+
+
+# ---- issue 28: an adapter whose config and tensors disagree is refused by every command that reads one
+
+
+@pytest.fixture(scope="module")
+def disagreeing(saved32, tmp_path_factory):
+    """PEFT folders on saved32's base whose adapter_config.json and tensors disagree: name -> (folder, words)."""
+    from safetensors.numpy import load_file, save_file
+
+    _, path = saved32
+    root = tmp_path_factory.mktemp("disagreeing")
+    made = {"lora": peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False),
+            "dora": peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True),
+            "ia3": peft.IA3Config(task_type="CAUSAL_LM")}
+    for name, pc in made.items():
+        torch.manual_seed(3)
+        peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path), pc).save_pretrained(root / name)
+    cases = {}
+
+    def case(label, src, changes, words, tensors=None):
+        import shutil
+
+        folder = root / label.replace(" ", "-")
+        shutil.copytree(root / src, folder)
+        ac = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**ac, **changes}))
+        if tensors is not None:
+            weights = str(folder / "adapter_model.safetensors")
+            save_file(tensors(load_file(weights)), weights, metadata={"format": "pt"})
+        cases[label] = folder, words
+
+    nothing = ["target_modules: ['nothing'] matches no module of GPT-2"]
+    case("lora targeting nothing", "lora", {"target_modules": ["nothing"]}, nothing)
+    case("lora tensors of c_attn, targets c_fc", "lora", {"target_modules": ["c_fc"]},
+         ["attn.c_attn.lora_", "target_modules ['c_fc']", "PEFT would not apply it"])
+    case("dora targeting nothing", "dora", {"target_modules": ["nothing"]}, nothing)
+    case("dora tensors of c_attn, targets mlp.c_proj", "dora", {"target_modules": ["mlp.c_proj"]},
+         ["attn.c_attn.", "target_modules ['mlp.c_proj']", "PEFT would not apply it"])
+    case("ia3 targeting nothing", "ia3", {"target_modules": ["nothing"], "feedforward_modules": []}, nothing)
+    case("ia3 with a vector of c_fc, not targeted", "ia3", {},
+         ["h.0.mlp.c_fc.ia3_l", "target_modules ['", "'c_attn'", "'mlp.c_proj'", "PEFT would not load it"],  # a set
+         tensors=lambda t: {**t, "base_model.model.transformer.h.0.mlp.c_fc.ia3_l": np.ones((1, C), np.float32)})
+    return cases
+
+
+ADAPTER_COMMANDS = {
+    "finetune": lambda base, a, out: ["finetune", "--checkpoint", base, "--adapter", a, "--out", out, "--steps", "1"],
+    "generate": lambda base, a, out: ["generate", "--checkpoint", base, "--adapter", a, "--max-new-tokens", "2"],
+    "evaluate": lambda base, a, out: ["evaluate", base, "--adapter", a],
+    "merge": lambda base, a, out: ["merge", base, "--adapter", a, "--out", out + ".npz"],
+    "export": lambda base, a, out: ["export", base, "--adapter", a, "--out", out],
+}
+
+
+@pytest.mark.parametrize("command", ADAPTER_COMMANDS)
+@pytest.mark.parametrize("case", ["lora targeting nothing", "lora tensors of c_attn, targets c_fc",
+                                  "dora targeting nothing", "dora tensors of c_attn, targets mlp.c_proj",
+                                  "ia3 targeting nothing", "ia3 with a vector of c_fc, not targeted"])
+def test_an_adapter_whose_config_and_tensors_disagree_is_one_line_exit_2(saved32, disagreeing, tmp_path, capsys,
+                                                                         command, case):
+    folder, words = disagreeing[case]
+    out = str(tmp_path / "out")
+    _refused(capsys, ADAPTER_COMMANDS[command](str(saved32[1]), str(folder), out), tmp_path / "out",
+             ["--adapter:", *words])
+    assert not os.path.exists(out + ".npz")
+
+
+def test_import_hf_out_naming_a_file_or_a_run_is_one_line_in_the_clis_words(saved32, tmp_path, capsys):
+    """issue 28: --out naming a file was `[Errno 17] File exists`, exit 1; now one line, exit 2, the file as it was."""
+    path = str(saved32[1])
+    taken = tmp_path / "taken.npz"
+    taken.write_bytes(b"mine")
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces a run, never a file
+        err = refused_cli(capsys, ["import-hf", path, "--out", str(taken), *extra],
+                          ["--out: expected a folder for the run, got the file", "taken.npz", "--overwrite replaces",
+                           "never a file", "give another --out"])
+        assert "Errno" not in err and taken.read_bytes() == b"mine"
+    run = tmp_path / "run"
+    assert cli.main(["import-hf", path, "--out", str(run)]) == 0
+    before = (run / "checkpoint.npz").read_bytes()
+    err = refused_cli(capsys, ["import-hf", path, "--out", str(run)],
+                      ["--out:", "already holds a run (checkpoint.npz)", "give --overwrite to replace it"])
+    assert "--resume" not in err and (run / "checkpoint.npz").read_bytes() == before  # import-hf has no --resume
+    assert cli.main(["import-hf", path, "--out", str(run), "--overwrite"]) == 0
+
+
+# ---- issue 28: a minilora IA3 run, with and without the query vector, out to PEFT and back as it went out
+
+
+@pytest.mark.parametrize("queries", [False, True], ids=["no query vector", "query vector"])
+def test_a_minilora_ia3_run_exports_as_peft_computes_it_in_float64_and_comes_back_as_it_went(tmp_path, capsys,
+                                                                                             queries):
+    torch.manual_seed(6)
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(hf_config(n_positions=128)).save_pretrained(path)  # room for the task's records
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "--checkpoint", str(path), "--method", "ia3", *(["--ia3-queries"] if queries else []),
+                     "--out", str(run), "--steps", "3", "--batch-size", "4", "--lr", "0.1"]) == 0
+    assert cli.main(["export", str(path), "--adapter", str(run / "adapter.npz"), "--out", str(tmp_path / "back")]) == 0
+    params, config, _, _ = load_model(path, adapter=run / "adapter.npz")
+    assert config.lora == ia3.Ia3Config(queries=queries)
+    params = {n: a.astype(np.float64) for n, a in params.items()}  # the run's float32 numbers, widened exactly
+    pm = load_peft(tmp_path / "back")
+    l_c = pm.base_model.model.transformer.h[0].attn.c_attn.ia3_l["default"].detach().numpy().ravel()
+    assert l_c.dtype == np.float64
+    np.testing.assert_array_equal(l_c[:C], params["h.0.attn.q.ia3_l"] if queries else np.ones(C))
+    assert queries == bool(np.abs(l_c[:C] - 1.0).max() > 1e-3)  # the run trained l_q only when asked
+    ids = ids_for()
+    ours = our_logits(params, config, ids)
+    assert_logits_equal(f"IA3 ({'query vector' if queries else 'no query vector'}), minilora run -> PEFT (CLI)",
+                        ours, torch_logits(pm, ids))
+    assert rel(ours, torch_logits(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64), ids)) \
+        > 1e-4  # the vectors change the function: the check has teeth
+    # and back: the exported folder comes in with the setting it went out with, the same function
+    base_params, base_config, _ = hf.read_gpt2(tmp_path / "back", dtype=np.float64)
+    back, back_config, _ = peft_io.read_peft(tmp_path / "back" / "adapter", base_params, base_config)
+    assert back_config.lora == ia3.Ia3Config(queries=queries) and back.keys() == params.keys()
+    assert all(np.array_equal(back[n], params[n]) for n in params)

@@ -277,6 +277,36 @@ def test_cli_finetunes_evaluates_and_merges_ia3(base_file, tmp_path, capsys):
     assert config.lora is None and not any(n.endswith(".ia3_l") for n in merged)
 
 
+def test_cli_ia3_queries_trains_l_q_too_and_continues_with_it(base_file, tmp_path, capsys):
+    """--ia3-queries: Ia3Config(queries=True), L (3C + F) vectors; the run's adapter says so, and a further run
+    from it (--adapter) keeps the query vector without being asked again."""
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "--checkpoint", str(base_file), "--method", "ia3", "--ia3-queries", "--steps", "3",
+                     "--batch-size", "4", "--out", str(run)]) == 0
+    assert "[ia3] IA3: L (3C + F) = 1 x (3 x 16 + 32) = 80" in capsys.readouterr().out
+    params, config, _, _ = runs.load_model(str(base_file), adapter=str(run))
+    assert config.lora == Ia3Config(queries=True) and not (params["h.0.attn.q.ia3_l"] == 1.0).all()  # l_q trained
+    assert cli.main(["finetune", "--checkpoint", str(base_file), "--adapter", str(run), "--steps", "2",
+                     "--batch-size", "4", "--out", str(tmp_path / "more")]) == 0
+    assert "IA3: L (3C + F)" in capsys.readouterr().out
+    assert runs.load_model(str(base_file), adapter=str(tmp_path / "more"))[1].lora == Ia3Config(queries=True)
+
+
+def test_cli_ia3_queries_is_refused_for_another_method_and_for_an_adapter_without_them(base_file, tmp_path, capsys):
+    assert cli.main(["finetune", "--method", "lora", "--ia3-queries", "--checkpoint", str(base_file)]) == 2
+    err = capsys.readouterr().err
+    assert "--ia3-queries: expected --method ia3 (an IA3 setting), got --method lora" in err and err.count("\n") == 1
+    run = tmp_path / "plain"
+    assert cli.main(["finetune", "--checkpoint", str(base_file), "--method", "ia3", "--steps", "2",
+                     "--batch-size", "4", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["finetune", "--checkpoint", str(base_file), "--adapter", str(run), "--ia3-queries",
+                     "--steps", "2", "--out", str(tmp_path / "more")]) == 2
+    err = capsys.readouterr().err
+    assert "--ia3-queries: expected the adapter's own setting (no query vector" in err and err.count("\n") == 1
+    assert not (tmp_path / "more").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--rank", "4"], "--rank: expected no LoRA setting with method 'ia3'"),
     (["--targets", "q,v"], "--targets: expected no LoRA setting with method 'ia3'"),

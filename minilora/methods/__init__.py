@@ -106,6 +106,8 @@ class Method:
     - color: its matplotlib colour in the report's figures
     - gradcheck_setup(params, config, rng) -> (params, config, trainable): the method at a random,
       non-degenerate float64 point, for the whole-model gradient checks
+    - gradcheck_variants: ((label, setup), ...): further settings of the method checked the same way, each
+      setup a gradcheck_setup (IA3's query vector)
     - op_checks(rng, xp): gradcheck.CheckResults of its own op pairs against finite differences
     """
 
@@ -120,6 +122,7 @@ class Method:
     merge: object = None
     saves_adapter: bool = False
     gradcheck_setup: object = None
+    gradcheck_variants: tuple = ()
     op_checks: object = None
     fit: object = None
     study_lrs: tuple = ()

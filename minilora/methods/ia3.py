@@ -313,6 +313,11 @@ def _gradcheck_setup(params, config, rng, ia3_config=None):
     return adapted, adapted_config, set(adapter_names(adapted_config))
 
 
+def _gradcheck_queries(params, config, rng):
+    """_gradcheck_setup with Ia3Config(queries=True): l_q too, PEFT's IA3 on GPT-2."""
+    return _gradcheck_setup(params, config, rng, Ia3Config(queries=True))
+
+
 def _op_checks(rng, xp=np):
     """Both scalings against finite differences, every coordinate of x and l (with a bias, and without)."""
     from ..backend import to_device
@@ -339,5 +344,6 @@ IA3 = register(
            3e-2, _setup, adapter_config=_adapter_config, extra_shapes=adapter_methods_extra_shapes("ia3"),
            owns=lambda name: name.endswith(f".{NAME}"), merge=merge, saves_adapter=True,
            study_lrs=(3e-3, 1e-2, 3e-2, 1e-1), gradcheck_setup=_gradcheck_setup, op_checks=_op_checks,
+           gradcheck_variants=(("ia3 queries", _gradcheck_queries),),
            color="tab:brown"),
     pair=IA3_PAIR, config_type=Ia3Config)
