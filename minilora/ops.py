@@ -424,19 +424,23 @@ def attention_forward(q, k, v, n_heads):
     P = xp.empty((B, n_heads, T, T), dtype=q.dtype)
     out = xp.empty((B, T, C), dtype=q.dtype)
     outh = split(out)  # a (B, NH, T, hs) view: the products write the heads straight into out
-    # One sequence and one block of queries at a time: its (NH, t1 - t0, t1)
-    # scores stay in the CPU's cache through the five passes below.
-    for b in range(B):
-        for t0, t1 in blocks:
-            P[b, :, t0:t1, t1:] = 0.0  # the block above the diagonal, never computed: P = 0 there
-            S = P[b, :, t0:t1, :t1]  # (NH, t1 - t0, t1): S is computed, then turned into P, in P's memory
-            # S = q k^T / sqrt(hs); the scale goes on q, T/hs times smaller than S
-            xp.matmul(qh[b, :, t0:t1] * scale, kh[b, :, :t1].transpose(0, 2, 1), out=S)
-            S[:, :, t0:] += future[:t1 - t0, :t1 - t0]
-            # P = softmax(S), in place
-            S -= S.max(axis=-1, keepdims=True)
-            _softmax_in_place(S)
-            xp.matmul(S, vh[b, :, :t1], out=outh[b, :, t0:t1])  # out = P v, (NH, t1 - t0, hs)
+    def sequences(b0, b1):
+        # One sequence and one block of queries at a time: its (NH, t1 - t0, t1)
+        # scores stay in the CPU's cache through the five passes below.
+        for b in range(b0, b1):
+            for t0, t1 in blocks:
+                P[b, :, t0:t1, t1:] = 0.0  # the block above the diagonal, never computed: P = 0 there
+                S = P[b, :, t0:t1, :t1]  # (NH, t1 - t0, t1): S is computed, then turned into P, in P's memory
+                # S = q k^T / sqrt(hs); the scale goes on q, T/hs times smaller than S
+                xp.matmul(qh[b, :, t0:t1] * scale, kh[b, :, :t1].transpose(0, 2, 1), out=S)
+                S[:, :, t0:] += future[:t1 - t0, :t1 - t0]
+                # P = softmax(S), in place
+                S -= S.max(axis=-1, keepdims=True)
+                _softmax_in_place(S)
+                xp.matmul(S, vh[b, :, :t1], out=outh[b, :, t0:t1])  # out = P v, (NH, t1 - t0, hs)
+
+    # the sequences are independent: on the CPU they are split over the threads, each on its own core
+    parallel_for(B, sequences, like=q, products=True)
     return out, (qh, kh, vh, P, outh)  # outh: out itself, seen per head (the backward's D below)
 
 
@@ -464,25 +468,29 @@ def attention_backward(dout, cache):
     # a dot product of two hs-vectors, instead of a pass over the (T, T) scores
     D = (douth * outh).sum(axis=-1, keepdims=True)  # (B, NH, T, 1)
     blocks = _causal_blocks(T)
-    dS = xp.empty((NH, T, T), dtype=dout.dtype)  # one sequence's dS, reused; only its causal blocks are used
-    for b in range(B):  # one sequence at a time, as in the forward: dS stays in cache
-        for t0, t1 in blocks:
-            Pb = P[b, :, t0:t1, :t1]  # (NH, t1 - t0, t1)
-            dSb = dS[:, t0:t1, :t1]
-            # in the forward pass this was: out = P @ v, so dP = dout @ v^T
-            xp.matmul(douth[b, :, t0:t1], vh[b, :, :t1].transpose(0, 2, 1), out=dSb)
-            # P = softmax(S): dS = P * (dP - sum(dP * P)) = P * (dP - D), computed over
-            # dP's buffer; masked entries have P = 0, so their dS is 0 too
-            dSb -= D[b, :, t0:t1]
-            dSb *= Pb
-            # S = q @ k^T * scale; the scale goes on dS once
-            dSb *= scale
-            xp.matmul(dSb, kh[b, :, :t1], out=dqh[b, :, t0:t1])  # dq = dS k
-        for u0, u1 in blocks:
-            # keys u0..u1-1 are seen by queries t >= u0 only (P and dS are 0 above the diagonal):
-            # out = P v gives dv = P^T dout, and S = q k^T gives dk = dS^T q, over those queries
-            xp.matmul(P[b, :, u0:, u0:u1].transpose(0, 2, 1), douth[b, :, u0:], out=dvh[b, :, u0:u1])
-            xp.matmul(dS[:, u0:, u0:u1].transpose(0, 2, 1), qh[b, :, u0:], out=dkh[b, :, u0:u1])
+
+    def sequences(b0, b1):
+        dS = xp.empty((NH, T, T), dtype=dout.dtype)  # one sequence's dS, reused; only its causal blocks are used
+        for b in range(b0, b1):  # one sequence at a time, as in the forward: dS stays in cache
+            for t0, t1 in blocks:
+                Pb = P[b, :, t0:t1, :t1]  # (NH, t1 - t0, t1)
+                dSb = dS[:, t0:t1, :t1]
+                # in the forward pass this was: out = P @ v, so dP = dout @ v^T
+                xp.matmul(douth[b, :, t0:t1], vh[b, :, :t1].transpose(0, 2, 1), out=dSb)
+                # P = softmax(S): dS = P * (dP - sum(dP * P)) = P * (dP - D), computed over
+                # dP's buffer; masked entries have P = 0, so their dS is 0 too
+                dSb -= D[b, :, t0:t1]
+                dSb *= Pb
+                # S = q @ k^T * scale; the scale goes on dS once
+                dSb *= scale
+                xp.matmul(dSb, kh[b, :, :t1], out=dqh[b, :, t0:t1])  # dq = dS k
+            for u0, u1 in blocks:
+                # keys u0..u1-1 are seen by queries t >= u0 only (P and dS are 0 above the diagonal):
+                # out = P v gives dv = P^T dout, and S = q k^T gives dk = dS^T q, over those queries
+                xp.matmul(P[b, :, u0:, u0:u1].transpose(0, 2, 1), douth[b, :, u0:], out=dvh[b, :, u0:u1])
+                xp.matmul(dS[:, u0:, u0:u1].transpose(0, 2, 1), qh[b, :, u0:], out=dkh[b, :, u0:u1])
+
+    parallel_for(B, sequences, like=dout, products=True)  # as in the forward, a part of the sequences per thread
     return dq, dk, dv
 
 

@@ -41,7 +41,7 @@ def split_range(n, pieces, grain=1):
     return [(s, min(s + per, n)) for s in range(0, n, per)] if n > 0 else []
 
 
-def parallel_for(n, body, like=None, grain=1):
+def parallel_for(n, body, like=None, grain=1, products=False):
     """Run body(start, stop) over [0, n) split in contiguous parts, one per BLAS thread, and wait for all.
 
     Inputs:
@@ -50,6 +50,9 @@ def parallel_for(n, body, like=None, grain=1):
       its return value is ignored, and an exception in any part is raised here
     - like: an array of the loop: a device array runs as one part (the GPU is parallel already)
     - grain: parts are whole multiples of it (a cache-sized block; the rows of one softmax)
+    - products: body calls BLAS on small matrices (attention's, one sequence at a time). While the parts
+      run, the BLAS pool is set to one thread, so that each part's products run on its own core instead
+      of every small product being split over all of them; it is set back after
 
     With one thread, or n of one grain or less, body(0, n) runs in the calling thread.
     """
@@ -62,5 +65,12 @@ def parallel_for(n, body, like=None, grain=1):
     pool = _POOLS.get(threads)
     if pool is None:
         pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="minilora")
-    for future in [pool.submit(body, s, e) for s, e in parts]:
-        future.result()
+    blas = _BLAS[0] if products else None
+    if blas is not None:
+        blas.set_num_threads(1)
+    try:
+        for future in [pool.submit(body, s, e) for s, e in parts]:
+            future.result()
+    finally:
+        if blas is not None:
+            blas.set_num_threads(threads)
