@@ -27,7 +27,9 @@ def test_model_gradient_checks_cover_every_parameter_and_strategy():
     config = ModelConfig(**gradcheck.TINY)
     base_names = set(model.param_shapes(config))
     head = {"cls.W", "cls.b"}
-    assert set(by_op) == {f"model: {m}, {h}" for m in methods.METHODS for h in ("LM", "classifier")}
+    variants = [f"{name} ({v})" for name, m in methods.METHODS.items() for v, _ in m.gradcheck_variants]
+    assert {"prompt (PEFT positions)", "prefix (PEFT positions)"} <= set(variants)
+    assert set(by_op) == {f"model: {m}, {h}" for m in [*methods.METHODS, *variants] for h in ("LM", "classifier")}
     assert by_op["model: full, LM"] == base_names
     assert by_op["model: full, classifier"] == base_names | head
     every_target = lora.LoraConfig(rank=2, targets=tuple(lora.TARGETS))
@@ -41,6 +43,11 @@ def test_model_gradient_checks_cover_every_parameter_and_strategy():
         _, _, trainable = m.gradcheck_setup(gradcheck.tiny_model(np.random.default_rng(0))[1], config,
                                             np.random.default_rng(0))
         assert by_op[f"model: {name}, LM"] == trainable - head, name
+        for v, setup in m.gradcheck_variants:  # and every name each variant trains (PEFT positions: wpe too)
+            _, _, trainable = setup(gradcheck.tiny_model(np.random.default_rng(0))[1], config,
+                                    np.random.default_rng(0))
+            assert by_op[f"model: {name} ({v}), LM"] == trainable - head, (name, v)
+    assert by_op["model: prompt (PEFT positions), LM"] == {"prompt", "wpe"}
 
 
 def _batch(config, B=3, T=None, seed=0):
