@@ -381,9 +381,10 @@ _ADAPTER_OPTIONS = {"--rank": "rank", "--alpha": "alpha", "--targets": "targets"
 def _continued_adapter(args):
     """finetune --adapter: (base params, base config, tokenizer, start, adapter's settings) before any work.
 
-    The adapter (an adapter.npz, a run folder holding one, or a PEFT LoRA folder) must be on --checkpoint's
-    base (runs.load_model checks its fingerprint) and of --method's method (by default the adapter's own);
-    an option that sets its shapes (--rank, --alpha, --targets, --rslora, --n-prefix) must agree with it.
+    The adapter (an adapter.npz, a run folder holding one, or a PEFT LoRA, DoRA, IA3, prompt- or prefix-tuning
+    folder) must be on --checkpoint's base (runs.load_model checks its fingerprint) and of --method's method (by
+    default the adapter's own); an option that sets its shapes (--rank, --alpha, --targets, --rslora,
+    --n-prefix, --n-prompt) or its positions (--peft-positions) must agree with it.
     """
     from .model import param_shapes
 
@@ -392,7 +393,8 @@ def _continued_adapter(args):
     base_names = set(param_shapes(base_config))
     base = {n: a for n, a in params.items() if n in base_names}
     start = {n: a for n, a in params.items() if n not in base_names}
-    method = config.lora.method if config.lora is not None else "prefix" if config.n_prefix else None
+    method = (config.lora.method if config.lora is not None else "prefix" if config.n_prefix
+              else "prompt" if "prompt" in start else None)  # a prompt: from a PEFT prompt-tuning folder
     if method is None or not start:
         raise ValueError(f"--adapter: expected adapters to continue training, got {args.adapter!r} without any")
     if _given(args, "--method") and args.method != method:
@@ -418,6 +420,11 @@ def _continued_adapter(args):
                          f"sets it), got {args.n_prefix}; leave --n-prefix out to continue the adapter")
     if config.n_prefix:
         args.n_prefix = config.n_prefix
+    if "prompt" in start:
+        if _given(args, "--n-prompt") and args.n_prompt != start["prompt"].shape[0]:
+            raise ValueError(f"--n-prompt: expected the adapter's own {start['prompt'].shape[0]} (--adapter "
+                             f"{args.adapter!r} sets it), got {args.n_prompt}; leave --n-prompt out to continue it")
+        args.n_prompt = start["prompt"].shape[0]
     if _given(args, "--peft-positions") and not config.peft_positions:
         raise ValueError(f"--peft-positions: expected the adapter's own positions (--adapter {args.adapter!r} was "
                          f"trained with minilora's), got --peft-positions; leave it out to continue the adapter")
