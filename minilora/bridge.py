@@ -2,7 +2,8 @@
 
     minilora import-hf DIR --out RUN     config.json + model.safetensors (+ tokenizer.json) -> RUN/checkpoint.npz
     minilora export RUN --out DIR        -> DIR/config.json, model.safetensors, tokenizer files
-                                            (+ DIR/adapter/ for a LoRA, DoRA, IA3 or QLoRA run: a PEFT folder)
+                                            (+ DIR/adapter/ for a LoRA, DoRA, IA3 or QLoRA run, and for a
+                                            prompt or prefix run trained with --peft-positions: a PEFT folder)
     minilora export RUN --out DIR --bnb-4bit   a QLoRA run's base in bitsandbytes' 4-bit NF4 (bnb_io.py)
 
 A QLoRA run goes out as what it computes: its dequantized NF4 base (float32)
@@ -25,7 +26,7 @@ Needs safetensors and tokenizers (`pip install 'minilora[hf]'`).
 import json
 import os
 
-from . import hf, peft_io
+from . import hf, peft_io, peft_prompt
 from .corpus import NEWLINE_ID, VOCAB
 from .methods import qlora
 from .methods.lora import adapter_names, lora_names
@@ -100,14 +101,14 @@ def tokenizer_json(tokenizer):
 def check_exportable(params, config, bnb_4bit=False):
     """Raise ValueError, saying why, for what has no exact transformers/PEFT counterpart (or, with bnb_4bit,
     for a run that is not QLoRA: only a QLoRA base has 4-bit codes to write)."""
-    if "prompt" in params:
+    if "prompt" in params and not config.peft_positions:
         raise ValueError("run: a prompt-tuning run has no exact export: PEFT's prompt tuning gives the virtual "
-                         "tokens positions 0..P-1 and shifts the real tokens after them, while minilora keeps the "
-                         "real tokens at positions 0..T-1")
-    if config.n_prefix:
+                         "tokens positions 0..P-1 and shifts the real tokens after them, while this run kept the "
+                         "real tokens at positions 0..T-1; train it with --peft-positions to export it")
+    if config.n_prefix and not config.peft_positions:
         raise ValueError("run: a prefix-tuning run has no exact export: PEFT's prefix tuning hands the prefix to GPT-2 "
-                         "as past_key_values, so GPT-2 numbers the real tokens P..P+T-1, while minilora keeps them "
-                         "at positions 0..T-1")
+                         "as past_key_values, so GPT-2 numbers the real tokens P..P+T-1, while this run kept them "
+                         "at positions 0..T-1; train it with --peft-positions to export it")
     if "cls.W" in params:
         raise ValueError("run: a classification run has no exact export: transformers' GPT2ForSequenceClassification "
                          "head has no bias and reads the last non-padding token, minilora's cls.W, cls.b has a bias")
@@ -150,9 +151,10 @@ def export_model(out, params, config, tokenizer, overwrite=False, inputs=(), bnb
 
     Writes out/config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
     and for a LoRA model the base (adapters left out) there and the adapters as
-    a PEFT folder in out/adapter, whose base_model_name_or_path is out. A QLoRA model
+    a PEFT folder in out/adapter, whose base_model_name_or_path is out; likewise
+    a prompt or prefix model trained with PEFT's positions (peft_prompt.py). A QLoRA model
     is written as the LoRA model of the same function (qlora.as_lora: the base dequantized).
-    Returns the list of folders written (out, and out/adapter for LoRA).
+    Returns the list of folders written (out, and out/adapter for an adapter).
     """
     check_exportable(params, config, bnb_4bit)
     quantized = (params, config)  # a QLoRA model's records, for the 4-bit base
@@ -161,9 +163,13 @@ def export_model(out, params, config, tokenizer, overwrite=False, inputs=(), bnb
     check_vocab_size(tokenizer, config.vocab_size, what="tokenizer")
     text = tokenizer_json(tokenizer)
     eos = _end_token(tokenizer)
+    virtual = peft_prompt.virtual_names(params, config)  # a soft prompt or a prefix: PEFT prompt learning
     adapters = set(lora_names(params)) | (set(adapter_names(config)) if config.lora is not None else set())
-    base = {k: v for k, v in params.items() if k not in adapters}
+    base = {k: v for k, v in params.items() if k not in adapters | set(virtual)}
     base_config = config if config.lora is None else type(config).from_dict({**config.to_dict(), "lora": None})
+    if virtual:
+        base_config = type(config).from_dict({**config.to_dict(), "n_prefix": 0, "peft_positions": False})
+    adapted = config.lora is not None or bool(virtual)
     final = os.path.abspath(out)
 
     def write(tmp):
@@ -178,10 +184,11 @@ def export_model(out, params, config, tokenizer, overwrite=False, inputs=(), bnb
         with open(os.path.join(tmp, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                        "model_max_length": config.context_length}, f, indent=2)
-        if config.lora is not None:
+        if adapted:
             os.mkdir(os.path.join(tmp, ADAPTER_DIR))
-            peft_io.write_peft(os.path.join(tmp, ADAPTER_DIR), params, config, final, base)
+            write_peft = peft_prompt.write_peft if virtual else peft_io.write_peft
+            write_peft(os.path.join(tmp, ADAPTER_DIR), params, config, final, base)
 
     hf.write_folder_atomically(out, write, overwrite=overwrite, inputs=inputs, writes=EXPORT_FILES)
-    return [out] + ([os.path.join(out, ADAPTER_DIR)] if config.lora is not None else [])
+    return [out] + ([os.path.join(out, ADAPTER_DIR)] if adapted else [])
 

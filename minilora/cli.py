@@ -358,7 +358,7 @@ def _finetune_config(args, saved_train=None):
                       targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, rslora=args.rslora,
                       init=args.lora_init, **variant),
         n_prompt=args.n_prompt, prompt_init=args.prompt_init, n_prefix=args.n_prefix,
-        checkpoint_activations=args.checkpoint_activations,
+        peft_positions=args.peft_positions, checkpoint_activations=args.checkpoint_activations,
         train=replace(d.train, steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
                       warmup_steps=_warmup(args, d.train.warmup_steps, saved_train), eval_every=args.steps,
                       checkpoint_every=args.checkpoint_every, seed=args.seed),
@@ -386,19 +386,20 @@ _ADAPTER_OPTIONS = {"--rank": "rank", "--alpha": "alpha", "--targets": "targets"
 def _continued_adapter(args):
     """finetune --adapter: (base params, base config, tokenizer, start, adapter's settings) before any work.
 
-    The adapter (an adapter.npz, a run folder holding one, or a PEFT LoRA folder) must be on --checkpoint's
-    base (runs.load_model checks its fingerprint) and of --method's method (by default the adapter's own);
-    an option that sets its shapes (--rank, --alpha, --targets, --rslora, --n-prefix, --ia3-queries) must
-    agree with it.
+    The adapter (an adapter.npz, a run folder holding one, or a PEFT LoRA, DoRA, IA3, prompt- or prefix-tuning
+    folder) must be on --checkpoint's base (runs.load_model checks its fingerprint) and of --method's method (by
+    default the adapter's own); an option that sets its shapes (--rank, --alpha, --targets, --rslora,
+    --n-prefix, --n-prompt, --ia3-queries) or its positions (--peft-positions) must agree with it.
     """
     from .model import param_shapes
 
     params, config, _, tokenizer = _load_model(args.checkpoint, "--checkpoint", _xp(args), args.adapter)
-    base_config = replace(config, lora=None, n_prefix=0)
+    base_config = replace(config, lora=None, n_prefix=0, peft_positions=False)
     base_names = set(param_shapes(base_config))
     base = {n: a for n, a in params.items() if n in base_names}
     start = {n: a for n, a in params.items() if n not in base_names}
-    method = config.lora.method if config.lora is not None else "prefix" if config.n_prefix else None
+    method = (config.lora.method if config.lora is not None else "prefix" if config.n_prefix
+              else "prompt" if "prompt" in start else None)  # a prompt: from a PEFT prompt-tuning folder
     if method is None or not start:
         raise ValueError(f"--adapter: expected adapters to continue training, got {args.adapter!r} without any")
     if _given(args, "--method") and args.method != method:
@@ -428,6 +429,15 @@ def _continued_adapter(args):
                          f"sets it), got {args.n_prefix}; leave --n-prefix out to continue the adapter")
     if config.n_prefix:
         args.n_prefix = config.n_prefix
+    if "prompt" in start:
+        if _given(args, "--n-prompt") and args.n_prompt != start["prompt"].shape[0]:
+            raise ValueError(f"--n-prompt: expected the adapter's own {start['prompt'].shape[0]} (--adapter "
+                             f"{args.adapter!r} sets it), got {args.n_prompt}; leave --n-prompt out to continue it")
+        args.n_prompt = start["prompt"].shape[0]
+    if _given(args, "--peft-positions") and not config.peft_positions:
+        raise ValueError(f"--peft-positions: expected the adapter's own positions (--adapter {args.adapter!r} was "
+                         f"trained with minilora's), got --peft-positions; leave it out to continue the adapter")
+    args.peft_positions = config.peft_positions  # the adapter's positions: the function it was trained to compute
     return base, base_config, tokenizer, start, settings
 
 
@@ -518,7 +528,7 @@ def _cmd_memory(args):
         config, what = SIZES[args.size], args.size
     else:
         _, config, _, _ = _load_model(args.run, "--run")
-        config, what = replace(config, lora=None, n_prefix=0), args.run
+        config, what = replace(config, lora=None, n_prefix=0, peft_positions=False), args.run
     context = args.context if args.context is not None else min(256, config.context_length)
     if context > config.context_length:
         raise ValueError(f"--context: expected at most the model's context_length={config.context_length}, "
@@ -929,6 +939,9 @@ def build_parser():
     s.add_argument("--prompt-init", choices=["vocab", "random", "text"], default=ft.prompt_init)
     s.add_argument("--n-prefix", type=POSITIVE, default=ft.n_prefix,
                    help="prefix keys and values per attention layer (--method prefix)")
+    s.add_argument("--peft-positions", action="store_true", default=ft.peft_positions,
+                   help="number the real tokens after the P virtual tokens, as PEFT does (--method prompt or "
+                        "prefix), so that the run exports exactly to PEFT; default: they keep 0..T-1")
     s.add_argument("--checkpoint-activations", action="store_true",
                    help="keep each block's input only and recompute the block in the backward: the same "
                         "gradients, less memory, one more forward of the blocks")

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import corpus, tasks
 from .backend import to_numpy
-from .model import class_logits, loss_and_grads
+from .model import class_logits, loss_and_grads, real_context
 from .sampling import decode
 from .tokenizer import single_token_id
 
@@ -25,7 +25,7 @@ def corpus_val_data(tokenizer, n_sentences=VAL_SENTENCES, seed=VAL_SEED):
     return tokenizer.encode(val_text)
 
 
-def strided_val_loss(params, config, data, batch_size=64, token_lengths=None):
+def strided_val_loss(params, config, data, batch_size=64, token_lengths=None, context=None):
     """Mean loss per token over a token stream, each counted once, with context; or per character.
 
     Windows of T = context_length start every T//2 tokens, and only the last
@@ -41,8 +41,11 @@ def strided_val_loss(params, config, data, batch_size=64, token_lengths=None):
     (V,) characters each token stands for, for nats per character: the total
     nats of the counted targets over the total characters of the same targets,
     the unit the entropy floor is in.
+
+    context: the window T; default the most real tokens the model reads (model.real_context: context_length,
+    less a soft prompt's or prefix's P under PEFT's positions).
     """
-    T = config.context_length
+    T = real_context(params, config) if context is None else context
     half = T // 2
     starts = np.arange(0, len(data) - T - 1, half)
     if len(starts) == 0:
@@ -81,10 +84,12 @@ def exact_match(params, config, tokenizer, records, max_new_tokens=None, end="\n
     outputs = [len(tokenizer.encode(r["output"])) for r in records]  # tokens of each reference
     if max_new_tokens is None:
         max_new_tokens = max(outputs) + 1 + 4
+    limit = real_context(params, config)  # context_length, less P virtual tokens' positions (peft_positions)
+    room = "context_length" if limit == config.context_length else "context_length - P"
     for r, p, n in zip(records, prompts, outputs):
-        if len(p) + n + 1 > config.context_length + 1:
+        if len(p) + n + 1 > limit + 1:
             raise ValueError(f"records: the record {r!r:.80} needs {len(p) + n + 1} tokens, "
-                             f"more than the context_length + 1 = {config.context_length + 1} the model reads")
+                             f"more than the {room} + 1 = {limit + 1} the model reads")
     outs = decode(params, config, prompts, max_new_tokens, stop_id=stop_id)
     preds = [tokenizer.decode(o) for o in outs]
     acc = float(np.mean([p == r["output"] for p, r in zip(preds, records)]))

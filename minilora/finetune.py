@@ -35,7 +35,7 @@ from .backend import array_module
 from .evaluation import classification_accuracy, exact_match, strided_val_loss
 from .methods import base_fingerprint
 from .methods.lora import LoraConfig, count_report, save_adapter
-from .model import add_head, count_params
+from .model import add_head, count_params, real_context
 from .optim import optimizer_state_bytes
 from .runs import ADAPTER, LOG, SUMMARY
 from .tokenizer import single_token_id
@@ -63,6 +63,9 @@ class FinetuneConfig:
     prompt_init: str = "vocab"  # vocab | random | text
     prompt_init_text: str = "Name the subject of the sentence."
     n_prefix: int = 16  # prefix keys and values per attention layer (prefix tuning)
+    # prompt and prefix tuning: number the real tokens after the P virtual tokens, as PEFT does, so the run
+    # exports exactly (ModelConfig.peft_positions; the methods put it in the run's ModelConfig)
+    peft_positions: bool = False
     train: TrainConfig = None  # None: TrainConfig(steps=600, lr=DEFAULT_LR[method], ...)
     seed: int = 0
     # keep each block's input only and recompute the block in the backward (model.loss_and_grads): the
@@ -82,6 +85,12 @@ class FinetuneConfig:
             self.train = TrainConfig(steps=600, batch_size=16, lr=DEFAULT_LR[self.method],
                                      min_lr=DEFAULT_LR[self.method] / 10, warmup_steps=20,
                                      weight_decay=0.0, eval_every=100, checkpoint_every=100)
+        if not isinstance(self.peft_positions, bool):
+            raise ValueError(f"peft_positions: expected True or False, got {self.peft_positions!r}")
+        if self.peft_positions and not m.peft_positions:
+            takes = ", ".join(name for name, other in methods.METHODS.items() if other.peft_positions)
+            raise ValueError(f"peft_positions: expected a method with virtual tokens before the real ones ({takes}), "
+                             f"got method {self.method!r}")
         if not isinstance(self.checkpoint_activations, bool):
             raise ValueError(f"checkpoint_activations: expected True or False, got {self.checkpoint_activations!r}")
         for name in ("n_train", "n_test"):
@@ -284,7 +293,9 @@ def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_dat
     before_params, before_config, _ = setup_strategy(base_params, model_config, tokenizer, config, n_classes, start)
     metric_before = score(before_params, before_config, tokenizer, test_records, class_names, config.end_marker)
     del before_params  # a second copy of the weights under full fine-tuning: not held through training
-    val_before = strided_val_loss(base_params, model_config, val_data) if val_data is not None else None
+    # the same windows before and after: the fine-tuned model's (fewer real tokens with PEFT's positions)
+    window = real_context(params, ft_config)
+    val_before = None if val_data is None else strided_val_loss(base_params, model_config, val_data, context=window)
 
     meta = run_meta(base_params, model_config, tokenizer, config, class_names, continued_from)
     if run_dir is not None:
@@ -295,7 +306,7 @@ def finetune(base_params, model_config, tokenizer, config, run_dir=None, val_dat
                            checkpoint_activations=config.checkpoint_activations)
     wall = time.perf_counter() - t0
     metric = score(params, ft_config, tokenizer, test_records, class_names, config.end_marker)
-    val_after = strided_val_loss(params, ft_config, val_data) if val_data is not None else None
+    val_after = strided_val_loss(params, ft_config, val_data, context=window) if val_data is not None else None
     n_trainable = count_params(params, trainable)
     summary = {
         "method": config.method, "report": report,
@@ -357,6 +368,8 @@ def run_description(config):
     d = {k: v for k, v in asdict(config).items() if k not in ("lora", "train", "checkpoint_activations")}
     if d["n_prefix"] == FinetuneConfig.n_prefix:
         del d["n_prefix"]  # added later: at its default a run is described as before, so finished runs stay found
+    if not d["peft_positions"]:
+        del d["peft_positions"]  # likewise
     if config.data_file is not None:
         d["data_file"] = os.path.abspath(config.data_file)
         # the bytes load_records read (once: a pipe or FIFO cannot be read again)
@@ -371,5 +384,6 @@ def run_description(config):
 def config_from_description(d):
     """The FinetuneConfig (split-defining fields) a run was made with, from run_description's dict."""
     fields = {k: d[k] for k in ("method", "task", "n_train", "n_test", "data_file", "train_on_prompt", "end_marker",
-                                "n_prompt", "prompt_init", "prompt_init_text", "n_prefix", "seed") if k in d}
+                                "n_prompt", "prompt_init", "prompt_init_text", "n_prefix", "peft_positions", "seed")
+              if k in d}
     return FinetuneConfig(**fields)

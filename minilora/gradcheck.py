@@ -218,6 +218,20 @@ def tiny_model(rng):
     return config, params
 
 
+def longer_context(params, config, extra, rng):
+    """The model with `extra` more positions (new random wpe rows, O(1) like the rest): room for P virtual
+    tokens that take positions (peft_positions) beside a batch of context_length real tokens.
+
+    Returns (params, config), a new dict and a new config; the other arrays are shared.
+    """
+    from dataclasses import replace
+
+    wpe = params["wpe"]
+    rows = rng.standard_normal((extra, wpe.shape[1])).astype(wpe.dtype)
+    more = {**params, "wpe": np.concatenate([to_numpy(wpe), 0.4 * rows])}
+    return more, replace(config, context_length=config.context_length + extra)
+
+
 def check_model(op, loss_fn, params, trainable, rng):
     """Compare the model's gradients of a scalar loss with finite differences at
     SAMPLED_COORDS random coordinates of every trainable tensor.
@@ -275,16 +289,18 @@ def _model_checks(rng, xp=np, checkpoint_activations=False):
 
     label = "checkpointed model" if checkpoint_activations else "model"
     res = []
-    for name, m in methods.METHODS.items():
-        # each method at its own random non-degenerate point (e.g. LoRA's B != 0), on a model with a head;
-        # the LM loss never reads the head, so the LM check trains the method's names only
-        for case, setup in ((name, m.gradcheck_setup), *m.gradcheck_variants):
-            params, cfg, trainable = setup(dict(with_head), config, rng)
-            params = model.params_to(params, xp)
-            res += check_model(f"{label}: {case}, LM", loss(cfg, {"x": x, "y": y, "mask": mask}), params,
-                               trainable - set(model.HEAD_NAMES), rng)
-            res += check_model(f"{label}: {case}, classifier", loss(cfg, {"x": x, "last": last, "labels": labels}),
-                               params, trainable | set(model.HEAD_NAMES), rng)
+    # each method at its own random non-degenerate point (e.g. LoRA's B != 0), on a model with a head; the LM
+    # loss never reads the head, so the LM check trains the method's names only. Then each variant a method
+    # computes (e.g. "prompt (PEFT positions)"), at its own point, drawn after all the methods' points
+    setups = [(name, m.gradcheck_setup) for name, m in methods.METHODS.items()]
+    setups += [(f"{name} ({v})", setup) for name, m in methods.METHODS.items() for v, setup in m.gradcheck_variants]
+    for case, setup in setups:
+        params, cfg, trainable = setup(dict(with_head), config, rng)
+        params = model.params_to(params, xp)
+        res += check_model(f"{label}: {case}, LM", loss(cfg, {"x": x, "y": y, "mask": mask}), params,
+                           trainable - set(model.HEAD_NAMES), rng)
+        res += check_model(f"{label}: {case}, classifier", loss(cfg, {"x": x, "last": last, "labels": labels}),
+                           params, trainable | set(model.HEAD_NAMES), rng)
     return res
 
 

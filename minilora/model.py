@@ -65,6 +65,10 @@ class ModelConfig:
     # prefix tuning (methods/prefix.py): P trainable keys and values before every attention layer's own;
     # 0: none. methods.attention_pair reads it: the one place a block's attention is chosen
     n_prefix: int = 0
+    # with a soft prompt or a prefix of P virtual tokens: number the real tokens P..P+T-1 (and a soft prompt's
+    # vectors 0..P-1), as PEFT's prompt and prefix tuning do, so that the run exports exactly; False: the real
+    # tokens keep positions 0..T-1, as in pretraining, and the virtual ones take none (position_offset)
+    peft_positions: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "d_ff"):
@@ -73,6 +77,8 @@ class ModelConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if isinstance(self.n_prefix, bool) or not isinstance(self.n_prefix, int) or self.n_prefix < 0:
             raise ValueError(f"n_prefix: expected a non-negative integer, got {self.n_prefix!r}")
+        if not isinstance(self.peft_positions, bool):
+            raise ValueError(f"peft_positions: expected true or false, got {self.peft_positions!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={self.d_model}, got {self.n_heads}")
         DROPOUT.check(self.dropout)
@@ -89,6 +95,8 @@ class ModelConfig:
         d["lora"] = None if self.lora is None else self.lora.to_dict()  # a variant's dict names its method
         if not self.n_prefix:
             del d["n_prefix"]  # a setting added later: a model without a prefix writes the dict it always did
+        if not self.peft_positions:
+            del d["peft_positions"]  # likewise: at its default, the dict every earlier run wrote
         return d
 
     @classmethod
@@ -377,23 +385,32 @@ def forward(params, config, ids, rng=None, train=False, trainable=None, checkpoi
     a cache. With a soft prompt (params["prompt"], (P, C)) the P prompt vectors
     are put before the token embeddings; they get no position embedding, the
     real tokens keep positions 0..T-1 exactly as in pretraining, and the
-    prompt's own hidden states are dropped before the head.
+    prompt's own hidden states are dropped before the head. With
+    config.peft_positions the sequence is numbered as PEFT numbers it
+    (position_offset): prompt_j + wpe[j] for j < P, then the real tokens at
+    P..P+T-1 (after a prefix, too: they start at P), so T <= context_length - P.
     """
     wte = params["wte"]
     xp = array_module(wte)
     if getattr(ids, "ndim", None) != 2:
         raise ValueError(f"ids: expected a (B, T) array of token ids, got {getattr(ids, 'shape', type(ids).__name__)}")
     B, T = ids.shape
-    if T > config.context_length:
-        raise ValueError(f"ids: expected at most context_length={config.context_length} tokens per row, got {T}")
+    start = position_offset(params, config)  # the real tokens' first position: 0, or P with peft_positions
+    if T > config.context_length - start:
+        room = (f"context_length - P = {config.context_length} - {start} = {config.context_length - start} tokens "
+                f"per row (peft_positions: the P virtual tokens take the positions before them)" if start
+                else f"context_length={config.context_length} tokens per row")
+        raise ValueError(f"ids: expected at most {room}, got {T}")
     _check_ids_on_host("ids", ids, config.vocab_size)
     ids = to_device(ids, xp)
     tok, c_emb = ops.embedding_forward(ids, wte)  # (B, T, C)
-    x = tok + params["wpe"][:T]  # (B, T, C), positions broadcast over the batch
+    x = tok + params["wpe"][start:start + T]  # (B, T, C), positions broadcast over the batch
     P = 0
     if "prompt" in params:
         prompt = params["prompt"]  # (P, C)
         P = prompt.shape[0]
+        if config.peft_positions:
+            prompt = prompt + params["wpe"][:P]  # PEFT's: the virtual tokens take positions 0..P-1
         x = xp.concatenate([xp.broadcast_to(prompt, (B,) + prompt.shape), x], axis=1)  # (B, P + T, C)
     x, c_drop = ops.dropout_forward(x, config.dropout if train else 0.0, rng)
     c_blocks = []
@@ -406,7 +423,23 @@ def forward(params, config, ids, rng=None, train=False, trainable=None, checkpoi
             x, c = block_forward(params, i, x, config, rng, train, trainable)
             c_blocks.append(c)
     h, c_lnf = ops.layer_norm_forward(x, params["ln_f.g"], params["ln_f.b"])
-    return h[:, P:], (c_emb, c_drop, c_blocks, c_lnf, P, T)
+    return h[:, P:], (c_emb, c_drop, c_blocks, c_lnf, P, T, start)
+
+
+def position_offset(params, config):
+    """The position of the first real token: 0 (minilora's default, the positions of pretraining), or, with
+    config.peft_positions, P, the virtual tokens before it (a soft prompt's rows, or config.n_prefix), as
+    PEFT numbers them: its prompt tuning puts the P vectors first in inputs_embeds, so GPT-2 gives them
+    positions 0..P-1; its prefix tuning hands the prefix over as past_key_values of length P, so GPT-2 starts
+    the real tokens at P."""
+    if not config.peft_positions:
+        return 0
+    return params["prompt"].shape[0] if "prompt" in params else config.n_prefix
+
+
+def real_context(params, config):
+    """The most real tokens a row may hold: context_length, less the positions the virtual tokens take."""
+    return config.context_length - position_offset(params, config)
 
 
 @dataclass
@@ -449,7 +482,7 @@ def backward(dh, cache, params, grads, trainable, free_cache=False):
     free_cache: drop each block's cache from `cache` as soon as its backward is done (the cache
     cannot be used again then), so the step holds only the caches of the blocks still ahead.
     """
-    c_emb, c_drop, c_blocks, c_lnf, P, T = cache
+    c_emb, c_drop, c_blocks, c_lnf, P, T, start = cache
     xp = array_module(dh)
     if P:
         # h[:, P:] dropped the prompt's hidden states: they receive no gradient from the head
@@ -485,11 +518,15 @@ def backward(dh, cache, params, grads, trainable, free_cache=False):
     dx = ops.dropout_backward(dx, c_drop)
     if P and "prompt" in trainable:
         grads["prompt"] = dx[:, :P].sum(axis=0)  # the same P vectors serve every row
+    dx_prompt = dx[:, :P]
     dx = dx[:, P:]
     if "wpe" in trainable:
-        # in the forward pass this was: x = tok + wpe[:T], broadcast over B
+        # in the forward pass this was: x = tok + wpe[start:start + T], broadcast over B
         dwpe = xp.zeros_like(params["wpe"])
-        dwpe[:T] = dx.sum(axis=0)
+        dwpe[start:start + T] = dx.sum(axis=0)
+        if P and start:
+            # and, with PEFT's positions, the prompt's rows were prompt + wpe[:P] (start = P): rows 0..P-1
+            dwpe[:P] += dx_prompt.sum(axis=0)
         grads["wpe"] = dwpe
     if "wte" in trainable:
         dwte = ops.embedding_backward(dx, c_emb)

@@ -51,6 +51,7 @@ An IA3 model goes out as PEFT's IA3 (ia3_to_peft): one ia3_l per module, c_attn'
 scaling its output [q; k; v] by [1; l_k; l_v] ([l_q; l_k; l_v] with queries), mlp.c_proj's (1, F) its
 input by l_ff; a PEFT IA3 folder comes in as Ia3Config(queries=True) (_read_ia3), unless minilora wrote it
 without the query vector (its metadata says so, and q's factors are still exactly 1): then as it went out.
+PROMPT_TUNING and PREFIX_TUNING folders are peft_prompt.py's (read_peft hands them over).
 Needs safetensors (`pip install 'minilora[hf]'`).
 """
 
@@ -62,7 +63,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import peft_config
+from . import peft_config, peft_prompt
 from .backend import array_module, to_numpy
 from .hf import (FINGERPRINT_KEY, SHARDED_INDEX, WEIGHTS_FILE, _read_json, _safetensors, check_readable,
                  read_fingerprint, weights_fingerprint)
@@ -238,9 +239,12 @@ def read_peft(folder, base_params, base_config):
     ac = _read_json(path)
     if ac.get("peft_type") == "IA3":
         return _read_ia3(folder, path, ac, base_params, base_config)
+    if ac.get("peft_type") in peft_prompt.PEFT_TYPES:  # prompt and prefix tuning, with PEFT's positions
+        return peft_prompt.read_peft(folder, path, ac, base_params, base_config)
     if ac.get("peft_type") != "LORA":
-        raise ValueError(f"adapter: {path}: peft_type: expected 'LORA' or 'IA3', got {ac.get('peft_type')!r} "
-                         "(minilora maps LoRA, DoRA and IA3 adapters only)")
+        raise ValueError(f"adapter: {path}: peft_type: expected 'LORA', 'IA3', 'PROMPT_TUNING' or 'PREFIX_TUNING', "
+                         f"got {ac.get('peft_type')!r} (minilora maps LoRA, DoRA, IA3, prompt and prefix tuning "
+                         "adapters only)")
     for name, allowed in _SUPPORTED.items():
         if not any(type(ac.get(name)) is type(a) and ac.get(name) == a for a in allowed):
             raise ValueError(f"adapter: {path}: {name}: expected {allowed[0]!r} (minilora does not compute "

@@ -22,7 +22,7 @@ import numpy as np
 
 from .backend import array_module, to_device, to_numpy
 from .bounds import TEMPERATURE
-from .model import next_token_logits
+from .model import next_token_logits, real_context
 
 STOP_CHECK_EVERY = 8
 
@@ -74,6 +74,7 @@ def decode(params, config, prompts, max_new_tokens, temperature=0.0, top_k=None,
         raise ValueError(f"top_k: expected a positive integer, got {top_k!r}")
     xp = array_module(params["wte"])
     results = [None] * len(prompts)
+    context = real_context(params, config)  # the last tokens the model reads: context_length (less P: peft_positions)
     by_length = {}
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -85,7 +86,7 @@ def decode(params, config, prompts, max_new_tokens, temperature=0.0, top_k=None,
             ids = to_device(np.stack([np.asarray(prompts[i], dtype=np.int64) for i in chunk]), xp)  # (b, T0)
             new = []
             for step in range(max_new_tokens):
-                logits = next_token_logits(params, config, ids[:, -config.context_length:])  # (b, V)
+                logits = next_token_logits(params, config, ids[:, -context:])  # (b, V)
                 nxt = pick_next(logits, temperature, top_k, rng).astype(ids.dtype)
                 new.append(nxt)
                 ids = xp.concatenate([ids, nxt[:, None]], axis=1)

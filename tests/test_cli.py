@@ -19,8 +19,8 @@ def test_gradcheck_passes_and_covers_every_op(capsys):
     for op in ("embedding", "linear", "layer_norm", "gelu", "softmax", "attention", "dropout", "cross_entropy",
                "lora_linear", "qlora_linear", "nf4_linear (frozen)", "model: full, LM", "model: lora, LM",
                "model: qlora, LM", "model: prompt, classifier", "prefix_attention", "model: prefix, LM",
-               "model: prefix, classifier", "model: ia3, LM", "model: ia3 queries, LM",
-               "model: ia3 queries, classifier"):
+               "model: prefix, classifier", "model: ia3, LM", "model: ia3 (queries), LM",
+               "model: ia3 (queries), classifier"):
         assert f"\n{op} " in out, op
     assert " 0 failed" in out and "FAIL" not in out
 

@@ -436,7 +436,7 @@ def tiny_runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("run, words", [("prompt-subject", ["prompt", "positions 0..P-1"]),
+@pytest.mark.parametrize("run, words", [("prompt-subject", ["prompt", "positions 0..P-1", "--peft-positions"]),
                                         ("lora-kind", ["classification", "bias"])])
 def test_export_refuses_a_prompt_run_and_a_head_saying_why(tiny_runs, tmp_path, capsys, run, words):
     _refused(capsys, ["export", str(tiny_runs / run), "--out", str(tmp_path / "out")], tmp_path / "out", words)

@@ -27,9 +27,9 @@ def test_model_gradient_checks_cover_every_parameter_and_strategy():
     config = ModelConfig(**gradcheck.TINY)
     base_names = set(model.param_shapes(config))
     head = {"cls.W", "cls.b"}
-    cases = [*methods.METHODS, *(label for m in methods.METHODS.values() for label, _ in m.gradcheck_variants)]
-    assert "ia3 queries" in cases  # IA3's query vector (PEFT's IA3 on GPT-2) is checked as a case of its own
-    assert set(by_op) == {f"model: {m}, {h}" for m in cases for h in ("LM", "classifier")}
+    variants = [f"{name} ({v})" for name, m in methods.METHODS.items() for v, _ in m.gradcheck_variants]
+    assert {"prompt (PEFT positions)", "prefix (PEFT positions)", "ia3 (queries)"} <= set(variants)
+    assert set(by_op) == {f"model: {m}, {h}" for m in [*methods.METHODS, *variants] for h in ("LM", "classifier")}
     assert by_op["model: full, LM"] == base_names
     assert by_op["model: full, classifier"] == base_names | head
     every_target = lora.LoraConfig(rank=2, targets=tuple(lora.TARGETS))
@@ -43,10 +43,12 @@ def test_model_gradient_checks_cover_every_parameter_and_strategy():
         _, _, trainable = m.gradcheck_setup(gradcheck.tiny_model(np.random.default_rng(0))[1], config,
                                             np.random.default_rng(0))
         assert by_op[f"model: {name}, LM"] == trainable - head, name
-        for label, setup in m.gradcheck_variants:
-            _, _, trainable = setup(gradcheck.tiny_model(np.random.default_rng(0))[1], config, np.random.default_rng(0))
-            assert by_op[f"model: {label}, LM"] == trainable - head, label
-    assert {n for n in by_op["model: ia3 queries, LM"] if ".attn.q." in n} == {"h.0.attn.q.ia3_l", "h.1.attn.q.ia3_l"}
+        for v, setup in m.gradcheck_variants:  # and every name each variant trains (PEFT positions: wpe too)
+            _, _, trainable = setup(gradcheck.tiny_model(np.random.default_rng(0))[1], config,
+                                    np.random.default_rng(0))
+            assert by_op[f"model: {name} ({v}), LM"] == trainable - head, (name, v)
+    assert by_op["model: prompt (PEFT positions), LM"] == {"prompt", "wpe"}
+    assert {n for n in by_op["model: ia3 (queries), LM"] if ".attn.q." in n} == {"h.0.attn.q.ia3_l", "h.1.attn.q.ia3_l"}
 
 
 def _batch(config, B=3, T=None, seed=0):

@@ -3,6 +3,7 @@ whole model's gradients, positions, the causal mask, the pruned backward, counts
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -207,11 +208,39 @@ def test_the_forgetting_study_sweeps_prefix_at_its_own_rates():
     assert studies.LRS["prefix"] == prefix.PREFIX.study_lrs and len(prefix.PREFIX.study_lrs) == 4
 
 
-def test_a_prefix_run_has_no_exact_peft_export():
+def test_a_prefix_run_has_no_exact_peft_export_unless_trained_with_peft_positions():
     _, params, config = _prefixed(P=2)
-    with pytest.raises(ValueError, match="prefix-tuning run has no exact export.*P..P\\+T-1") as e:
+    with pytest.raises(ValueError, match="prefix-tuning run has no exact export.*P..P\\+T-1.*--peft-positions") as e:
         bridge.check_exportable(params, config)
     assert "\n" not in str(e.value)
+    bridge.check_exportable(params, replace(config, peft_positions=True))  # no error
+
+
+def test_with_peft_positions_the_real_tokens_start_at_position_P():
+    """The reference is the default path with wpe moved up by P: the prefix itself takes no wpe row."""
+    _, params, config = _prefixed(P=3)
+    params["wpe"] = np.random.default_rng(2).standard_normal(params["wpe"].shape)  # every row different
+    ids = np.random.default_rng(3).integers(0, TINY.vocab_size, (2, TINY.context_length - 3))
+    peft = replace(config, peft_positions=True)
+    h, _ = model.forward(params, peft, ids)
+    np.testing.assert_array_equal(h, model.forward(dict(params, wpe=np.roll(params["wpe"], -3, axis=0)), config,
+                                                   ids)[0])
+    assert not np.allclose(h, model.forward(params, config, ids)[0])
+    with pytest.raises(ValueError, match="context_length - P = 8 - 3 = 5 tokens per row"):
+        model.forward(params, peft, np.zeros((1, TINY.context_length - 2), np.int64))
+
+
+def test_with_peft_positions_the_prefix_and_the_longest_record_must_fit_the_context():
+    ft = finetune.FinetuneConfig(method="prefix", n_prefix=5, peft_positions=True)
+    prefix.PREFIX.check(TINY, ft, 3)  # 5 + 3 = 8 fits
+    with pytest.raises(ValueError, match="n_prefix: expected at most context_length - longest record = 8 - 4 = 4 "
+                                         "prefix vectors with peft_positions") as e:
+        prefix.PREFIX.check(TINY, ft, 4)
+    assert "\n" not in str(e.value)
+    prefix.PREFIX.check(TINY, replace(ft, peft_positions=False), 8)  # minilora's positions: any P fits
+    params, config, _ = finetune.setup_strategy(model.init_params(TINY, 0), TINY, CharTokenizer(), ft)
+    assert config.n_prefix == 5 and config.peft_positions
+    assert ModelConfig.from_dict(config.to_dict()) == config
 
 
 CLI_TINY = ["--d-model", "16", "--n-layers", "2", "--n-heads", "2", "--context-length", "128"]
@@ -244,7 +273,41 @@ def test_cli_finetunes_with_prefix_saves_and_loads_the_adapter(pretrained, tmp_p
     capsys.readouterr()
     assert cli.main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    assert "prefix-tuning run has no exact export" in err and err.count("\n") == 1
+    assert "prefix-tuning run has no exact export" in err and "--peft-positions" in err and err.count("\n") == 1
+
+
+def test_cli_trains_a_prefix_with_peft_positions_and_its_adapter_keeps_them(pretrained, tmp_path, capsys):
+    run = tmp_path / "prefix"
+    common = ["--checkpoint", str(pretrained / "checkpoint.npz"), "--steps", "2", "--batch-size", "4"]
+    assert cli.main(["finetune", *common, "--method", "prefix", "--n-prefix", "3", "--peft-positions",
+                     "--out", str(run)]) == 0
+    capsys.readouterr()
+    params, config, _, _ = runs.load_model(str(run))
+    loaded, loaded_config, _, _ = runs.load_model(str(pretrained), adapter=str(run))
+    assert config.peft_positions and loaded_config == config
+    x = np.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(model.next_token_logits(loaded, loaded_config, x),
+                                  model.next_token_logits(params, config, x))
+    assert not np.allclose(model.next_token_logits(params, replace(config, peft_positions=False), x),
+                           model.next_token_logits(params, config, x))
+    # fine-tuning the adapter on keeps its positions; asking for the other ones is one line
+    more = tmp_path / "more"
+    assert cli.main(["finetune", *common, "--adapter", str(run), "--out", str(more)]) == 0
+    capsys.readouterr()
+    assert runs.load_model(str(more))[1].peft_positions
+    plain = tmp_path / "plain"
+    assert cli.main(["finetune", *common, "--method", "prefix", "--n-prefix", "3", "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert cli.main(["finetune", *common, "--adapter", str(plain), "--peft-positions", "--out",
+                     str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "--peft-positions: expected the adapter's own positions" in err and err.count("\n") == 1
+
+
+def test_cli_refuses_peft_positions_for_a_method_without_virtual_tokens(capsys):
+    assert cli.main(["finetune", "--method", "lora", "--peft-positions"]) == 2
+    err = capsys.readouterr().err
+    assert "--peft-positions: expected a method with virtual tokens" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "x"])

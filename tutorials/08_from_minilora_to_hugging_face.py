@@ -238,10 +238,12 @@ assert n_small == 124_439_808 - 12 * 768
 # %% [markdown]
 # ## What does not cross
 #
-# - **Prompt tuning.** PEFT's prompt tuning gives the virtual tokens positions
+# - **Prompt tuning, by default.** PEFT's prompt tuning gives the virtual tokens positions
 #   0..P-1 and shifts the real tokens after them; minilora keeps the real tokens at
 #   0..T-1 as in pretraining (tutorial 04). They are different functions, so
-#   `minilora export` refuses a prompt run, in one line, rather than approximate it.
+#   `minilora export` refuses such a run, in one line, rather than approximate it. A run
+#   trained with `finetune --peft-positions` numbers its tokens as PEFT does and exports
+#   exactly (prefix tuning too; docs/methods.md says which to choose when).
 # - **A classification head.** transformers' `GPT2ForSequenceClassification` has no
 #   bias and reads the last non-padding token; minilora's `cls` has a bias. Refused.
 # - **A pickle.** `pytorch_model.bin` is never unpickled (loading one can run any

@@ -106,9 +106,12 @@ class Method:
     - color: its matplotlib colour in the report's figures
     - gradcheck_setup(params, config, rng) -> (params, config, trainable): the method at a random,
       non-degenerate float64 point, for the whole-model gradient checks
-    - gradcheck_variants: ((label, setup), ...): further settings of the method checked the same way, each
-      setup a gradcheck_setup (IA3's query vector)
     - op_checks(rng, xp): gradcheck.CheckResults of its own op pairs against finite differences
+    - gradcheck_variants: (label, setup) pairs, setup like gradcheck_setup: more points of the method the
+      whole-model checks cover, each a variant it computes, checked as "NAME (label)" (prompt and prefix with
+      PEFT's positions, IA3's query vector)
+    - peft_positions: it puts P virtual tokens before the real ones, so FinetuneConfig.peft_positions
+      (number the real tokens after them, as PEFT does) applies to it
     """
 
     name: str
@@ -122,7 +125,6 @@ class Method:
     merge: object = None
     saves_adapter: bool = False
     gradcheck_setup: object = None
-    gradcheck_variants: tuple = ()
     op_checks: object = None
     fit: object = None
     study_lrs: tuple = ()
@@ -131,6 +133,8 @@ class Method:
     color: str = "tab:gray"  # its colour in every figure of the report
     count_line: object = None  # (params, trainable, config) -> its trainable count with the formula, checked
     model_settings: object = None  # (ft_config) -> {ModelConfig field: value} it sets beside .lora (n_prefix)
+    gradcheck_variants: tuple = ()  # ((label, setup), ...): variants the whole-model gradient checks cover too
+    peft_positions: bool = False  # P virtual tokens before the real ones: FinetuneConfig.peft_positions applies
 
 
 # filled in by the method modules imported at the bottom of this file

@@ -344,6 +344,6 @@ IA3 = register(
            3e-2, _setup, adapter_config=_adapter_config, extra_shapes=adapter_methods_extra_shapes("ia3"),
            owns=lambda name: name.endswith(f".{NAME}"), merge=merge, saves_adapter=True,
            study_lrs=(3e-3, 1e-2, 3e-2, 1e-1), gradcheck_setup=_gradcheck_setup, op_checks=_op_checks,
-           gradcheck_variants=(("ia3 queries", _gradcheck_queries),),
+           gradcheck_variants=(("queries", _gradcheck_queries),),
            color="tab:brown"),
     pair=IA3_PAIR, config_type=Ia3Config)

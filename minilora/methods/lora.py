@@ -511,7 +511,8 @@ def load_adapter(path, base_params, base_config):
             raise FileError(path, str(e), "meta.json: model") from e
         if saved_config.lora is None and not saved_config.n_prefix:
             raise FileError(path, "expected the LoRA settings of the adapter, got none", "meta.json: model.lora")
-        if replace(saved_config, lora=None, n_prefix=0) != replace(base_config, lora=None, n_prefix=0):
+        if (replace(saved_config, lora=None, n_prefix=0, peft_positions=False)
+                != replace(base_config, lora=None, n_prefix=0, peft_positions=False)):
             raise FileError(path, f"expected the base model's config {base_config.to_dict()}, got "
                                   f"{meta['model']}", "meta.json: model")
         allowed = {**adapter_shapes(saved_config), **prefix_shapes(saved_config)}  # a prefix run's keys and values

@@ -25,7 +25,10 @@ value, p_j, w_j the prefix's key and value, j = 1..P; a scale 1/sqrt(hs)):
 
 The real tokens keep positions 0..T-1 (model.forward adds wpe[:T] exactly as in pretraining; the prefix has
 no position, it is not a token). So context_length bounds the real tokens only, and a prefix of any length
-fits beside any record.
+fits beside any record. With PEFT's positions (`finetune --peft-positions`, ModelConfig.peft_positions) the
+real tokens are P..P+T-1 instead (model.forward adds wpe[P:P+T]), as GPT-2 numbers them after PEFT's
+past_key_values of length P; the attention above is the same, so only the embedding changes, and P + T must
+fit the context.
 
 Backward. With dout_t the gradient of out_t, and c running over all P + T columns (key_c, val_c the column's
 key and value):
@@ -60,7 +63,9 @@ a poor start. Whether an MLP would help at this scale is not measured here.
 
 Export. PEFT's prefix tuning hands the prefix to GPT-2 as past_key_values, and GPT-2 then numbers the real
 tokens P..P+T-1 (PEFT even shifts given position_ids by P), while minilora keeps them at 0..T-1: not the same
-function, so bridge.check_exportable refuses a prefix run.
+function, so bridge.check_exportable refuses a prefix run, unless it was trained with PEFT's positions. Then
+PEFT's mask (ones over the P prefix columns, causal among the real tokens) is the one above, and the run
+exports exactly as a PrefixTuningConfig (peft_prompt.py).
 """
 
 import math
@@ -256,13 +261,25 @@ PREFIX_ATTENTION = AttentionPair("prefix", _attention_forward, _attention_backwa
 
 def _setup(base_params, model_config, config, tokenizer=None):
     params, model_config = add_prefix(base_params, model_config, config.n_prefix, seed=config.seed)
+    if config.peft_positions:
+        model_config = replace(model_config, peft_positions=True)
     return params, model_config, set(prefix_names(model_config))
+
+
+def _model_settings(config):
+    """The ModelConfig fields a prefix run sets: n_prefix, and peft_positions when asked for (not at the default)."""
+    return {"n_prefix": config.n_prefix, **({"peft_positions": True} if config.peft_positions else {})}
 
 
 def _check(model_config, config, longest):
     n = config.n_prefix
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n_prefix: expected a positive integer, got {n!r}")
+    room = model_config.context_length - longest
+    if config.peft_positions and n > room:
+        raise ValueError(f"n_prefix: expected at most context_length - longest record = "
+                         f"{model_config.context_length} - {longest} = {room} prefix vectors with peft_positions "
+                         f"(the real tokens start at position P), got {n}")
 
 
 def _extra_shapes(config, params):
@@ -275,6 +292,16 @@ def _gradcheck_setup(params, config, rng):
     for name in prefix_names(prefixed_config):
         prefixed[name] = 0.5 * rng.standard_normal(prefixed[name].shape)
     return prefixed, prefixed_config, set(prefix_names(prefixed_config))
+
+
+def _gradcheck_peft_positions(params, config, rng):
+    """PEFT's positions: the real tokens at P..P+T-1, in a context 3 longer (gradcheck.longer_context), and wpe
+    trained too, so that its shifted rows are checked."""
+    from ..gradcheck import longer_context
+
+    params, config = longer_context(params, replace(config, peft_positions=True), 3, rng)
+    prefixed, config, trainable = _gradcheck_setup(params, config, rng)
+    return prefixed, config, trainable | {"wpe"}
 
 
 def _op_checks(rng, xp=np):
@@ -318,5 +345,6 @@ PREFIX = register(Method("prefix", "P trainable keys and values in every attenti
                          owns=lambda name: name.endswith(SUFFIXES), saves_adapter=True,
                          study_lrs=(3e-3, 1e-2, 3e-2, 1e-1), gradcheck_setup=_gradcheck_setup,
                          op_checks=_op_checks, count_line=count_report,
-                         model_settings=lambda config: {"n_prefix": config.n_prefix}, color="tab:olive"),
+                         model_settings=_model_settings, color="tab:olive", peft_positions=True,
+                         gradcheck_variants=(("PEFT positions", _gradcheck_peft_positions),)),
                   attention=PREFIX_ATTENTION)

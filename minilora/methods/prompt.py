@@ -10,7 +10,21 @@ vectors, and can learn any position signal they need), and the real tokens
 keep positions 0..T-1, exactly what the pretrained model saw, so
 context_length still bounds the real tokens only. The prompt's own outputs are
 dropped before the head, so the loss never counts the virtual positions.
+
+PEFT's positions (FinetuneConfig.peft_positions, `finetune --peft-positions`,
+ModelConfig.peft_positions): PEFT's prompt tuning concatenates the P vectors
+before inputs_embeds, and GPT-2 then adds wpe to the whole sequence, so
+
+    x = [prompt_1 + wpe[0], .., prompt_P + wpe[P-1], wte[ids_1] + wpe[P], .., wte[ids_T] + wpe[P+T-1]]
+
+The backward is unchanged for the prompt (x_j = prompt_j + wpe[j]: dprompt_j =
+sum_b dx[b, j], as before); a trained wpe gets dwpe[j] = sum_b dx[b, j] over
+all P + T rows. Now P + T <= context_length, and such a run exports to PEFT's
+PromptTuningConfig exactly (peft_prompt.py); with minilora's positions it
+does not, since the real tokens then see other position embeddings.
 """
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -55,7 +69,12 @@ def _setup(base_params, model_config, config, tokenizer):
     """tokenizer: the base model's, which encodes prompt_init_text for init="text"."""
     init_ids = tokenizer.encode(config.prompt_init_text) if config.prompt_init == "text" else None
     params = add_prompt(base_params, config.n_prompt, config.prompt_init, config.seed, init_ids)
-    return params, model_config, {"prompt"}
+    return params, replace(model_config, **_model_settings(config)), {"prompt"}
+
+
+def _model_settings(config):
+    """ModelConfig.peft_positions when the run asks for PEFT's positions; nothing at the default."""
+    return {"peft_positions": True} if config.peft_positions else {}
 
 
 def _check(model_config, config, longest):
@@ -88,6 +107,18 @@ def _gradcheck_setup(params, config, rng):
     return prompted, config, {"prompt"}
 
 
+def _gradcheck_peft_positions(params, config, rng):
+    """PEFT's positions: a context 3 longer (gradcheck.longer_context) for the 3 prompt vectors' positions, and
+    wpe trained too, so that its rows 0..P-1 (the prompt's) and P..P+T-1 (the real tokens') are checked."""
+    from ..gradcheck import longer_context
+
+    params, config = longer_context(params, replace(config, peft_positions=True), 3, rng)
+    prompted, config, trainable = _gradcheck_setup(params, config, rng)
+    return prompted, config, trainable | {"wpe"}
+
+
 PROMPT = register(Method("prompt", "P trainable vectors before the input, every weight frozen", 1e-2, _setup,
                          check=_check, extra_shapes=_extra_shapes, owns=lambda name: name == "prompt",
-                         fit=_fit, study_lrs=(1e-2, 3e-2, 1e-1, 3e-1), gradcheck_setup=_gradcheck_setup, color="tab:green"))
+                         fit=_fit, study_lrs=(1e-2, 3e-2, 1e-1, 3e-1), gradcheck_setup=_gradcheck_setup,
+                         color="tab:green", model_settings=_model_settings, peft_positions=True,
+                         gradcheck_variants=(("PEFT positions", _gradcheck_peft_positions),)))
