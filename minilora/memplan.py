@@ -278,7 +278,7 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     in_block = [sum(g for n, g in grad.items() if n.startswith(f"h.{i}.")) for i in range(L)]
     head_grads = sum(g for n, g in grad.items() if not n.startswith("h.") and n not in ("wte", "wpe", "prompt"))
     wte = "wte" in trainable
-    rows = ops.loss_chunk_rows(V, f)
+    rows = ops.loss_chunk_rows(V, f, tokens=N)
     chunk = 0 if classification else 2 * min(rows, N) * V  # the chunk's logits and their exponentials
     outer = 2 * Nb * C + (Nb * C if method == "prompt" else 0)  # dh, the incoming dx (and dh with the prompt)
     transient = block_transient(cfg, method, B, Tb)

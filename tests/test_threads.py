@@ -77,7 +77,7 @@ def test_adamw_split_over_threads_is_bit_identical(monkeypatch, count):
 
 
 @pytest.mark.parametrize("count", [2, 3])
-def test_gelu_and_the_chunked_head_split_over_threads_are_bit_identical(monkeypatch, count):
+def test_gelu_layer_norm_attention_and_the_chunked_head_split_over_threads_are_bit_identical(monkeypatch, count):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 2 * ops._BLOCK // 3 + 11)).astype(np.float32)
     dout = rng.standard_normal(x.shape).astype(np.float32)
@@ -85,11 +85,16 @@ def test_gelu_and_the_chunked_head_split_over_threads_are_bit_identical(monkeypa
     wte = rng.standard_normal((301, 16)).astype(np.float32)
     t = rng.integers(0, 301, (2, 37))
     mask = (rng.random((2, 37)) < 0.8).astype(np.float32)
+    q, k, v, da = (rng.standard_normal((5, 70, 24)).astype(np.float32) for _ in range(4))  # 5 sequences, 4 heads
+    g, b = rng.standard_normal(24).astype(np.float32), rng.standard_normal(24).astype(np.float32)
 
     def compute():
         out, cache = ops.gelu_forward(x)
         loss, c = ops.tied_head_cross_entropy_forward(h, wte, t, mask, chunk_rows=23)
-        return [out, ops.gelu_backward(dout, cache), loss, *ops.tied_head_cross_entropy_backward(1.0, c)]
+        att, c_att = ops.attention_forward(q, k, v, 4)
+        ln, c_ln = ops.layer_norm_forward(q, g, b)
+        return [out, ops.gelu_backward(dout, cache), loss, *ops.tied_head_cross_entropy_backward(1.0, c),
+                att, *ops.attention_backward(da, c_att), ln, *ops.layer_norm_backward(da, c_ln)]
 
     one, many = run(monkeypatch, 1, compute), run(monkeypatch, count, compute)
     for a, b in zip(one, many):
