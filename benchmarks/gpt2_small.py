@@ -36,6 +36,8 @@ import platform
 import sys
 import tracemalloc
 
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as minilora/__init__.py does, before NumPy loads OpenBLAS
+
 import numpy as np
 from threadpoolctl import threadpool_limits
 

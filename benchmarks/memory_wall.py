@@ -33,6 +33,8 @@ import sys
 import time
 import tracemalloc
 
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as minilora/__init__.py does, before NumPy loads OpenBLAS
+
 import numpy as np
 
 from minilora import memplan, methods, model, ops, optim

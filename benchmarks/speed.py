@@ -59,6 +59,8 @@ import subprocess
 import sys
 import time
 
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as minilora/__init__.py does, before NumPy loads OpenBLAS
+
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 

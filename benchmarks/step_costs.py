@@ -17,6 +17,8 @@ import json
 import os
 import platform
 
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as minilora/__init__.py does, before NumPy loads OpenBLAS
+
 import numpy as np
 
 from speed import STRATEGIES, minilora_stepper, model_config, time_interleaved

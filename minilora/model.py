@@ -529,11 +529,8 @@ def backward(dh, cache, params, grads, trainable, free_cache=False):
             dwpe[:P] += dx_prompt.sum(axis=0)
         grads["wpe"] = dwpe
     if "wte" in trainable:
-        dwte = ops.embedding_backward(dx, c_emb)
-        if "wte" in grads:
-            grads["wte"] += dwte  # the head's share, ours (fresh from the loss): summed in place
-        else:
-            grads["wte"] = dwte
+        # the head's share, ours (fresh from the loss), gets the embedding's added in place
+        grads["wte"] = ops.embedding_backward(dx, c_emb, into=grads.get("wte"))
 
 
 def _check_ids_on_host(name, ids, n):

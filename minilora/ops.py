@@ -80,19 +80,27 @@ def embedding_forward(ids, wte):
     return out, (ids, wte.shape)
 
 
-def embedding_backward(dout, cache):
+def embedding_backward(dout, cache, into=None):
     """Gradient of the lookup with respect to the table.
 
     Inputs:
     - dout: (B, T, C)
     - cache: from embedding_forward
+    - into: None, or a (V, C) gradient the table already has (the tied LM head's, GPT-2's wte): this
+      one is then added into it, in place, and only the rows of the tokens seen are touched (no second
+      (V, C) array of zeros, and no pass over it: 154 MB each at GPT-2's shapes)
 
     Returns dwte (V, C): row v is the sum of dout over every position whose
-    token is v. A flattened scatter-add, never a one-hot matmul.
+    token is v (plus into's row v). A flattened scatter-add, never a one-hot matmul.
     """
     ids, shape = cache
     xp = array_module(dout)
-    dwte = xp.zeros(shape, dtype=dout.dtype)
+    if into is not None and tuple(into.shape) != tuple(shape):
+        _fail("into", f"shape {tuple(shape)} (the table's)", f"shape {tuple(into.shape)}")
+    if into is not None and is_device(xp):
+        into += embedding_backward(dout, cache)  # the GPU's scatter-add needs its own zeros
+        return into
+    dwte = xp.zeros(shape, dtype=dout.dtype) if into is None else into
     # in the forward pass this was: out[b, t] = wte[ids[b, t]]
     # so every position sends its gradient back to the row it read:
     #     dwte[v] = sum over {(b, t) : ids[b, t] = v} of dout[b, t]
@@ -108,7 +116,11 @@ def embedding_backward(dout, cache):
     order = xp.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     starts = xp.flatnonzero(xp.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
-    dwte[sorted_ids[starts]] = xp.add.reduceat(dout[order], starts, axis=0)
+    sums = xp.add.reduceat(dout[order], starts, axis=0)  # (tokens seen, C)
+    if into is None:
+        dwte[sorted_ids[starts]] = sums
+    else:
+        dwte[sorted_ids[starts]] += sums  # each seen token's row once: its ids are distinct
     return dwte
 
 

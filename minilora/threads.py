@@ -69,7 +69,9 @@ def parallel_for(n, body, like=None, grain=1, products=False):
     if blas is not None:
         blas.set_num_threads(1)
     try:
-        for future in [pool.submit(body, s, e) for s, e in parts]:
+        futures = [pool.submit(body, s, e) for s, e in parts[1:]]
+        body(*parts[0])  # the first part in this thread, which would only wait
+        for future in futures:
             future.result()
     finally:
         if blas is not None:

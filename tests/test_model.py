@@ -229,9 +229,9 @@ def recorded_backwards(monkeypatch):
         calls["layer_norm"].append(param_grads)
         return layer_norm(dout, cache, param_grads=param_grads)
 
-    def embedding_backward(dout, cache):
+    def embedding_backward(dout, cache, **kwargs):
         calls["embedding"] += 1
-        return embedding(dout, cache)
+        return embedding(dout, cache, **kwargs)
 
     def lora_linear_backward(dout, cache, **kwargs):
         calls["lora_linear"] += 1

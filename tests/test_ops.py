@@ -330,3 +330,26 @@ def test_one_chunk_gives_linear_then_cross_entropys_numbers_bit_for_bit():
     dh, dwte = ops.tied_head_cross_entropy_backward(1.0, cache)
     assert loss.dtype == np.float32 and loss == ref
     assert np.array_equal(dh, dh_ref) and np.array_equal(dwte, dwte_ref)
+
+
+def test_embedding_backward_into_adds_the_rows_of_the_tokens_seen_into_the_given_gradient(xp):
+    # the tied embedding: the head's dwte gets the lookup's rows added in place, the same numbers as a
+    # fresh dwte added to it (float32, bit for bit on the CPU), and only the seen tokens' rows change
+    from minilora.backend import to_device, to_numpy
+
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 11, (3, 5))
+    ids[0, :2] = 7  # a repeated token
+    dout = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    head = rng.standard_normal((11, 4)).astype(np.float32)
+    _, cache = ops.embedding_forward(to_device(ids, xp), to_device(rng.standard_normal((11, 4)).astype(np.float32), xp))
+    fresh = to_numpy(ops.embedding_backward(to_device(dout, xp), cache))
+    into = to_device(head.copy(), xp)
+    out = ops.embedding_backward(to_device(dout, xp), cache, into=into)
+    assert out is into
+    got = to_numpy(out)
+    np.testing.assert_array_equal(got, head + fresh) if xp is np else np.testing.assert_allclose(got, head + fresh, rtol=1e-6)
+    unseen = sorted(set(range(11)) - set(ids.ravel().tolist()))
+    assert unseen and np.array_equal(got[unseen], head[unseen])
+    with pytest.raises(ValueError, match="into"):
+        ops.embedding_backward(to_device(dout, xp), cache, into=to_device(head[:5], xp))
