@@ -64,7 +64,7 @@ def rel(a, b):
 
 def assert_logits_equal(what, ours, theirs, rtol=RTOL64):
     """rel(ours, theirs) < rtol (1e-10 in float64), and the largest |difference| printed (pytest -s) for the table
-    of measured differences (INTEROP_NUMBERS.md, docs/methods.md): `what` names the method and the direction."""
+    of measured differences (docs/methods.md, "Every method across, measured"): `what` names the method and the direction."""
     diff = float(np.max(np.abs(ours - theirs)))
     print(f"\ninterop: {what}: max |logit diff| {diff:.1e} (largest |logit| {float(np.max(np.abs(theirs))):.2f})")
     assert diff < rtol * float(np.max(np.abs(theirs))), (what, diff)

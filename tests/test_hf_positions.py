@@ -40,7 +40,7 @@ P = 4
 # room for P virtual tokens' positions before T real ones
 CONFIG = ModelConfig(vocab_size=V, context_length=T + P, d_model=C, n_heads=NH, n_layers=L, d_ff=F,
                      peft_positions=True)
-MEASURED = {}  # case -> (largest |logit difference|, relative to the largest |logit|): POSITIONS_NUMBERS.md
+MEASURED = {}  # case -> (largest |logit difference|, relative to the largest |logit|): docs/methods.md quotes them
 
 
 def rel(a, b):
@@ -301,7 +301,7 @@ def test_a_peft_prompt_or_prefix_minilora_does_not_compute_is_one_line(tmp_path,
 
 
 def test_zz_report_the_measured_differences():
-    """Prints the largest logit differences measured above (pytest -s shows them; POSITIONS_NUMBERS.md quotes
+    """Prints the largest logit differences measured above (pytest -s shows them; docs/methods.md quotes
     them). It asserts they were all measured, so the table cannot go stale silently."""
     expected = {f"{c}, float64, T={n}" for c in CASES for n in (T, 1)} | {f"{c}, PEFT-trained, imported, float64" for c in PEFT_CONFIGS}
     if not expected <= set(MEASURED):
