@@ -15,11 +15,13 @@ on the thread count: unlike BLAS's sums, which do. A device array is never split
 the GPU runs the whole loop in parallel already, and many small kernels would be slower.
 """
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 from .backend import array_module, is_device
 
-_POOLS = {}  # thread count -> ThreadPoolExecutor, made on first use and kept
+_POOLS = {}  # (process id, thread count) -> ThreadPoolExecutor, made on first use and kept (a forked child,
+# such as a sweep's worker, has none of its parent's threads, so it makes its own)
 _BLAS = []  # the BLAS library's threadpoolctl controller, looked up once
 
 
@@ -62,9 +64,10 @@ def parallel_for(n, body, like=None, grain=1, products=False):
         if n > 0:
             body(0, n)
         return
-    pool = _POOLS.get(threads)
+    key = (os.getpid(), threads)
+    pool = _POOLS.get(key)
     if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="minilora")
+        pool = _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="minilora")
     blas = _BLAS[0] if products else None
     if blas is not None:
         blas.set_num_threads(1)

@@ -99,3 +99,28 @@ def test_gelu_layer_norm_attention_and_the_chunked_head_split_over_threads_are_b
     one, many = run(monkeypatch, 1, compute), run(monkeypatch, count, compute)
     for a, b in zip(one, many):
         assert np.array_equal(a, b)
+
+
+def test_a_forked_child_makes_its_own_pool(monkeypatch):
+    # a pool made before a fork has no threads in the child: the child must not wait on it
+    import os
+
+    seen = []
+    run(monkeypatch, 2, lambda: threads.parallel_for(4, lambda s, e: seen.append(s)))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the same loop, which would hang on the parent's pool
+        try:
+            out = []
+            threads.cpu_threads = lambda: 2
+            threads.parallel_for(4, lambda s, e: out.append(s))
+            os.write(w, b"ok" if sorted(out) == [0, 2] else b"bad")
+        finally:
+            os._exit(0)
+    os.close(w)
+    import select
+
+    ready, _, _ = select.select([r], [], [], 20)
+    got = os.read(r, 8) if ready else b"timeout"
+    os.waitpid(pid, 0)
+    assert sorted(seen) == [0, 2] and got == b"ok"
