@@ -103,8 +103,9 @@ def test_the_site_build_times_are_the_benchmarks():
     assert full["mode"] == "full" and full["threads"] == 1
     assert f"**{round(full['clean_build_s'] / 60)} min from nothing** on {full['date']}" in README
     assert f"**{round(full['rebuild_after_prose_edit_s'])} s** for a rebuild" in README
-    for shot in ("site_front.png", "site_tutorial.png"):
+    for shot in ("site_front.png", "site_tutorial.png", "site_api.png"):  # site_browser.SCREENSHOTS
         assert f"(figures/{shot})" in README
+    assert "`python docs/_ext/site_browser.py build/site-smoke --screenshots figures`" in README
 
 
 def test_the_benchmark_met_the_issues_targets():

@@ -1,6 +1,6 @@
 """Open every page of a built site in headless Chromium (Playwright) and list what is wrong with each.
 
-    python docs/_ext/site_browser.py build/site --screenshots figures   # the full build's committed screenshots
+    python docs/_ext/site_browser.py build/site-smoke --screenshots figures   # and figures/site_*.png (SCREENSHOTS)
 
 For every page: no console error and no uncaught exception; every image loaded (naturalWidth > 0); every
 internal link resolves (the file exists and, for a #fragment, the target page has that id); the maths has
@@ -8,7 +8,10 @@ been typeset (every math element holds MathJax output, and no raw $...$ is left 
 notebook page, every code cell that prints at its top level shows an output, and no cell shows an error.
 No noise: no output shows a warning ("Warning", as in TqdmWarning or FutureWarning) or a progress bar (tqdm's
 "%|" or "it/s]"), and no text on the page holds an absolute path of the machine that built it (the clone,
-the Python environment, the temporary folder).
+the Python environment, the temporary folder). What fits, at the site's width and a phone's (FIT_FACTS): every
+code cell, output and code block inside its column; an output whole inside its cell (wrapped, never scrolling
+sideways); code reaching past its cell only inside a scroll container in it; nothing clipped; every figure
+inside its column; no page scrolling sideways.
 
 tests/test_site.py builds the smoke site and asserts that this finds nothing. Chromium is Debian's
 (/usr/bin/chromium): Playwright's own browser download does not work on these machines.
