@@ -41,6 +41,7 @@ html_theme = "furo"
 html_title = "minilora"
 html_theme_options = {}
 html_static_path = ["_static"]  # minilora_site adds MathJax's folder
+html_css_files = ["minilora.css"]  # outputs wrap, figures fit their column (docs/_static/minilora.css)
 html_favicon = "_static/favicon.svg"
 html_show_sourcelink = False
 

@@ -793,10 +793,13 @@ def _cmd_sweep(args):
 
 
 def _cmd_report(args):
-    from .report import report
+    from .report import report, summary
 
     with _named("dir"):
-        text, figs = report(args.dir, args.figures, " [fast: a smoke test, not a result]" if args.fast_note else "")
+        if os.path.isfile(os.path.join(args.dir, "forgetting", "results.jsonl")):  # the studies folder: every method
+            text, figs = summary(args.dir, args.figures)
+        else:
+            text, figs = report(args.dir, args.figures, " [fast: a smoke test, not a result]" if args.fast_note else "")
     print(text)
     if args.figures:
         print("wrote " + ", ".join(os.path.join(args.figures, name) for name in figs))
@@ -1022,7 +1025,8 @@ def build_parser():
     s.set_defaults(func=_cmd_sweep)
 
     s = sub.add_parser("report", parents=[common], help="tables and figures of a finished study folder")
-    s.add_argument("dir", help="a study folder holding results.jsonl")
+    s.add_argument("dir", help="a study folder holding results.jsonl, or the studies folder (benchmarks/studies): "
+                   "every method compared across studies 1 and 7, the front page's table and figure (methods.png)")
     s.add_argument("--figures", default=None, help="folder to write the study's PNG into")
     s.add_argument("--fast-note", action="store_true", help="mark the figures' titles as a smoke test")
     s.set_defaults(func=_cmd_report)

@@ -333,6 +333,39 @@ def plot_comparison(rows, title=None, metric_label="task accuracy"):
     return fig
 
 
+def texts_outside(fig):
+    """The texts of fig that do not fit on its canvas: cut off at the PNG's edge (a title wider than the figure).
+
+    Inputs:
+    - fig: a matplotlib Figure (drawn here, with its layout, as savefig draws it)
+
+    Returns a list of strings, [] when everything drawn lies on the canvas: each title, axis label, legend entry
+    or annotation that reaches past an edge, and "tick labels of axes N" for an axis whose labels do.
+    """
+    from matplotlib.text import Text
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # the layout (constrained or tight) runs here, as in savefig
+    canvas = fig.bbox
+
+    def outside(box):  # one pixel of slack: antialiasing
+        return (box.x0 < canvas.x0 - 1 or box.x1 > canvas.x1 + 1 or box.y0 < canvas.y0 - 1 or box.y1 > canvas.y1 + 1)
+
+    found, tick_labels = [], set()
+    for i, ax in enumerate(fig.axes):
+        axes = [a for a in (ax.xaxis, ax.yaxis) if a.get_visible()]
+        if any(b is not None and outside(b) for b in (a.get_tightbbox(renderer) for a in axes)):
+            found.append(f"tick labels of axes {i}")  # from the ticks drawn: a tick off the view keeps a stale label
+        tick_labels |= {id(label) for a in (ax.xaxis, ax.yaxis) for tick in a.get_major_ticks() + a.get_minor_ticks()
+                        for label in (tick.label1, tick.label2)}
+    for text in fig.findobj(Text):
+        if id(text) in tick_labels or not text.get_visible() or not text.get_text().strip():
+            continue
+        if outside(text.get_window_extent(renderer)):
+            found.append(text.get_text())
+    return found
+
+
 def save_figure(fig, path, dpi=144):
     """Write fig as a PNG, atomically (temporary file, then rename).
 

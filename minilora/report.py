@@ -446,6 +446,24 @@ def _read_json(path):
         return json.load(f)
 
 
+def _method_results(studies_dir):
+    """Per method of the forgetting study, in methods.METHODS' order, the records the summary reads: a list of
+    (method, its rate on `subject`, the forgetting study's records at that rate, its rate on `kind` or None,
+    the kind study's records at that rate)."""
+    forget = read_results(os.path.join(studies_dir, "forgetting", "results.jsonl"))
+    kind = read_results(os.path.join(studies_dir, "kind", "results.jsonl"))
+    _, chosen = method_rows(forget)
+    _, chosen_kind = method_rows(kind) if kind else (None, {})
+    found = []
+    for m in methods_in(forget):
+        if m not in chosen:
+            continue
+        rs = [r for r in forget if r["cell"]["method"] == m and r["cell"]["lr"] == chosen[m]]
+        ks = [r for r in kind if r["cell"]["method"] == m and r["cell"]["lr"] == chosen_kind.get(m)]
+        found.append((m, chosen[m], rs, chosen_kind.get(m), ks))
+    return found
+
+
 def method_summary(studies_dir):
     """One row per method across the comparison studies, for the front page. Returns (markdown table, rows).
 
@@ -457,13 +475,9 @@ def method_summary(studies_dir):
     studies_dir when present.
     Spreads are over 3 seeds unless an (n=k) says otherwise.
     """
-    forget = read_results(os.path.join(studies_dir, "forgetting", "results.jsonl"))
-    kind = read_results(os.path.join(studies_dir, "kind", "results.jsonl"))
     bench = os.path.dirname(os.path.abspath(studies_dir))
     speed = _read_json(os.path.join(bench, "step_costs.json")).get("strategies", {})
     memory = _read_json(os.path.join(bench, "memory.json")).get("strategies", {})
-    _, chosen = method_rows(forget)
-    _, chosen_kind = method_rows(kind) if kind else (None, {})
 
     def short(values):
         return mean_spread(values).replace(" (n=3)", "")
@@ -476,16 +490,12 @@ def method_summary(studies_dir):
         return text if len(reached) == len(at) else f"{text} ({len(reached)} of {len(at)} seeds reached it)"
 
     rows = []
-    for m in methods_in(forget):
-        if m not in chosen:
-            continue
-        rs = [r for r in forget if r["cell"]["method"] == m and r["cell"]["lr"] == chosen[m]]
+    for m, lr, rs, lr_kind, ks in _method_results(studies_dir):
         at = [forgetting_at_skill(r) for r in rs]
-        ks = [r for r in kind if r["cell"]["method"] == m and r["cell"]["lr"] == chosen_kind.get(m)]
         step = speed.get(m)
         peak = memory.get(m, {}).get("peak_step_tracemalloc")
         rows.append((m, f"{rs[0]['trainable_params']:,}",
-                     f"{chosen[m]:g}" + (f" / {chosen_kind[m]:g}" if m in chosen_kind else ""),
+                     f"{lr:g}" + (f" / {lr_kind:g}" if lr_kind is not None else ""),
                      short([r["test_metric"] for r in rs]),
                      at_skill(at),
                      short([r["test_metric"] for r in ks]),
@@ -494,6 +504,77 @@ def method_summary(studies_dir):
     head = ("method", "trainable", "lr (`subject` / `kind`)", "`subject` test exact match",
             f"forgetting at val >= {MATCHED_SKILL}", "`kind` test accuracy", "step, ms (× full's)", "peak memory (MiB)")
     return _table(head, rows), rows
+
+
+def figure_methods(studies_dir, title_note=""):
+    """Every method side by side, as the front page shows them: what it trains, how well it learns `subject`
+    (study 1) and `kind` (study 7), and what it forgets of pretraining on the way; each at the learning rate
+    chosen on validation in that study. Bars are means over seeds, whiskers one sd, dots the seeds."""
+    results = _method_results(studies_dir)
+    fig = Figure(figsize=(8.0, 6.4), layout="constrained")
+    (ax_p, ax_s), (ax_k, ax_f) = fig.subplots(2, 2, sharey=True)
+    names = [m for m, *_ in results]
+    y = np.arange(len(names))
+    colors = [METHOD_COLORS[m] for m in names]
+
+    trainable = [rs[0]["trainable_params"] for _, _, rs, _, _ in results]
+    ax_p.barh(y, trainable, color=colors)
+    ax_p.set_xscale("log")
+    ax_p.set_xlim(5e2, 5e6)  # room on the right for the counts
+    for yi, n in zip(y, trainable):
+        ax_p.annotate(f" {n:,}", (n, yi), va="center", fontsize=8)
+    ax_p.set_xlabel("trainable parameters (log scale)")
+    ax_p.set_title("what it trains", fontsize=10)
+
+    def bars(ax, per_method, xlabel, title, xmax=1.0):
+        for yi, values, color in zip(y, per_method, colors):
+            values = [v for v in values if v is not None]
+            if not values:
+                ax.annotate(" not reached", (0.0, yi), va="center", fontsize=8, color="0.3")
+                continue
+            sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            ax.barh(yi, np.mean(values), xerr=sd, color=color, alpha=0.85, capsize=3)
+            ax.plot(values, [yi] * len(values), "k.", ms=4)
+            if len(values) < len(per_method[yi]):
+                ax.annotate(f"  {len(values)} of {len(per_method[yi])} seeds", (np.mean(values) + sd, yi), va="center",
+                            fontsize=8, color="0.3")
+        ax.set_xlim(0.0, xmax)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=10)
+
+    bars(ax_s, [[r["test_metric"] for r in rs] for _, _, rs, _, _ in results],
+         "test exact match (higher is better)", f"learns 'subject' ({results[0][2][0]['cell']['steps']} steps)", 1.05)
+    bars(ax_k, [[r["test_metric"] for r in ks] for *_, ks in results], "test accuracy (higher is better)",
+         "learns 'kind', a head on top" + (f" ({ks[0]['cell']['steps']} steps)" if (ks := results[0][4]) else ""),
+         1.05)
+    forgetting = [[forgetting_at_skill(r) for r in rs] for _, _, rs, _, _ in results]
+    most = max((v for vs in forgetting for v in vs if v is not None), default=1.0)
+    bars(ax_f, forgetting, "pretraining-corpus loss - base's (nats/char;\nlower is better)",
+         f"forgets on 'subject', at val >= {MATCHED_SKILL}", 1.15 * most)
+    for ax in (ax_p, ax_s, ax_k, ax_f):
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_yticks(y, names)
+    ax_p.invert_yaxis()  # the first method on top (the y axis is shared)
+    n_seeds = len(results[0][2])
+    fig.suptitle(f"{len(names)} ways to fine-tune, each at its learning rate chosen on validation\n"
+                 f"bars: mean over {n_seeds} seeds, whiskers: ± sd, dots: the seeds" + title_note, fontsize=10)
+    return fig
+
+
+def summary(studies_dir, figures_dir=None):
+    """The comparison of every method across studies (`minilora report benchmarks/studies`): the front page's
+    table (method_summary) and figure (figure_methods, methods.png). Returns (text, {name: Figure})."""
+    for study in ("forgetting", "kind"):
+        if not os.path.isfile(os.path.join(studies_dir, study, "results.jsonl")):
+            raise ValueError(f"DIR: expected the studies folder, with {study}/results.jsonl, got {studies_dir}")
+    table, _ = method_summary(studies_dir)
+    figs = {"methods.png": figure_methods(studies_dir)}
+    if figures_dir:
+        from .plot import save_figure
+
+        for name, fig in figs.items():
+            save_figure(fig, os.path.join(figures_dir, name))
+    return "## every method, studies 1 (forgetting) and 7 (kind)\n\n" + table, figs
 
 
 def report(study_dir, figures_dir=None, title_note=""):

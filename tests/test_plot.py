@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from minilora.plot import ema, plot_comparison, plot_loss_curves, read_log, save_figure
+from minilora.plot import ema, plot_comparison, plot_loss_curves, read_log, save_figure, texts_outside
 
 
 def _log(n=40, seed=0):
@@ -175,3 +175,26 @@ def test_identical_runs_share_one_curve_and_one_legend_entry():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["a = b (identical) train (EMA 0.9)", "c train (EMA 0.9)"]
     assert len([line for line in ax.get_lines() if not line.get_label().startswith("_")]) == len(labels)
+
+
+def test_texts_outside_finds_a_title_cut_off_at_the_canvas_edge_and_nothing_on_a_figure_that_fits():
+    """A title wider than its figure is cut off in the PNG (the site's fast-mode titles were, issue 29)."""
+    long_title = "a title far wider than a figure four inches wide can show [fast mode: a smoke test, not a result]"
+    fig = Figure(figsize=(4, 3))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1])
+    ax.set_title(long_title)
+    assert texts_outside(fig) == [long_title]
+    ax.set_title(long_title.replace(" [", "\n[").replace("far wider", "\nfar wider"), fontsize=8)
+    fig.set_layout_engine("constrained")
+    assert texts_outside(fig) == []
+    fig = Figure(figsize=(4, 3))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1])
+    ax.annotate("a note placed past the right edge", (0.9, 0.5))
+    assert texts_outside(fig) == ["a note placed past the right edge"]
+    ax.set_yticks([0, 1], ["0", "a tick label that reaches past the left edge of the canvas"])
+    assert texts_outside(fig) == ["tick labels of axes 0", "a note placed past the right edge"]
+    rows = [{"method": "full", "trainable_params": 1000, "total_params": 1000, "metric": 1.0, "forgetting": 0.5,
+             "optimizer_state_bytes": 8000}]
+    assert texts_outside(plot_comparison(rows)) == []

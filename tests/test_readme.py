@@ -98,13 +98,22 @@ def test_the_gpt2_small_table_is_the_benchmarks_numbers():
 
 
 def test_the_site_build_times_are_the_benchmarks():
-    """README's full-build times are benchmarks/site_time.json's (a full build, timed from nothing)."""
+    """README's full-build times are benchmarks/site_time.json's (a full build, timed from nothing, of every tutorial
+    there is now), with the load it ran under."""
     full = json.loads((ROOT / "benchmarks" / "site_time.json").read_text())["full"]
     assert full["mode"] == "full" and full["threads"] == 1
+    assert full["tutorials"] == len(list((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))), "time the build again"
+    assert f"{full['tutorials']} tutorials and their solutions" in README
+    load = full["load_clean_build"]
+    if load["mean_1min"] > 1.5:  # more than the build's own kernel: the README says so
+        assert f"other jobs running: load {load['mean_1min']:.1f} on average" in README
+    else:
+        assert "idle" in README.split("min from nothing**")[1][:200]
     assert f"**{round(full['clean_build_s'] / 60)} min from nothing** on {full['date']}" in README
     assert f"**{round(full['rebuild_after_prose_edit_s'])} s** for a rebuild" in README
-    for shot in ("site_front.png", "site_tutorial.png"):
+    for shot in ("site_front.png", "site_tutorial.png", "site_api.png"):  # site_browser.SCREENSHOTS
         assert f"(figures/{shot})" in README
+    assert "`python docs/_ext/site_browser.py build/site-smoke --screenshots figures`" in README
 
 
 def test_the_benchmark_met_the_issues_targets():

@@ -1,8 +1,27 @@
 """The site (issue 22): the smoke build, served on 127.0.0.1 and opened page by page in headless Chromium.
 
 The checks themselves are docs/_ext/site_browser.py's (console errors, images, internal links, typeset
-maths, the code cells' outputs); here they must find nothing on any page, and they must find each planted
-fault on a broken page. Building the site takes minutes, so these tests are marked `site` and left out of
+maths, the code cells' outputs, noise, and what fits its column); here they must find nothing on any page, and
+they must find each planted fault on a broken page.
+
+What fits (site_browser.FIT_FACTS, on every page, at the site's width, 1280 px, and a phone's, 390 px, scroll
+bars shown as on a desktop): every code cell, cell output and code block lies inside the page's column. An
+output fits its cell whole: no element of it reaches past the cell and none scrolls sideways (outputs wrap their
+lines, docs/_static/minilora.css), so no result hides past the edge. Code keeps its lines, so a code line longer
+than the column may reach past its cell only inside a scroll container (overflow-x auto or scroll) that itself
+lies inside the cell: the reader scrolls to it, and the scroll bar shows that it goes on. Clipped is never
+allowed: an element that hides its overflow (overflow-x hidden or clip) with content wider than itself, cut off
+with no way to see it. Every figure lies inside the column, and no page scrolls sideways. A figure's own text cut
+off at its canvas edge is inside the PNG, beyond the browser: the smoke build fails on it when the figure is saved
+(minilora_site.KERNEL_SETUP, minilora.plot.texts_outside).
+
+Noise: no output shows a warning (`Warning`, as in TqdmWarning), where a library's warning lands; the prose may
+name one (minilora.bounds explains when NumPy gives a RuntimeWarning), so the word alone is not noise there. No
+text anywhere on a page holds an absolute path of the build machine, and no output a tqdm bar.
+
+The screenshots (figures/site_*.png: the front page, tutorial 03 at a cell with its output and figure, and
+minilora.peft_io's API page) come from this build, in Chromium: `python docs/_ext/site_browser.py build/site-smoke
+--screenshots figures`, and the test takes them too, into build/site-smoke-screenshots. Building the site takes minutes, so these tests are marked `site` and left out of
 the default run; `.ci/run` runs them with `python -m pytest -m site tests/test_site.py`. Where Sphinx,
 Playwright or Chromium is missing they skip, except in CI (CI=true), where they fail.
 """
@@ -60,7 +79,8 @@ def test_every_page_of_the_smoke_site_passes_in_chromium(smoke_site):
     shutil.rmtree(shots, ignore_errors=True)
     report = site_browser.check_site(smoke_site, screenshots=shots)
     assert not report, "\n".join(f"{page}: {p}" for page, problems in report.items() for p in problems)
-    for name in ("site_front.png", "site_tutorial.png"):
+    assert sorted(os.listdir(shots)) == sorted(f"site_{label}.png" for label in site_browser.SCREENSHOTS)
+    for name in os.listdir(shots):
         with open(os.path.join(shots, name), "rb") as f:
             assert f.read(4) == b"\x89PNG", name
 
@@ -185,12 +205,36 @@ Loading weights: 100%|##########| 16/16 [00:00&lt;00:00, 2976.13it/s]</pre></div
 </body></html>"""
 
 
+PNG_1PX = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5"
+           "ErkJggg==")
+LONG = "x" * 300  # wider than any column, at 13 px a character
+FITS_PAGE = f"""<!doctype html><html><head>{NO_FAVICON}<link rel="stylesheet" href="minilora.css"></head><body>
+<article role="main" style="width: 340px; margin: 0 auto">
+<div class="cell"><div class="cell_input"><div class="highlight"><pre style="overflow: auto">print("{LONG}")</pre></div></div>
+<div class="cell_output"><pre>a long output wraps: {LONG}</pre><img src="{PNG_1PX}" style="width: 100%"></div></div>
+<div class="highlight-bash"><pre style="overflow: auto">a code block that scrolls inside itself: {LONG}</pre></div>
+</article></body></html>"""
+CLIPPED_PAGE = f"""<!doctype html><html><head>{NO_FAVICON}</head><body style="margin: 0">
+<article role="main" style="width: 340px">
+<div class="cell"><div class="cell_input"><pre style="overflow: auto">print(1)</pre></div>
+<div class="cell_output"><pre style="overflow: auto; white-space: pre">an output that scrolls: {LONG}</pre></div></div>
+<div class="highlight-python"><pre style="overflow: hidden; white-space: pre">clipped = "{LONG}"</pre></div>
+<div class="highlight-text"><div style="width: 900px">spills out of its block</div></div>
+<div class="cell"><div class="cell_input" style="width: 500px"><pre style="overflow: auto">print(2)</pre></div>
+<div class="cell_output"><pre>2</pre></div></div>
+<img src="{PNG_1PX}" style="width: 500px" alt="too wide">
+</article></body></html>"""
+
+
 def test_the_checks_find_every_planted_fault(tmp_path):
     site_browser = _browser()
     (tmp_path / "index.html").write_text(BROKEN_PAGE)
     (tmp_path / "good.html").write_text(f"<!doctype html><html><head>{NO_FAVICON}</head><body><p>fine, $5 only once; "
                                         "a RuntimeWarning named in prose is no noise, nor is /tmp in a sentence</p>"
                                         "<a href='index.html'>home</a></body></html>")
+    (tmp_path / "fits.html").write_text(FITS_PAGE)
+    (tmp_path / "clipped.html").write_text(CLIPPED_PAGE)
+    shutil.copy(os.path.join(ROOT, "docs", "_static", "minilora.css"), tmp_path / "minilora.css")
     report = site_browser.check_site(str(tmp_path), paths=["/tmp/", "/opt/env"])
     assert site_browser.machine_paths() and all(os.path.isabs(p) for p in site_browser.machine_paths())
     problems = "\n".join(report["index.html"])
@@ -200,3 +244,14 @@ def test_the_checks_find_every_planted_fault(tmp_path):
                      "an absolute path of the build machine: ", "/tmp/build-1234/figures"):
         assert expected in problems, (expected, problems)
     assert "good.html" not in report, report.get("good.html")
+    # the site's CSS wraps the output and keeps the figure in its column; the code scrolls inside its cell
+    assert "fits.html" not in report, report.get("fits.html")
+    clipped = "\n".join(report["clipped.html"])
+    for width in ("site's width (1280 px)", "phone's width (390 px)"):  # widths of text: the machine's fonts
+        for expected in (r'an output scrolls sideways \(\d+ px in 340\), instead of wrapping: pre "an output that scrolls',
+                         r'clipped: \d+ px of content in 340: pre "clipped = \\"xxx',
+                         'an element of a code cell reaches past it: div "spills out of its block"',
+                         re.escape('a code cell is wider than its column (500 px in 340): div.cell_input "print(2)"'),
+                         re.escape("a figure is wider than its column (500 px in 340): img")):
+            assert re.search(f"^at the {re.escape(width)}: {expected}", clipped, re.M), (width, expected, clipped)
+    assert re.search(r"^at the phone's width \(390 px\): the page scrolls sideways \(900 px in \d+\)", clipped, re.M)

@@ -4,7 +4,9 @@ Each tutorial's last markdown cell is `## Exercises`, with at least three number
 exercises: `### Exercise N.k` headings (tutorials 01-05), or a numbered list
 `k. **Title.** ...` (tutorial 06). Its solutions live in
 `tutorials/solutions/NN_<stem>_solutions.py`, one `## Exercise N.k` (or
-`## Exercise k`) section per exercise, and each section asserts its answer. The solutions are run as scripts
+`## Exercise k`) section per exercise, and each section asserts its answer; the Exercises section links
+them with a Markdown link (`[their page](solutions/NN_<stem>_solutions.py)`), the solutions' page on the site.
+The solutions are run as scripts
 and as notebooks, as a learner runs them: in fast mode here (seconds each), in
 full mode under `pytest -m slow`.
 """
@@ -67,7 +69,9 @@ def test_tutorial_ends_with_numbered_exercises_and_their_solutions(tutorial):
     assert numbers == [f"{n}.{k}" for k in range(1, len(numbers) + 1)], numbers  # 2.1, 2.2, ... in order
     solution = solution_path(tutorial)
     assert os.path.exists(solution), f"no solutions file {os.path.relpath(solution, ROOT)}"
-    assert os.path.relpath(solution, ROOT) in section, "the Exercises section points to its solutions file"
+    # a Markdown link relative to the tutorial: on the site, the solutions' page; in Jupyter or on GitHub, the file
+    link = f"](solutions/{os.path.basename(solution)})"
+    assert link in section.replace("\n# ", " "), f"the Exercises section links its solutions' page: [...]{link[1:]}"
     sections = solution_sections(solution)
     assert list(sections) == numbers, f"solution sections {list(sections)} != exercises {numbers}"
     for number, body in sections.items():

@@ -40,7 +40,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
-NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
+NOTE = "\n[fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 tok = tokenizer.CharTokenizer()
 
@@ -252,7 +252,7 @@ if not FAST:
 #
 # From "run and read" to "derive and implement". Each says what to write, what to
 # predict **before** running, and how to check. The solutions, which run and assert
-# their answers, are in `tutorials/solutions/02_pretraining_solutions.py`.
+# their answers, are on [their page](solutions/02_pretraining_solutions.py).
 #
 # ### Exercise 2.1 (compute): the unigram baseline
 #

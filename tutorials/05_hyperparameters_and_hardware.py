@@ -44,7 +44,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
-NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
+NOTE = "\n[fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 
 
@@ -401,7 +401,7 @@ print("the backend in use by default:", backend.get_backend().__name__)
 #
 # From "run and read" to "derive and implement". Each says what to write, what to
 # predict **before** running, and how to check. The solutions, which run and assert
-# their answers, are in `tutorials/solutions/05_hyperparameters_and_hardware_solutions.py`.
+# their answers, are on [their page](solutions/05_hyperparameters_and_hardware_solutions.py).
 #
 # ### Exercise 5.1 (compute by hand): optimizer state
 #

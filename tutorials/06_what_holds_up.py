@@ -48,7 +48,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
-NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
+NOTE = "\n[fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 # the committed study results (a notebook has no __file__, so they are looked for: see the function)
 STUDIES = studies.committed_results_dir()  # benchmarks/studies of this clone ($MINILORA_STUDIES overrides)
@@ -675,7 +675,7 @@ print("wrote", path)
 # %% [markdown]
 # ## Exercises
 #
-# Solutions: `tutorials/solutions/06_what_holds_up_solutions.py` (each one asserts
+# Solutions, [on their page](solutions/06_what_holds_up_solutions.py) (each one asserts
 # its answer).
 #
 # ### Exercise 6.1 (run and read): a higher learning rate, live

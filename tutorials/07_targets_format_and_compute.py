@@ -48,7 +48,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
-NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
+NOTE = "\n[fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 
 base, mc, pretrained_now, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(),
@@ -582,7 +582,7 @@ print("wrote", path)
 #
 # ## Exercises
 #
-# Solutions: `tutorials/solutions/07_targets_format_and_compute_solutions.py`, one
+# Solutions, [on their page](solutions/07_targets_format_and_compute_solutions.py), one
 # section per exercise, each asserting its answer; run it like this file. Try each
 # exercise before reading its solution.
 #

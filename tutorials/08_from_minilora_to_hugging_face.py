@@ -17,8 +17,8 @@
 #     transformer.h.{i}.mlp.c_fc.weight    (C, F)    h.{i}.mlp.fc.W (F, C) transposed
 #     transformer.h.{i}.mlp.c_proj.weight  (F, C)    h.{i}.mlp.proj.W (C, F) transposed
 #
-# GPT-2's linears are `Conv1D` modules that store W as (in, out) and compute x W + b;
-# minilora stores (out, in) and computes x W^T + b. `minilora/hf.py` transposes the
+# GPT-2's linears are `Conv1D` modules that store $W$ as (in, out) and compute $x W + b$;
+# minilora stores (out, in) and computes $x W^\top + b$. `minilora/hf.py` transposes the
 # names in `hf.TRANSPOSED` once, on the way in and out, as nanoGPT's `from_pretrained`
 # does. The commands are
 #
@@ -67,7 +67,7 @@ torch.set_num_threads(1)  # and torch likewise
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
-NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
+NOTE = "\n[fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 OUT = tempfile.mkdtemp(prefix="minilora-08-")  # the exported folders; nothing here is kept
 warnings.filterwarnings("ignore", module="peft")
@@ -96,24 +96,25 @@ assert np.abs(params["h.0.attn.q.lora_B"]).max() > 0
 # ## Worked example: q, k, v adapters are one PEFT adapter on c_attn, of rank 3r
 #
 # GPT-2 computes q, k and v with one fused module: its weight, in minilora's (out, in)
-# layout, is the three stacked, W_c = [W_q; W_k; W_v] (3C, C). Our three adapters add
+# layout, is the three stacked, $W_c = [W_q; W_k; W_v]$, $(3C, C)$. Our three adapters add
 #
-#     [s B_q A_q; s B_k A_k; s B_v A_v]          (3C, C)
+# $$\begin{bmatrix} s B_q A_q \\ s B_k A_k \\ s B_v A_v \end{bmatrix} \quad (3C, C).$$
 #
-# Stack the A's and put the B's on a block diagonal:
+# Stack the $A$'s and put the $B$'s on a block diagonal:
 #
-#     A_c = [A_q; A_k; A_v]                      (3r, C)
-#     B_c = [[B_q, 0,   0  ],
-#            [0,   B_k, 0  ],                    (3C, 3r)
-#            [0,   0,   B_v]]
+# $$A_c = \begin{bmatrix} A_q \\ A_k \\ A_v \end{bmatrix} \quad (3r, C), \qquad
+#   B_c = \begin{bmatrix} B_q & 0 & 0 \\ 0 & B_k & 0 \\ 0 & 0 & B_v \end{bmatrix} \quad (3C, 3r).$$
 #
-# Row block i of B_c A_c is B_i A_i (the zeros kill the other A's), so B_c A_c is exactly
-# the stacked update. One catch: PEFT scales by lora_alpha / r with *this* adapter's
-# rank, 3r. To keep the scale s = alpha / r, c_attn needs alpha_c / (3r) = alpha / r,
-# so alpha_c = 3 alpha (with rsLoRA, alpha_c / sqrt(3r) = alpha / sqrt(r): alpha_c =
-# sqrt(3) alpha). PEFT's `rank_pattern` and `alpha_pattern` say this per module. We
-# build A_c and B_c by hand for block 0, check the update, and compare with what
-# `peft_io.to_peft` writes.
+# Row block $i$ of $B_c A_c$ is $B_i A_i$ (the zeros kill the other $A$'s), so $B_c A_c$ is
+# exactly the stacked update. One catch: PEFT scales by $\alpha / r$ (`lora_alpha / r`) with
+# *this* adapter's rank, $3r$. To keep the scale $s = \alpha / r$, c_attn needs
+#
+# $$\frac{\alpha_c}{3r} = \frac{\alpha}{r} \quad\Rightarrow\quad \alpha_c = 3\alpha
+#   \qquad \text{(with rsLoRA, } \frac{\alpha_c}{\sqrt{3r}} = \frac{\alpha}{\sqrt r}
+#   \ \Rightarrow\ \alpha_c = \sqrt 3\, \alpha\text{)}.$$
+#
+# PEFT's `rank_pattern` and `alpha_pattern` say this per module. We build $A_c$ and $B_c$ by
+# hand for block 0, check the update, and compare with what `peft_io.to_peft` writes.
 
 # %%
 C, r, s = mc.d_model, config.lora.rank, config.lora.scale
@@ -134,7 +135,7 @@ print("rank_pattern", adapter_config["rank_pattern"], "alpha_pattern", adapter_c
 assert adapter_config["alpha_pattern"]["attn.c_attn"] == alpha_c
 
 # %% [markdown]
-# The picture of B_c: three blocks of trained numbers, zeros elsewhere.
+# The picture of $B_c$: three blocks of trained numbers, zeros elsewhere.
 
 # %%
 fig = Figure(figsize=(4.5, 5))
@@ -183,7 +184,7 @@ print(f"PEFT vs minilora, float64: max relative difference {rel:.1e}")
 assert rel < 1e-10
 
 # %% [markdown]
-# **Merging.** PEFT's `merge_and_unload()` folds s B A into each weight, as
+# **Merging.** PEFT's `merge_and_unload()` folds $s B A$ into each weight, as
 # `lora.merge` does; the merged models agree too.
 
 # %%
@@ -210,9 +211,9 @@ print("AutoTokenizer ids == CharTokenizer ids:", hf_tok.encode("the cat")[:7])
 # The other way: a model that transformers made. GPT-2 small itself (124M parameters,
 # `model.SIZES["gpt2-small"]`) imports the same way, tensor by tensor; to stay offline
 # and fast we make a small one with GPT-2's exact layout, every weight random, and the
-# **key bias non-zero**. minilora has no key bias: q . b_k adds one constant to every
-# score in a query's row, and softmax(S + c) = softmax(S), so dropping it changes
-# nothing. The logits below prove it.
+# **key bias non-zero**. minilora has no key bias: $q \cdot b_k$ adds one constant to every
+# score in a query's row, and $\operatorname{softmax}(S + c) = \operatorname{softmax}(S)$, so
+# dropping it changes nothing. The logits below prove it.
 
 # %%
 torch.manual_seed(0)
@@ -239,8 +240,8 @@ assert n_small == 124_439_808 - 12 * 768
 # ## What does not cross
 #
 # - **Prompt tuning, by default.** PEFT's prompt tuning gives the virtual tokens positions
-#   0..P-1 and shifts the real tokens after them; minilora keeps the real tokens at
-#   0..T-1 as in pretraining (tutorial 04). They are different functions, so
+#   $0, \dots, P-1$ and shifts the real tokens after them; minilora keeps the real tokens at
+#   $0, \dots, T-1$ as in pretraining (tutorial 04). They are different functions, so
 #   `minilora export` refuses such a run, in one line, rather than approximate it. A run
 #   trained with `finetune --peft-positions` numbers its tokens as PEFT does and exports
 #   exactly (prefix tuning too; docs/methods.md says which to choose when).
@@ -251,26 +252,26 @@ assert n_small == 124_439_808 - 12 * 768
 #
 # ## Exercises
 #
-# The solutions, which run and assert their answers, are in
-# `tutorials/solutions/08_from_minilora_to_hugging_face_solutions.py`.
+# The solutions, which run and assert their answers, are on
+# [their page](solutions/08_from_minilora_to_hugging_face_solutions.py).
 #
 # ### Exercise 8.1 (compute by hand): the c_attn adapter's rank and alpha
 #
-# For adapters on q and v only (not k) with r = 4 and alpha = 8, write down on paper
-# the shapes of A_c and B_c, which rows of B_c are zero, and alpha_c; then the same
+# For adapters on q and v only (not k) with $r = 4$ and $\alpha = 8$, write down on paper
+# the shapes of $A_c$ and $B_c$, which rows of $B_c$ are zero, and $\alpha_c$; then the same
 # with rsLoRA. Check against `peft_io.to_peft` (`rank_pattern`, `alpha_pattern`).
 #
 # ### Exercise 8.2 (predict, then check): which biases matter
 #
-# Predict, before running: adding 5.0 to every entry of the key bias of the
+# Predict, before running: adding 5.0 to every entry of the key bias $b_k$ of the
 # GPT-2-shaped model changes its logits by how much? And adding 5.0 to the query
 # bias? Check both with `hf_logits` on `gpt2`, and explain the second with the
 # softmax.
 #
 # ### Exercise 8.3 (derive and implement): a PEFT c_attn adapter back into q, k, v
 #
-# A PEFT adapter on c_attn of rank r' has one A (r', C) and one B (3C, r'). Derive q, k
-# and v adapters of rank r' that compute the same function (hint: they share A). Write
-# `split_c_attn(A, B, C)` returning three (A_i, B_i) pairs, check that each s B_i A_i is
-# the matching third of s B A, and that `peft_io.read_peft` does the same on an
+# A PEFT adapter on c_attn of rank $r'$ has one $A$ $(r', C)$ and one $B$ $(3C, r')$. Derive
+# q, k and v adapters of rank $r'$ that compute the same function (hint: they share $A$).
+# Write `split_c_attn(A, B, C)` returning three $(A_i, B_i)$ pairs, check that each
+# $s B_i A_i$ is the matching third of $s B A$, and that `peft_io.read_peft` does the same on an
 # adapter PEFT itself trains on `gpt2` for a few steps (logits equal).

@@ -34,7 +34,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
-NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
+NOTE = "\n[fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 rng = np.random.default_rng(0)
 
@@ -480,8 +480,8 @@ assert sorted(Noted.shapes) == sorted([(d_out, r), (r, r), (d_out, r)])  # W A^T
 # ## Exercises
 #
 # From "run and read" to "derive and implement". Each says what to write, what to predict
-# **before** running, and how to check. The solutions, which run and assert their answers, are in
-# `tutorials/solutions/09_beyond_lora_solutions.py`.
+# **before** running, and how to check. The solutions, which run and assert their answers, are on
+# [their page](solutions/09_beyond_lora_solutions.py).
 #
 # ### Exercise 9.1 (compute by hand): bits per weight, and a 7B base
 #

@@ -43,7 +43,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 FAST = os.environ.get("MINILORA_FAST") == "1"
 # fast mode is a smoke test: its figures go to figures/fast/, never over the committed ones
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
-NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
+NOTE = "\n[fast mode: a smoke test, not a result]" if FAST else ""  # in every figure title
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 rng = np.random.default_rng(0)
 
@@ -242,7 +242,7 @@ print("wrote", path)
 # ## Exercises
 #
 # Each says what to do, what to predict **before** running, and how to check. The solutions, which run and
-# assert their answers, are in `tutorials/solutions/10_prefix_tuning_solutions.py`.
+# assert their answers, are on [their page](solutions/10_prefix_tuning_solutions.py).
 #
 # ### Exercise 10.1 (compute by hand): equal parameters
 #

@@ -16,6 +16,8 @@
   `plain_text_to_rest` makes them valid reST (indented blocks literal, lists with their blank lines).
 - Paper links: the bibliography is docs/references.bib (sphinxcontrib-bibtex, docs/references.md); a paper
   the prose names as authors and year ("Dettmers et al. 2023", as the tutorials do) links to its entry.
+- Links between tutorials: a Markdown link to a tutorial's file (the Exercises link their solutions) goes to
+  its page, through the symlinks (`SymlinkedDocLinks`).
 - Code links: an inline literal in the prose that names a minilora object (`lora.lora_linear_forward`) or a
   file (`minilora/lora.py`, `tutorials/03_lora_by_hand.py`, `benchmarks/studies/rank/results.jsonl`) becomes
   a link to its API entry, its source page (viewcode), its tutorial page or its study page.
@@ -32,6 +34,7 @@ import shutil
 import subprocess
 
 from docutils import nodes
+from sphinx import addnodes
 from sphinx.transforms.post_transforms import SphinxPostTransform
 from sphinx.util.docutils import SphinxDirective
 
@@ -54,8 +57,12 @@ def site_mode():
 # Nothing a reader should not see reaches the page: no progress bar (conf: TQDM_DISABLE, HF_HUB_DISABLE_PROGRESS_BARS)
 # and not the two warnings the site's kernel would print, neither of them the tutorials' doing: tqdm.auto's
 # TqdmWarning (the kernel has no ipywidgets, so the text bar, off, is the one wanted) and transformers'
-# FutureWarning on is_gradient_checkpointing, a deprecated property PEFT reads when it wraps a model.
+# FutureWarning on is_gradient_checkpointing, a deprecated property PEFT reads when it wraps a model; nor
+# bitsandbytes' logged warning, where it is installed (PEFT imports it), that it could not fetch a CPU kernel from
+# the Hub (the site builds offline). A figure whose text does not fit on its canvas (a title cut off at the PNG's
+# edge, which no browser check can see) fails the build, naming the text.
 KERNEL_SETUP = '''\
+import logging as _logging
 import os as _os
 import warnings as _warnings
 
@@ -65,6 +72,7 @@ for _name in ("MINILORA_RUNS", "MINILORA_FIGURES", "MINILORA_STUDIES"):
         _os.environ[_name] = _os.path.relpath(_os.environ[_name])
 _warnings.filterwarnings("ignore", message="IProgress not found")
 _warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
 
 import IPython.display as _display
 import minilora.plot as _plot
@@ -73,6 +81,9 @@ _save_figure = _plot.save_figure
 
 
 def _save_and_show(fig, path, *args, **kwargs):
+    _cut = _plot.texts_outside(fig)
+    if _cut:
+        raise ValueError(f"{path}: text cut off at the figure's edge: {_cut}")
     _save_figure(fig, path, *args, **kwargs)
     _display.display(_display.Image(filename=str(path)))
 
@@ -216,7 +227,7 @@ class StudyDirective(SphinxDirective):
     required_arguments = 1
 
     def run(self):
-        from minilora.plot import save_figure
+        from minilora.plot import save_figure, texts_outside
         from minilora.report import report
 
         name = self.arguments[0]
@@ -234,6 +245,9 @@ class StudyDirective(SphinxDirective):
         folder = os.path.join(self.env.srcdir, "_generated", "studies")
         os.makedirs(folder, exist_ok=True)
         for figure_name, figure in figures.items():
+            cut = texts_outside(figure)
+            if cut:
+                raise self.error(f"study {name}: {figure_name}: text cut off at the figure's edge: {cut}")
             save_figure(figure, os.path.join(folder, figure_name))
             lines += [f"![{name}: the report's figure](/_generated/studies/{figure_name})", ""]
         here = os.path.dirname(self.env.doc2path(self.env.docname))
@@ -248,8 +262,6 @@ class ApiIndexDirective(SphinxDirective):
     """```{api-index}```: every module of the package, linked to its page, with its one-line summary."""
 
     def run(self):
-        from sphinx import addnodes
-
         items = nodes.bullet_list(classes=["api-index"])
         for name in api_modules():
             ref = addnodes.pending_xref("", nodes.literal(text=f"minilora.{name}"), refdomain="std", reftype="doc",
@@ -262,6 +274,22 @@ class ApiIndexDirective(SphinxDirective):
                               recursive=True):
             self.env.note_dependency(path)  # a summary edited re-reads the index
         return [items]
+
+
+class SymlinkedDocLinks(SphinxPostTransform):
+    """A Markdown link from one tutorial to another's file (`[their page](solutions/01_x_solutions.py)`, as the
+    Exercises sections link their solutions) goes to that page. The link is relative to the tutorial, so it
+    works in Jupyter and on GitHub too; Sphinx resolves it through the symlink (docs/tutorials/ -> tutorials/)
+    to a path outside the source folder, which names no document: this maps it back, before MyST resolves it."""
+
+    default_priority = 8  # before MyST's reference resolver (9)
+
+    def run(self, **kwargs):
+        by_real_path = {os.path.splitext(os.path.realpath(self.env.doc2path(d)))[0]: d for d in self.env.all_docs}
+        for ref in self.document.findall(addnodes.pending_xref):
+            target = ref.get("reftarget", "")
+            if ref.get("reftype") == "myst" and target not in self.env.all_docs and target in by_real_path:
+                ref["reftarget"] = by_real_path[target]
 
 
 class CodeLinks(SphinxPostTransform):
@@ -476,6 +504,7 @@ def setup(app):
     app.connect("env-updated", lambda app, env: _check_every_study_has_a_page(app, env))
     app.add_directive("study", StudyDirective)
     app.add_directive("api-index", ApiIndexDirective)
+    app.add_post_transform(SymlinkedDocLinks)
     app.add_post_transform(CodeLinks)
     app.add_post_transform(PaperLinks)
     return {"parallel_read_safe": False, "parallel_write_safe": True}

@@ -24,7 +24,7 @@ limit_blas_threads()  # 1 BLAS thread, as the minilora command runs (MINILORA_TH
 
 FAST = os.environ.get("MINILORA_FAST") == "1"
 FIGURES = os.environ.get("MINILORA_FIGURES", os.path.join("figures", "fast") if FAST else "figures")
-NOTE = " [fast mode: a smoke test, not a result]" if FAST else ""
+NOTE = "\n[fast mode: a smoke test, not a result]" if FAST else ""
 RUNS = os.environ.get("MINILORA_RUNS", "runs")
 STUDIES = studies.committed_results_dir()  # benchmarks/studies of this clone ($MINILORA_STUDIES overrides)
 base, mc, _, tok = load_or_pretrain(PretrainConfig.fast() if FAST else PretrainConfig(), os.path.join(RUNS, "pretrain"))
