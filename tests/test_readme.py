@@ -157,3 +157,20 @@ def test_the_readme_is_a_front_page_whose_links_resolve():
     for page in ("docs/story.md", "docs/tutorials/index.md", "docs/studies/index.md", "docs/demo.md"):
         assert f"]({page})" in README, page
     assert "sphinx-build -b html docs build/site " in README and "MINILORA_FAST=1 sphinx-build" in README
+
+
+def test_the_gpt2_small_profile_and_ratios_in_the_hardware_page_are_the_benchmarks():
+    """docs/hardware.md's op-by-op tables are benchmarks/gpt2_profile.json's as its --table prints them, and its
+    ratio table is benchmarks/gpt2_small.json's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpt2_profile", ROOT / "benchmarks" / "gpt2_profile.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    page = (ROOT / "docs" / "hardware.md").read_text()
+    assert prof.tables(json.loads((ROOT / "benchmarks" / "gpt2_profile.json").read_text())) in page
+    bench = json.loads((ROOT / "benchmarks" / "gpt2_small.json").read_text())
+    for strategy, label in (("full", "full fine-tuning"), ("lora", "LoRA")):
+        s = bench["strategies"][strategy]["step_s"]
+        row = f"| {label} | {s['minilora']:.2f} s | {s['torch']:.2f} s | {s['minilora'] / s['torch']:.2f} |"
+        assert row in page, row

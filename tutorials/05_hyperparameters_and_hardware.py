@@ -329,7 +329,7 @@ assert full.terms["optimizer"] == 2 * full.terms["gradients"]  # AdamW's m and v
 assert plans[("full", True)].total == full.total  # its peak is the update, after every activation is freed
 
 # %% [markdown]
-# Full fine-tuning's step needs about 23.8 GiB, and almost none of it is activations: its peak falls at the update,
+# Full fine-tuning's step needs about 23.5 GiB, and almost none of it is activations: its peak falls at the update,
 # when the 5.8 GiB of weights, 5.8 GiB of gradients and 11.6 GiB of AdamW moments are all held at once (plus the
 # update's scratch). No batch size and no checkpointing helps it; it cannot fit 24 GiB (the benchmark below
 # holds each plan to 22 GiB, leaving 2 GiB of headroom). LoRA trains 0.3% as many weights, so the wall it meets is the frozen weights themselves, 5.8 GiB in
