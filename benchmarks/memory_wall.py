@@ -37,7 +37,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as minilora/__init__.py
 
 import numpy as np
 
-from minilora import memplan, methods, model, ops, optim
+from minilora import memplan, methods, model, ops, optim, threads
 from minilora.finetune import FinetuneConfig
 from minilora.methods import lora, nf4, qlora
 
@@ -255,11 +255,14 @@ def main():
 
         gpu_free, _ = get_backend("cupy").cuda.runtime.memGetInfo()
         limit = int(gpu_free - args.headroom_gib * GIB)
+    # the threads the CPU's elementwise loops split over, each part with its own scratch (minilora/threads.py);
+    # on the GPU nothing splits. The plan counts them; the cell's child runs with the same BLAS pool
+    threads_ = 1 if args.backend == "cupy" else threads.cpu_threads()
     cells = []
     for size in args.sizes.split(","):
         for method in args.methods.split(","):
             for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
-                p = memplan.plan(memplan.SIZES[size], method, args.batch, args.context, ckpt)
+                p = memplan.plan(memplan.SIZES[size], method, args.batch, args.context, ckpt, cpu_threads=threads_)
                 cell = {"size": size, "method": method, "checkpoint_activations": ckpt, "batch": args.batch,
                         "context": args.context, "plan": p.terms, "plan_total": p.total, "phase": p.phase,
                         "forward_cache": p.forward_cache, "trainable_params": p.trainable_params}
@@ -267,7 +270,7 @@ def main():
                 cell["available_at_start"] = avail
                 if p.total > limit:
                     def total_of(b, m, ck, size=size):
-                        return memplan.plan(memplan.SIZES[size], m, b, args.context, ck).total
+                        return memplan.plan(memplan.SIZES[size], m, b, args.context, ck, cpu_threads=threads_).total
 
                     options = fitting_options(total_of, args.batch, method, ckpt, limit)
                     where = (f"of {args.limit_gib:g} GiB less " if gpu_free is None else

@@ -174,23 +174,27 @@ def block_forward_extra(cfg, method, B, T):
     return n
 
 
-def block_transient(cfg, method, B, T):
+def block_transient(cfg, method, B, T, cpu_threads=1):
     """Floats of the gradients alive in a block's backward beyond what the caches keep.
 
     model.block_backward drops each gradient once the next is made from it, so at most these are alive:
-    the MLP's dg and df (N, F) in GELU's backward (and its two reused blocks of ops._BLOCK numbers); in the attention's backward dx, dy, dq, dk, dv (N, C)
-    and one sequence's dS (NH, T, T + P) and D (B, NH, T); in q, k, v's backward dx, dq, dk, dv, da
-    and one product's dx (N, C).
+    the MLP's dg and df (N, F) in GELU's backward (and two reused blocks of ops._BLOCK numbers per CPU thread); in the attention's backward dx, dy, dq, dk, dv (N, C)
+    and one sequence's dS (NH, T, T + P) per CPU thread (ops.attention_backward gives each thread its part of
+    the sequences; prefix tuning's attention runs them in turn) and D (B, NH, T); in q, k, v's backward dx, dq,
+    dk, dv, da and one product's dx (N, C).
     """
     C, F, NH = cfg.d_model, cfg.d_ff, cfg.n_heads
     N = B * T
     Tk = T + cfg.n_prefix
-    gelu_blocks = 2 * min(N * F, ops._BLOCK)  # GELU's backward: one block of t and one of scratch, reused
-    return max(2 * N * F + gelu_blocks, 6 * N * C, 5 * N * C + NH * T * Tk + B * NH * T)
+    parts = 1 if cfg.n_prefix else min(B, cpu_threads)  # sequences' dS alive at once
+    # GELU's backward: per CPU thread's part, one block of t and one of scratch, reused
+    gelu_blocks = 2 * sum(min(e - s, ops._BLOCK) for s, e in threads.split_range(N * F, cpu_threads,
+                                                                                  ops._BLOCK))
+    return max(2 * N * F + gelu_blocks, 6 * N * C, 5 * N * C + parts * NH * T * Tk + B * NH * T)
 
 
 def plan(config, method, batch, context, checkpoint_activations=False, dtype_bytes=4, settings=None,
-         base_kept=False, classification=False):
+         base_kept=False, classification=False, cpu_threads=None):
     """The predicted peak bytes of one training step (language modelling).
 
     Inputs:
@@ -205,6 +209,8 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
       score before training and the fingerprint): adds a term "base" for the base arrays the method does
       not share (every one under full fine-tuning, which trains copies; QLoRA's quantized Ws)
     - classification: a head on the last token, (B, K) logits, instead of the LM head (no logits term)
+    - cpu_threads: the threads the CPU's elementwise loops split over (threads.py), each part with its own
+      scratch; None: the BLAS pool's count now (threads.cpu_threads()). On a GPU the loops do not split: 1
 
     Returns a Plan whose terms are what is held at the step's peak (their sum is the peak), and whose
     phases give the total at each candidate moment (see peak_phases).
@@ -227,8 +233,9 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
         base = model.param_shapes(config)
         unshared = base if method == "full" else (m.replaces(cfg) if m.replaces is not None else [])
         held["base"] = sum(math.prod(base[n]) for n in unshared) * f
+    cpu_threads = threads.cpu_threads() if cpu_threads is None else cpu_threads
     phases = peak_phases(cfg, method, sizes, trainable, batch, context, checkpoint_activations, f, settings,
-                         classification)
+                         classification, cpu_threads)
     forward_cache = forward_cache_floats(cfg, method, batch, context, checkpoint_activations, settings) * f
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     at_peak = phases[phase]
@@ -254,7 +261,8 @@ def forward_cache_floats(cfg, method, B, T, checkpoint_activations, settings):
     return cfg.n_layers * per_block + B * Tb * (cfg.d_model + 1) + 2 * B * T
 
 
-def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, settings, classification=False):
+def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, settings, classification=False,
+                cpu_threads=1):
     """Bytes held beside the weights and moments at each moment a step's peak can fall on:
 
     - "head": the end of the forward: every block's cache, the loss's chunk of logits (rows, V) in
@@ -281,7 +289,7 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     rows = ops.loss_chunk_rows(V, f, tokens=N)
     chunk = 0 if classification else 2 * min(rows, N) * V  # the chunk's logits and their exponentials
     outer = 2 * Nb * C + (Nb * C if method == "prompt" else 0)  # dh, the incoming dx (and dh with the prompt)
-    transient = block_transient(cfg, method, B, Tb)
+    transient = block_transient(cfg, method, B, Tb, cpu_threads)
     dequant = 0
     if cfg.lora is not None and cfg.lora.base_pair == "nf4":  # one layer's W dequantized (forward and backward)
         dequant = DEQUANT_BYTES_PER_WEIGHT / f * max(
@@ -309,9 +317,10 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     if wte:
         phases["embedding"] = {"gradients": all_grads, "activations": fixed, "transient": V * C + 3 * Nb * C,
                                "logits": 0}
-    # clipping squares one gradient at a time (g * g, of the largest at most); AdamW then updates in two
-    # scratch rows of optim.BLOCK per CPU thread
+    # clipping squares one gradient at a time (g * g, of the largest at most); AdamW then updates each in two
+    # scratch rows of at most optim.BLOCK per CPU thread's part
     largest = max(grad.values(), default=0)
-    phases["update"] = {"gradients": all_grads, "activations": 0, "logits": 0,
-                        "transient": max(largest, 2 * min(largest, optim.BLOCK) * threads.cpu_threads())}
+    scratch = 2 * sum(min(e - s, optim.BLOCK) for s, e in threads.split_range(largest, cpu_threads,
+                                                                               optim.BLOCK))
+    phases["update"] = {"gradients": all_grads, "activations": 0, "logits": 0, "transient": max(largest, scratch)}
     return {k: {t: int(b * f) for t, b in v.items()} for k, v in phases.items()}

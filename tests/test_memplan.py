@@ -7,8 +7,10 @@ import os
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from minilora import cli, memfit, memplan, model
+from minilora.backend import DEFAULT_THREADS
 from minilora.methods import nf4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,9 +160,13 @@ def test_memory_plans_a_runs_model(pretrained, capsys):
 
 
 def test_finetune_refuses_a_run_that_cannot_fit_in_one_line_before_any_work(pretrained, tmp_path, capsys,
-                                                                             monkeypatch):
+                                                                             monkeypatch, request):
     from minilora import finetune as finetune_module
     from minilora.runs import load_model
+
+    # the command's thread count throughout: the plan counts a buffer per CPU thread where an op splits its
+    # work over them (threads.py), and the command pins DEFAULT_THREADS
+    request.addfinalizer(threadpool_limits(DEFAULT_THREADS, user_api="blas").restore_original_limits)
 
     def work(*args, **kwargs):
         raise AssertionError("fine-tuning started although the plan does not fit")
@@ -201,7 +207,7 @@ def test_the_plan_holds_for_the_same_step_on_device_arrays(wall, method, ckpt):
     the CPU stand-in for CuPy: device arrays, with host memory underneath that tracemalloc sees."""
     import standin
 
-    p = memplan.plan(SMALL, method, B, T, ckpt)
+    p = memplan.plan(SMALL, method, B, T, ckpt, cpu_threads=1)  # device arrays: no loop splits over CPU threads
     measured = wall.measure_step(SMALL, method, B, T, ckpt, xp=standin)["tracemalloc_peak"]
     assert (1 - BELOW) * measured <= p.total <= ABOVE * measured, (p.phase, p.total, measured)
 
