@@ -144,16 +144,20 @@ def model_config_from_gpt2(hf, where="config.json"):
         raise ValueError(f"{where}: {e}") from e
 
 
-def _read_json(path):
+def _read_json(path, pairs_hook=None):
+    """The JSON object in path, or a ValueError naming it; pairs_hook as json.load's object_pairs_hook (its
+    own ValueErrors, which name the path, pass through)."""
     try:
         with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+            d = json.load(f, object_pairs_hook=pairs_hook)
     except RecursionError as e:
         raise ValueError(f"{path}: expected a JSON file, got one nested too deeply to read") from e
     except OSError as e:
         raise ValueError(f"{path}: expected a readable JSON file, got one that cannot be read "
                          f"({e.strerror or type(e).__name__})") from e
     except ValueError as e:
+        if str(e).startswith(f"{path}:"):
+            raise
         raise ValueError(f"{path}: expected a JSON file, got one that does not read ({e})") from e
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
@@ -192,19 +196,8 @@ def _shard_map(index):
                              f"named {names.count(twice[0])} times")
         return dict(items)
 
-    try:
-        with open(index, encoding="utf-8") as f:
-            d = json.load(f, object_pairs_hook=pairs)
-    except RecursionError as e:
-        raise ValueError(f"{index}: expected a JSON file, got one nested too deeply to read") from e
-    except OSError as e:
-        raise ValueError(f"{index}: expected a readable JSON file, got one that cannot be read "
-                         f"({e.strerror or type(e).__name__})") from e
-    except ValueError as e:
-        if str(e).startswith(f"{index}:"):
-            raise
-        raise ValueError(f"{index}: expected a JSON file, got one that does not read ({e})") from e
-    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    d = _read_json(index, pairs)
+    weight_map = d.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise ValueError(f"{index}: weight_map: expected an object of tensor name -> shard file name, got "

@@ -102,3 +102,15 @@ def committed_figures_stay_unchanged():
     yield
     after = _figure_hashes()
     assert after == before, f"the test run changed or added committed figures: {sorted(set(after) ^ set(before))}"
+
+
+def tiny_pretrained_run(tmp_path_factory, n_layers=1):
+    """A run folder pretrained for 2 steps by `minilora pretrain` (d_model 16, 2 heads, context 128): the base
+    the command-line tests of a module fine-tune, plan or export from (make it once per module)."""
+    from minilora import cli
+
+    out = tmp_path_factory.mktemp("pre") / "pretrain"
+    assert cli.main(["pretrain", "--out", str(out), "--steps", "2", "--eval-every", "2", "--batch-size", "4",
+                     "--d-model", "16", "--n-layers", str(n_layers), "--n-heads", "2",
+                     "--context-length", "128"]) == 0
+    return out

@@ -32,6 +32,7 @@ from minilora.methods import prefix, prompt  # noqa: E402
 from minilora.model import ModelConfig  # noqa: E402
 from minilora.tokenizer import CharTokenizer  # noqa: E402
 from refusals import refused as refused_cli  # noqa: E402
+from conftest import tiny_pretrained_run  # noqa: E402
 
 warnings.filterwarnings("ignore", module="peft")
 RTOL64, RTOL32 = 1e-10, 1e-5
@@ -167,10 +168,7 @@ def test_peft_rounds_a_float64_prompt_to_float32_unless_its_encoder_is_made_in_f
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre") / "pretrain"
-    assert cli.main(["pretrain", "--out", str(out), "--steps", "2", "--eval-every", "2", "--batch-size", "4",
-                     "--d-model", "16", "--n-layers", "2", "--n-heads", "2", "--context-length", "128"]) == 0
-    return out
+    return tiny_pretrained_run(tmp_path_factory, n_layers=2)
 
 
 @pytest.mark.parametrize("method, size", [("prompt", "--n-prompt"), ("prefix", "--n-prefix")])

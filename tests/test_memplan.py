@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 from minilora import cli, memfit, memplan, model
 from minilora.backend import DEFAULT_THREADS
 from minilora.methods import nf4
+from conftest import tiny_pretrained_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("full", "lora", "qlora", "dora", "prompt", "prefix", "ia3")
@@ -146,10 +147,7 @@ def test_memory_prints_every_term_and_whether_it_fits(capsys):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre") / "pretrain"
-    assert cli.main(["pretrain", "--out", str(out), "--steps", "2", "--eval-every", "2", "--batch-size", "4",
-                     "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "128"]) == 0
-    return out
+    return tiny_pretrained_run(tmp_path_factory, n_layers=1)
 
 
 def test_memory_plans_a_runs_model(pretrained, capsys):
