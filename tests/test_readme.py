@@ -61,8 +61,8 @@ def test_the_method_table_is_the_studies_and_the_benchmarks():
     from minilora.report import method_summary
 
     table, rows = method_summary(str(ROOT / "benchmarks" / "studies"))
-    # the head alone (a linear probe, `kind` only) joins the table when the kind study is rerun with it (issue 31);
-    # until then its row is missing, and this list says so: it must become empty
+    # the head alone (a linear probe, `kind` only) has no row yet: the kind study has not been rerun with it, and
+    # method_summary makes rows of the forgetting study's methods (issue 31); this list says so: it must empty
     awaiting_rerun = ["head"]
     assert [r[0] for r in rows] == [m for m in methods.METHODS if m not in awaiting_rerun], \
         "a method without a row in the comparison"
