@@ -156,9 +156,9 @@ def _pretrain_defaults():
 
 
 def _finetune_defaults(method="lora"):
-    from .finetune import FinetuneConfig
+    from .finetune import method_defaults
 
-    return FinetuneConfig(method=method)
+    return method_defaults(method)
 
 
 def _xp(args):
@@ -340,6 +340,9 @@ def _cmd_generate(args):
 def _finetune_config(args, saved_train=None):
     from .finetune import DEFAULT_LR, FinetuneConfig
 
+    if methods.method(args.method).needs_head and args.task != "kind":
+        raise ValueError(f"--method {args.method}: expected --task kind (it trains the classification head alone, "
+                         f"and a generative task has none), got --task {args.task}")
     d = _finetune_defaults(args.method)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     # the adapter settings' class is the method's own (DoraConfig for dora); a variant's flags are its fields
@@ -517,7 +520,7 @@ def _check_checkpointing(wanted):
 
 
 def _cmd_memory(args):
-    from .finetune import FinetuneConfig
+    from .finetune import method_defaults
     from .memfit import available_memory, fitting_options, format_bytes, refusal_line
     from .memplan import SIZES, plan
 
@@ -536,7 +539,7 @@ def _cmd_memory(args):
     _check_checkpointing(args.checkpoint_activations)
 
     def plan_of(batch, method, ckpt):
-        return plan(config, method, batch, context, ckpt, settings=FinetuneConfig(method=method))
+        return plan(config, method, batch, context, ckpt, settings=method_defaults(method))
 
     p = plan_of(args.batch, args.method, args.checkpoint_activations)
     print(f"memory plan: one {args.method} step of {what} ({config.n_layers} layers, d_model {config.d_model}, "

@@ -9,6 +9,7 @@ A strategy is only (a) which extra parameters exist and (b) which names are trai
     prompt   prompt (P, C)                        the soft prompt
     prefix   h.{i}.attn.prefix_k, prefix_v (P, C)   every layer's prefix keys and values
     ia3      <linear>.ia3_l beside k, v (C,), proj (F,)   the vectors
+    head     -                                    the classification head alone (a linear probe; kind only)
     (a classification task adds cls.W, cls.b, trainable under every method)
 
 Each method says this itself (methods.METHODS): this module asks it, and names none.
@@ -81,6 +82,9 @@ class FinetuneConfig:
                              f"got {self.end_marker!r}")
         if self.data_file is None and self.task not in tasks.TASKS:
             raise ValueError(f"task: expected one of {list(tasks.TASKS)}, got {self.task!r}")
+        if m.needs_head and not self.is_classification:
+            raise ValueError(f"method: expected a classification task for method {self.method!r}, which trains "
+                             f"the classification head alone (task 'kind'), got task {self.task!r}, which has no head")
         if self.train is None:
             self.train = TrainConfig(steps=600, batch_size=16, lr=DEFAULT_LR[self.method],
                                      min_lr=DEFAULT_LR[self.method] / 10, warmup_steps=20,
@@ -101,6 +105,11 @@ class FinetuneConfig:
     @property
     def is_classification(self):
         return self.task == "kind"
+
+
+def method_defaults(method):
+    """FinetuneConfig(method=method)'s defaults, on a task the method runs on (`kind` for the head alone)."""
+    return FinetuneConfig(method=method, task="kind" if methods.method(method).needs_head else FinetuneConfig.task)
 
 
 def setup_strategy(base_params, model_config, tokenizer, config, n_classes=None, start=None):

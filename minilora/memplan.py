@@ -204,7 +204,7 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
     - checkpoint_activations: keep only each block's input; recompute the block in the backward
     - dtype_bytes: bytes of a float (4: float32)
     - settings: a FinetuneConfig for the method's settings (rank, targets, n_prompt, n_prefix);
-      None: FinetuneConfig(method=method)'s defaults
+      None: finetune.method_defaults(method), FinetuneConfig's defaults
     - base_kept: the float32 base weights stay held beside the method's own (finetune keeps them for the
       score before training and the fingerprint): adds a term "base" for the base arrays the method does
       not share (every one under full fine-tuning, which trains copies; QLoRA's quantized Ws)
@@ -215,7 +215,7 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
     Returns a Plan whose terms are what is held at the step's peak (their sum is the peak), and whose
     phases give the total at each candidate moment (see peak_phases).
     """
-    from .finetune import FinetuneConfig
+    from .finetune import method_defaults
 
     for name, value in (("batch", batch), ("context", context)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -223,7 +223,7 @@ def plan(config, method, batch, context, checkpoint_activations=False, dtype_byt
     if context > config.context_length:
         raise ValueError(f"context: expected at most the model's context_length={config.context_length}, "
                          f"got {context}")
-    settings = settings if settings is not None else FinetuneConfig(method=method)
+    settings = settings if settings is not None else method_defaults(method)
     cfg, sizes, trainable = _shapes_and_trainable(config, method, settings)
     f = dtype_bytes
     held = {"weights": sum(math.prod(s) * (b if b == 1 else f) for s, b in sizes.values()),

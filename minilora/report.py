@@ -4,7 +4,10 @@ Every number is a mean ± standard deviation over seeds (n given). Learning
 rates and settings are chosen on the validation metric; the test metric is
 reported. Forgetting is the rise of the pretraining-corpus loss (nats/char)
 over the base model's; "at matched skill" means at the first evaluation whose
-validation exact match reached studies.MATCHED_SKILL.
+validation exact match reached studies.MATCHED_SKILL. A chosen rate that is
+still the largest or the smallest its setting tried is marked "(EDGE: ...)"
+in its table and listed under it (studies.rate_edges): the best rate may lie
+beyond it. A diverged cell (studies.diverged) is listed, and never chosen.
 """
 
 import json
@@ -14,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import methods
-from .studies import FORMATS, MATCHED_SKILL, best_setting, final_val
+from .studies import FORMATS, MATCHED_SKILL, best_setting, diverged, final_val, rate_edge, rate_edges
 from .sweep import read_results
 
 METHOD_COLORS = {name: m.color for name, m in methods.METHODS.items()}
@@ -84,7 +87,9 @@ def method_rows(records):
         chosen[m] = lr
         rs = [r for r in records if r["cell"]["method"] == m and r["cell"]["lr"] == lr]
         at = [forgetting_at_skill(r) for r in rs]
-        rows.append((m, f"{rs[0]['trainable_params']:,}", f"{lr:g}", mean_spread([final_val(r) for r in rs]),
+        mine = [r for r in pool if r["cell"]["method"] == m]
+        rows.append((m, f"{rs[0]['trainable_params']:,}", f"{lr:g}" + _edge_mark(mine),
+                     mean_spread([final_val(r) for r in rs]),
                      mean_spread([r["test_metric"] for r in rs]),
                      mean_spread([r["evals"][-1]["forgetting"] for r in rs]),
                      mean_spread(at) + f", reached {sum(a is not None for a in at)}/{len(at)}",
@@ -92,6 +97,28 @@ def method_rows(records):
     head = ("method", "trainable", "lr (chosen on val)", "val metric", "test metric", "forgetting at end",
             f"forgetting at val >= {MATCHED_SKILL}", "mean ||dW||/||W||")
     return _table(head, rows), chosen
+
+
+def _edge_mark(records):
+    """' (EDGE: the largest tried)' when the rate the records choose is at an edge of the rates they tried, else ''."""
+    edge = rate_edge({r["cell"]["lr"] for r in records}, records)
+    return f" (EDGE: the {edge} tried)" if edge else ""
+
+
+def edge_lines(records):
+    """The report's word on rates: which cells diverged, and every chosen rate still at an edge of its ladder."""
+    lines = []
+    gone = [r for r in records if diverged(r)]
+    if gone:
+        lines.append("Diverged (tried, never chosen): " + "; ".join(
+            f"{r['cell']['method']} lr {r['cell']['lr']:g} seed {r['cell']['seed']}" for r in gone) + ".")
+    edges = rate_edges(records)
+    if edges:
+        lines.append("Chosen rates still at an edge of the rates tried (the best may lie beyond; "
+                     "`minilora sweep` extends the ladder): " + "; ".join(
+                         f"{label}: {lr:g}, the {edge} of {', '.join(f'{x:g}' for x in rates)}"
+                         for label, lr, edge, rates in edges) + ".")
+    return lines
 
 
 def skill_rows(records):
@@ -209,7 +236,8 @@ def rank_rows(records, full_records):
                 continue
             rs = [r for r in records if r["cell"]["rank"] == r_ and r["cell"]["rslora"] == rs_flag
                   and r["cell"]["lr"] == lr]
-            rows.append(("rsLoRA 16/sqrt(r)" if rs_flag else "LoRA 16/r", r_, f"{lr:g}",
+            mine = [r for r in records if r["cell"]["rank"] == r_ and r["cell"]["rslora"] == rs_flag]
+            rows.append(("rsLoRA 16/sqrt(r)" if rs_flag else "LoRA 16/r", r_, f"{lr:g}" + _edge_mark(mine),
                          mean_spread([final_val(r) for r in rs]), mean_spread([r["test_metric"] for r in rs]),
                          mean_spread([_mean_delta(r) for r in rs])))
     table = _table(("scaling", "r", "lr (val)", "val metric", "test metric", "mean ||sBA||/||W||"), rows)
@@ -627,6 +655,7 @@ def report(study_dir, figures_dir=None, title_note=""):
         figs["study_hyper.png"] = figure_hyper(records, title_note)
     else:
         raise ValueError(f"DIR: expected a folder named after a study, got {study!r}")
+    text += edge_lines(records)
     if figures_dir:
         from .plot import save_figure
 

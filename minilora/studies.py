@@ -7,7 +7,8 @@
     scale        the best prompt setting, LoRA and full at three model sizes
     hyper        the seed's hyperparameter table: epochs on small datasets, batch size, alpha
     qlora        LoRA on the float32 base against LoRA on its NF4 quantization (QLoRA), at one lr
-    kind         every method on the classification task: 4 learning rates at seed 0, then more seeds at the best
+    kind         every method on the classification task, and the head alone (a linear probe): 4 learning rates
+                 at seed 0, then more seeds at the best
     budget       score against trainable parameters: prompt and prefix lengths, LoRA's rank, IA3
 
 Which method learns what, at equal cost: the forgetting study is the `subject`
@@ -20,9 +21,22 @@ A study that builds on another (format, scale and hyper use the learning rates
 the forgetting study chose) reads that study's results from the same parent
 folder, and says so when they are missing. Every choice of a learning rate or a
 setting is made on the validation metric, never on the test metric.
+
+Rates that bracket: a rate chosen at the edge of its grid says only that the
+best rate may lie beyond it. So every setting swept over two or more rates
+(forgetting, rank, prompt, kind's first stage) is extended, one step of its
+ladder at a time (rate_step), while the chosen rate is the largest or the
+smallest tried: until it has a tried neighbour on both sides, or the rate
+above it diverged (a diverged rate is tried, recorded as such, and never
+chosen), or MAX_EXTENSIONS rates were added. The decision is next_rate, a pure
+function of the finished records; rate_extensions turns it into cells, and
+`minilora sweep` runs a study's grid again until it stops growing.
 """
 
+import json
+import math
 import os
+from dataclasses import fields, replace
 
 import numpy as np
 
@@ -39,19 +53,34 @@ STEPS = 250
 MATCHED_SKILL = 0.8  # forgetting is compared at the first evaluation with validation exact match >= this
 
 
+MAX_EXTENSIONS = 4  # rates a setting's ladder may gain beyond its declared grid, both directions together
+EXPLODED = 10.0  # a last training loss above this many times the first: the rate diverged, though still finite
+
+
 def final_val(record):
     return record["evals"][-1]["val_metric"]
+
+
+def diverged(record):
+    """True when the run diverged: the loss stopped being finite (the sweep records the error as "diverged") or
+    exploded (its last training loss above EXPLODED times its first)."""
+    if record.get("diverged"):
+        return True
+    losses = record.get("train_loss") or []
+    return bool(losses) and (not math.isfinite(losses[-1]) or losses[-1] > EXPLODED * losses[0])
 
 
 def best_setting(records, match, key):
     """The value of key(cell) whose cells reach the highest mean final validation metric.
 
-    Ties go to the lower mean forgetting. Returns None when no record matches.
+    Ties go to the lower mean forgetting. A value any of whose runs diverged is never chosen.
+    Returns None when no record matches (or every value diverged).
     """
     groups = {}
     for r in records:
         if match(r["cell"]):
             groups.setdefault(key(r["cell"]), []).append(r)
+    groups = {k: rs for k, rs in groups.items() if not any(diverged(r) for r in rs)}
     if not groups:
         return None
 
@@ -59,6 +88,151 @@ def best_setting(records, match, key):
         return (np.mean([final_val(r) for r in rs]), -np.mean([r["evals"][-1]["forgetting"] for r in rs]))
 
     return max(groups, key=lambda k: merit(groups[k]))
+
+
+def chosen_rate(records):
+    """The learning rate the records of one setting choose on validation (best_setting), or None."""
+    return best_setting(records, lambda c: True, lambda c: c["lr"])
+
+
+def rate_ladder(declared, records):
+    """Every rate tried or to be tried for one setting: the declared grid and the rates of its records, sorted."""
+    return sorted(set(declared) | {r["cell"]["lr"] for r in records})
+
+
+def rate_step(rates, direction):
+    """The rate one step of the ladder beyond its edge: above the largest (direction +1) or below the smallest (-1).
+
+    The step is the ratio the ladder took one rung in from that edge, so a half-decade ladder 1, 3, 10, 30
+    goes on as 100, 300 (and 0.3, 0.1 below) and a geometric one by its own ratio; rounded to 3 significant
+    digits, so the new rate prints (and keys) as the grid's do. rates: at least 2, sorted ascending.
+    """
+    if len(rates) < 2:
+        raise ValueError(f"rates: expected at least 2 rates to take a ratio from, got {list(rates)}")
+    if direction == 1:
+        ratio = rates[-2] / rates[-3] if len(rates) > 2 else rates[-1] / rates[-2]
+        new = rates[-1] * ratio
+    elif direction == -1:
+        ratio = rates[2] / rates[1] if len(rates) > 2 else rates[1] / rates[0]
+        new = rates[0] / ratio
+    else:
+        raise ValueError(f"direction: expected +1 (up) or -1 (down), got {direction!r}")
+    return float(f"{new:.3g}")
+
+
+def rate_edge(rates, records):
+    """Where the chosen rate lies on a ladder: "largest" or "smallest" tried, or None when a tried rate lies on each
+    side of it (bracketed), fewer than 2 rates were tried, or nothing was chosen.
+
+    A diverged rate counts as tried: a chosen rate below one that diverged is bracketed from above.
+    """
+    rates = sorted(set(rates))
+    chosen = chosen_rate(records)
+    if len(rates) < 2 or chosen is None:
+        return None
+    return "largest" if chosen == rates[-1] else "smallest" if chosen == rates[0] else None
+
+
+def next_rate(declared, records, seeds, cap=MAX_EXTENSIONS):
+    """The next learning rate to try for one setting so that its chosen rate is bracketed, or None.
+
+    Inputs:
+    - declared: the study's own rates for the setting (its grid)
+    - records: the setting's finished records, at the seeds the rate is chosen on
+    - seeds: the seeds every rate runs at
+    - cap: how many rates beyond the declared ones the ladder may hold
+
+    None when some rate of the ladder has not finished at every seed (wait for it), when the grid has a single
+    rate (a fixed rate, nothing to bracket), when the chosen rate has a tried rate on each side, or when the
+    ladder already holds `cap` rates beyond the grid. When every rate diverged, the next one is below them all.
+    """
+    if len(set(declared)) < 2:
+        return None
+    ladder = rate_ladder(declared, records)
+    done = {(r["cell"]["lr"], r["cell"]["seed"]) for r in records}
+    if any((lr, s) not in done for lr in ladder for s in seeds):
+        return None
+    if len(ladder) - len(set(declared)) >= cap:
+        return None
+    if chosen_rate(records) is None:  # every rate diverged: go lower
+        return rate_step(ladder, -1)
+    edge = rate_edge(ladder, records)
+    return None if edge is None else rate_step(ladder, 1 if edge == "largest" else -1)
+
+
+def setting_of(key):
+    """A cell's key (Cell.key) less its learning rate and seed: the setting a rate ladder belongs to."""
+    return json.dumps({k: v for k, v in json.loads(key).items() if k not in ("lr", "seed")}, sort_keys=True)
+
+
+def rate_extensions(grid, records, cap=MAX_EXTENSIONS):
+    """The cells that extend the rate ladders of grid, given the study's finished records.
+
+    grid's cells are grouped by setting (setting_of); a setting with two or more rates is a ladder. For each:
+    a cell at every seed of the setting for each rate already added beyond its grid (so the grid only grows,
+    and a rerun finds them done), and for the rate next_rate asks for, if any.
+    """
+    groups = {}
+    for c in grid:
+        groups.setdefault(setting_of(c.key()), []).append(c)
+    out = []
+    for setting, cs in groups.items():
+        declared = sorted({c.lr for c in cs})
+        seeds = sorted({c.seed for c in cs})
+        if len(declared) < 2:
+            continue
+        mine = [r for r in records if r["cell"]["seed"] in seeds and setting_of(r["key"]) == setting]
+        rates = [lr for lr in rate_ladder(declared, mine) if lr not in declared]
+        new = next_rate(declared, mine, seeds, cap)
+        rates += [new] if new is not None else []
+        out += [replace(cs[0], lr=lr, seed=s) for lr in rates for s in seeds]
+    return out
+
+
+def rate_settled(declared, records, seeds, cap=MAX_EXTENSIONS):
+    """True when a setting's ladder has finished at every seed and next_rate asks for no further rate."""
+    done = {(r["cell"]["lr"], r["cell"]["seed"]) for r in records}
+    return (all((lr, s) in done for lr in rate_ladder(declared, records) for s in seeds)
+            and next_rate(declared, records, seeds, cap) is None)
+
+
+# the settings a label of a ladder leaves out: always there, or what the ladder is over
+_UNLABELLED = ("study", "method", "lr", "seed")
+
+
+def setting_label(cell):
+    """A setting in words: its method and every field that differs from Cell's default ('lora rank=1 rslora=True')."""
+    defaults = {f.name: f.default for f in fields(Cell)}
+    extra = [f"{k}={cell[k]}" for k in sorted(cell) if k not in _UNLABELLED and k in defaults
+             and cell[k] != (list(defaults[k]) if isinstance(defaults[k], tuple) else defaults[k])
+             and k not in ("steps", "eval_every", "task")]
+    return " ".join([cell["method"], *extra])
+
+
+def rate_edges(records):
+    """Every setting whose chosen rate is still at an edge of the rates it tried.
+
+    The rate is chosen on the seeds that ran at every tried rate of the setting (all of them in the forgetting
+    study; seed 0 in kind, whose seeds 1.. ran at the chosen rate only), as the study chose it. Returns a list of
+    (label, chosen rate, "largest" | "smallest", tried rates), in the records' order.
+    """
+    groups = {}
+    for r in records:
+        groups.setdefault(setting_of(r["key"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        rates = sorted({r["cell"]["lr"] for r in rs})
+        seeds = set.intersection(*({r["cell"]["seed"] for r in rs if r["cell"]["lr"] == lr} for lr in rates))
+        pool = [r for r in rs if r["cell"]["seed"] in seeds]
+        edge = rate_edge(rates, pool)
+        if edge is not None:
+            out.append((setting_label(rs[0]["cell"]), chosen_rate(pool), edge, rates))
+    return out
+
+
+def _own_results(out_dir):
+    """The study's own finished records (out_dir/results.jsonl; none yet: [])."""
+    return read_results(os.path.join(out_dir, "results.jsonl"))
 
 
 def _results_of(out_dir, study):
@@ -82,8 +256,9 @@ def best_lr(out_dir, method):
 
 
 def forgetting(out_dir, seeds):
-    return [Cell("forgetting", method=m, lr=lr, seed=s, steps=LONG_STEPS, eval_every=LONG_EVAL)
+    grid = [Cell("forgetting", method=m, lr=lr, seed=s, steps=LONG_STEPS, eval_every=LONG_EVAL)
             for m in LRS for lr in LRS[m] for s in range(seeds)]
+    return grid + rate_extensions(grid, _own_results(out_dir))
 
 
 FORMATS = {"baseline": ("\n", 0.0), "end marker": ("~", 0.0), "replay 25%": ("\n", 0.25),
@@ -102,8 +277,9 @@ RANK_LRS = (3e-3, 1e-2, 3e-2)
 
 def rank(out_dir, seeds):
     # alpha fixed at 16: standard LoRA scales the update by 16 / r, rsLoRA by 16 / sqrt(r)
-    return [Cell("rank", method="lora", lr=lr, seed=s, steps=STEPS, rank=r, alpha=16.0, rslora=rs)
+    grid = [Cell("rank", method="lora", lr=lr, seed=s, steps=STEPS, rank=r, alpha=16.0, rslora=rs)
             for r in RANKS for rs in (False, True) for lr in RANK_LRS for s in range(seeds)]
+    return grid + rate_extensions(grid, _own_results(out_dir))
 
 
 PROMPT_LENGTHS = (4, 16, 32)
@@ -115,7 +291,7 @@ def prompt(out_dir, seeds):
     # the three inits at a setting fixed in advance (lr 1e-1, P = 16; "vocab" is in the grid above)
     inits = [Cell("prompt", method="prompt", lr=1e-1, seed=s, steps=STEPS, n_prompt=16, prompt_init=init)
              for init in ("random", "text") for s in range(seeds)]
-    return grid + inits
+    return grid + rate_extensions(grid, _own_results(out_dir)) + inits
 
 
 def scale(out_dir, seeds):
@@ -158,19 +334,28 @@ def qlora_study(out_dir, seeds):
             for m in ("lora", "qlora") for lr in QLORA_LRS for s in range(seeds)]
 
 
+# The linear probe (methods/head.py: the head alone on the frozen model) has no generative task, so no rates in
+# the forgetting study; on `kind` it gets a half-decade ladder of its own, which extends itself like the others.
+HEAD_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
+KIND_LRS = {**LRS, "head": HEAD_LRS}  # every method of the kind study and its rates
+
+
 def kind(out_dir, seeds):
     """Every method on `kind`: its learning rates at seed 0, the best on validation, then seeds 1.. at it.
 
-    A two-stage grid: a method's second-stage cells appear once its first stage is in
+    A two-stage grid: a method's rate ladder is extended at seed 0 until its chosen rate is bracketed
+    (rate_extensions), and its second-stage cells appear once that ladder is settled in
     out_dir/results.jsonl, so `minilora sweep kind` runs the grid again until it stops growing.
     """
-    first = [Cell("kind", method=m, task="kind", lr=lr, seed=0, steps=STEPS) for m in LRS for lr in LRS[m]]
-    done = read_results(os.path.join(out_dir, "results.jsonl"))
+    first = [Cell("kind", method=m, task="kind", lr=lr, seed=0, steps=STEPS) for m in KIND_LRS for lr in KIND_LRS[m]]
+    done = _own_results(out_dir)
+    first += rate_extensions(first, done)
     second = []
-    for m in LRS:
-        mine = [r for r in done if r["cell"]["method"] == m and r["cell"]["seed"] == 0 and r["cell"]["study"] == "kind"]
-        if {r["cell"]["lr"] for r in mine} >= set(LRS[m]):
-            lr = best_setting(mine, lambda c: True, lambda c: c["lr"])
+    for m in KIND_LRS:
+        setting = setting_of(Cell("kind", method=m, task="kind", seed=0, steps=STEPS).key())
+        mine = [r for r in done if r["cell"]["seed"] == 0 and setting_of(r["key"]) == setting]
+        lr = chosen_rate(mine)
+        if rate_settled(KIND_LRS[m], mine, [0]) and lr is not None:
             second += [Cell("kind", method=m, task="kind", lr=lr, seed=s, steps=STEPS) for s in range(1, seeds)]
     return first + second
 

@@ -16,6 +16,9 @@ names what made it: `code`, the last commit that changed minilora/ (with
 "+dirty" when minilora/ had uncommitted changes; None outside a git checkout),
 and `base_fingerprint`, the hash of the base weights it started from
 (methods.base_fingerprint), so rows of one table can be shown to share both.
+A cell whose loss stops being finite is a result too (a rate too large, which
+the studies' rate ladders need to see): its record holds the step-0
+evaluation, no test metric, and `diverged`, the error's message.
 
 `run_sweep` runs a list of cells in worker processes, with the BLAS threads
 split between them so N workers on N cores never oversubscribe, and appends
@@ -56,7 +59,7 @@ from .finetune import DEFAULT_LR, FinetuneConfig, score, setup_strategy
 from .methods.lora import TARGETS, settings_class
 from .model import ModelConfig
 from .pretrain import PretrainConfig, load_or_pretrain
-from .train import Interrupted, TrainConfig, train
+from .train import Interrupted, TrainConfig, TrainingDiverged, train
 from .validate import FileError, field, read_jsonl
 
 # the pretrained bases a cell can start from: name -> how to pretrain it
@@ -253,8 +256,16 @@ def run_cell_on(cell, base, model_config, tokenizer):
                        class_names=class_names, end=cell.end_marker, corpus_data=corpus_data,
                        corpus_before=corpus_before)
     evals = [{"step": 0, **evaluate(params)}]
-    history, _ = train(params, trainable, ft_config, batches, config.train, evaluate=evaluate,
-                       desc=f"{cell.study} {cell.method}")
+    try:
+        history, _ = train(params, trainable, ft_config, batches, config.train, evaluate=evaluate,
+                           desc=f"{cell.study} {cell.method}")
+    except TrainingDiverged as e:  # a rate too large is a result of the grid (studies.diverged), not a failure
+        record = {"key": cell.key(), "cell": asdict(cell), "evals": evals, "corpus_before": corpus_before,
+                  "train_loss": [], "test_metric": None, "diverged": str(e),
+                  "trainable_params": int(sum(params[n].size for n in trainable)),
+                  "wall_s": time.perf_counter() - t0, "blas_threads": _blas_threads(), "code": code_version(),
+                  "base_fingerprint": methods.base_fingerprint(base)}
+        return record, params, ft_config
     keys = ("val_metric", "corpus_loss", "forgetting", "delta")
     evals += [{"step": r["step"], "train_loss": r["train_loss"], **{k: r[k] for k in keys}}
               for r in history if "val_metric" in r]
@@ -330,6 +341,7 @@ def read_results(path):
             for name in ("val_metric", "forgetting"):
                 field(e, name, path, "number", f"{where}: evals[{j}]")
         field(r, "test_metric", path, "number", where, optional=True)
+        field(r, "diverged", path, "str", where, optional=True)
         if key not in seen:
             seen.add(key)
             records.append(r)

@@ -17,7 +17,8 @@ B = 3
 
 def _setup(name, dtype=np.float32):
     base = model.init_params(CONFIG, seed=0, dtype=dtype)
-    ft = finetune.FinetuneConfig(method=name, n_prompt=3, n_prefix=3, seed=1)
+    ft = finetune.FinetuneConfig(method=name, task="kind" if methods.method(name).needs_head else "subject",
+                                 n_prompt=3, n_prefix=3, seed=1)
     if isinstance(ft.lora, LoraConfig):  # adapter dropout too (IA3 has its own config, without one)
         ft.lora.rank, ft.lora.dropout, ft.lora.targets = 2, 0.25, ("q", "k", "v", "o", "fc")
     params, config, trainable = finetune.setup_strategy(base, CONFIG, CharTokenizer(), ft, n_classes=3)
@@ -41,6 +42,8 @@ def _batches():
 def test_checkpointed_gradients_are_bit_identical(name, head):
     params, config, trainable = _setup(name)
     if head == "LM":
+        if methods.method(name).needs_head:
+            pytest.skip("the head alone trains nothing under the LM loss")
         trainable = trainable - set(model.HEAD_NAMES)
     batch = _batches()[head]
     results = []

@@ -44,7 +44,8 @@ def products_of_a_step(params, config, trainable, batch):
 
 def _setup(name):
     base = model.init_params(CONFIG, seed=0, dtype=np.float64)
-    ft = finetune.FinetuneConfig(method=name, n_prompt=3, n_prefix=3, seed=1)
+    task = "kind" if methods.method(name).needs_head else "subject"  # the head alone trains nothing on this LM step
+    ft = finetune.FinetuneConfig(method=name, task=task, n_prompt=3, n_prefix=3, seed=1)
     if isinstance(ft.lora, LoraConfig):  # IA3 has its own fixed targets (k, v, proj) and no rank
         ft.lora.rank, ft.lora.targets = 2, ("q", "k", "v", "o", "fc")  # mlp.proj stays a plain frozen linear
     params, config, trainable = finetune.setup_strategy(base, CONFIG, CharTokenizer(), ft)

@@ -29,7 +29,10 @@ def test_model_gradient_checks_cover_every_parameter_and_strategy():
     head = {"cls.W", "cls.b"}
     variants = [f"{name} ({v})" for name, m in methods.METHODS.items() for v, _ in m.gradcheck_variants]
     assert {"prompt (PEFT positions)", "prefix (PEFT positions)", "ia3 (queries)"} <= set(variants)
-    assert set(by_op) == {f"model: {m}, {h}" for m in [*methods.METHODS, *variants] for h in ("LM", "classifier")}
+    # every method and variant, both heads; the head alone (a linear probe) has the classifier's only
+    assert set(by_op) == {f"model: {m}, {h}" for m in [*methods.METHODS, *variants] for h in ("LM", "classifier")
+                          if h == "classifier" or not methods.method(m.split(" (")[0]).needs_head}
+    assert by_op["model: head, classifier"] == head
     assert by_op["model: full, LM"] == base_names
     assert by_op["model: full, classifier"] == base_names | head
     every_target = lora.LoraConfig(rank=2, targets=tuple(lora.TARGETS))
@@ -42,6 +45,9 @@ def test_model_gradient_checks_cover_every_parameter_and_strategy():
     for name, m in methods.METHODS.items():  # every method: every name it trains is checked
         _, _, trainable = m.gradcheck_setup(gradcheck.tiny_model(np.random.default_rng(0))[1], config,
                                             np.random.default_rng(0))
+        if m.needs_head:
+            assert trainable == set() and f"model: {name}, LM" not in by_op, name
+            continue
         assert by_op[f"model: {name}, LM"] == trainable - head, name
         for v, setup in m.gradcheck_variants:  # and every name each variant trains (PEFT positions: wpe too)
             _, _, trainable = setup(gradcheck.tiny_model(np.random.default_rng(0))[1], config,

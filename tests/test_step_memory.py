@@ -25,7 +25,7 @@ def step_peak():
 
 
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpointed"])
-@pytest.mark.parametrize("name", list(methods.METHODS))
+@pytest.mark.parametrize("name", [m for m in methods.METHODS if not methods.method(m).needs_head])  # an LM step
 def test_a_step_holds_what_its_terms_add_up_to(step_peak, name, checkpoint):
     row = step_peak.measure(name, CONFIG, 2, checkpoint)
     assert row["ratio"] <= 1.10, row

@@ -68,6 +68,22 @@ def test_every_record_names_its_code_and_its_base(bases, tmp_path):
     assert sweep.code_version(str(tmp_path)) is None
 
 
+def test_a_diverged_cell_is_recorded_as_such_and_the_sweep_goes_on(bases, tmp_path, monkeypatch):
+    from minilora.train import TrainingDiverged
+
+    def diverge(*args, **kwargs):
+        raise TrainingDiverged("step 3: the loss is nan; a lower learning rate usually helps")
+
+    monkeypatch.setattr(sweep, "train", diverge)
+    cells = [sweep.Cell(**TINY, method="lora", lr=lr) for lr in (1e-2, 3e-2)]
+    sweep.run_sweep(cells, str(tmp_path), bases_dir=bases)
+    records = sweep.read_results(str(tmp_path / "results.jsonl"))
+    assert len(records) == 2 and all("loss is nan" in r["diverged"] for r in records)
+    assert all(studies.diverged(r) and r["test_metric"] is None for r in records)
+    assert [e["step"] for e in records[0]["evals"]] == [0] and records[0]["base_fingerprint"]
+    assert studies.best_setting(records, lambda c: True, lambda c: c["lr"]) is None  # never chosen
+
+
 def test_validation_test_and_training_splits_are_disjoint():
     cell = sweep.Cell(study="t", n_train=300, n_val=50, n_test=100, seed=7)
     train, val, test = sweep.splits(cell)

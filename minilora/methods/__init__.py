@@ -8,6 +8,7 @@
     prompt.py   prompt tuning: P trainable vectors put before the input
     prefix.py   prefix tuning: P trainable keys and values before every attention layer's own
     ia3.py      IA3: learned vectors l_k, l_v, l_ff rescale the keys, the values and the MLP's activation
+    head.py     the classification head alone on the frozen model: a linear probe, the baseline on `kind`
 
 Why a folder of small modules: every method is the same kind of thing (names, shapes, an op pair, add,
 merge), so each gets one file of the same shape, read on its own, as PEFT keeps tuners/lora/,
@@ -112,6 +113,9 @@ class Method:
       PEFT's positions, IA3's query vector)
     - peft_positions: it puts P virtual tokens before the real ones, so FinetuneConfig.peft_positions
       (number the real tokens after them, as PEFT does) applies to it
+    - needs_head: it trains nothing but the classification head, so it runs on a classification task only
+      (FinetuneConfig refuses it on a generative one), and the gradient checks' LM case, with nothing to
+      train, skips it
     """
 
     name: str
@@ -135,6 +139,7 @@ class Method:
     model_settings: object = None  # (ft_config) -> {ModelConfig field: value} it sets beside .lora (n_prefix)
     gradcheck_variants: tuple = ()  # ((label, setup), ...): variants the whole-model gradient checks cover too
     peft_positions: bool = False  # P virtual tokens before the real ones: FinetuneConfig.peft_positions applies
+    needs_head: bool = False  # it trains the classification head alone: a classification task only (head.py)
 
 
 # filled in by the method modules imported at the bottom of this file
@@ -267,4 +272,4 @@ def check_trainable(params, trainable, config):
 
 
 # each registers itself (the order is the CLI's order of --method choices)
-from . import full, lora, dora, qlora, prompt, prefix, ia3  # noqa: E402,F401  (they use the names above)
+from . import full, lora, dora, qlora, prompt, prefix, ia3, head  # noqa: E402,F401  (they use the names above)
