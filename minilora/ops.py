@@ -306,14 +306,14 @@ def gelu_forward(x):
     x = xp.ascontiguousarray(x)
     out = xp.empty_like(x)
     # elementwise: the blocks are split over the CPU threads
-    parallel_for(x.size, partial(_gelu_forward_part, x.reshape(-1), out.reshape(-1)), like=x, grain=_BLOCK)
+    parallel_for(x.size, partial(_gelu_forward_part, x.reshape(-1), out.reshape(-1)), like=x, grain=_BLOCK,
+                 scratch=lambda s, e: xp.empty(min(e - s, _BLOCK), dtype=x.dtype))  # one block of t per part
     return out, x
 
 
-def _gelu_forward_part(x, out, start, stop):
-    """out[start:stop] = GELU(x[start:stop]) of flat x, out, one block at a time."""
+def _gelu_forward_part(x, out, start, stop, tmp):
+    """out[start:stop] = GELU(x[start:stop]) of flat x, out, one block at a time (tmp: one block of t, reused)."""
     xp = array_module(x)
-    tmp = xp.empty(min(stop - start, _BLOCK), dtype=x.dtype)  # one block of t, reused
     for xb, ob in _blocks(x[start:stop], out[start:stop]):
         tb = _gelu_tanh(xb, tmp[:xb.size])
         # out = 0.5 x (1 + t)
@@ -328,16 +328,18 @@ def gelu_backward(dout, cache):
     xp = array_module(x)
     dout = xp.ascontiguousarray(dout)
     dx = xp.empty_like(x)
+    def blocks(s, e):  # one block of t and one of scratch per part, reused
+        return xp.empty(min(e - s, _BLOCK), dtype=x.dtype), xp.empty(min(e - s, _BLOCK), dtype=x.dtype)
+
     parallel_for(x.size, partial(_gelu_backward_part, x.reshape(-1), dout.reshape(-1), dx.reshape(-1)),
-                 like=x, grain=_BLOCK)
+                 like=x, grain=_BLOCK, scratch=blocks)
     return dx
 
 
-def _gelu_backward_part(x, dout, dx, start, stop):
-    """dx[start:stop] of gelu_backward, of flat x, dout, dx, one block at a time."""
+def _gelu_backward_part(x, dout, dx, start, stop, blocks):
+    """dx[start:stop] of gelu_backward, of flat x, dout, dx, one block at a time (blocks: t and scratch)."""
     xp = array_module(x)
-    n = min(stop - start, _BLOCK)
-    t, tmp = xp.empty(n, dtype=x.dtype), xp.empty(n, dtype=x.dtype)  # one block of t and one of scratch, reused
+    t, tmp = blocks
     for xb, db, gb in _blocks(x[start:stop], dout[start:stop], dx[start:stop]):
         scratch = tmp[:xb.size]
         tb = _gelu_tanh(xb, t[:xb.size])  # the forward's t, computed again for this block
@@ -501,8 +503,7 @@ def attention_backward(dout, cache):
     D = (douth * outh).sum(axis=-1, keepdims=True)  # (B, NH, T, 1)
     blocks = _causal_blocks(T)
 
-    def sequences(b0, b1):
-        dS = xp.empty((NH, T, T), dtype=dout.dtype)  # one sequence's dS, reused; only its causal blocks are used
+    def sequences(b0, b1, dS):  # dS: one sequence's, reused; only its causal blocks are used
         for b in range(b0, b1):  # one sequence at a time, as in the forward: dS stays in cache
             for t0, t1 in blocks:
                 Pb = P[b, :, t0:t1, :t1]  # (NH, t1 - t0, t1)
@@ -522,7 +523,8 @@ def attention_backward(dout, cache):
                 xp.matmul(P[b, :, u0:, u0:u1].transpose(0, 2, 1), douth[b, :, u0:], out=dvh[b, :, u0:u1])
                 xp.matmul(dS[:, u0:, u0:u1].transpose(0, 2, 1), qh[b, :, u0:], out=dkh[b, :, u0:u1])
 
-    parallel_for(B, sequences, like=dout, products=True)  # as in the forward, a part of the sequences per thread
+    # as in the forward, a part of the sequences per thread, each with its own dS
+    parallel_for(B, sequences, like=dout, products=True, scratch=lambda s, e: xp.empty((NH, T, T), dtype=dout.dtype))
     return dq, dk, dv
 
 
@@ -719,15 +721,14 @@ def tied_head_cross_entropy_forward(h, wte, targets, mask=None, input_grad=True,
                 continue
             vocab_rows = max(1, min(V, LOSS_CHUNK_BYTES // 8 // (C * h.itemsize)))
             parallel_for(V, partial(_add_dwte_rows, dwte, zc, hc, vocab_rows), like=zc, grain=vocab_rows,
-                         products=True)
+                         products=True, scratch=lambda s, e: xp.empty((min(vocab_rows, e - s), C), dtype=h.dtype))
     loss /= count
     return loss, (dh, dwte, h.shape)
 
 
-def _add_dwte_rows(dwte, dz, h, block, start, stop):
+def _add_dwte_rows(dwte, dz, h, block, start, stop, scratch):
     """dwte[start:stop] += dz[:, start:stop]^T h, `block` vocabulary rows at a time through one scratch."""
     xp = array_module(dz)
-    scratch = xp.empty((min(block, stop - start), h.shape[1]), dtype=h.dtype)
     for v0 in range(start, stop, block):
         v1 = min(v0 + block, stop)
         dwte[v0:v1] += xp.matmul(dz[:, v0:v1].T, h, out=scratch[:v1 - v0])

@@ -117,7 +117,7 @@ def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight
         # on the CPU the update is elementwise, so the flat arrays are split over the threads
         # (threads.parallel_for) and each part walked a cache-sized BLOCK at a time
         flat = [a.reshape(-1) for a in (p, g, m, v)]  # views: the update writes through them
-        parallel_for(g.size, partial(_adamw_blocks, flat, update), grain=BLOCK)
+        parallel_for(g.size, partial(_adamw_blocks, flat, update), grain=BLOCK, scratch=partial(_rows, g.dtype))
 
 
 BLOCK = 2**16  # elements per block of the CPU's update: the block's p, g, m, v and two scratch rows
@@ -125,10 +125,15 @@ BLOCK = 2**16  # elements per block of the CPU's update: the block's p, g, m, v 
 # (wte: 154 MB) would go to memory and back on every pass
 
 
-def _adamw_blocks(flat, update, start, stop):
-    """Update the flat arrays' elements [start, stop) one BLOCK at a time, in two scratch rows of this part."""
+def _rows(dtype, start, stop):
+    """A part's two scratch rows of at most BLOCK numbers."""
+    return numpy.empty(min(BLOCK, stop - start), dtype), numpy.empty(min(BLOCK, stop - start), dtype)
+
+
+def _adamw_blocks(flat, update, start, stop, rows):
+    """Update the flat arrays' elements [start, stop) one BLOCK at a time, in this part's two scratch rows."""
     p, g, m, v = flat
-    s1, s2 = numpy.empty(min(BLOCK, stop - start), g.dtype), numpy.empty(min(BLOCK, stop - start), g.dtype)
+    s1, s2 = rows
     for b0 in range(start, stop, BLOCK):
         b1 = min(b0 + BLOCK, stop)
         update(p[b0:b1], g[b0:b1], m[b0:b1], v[b0:b1], s1[:b1 - b0], s2[:b1 - b0])

@@ -43,7 +43,7 @@ def split_range(n, pieces, grain=1):
     return [(s, min(s + per, n)) for s in range(0, n, per)] if n > 0 else []
 
 
-def parallel_for(n, body, like=None, grain=1, products=False):
+def parallel_for(n, body, like=None, grain=1, products=False, scratch=None):
     """Run body(start, stop) over [0, n) split in contiguous parts, one per BLAS thread, and wait for all.
 
     Inputs:
@@ -55,14 +55,19 @@ def parallel_for(n, body, like=None, grain=1, products=False):
     - products: body calls BLAS on small matrices (attention's, one sequence at a time). While the parts
       run, the BLAS pool is set to one thread, so that each part's products run on its own core instead
       of every small product being split over all of them; it is set back after
+    - scratch: None, or a function of (start, stop) making the buffers one part works in; then body is
+      called as body(start, stop, its buffers). Every part's are made here, before any part starts, so
+      that the memory a loop holds is the same however the threads happen to be scheduled (the memory
+      plan, memplan.py, counts them all)
 
     With one thread, or n of one grain or less, body(0, n) runs in the calling thread.
     """
     threads = 1 if like is not None and is_device(array_module(like)) else cpu_threads()
     parts = split_range(n, threads, grain)
+    args = [(s, e) if scratch is None else (s, e, scratch(s, e)) for s, e in parts]
     if len(parts) <= 1:
-        if n > 0:
-            body(0, n)
+        if args:
+            body(*args[0])
         return
     key = (os.getpid(), threads)
     pool = _POOLS.get(key)
@@ -72,8 +77,8 @@ def parallel_for(n, body, like=None, grain=1, products=False):
     if blas is not None:
         blas.set_num_threads(1)
     try:
-        futures = [pool.submit(body, s, e) for s, e in parts[1:]]
-        body(*parts[0])  # the first part in this thread, which would only wait
+        futures = [pool.submit(body, *a) for a in args[1:]]
+        body(*args[0])  # the first part in this thread, which would only wait
         for future in futures:
             future.result()
     finally:
