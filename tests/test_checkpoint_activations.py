@@ -91,7 +91,7 @@ def test_checkpointed_forward_keeps_each_blocks_input_only(name):
 
 def test_checkpointed_backward_passes_its_gradient_check():
     results = gradcheck.run_checks(["checkpoint"])
-    assert {r.op for r in results} >= {f"checkpointed model: {n}, {h}" for n in methods.METHODS
-                                       for h in ("LM", "classifier")}
+    assert {r.op for r in results} >= {f"checkpointed model: {n}, {h}" for n, m in methods.METHODS.items()
+                                       for h in ("LM", "classifier") if not (m.needs_head and h == "LM")}
     bad = [r for r in results if not r.passed]
     assert not bad, gradcheck.format_results(bad)

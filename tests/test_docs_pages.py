@@ -131,7 +131,8 @@ def test_the_hardware_page_holds_the_memory_wall_tables_of_the_committed_benchma
 
 def test_the_front_page_shows_every_method_in_the_figure_the_studies_make(tmp_path):
     """docs/index.md's figure is figures/methods.png, as `minilora report benchmarks/studies --figures figures`
-    draws it from the committed studies 1 and 7: one row per method of minilora.methods, every text on the canvas,
+    draws it from the committed studies 1 and 7: one row per fine-tuning method of minilora.methods (all but the
+    head-only baseline, which has no `subject` run), every text on the canvas,
     and the committed PNG the size that command writes (its pixels depend on the machine's fonts)."""
     import numpy as np
     from matplotlib.image import imread
@@ -144,9 +145,11 @@ def test_the_front_page_shows_every_method_in_the_figure_the_studies_make(tmp_pa
     assert "`minilora report benchmarks/studies --figures\nfigures`" in page("index.md")
     text, figures = summary(os.path.join(ROOT, "benchmarks", "studies"))
     fig = figures["methods.png"]
-    assert len(methods.METHODS) == 7 and texts_outside(fig) == []  # draws it
+    # the fine-tuning methods (study 1's): every method but the head-only baseline, which runs on `kind` only
+    tuned = tuple(n for n, m in methods.METHODS.items() if not m.needs_head)
+    assert len(tuned) == 7 and texts_outside(fig) == []  # draws it
     rows = {tuple(t.get_text() for t in ax.get_yticklabels()) for ax in fig.axes}  # the right column shares them
-    assert len(fig.axes) == 4 and rows - {()} == {tuple(methods.METHODS)}, rows
+    assert len(fig.axes) == 4 and rows - {()} == {tuned}, rows
     assert cli.main(["report", os.path.join(ROOT, "benchmarks", "studies"), "--figures", str(tmp_path)]) == 0
     made, committed = imread(tmp_path / "methods.png"), imread(os.path.join(ROOT, "figures", "methods.png"))
     assert made.shape == committed.shape
