@@ -271,7 +271,10 @@ def peak_phases(cfg, method, sizes, trainable, B, T, checkpoint_activations, f, 
     - "top block" / "bottom block": the backward of block L-1 (every cache still held, few gradients)
       and of block 0 (its cache only, every block's gradients formed): model.backward frees each
       block's cache once used, so in between the sum moves linearly from one to the other
-    - "embedding": wte's share from the embedding (V, C), added into the head's (when wte trains)
+    - "embedding": wte's share from the embedding (when wte trains), counted as a (V, C) array added into
+      the head's: what a GPU's scatter-add makes; on the CPU ops.embedding_backward(into=) adds the seen rows
+      in place and needs only the (N, C) sums, so there this phase is an upper bound (it ties with "update",
+      whose clipping squares wte, and neither decides a total beyond the other by more than 3 N C floats)
     - "update": every gradient and clipping's square of the largest (AdamW's scratch is a few blocks)
 
     Returns {phase: {"gradients", "activations", "transient", "logits": bytes}}.
